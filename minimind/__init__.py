@@ -1,0 +1,1 @@
+"""MiniMind: train a small chat LLM from scratch and run it."""

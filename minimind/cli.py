@@ -1,0 +1,60 @@
+"""`minimind <verb>`: one entry point for the whole pipeline (also `python -m minimind <verb>`).
+
+Each verb lives in its own module exposing `add_arguments(parser)` and `run(args)`; the module is imported
+only when its verb is used, so `minimind --help` stays fast and `serve` does not pay for training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from minimind.errors import UserError
+
+# verb -> (module, one-line help). Order is the pipeline's order.
+VERBS: dict[str, tuple[str, str]] = {
+    "info": ("minimind.model.info", "parameters, FLOPs per token and training memory of a preset"),
+    "tokenizer": ("minimind.tokenizer.train", "train a byte-level BPE tokenizer from JSONL text"),
+    "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = ["usage: minimind <verb> [options]   (minimind <verb> --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv`, run the verb, and return the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    verb = argv[0]
+    if verb not in VERBS:
+        print(f"minimind: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    parser = argparse.ArgumentParser(
+        prog=f"minimind {verb}",
+        description=VERBS[verb][1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        code = module.run(args)
+    except UserError as err:
+        print(f"minimind {verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"minimind {verb}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
