@@ -1,0 +1,179 @@
+"""Reading and validating the JSONL datasets of SPEC §5, one record a line.
+
+Every problem is reported as `file:line: what is wrong`. With `skip_bad_lines` a bad line is counted and
+skipped instead, and the caller reports the count at the end. Shapes (the seed's):
+  pretrain  {"text": "..."}
+  sft       {"conversations": [{"role": "system"|"user"|"assistant", "content": "...", "reasoning_content"?}]}
+  rlaif     same as sft; the last assistant turn holds the reference answer
+  dpo       {"chosen": [messages], "rejected": [messages]}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minimind.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+Messages = list[dict[str, str]]
+
+
+class BadRecord(ValueError):
+    """A record that does not have the expected shape; the message says what is wrong, without the location."""
+
+
+def validate_text(obj: Any) -> str:
+    if not isinstance(obj, dict):
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    if "text" not in obj:
+        raise BadRecord('missing field "text"')
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise BadRecord(f'field "text" must be a string, got {type(text).__name__}')
+    if not text.strip():
+        raise BadRecord('field "text" is empty')
+    return text
+
+
+def validate_messages(messages: Any, name: str = "conversations", need_assistant: bool = True) -> Messages:
+    """Check a chat: a non-empty list of {role, content} with known roles, system only first."""
+    if not isinstance(messages, list):
+        raise BadRecord(f'field "{name}" must be a list of messages, got {type(messages).__name__}')
+    if not messages:
+        raise BadRecord(f'field "{name}" is an empty list')
+    clean: Messages = []
+    for i, message in enumerate(messages):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise BadRecord(f"{where} must be an object with role and content, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise BadRecord(f"{where} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if role == "system" and i != 0:
+            raise BadRecord(f"{where}: a system message may only come first")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise BadRecord(f'{where} field "content" must be a string, got {type(content).__name__}')
+        if not content.strip():
+            raise BadRecord(f'{where} field "content" is empty')
+        turn = {"role": role, "content": content}
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None:
+            if role != "assistant" or not isinstance(reasoning, str):
+                raise BadRecord(f'{where} field "reasoning_content" must be a string on an assistant turn')
+            if reasoning.strip():
+                turn["reasoning_content"] = reasoning
+        clean.append(turn)
+    if need_assistant and not any(m["role"] == "assistant" for m in clean):
+        raise BadRecord(f'field "{name}" has no assistant turn to learn from')
+    if not any(m["role"] == "user" for m in clean):
+        raise BadRecord(f'field "{name}" has no user turn')
+    return clean
+
+
+def validate_sft(obj: Any) -> Messages:
+    if not isinstance(obj, dict):
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    if "conversations" not in obj:
+        raise BadRecord('missing field "conversations"')
+    return validate_messages(obj["conversations"])
+
+
+def validate_rlaif(obj: Any) -> tuple[Messages, str]:
+    """-> (prompt messages, reference answer); the prompt is everything before the last assistant turn."""
+    messages = validate_sft(obj)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = messages[:last]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise BadRecord("the last assistant turn must follow a user turn")
+    return prompt, messages[last]["content"]
+
+
+def validate_dpo(obj: Any) -> tuple[Messages, Messages]:
+    if not isinstance(obj, dict):
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise BadRecord(f'missing field "{key}"')
+    chosen = validate_messages(obj["chosen"], "chosen")
+    rejected = validate_messages(obj["rejected"], "rejected")
+    return chosen, rejected
+
+
+VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    "pretrain": validate_text,
+    "sft": validate_sft,
+    "rlaif": validate_rlaif,
+    "dpo": validate_dpo,
+}
+
+
+@dataclass
+class ReadStats:
+    """What a read saw: good records, skipped bad lines, and the first few skip reasons for the report."""
+
+    good: int = 0
+    skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def summary(self, path: str | Path) -> str:
+        text = f"{path}: {self.good} records read, {self.skipped} bad lines skipped"
+        if self.examples:
+            text += " (first: " + "; ".join(self.examples) + ")"
+        return text
+
+
+def read_records(
+    path: str | Path,
+    kind: str,
+    skip_bad_lines: bool = False,
+    stats: ReadStats | None = None,
+) -> Iterator[Any]:
+    """Yield validated records of `kind` from a JSONL file, streaming (never loads the file whole).
+
+    Raises UserError `file:line: problem` on the first bad line unless `skip_bad_lines`, in which case bad
+    lines are counted in `stats`. Blank lines are ignored.
+    """
+    if kind not in VALIDATORS:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {', '.join(VALIDATORS)}")
+    validate = VALIDATORS[kind]
+    stats = stats if stats is not None else ReadStats()
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise BadRecord(f"not valid JSON ({err.msg} at column {err.colno})") from None
+                record = validate(obj)
+            except (BadRecord, UnicodeDecodeError, RecursionError) as err:
+                reason = _describe(err)
+                if not skip_bad_lines:
+                    raise UserError(f"{path}:{lineno}: {reason}") from None
+                stats.skipped += 1
+                if len(stats.examples) < 3:
+                    stats.examples.append(f"line {lineno}: {reason}")
+                continue
+            stats.good += 1
+            yield record
+    if stats.good == 0:
+        detail = f" ({stats.skipped} bad lines skipped)" if stats.skipped else ""
+        raise UserError(f"{path}: no usable {kind} records{detail}")
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {err.start})"
+    if isinstance(err, RecursionError):
+        return "JSON nested too deeply"
+    return str(err)

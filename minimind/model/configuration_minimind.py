@@ -1,0 +1,167 @@
+"""MiniMindConfig: the model's shape, with the seed's field names and the HF aliases HF tooling reads.
+
+This file is copied into every saved model directory (HF remote code), so it imports only torch/transformers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PretrainedConfig
+
+# The named presets of SPEC §6. `tiny` is sized for the CPU demo and tests (a few M parameters).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, max_seq_len=1024),
+    "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2),
+    "base": dict(dim=768, n_layers=16, n_heads=8, n_kv_heads=2),
+    "moe": dict(
+        dim=640, n_layers=8, n_heads=8, n_kv_heads=2, use_moe=True,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+    ),
+}
+
+
+def default_hidden_dim(dim: int) -> int:
+    """The seed's SwiGLU width: 8·dim/3 rounded up to a multiple of 64."""
+    return 64 * math.ceil(int(8 * dim / 3) / 64)
+
+
+class MiniMindConfig(PretrainedConfig):
+    """Configuration of a MiniMind decoder-only transformer (dense or MoE).
+
+    Field names follow the seed (`dim`, `n_layers`, ...); `attribute_map` makes the usual HF names
+    (`hidden_size`, `num_hidden_layers`, ...) read and write the same values.
+    """
+
+    model_type = "minimind"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "dim",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "intermediate_size": "hidden_dim",
+        "max_position_embeddings": "max_seq_len",
+        "rms_norm_eps": "norm_eps",
+        "num_experts": "n_routed_experts",
+    }
+
+    def __init__(
+        self,
+        dim: int = 512,
+        n_layers: int = 8,
+        n_heads: int = 8,
+        n_kv_heads: int = 2,
+        vocab_size: int = 6400,
+        hidden_dim: int | None = None,
+        max_seq_len: int = 8192,
+        norm_eps: float = 1e-5,
+        rope_theta: float = 1e6,
+        dropout: float = 0.0,
+        flash_attn: bool = True,
+        use_moe: bool = False,
+        n_routed_experts: int = 4,
+        num_experts_per_tok: int = 2,
+        n_shared_experts: int = 1,
+        aux_loss_alpha: float = 0.1,
+        seq_aux: bool = True,
+        norm_topk_prob: bool = True,
+        yarn_factor: float = 1.0,
+        yarn_original_max_seq_len: int | None = None,
+        yarn_beta_fast: float = 32.0,
+        yarn_beta_slow: float = 1.0,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        pad_token_id: int = 0,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        # HF names passed as arguments win over the defaults (attribute_map only covers attribute access).
+        dim = kwargs.pop("hidden_size", dim)
+        n_layers = kwargs.pop("num_hidden_layers", n_layers)
+        n_heads = kwargs.pop("num_attention_heads", n_heads)
+        n_kv_heads = kwargs.pop("num_key_value_heads", n_kv_heads)
+        hidden_dim = kwargs.pop("intermediate_size", hidden_dim)
+        max_seq_len = kwargs.pop("max_position_embeddings", max_seq_len)
+        norm_eps = kwargs.pop("rms_norm_eps", norm_eps)
+        n_routed_experts = kwargs.pop("num_experts", n_routed_experts)
+        self.dim = dim
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.vocab_size = vocab_size
+        self.hidden_dim = hidden_dim if hidden_dim is not None else default_hidden_dim(dim)
+        self.max_seq_len = max_seq_len
+        self.norm_eps = norm_eps
+        self.rope_theta = rope_theta
+        self.dropout = dropout
+        self.flash_attn = flash_attn
+        self.use_moe = use_moe
+        self.n_routed_experts = n_routed_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_shared_experts = n_shared_experts
+        self.aux_loss_alpha = aux_loss_alpha
+        self.seq_aux = seq_aux  # True: sequence-level load-balancing loss; False: token-level
+        self.norm_topk_prob = norm_topk_prob
+        # YaRN RoPE scaling for inference beyond the trained length; factor 1.0 means off.
+        self.yarn_factor = yarn_factor
+        self.yarn_original_max_seq_len = yarn_original_max_seq_len
+        self.yarn_beta_fast = yarn_beta_fast
+        self.yarn_beta_slow = yarn_beta_slow
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self) -> None:
+        """Raise ValueError with one clear sentence if the shape cannot build a model."""
+        positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")
+        for field in positive:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config field '{field}' must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"config field 'n_heads' ({self.n_heads}) must divide 'dim' ({self.dim})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"config field 'n_kv_heads' ({self.n_kv_heads}) must divide 'n_heads' ({self.n_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head size dim/n_heads = {self.head_dim} must be even for RoPE")
+        if self.use_moe and not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+            raise ValueError(
+                f"config field 'num_experts_per_tok' ({self.num_experts_per_tok}) must be between 1 and "
+                f"'n_routed_experts' ({self.n_routed_experts})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"config field 'dropout' must be in [0, 1), got {self.dropout}")
+        if self.yarn_factor < 1.0:
+            raise ValueError(f"config field 'yarn_factor' must be >= 1.0 (1.0 = off), got {self.yarn_factor}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> MiniMindConfig:
+        """Build a named preset (`tiny`, `small`, `base`, `moe`), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def with_yarn(self, factor: float) -> MiniMindConfig:
+        """Return a copy that runs at `factor`× the trained context with YaRN RoPE scaling."""
+        if factor < 1.0:
+            raise ValueError(f"YaRN factor must be >= 1.0, got {factor}")
+        data = self.to_dict()
+        original = self.yarn_original_max_seq_len or self.max_seq_len
+        data.update(yarn_factor=factor, yarn_original_max_seq_len=original, max_seq_len=int(original * factor))
+        return type(self)(**data)

@@ -1,0 +1,144 @@
+"""Model directories (SPEC §5): save and load with clear errors, never pickle.
+
+A model directory holds config.json, model.safetensors, generation_config.json, the tokenizer files and the
+model's own code (HF remote code), so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+works with nothing but torch and transformers installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minimind.errors import UserError
+from minimind.model.configuration_minimind import MiniMindConfig
+from minimind.model.modeling_minimind import MiniMindForCausalLM
+
+MODEL_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Sampling defaults written to generation_config.json (the reference project's chat defaults).
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.85, "top_p": 0.85, "max_new_tokens": 512}
+
+
+def load_config(path: str | Path) -> MiniMindConfig:
+    """Read `path/config.json` into a MiniMindConfig, or fail with one sentence naming the file."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise UserError(f"{path}: no such model directory")
+    if not config_file.is_file():
+        raise UserError(f"{path}: not a model directory (config.json is missing)")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config_file}: expected a JSON object")
+    if data.get("model_type", "minimind") != "minimind":
+        raise UserError(f"{config_file}: model_type is {data.get('model_type')!r}, expected 'minimind'")
+    try:
+        return MiniMindConfig(**data)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{config_file}: {err}") from None
+
+
+def load_state_dict_checked(model: torch.nn.Module, weights_file: Path) -> None:
+    """Load safetensors weights into `model`, naming the first missing, unexpected or mis-shaped tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise UserError(f"{weights_file}: cannot read safetensors ({err})") from None
+    expected = model.state_dict()
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in expected if k not in state and k not in tied]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise UserError(f"{weights_file}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+    if unexpected:
+        raise UserError(f"{weights_file}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all)")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise UserError(
+                f"{weights_file}: tensor '{key}' has shape {tuple(tensor.shape)} but config.json implies "
+                f"{tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+    if tied:
+        model.tie_weights()
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> MiniMindForCausalLM:
+    """Build the model from `path/config.json` and load `path/model.safetensors`, in eval mode."""
+    path = Path(path)
+    config = load_config(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{path}: model.safetensors is missing")
+    model = MiniMindForCausalLM(config)
+    load_state_dict_checked(model, weights)
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """-> (model, tokenizer) from a model directory written by any stage."""
+    from minimind.tokenizer import load_tokenizer
+
+    model = load_model(path, device, dtype)
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}"
+        )
+    return model, tokenizer
+
+
+def save_model_dir(model: MiniMindForCausalLM, tokenizer, out_dir: str | Path) -> Path:
+    """Write a complete model directory. Each file lands by atomic rename, so a crash never leaves a
+    half-written model.safetensors behind; other files in `out_dir` (checkpoints, metrics) are left alone."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".save-", dir=out_dir))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        _write_generation_config(model.config, staging)
+        if tokenizer is not None:
+            _save_tokenizer_files(tokenizer, staging)
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == "model.safetensors"):
+            os.replace(item, out_dir / item.name)  # weights last: their presence means the rest is there
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _write_generation_config(config: MiniMindConfig, out_dir: Path) -> None:
+    data = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        **GENERATION_DEFAULTS,
+    }
+    (out_dir / "generation_config.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _save_tokenizer_files(tokenizer, out_dir: Path) -> None:
+    """Copy tokenizer files from where the tokenizer was loaded; else let it save itself."""
+    source = getattr(tokenizer, "name_or_path", None)
+    if source and all((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(Path(source) / name, out_dir / name)
+        return
+    tokenizer.save_pretrained(str(out_dir))

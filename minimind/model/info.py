@@ -1,0 +1,120 @@
+"""`minimind info`: what a model costs before you train it — parameters, FLOPs per token, training memory.
+
+    minimind info --preset small --batch-size 32 --seq-len 512 --dtype bf16
+
+Counts are analytic (no model is built), so `base` and `moe` answer instantly. FLOPs per token follow the
+usual accounting (PaLM appendix B; nanoGPT's MFU): a matmul with N weights costs 2N FLOPs forward and 4N
+backward, plus attention's score/value matmuls; the trainer logs MFU against this number.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from minimind.model.configuration_minimind import PRESETS, MiniMindConfig
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class ParamCount:
+    total: int  # every parameter once (the tied head shares the embedding)
+    active: int  # parameters a single token passes through (MoE: shared + top-k routed experts only)
+    embedding: int
+    matmul_active: int  # weights a token multiplies by, head included, embedding lookup excluded
+
+
+def count_parameters(config: MiniMindConfig) -> ParamCount:
+    """Exact parameter counts from the config's shapes (tested against the built model)."""
+    d, kv = config.dim, config.n_kv_heads * config.head_dim
+    attention = 2 * d * d + 2 * d * kv
+    expert = 3 * d * config.hidden_dim
+    norms = 2 * d
+    if config.use_moe:
+        routed, shared = config.n_routed_experts, config.n_shared_experts
+        ffn_total = (routed + shared) * expert + routed * d  # + the router's weight
+        ffn_active = (config.num_experts_per_tok + shared) * expert + routed * d
+    else:
+        ffn_total = ffn_active = expert
+    embedding = config.vocab_size * d
+    head = 0 if config.tie_word_embeddings else embedding
+    per_layer_total, per_layer_active = attention + ffn_total + norms, attention + ffn_active + norms
+    total = config.n_layers * per_layer_total + d + embedding + head
+    active = config.n_layers * per_layer_active + d + embedding + head
+    matmul = config.n_layers * (attention + ffn_active) + config.vocab_size * d
+    return ParamCount(total=total, active=active, embedding=embedding, matmul_active=matmul)
+
+
+def flops_per_token(config: MiniMindConfig, seq_len: int, training: bool = True) -> float:
+    """FLOPs to process one token at context `seq_len`: forward 2·N + 4·L·dim·T (QKᵀ and AV), training 3× that."""
+    forward = 2 * count_parameters(config).matmul_active + 4 * config.n_layers * config.dim * seq_len
+    return 3 * forward if training else forward
+
+
+def training_memory(config: MiniMindConfig, batch_size: int, seq_len: int, dtype: str = "fp32") -> dict[str, float]:
+    """Bytes for the seed's §2.3.4 rows: parameters, gradients, Adam states, activations, total.
+
+    With bf16/fp16 autocast PyTorch keeps fp32 weights and gradients and computes activations in 16 bits,
+    so only the activation row shrinks. Activations are a rule-of-thumb count of what autograd saves per
+    token per layer (norm inputs/outputs, q/k/v, attention output, the SwiGLU branches) plus the logits,
+    which the cross-entropy keeps in fp32.
+    """
+    params = count_parameters(config).total
+    act_bytes = BYTES[dtype]
+    d, kv, h = config.dim, config.n_kv_heads * config.head_dim, config.hidden_dim
+    experts = (config.num_experts_per_tok + config.n_shared_experts) if config.use_moe else 1
+    per_token_layer = 8 * d + 2 * kv + experts * 4 * h
+    tokens = batch_size * seq_len
+    activations = tokens * (config.n_layers * per_token_layer * act_bytes + config.vocab_size * (act_bytes + 8))
+    rows = {
+        "parameters": params * 4,
+        "gradients": params * 4,
+        "adam_states": params * 8,
+        "activations": activations,
+    }
+    rows["total"] = sum(rows.values())
+    return rows
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}P"
+
+
+def report(config: MiniMindConfig, batch_size: int, seq_len: int, dtype: str, name: str = "") -> str:
+    """The text `minimind info` prints."""
+    counts = count_parameters(config)
+    lines = [f"model {name}".rstrip(), f"  dim={config.dim} layers={config.n_layers} heads={config.n_heads}/"
+             f"{config.n_kv_heads} ffn={config.hidden_dim} vocab={config.vocab_size} moe={config.use_moe}"]
+    lines.append(f"  parameters          {counts.total:>14,}  ({_human(counts.total)})")
+    if config.use_moe:
+        lines.append(f"  active per token    {counts.active:>14,}  ({_human(counts.active)})")
+    lines.append(f"  training FLOPs/token {flops_per_token(config, seq_len):>13,.0f}  at seq_len {seq_len}")
+    lines.append(f"  inference FLOPs/token {flops_per_token(config, seq_len, training=False):>12,.0f}")
+    lines.append(f"  training memory, batch {batch_size} x {seq_len}, {dtype} (AdamW):")
+    for row, value in training_memory(config, batch_size, seq_len, dtype).items():
+        lines.append(f"    {row:<12} {value / 2**20:>12,.1f} MiB")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=list(PRESETS), default="small", help="named model shape")
+    parser.add_argument("--model", default=None, help="read the config from this model directory instead")
+    parser.add_argument("--batch-size", type=int, default=32, help="per-step batch for the memory estimate")
+    parser.add_argument("--seq-len", type=int, default=512, help="training sequence length")
+    parser.add_argument("--dtype", choices=list(BYTES), default="fp32", help="activation dtype (autocast)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model:
+        from minimind.model.hub import load_config
+
+        config, name = load_config(args.model), args.model
+    else:
+        config, name = MiniMindConfig.from_preset(args.preset), args.preset
+    print(report(config, args.batch_size, args.seq_len, args.dtype, name))
+    return 0

@@ -1,0 +1,182 @@
+"""The dense building blocks: RMSNorm, rotary embeddings (with YaRN), GQA attention, SwiGLU feed-forward.
+
+Copied into saved model directories as HF remote code: imports only torch and sibling model files.
+Tensor layout inside attention follows HF: (batch, heads, seq, head_dim).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_minimind import MiniMindConfig
+
+
+def _sdpa_supports_gqa() -> bool:
+    """`enable_gqa` lets SDPA read shared K/V heads directly instead of copying them (torch >= 2.5)."""
+    q, kv = torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    except TypeError:
+        return False
+    return True
+
+
+SDPA_HAS_GQA = _sdpa_supports_gqa()
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 for stability and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(config: MiniMindConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the attention scale for RoPE, with YaRN when enabled.
+
+    YaRN keeps high-frequency dimensions as trained, interpolates low-frequency ones by `yarn_factor`, and
+    ramps linearly between them; cos/sin are scaled by 0.1·ln(factor)+1 (the YaRN paper's recipe, same
+    numbers as HF's `rope_type="yarn"` so exported Llama directories compute the same function).
+    """
+    dim, base = config.head_dim, config.rope_theta
+    exponents = torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim
+    inv_freq = 1.0 / (base**exponents)
+    factor = config.yarn_factor
+    if factor <= 1.0:
+        return inv_freq, 1.0
+    original = config.yarn_original_max_seq_len or config.max_seq_len
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(config.yarn_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(config.yarn_beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 = extrapolate (as trained), 0 = interpolate (divide by factor)
+    inv_freq = (inv_freq / factor) * (1 - keep) + inv_freq * keep
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+def rope_cos_sin(
+    config: MiniMindConfig, position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, T, head_dim) for the given positions (B, T).
+
+    Computed per call rather than stored as buffers: it is a few kFLOPs, and it keeps checkpoints free of
+    derived state that a meta-device load or a dtype cast could corrupt.
+    """
+    inv_freq, scale = rope_frequencies(config, position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: pair dim i with dim i + head_dim/2
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys by position; cos/sin are (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv_heads, T, D) -> (B, n_kv_heads * n_rep, T, D); only used where SDPA cannot do GQA itself."""
+    if n_rep == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE and an optional KV cache."""
+
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.flash = config.flash_attn
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache=None,
+    ) -> torch.Tensor:
+        """x (B, T, dim); mask: None (plain causal over the new tokens) or bool (B|1, 1, T, S), True = attend."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv_heads, S, D) with S = past + t
+        dropout = self.dropout if self.training else 0.0
+        if self.flash:
+            out = self._sdpa(q, k, v, mask, dropout)
+        else:
+            out = self._explicit(q, k, v, mask, dropout)
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.o_proj(out))
+
+    def _sdpa(self, q, k, v, mask, dropout):
+        # A plain causal mask is only valid when queries and keys are the same positions (no cache prefix).
+        causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+        if SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=self.n_rep > 1
+            )
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+    def _explicit(self, q, k, v, mask, dropout):
+        """The same attention written out, for readers and for backends without SDPA."""
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        if mask is None and q.shape[2] > 1:
+            t, s = q.shape[2], k.shape[2]
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = F.dropout(scores.float().softmax(dim=-1).to(q.dtype), p=dropout, training=dropout > 0)
+        return probs @ v
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: MiniMindConfig, hidden_dim: int | None = None):
+        super().__init__()
+        hidden_dim = hidden_dim or config.hidden_dim
+        self.gate_proj = nn.Linear(config.dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, config.dim, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))

@@ -1,0 +1,116 @@
+"""Train a byte-level BPE tokenizer (HF `tokenizers`) and save a directory `AutoTokenizer` loads.
+
+    minimind tokenizer --data minimind/demo_data/pretrain.jsonl --vocab-size 6400 --out runs/tokenizer
+
+Byte-level means every UTF-8 string (Chinese, emoji, anything) round-trips losslessly: the base alphabet
+is the 256 bytes, so no input is ever <unk>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from minimind.data.records import ReadStats, read_records
+from minimind.errors import UserError
+from minimind.tokenizer.template import BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, UNK
+
+
+def texts_from_jsonl(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats | None = None) -> Iterator[str]:
+    """The training text of a JSONL file: `text` records, or every message of `conversations` records."""
+    path = Path(path)
+    kind = _sniff_kind(path)
+    for record in read_records(path, kind, skip_bad_lines=skip_bad_lines, stats=stats):
+        if kind == "pretrain":
+            yield record
+        else:
+            yield "\n".join(m["content"] for m in record)
+
+
+def _sniff_kind(path: Path) -> str:
+    """Pick the reader from the first non-blank line, so one verb takes pretrain or chat data."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    first = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return "pretrain"  # let the reader report the error with its line number
+                return "sft" if isinstance(first, dict) and "conversations" in first else "pretrain"
+    raise UserError(f"{path}: the file is empty")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool = True):
+    """Learn byte-level BPE merges; returns a `tokenizers.Tokenizer` with <unk>=0, <s>=1, </s>=2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    n_base = 256 + len(SPECIAL_TOKENS)
+    if vocab_size <= n_base:
+        raise UserError(f"--vocab-size must be greater than {n_base} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    got = tokenizer.get_vocab_size()
+    if got != vocab_size:
+        raise UserError(
+            f"the training text only supports {got} tokens, fewer than --vocab-size {vocab_size}; "
+            "use more text or a smaller vocabulary"
+        )
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int = 32768) -> Path:
+    """Write tokenizer.json + tokenizer_config.json (with the chat template inside, as SPEC §5 asks)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    # Written by hand rather than by `save_pretrained` so the template sits in tokenizer_config.json and the
+    # class name is one every transformers version knows.
+    added = {
+        str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for i, tok in enumerate(SPECIAL_TOKENS)
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "pad_token": UNK,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    return out_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="JSONL with {'text'} or {'conversations'} records")
+    parser.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    stats = ReadStats()
+    tokenizer = train_tokenizer(texts_from_jsonl(args.data, args.skip_bad_lines, stats), args.vocab_size)
+    out = save_tokenizer(tokenizer, args.out)
+    if stats.skipped:
+        print(stats.summary(args.data))
+    print(f"tokenizer: {tokenizer.get_vocab_size()} tokens from {stats.good} records -> {out}")
+    return 0

@@ -1,0 +1,50 @@
+"""`minimind info` and the CLI's contract: --help everywhere, one-line errors, non-zero exits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from minimind.cli import VERBS, main
+from minimind.model import MiniMindConfig
+from minimind.model.info import count_parameters, flops_per_token, training_memory
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minimind", *args], capture_output=True, text=True)
+
+
+def test_info_prints_counts_flops_and_memory():
+    result = run_cli("info", "--preset", "moe", "--batch-size", "4", "--seq-len", "128", "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "145,029,760" in out and "active per token" in out and "FLOPs/token" in out
+    for row in ("parameters", "gradients", "adam_states", "activations", "total"):
+        assert row in out
+
+
+def test_flops_and_memory_scale_sensibly():
+    config = MiniMindConfig.from_preset("small")
+    n = count_parameters(config).matmul_active
+    assert flops_per_token(config, 1, training=False) == pytest.approx(2 * n, rel=1e-3)
+    assert flops_per_token(config, 512) == 3 * flops_per_token(config, 512, training=False)
+    small, big = training_memory(config, 8, 256), training_memory(config, 16, 256)
+    assert big["activations"] == 2 * small["activations"] and big["adam_states"] == small["adam_states"]
+    assert training_memory(config, 8, 256, "bf16")["activations"] < small["activations"]
+    assert small["total"] == sum(v for k, v in small.items() if k != "total")
+
+
+def test_every_verb_has_help():
+    for verb in VERBS:
+        result = run_cli(verb, "--help")
+        assert result.returncode == 0, f"{verb}: {result.stderr}"
+        assert "usage: minimind " + verb in result.stdout
+
+
+def test_top_level_help_and_unknown_verb(capsys):
+    assert main([]) == 0
+    assert "verbs:" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+    assert "unknown verb" in capsys.readouterr().err
