@@ -1,33 +1,23 @@
 """MiniMind: train a small chat LLM from scratch and run it.
 
     from minimind import MiniMindConfig, MiniMindForCausalLM, Engine
-"""
 
-from minimind.model.configuration_minimind import MiniMindConfig
-from minimind.model.modeling_minimind import MiniMindForCausalLM
+Names are imported on first use, so `minimind --help` and light verbs do not pay for torch/transformers.
+"""
 
 __all__ = ["MiniMindConfig", "MiniMindForCausalLM", "Engine"]
 __version__ = "0.1.0"
 
-
-def _register_auto_classes() -> None:
-    """Let AutoConfig/AutoModelForCausalLM open our directories without trust_remote_code once we are imported."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        AutoConfig.register("minimind", MiniMindConfig)
-        AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM)
-    except ValueError:  # already registered (module reloaded)
-        pass
-
-
-_register_auto_classes()
+_LAZY = {
+    "MiniMindConfig": "minimind.model",
+    "MiniMindForCausalLM": "minimind.model",
+    "Engine": "minimind.infer.engine",
+}
 
 
 def __getattr__(name: str):
-    # The engine pulls in inference code; import it only when asked for.
-    if name == "Engine":
-        from minimind.infer.engine import Engine
+    if name in _LAZY:
+        import importlib
 
-        return Engine
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'minimind' has no attribute {name!r}")

@@ -16,6 +16,9 @@ from minimind.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "info": ("minimind.model.info", "parameters, FLOPs per token and training memory of a preset"),
     "tokenizer": ("minimind.tokenizer.train", "train a byte-level BPE tokenizer from JSONL text"),
+    "prepare": ("minimind.data.prepare", "tokenize a JSONL dataset once into memory-mapped shards"),
+    "pretrain": ("minimind.train.stages.pretrain", "pretrain a model from scratch on {'text'} JSONL"),
+    "sft": ("minimind.train.stages.sft", "supervised fine-tuning on {'conversations'} JSONL"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
 }
 

@@ -120,6 +120,19 @@ class ReadStats:
     skipped: int = 0
     examples: list[str] = field(default_factory=list)
 
+    def reject(self, path: str | Path, lineno: int, reason: str, skip_bad_lines: bool) -> None:
+        """Raise `file:line: reason`, or count the line as skipped."""
+        if not skip_bad_lines:
+            raise UserError(f"{path}:{lineno}: {reason}")
+        self.skipped += 1
+        if len(self.examples) < 3:
+            self.examples.append(f"line {lineno}: {reason}")
+
+    def check_any(self, path: str | Path, kind: str) -> None:
+        if self.good == 0:
+            detail = f" ({self.skipped} bad lines skipped)" if self.skipped else ""
+            raise UserError(f"{path}: no usable {kind} records{detail}")
+
     def summary(self, path: str | Path) -> str:
         text = f"{path}: {self.good} records read, {self.skipped} bad lines skipped"
         if self.examples:
@@ -140,7 +153,6 @@ def read_records(
     """
     if kind not in VALIDATORS:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {', '.join(VALIDATORS)}")
-    validate = VALIDATORS[kind]
     stats = stats if stats is not None else ReadStats()
     path = Path(path)
     if not path.is_file():
@@ -148,32 +160,28 @@ def read_records(
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise BadRecord(f"not valid JSON ({err.msg} at column {err.colno})") from None
-                record = validate(obj)
-            except (BadRecord, UnicodeDecodeError, RecursionError) as err:
-                reason = _describe(err)
-                if not skip_bad_lines:
-                    raise UserError(f"{path}:{lineno}: {reason}") from None
-                stats.skipped += 1
-                if len(stats.examples) < 3:
-                    stats.examples.append(f"line {lineno}: {reason}")
+                record = parse_record(raw, kind)
+            except BadRecord as err:
+                stats.reject(path, lineno, str(err), skip_bad_lines)
                 continue
-            stats.good += 1
-            yield record
-    if stats.good == 0:
-        detail = f" ({stats.skipped} bad lines skipped)" if stats.skipped else ""
-        raise UserError(f"{path}: no usable {kind} records{detail}")
+            if record is not None:
+                stats.good += 1
+                yield record
+    stats.check_any(path, kind)
 
 
-def _describe(err: Exception) -> str:
-    if isinstance(err, UnicodeDecodeError):
-        return f"not valid UTF-8 (byte {err.start})"
-    if isinstance(err, RecursionError):
-        return "JSON nested too deeply"
-    return str(err)
+def parse_record(raw: bytes, kind: str) -> Any:
+    """One JSONL line -> a validated record of `kind`, None for a blank line; BadRecord says what is wrong."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRecord(f"not valid UTF-8 (byte {err.start})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadRecord(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise BadRecord("JSON nested too deeply") from None
+    return VALIDATORS[kind](obj)

@@ -1,0 +1,108 @@
+"""The flags every training verb shares, and `TrainConfig`, the resolved settings the trainer runs with.
+
+A stage passes its own defaults (seed §2.4.2: pretrain lr 1e-3 warmup 500; sft 5e-4 warmup 100; dpo 1e-4,
+clip 0.5, wd 0; lora 1e-3); any flag overrides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    data: str
+    out: str
+    init: str | None = None
+    max_steps: int = -1
+    epochs: int = 1
+    batch_size: int = 32
+    accumulation_steps: int = 1
+    lr: float = 5e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    max_seq_len: int = 512
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after_steps: int = 0
+    seed: int = 42
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
+    log_every: int = 10
+    eval_data: str | None = None
+    eval_every: int = 0
+    eval_batches: int = 20
+    skip_bad_lines: bool = False
+    nan_tolerance: int = 5
+    strategy: str = "ddp"
+    trackers: list[str] = field(default_factory=list)
+    peak_tflops: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific settings (beta, rank, ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict[str, Any],
+                         needs_init: bool = True) -> None:
+    """The shared training flags, with this stage's defaults filled in."""
+    d = {**{f: getattr(TrainConfig, f, None) for f in TrainConfig.__dataclass_fields__}, **defaults}
+    g = parser.add_argument_group("data and output")
+    g.add_argument("--data", required=True, help="training JSONL file or a `minimind prepare` directory")
+    g.add_argument("--out", required=True, help="run directory: checkpoints, metrics, report, final model")
+    if needs_init:
+        g.add_argument("--init", required=True, help="model directory to start from")
+    g.add_argument("--eval-data", default=d["eval_data"], help="held-out JSONL/prepared dir for eval loss")
+    g.add_argument("--eval-every", type=int, default=d["eval_every"], help="steps between evals (0 = end only)")
+    g.add_argument("--eval-batches", type=int, default=d["eval_batches"], help="batches per evaluation")
+    g.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed JSONL lines")
+    g.add_argument("--num-workers", type=int, default=d["num_workers"], help="DataLoader worker processes")
+    g = parser.add_argument_group("schedule")
+    g.add_argument("--max-steps", type=int, default=d["max_steps"], help="optimizer steps (-1 = from --epochs)")
+    g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over the data when --max-steps is -1")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="micro-batch size per process")
+    g.add_argument("--accumulation-steps", type=int, default=d["accumulation_steps"],
+                   help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (cosine decays to lr/10)")
+    g.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="linear warmup steps (0 = none)")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="gradient norm clip (0 = off)")
+    g.add_argument("--max-seq-len", type=int, default=d["max_seq_len"], help="tokens per training row")
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--save-every", type=int, default=d["save_every"], help="steps between checkpoints (0 = end)")
+    g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help="checkpoints kept")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--stop-after-steps", type=int, default=0,
+                   help="stop cleanly after N steps of this invocation, keeping the full run's schedule (0 = off)")
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--seed", type=int, default=d["seed"], help="seed for init, data order and dropout")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--strategy", default="ddp", choices=["ddp"], help="data-parallel engine under torchrun")
+    g.add_argument("--log-every", type=int, default=d["log_every"], help="steps between progress-bar updates")
+    g.add_argument("--nan-tolerance", type=int, default=d["nan_tolerance"],
+                   help="stop after this many non-finite steps in a row (each is skipped)")
+    g.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0 = detect/measure)")
+    for tracker in ("wandb", "swanlab", "tensorboard"):
+        g.add_argument(f"--{tracker}", action="store_true", help=f"also log to {tracker} (offline by default)")
+
+
+def config_from_args(args: argparse.Namespace, stage: str, **extra: Any) -> TrainConfig:
+    """Build the TrainConfig from parsed flags; stage-specific values go to `extra`."""
+    fields = TrainConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    trackers = [t for t in ("wandb", "swanlab", "tensorboard") if getattr(args, t, False)]
+    return TrainConfig(stage=stage, trackers=trackers, extra=extra, **values)

@@ -1,0 +1,195 @@
+"""Atomic, verifiable checkpoints: a crash at any moment never leaves a half-written "latest".
+
+Layout inside a run directory:
+    checkpoints/step-N/      model.safetensors, optimizer.pt, trainer.json, rng-rank{r}.pt, manifest.json
+    checkpoints/latest       the name of the newest complete checkpoint ("step-N")
+A checkpoint is written into `checkpoints/.tmp-step-N`, every file fsynced, a manifest with each file's size and
+sha256 written last, then the directory is renamed into place and `latest` replaced by rename. On resume the
+manifest is verified; a truncated or corrupted checkpoint is reported and the previous complete one used.
+Tensors go through safetensors or `torch.load(weights_only=True)`: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minimind.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unique_state(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors with shared storage (the tied head) kept once; optionally trainable ones only."""
+    if trainable_only:
+        return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.detach().contiguous()
+    return state
+
+
+class CheckpointDir:
+    """The `checkpoints/` folder of a run: save (collectively across ranks), find the latest good one, prune."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 2):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def staging(self, step: int) -> Path:
+        return self.root / f".tmp-step-{step}"
+
+    def begin(self, step: int) -> Path:
+        """Main rank: a fresh staging directory for step `step`."""
+        tmp = self.staging(step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, step: int) -> Path:
+        """Main rank, after every rank wrote its files: manifest, fsync, rename into place, move `latest`."""
+        tmp = self.staging(step)
+        files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
+        for path in files:
+            _fsync_file(path)
+        manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync_file(tmp / MANIFEST)
+        _fsync_dir(tmp)
+        final = self.root / f"step-{step}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = self.root / ".latest.tmp"
+        pointer.write_text(final.name + "\n")
+        _fsync_file(pointer)
+        os.replace(pointer, self.root / "latest")
+        _fsync_dir(self.root)
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        for old in self.complete_steps()[: -self.keep] if self.keep > 0 else []:
+            shutil.rmtree(self.root / f"step-{old}", ignore_errors=True)
+
+    def complete_steps(self) -> list[int]:
+        steps = []
+        for path in self.root.glob("step-*"):
+            if path.is_dir() and path.name[5:].isdigit() and (path / MANIFEST).is_file():
+                steps.append(int(path.name[5:]))
+        return sorted(steps)
+
+    def verify(self, path: Path) -> str | None:
+        """None if the checkpoint at `path` is complete and intact, else what is wrong with it."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return "its manifest is missing or unreadable"
+        for name, info in manifest.get("files", {}).items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != info["bytes"]:
+                return f"{name} is truncated ({file.stat().st_size} of {info['bytes']} bytes)"
+            if sha256(file) != info["sha256"]:
+                return f"{name} does not match its checksum"
+        return None
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies, warning about any newer one that does not; None if none."""
+        candidates = []
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            candidates.append(self.root / pointer.read_text().strip())
+        candidates += [self.root / f"step-{s}" for s in reversed(self.complete_steps())]
+        tried = set()
+        for path in candidates:
+            if path in tried or not path.is_dir():
+                continue
+            tried.add(path)
+            problem = self.verify(path)
+            if problem is None:
+                return path
+            warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to an earlier one", stacklevel=2)
+        return None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def save_object(path: Path, obj: Any) -> None:
+    """Optimizer/scaler/RNG state: tensors and plain containers only, readable with weights_only=True."""
+    torch.save(obj, path)
+
+
+def load_object(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise UserError(f"{path}: cannot read checkpoint state ({err})") from None
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()),
+             "numpy": json.dumps([x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    python = json.loads(state["python"])
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, pos, has_gauss, gauss = json.loads(state["numpy"])
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

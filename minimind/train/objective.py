@@ -1,0 +1,71 @@
+"""What a stage optimises: an Objective turns a batch into a summed loss; the trainer does everything else.
+
+The trainer normalises by the *global* count of targets in an optimizer step (summed over micro-batches
+and ranks) before backward, so accumulation and data parallelism give the same gradient as one big batch.
+For token losses that count is Σ loss_mask (the seed's Σ(ce·mask)/Σmask, taken over the whole step); for
+pair losses (DPO) it is the number of pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # summed over this micro-batch's targets; divided by the step's total by the trainer
+    aux_loss: torch.Tensor | float = 0.0  # MoE load balancing, averaged over micro-batches
+    metrics: dict[str, float] = field(default_factory=dict)  # extra numbers to log (averaged per step)
+
+
+class Objective:
+    """Base class: `count(batch)` targets in a batch; `__call__(model, batch)` -> LossOutput."""
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return batch["loss_mask"].sum()
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        raise NotImplementedError
+
+
+def doc_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows -> (bool mask (B, 1, T, T): causal and same document, position ids restarting per document).
+
+    Padding (doc id -1) attends only to itself so no row is empty.
+    """
+    t = doc_ids.shape[1]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    mask = (same & causal)[:, None]
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    index = torch.arange(t, device=doc_ids.device).expand_as(doc_ids)
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    return mask, index - first
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments for the model's forward from a training batch."""
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "doc_ids" in batch:
+        inputs["attention_mask"], inputs["position_ids"] = doc_attention(batch["doc_ids"])
+    elif "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"]
+    return inputs
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood (B, T), computed in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+
+
+class MaskedLM(Objective):
+    """Next-token cross-entropy on the positions the mask selects (pretrain: all real tokens; SFT: replies)."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        out = model(**model_inputs(batch))
+        loss_sum = (token_nll(out.logits, batch["labels"]) * batch["loss_mask"]).sum()
+        return LossOutput(loss_sum, out.aux_loss)

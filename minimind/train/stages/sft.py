@@ -1,0 +1,57 @@
+"""`minimind sft`: supervised fine-tuning on `{"conversations"}` JSONL, loss on assistant replies only.
+
+    minimind sft --data sft.jsonl --init runs/pretrain --out runs/sft
+
+Conversations are packed into rows with attention kept inside each conversation (SPEC §7, seed §2.3.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from minimind.data.datasets import PackedSFTDataset, stack_collate
+from minimind.model.hub import load_model_dir, save_model_dir
+from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
+from minimind.train.distributed import DistInfo
+from minimind.train.objective import MaskedLM
+from minimind.train.stages import run_stage, stage_data
+from minimind.train.trainer import StageRun
+
+DEFAULTS = {"lr": 5e-4, "warmup_steps": 100, "batch_size": 16, "max_seq_len": 512, "epochs": 1}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "sft", DEFAULTS)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_stage(config_from_args(args, "sft"), build)
+
+
+def sft_datasets(cfg: TrainConfig, info: DistInfo, tokenizer, tokenizer_dir: str):
+    """Packed SFT train (and optional eval) datasets, shared by the sft, lora and distill stages."""
+    shard = stage_data(cfg, info, cfg.data, tokenizer_dir, "sft")
+    dataset = PackedSFTDataset(shard, cfg.max_seq_len, tokenizer.pad_token_id)
+    eval_dataset = None
+    if cfg.eval_data:
+        eval_dataset = PackedSFTDataset(stage_data(cfg, info, cfg.eval_data, tokenizer_dir, "sft"), cfg.max_seq_len,
+                                        tokenizer.pad_token_id)
+    if dataset.dropped and info.is_main:
+        print(f"{cfg.data}: {dataset.dropped} conversations have no reply within --max-seq-len "
+              f"{cfg.max_seq_len} and were left out", flush=True)
+    return dataset, eval_dataset
+
+
+def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model_dir(cfg.init)
+    model.config.max_seq_len = max(model.config.max_seq_len, cfg.max_seq_len)
+    dataset, eval_dataset = sft_datasets(cfg, info, tokenizer, cfg.init)
+    return StageRun(
+        model=model.train(), objective=MaskedLM(), dataset=dataset, collate=stack_collate,
+        save_final=lambda m, out: save_model_dir(m, tokenizer, out), eval_dataset=eval_dataset,
+        notes=["Loss on assistant content and its closing end-of-turn token only; conversations packed into "
+               "rows with attention and positions kept per conversation."],
+    )

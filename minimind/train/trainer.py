@@ -1,0 +1,384 @@
+"""The one training loop every stage runs (seed §2.4): a stage supplies the model, an Objective and data.
+
+Per optimizer step: fetch `accumulation_steps` micro-batches; count the step's targets over all of them
+and all ranks; forward/backward each under autocast (DDP gradient sync only on the last); skip the step if
+the loss or gradient norm is not finite; clip; AdamW step with the cosine learning rate; log; maybe
+evaluate and checkpoint. SIGTERM/SIGINT finish the current step, checkpoint and exit 0. The data position,
+every RNG state, the optimizer and the scaler are in each checkpoint, so `--resume` continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from minimind.data.sampler import DataPosition, StepBatchSampler
+from minimind.errors import UserError
+from minimind.model.info import count_parameters, flops_per_token
+from minimind.train import checkpoint as ckpt
+from minimind.train.args import TrainConfig
+from minimind.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    no_sync,
+    resolve_dtype,
+    wrap_model,
+)
+from minimind.train.mfu import peak_flops
+from minimind.train.monitor import Monitor
+from minimind.train.objective import Objective
+from minimind.train.report import read_metrics, write_report
+from minimind.train.schedule import lr_at
+
+
+@dataclass
+class StageRun:
+    """What a stage hands the trainer."""
+
+    model: torch.nn.Module  # trainable parameters have requires_grad=True; frozen ones (LoRA base) False
+    objective: Objective
+    dataset: Dataset
+    collate: Callable[[list], dict]
+    save_final: Callable[[torch.nn.Module, Path], None]  # writes the run's product (model dir or adapter)
+    eval_dataset: Dataset | None = None
+    trainable_only_checkpoint: bool = False  # checkpoints hold only trainable tensors (the base is --init)
+    final_numbers: Callable[[torch.nn.Module], dict[str, Any]] | None = None  # extra rows for report.md
+    notes: list[str] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run: StageRun, info: DistInfo):
+        self.cfg, self.run, self.info = cfg, run, info
+        self.out = Path(cfg.out)
+        self.device = info.device
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.model = run.model.to(self.device)
+        if cfg.gradient_checkpointing and hasattr(self.model, "model"):
+            self.model.model.gradient_checkpointing = True
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise UserError("the stage left no trainable parameters")
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=1e-8, fused=self.device.type == "cuda",
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.train_model = wrap_model(self.model, info)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.checkpoints = CheckpointIO(self)
+        self.step, self.position, self.bad_steps = 0, DataPosition(), 0
+        self.stop_signal: str | None = None
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # dropout differs per rank, repeatably
+        if cfg.resume:
+            self.checkpoints.resume()
+        sampler = StepBatchSampler(len(self.run.dataset), cfg.batch_size, cfg.accumulation_steps,
+                                   info.world_size, info.rank, cfg.seed, start=self.position)
+        if sampler.steps_per_epoch < 1:
+            raise UserError(
+                f"--data has {len(self.run.dataset)} training rows but one step needs {sampler.global_batch} "
+                f"(batch {cfg.batch_size} x accumulation {cfg.accumulation_steps} x {info.world_size} processes)"
+            )
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * sampler.steps_per_epoch
+        sampler.steps = max(self.total_steps - self.step, 0)
+        # The loader's own generator seeds its workers, so creating it leaves the global RNG untouched.
+        loader = DataLoader(self.run.dataset, batch_sampler=sampler, collate_fn=self.run.collate,
+                            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        monitor = Monitor(self.out, info.is_main, self.total_steps, self.step, cfg.log_every, cfg.trackers,
+                          f"{cfg.stage}", cfg.to_dict())
+        config = getattr(self.model, "config", None)
+        self.flops = flops_per_token(config, cfg.max_seq_len) if config is not None else 0.0
+        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (peak_flops(self.device, self.dtype)
+                                                                   if info.is_main else 1.0)
+        if info.is_main:
+            monitor.message(f"{cfg.stage}: {self.total_steps} steps, global batch {sampler.global_batch} "
+                            f"({cfg.batch_size} x {cfg.accumulation_steps} accumulation x {info.world_size} "
+                            f"processes) x {cfg.max_seq_len} tokens, {self.device} {str(self.dtype)[6:]}")
+        previous = self._install_signal_handlers()
+        ran = 0
+        try:
+            batches = iter(loader)
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                micro = [next(batches) for _ in range(cfg.accumulation_steps)]
+                metrics = self.train_step(micro)
+                self.step += 1
+                self.position = sampler.advance(self.position)
+                ran += 1
+                metrics["step_time"] = time.perf_counter() - started
+                self._add_throughput(metrics, micro)
+                if cfg.eval_every and self.run.eval_dataset is not None and self.step % cfg.eval_every == 0:
+                    metrics.update(self.evaluate())
+                monitor.log(self.step, metrics)
+                stop = self._stop_requested()
+                if self.step >= self.total_steps:
+                    break
+                if stop or (cfg.stop_after_steps and ran >= cfg.stop_after_steps):
+                    self.checkpoints.save()
+                    reason = f"received {stop}" if stop else f"--stop-after-steps {cfg.stop_after_steps} reached"
+                    monitor.message(f"{reason}: saved checkpoint at step {self.step}/{self.total_steps}; "
+                                    f"continue with the same command plus --resume")
+                    monitor.close()
+                    return {"step": self.step, "finished": False}
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.checkpoints.save()
+        finally:
+            self._restore_signal_handlers(previous)
+        return self._finish(monitor)
+
+    def train_step(self, micro: list[dict]) -> dict[str, Any]:
+        """One optimizer step over the micro-batches; returns the step's metrics."""
+        cfg, info = self.cfg, self.info
+        micro = [_to_device(b, self.device) for b in micro]
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        count = all_reduce_sum(sum(self.run.objective.count(b).float() for b in micro).to(self.device), info)
+        denominator = count.clamp(min=1.0) / info.world_size  # DDP averages gradients over ranks
+        self.optimizer.zero_grad(set_to_none=True)
+        self.train_model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        extra: dict[str, float] = {}
+        for i, batch in enumerate(micro):
+            with no_sync(self.train_model, i < len(micro) - 1), self._autocast():
+                out = self.run.objective(self.train_model, batch)
+                loss = out.loss_sum / denominator + out.aux_loss / len(micro)
+            self.scaler.scale(loss).backward()
+            loss_sum += out.loss_sum.detach().float()
+            aux_sum += torch.as_tensor(out.aux_loss, device=self.device).detach().float()
+            for key, value in out.metrics.items():
+                extra[key] = extra.get(key, 0.0) + float(value) / len(micro)
+        step_loss = (all_reduce_sum(loss_sum, info) / count.clamp(min=1.0)).item()
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
+        finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or self.scaler.is_enabled())
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.bad_steps = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self._on_bad_step(step_loss, grad_norm)
+        metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "aux_loss": aux_sum.item() / len(micro),
+                   "epoch": self.position.epoch, **extra}
+        if not finite:
+            metrics["skipped"] = True
+        return metrics
+
+    def _on_bad_step(self, loss: float, grad_norm: float) -> None:
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        if self.info.is_main:
+            print(f"warning: step {self.step + 1}: non-finite {what}; step skipped "
+                  f"({self.bad_steps} in a row, stopping at {self.cfg.nan_tolerance})", flush=True)
+        if self.bad_steps >= self.cfg.nan_tolerance:
+            self.step += 1
+            self.checkpoints.save()
+            raise UserError(
+                f"training diverged: non-finite {what} for {self.bad_steps} steps in a row (up to step {self.step}); "
+                f"weights before those steps are saved in {self.out / 'checkpoints'} — lower --lr or check the data, "
+                "then continue with --resume"
+            )
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def _add_throughput(self, metrics: dict[str, Any], micro: list[dict]) -> None:
+        tokens = sum(b["input_ids"].numel() for b in micro) * self.info.world_size
+        useful = sum(_useful_tokens(b) for b in micro) * self.info.world_size
+        seconds = max(metrics["step_time"], 1e-9)
+        metrics["tokens"] = tokens
+        metrics["nonpad_fraction"] = useful / max(tokens, 1)
+        metrics["tokens_per_sec"] = tokens / seconds
+        metrics["mfu"] = self.flops * tokens / seconds / self.peak / self.info.world_size if self.peak else 0.0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss (Σ target loss / Σ targets) on the first `eval_batches` eval batches, main rank."""
+        if not self.info.is_main:
+            return {}
+        self.model.eval()
+        loader = DataLoader(self.run.eval_dataset, batch_size=self.cfg.batch_size, shuffle=False,
+                            collate_fn=self.run.collate)
+        total, count, extra, n = 0.0, 0.0, {}, 0
+        for i, batch in enumerate(loader):
+            if i >= self.cfg.eval_batches:
+                break
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                out = self.run.objective(self.model, batch)
+            total += out.loss_sum.float().item()
+            count += self.run.objective.count(batch).float().item()
+            for key, value in out.metrics.items():
+                extra[f"eval_{key}"] = extra.get(f"eval_{key}", 0.0) + float(value)
+            n += 1
+        self.model.train()
+        return {"eval_loss": total / max(count, 1.0), **{k: v / max(n, 1) for k, v in extra.items()}}
+
+    def _finish(self, monitor: Monitor) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.run.eval_dataset is not None:
+            final_eval = self.evaluate()
+            if final_eval and (not cfg.eval_every or self.step % cfg.eval_every):
+                monitor.log(self.step, final_eval)
+        self.checkpoints.save()
+        monitor.close()
+        summary: dict[str, Any] = {"step": self.step, "finished": True}
+        if self.info.is_main:
+            self.run.save_final(self.model, self.out)
+            summary.update(self.write_report())
+        barrier(self.info)
+        return summary
+
+    def write_report(self) -> dict[str, Any]:
+        records = read_metrics(self.out)
+        train = [r for r in records if isinstance(r.get("loss"), (int, float))]
+        evals = [r["eval_loss"] for r in records if isinstance(r.get("eval_loss"), (int, float))]
+        tail = train[-max(1, len(train) // 20):]
+        timed = train[1:] or train  # the first step pays for warm-up
+        config = getattr(self.model, "config", None)
+        numbers: dict[str, Any] = {"stage": self.cfg.stage, "steps": self.step}
+        if config is not None and hasattr(config, "dim"):
+            numbers["parameters"] = count_parameters(config).total
+        numbers.update({
+            "trainable parameters": sum(p.numel() for p in self.params),
+            "global batch (rows)": self.cfg.batch_size * self.cfg.accumulation_steps * self.info.world_size,
+            "tokens seen": sum(r.get("tokens", 0) for r in train),
+            "training time (s)": round(sum(r.get("step_time", 0.0) for r in train), 1),
+            "tokens/s (mean)": sum(r.get("tokens_per_sec", 0.0) for r in timed) / max(len(timed), 1),
+            "MFU (mean)": sum(r.get("mfu", 0.0) for r in timed) / max(len(timed), 1),
+            "non-pad token fraction": sum(r.get("nonpad_fraction", 1.0) for r in train) / max(len(train), 1),
+            "first train loss": train[0]["loss"] if train else float("nan"),
+            "final train loss (last 5%)": sum(r["loss"] for r in tail) / max(len(tail), 1),
+        })
+        if evals:
+            numbers["first held-out loss"], numbers["final held-out loss"] = evals[0], evals[-1]
+        if self.run.final_numbers is not None:
+            numbers.update(self.run.final_numbers(self.model))
+        write_report(self.out, f"MiniMind {self.cfg.stage} run", numbers, self.run.notes)
+        (self.out / "summary.json").write_text(json.dumps(numbers, indent=2, default=str) + "\n")
+        return numbers
+
+    # ---- signals --------------------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        previous = {}
+
+        def handler(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> str | None:
+        flag = torch.tensor(1.0 if self.stop_signal else 0.0, device=self.device)
+        if all_reduce_sum(flag, self.info).item() > 0:  # every rank stops at the same step
+            return self.stop_signal or "a stop signal (on another rank)"
+        return None
+
+
+class CheckpointIO:
+    """Saving and restoring the trainer's whole state through `checkpoint.CheckpointDir`."""
+
+    def __init__(self, trainer: Trainer):
+        self.t = trainer
+        self.dir = ckpt.CheckpointDir(trainer.out, keep=trainer.cfg.keep_checkpoints)
+
+    def save(self) -> None:
+        t, info = self.t, self.t.info
+        if info.is_main:
+            self.dir.begin(t.step)
+        barrier(info)
+        staging = self.dir.staging(t.step)
+        ckpt.save_object(staging / f"rng-rank{info.rank}.pt", ckpt.rng_state())
+        if info.is_main:
+            ckpt.save_tensors(staging / "model.safetensors",
+                              ckpt.unique_state(t.model, t.run.trainable_only_checkpoint))
+            ckpt.save_object(staging / "optimizer.pt", t.optimizer.state_dict())
+            ckpt.save_object(staging / "scaler.pt", t.scaler.state_dict())
+            state = {"step": t.step, "epoch": t.position.epoch, "offset": t.position.offset,
+                     "bad_steps": t.bad_steps, "world_size": info.world_size, "stage": t.cfg.stage,
+                     "max_seq_len": t.cfg.max_seq_len,
+                     "global_batch": t.cfg.batch_size * t.cfg.accumulation_steps * info.world_size}
+            (staging / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
+        barrier(info)
+        if info.is_main:
+            self.dir.commit(t.step)
+        barrier(info)
+
+    def resume(self) -> None:
+        t, info = self.t, self.t.info
+        path = self.dir.latest()
+        if path is None:
+            if info.is_main:
+                print(f"--resume: no checkpoint in {self.dir.root}; starting from step 0", flush=True)
+            return
+        state = json.loads((path / "trainer.json").read_text())
+        if state["stage"] != t.cfg.stage:
+            raise UserError(f"{path}: checkpoint is from stage {state['stage']!r}, not {t.cfg.stage!r}")
+        if state["max_seq_len"] != t.cfg.max_seq_len:
+            raise UserError(f"{path}: checkpoint was trained with --max-seq-len {state['max_seq_len']}, "
+                            f"not {t.cfg.max_seq_len}")
+        tensors = ckpt.load_tensors(path / "model.safetensors")
+        required = set(ckpt.unique_state(t.model, t.run.trainable_only_checkpoint))
+        missing = sorted(required - set(tensors))
+        unexpected = sorted(set(tensors) - set(t.model.state_dict()))
+        if missing or unexpected:
+            key = (missing or unexpected)[0]
+            raise UserError(f"{path}/model.safetensors does not match this model: tensor '{key}' is "
+                            f"{'missing' if missing else 'unexpected'}")
+        t.model.load_state_dict(tensors, strict=False)
+        t.optimizer.load_state_dict(ckpt.load_object(path / "optimizer.pt"))
+        t.scaler.load_state_dict(ckpt.load_object(path / "scaler.pt"))
+        rng_file = path / f"rng-rank{info.rank}.pt"
+        if rng_file.is_file():
+            ckpt.set_rng_state(ckpt.load_object(rng_file))
+        elif info.is_main or info.rank >= state["world_size"]:
+            print(f"rank {info.rank}: no saved RNG state (checkpoint had {state['world_size']} processes); "
+                  "dropout continues from a fresh seed", flush=True)
+        t.step, t.bad_steps = state["step"], state["bad_steps"]
+        t.position = DataPosition(state["epoch"], state["offset"])
+        if info.is_main:
+            print(f"resumed from {path} (step {t.step})", flush=True)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _useful_tokens(batch: dict) -> int:
+    if "doc_ids" in batch:
+        return int((batch["doc_ids"] >= 0).sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
