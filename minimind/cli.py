@@ -19,6 +19,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("minimind.data.prepare", "tokenize a JSONL dataset once into memory-mapped shards"),
     "pretrain": ("minimind.train.stages.pretrain", "pretrain a model from scratch on {'text'} JSONL"),
     "sft": ("minimind.train.stages.sft", "supervised fine-tuning on {'conversations'} JSONL"),
+    "lora": ("minimind.train.stages.lora", "LoRA fine-tuning: train a low-rank adapter, saved in PEFT format"),
+    "dpo": ("minimind.train.stages.dpo", "direct preference optimisation on {'chosen','rejected'} pairs"),
+    "distill": ("minimind.train.stages.distill", "distil a teacher into a student (white-box KL or reasoning SFT)"),
+    "grpo": ("minimind.train.stages.grpo", "GRPO: RL from group-normalised rewards of sampled completions"),
+    "ppo": ("minimind.train.stages.ppo", "PPO: RL with a value head, GAE and a clipped objective"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
 }
 
