@@ -5,7 +5,8 @@ Rendered form, with a default system prompt when the conversation has none:
 The template speaks of `bos_token`/`eos_token` rather than literal `<s>`/`</s>`, so a tokenizer whose
 specials are, say, `<|im_start|>`/`<|im_end|>` gets the same ChatML structure with its own markers.
 An assistant turn with `reasoning_content` renders as `<think>…</think><answer>…</answer>`; pass
-`show_thinking=False` to `apply_chat_template` to drop the reasoning of earlier turns.
+`show_thinking=False` to `apply_chat_template` to drop the reasoning of earlier turns; `split_thinking(reply)` splits
+a generated reply back into (thinking, answer).
 """
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -33,3 +34,23 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- bos_token + 'assistant\\n' -}}{%- endif -%}"
 )
+
+
+def split_thinking(reply: str) -> tuple[str | None, str]:
+    """A generated reply -> (thinking or None, answer), the inverse of the template's reasoning rendering.
+
+    `<think>a</think><answer>b</answer>` -> ("a", "b"); without answer tags the answer is what follows `</think>`;
+    an unfinished `<think>…` is all thinking; a reply without tags is all answer. A chat front end hides the
+    thinking by printing only the answer, and keeps the turn as {content: answer, reasoning_content: thinking} so
+    `show_thinking=False` can drop it from the history.
+    """
+    thinking = None
+    rest = reply
+    if "<think>" in reply:
+        before, _, after = reply.partition("<think>")
+        thought, closed, rest = after.partition("</think>")
+        thinking = thought.strip()
+        rest = before + rest if closed else before
+    if "<answer>" in rest:
+        rest = rest.partition("<answer>")[2].partition("</answer>")[0]
+    return thinking, rest.strip()

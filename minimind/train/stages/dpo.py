@@ -1,0 +1,106 @@
+"""`minimind dpo`: direct preference optimisation on `{"chosen", "rejected"}` pairs against a frozen reference.
+
+    minimind dpo --data dpo.jsonl --init runs/sft --out runs/dpo [--beta 0.1]
+
+Chosen rows then rejected rows go through the policy in ONE forward (seed §2.3.2), and through the frozen
+reference (a copy of `--init`) under no_grad. A sequence's log-probability is the MEAN log-prob of its assistant
+tokens (the seed's convention, `--logp mean`; `--logp sum` gives the DPO paper's / TRL's summed form). With
+s = the sequence log-prob:
+
+    loss = −log σ(β·((s_policy(c) − s_policy(r)) − (s_ref(c) − s_ref(r))))
+
+The implicit rewards are β·(s_policy − s_ref); the run logs their mean for chosen and rejected replies, the
+margin between them and the fraction of pairs with a positive margin (accuracy), on training and eval batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from minimind.data.datasets import PairDataset, pair_collate
+from minimind.model.hub import load_model_dir, save_model_dir
+from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
+from minimind.train.distributed import DistInfo
+from minimind.train.objective import LossOutput, Objective, model_inputs
+from minimind.train.reference import load_frozen, token_logprobs
+from minimind.train.stages import run_stage, stage_data
+from minimind.train.trainer import StageRun
+
+# Seed §2.4.2: dpo lr 1e-4, clip 0.5, no weight decay.
+DEFAULTS = {"lr": 1e-4, "grad_clip": 0.5, "weight_decay": 0.0, "warmup_steps": 10, "batch_size": 8,
+            "max_seq_len": 512, "epochs": 1}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "dpo", DEFAULTS)
+    g = parser.add_argument_group("DPO")
+    g.add_argument("--beta", type=float, default=0.1, help="β: strength of the preference (inverse KL weight)")
+    g.add_argument("--logp", choices=["mean", "sum"], default="mean",
+                   help="sequence log-prob = mean (seed) or sum (DPO paper, TRL) of the reply's token log-probs")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_stage(config_from_args(args, "dpo", beta=args.beta, logp=args.logp), build)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, mean: bool) -> torch.Tensor:
+    """Per-sequence log-prob of the masked targets: (B, T, V), (B, T), (B, T) -> (B,), mean or sum over the mask."""
+    total = (token_logprobs(logits, labels) * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1.0) if mean else total
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair sigmoid DPO loss and the implicit rewards β·(policy − ref) of chosen and rejected, all (N,)."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
+
+
+class DPO(Objective):
+    """Batch = N chosen rows then N rejected rows (`pair_collate`); count = N pairs."""
+
+    def __init__(self, reference: torch.nn.Module, beta: float = 0.1, mean_logp: bool = True):
+        self.reference, self.beta, self.mean_logp = reference, beta, mean_logp
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return torch.tensor(batch["input_ids"].shape[0] // 2)
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        inputs = model_inputs(batch)
+        labels, mask = batch["labels"], batch["loss_mask"]
+        out = model(**inputs)
+        policy = sequence_logprobs(out.logits, labels, mask, self.mean_logp)
+        with torch.no_grad():
+            ref = sequence_logprobs(self.reference(**inputs).logits, labels, mask, self.mean_logp)
+        n = policy.shape[0] // 2
+        losses, chosen, rejected = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta)
+        margin = (chosen - rejected).detach()
+        metrics = {
+            "reward_margin": margin.mean().item(), "reward_accuracy": (margin > 0).float().mean().item(),
+            "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
+            "chosen_logp": policy[:n].mean().item(), "rejected_logp": policy[n:].mean().item(),
+        }
+        return LossOutput(losses.sum(), out.aux_loss, metrics)
+
+
+def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model_dir(cfg.init)
+    model.config.max_seq_len = max(model.config.max_seq_len, cfg.max_seq_len)
+    reference = load_frozen(cfg.init, info.device)
+    dataset = PairDataset(stage_data(cfg, info, cfg.data, cfg.init, "dpo"), cfg.max_seq_len)
+    eval_dataset = None
+    if cfg.eval_data:
+        eval_dataset = PairDataset(stage_data(cfg, info, cfg.eval_data, cfg.init, "dpo"), cfg.max_seq_len)
+    convention = "mean" if cfg.extra["logp"] == "mean" else "sum"
+    return StageRun(
+        model=model.train(), objective=DPO(reference, cfg.extra["beta"], convention == "mean"), dataset=dataset,
+        collate=pair_collate, save_final=lambda m, out: save_model_dir(m, tokenizer, out), eval_dataset=eval_dataset,
+        notes=[f"DPO with β = {cfg.extra['beta']:g} against a frozen copy of {cfg.init}; sequence log-prob = "
+               f"{convention} of the reply's token log-probs; chosen and rejected in one forward. Rewards are "
+               "β·(log π − log π_ref); margin = chosen − rejected reward, accuracy = share of pairs with margin > 0."],
+    )
