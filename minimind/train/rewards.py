@@ -1,0 +1,117 @@
+"""Pluggable rewards for GRPO and PPO, chosen with `--reward`.
+
+- `rule` (default): 1 if the reference answer occurs in the reply's answer part (after `</think>` / inside
+  `<answer>` when present), compared after normalising case, width and whitespace and only at word boundaries
+  (so "4" is not found in "14"); plus 0.1 if the reply is non-empty and ended with eos (an empty reply earns
+  no format credit, or stopping at once would be the easy reward), minus 0.1 × the share of repeated 3-grams,
+  minus 0.05 × length / max_new_tokens. Correctness alone is what `accuracy` reports.
+- `model:DIR`: a sequence-scoring model: the mean log-probability per token of the completion (eos included)
+  given the prompt, under the language model in DIR (e.g. a larger or better-aligned model acting as judge).
+  It must share the policy's vocabulary. `accuracy` is still the rule's exact-answer check.
+
+A reward is any callable (rollout, completion texts, reference answers) -> rewards (N,).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from minimind.errors import UserError
+from minimind.tokenizer.template import split_thinking
+from minimind.train.reference import load_frozen, token_logprobs
+
+if TYPE_CHECKING:
+    from minimind.train.rollout import Rollout
+
+_EDGE_PUNCTUATION = " \t\n.,!?;:'\"`()[]{}<>“”‘’。，！？；：、（）《》「」"
+
+
+class Reward(Protocol):
+    def __call__(self, rollout: Rollout, texts: list[str], answers: list[str]) -> torch.Tensor: ...
+
+
+def normalize(text: str) -> str:
+    """Case-, width- and whitespace-insensitive form: NFKC, casefold, runs of space -> one, edge punctuation off."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return re.sub(r"\s+", " ", text).strip(_EDGE_PUNCTUATION)
+
+
+def _word_char(c: str) -> bool:
+    return c.isascii() and c.isalnum()
+
+
+def answer_correct(completion: str, reference: str) -> bool:
+    """True if the normalised reference occurs in the normalised answer part of the completion, as a whole word."""
+    answer, ref = normalize(split_thinking(completion)[1]), normalize(reference)
+    if not ref:
+        return False
+    start = answer.find(ref)
+    while start >= 0:
+        before = answer[start - 1] if start > 0 else ""
+        after = answer[start + len(ref)] if start + len(ref) < len(answer) else ""
+        if not (_word_char(ref[0]) and _word_char(before)) and not (_word_char(ref[-1]) and _word_char(after)):
+            return True
+        start = answer.find(ref, start + 1)
+    return False
+
+
+def repetition(ids: list[int], n: int = 3) -> float:
+    """Share of the n-grams of `ids` that repeat an earlier one (0 = no repetition)."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+class RuleReward:
+    """Exact answer (1) + format (0.1 for a non-empty reply ending with eos, −0.1 × repetition) − 0.05 × length /
+    max_new_tokens."""
+
+    def __init__(self, max_new_tokens: int, format_weight: float = 0.1, repetition_weight: float = 0.1,
+                 length_weight: float = 0.05):
+        self.max_new_tokens = max_new_tokens
+        self.format_weight, self.repetition_weight, self.length_weight = format_weight, repetition_weight, length_weight
+
+    def __call__(self, rollout: Rollout, texts: list[str], answers: list[str]) -> torch.Tensor:
+        lengths = rollout.lengths().tolist()
+        ids = rollout.completion_ids.tolist()
+        rewards = []
+        for i, (text, answer) in enumerate(zip(texts, answers)):
+            n = int(lengths[i])
+            well_formed = bool(rollout.finished[i]) and bool(split_thinking(text)[1])
+            rewards.append(float(answer_correct(text, answer))
+                           + self.format_weight * float(well_formed)
+                           - self.repetition_weight * repetition(ids[i][:n])
+                           - self.length_weight * n / self.max_new_tokens)
+        return torch.tensor(rewards)
+
+
+class ModelReward:
+    """Mean per-token log-prob of each completion given its prompt, under a frozen scoring model."""
+
+    def __init__(self, path: str, device: torch.device | str = "cpu"):
+        self.model = load_frozen(path, device)
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout, texts: list[str], answers: list[str]) -> torch.Tensor:
+        t = rollout.completion_ids.shape[1]
+        logits = self.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, use_cache=False,
+                            logits_to_keep=t + 1).logits
+        logp = token_logprobs(logits[:, :-1], rollout.completion_ids)
+        mask = rollout.completion_mask.float()
+        return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def make_reward(spec: str, max_new_tokens: int, vocab_size: int, device: torch.device | str = "cpu") -> Reward:
+    """`--reward` value -> a reward callable, or a one-line error."""
+    if spec == "rule":
+        return RuleReward(max_new_tokens)
+    if spec.startswith("model:") and len(spec) > len("model:"):
+        reward = ModelReward(spec[len("model:") :], device)
+        if reward.model.config.vocab_size != vocab_size:
+            raise UserError(f"--reward {spec}: the scoring model's vocab_size is {reward.model.config.vocab_size}, "
+                            f"the policy's is {vocab_size}; they must share a tokenizer")
+        return reward
+    raise UserError(f"--reward must be 'rule' or 'model:DIR', got {spec!r}")

@@ -1,0 +1,171 @@
+"""Rollouts for RL (GRPO, PPO): batched sampling with the KV cache, and the objective base that scores them.
+
+Prompts are left-padded so every row's last prompt token sits in the same column; one prefill fills the cache,
+then each step feeds one new token per row (positions come from the attention mask, so padded rows count
+from 0). Rows stop at eos; the loop ends when all have stopped or after `max_new_tokens`. The log-prob of each
+sampled token under the policy (temperature-1 softmax, whatever the sampling temperature) is recorded as it is
+drawn: these are the "old policy" log-probs of the clipped objectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from minimind.train.objective import LossOutput, Objective
+from minimind.train.reference import token_logprobs, unwrap
+from minimind.train.rewards import Reward, answer_correct
+
+
+@dataclass
+class Rollout:
+    """N sampled completions of left-padded prompts (P columns), T generated columns."""
+
+    sequences: torch.Tensor  # (N, P + T) prompt then completion; pad after a row's eos
+    attention_mask: torch.Tensor  # (N, P + T) 1 on real prompt tokens and on completion tokens up to its eos
+    completion_mask: torch.Tensor  # (N, T) 1 on generated tokens up to and including eos
+    logprobs: torch.Tensor  # (N, T) log π_old(token) when it was sampled; 0 where masked
+    finished: torch.Tensor  # (N,) bool: the row produced eos within max_new_tokens
+    prompt_len: int
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len :]
+
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (ids, attention mask), both (B, longest), padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def prompt_batch(items: list[dict], pad_id: int = 0) -> dict:
+    """RL collate: left-padded `input_ids`/`attention_mask` of the prompts, plus their answers and messages."""
+    ids, mask = left_pad([item["prompt_ids"] for item in items], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "answer": [item["answer"] for item in items],
+            "prompt": [item["prompt"] for item in items]}
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+           eos_id: int, pad_id: int = 0, temperature: float = 1.0, top_k: int = 0) -> Rollout:
+    """Sample one completion per row of left-padded prompts (temperature 0 = greedy), with a KV cache.
+
+    `model(input_ids, attention_mask, past_key_values, use_cache, logits_to_keep)` must return `.logits`; the
+    model is put in eval mode for sampling and restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    n, prompt_len = input_ids.shape
+    cache = DynamicCache()
+    mask = attention_mask
+    logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+    tokens, logps, alive = [], [], []
+    for _ in range(max_new_tokens):
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+        token = _pick(logits.float(), temperature, top_k)
+        alive.append(~done)
+        tokens.append(torch.where(done, torch.full_like(token, pad_id), token))
+        logps.append(torch.where(done, torch.zeros(n, device=logits.device),
+                                 log_probs.gather(-1, token[:, None]).squeeze(-1)))
+        done = done | (token == eos_id)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(input_ids=tokens[-1][:, None], attention_mask=mask, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+    model.train(was_training)
+    completion = torch.stack(tokens, dim=1)  # (N, T)
+    completion_mask = torch.stack(alive, dim=1).long()
+    return Rollout(
+        sequences=torch.cat([input_ids, completion], dim=1),
+        attention_mask=torch.cat([attention_mask, completion_mask], dim=1),
+        completion_mask=completion_mask, logprobs=torch.stack(logps, dim=1), finished=done, prompt_len=prompt_len,
+    )
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
+
+
+@dataclass
+class Scored:
+    """A rollout with its decoded completions, rewards (N,) and rule-checked correctness (N,)."""
+
+    rollout: Rollout
+    texts: list[str]
+    rewards: torch.Tensor
+    correct: torch.Tensor
+
+
+class RLObjective(Objective):
+    """What GRPO and PPO share: G sampled completions per prompt, scored by a pluggable reward.
+
+    count = prompts in the batch (each prompt's loss is the mean over its G completions). In eval mode the
+    objective answers each prompt once, greedily, and reports its reward and accuracy; its loss is −reward.
+    """
+
+    def __init__(self, tokenizer, reward: Reward, group_size: int, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0):
+        self.tokenizer, self.reward = tokenizer, reward
+        self.group_size, self.max_new_tokens = group_size, max_new_tokens
+        self.temperature, self.top_k = temperature, top_k
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return torch.tensor(len(batch["answer"]))
+
+    def roll_out(self, model: torch.nn.Module, batch: dict, group_size: int, temperature: float) -> Scored:
+        ids = batch["input_ids"].repeat_interleave(group_size, dim=0)
+        mask = batch["attention_mask"].repeat_interleave(group_size, dim=0)
+        answers = [a for a in batch["answer"] for _ in range(group_size)]
+        rollout = sample(unwrap(model), ids, mask, self.max_new_tokens, self.tokenizer.eos_token_id,
+                         self.tokenizer.pad_token_id, temperature, self.top_k)
+        texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        rewards = self.reward(rollout, texts, answers).to(ids.device, torch.float32)
+        correct = torch.tensor([float(answer_correct(t, a)) for t, a in zip(texts, answers)], device=ids.device)
+        return Scored(rollout, texts, rewards, correct)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        """Greedy answer per prompt: loss_sum = −Σ reward, metrics reward_mean and accuracy."""
+        scored = self.roll_out(model, batch, 1, 0.0)
+        return LossOutput(-scored.rewards.sum(), 0.0, {
+            "reward_mean": scored.rewards.mean().item(), "accuracy": scored.correct.mean().item(),
+            "completion_len": scored.rollout.lengths().float().mean().item()})
+
+    def rollout_metrics(self, scored: Scored) -> dict[str, float]:
+        return {"reward_mean": scored.rewards.mean().item(), "reward_std": scored.rewards.std().item(),
+                "accuracy": scored.correct.mean().item(),
+                "completion_len": scored.rollout.lengths().float().mean().item(),
+                "rollout_tokens": float(scored.rollout.lengths().sum().item())}
+
+
+def completion_logprobs(logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    """log π of each completion token from logits of the last T + 1 positions: (N, T + 1, V) -> (N, T)."""
+    return token_logprobs(logits[:, :-1], rollout.completion_ids)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where mask is 1 (over `dim`, or over everything)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)

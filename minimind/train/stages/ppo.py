@@ -1,0 +1,203 @@
+"""`minimind ppo`: Proximal Policy Optimisation with a value head, GAE and a clipped value loss (seed §2.2.6).
+
+    minimind ppo --data rlaif.jsonl --eval-data rlaif_eval.jsonl --init runs/sft --out runs/ppo \
+        [--group-size 4 --max-new-tokens 32 --kl-coef 0.05 --gamma 1 --lam 0.95 --vf-coef 0.1 --reward rule]
+
+The critic is a linear value head (dim -> 1, zero-initialised) on the policy's final hidden states, sharing
+the transformer trunk (`ActorCritic`). Per completion token t, the reward is −kl_coef·(log π_old − log π_ref)
+(a KL penalty against the frozen `--init`), plus the sequence reward on the completion's last token.
+Advantages come from GAE(γ, λ) over the old values, whitened over the batch's completion tokens; returns =
+advantages + old values. Per token:
+    loss_t = −min(ρ_t·A_t, clip(ρ_t, 1 ± ε)·A_t) + vf_coef · ½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)
+averaged like GRPO (tokens of a completion, then completions of a prompt; count = prompts). One PPO epoch: one
+optimiser step per rollout batch, so π_old and V_old are the policy and critic that produced the rollout and
+the clips only bind under dropout. The run directory ends as a model directory (the policy alone) with the value
+head beside it in `value_head.safetensors`.
+
+Logged: reward mean/std, accuracy, KL to the reference, policy and value loss, the critic's explained variance
+and the clip fraction; with `--eval-data`, greedy held-out reward and accuracy as in `minimind grpo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from minimind.model.hub import load_model_dir, save_model_dir
+from minimind.model.modeling_minimind import MiniMindForCausalLM
+from minimind.train.args import TrainConfig, config_from_args
+from minimind.train.distributed import DistInfo
+from minimind.train.objective import LossOutput
+from minimind.train.reference import load_frozen
+from minimind.train.rewards import make_reward
+from minimind.train.rollout import RLObjective, completion_logprobs, masked_mean
+from minimind.train.stages import run_stage
+from minimind.train.stages.grpo import DEFAULTS as GRPO_DEFAULTS
+from minimind.train.stages.grpo import (
+    add_rl_arguments,
+    clipped_surrogate,
+    held_out_numbers,
+    rl_data,
+    rl_settings,
+)
+from minimind.train.trainer import StageRun
+
+DEFAULTS = dict(GRPO_DEFAULTS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = add_rl_arguments(parser, "ppo", DEFAULTS)
+    g.add_argument("--kl-coef", type=float, default=0.05, help="KL-to-reference penalty in the per-token reward")
+    g.add_argument("--gamma", type=float, default=1.0, help="discount γ of GAE")
+    g.add_argument("--lam", type=float, default=0.95, help="λ of GAE")
+    g.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
+    g.add_argument("--value-clip", type=float, default=0.2, help="clip range ε_v of the value update")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, "ppo", kl_coef=args.kl_coef, gamma=args.gamma, lam=args.lam, vf_coef=args.vf_coef,
+                           value_clip=args.value_clip, **rl_settings(args))
+    return run_stage(cfg, build)
+
+
+@dataclass
+class ActorCriticOutput:
+    logits: torch.Tensor  # (B, T', V)
+    values: torch.Tensor  # (B, T')
+    aux_loss: torch.Tensor
+
+
+class ActorCritic(nn.Module):
+    """The policy's trunk and head plus a value head; parameter names stay the policy's (`model.*`, `lm_head.*`)."""
+
+    def __init__(self, policy: MiniMindForCausalLM):
+        super().__init__()
+        self.config = policy.config
+        self.model, self.lm_head = policy.model, policy.lm_head
+        self.value_head = nn.Linear(policy.config.dim, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
+                use_cache: bool = False, logits_to_keep: int = 0) -> ActorCriticOutput:
+        hidden, _, aux = self.model(input_ids, attention_mask, None, past_key_values, None, use_cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return ActorCriticOutput(self.lm_head(hidden), self.value_head(hidden).squeeze(-1).float(), aux)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (N, T) token rewards/values; the value after a row's end is 0.
+
+    Returns (advantages, returns = advantages + values), zero outside the mask.
+    """
+    mask = mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_mask = mask[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        next_value = values[:, t + 1] * next_mask if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running * next_mask
+        advantages[:, t] = running * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the masked entries."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """½·max((V − R)², (V_old + clip(V − V_old, ±clip) − R)²) per token."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − Var(R − V) / Var(R) over the masked tokens: 0 for a critic that ignores the state, 1 for a perfect one."""
+
+    def var(x: torch.Tensor) -> torch.Tensor:
+        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+    return 1.0 - var(returns - values) / var(returns).clamp(min=1e-8)
+
+
+class PPO(RLObjective):
+    """PPO loss over fresh rollouts of an ActorCritic; see the module docstring."""
+
+    def __init__(self, reference: torch.nn.Module, tokenizer, reward, group_size: int = 4, max_new_tokens: int = 32,
+                 kl_coef: float = 0.05, gamma: float = 1.0, lam: float = 0.95, vf_coef: float = 0.1,
+                 clip: float = 0.2, value_clip: float = 0.2, temperature: float = 1.0, top_k: int = 0):
+        super().__init__(tokenizer, reward, group_size, max_new_tokens, temperature, top_k)
+        self.reference, self.kl_coef, self.gamma, self.lam = reference, kl_coef, gamma, lam
+        self.vf_coef, self.clip, self.value_clip = vf_coef, clip, value_clip
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        if not model.training:
+            return self.evaluate(model, batch)
+        scored = self.roll_out(model, batch, self.group_size, self.temperature)
+        rollout = scored.rollout
+        t = rollout.completion_ids.shape[1]
+        inputs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
+                  "logits_to_keep": t + 1}
+        out = model(**inputs)
+        logp = completion_logprobs(out.logits, rollout)  # (N, T)
+        values = out.values[:, :-1]  # V of the state before each completion token, (N, T)
+        mask = rollout.completion_mask
+        with torch.no_grad():
+            ref_logp = completion_logprobs(self.reference(**inputs).logits, rollout)
+            kl = (rollout.logprobs - ref_logp) * mask
+            token_rewards = -self.kl_coef * kl
+            last = (rollout.lengths() - 1).clamp(min=0)
+            token_rewards[torch.arange(len(last)), last] += scored.rewards
+            old_values = values.detach()
+            advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.lam)
+            advantages = whiten(advantages, mask)
+        policy_loss, clipped = clipped_surrogate(logp, rollout.logprobs, advantages, self.clip)
+        value_loss = clipped_value_loss(values, old_values, returns, self.value_clip)
+        per_completion = masked_mean(policy_loss + self.vf_coef * value_loss, mask, dim=-1)
+        loss_sum = per_completion.view(-1, self.group_size).mean(-1).sum()
+        metrics = {**self.rollout_metrics(scored), "kl": masked_mean(kl, mask).item(),
+                   "value_loss": masked_mean(value_loss.detach(), mask).item(),
+                   "explained_variance": explained_variance(old_values, returns, mask).item(),
+                   "policy_loss": masked_mean(policy_loss.detach(), mask).item(),
+                   "clip_fraction": masked_mean(clipped.float(), mask).item()}
+        return LossOutput(loss_sum, out.aux_loss, metrics)
+
+
+def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
+    extra = cfg.extra
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = load_model_dir(cfg.init)
+    model = ActorCritic(policy)
+    reference = load_frozen(cfg.init, info.device)
+    reward = make_reward(extra["reward"], extra["max_new_tokens"], policy.config.vocab_size, info.device)
+    dataset, eval_dataset, collate = rl_data(cfg, info, tokenizer)
+    objective = PPO(reference, tokenizer, reward, extra["group_size"], extra["max_new_tokens"], extra["kl_coef"],
+                    extra["gamma"], extra["lam"], extra["vf_coef"], extra["clip"], extra["value_clip"],
+                    extra["temperature"], extra["top_k"])
+
+    def save_final(trained: ActorCritic, out: Path) -> None:
+        save_model_dir(policy, tokenizer, out)  # `policy` shares its trunk and head with `trained`
+        save_file({k: v.detach().cpu().contiguous() for k, v in trained.value_head.state_dict().items()},
+                  str(out / "value_head.safetensors"))
+
+    return StageRun(
+        model=model.train(), objective=objective, dataset=dataset, collate=collate, save_final=save_final,
+        eval_dataset=eval_dataset,
+        final_numbers=held_out_numbers(objective, cfg, eval_dataset, collate, reference, info.device),
+        notes=[f"PPO: {extra['group_size']} completions per prompt (≤ {extra['max_new_tokens']} tokens), reward "
+               f"{extra['reward']!r}, KL penalty {extra['kl_coef']:g} in the reward, GAE γ = {extra['gamma']:g} "
+               f"λ = {extra['lam']:g}, value head on the shared trunk (vf_coef {extra['vf_coef']:g}), one PPO epoch "
+               "per rollout batch."],
+    )

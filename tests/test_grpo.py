@@ -1,0 +1,230 @@
+"""GRPO and what it stands on: KV-cached rollouts with left padding, the rule and model rewards, the objective's
+pieces, exact resume, and a short run that raises held-out accuracy above the SFT starting point."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from minimind.cli import main
+from minimind.errors import UserError
+from minimind.model.hub import save_model_dir
+from minimind.train.rewards import ModelReward, RuleReward, answer_correct, make_reward, repetition
+from minimind.train.rollout import Rollout, completion_logprobs, left_pad, sample
+from minimind.train.stages.grpo import clipped_surrogate, group_advantages, k3_kl
+
+PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50, 51], [1, 60, 61, 62, 63]]
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_rollout_logprobs_match_a_full_forward_and_greedy_matches_hf_generate():
+    model = tiny_model(3)
+    ids, mask = left_pad(PROMPTS, 0)
+    torch.manual_seed(0)
+    rollout = sample(model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), 8, eos_id=2)
+    t = rollout.completion_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, use_cache=False,
+                       logits_to_keep=t + 1).logits
+    full = completion_logprobs(logits, rollout) * rollout.completion_mask
+    torch.testing.assert_close(full, rollout.logprobs, rtol=0, atol=1e-5)  # cached decode == full forward
+
+    greedy = sample(model, ids, mask, 6, eos_id=2, temperature=0.0)
+    with torch.no_grad():
+        reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                   eos_token_id=2, pad_token_id=0)
+    assert torch.equal(greedy.sequences, reference[:, : greedy.sequences.shape[1]])
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in policy that emits a fixed token script per row (2 = eos), to check the rollout bookkeeping."""
+
+    def __init__(self, scripts: list[list[int]], vocab: int = 16):
+        super().__init__()
+        self.scripts, self.vocab, self.step = scripts, vocab, 0
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0):
+        logits = torch.zeros(len(self.scripts), 1, self.vocab)
+        for row, script in enumerate(self.scripts):
+            logits[row, 0, script[min(self.step, len(script) - 1)]] = 5.0
+        self.step += 1
+        return type("Out", (), {"logits": logits})
+
+
+def test_completion_mask_covers_tokens_up_to_eos_and_rows_stop_independently():
+    ids, mask = left_pad(PROMPTS, 0)
+    rollout = sample(Scripted([[2], [7, 2], [7, 8, 9, 10]]), ids, mask, 3, eos_id=2, temperature=0.0)
+    assert rollout.completion_ids.tolist() == [[2, 0, 0], [7, 2, 0], [7, 8, 9]]
+    assert rollout.completion_mask.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert rollout.finished.tolist() == [True, True, False] and rollout.lengths().tolist() == [1, 2, 3]
+    assert torch.equal(rollout.attention_mask, torch.cat([mask, rollout.completion_mask], 1))
+    assert rollout.logprobs[0, 1:].eq(0).all() and (rollout.logprobs[2] < 0).all()
+    stopped = sample(Scripted([[2], [2], [2]]), ids, mask, 8, eos_id=2, temperature=0.0)
+    assert stopped.sequences.shape[1] == ids.shape[1] + 1  # the loop ends once every row has stopped
+
+
+def test_answer_matching_normalises_and_respects_word_boundaries():
+    assert answer_correct("The answer is 4.", "4")
+    assert not answer_correct("It is 14", "4") and not answer_correct("42", "4")
+    assert answer_correct("addis  ABABA!", "Addis Ababa")
+    assert answer_correct("智利在南美洲。", "南美洲")
+    assert answer_correct("<think>12 + 30 = 42, not 41</think><answer>42</answer>", "42")
+    assert not answer_correct("<think>maybe 41</think><answer>42</answer>", "41")  # thinking does not count
+    assert answer_correct("ＳＵＭＭＥＲ", "summer")  # full-width letters
+    assert not answer_correct("anything", "")
+
+
+def fake_rollout(completions: list[list[int]], finished: list[bool]) -> Rollout:
+    width = max(len(c) for c in completions)
+    ids = torch.zeros(len(completions), width, dtype=torch.long)
+    mask = torch.zeros(len(completions), width, dtype=torch.long)
+    for i, c in enumerate(completions):
+        ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
+    return Rollout(ids, mask, mask, torch.zeros(mask.shape), torch.tensor(finished), prompt_len=0)
+
+
+def test_rule_reward_terms():
+    assert repetition([1, 2, 3, 1, 2, 3, 1, 2, 3]) == pytest.approx(1 - 3 / 7)
+    assert repetition([1, 2]) == 0.0
+    rollout = fake_rollout([[7, 2], [7, 8, 9, 10], [2], [5, 5, 5, 5, 5, 5]], [True, False, True, True])
+    rewards = RuleReward(max_new_tokens=10)(rollout, ["42", "42 and more", "", "x x x"], ["42", "42", "42", "42"])
+    expected = [1 + 0.1 - 0.05 * 2 / 10, 1 - 0.05 * 4 / 10, -0.05 * 1 / 10, 0.1 - 0.1 * (1 - 1 / 4) - 0.05 * 6 / 10]
+    torch.testing.assert_close(rewards, torch.tensor(expected))
+
+
+def test_model_reward_is_the_mean_completion_logprob(tmp_path, tokenizer):
+    scorer = tiny_model(5)
+    save_model_dir(scorer, tokenizer, tmp_path / "judge")
+    ids, mask = left_pad(PROMPTS, 0)
+    torch.manual_seed(0)
+    rollout = sample(tiny_model(6), ids, mask, 5, eos_id=2)
+    rewards = ModelReward(str(tmp_path / "judge"))(rollout, [], [])
+    for row in range(3):
+        n = int(rollout.lengths()[row])
+        prompt = ids[row][mask[row].bool()]
+        seq = torch.cat([prompt, rollout.completion_ids[row, :n]])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(scorer(seq).logits[0, -n - 1 : -1], -1)
+        expected = logp.gather(-1, seq[0, -n:, None]).mean()
+        assert rewards[row].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert isinstance(make_reward("rule", 8, 512), RuleReward)
+    with pytest.raises(UserError, match="must be 'rule' or 'model:DIR'"):
+        make_reward("bleu", 8, 512)
+    with pytest.raises(UserError, match="vocab_size is 512, the policy's is 600"):
+        make_reward(f"model:{tmp_path / 'judge'}", 8, 600)
+
+
+def test_grpo_pieces_on_hand_numbers():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv = group_advantages(rewards, 4)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item()
+    torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    torch.testing.assert_close(adv[4:], torch.zeros(4))  # an all-equal group teaches nothing
+
+    logp, old = torch.log(torch.tensor([[1.5, 0.5, 1.1]])), torch.zeros(1, 3)  # ratios 1.5, 0.5, 1.1
+    loss, clipped = clipped_surrogate(logp, old, torch.tensor([[2.0]]), clip=0.2)
+    torch.testing.assert_close(loss, torch.tensor([[-2.4, -1.0, -2.2]]))  # min(ρA, clip(ρ)A) for A > 0
+    assert clipped.tolist() == [[True, False, False]]
+    loss, _ = clipped_surrogate(logp, old, torch.tensor([[-1.0]]), clip=0.2)
+    torch.testing.assert_close(loss, torch.tensor([[1.5, 0.8, 1.1]]))  # pessimistic side for A < 0
+
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
+    torch.testing.assert_close(k3_kl(lp, ref), torch.tensor([math.exp(-0.5) + 0.5 - 1, 0.0]))
+
+
+ANSWERS = ["A", "B", "C"]
+KEYS = ["sky", "grass", "blood"]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def letter_task(root: Path, model_dir: Path) -> Path:
+    """A starting point that sometimes gives the rewarded answer: SFT on prompts `#i word` answered with a random
+    letter (so the model says A, B or C about a third of the time each), then RL data whose reference is always B.
+    Built once per session under `root`; returns the directory."""
+    if (root / "sft" / "model.safetensors").is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    chat = [{"conversations": [{"role": "user", "content": f"#{i} {KEYS[i % 3]}"},
+                               {"role": "assistant", "content": rng.choice(ANSWERS)}]} for i in range(300)]
+    write_jsonl(root / "sft.jsonl", chat)
+    for name, numbers in (("rl.jsonl", range(300)), ("rl_eval.jsonl", range(1000, 1030))):
+        write_jsonl(root / name, [{"conversations": [{"role": "user", "content": f"#{i} {KEYS[i % 3]}"},
+                                                     {"role": "assistant", "content": "B"}]} for i in numbers])
+    assert main(["sft", "--data", str(root / "sft.jsonl"), "--init", str(model_dir), "--out", str(root / "sft"),
+                 "--max-steps", "60", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "5",
+                 "--max-seq-len", "96", "--device", "cpu", "--dtype", "fp32"]) == 0
+    return root
+
+
+def rl_args(verb: str, task: Path, out: Path, *extra: str) -> list[str]:
+    return [verb, "--data", str(task / "rl.jsonl"), "--eval-data", str(task / "rl_eval.jsonl"), "--init",
+            str(task / "sft"), "--out", str(out), "--batch-size", "8", "--group-size", "8", "--max-new-tokens", "6",
+            "--max-seq-len", "96", "--device", "cpu", "--dtype", "fp32", *extra]
+
+
+@pytest.mark.slow
+def test_grpo_raises_held_out_accuracy_above_the_sft_start(tmp_path, tmp_path_factory, model_dir):
+    task = letter_task(tmp_path_factory.getbasetemp() / "letter_task", model_dir)
+    out = tmp_path / "grpo"
+    assert main(rl_args("grpo", task, out, "--max-steps", "30", "--lr", "1e-3", "--eval-every", "15")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    before = summary["held-out accuracy (greedy): --init"]
+    after = summary["held-out accuracy (greedy): trained"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sampled = [r["accuracy"] for r in rows if "accuracy" in r and "loss" in r]
+    print(f"\nGRPO held-out greedy accuracy {before:.3f} -> {after:.3f}; held-out reward "
+          f"{summary['held-out reward (greedy): --init']:.3f} -> {summary['held-out reward (greedy): trained']:.3f}; "
+          f"sampled training accuracy (first/last 5 steps) {sum(sampled[:5]) / 5:.3f} -> {sum(sampled[-5:]) / 5:.3f}")
+    assert after >= before + 0.3 and after >= 0.8
+    assert sum(sampled[-5:]) > sum(sampled[:5])
+    for key in ("reward_mean", "reward_std", "kl", "accuracy", "clip_fraction", "completion_len"):
+        assert key in rows[0]
+    assert [r["eval_accuracy"] for r in rows if "eval_accuracy" in r][-1] == pytest.approx(after)
+    assert (out / "model.safetensors").is_file() and "held-out accuracy" in (out / "report.md").read_text()
+
+
+def test_grpo_resume_is_exact(tmp_path, model_dir):
+    records = [{"conversations": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}
+               for i in range(16)]
+    data = write_jsonl(tmp_path / "rl.jsonl", records)
+    common = ["grpo", "--data", str(data), "--init", str(model_dir), "--batch-size", "2", "--group-size", "3",
+              "--max-new-tokens", "4", "--max-steps", "4", "--lr", "1e-3", "--max-seq-len", "64", "--device", "cpu",
+              "--dtype", "fp32"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--stop-after-steps", "2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--resume"]) == 0
+
+    def rows(run):
+        return [(r["step"], r["loss"], r["reward_mean"]) for r in
+                map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "a")) == 4
+
+
+def test_grpo_cli_help_and_errors(tmp_path, model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["grpo", "--help"])
+    assert "--group-size" in capsys.readouterr().out
+    data = write_jsonl(tmp_path / "rl.jsonl", [{"conversations": [{"role": "user", "content": "hi"}]}])
+    common = ["grpo", "--data", str(data), "--init", str(model_dir), "--out", str(tmp_path / "x"), "--device", "cpu"]
+    for extra, message in ((["--group-size", "1"], "--group-size must be at least 2"),
+                           (["--reward", "bleu"], "must be 'rule' or 'model:DIR'"),
+                           ([], "rl.jsonl:1: field \"conversations\" has no assistant turn")):
+        assert main([*common, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("minimind grpo: error: ") and message in err[-1], err
