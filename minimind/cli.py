@@ -16,6 +16,7 @@ from minimind.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "info": ("minimind.model.info", "parameters, FLOPs per token and training memory of a preset"),
     "tokenizer": ("minimind.tokenizer.train", "train a byte-level BPE tokenizer from JSONL text"),
+    "convert": ("minimind.convert.cli", "export/import between formats (HF Llama, GGUF, MiniMind2 .pth); merge LoRA"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
 }
 

@@ -1,0 +1,121 @@
+"""`minimind convert` as users type it: every command form of the contract, in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from convert_helpers import random_model_dir, run_cli
+
+from minimind.model.hub import load_model
+
+
+def test_to_llama_and_to_gguf(tmp_path, tokenizer):
+    source = random_model_dir(tmp_path / "src", tokenizer)
+    result = run_cli("convert", source, "--to", "llama", "--out", tmp_path / "llama")
+    assert result.returncode == 0, result.stderr
+    assert "LlamaForCausalLM" in result.stdout
+    assert json.loads((tmp_path / "llama" / "config.json").read_text())["model_type"] == "llama"
+    result = run_cli("convert", source, "--to", "gguf", "--out", tmp_path / "m.gguf", "--dtype", "q8_0")
+    assert result.returncode == 0, result.stderr
+    assert "q8_0" in result.stdout and (tmp_path / "m.gguf").stat().st_size > 0
+
+
+def test_minimind2_round_trip_through_both_spellings(tmp_path, tokenizer, tokenizer_dir):
+    source = random_model_dir(tmp_path / "src", tokenizer)
+    result = run_cli("convert", source, "--to", "minimind2", "--out", tmp_path / "a.pth")
+    assert result.returncode == 0, result.stderr
+    result = run_cli(
+        "convert",
+        tmp_path / "a.pth",
+        "--from",
+        "minimind2-pth",
+        "--tokenizer",
+        tokenizer_dir,
+        "--n-heads",
+        "4",
+        "--out",
+        tmp_path / "imported",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "dim 64, 2 layers, dense" in result.stdout
+    result = run_cli("convert", tmp_path / "imported", "--to", "minimind2-pth", "--out", tmp_path / "b.pth")
+    assert result.returncode == 0, result.stderr
+    a, b = (
+        torch.load(tmp_path / "a.pth", weights_only=True),
+        torch.load(tmp_path / "b.pth", weights_only=True),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 512, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(load_model(source)(ids).logits, load_model(tmp_path / "imported")(ids).logits)
+
+
+def test_from_minimind2_with_preset(tmp_path, tokenizer_dir):
+    from test_convert_minimind2 import minimind2_state
+
+    torch.save(
+        minimind2_state(dim=640, n_heads=8, n_layers=1, hidden=1728, experts=4, std=0.05),
+        tmp_path / "moe.pth",
+    )
+    result = run_cli(
+        "convert",
+        tmp_path / "moe.pth",
+        "--from",
+        "minimind2",
+        "--tokenizer",
+        tokenizer_dir,
+        "--preset",
+        "moe",
+        "--out",
+        tmp_path / "moe",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MoE 4+1 experts" in result.stdout
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert (config["n_heads"], config["n_kv_heads"], config["num_experts_per_tok"]) == (8, 2, 2)
+
+
+def test_merge_lora(tmp_path, tokenizer):
+    from test_convert_lora import make_adapter
+
+    base = random_model_dir(tmp_path / "base", tokenizer)
+    make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "up_proj"])
+    result = run_cli("convert", base, "--merge-lora", tmp_path / "adapter", "--out", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "merged LoRA into 4 modules" in result.stdout
+        and (tmp_path / "merged" / "model.safetensors").is_file()
+    )
+
+
+def test_mistakes_are_one_line_errors_with_exit_2(tmp_path, tokenizer):
+    source = random_model_dir(tmp_path / "src", tokenizer)
+    cases = [
+        (
+            ("convert", source, "--to", "llama", "--dtype", "f16", "--out", tmp_path / "x"),
+            "--dtype applies only",
+        ),
+        (
+            ("convert", tmp_path / "x.pth", "--from", "minimind2", "--out", tmp_path / "x"),
+            "needs --tokenizer",
+        ),
+        (
+            ("convert", source, "--to", "llama", "--preset", "small", "--out", tmp_path / "x"),
+            "--preset applies only to --from",
+        ),
+        (
+            ("convert", tmp_path / "missing", "--to", "gguf", "--out", tmp_path / "x.gguf"),
+            "no such model directory",
+        ),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    result = run_cli("convert", source, "--out", tmp_path / "x")  # no mode: argparse's own usage error
+    assert (
+        result.returncode == 2
+        and "one of the arguments --to --from --merge-lora is required" in result.stderr
+    )
