@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     args = parser.parse_args(argv)
     try:
-        from llama_cpp import Llama
+        from llama_cpp import GGML_TYPE_F32, Llama
     except ImportError:
         print(INSTALL_HINT)
         return 0
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             n_ctx=len(ids) + args.new_tokens + 8,
             n_threads=args.threads,
             logits_all=True,
+            type_k=GGML_TYPE_F32,  # llama.cpp caches K/V in f16 by default; f32 isolates the weights' dtype
+            type_v=GGML_TYPE_F32,
             verbose=False,
         )
         same_tokens = llm.tokenize(args.prompt.encode(), add_bos=False, special=True) == ids

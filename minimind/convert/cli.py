@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GGUF tensor type for matrices, --to gguf only (None = f16); norms stay f32",
     )
     parser.add_argument(
-        "--tokenizer", help="tokenizer directory to put beside imported weights (--from, required)"
+        "--tokenizer",
+        metavar="TOKDIR",
+        help="tokenizer directory to put beside imported weights (--from, required)",
     )
     parser.add_argument(
         "--preset",
@@ -63,12 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n-heads",
         type=int,
+        metavar="N",
         default=None,
         help="--from: attention heads, overriding the preset (shapes cannot tell)",
     )
     parser.add_argument(
         "--experts-per-tok",
         type=int,
+        metavar="K",
         default=None,
         help="--from, MoE: routed experts per token (None = the preset's, 2)",
     )

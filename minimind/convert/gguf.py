@@ -122,8 +122,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16")
     config = model.config
     if config.use_moe:
         raise UserError(
-            "config field 'use_moe' is true: GGUF's llama architecture has no shared experts; export with "
-            "--to llama (writes Qwen2-MoE) and run llama.cpp's convert_hf_to_gguf.py on that directory"
+            "config field 'use_moe' is true: GGUF export writes the dense llama architecture only; for an "
+            "MoE model use --to llama, which writes an exact Qwen2-MoE directory"
         )
     vocab = tokenizer_metadata(model_dir, tokenizer, config.vocab_size)
     out_file.parent.mkdir(parents=True, exist_ok=True)

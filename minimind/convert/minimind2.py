@@ -78,6 +78,8 @@ def legacy_name(key: str, single_shared: bool) -> str:
 def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
     """A `.pth` file's state dict (plain, or nested under 'model'/'state_dict'), loaded with weights_only."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a .pth file")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
