@@ -25,7 +25,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # the seed's Adam betas (§2.4.2)
     grad_clip: float = 1.0
     max_seq_len: int = 512
     save_every: int = 0
