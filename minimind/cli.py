@@ -16,6 +16,9 @@ from minimind.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "info": ("minimind.model.info", "parameters, FLOPs per token and training memory of a preset"),
     "tokenizer": ("minimind.tokenizer.train", "train a byte-level BPE tokenizer from JSONL text"),
+    "generate": ("minimind.infer.generate_cli", "complete a prompt with a model directory"),
+    "chat": ("minimind.infer.chat_cli", "multi-turn chat with a model in the terminal"),
+    "eval": ("minimind.eval.cli", "perplexity, multiple-choice accuracy, or exact-match of answers"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
 }
 
