@@ -36,7 +36,7 @@ def bench_tokenizer(vocab_size: int):
 
     rng = random.Random(0)
     chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)] + list("abcdefghijklmnopqrstuvwxyz ")
-    texts = ["".join(rng.choice(chars) for _ in range(400)) for _ in range(1500)]
+    texts = ["".join(rng.choice(chars) for _ in range(300)) for _ in range(800)]
     out = tempfile.mkdtemp(prefix="bench-tokenizer-")
     save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size, show_progress=False), out)
     return load_tokenizer(out)

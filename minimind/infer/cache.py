@@ -42,16 +42,16 @@ class SlotKVCache:
         self.keys, self.values = new_keys, new_values
         self.rows, self.capacity = rows, capacity
 
-    def reserve(self, rows: int, columns: int) -> None:
+    def reserve(self, rows: int, columns: int, max_rows: int, max_columns: int) -> None:
         """Make room for `rows` sequences of up to `columns` tokens, keeping what is stored.
 
-        Grows geometrically (at least doubling what grows) so a stream of slightly longer requests costs a
-        logarithmic number of reallocations.
+        Grows geometrically (doubling what grows, but never past `max_rows` / `max_columns` unless asked
+        for more) so a stream of slightly longer requests costs a logarithmic number of reallocations.
         """
         if rows <= self.rows and columns <= self.capacity:
             return
-        new_rows = self.rows if rows <= self.rows else max(rows, 2 * self.rows)
-        new_cols = self.capacity if columns <= self.capacity else max(columns, 2 * self.capacity)
+        new_rows = self.rows if rows <= self.rows else max(rows, min(2 * self.rows, max_rows))
+        new_cols = self.capacity if columns <= self.capacity else max(columns, min(2 * self.capacity, max_columns))
         self._alloc(new_rows, new_cols)
 
     def bind(self, start: int, stop: int, write_positions: torch.Tensor, kv_len: int, past: int) -> None:

@@ -11,8 +11,8 @@ The engine is separate from the model and works on token ids; the CLI, the serve
 
 Step-level API (what a continuous-batching scheduler drives; `generate`/`stream`/`chat` are built on it):
     request_id = engine.add(prompt, params=None, **sampling)   # queue a request (text or token ids)
-    outputs = engine.step()                                    # one decode step for every running request,
-                                                               # after admitting waiting ones (their prefill)
+    outputs = engine.step()                                    # one token for every running request, then
+                                                               # waiting ones are admitted (their prefill)
     engine.release(request_id)                                 # cancel: frees its row at once
 Each `StepOutput` carries the request id, the new token ids, the text delta that is now safe to show, and
 `finished` / `finish_reason` ("stop" = eos or a stop string, "length" = max_new_tokens or the context). A
@@ -20,11 +20,13 @@ finished request's row is freed by `step` itself. Requests may be added or relea
 The engine is not thread-safe: one thread (the scheduler) calls add/step/release.
 
 How a step works: every running request owns one row of a preallocated KV cache (`SlotKVCache`), with its
-own length. Waiting requests are prefilled together in one forward (left-padded among themselves, padding
-written to a scratch column, logits of the last position only), then every running row decodes one token
-in one forward with explicit per-row `position_ids` and a (B, 1, 1, S) bool mask (skipped when all rows
-have the same length). When a request leaves, the last row moves into its place, so running rows are always
-the contiguous rows [0, n) and the cache is read through views. Memory: rows x the longest request.
+own length. First every running row decodes one token in one forward, with explicit per-row `position_ids`
+and a (B, 1, 1, S) bool mask (skipped when all rows have the same length); finished rows are freed. Then
+waiting requests take free rows (up to `max_batch_size`, and `prefill_token_budget` padded tokens) and are
+prefilled together in one forward (left-padded among themselves, padding written to a scratch column,
+logits of the last position only), which also gives their first token. When a request leaves, the last row
+moves into its place, so running rows are always the contiguous rows [0, n) and the cache is read through
+views. Memory: rows x the longest request's prompt + max_new_tokens (capped to the context).
 
 Context policy: a prompt must leave room for at least one new token (prompt tokens < `max_seq_len`), else
 `UserError`; `max_new_tokens` is capped to what fits, and hitting that cap reports finish_reason "length".
@@ -388,7 +390,7 @@ class Engine:
 
     def _reserve(self, rows: int, columns: int) -> None:
         before = (self.cache.rows, self.cache.capacity)
-        self.cache.reserve(rows, columns)
+        self.cache.reserve(rows, columns, self.max_batch_size, self.max_seq_len)
         if (self.cache.rows, self.cache.capacity) != before:
             self._alloc_rows()
 

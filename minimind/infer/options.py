@@ -33,8 +33,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--presence-penalty", type=float, default=None, help="OpenAI presence penalty; 0 = off")
     group.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI frequency penalty; 0 = off")
     group.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens")
-    group.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                       help="stop when this text appears (repeatable); it is not printed")
+    group.add_argument("--stop", action="extend", nargs="+", default=None, metavar="TEXT",
+                       help="stop when any of these texts appears (repeatable); the stop text is not printed")
     group.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
 
 

@@ -45,6 +45,7 @@ class TextStream:
         self.ids: list[int] = []
         self._context = 0  # first id of the decode window (one token of context before `_pending`)
         self._pending = 0  # first id whose text is not yet in `decoded`
+        self._context_text = ""  # decoded ids[_context:_pending], the part of a window already in `decoded`
         self.decoded = ""  # text of every complete character so far (cut at a stop string once stopped)
         self.emitted = 0  # how much of `decoded` has been handed out
         self.stopped = False
@@ -59,13 +60,12 @@ class TextStream:
         if self.stopped:
             raise RuntimeError("TextStream.push after a stop string was reached")
         self.ids.append(token_id)
-        before = self._decode(self.ids[self._context : self._pending])
         after = self._decode(self.ids[self._context :])
-        if len(after) <= len(before) or after.endswith(REPLACEMENT):
+        if len(after) <= len(self._context_text) or after.endswith(REPLACEMENT):
             return "", False  # nothing new, or a character is still incomplete
         start = len(self.decoded)
-        self.decoded += after[len(before) :]
-        self._context, self._pending = self._pending, len(self.ids)
+        self.decoded += after[len(self._context_text) :]
+        self._advance_window()
         if self.stops:
             return self._check_stops(start)
         return self._take(len(self.decoded)), False
@@ -87,11 +87,14 @@ class TextStream:
     def finish(self) -> str:
         """The rest at the end of generation: held-back text and any incomplete trailing bytes (as U+FFFD)."""
         if not self.stopped:
-            before = self._decode(self.ids[self._context : self._pending])
-            after = self._decode(self.ids[self._context :])
-            self.decoded += after[len(before) :]
-            self._context = self._pending = len(self.ids)
+            self.decoded += self._decode(self.ids[self._context :])[len(self._context_text) :]
+            self._advance_window()
         return self._take(len(self.decoded))
+
+    def _advance_window(self) -> None:
+        """Everything decoded so far is complete: the last new token becomes the context of the next ones."""
+        self._context, self._pending = self._pending, len(self.ids)
+        self._context_text = self._decode(self.ids[self._context : self._pending])
 
     @property
     def text(self) -> str:
