@@ -19,6 +19,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("minimind.data.prepare", "tokenize a JSONL dataset once into memory-mapped shards"),
     "pretrain": ("minimind.train.stages.pretrain", "pretrain a model from scratch on {'text'} JSONL"),
     "sft": ("minimind.train.stages.sft", "supervised fine-tuning on {'conversations'} JSONL"),
+    "generate": ("minimind.infer.generate_cli", "complete a prompt with a model directory"),
+    "chat": ("minimind.infer.chat_cli", "multi-turn chat with a model in the terminal"),
+    "eval": ("minimind.eval.cli", "perplexity, multiple-choice accuracy, or exact-match of answers"),
     "convert": ("minimind.convert.cli", "export/import between formats (HF Llama, GGUF, MiniMind2 .pth); merge LoRA"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
 }

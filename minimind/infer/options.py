@@ -1,0 +1,93 @@
+"""Flags shared by the verbs that load a model and generate: `generate`, `chat` (and `eval --task exact`).
+
+Sampling flags default to the model directory's generation_config.json (what the trainer wrote, e.g.
+temperature 0.85, top-p 0.85), so a model answers the same way from the CLI, the server and the web UI;
+any flag given on the command line wins. `--temperature 0` is greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from minimind.errors import UserError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory written by any stage")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="weights dtype (default: as saved)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (defaults: the model's generation_config.json)")
+    group.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    group.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off")
+    group.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; 1 = off")
+    group.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top one; 0 = off")
+    group.add_argument("--repetition-penalty", type=float, default=None, help="CTRL-style penalty; 1 = off")
+    group.add_argument("--presence-penalty", type=float, default=None, help="OpenAI presence penalty; 0 = off")
+    group.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI frequency penalty; 0 = off")
+    group.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens")
+    group.add_argument("--stop", action="extend", nargs="+", default=None, metavar="TEXT",
+                       help="stop when any of these texts appears (repeatable); the stop text is not printed")
+    group.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def generation_defaults(model_dir: str | Path) -> dict:
+    """Sampling defaults from `model_dir/generation_config.json` (greedy when it says do_sample false)."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    if not data.get("do_sample", False):
+        return {"temperature": 0.0, **_pick(data, ("max_new_tokens",))}
+    return _pick(data, ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"))
+
+
+def _pick(data: dict, keys: tuple[str, ...]) -> dict:
+    return {k: data[k] for k in keys if data.get(k) is not None}
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    """SamplingParams keyword arguments: the model's defaults overridden by the flags that were given."""
+    chosen = generation_defaults(args.model)
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "max_new_tokens", "stop", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            chosen[name] = value
+    return chosen
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> cuda when available, else mps, else cpu; anything else is checked and passed through."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device torch knows (try cpu, cuda, cuda:1, mps)") from None
+    return name
+
+
+def load_engine(args: argparse.Namespace, **engine_kwargs):
+    """The Engine for `--model/--device/--dtype`."""
+    from minimind.infer.engine import Engine
+
+    return Engine.from_pretrained(args.model, device=resolve_device(args.device), dtype=args.dtype, **engine_kwargs)
