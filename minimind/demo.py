@@ -20,6 +20,8 @@ from minimind.data.prepare import prepare
 from minimind.data.shards import Shard
 from minimind.demo_data import demo_file
 from minimind.errors import UserError
+from minimind.eval import evaluate_exact
+from minimind.infer.engine import Engine
 from minimind.model.hub import load_model
 from minimind.train.objective import MaskedLM
 
@@ -86,17 +88,41 @@ def run(args: argparse.Namespace) -> int:
     pre_summary = json.loads((pre / "summary.json").read_text())
     results["pretrain held-out loss"] = pre_summary.get("final held-out loss")
     results["unigram baseline loss"] = pre_summary.get("unigram baseline loss (held-out)")
+    items = [json.loads(line) for line in demo_file("sft_eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    for name, model_dir in (("pretrained", pre), ("after SFT", sft)):
+        exact = evaluate_exact(Engine.from_pretrained(model_dir), items, max_new_tokens=48)
+        results[f"held-out exact match, {name}"] = exact["accuracy"]
     for key, value in results.items():
         print(f"   {key:<36} {value:.3f}")
+    answers = sample_answers(sft, items)
     times["total"] = time.time() - start
-    write_demo_report(out, results, times)
+    write_demo_report(out, results, times, answers)
     print(f"\ndemo finished in {times['total']:.0f}s; report: {out / 'report.md'}")
     return 0
 
 
-def write_demo_report(out: Path, results: dict, times: dict) -> None:
+def sample_answers(model_dir: Path, items: list[dict], limit: int = 8) -> list[tuple[str, str, str]]:
+    """Print and return (question, expected, answer) for one held-out question of each kind."""
+    engine, seen, rows = Engine.from_pretrained(model_dir), set(), []
+    for item in items:
+        kind = item.get("kind", "")
+        if kind in seen or len(rows) >= limit:
+            continue
+        seen.add(kind)
+        prompt = item["conversations"][:-1]
+        reply = engine.chat(prompt, max_new_tokens=48, temperature=0.0)
+        rows.append((prompt[-1]["content"], item.get("answer", ""), reply))
+    print("\n== 5. answers to held-out questions (greedy, after SFT)")
+    for question, expected, reply in rows:
+        print(f"   Q: {question}\n   A: {reply}\n      (expected: {expected})")
+    return rows
+
+
+def write_demo_report(out: Path, results: dict, times: dict, answers: list[tuple[str, str, str]]) -> None:
     lines = ["# MiniMind demo run", "", "| measurement | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in results.items() if isinstance(v, float)]
+    lines += ["", "| held-out question | expected | answer after SFT |", "|---|---|---|"]
+    lines += [f"| {q} | {e} | {a.replace(chr(10), ' ')} |" for q, e, a in answers]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
     lines += ["", "Stage reports: [pretrain](pretrain/report.md), [sft](sft/report.md)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -8,12 +8,10 @@ any flag given on the command line wins. `--temperature 0` is greedy.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import torch
-
-from minimind.errors import UserError
+from minimind.device import resolve_device
+from minimind.model.hub import read_json_object
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +41,7 @@ def generation_defaults(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    data = read_json_object(path)
     if not data.get("do_sample", False):
         return {"temperature": 0.0, **_pick(data, ("max_new_tokens",))}
     return _pick(data, ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"))
@@ -69,25 +62,8 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
     return chosen
 
 
-def resolve_device(name: str) -> str:
-    """"auto" -> cuda when available, else mps, else cpu; anything else is checked and passed through."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device torch knows (try cpu, cuda, cuda:1, mps)") from None
-    return name
-
-
 def load_engine(args: argparse.Namespace, **engine_kwargs):
     """The Engine for `--model/--device/--dtype`."""
     from minimind.infer.engine import Engine
 
-    return Engine.from_pretrained(args.model, device=resolve_device(args.device), dtype=args.dtype, **engine_kwargs)
+    return Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype, **engine_kwargs)
