@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minimind.infer import Engine  # noqa: E402
 from minimind.device import resolve_device  # noqa: E402
+from minimind.infer import Engine  # noqa: E402
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 
 
