@@ -24,6 +24,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "distill": ("minimind.train.stages.distill", "distil a teacher into a student (white-box KL or reasoning SFT)"),
     "grpo": ("minimind.train.stages.grpo", "GRPO: RL from group-normalised rewards of sampled completions"),
     "ppo": ("minimind.train.stages.ppo", "PPO: RL with a value head, GAE and a clipped objective"),
+    "generate": ("minimind.infer.generate_cli", "complete a prompt with a model directory"),
+    "chat": ("minimind.infer.chat_cli", "multi-turn chat with a model in the terminal"),
+    "eval": ("minimind.eval.cli", "perplexity, multiple-choice accuracy, or exact-match of answers"),
+    "convert": ("minimind.convert.cli", "export/import between formats (HF Llama, GGUF, MiniMind2 .pth); merge LoRA"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
 }
 

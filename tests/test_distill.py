@@ -81,6 +81,7 @@ def held_out_kl(student_dir: Path, teacher_dir: Path, shard: Shard, temperature:
         return Distill(load_model(teacher_dir), 0.5, temperature)(load_model(student_dir), batch).metrics["kl"]
 
 
+@pytest.mark.slow
 def test_student_kl_to_a_bigger_teacher_falls_on_held_out_data(tmp_path, model_dir, teacher_dir, tokenizer_dir):
     train = write_jsonl(tmp_path / "sft.jsonl", chats(96))
     held_out = write_jsonl(tmp_path / "eval.jsonl", chats(12, start=500))

@@ -99,6 +99,7 @@ def held_out_metrics(policy_dir: Path, reference_dir: Path, shard: Shard) -> dic
         return DPO(load_model(reference_dir), beta=0.1)(load_model(policy_dir), batch).metrics
 
 
+@pytest.mark.slow
 def test_dpo_training_raises_the_held_out_margin(tmp_path, model_dir, tokenizer_dir):
     train = write_pairs(tmp_path / "dpo.jsonl", pairs(64))
     held_out = write_pairs(tmp_path / "dpo_eval.jsonl", pairs(16, start=200))

@@ -145,14 +145,18 @@ def read_records(
     kind: str,
     skip_bad_lines: bool = False,
     stats: ReadStats | None = None,
+    validate: Callable[[Any], Any] | None = None,
 ) -> Iterator[Any]:
     """Yield validated records of `kind` from a JSONL file, streaming (never loads the file whole).
 
     Raises UserError `file:line: problem` on the first bad line unless `skip_bad_lines`, in which case bad
-    lines are counted in `stats`. Blank lines are ignored.
+    lines are counted in `stats`. Blank lines are ignored. `validate` (raising BadRecord) reads a shape not
+    in VALIDATORS, e.g. evaluation sets; `kind` then only names the records in messages.
     """
-    if kind not in VALIDATORS:
-        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {', '.join(VALIDATORS)}")
+    if validate is None:
+        if kind not in VALIDATORS:
+            raise ValueError(f"unknown dataset kind {kind!r}; expected one of {', '.join(VALIDATORS)}")
+        validate = VALIDATORS[kind]
     stats = stats if stats is not None else ReadStats()
     path = Path(path)
     if not path.is_file():
@@ -160,7 +164,7 @@ def read_records(
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             try:
-                record = parse_record(raw, kind)
+                record = parse_record(raw, kind, validate)
             except BadRecord as err:
                 stats.reject(path, lineno, str(err), skip_bad_lines)
                 continue
@@ -170,7 +174,7 @@ def read_records(
     stats.check_any(path, kind)
 
 
-def parse_record(raw: bytes, kind: str) -> Any:
+def parse_record(raw: bytes, kind: str, validate: Callable[[Any], Any] | None = None) -> Any:
     """One JSONL line -> a validated record of `kind`, None for a blank line; BadRecord says what is wrong."""
     try:
         line = raw.decode("utf-8")
@@ -184,4 +188,4 @@ def parse_record(raw: bytes, kind: str) -> Any:
         raise BadRecord(f"not valid JSON ({err.msg} at column {err.colno})") from None
     except RecursionError:
         raise BadRecord("JSON nested too deeply") from None
-    return VALIDATORS[kind](obj)
+    return (validate or VALIDATORS[kind])(obj)

@@ -25,6 +25,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.85, "top_p": 0.85, "max_new_tokens": 512}
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object, or a UserError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
 def load_config(path: str | Path) -> MiniMindConfig:
     """Read `path/config.json` into a MiniMindConfig, or fail with one sentence naming the file."""
     path = Path(path)
@@ -33,12 +44,7 @@ def load_config(path: str | Path) -> MiniMindConfig:
         raise UserError(f"{path}: no such model directory")
     if not config_file.is_file():
         raise UserError(f"{path}: not a model directory (config.json is missing)")
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{config_file}: expected a JSON object")
+    data = read_json_object(config_file)
     if data.get("model_type", "minimind") != "minimind":
         raise UserError(f"{config_file}: model_type is {data.get('model_type')!r}, expected 'minimind'")
     try:

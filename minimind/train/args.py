@@ -25,7 +25,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # the seed's Adam betas (§2.4.2)
     grad_clip: float = 1.0
     max_seq_len: int = 512
     save_every: int = 0
@@ -45,6 +45,7 @@ class TrainConfig:
     skip_bad_lines: bool = False
     nan_tolerance: int = 5
     strategy: str = "ddp"
+    zero_offload: bool = False
     trackers: list[str] = field(default_factory=list)
     peak_tflops: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific settings (beta, rank, ...)
@@ -91,7 +92,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
                    help="autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--strategy", default="ddp", choices=["ddp"], help="data-parallel engine under torchrun")
+    g.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "zero2"],
+                   help="data-parallel engine: ddp (replicated), fsdp (PyTorch FSDP2: all sharded), zero2 "
+                        "(DeepSpeed ZeRO-2: optimizer state and gradients sharded; needs minimind[deepspeed])")
+    g.add_argument("--zero-offload", action="store_true",
+                   help="with --strategy zero2: keep optimizer state and the update on the CPU (ZeRO-Offload)")
     g.add_argument("--log-every", type=int, default=d["log_every"], help="steps between progress-bar updates")
     g.add_argument("--nan-tolerance", type=int, default=d["nan_tolerance"],
                    help="stop after this many non-finite steps in a row (each is skipped)")

@@ -1,30 +1,49 @@
 """Process group, device and precision setup, so every stage runs the same under python and under torchrun.
 
 `torchrun --nproc_per_node N -m minimind <verb> ...` sets RANK/WORLD_SIZE/LOCAL_RANK; we then join the
-process group (NCCL on CUDA, gloo on CPU) and wrap the model in DDP. Without those variables everything
-is a single process and these helpers are no-ops.
+process group (NCCL on CUDA, gloo on CPU). Without those variables everything is a single process and the
+helpers here are no-ops, except that the sharded strategies (fsdp, zero2) need a group even on one process,
+so they get a one-member group held in memory.
+
+Errors a user can fix are raised on every rank together, so that one rank never waits forever in a
+collective its peers have left: during set-up each rank reports success or its error through `agree`, and
+all ranks then raise the same `SharedError`. Rank 0 prints it; the others exit with the same code silently.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from minimind.device import resolve_device
 from minimind.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Ranks other than 0 wait on this group while rank 0 tokenizes a large JSONL (`main_first`); the NCCL group's
+# own timeout (minutes) would cut that short, so set-up talk goes over a gloo group with a long one.
+SETUP_TIMEOUT = timedelta(hours=12)
+T = TypeVar("T")
+
+
+class SharedError(UserError):
+    """A user error every rank raised together (after `agree`); only rank 0 reports it."""
 
 
 @dataclass
 class DistInfo:
+    """Where this process stands: its rank, the world size, its device, and the set-up group (if any)."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    setup_group: Any = None  # gloo group for objects (errors) during set-up; None on a single process
 
     @property
     def is_main(self) -> bool:
@@ -33,21 +52,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device that is not there is a clear error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for but MPS is not available")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -63,49 +67,89 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def init_distributed(device_name: str) -> DistInfo:
-    """Join the torchrun process group if there is one; pick this process's device."""
+def init_distributed(device_name: str, need_group: bool = False) -> DistInfo:
+    """Join the torchrun process group if there is one (or a one-process group if `need_group`); pick the device.
+
+    Multi-node runs need nothing more: torchrun's `--nnodes/--node_rank/--master_addr` (or `--rdzv-endpoint`)
+    set RANK, WORLD_SIZE and MASTER_ADDR/PORT for every process, and `env://` reads them.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
+    if device.type == "cuda" and (world > 1 or need_group):
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU: this host has {torch.cuda.device_count()}; "
+                            "give torchrun --nproc_per_node at most that many")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+        return DistInfo(rank, local_rank, world, device, setup_group)
+    if need_group and not dist.is_initialized():
+        # One process, no torchrun: an in-memory store, so no port is needed.
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistInfo(rank=0, local_rank=local_rank, world_size=1, device=device)
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+def cleanup(info: DistInfo) -> None:
+    """Leave torchrun's process group (also after an error, so torchrun sees a clean exit).
+
+    A one-process group (fsdp/zero2 without torchrun) is kept for the life of the process: it costs nothing,
+    and DeepSpeed caches groups made from it, so a second run in the same process (a test, a notebook) reuses it.
+    """
+    if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op on one process)."""
     if info.distributed:
         dist.barrier()
 
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks (a copy; the input is left alone)."""
     if info.distributed:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DDP over the model when running under torchrun; the bare model otherwise."""
+def agree(info: DistInfo, error: str | None) -> None:
+    """Every rank says whether it failed; if any did, every rank raises the first failure as a SharedError."""
     if not info.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+        if error is not None:
+            raise SharedError(error)
+        return
+    errors: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(errors, error, group=info.setup_group)
+    for rank, message in enumerate(errors):
+        if message is not None:
+            raise SharedError(message if rank == 0 else f"rank {rank}: {message}")
 
-    device_ids = [info.local_rank] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+
+def collective(info: DistInfo, fn: Callable[[], T]) -> T:
+    """Run `fn` on every rank; a UserError on any rank becomes a SharedError on all of them."""
+    result, error = None, None
+    try:
+        result = fn()
+    except SharedError:
+        raise
+    except UserError as err:
+        error = str(err)
+    agree(info, error)  # raises if any rank failed
+    return result
 
 
-def no_sync(model: torch.nn.Module, skip: bool):
-    """Skip DDP's gradient all-reduce on accumulation micro-steps that are not the step's last."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+def main_first(info: DistInfo, fn: Callable[[bool], T]) -> T:
+    """Run `fn(True)` on rank 0 (e.g. prepare a dataset) while the others wait, then `fn(False)` on the rest.
+
+    An error on rank 0 is raised on every rank, so the others do not wait for a result that never comes.
+    """
+    if info.is_main:
+        return collective(info, lambda: fn(True))
+    agree(info, None)
+    return fn(False)

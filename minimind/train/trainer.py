@@ -1,10 +1,11 @@
 """The one training loop every stage runs (seed §2.4): a stage supplies the model, an Objective and data.
 
 Per optimizer step: fetch `accumulation_steps` micro-batches; count the step's targets over all of them
-and all ranks; forward/backward each under autocast (DDP gradient sync only on the last); skip the step if
-the loss or gradient norm is not finite; clip; AdamW step with the cosine learning rate; log; maybe
-evaluate and checkpoint. SIGTERM/SIGINT finish the current step, checkpoint and exit 0. The data position,
-every RNG state, the optimizer and the scaler are in each checkpoint, so `--resume` continues bit-exactly.
+and all ranks; forward/backward each under autocast (gradient sync only on the last, where the engine
+allows); skip the step if the loss or gradient norm is not finite; clip; AdamW step with the cosine learning
+rate; log; maybe evaluate and checkpoint. SIGTERM/SIGINT finish the current step, checkpoint and exit 0. The
+data position, every RNG state, the optimizer and the scaler are in each checkpoint, so `--resume` continues
+bit-exactly. What differs between ddp, fsdp and zero2 lives in `strategies/`, behind one small interface.
 """
 
 from __future__ import annotations
@@ -28,17 +29,18 @@ from minimind.train import checkpoint as ckpt
 from minimind.train.args import TrainConfig
 from minimind.train.distributed import (
     DistInfo,
+    SharedError,
     all_reduce_sum,
     barrier,
-    no_sync,
+    collective,
     resolve_dtype,
-    wrap_model,
 )
 from minimind.train.mfu import peak_flops
 from minimind.train.monitor import Monitor
 from minimind.train.objective import Objective
 from minimind.train.report import read_metrics, write_report
 from minimind.train.schedule import lr_at
+from minimind.train.strategies import make_strategy
 
 
 @dataclass
@@ -65,17 +67,13 @@ class Trainer:
         self.model = run.model.to(self.device)
         if cfg.gradient_checkpointing and hasattr(self.model, "model"):
             self.model.model.gradient_checkpointing = True
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if not self.params:
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if not self.trainable:
             raise UserError("the stage left no trainable parameters")
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=1e-8, fused=self.device.type == "cuda",
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.train_model = wrap_model(self.model, info)
+        # The strategy (ddp | fsdp | zero2) wraps the model and owns the optimizer, gradient sync and scaler.
+        self.strategy = make_strategy(cfg, info, self.dtype)
+        self.train_model = self.strategy.wrap(self.model, run.trainable_only_checkpoint)
+        self.global_batch = cfg.batch_size * cfg.accumulation_steps * info.world_size
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.checkpoints = CheckpointIO(self)
@@ -151,35 +149,29 @@ class Trainer:
         cfg, info = self.cfg, self.info
         micro = [_to_device(b, self.device) for b in micro]
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.strategy.set_lr(lr)
         count = all_reduce_sum(sum(self.run.objective.count(b).float() for b in micro).to(self.device), info)
-        denominator = count.clamp(min=1.0) / info.world_size  # DDP averages gradients over ranks
-        self.optimizer.zero_grad(set_to_none=True)
+        denominator = count.clamp(min=1.0) / info.world_size  # every strategy averages gradients over ranks
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         extra: dict[str, float] = {}
         for i, batch in enumerate(micro):
-            with no_sync(self.train_model, i < len(micro) - 1), self._autocast():
-                out = self.run.objective(self.train_model, batch)
-                loss = out.loss_sum / denominator + out.aux_loss / len(micro)
-            self.scaler.scale(loss).backward()
+            with self.strategy.accumulate(last=i == len(micro) - 1):
+                with self._autocast():
+                    out = self.run.objective(self.train_model, batch)
+                    loss = out.loss_sum / denominator + out.aux_loss / len(micro)
+                self.strategy.backward(loss)
             loss_sum += out.loss_sum.detach().float()
             aux_sum += torch.as_tensor(out.aux_loss, device=self.device).detach().float()
             for key, value in out.metrics.items():
                 extra[key] = extra.get(key, 0.0) + float(value) / len(micro)
         step_loss = (all_reduce_sum(loss_sum, info) / count.clamp(min=1.0)).item()
-        self.scaler.unscale_(self.optimizer)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
-        finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or self.scaler.is_enabled())
+        grad_norm, finite = self.strategy.step(clip, math.isfinite(step_loss))
         if finite:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
             self.bad_steps = 0
         else:
-            self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
             self._on_bad_step(step_loss, grad_norm)
         metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "aux_loss": aux_sum.item() / len(micro),
@@ -196,7 +188,7 @@ class Trainer:
         if self.bad_steps >= self.cfg.nan_tolerance:
             self.step += 1
             self.checkpoints.save()
-            raise UserError(
+            raise SharedError(  # every rank saw the same (all-reduced) loss, so all stop here together
                 f"training diverged: non-finite {what} for {self.bad_steps} steps in a row (up to step {self.step}); "
                 f"weights before those steps are saved in {self.out / 'checkpoints'} — lower --lr or check the data, "
                 "then continue with --resume"
@@ -216,8 +208,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss (Σ target loss / Σ targets) on the first `eval_batches` eval batches, main rank."""
-        if not self.info.is_main:
+        """Held-out loss (Σ target loss / Σ targets) on the first `eval_batches` eval batches, main rank.
+
+        With a sharded strategy every rank runs the same batches (each forward pass gathers the weights).
+        """
+        if not (self.info.is_main or self.strategy.sharded):
             return {}
         self.model.eval()
         loader = DataLoader(self.run.eval_dataset, batch_size=self.cfg.batch_size, shuffle=False,
@@ -235,6 +230,8 @@ class Trainer:
                 extra[f"eval_{key}"] = extra.get(f"eval_{key}", 0.0) + float(value)
             n += 1
         self.model.train()
+        if not self.info.is_main:
+            return {}
         return {"eval_loss": total / max(count, 1.0), **{k: v / max(n, 1) for k, v in extra.items()}}
 
     def _finish(self, monitor: Monitor) -> dict[str, Any]:
@@ -246,13 +243,14 @@ class Trainer:
         self.checkpoints.save()
         monitor.close()
         summary: dict[str, Any] = {"step": self.step, "finished": True}
+        final = self.strategy.final_model()  # an ordinary module on the main rank, whatever the strategy
         if self.info.is_main:
-            self.run.save_final(self.model, self.out)
-            summary.update(self.write_report())
+            self.run.save_final(final, self.out)
+            summary.update(self.write_report(final))
         barrier(self.info)
         return summary
 
-    def write_report(self) -> dict[str, Any]:
+    def write_report(self, final: torch.nn.Module) -> dict[str, Any]:
         records = read_metrics(self.out)
         train = [r for r in records if isinstance(r.get("loss"), (int, float))]
         evals = [r["eval_loss"] for r in records if isinstance(r.get("eval_loss"), (int, float))]
@@ -263,8 +261,8 @@ class Trainer:
         if config is not None and hasattr(config, "dim"):
             numbers["parameters"] = count_parameters(config).total
         numbers.update({
-            "trainable parameters": sum(p.numel() for p in self.params),
-            "global batch (rows)": self.cfg.batch_size * self.cfg.accumulation_steps * self.info.world_size,
+            "trainable parameters": self.trainable,
+            "global batch (rows)": self.global_batch,
             "tokens seen": sum(r.get("tokens", 0) for r in train),
             "training time (s)": round(sum(r.get("step_time", 0.0) for r in train), 1),
             "tokens/s (mean)": sum(r.get("tokens_per_sec", 0.0) for r in timed) / max(len(timed), 1),
@@ -276,7 +274,7 @@ class Trainer:
         if evals:
             numbers["first held-out loss"], numbers["final held-out loss"] = evals[0], evals[-1]
         if self.run.final_numbers is not None:
-            numbers.update(self.run.final_numbers(self.model))
+            numbers.update(self.run.final_numbers(final))
         write_report(self.out, f"MiniMind {self.cfg.stage} run", numbers, self.run.notes)
         (self.out / "summary.json").write_text(json.dumps(numbers, indent=2, default=str) + "\n")
         return numbers
@@ -308,7 +306,12 @@ class Trainer:
 
 
 class CheckpointIO:
-    """Saving and restoring the trainer's whole state through `checkpoint.CheckpointDir`."""
+    """Saving and restoring the trainer's whole state through `checkpoint.CheckpointDir`.
+
+    The files are the same for every strategy and world size: full model tensors, the full AdamW state keyed
+    by parameter name, the scaler, the data position, and one RNG file per rank (written by that rank, so the
+    run directory must be on a filesystem every node sees).
+    """
 
     def __init__(self, trainer: Trainer):
         self.t = trainer
@@ -321,15 +324,14 @@ class CheckpointIO:
         barrier(info)
         staging = self.dir.staging(t.step)
         ckpt.save_object(staging / f"rng-rank{info.rank}.pt", ckpt.rng_state())
+        model_state, optimizer_state = t.strategy.model_state(), t.strategy.optimizer_state()  # collective
         if info.is_main:
-            ckpt.save_tensors(staging / "model.safetensors",
-                              ckpt.unique_state(t.model, t.run.trainable_only_checkpoint))
-            ckpt.save_object(staging / "optimizer.pt", t.optimizer.state_dict())
-            ckpt.save_object(staging / "scaler.pt", t.scaler.state_dict())
+            ckpt.save_tensors(staging / "model.safetensors", model_state)
+            ckpt.save_object(staging / "optimizer.pt", optimizer_state)
+            ckpt.save_object(staging / "scaler.pt", t.strategy.scaler_state())
             state = {"step": t.step, "epoch": t.position.epoch, "offset": t.position.offset,
-                     "bad_steps": t.bad_steps, "world_size": info.world_size, "stage": t.cfg.stage,
-                     "max_seq_len": t.cfg.max_seq_len,
-                     "global_batch": t.cfg.batch_size * t.cfg.accumulation_steps * info.world_size}
+                     "bad_steps": t.bad_steps, "world_size": info.world_size, "strategy": t.cfg.strategy,
+                     "stage": t.cfg.stage, "max_seq_len": t.cfg.max_seq_len, "global_batch": t.global_batch}
             (staging / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
         barrier(info)
         if info.is_main:
@@ -338,28 +340,11 @@ class CheckpointIO:
 
     def resume(self) -> None:
         t, info = self.t, self.t.info
-        path = self.dir.latest()
-        if path is None:
-            if info.is_main:
-                print(f"--resume: no checkpoint in {self.dir.root}; starting from step 0", flush=True)
+        found = collective(info, self.read)  # a bad checkpoint is reported once, and no rank is left waiting
+        if found is None:
             return
-        state = json.loads((path / "trainer.json").read_text())
-        if state["stage"] != t.cfg.stage:
-            raise UserError(f"{path}: checkpoint is from stage {state['stage']!r}, not {t.cfg.stage!r}")
-        if state["max_seq_len"] != t.cfg.max_seq_len:
-            raise UserError(f"{path}: checkpoint was trained with --max-seq-len {state['max_seq_len']}, "
-                            f"not {t.cfg.max_seq_len}")
-        tensors = ckpt.load_tensors(path / "model.safetensors")
-        required = set(ckpt.unique_state(t.model, t.run.trainable_only_checkpoint))
-        missing = sorted(required - set(tensors))
-        unexpected = sorted(set(tensors) - set(t.model.state_dict()))
-        if missing or unexpected:
-            key = (missing or unexpected)[0]
-            raise UserError(f"{path}/model.safetensors does not match this model: tensor '{key}' is "
-                            f"{'missing' if missing else 'unexpected'}")
-        t.model.load_state_dict(tensors, strict=False)
-        t.optimizer.load_state_dict(ckpt.load_object(path / "optimizer.pt"))
-        t.scaler.load_state_dict(ckpt.load_object(path / "scaler.pt"))
+        path, state, tensors, optimizer_state, scaler_state = found
+        t.strategy.load(tensors, optimizer_state, scaler_state)
         rng_file = path / f"rng-rank{info.rank}.pt"
         if rng_file.is_file():
             ckpt.set_rng_state(ckpt.load_object(rng_file))
@@ -369,7 +354,37 @@ class CheckpointIO:
         t.step, t.bad_steps = state["step"], state["bad_steps"]
         t.position = DataPosition(state["epoch"], state["offset"])
         if info.is_main:
-            print(f"resumed from {path} (step {t.step})", flush=True)
+            print(f"resumed from {path} (step {t.step}; saved by {state['world_size']} process(es) with "
+                  f"--strategy {state.get('strategy', 'ddp')}, now {info.world_size} with {t.cfg.strategy})",
+                  flush=True)
+            if state["global_batch"] != t.global_batch:
+                print(f"note: the global batch was {state['global_batch']} rows and is now {t.global_batch}; "
+                      "the data continues at the same sample, but each step now covers a different number "
+                      "of rows (see docs/distributed.md on resuming on a different number of GPUs)", flush=True)
+
+    def read(self):
+        """The latest checkpoint's files, checked against this run; None if there is none."""
+        t, info = self.t, self.t.info
+        path = self.dir.latest()
+        if path is None:
+            if info.is_main:
+                print(f"--resume: no checkpoint in {self.dir.root}; starting from step 0", flush=True)
+            return None
+        state = json.loads((path / "trainer.json").read_text())
+        if state["stage"] != t.cfg.stage:
+            raise UserError(f"{path}: checkpoint is from stage {state['stage']!r}, not {t.cfg.stage!r}")
+        if state["max_seq_len"] != t.cfg.max_seq_len:
+            raise UserError(f"{path}: checkpoint was trained with --max-seq-len {state['max_seq_len']}, "
+                            f"not {t.cfg.max_seq_len}")
+        tensors = ckpt.load_tensors(path / "model.safetensors")
+        missing = sorted(set(t.strategy.state_names) - set(tensors))
+        unexpected = sorted(set(tensors) - t.strategy.all_names)
+        if missing or unexpected:
+            key = (missing or unexpected)[0]
+            raise UserError(f"{path}/model.safetensors does not match this model: tensor '{key}' is "
+                            f"{'missing' if missing else 'unexpected'}")
+        return (path, state, tensors, ckpt.load_object(path / "optimizer.pt"),
+                ckpt.load_object(path / "scaler.pt"))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

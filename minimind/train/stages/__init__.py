@@ -13,26 +13,45 @@ from minimind.data.prepare import open_dataset
 from minimind.data.shards import Shard
 from minimind.errors import UserError
 from minimind.train.args import TrainConfig
-from minimind.train.distributed import DistInfo, barrier, cleanup, init_distributed
+from minimind.train.distributed import (
+    DistInfo,
+    SharedError,
+    cleanup,
+    collective,
+    init_distributed,
+    main_first,
+)
+from minimind.train.strategies import SHARDED
 from minimind.train.trainer import StageRun, Trainer
 
 
 def run_stage(cfg: TrainConfig, build: Callable[[TrainConfig, DistInfo], StageRun]) -> int:
-    """Join torchrun's group if any, build the stage, train, and always leave the group cleanly."""
-    info = init_distributed(cfg.device)
+    """Join torchrun's group if any, build the stage, train, and always leave the group cleanly.
+
+    A user error during set-up or training is raised on every rank together; rank 0 reports it (the CLI's
+    one line) and the other ranks exit with the same code without repeating it.
+    """
+    info = init_distributed(cfg.device, need_group=cfg.strategy in SHARDED)
     try:
-        summary = Trainer(cfg, build(cfg, info), info).fit()
+        run = collective(info, lambda: build(cfg, info))
+        trainer = collective(info, lambda: Trainer(cfg, run, info))
+        summary = trainer.fit()
         if info.is_main and summary.get("finished"):
             print(f"{cfg.stage}: done at step {summary['step']}; model and report in {cfg.out}", flush=True)
         return 0
+    except SharedError:
+        if not info.is_main:
+            raise SystemExit(2) from None
+        raise
     finally:
-        cleanup()
+        cleanup(info)
 
 
 def stage_data(cfg: TrainConfig, info: DistInfo, path: str, tokenizer_dir: str | Path, kind: str) -> Shard:
-    """Open `path` as `kind` data, preparing a JSONL once into the run directory (main rank only)."""
-    return open_dataset(path, tokenizer_dir, kind, Path(cfg.out) / "prepared", skip_bad_lines=cfg.skip_bad_lines,
-                        is_main=info.is_main, barrier=lambda: barrier(info))
+    """Open `path` as `kind` data; a JSONL is prepared once into the run directory by rank 0 while the
+    other ranks wait (and share its error, if the file is bad)."""
+    return main_first(info, lambda is_main: open_dataset(
+        path, tokenizer_dir, kind, Path(cfg.out) / "prepared", skip_bad_lines=cfg.skip_bad_lines, is_main=is_main))
 
 
 def parse_overrides(pairs: list[str]) -> dict:

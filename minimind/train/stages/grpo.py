@@ -12,7 +12,8 @@ completion's loss is the mean over its tokens, a prompt's the mean over its G co
 averaging); the trainer's count is the number of prompts. One optimiser step per rollout batch, so ρ = 1 up to
 float noise and dropout: the clip only binds if the policy runs with dropout.
 
-Logged: reward mean/std, accuracy (rule exact match), KL, completion length, clip fraction; with `--eval-data`,
+`--max-seq-len` caps the prompt length (longer prompts keep their last tokens); completions add up to
+`--max-new-tokens`. Logged: reward mean/std, accuracy (rule exact match), KL, completion length, clip fraction; with `--eval-data`,
 the greedy answers' reward and accuracy on held-out prompts (`eval_accuracy`), and in report.md the held-out
 accuracy of `--init` and of the trained policy.
 """

@@ -159,7 +159,7 @@ class PPO(RLObjective):
             kl = (rollout.logprobs - ref_logp) * mask
             token_rewards = -self.kl_coef * kl
             last = (rollout.lengths() - 1).clamp(min=0)
-            token_rewards[torch.arange(len(last)), last] += scored.rewards
+            token_rewards[torch.arange(len(last), device=last.device), last] += scored.rewards
             old_values = values.detach()
             advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.lam)
             advantages = whiten(advantages, mask)

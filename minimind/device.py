@@ -1,0 +1,26 @@
+"""Device names from the command line -> torch devices, shared by training, inference and serving."""
+
+from __future__ import annotations
+
+import torch
+
+from minimind.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else mps, else cpu; an explicit device that is not there is a clear error."""
+    mps = getattr(torch.backends, "mps", None)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        raise UserError("--device mps: MPS is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device torch knows (try cpu, cuda, cuda:1, mps)") from None

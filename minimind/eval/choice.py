@@ -1,0 +1,94 @@
+"""Multiple-choice accuracy by log-likelihood (C-Eval / CMMLU format).
+
+Record: {"question": "...", "A": "...", "B": "...", "C": "...", "D": "...", "answer": "B"} (two to four of
+the option letters). Each option is scored as a continuation of the question:
+
+    context      = bos + "Question: {question}\\nAnswer:"
+    continuation = " {option text}"
+
+The score of an option is the mean log-probability per token of its continuation (length-normalised, so
+short options get no advantage), or with score="sum" the total log-probability. The prediction is the
+best-scoring option; accuracy = share of predictions equal to "answer". Context and continuation are
+tokenized separately, so every option is scored on the same context tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from minimind.data.records import BadRecord
+from minimind.eval.scoring import sum_logprobs
+
+LETTERS = ("A", "B", "C", "D")
+CONTEXT = "Question: {question}\nAnswer:"
+CONTINUATION = " {option}"
+
+
+def validate_choice(obj: Any) -> dict:
+    """-> {"question", "options": {letter: text}, "answer"}; raises BadRecord naming the bad field."""
+    if not isinstance(obj, dict):
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    question = obj.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise BadRecord('field "question" must be a non-empty string')
+    options = {}
+    for letter in LETTERS:
+        value = obj.get(letter)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+            raise BadRecord(f'option "{letter}" must be a non-empty string')
+        options[letter] = str(value)
+    if len(options) < 2:
+        raise BadRecord('expected at least two options among "A", "B", "C", "D"')
+    answer = obj.get("answer")
+    if answer not in options:
+        raise BadRecord(f'field "answer" is {answer!r}; expected one of {", ".join(options)}')
+    return {"question": question, "options": options, "answer": answer}
+
+
+def evaluate_choice(
+    model: torch.nn.Module,
+    tokenizer,
+    items: Sequence[dict],
+    score: str = "mean",
+    max_batch_tokens: int = 8192,
+    progress=None,
+) -> dict:
+    """-> {"task": "choice", "n", "correct", "accuracy", "chance", "score", "predictions"} for raw C-Eval
+    records (validated here; a bad one raises BadRecord, a ValueError, naming the item)."""
+    if score not in ("mean", "sum"):
+        raise ValueError(f"score must be 'mean' or 'sum', got {score!r}")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    clean, sequences, owners = [], [], []
+    for index, raw in enumerate(items):
+        try:
+            item = validate_choice(raw)
+        except BadRecord as err:
+            raise BadRecord(f"item {index}: {err}") from None
+        clean.append(item)
+        context = [start, *tokenizer.encode(CONTEXT.format(question=item["question"]), add_special_tokens=False)]
+        for letter, text in item["options"].items():
+            continuation = tokenizer.encode(CONTINUATION.format(option=text), add_special_tokens=False)
+            sequences.append((context + continuation, len(context)))
+            owners.append((index, letter))
+    scores = sum_logprobs(model, sequences, max_batch_tokens, progress)
+    best: dict[int, tuple[float, str]] = {}
+    for (index, letter), (total, count) in zip(owners, scores):
+        value = total / max(count, 1) if score == "mean" else total
+        if index not in best or value > best[index][0]:
+            best[index] = (value, letter)
+    predictions = [best[i][1] for i in range(len(clean))]
+    correct = sum(p == item["answer"] for p, item in zip(predictions, clean))
+    return {
+        "task": "choice",
+        "n": len(clean),
+        "correct": correct,
+        "accuracy": correct / len(clean) if clean else 0.0,
+        "chance": sum(1 / len(item["options"]) for item in clean) / len(clean) if clean else 0.0,
+        "score": score,
+        "predictions": predictions,
+    }

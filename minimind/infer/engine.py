@@ -1,0 +1,519 @@
+"""The inference Engine: prefill + incremental decode with a KV cache, sampling, stop rules, streaming, batching.
+
+    from minimind import Engine
+    engine = Engine.from_pretrained("runs/sft", device="cpu")
+    engine.generate("The capital of France is", max_new_tokens=20)               # -> str (greedy)
+    engine.generate(["a", "b"], temperature=0.8, top_p=0.9, seed=0)             # -> list[str], one batch
+    for piece in engine.stream("Hello", stop=["\\n"]): print(piece, end="")      # text deltas
+    engine.chat([{"role": "user", "content": "你好"}])                           # chat template applied
+
+The engine is separate from the model and works on token ids; the CLI, the server and the web UI share it.
+
+Step-level API (what a continuous-batching scheduler drives; `generate`/`stream`/`chat` are built on it):
+    request_id = engine.add(prompt, params=None, **sampling)   # queue a request (text or token ids)
+    outputs = engine.step()                                    # one token for every running request, then
+                                                               # waiting ones are admitted (their prefill)
+    engine.release(request_id)                                 # cancel: frees its row at once
+Each `StepOutput` carries the request id, the new token ids, the text delta that is now safe to show, and
+`finished` / `finish_reason` ("stop" = eos or a stop string, "length" = max_new_tokens or the context). A
+finished request's row is freed by `step` itself. Requests may be added or released between any two steps.
+The engine is not thread-safe: one thread (the scheduler) calls add/step/release.
+
+How a step works: every running request owns one row of a preallocated KV cache (`SlotKVCache`), with its
+own length. First every running row decodes one token in one forward, with explicit per-row `position_ids`
+and a (B, 1, 1, S) bool mask (skipped when all rows have the same length); finished rows are freed. Then
+waiting requests take free rows (up to `max_batch_size`, and `prefill_token_budget` padded tokens) and are
+prefilled together in one forward (left-padded among themselves, padding written to a scratch column,
+logits of the last position only), which also gives their first token. When a request leaves, the last row
+moves into its place, so running rows are always the contiguous rows [0, n) and the cache is read through
+views. Memory: rows x the longest request's prompt + max_new_tokens (capped to the context).
+
+Context policy: a prompt must leave room for at least one new token (prompt tokens < `max_seq_len`), else
+`UserError`; `max_new_tokens` is capped to what fits, and hitting that cap reports finish_reason "length".
+Text prompts get the tokenizer's bos token in front (as pretraining saw it) unless they start with it;
+token-id prompts are used as given. `completion_tokens` counts every sampled token, a final eos included.
+Seeds: request i of a batched call gets seed + i, so a batched call reproduces each prompt run alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from minimind.errors import UserError
+from minimind.infer.cache import SlotKVCache
+from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, choose_tokens
+from minimind.infer.text import TextStream
+
+Prompt = str | Sequence[int]
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request."""
+
+    request_id: int
+    token_ids: list[int]  # sampled this step (eos included when it ends the request)
+    text: str  # delta safe to show: whole characters, never part of a stop string
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" once finished
+    prompt_tokens: int
+    completion_tokens: int  # so far
+
+
+@dataclass
+class Completion:
+    """A finished request."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timing of the last `generate`/`completions`/`stream`/`chat` call, one entry per prompt."""
+
+    prompt_tokens: list[int] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per wall-clock second, prefill included."""
+        return sum(self.completion_tokens) / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Request:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    limit: int  # max_new_tokens capped to the context
+    stream: TextStream
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens of this request stored in its cache row
+    row: int = -1
+
+    def uniform(self) -> float:
+        """This request's next random number in [0, 1) (0 for greedy requests, which draw nothing)."""
+        if self.generator is None:
+            return 0.0
+        return float(torch.rand((), generator=self.generator))
+
+
+class Engine:
+    """Generation over a causal LM with the HF forward signature (MiniMindForCausalLM); see the module doc."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        device: str | torch.device | None = None,
+        max_batch_size: int = 64,
+        prefill_token_budget: int = 16384,
+    ):
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        config = model.config
+        self.max_seq_len: int = config.max_seq_len
+        self.vocab_size: int = config.vocab_size
+        self.max_batch_size = max_batch_size
+        self.prefill_token_budget = prefill_token_budget
+        self.eos_ids = {tokenizer.eos_token_id} | _as_set(getattr(config, "eos_token_id", None))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.cache = SlotKVCache(config.n_layers, config.n_kv_heads, config.head_dim, self.dtype, self.device)
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []  # index = cache row
+        self._requests: dict[int, _Request] = {}
+        self._next_id = 0
+        self._lengths = self._next_tokens = self._row_params = self._seen = self._counts = None
+        self._alloc_rows()
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, **kwargs
+    ) -> Engine:
+        """Load a model directory (any stage's output) and wrap it; `dtype` like "bf16" or torch.bfloat16."""
+        from minimind.model.hub import load_model_dir
+
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        model, tokenizer = load_model_dir(path, device=device, dtype=dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    # ---- prompts ----
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text gets bos in front (unless present); a list of ids is checked and kept."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            bos = self.tokenizer.bos_token_id
+            if bos is not None and (not ids or ids[0] != bos):
+                ids = [bos, *ids]
+            return ids
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise UserError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """Token ids of a conversation rendered by the tokenizer's chat template, ready for the assistant."""
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- high level ----
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], **sampling) -> str | list[str]:
+        """Complete one prompt (-> str) or a list of prompts in one batch (-> list[str]).
+
+        Keyword arguments are `SamplingParams` fields: max_new_tokens=256, temperature=0 (greedy), top_k,
+        top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, stop, seed, ignore_eos.
+        """
+        single = _is_single(prompts)
+        results = self.completions([prompts] if single else list(prompts), **sampling)
+        texts = [r.text for r in results]
+        return texts[0] if single else texts
+
+    def completions(self, prompts: Sequence[Prompt], params: SamplingParams | None = None, **sampling) -> list[Completion]:
+        """Like `generate` on a list, with token ids, counts and finish reasons; sets `last_stats`."""
+        params = _params(params, sampling)
+        self._require_idle()
+        start = time.perf_counter()
+        ids = self._add_all(prompts, params)
+        texts: dict[int, list[str]] = {i: [] for i in ids}
+        tokens: dict[int, list[int]] = {i: [] for i in ids}
+        last: dict[int, StepOutput] = {}
+        try:
+            while len(last) < len(ids):
+                for out in self.step():
+                    texts[out.request_id].append(out.text)
+                    tokens[out.request_id] += out.token_ids
+                    if out.finished:
+                        last[out.request_id] = out
+        finally:
+            for request_id in ids:
+                self.release(request_id)
+        results = [
+            Completion("".join(texts[i]), tokens[i], last[i].prompt_tokens, last[i].completion_tokens,
+                       last[i].finish_reason)
+            for i in ids
+        ]
+        self.last_stats = GenerationStats(
+            [r.prompt_tokens for r in results], [r.completion_tokens for r in results],
+            [r.finish_reason for r in results], time.perf_counter() - start,
+        )
+        return results
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> Iterator[str]:
+        """Yield text pieces of one completion as soon as they are safe to show (see `TextStream`).
+
+        Parameters and the prompt are checked at the call; generation starts at the first `next()`. Closing
+        the iterator early cancels the request. `last_stats` is set when the iterator is exhausted.
+        """
+        params = _params(params, sampling)
+        prompt_ids = self.encode(prompt)
+        self._check_prompt(prompt_ids)
+        return self._stream(prompt_ids, params)
+
+    def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+        self._require_idle()
+        start = time.perf_counter()
+        (request_id,) = self._add_all([prompt_ids], params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.text:
+                        yield out.text
+                    if out.finished:
+                        self.last_stats = GenerationStats(
+                            [out.prompt_tokens], [out.completion_tokens], [out.finish_reason],
+                            time.perf_counter() - start,
+                        )
+                        return
+        finally:
+            self.release(request_id)
+
+    def chat(self, messages: list[dict] | list[list[dict]], stream: bool = False, **sampling):
+        """Answer a conversation (list of {role, content}) with the chat template applied.
+
+        -> str, or an iterator of text pieces with `stream=True`; a list of conversations -> list[str].
+        """
+        if messages and isinstance(messages[0], list):
+            if stream:
+                raise ValueError("stream=True takes one conversation")
+            return self.generate([self.chat_prompt(m) for m in messages], **sampling)
+        prompt = self.chat_prompt(messages)
+        return self.stream(prompt, **sampling) if stream else self.generate(prompt, **sampling)
+
+    # ---- step level ----
+
+    def add(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> int:
+        """Queue a request; -> its id. Raises UserError for an empty or too-long prompt or bad parameters."""
+        params = _params(params, sampling)
+        prompt_ids = self.encode(prompt)
+        self._check_prompt(prompt_ids)
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            if params.seed is None:
+                generator.seed()  # fresh entropy from the OS, not the global RNG
+            else:
+                generator.manual_seed(params.seed)
+        request = _Request(
+            request_id=self._next_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            limit=min(params.max_new_tokens, self.max_seq_len - len(prompt_ids)),
+            stream=TextStream(self.tokenizer, params.stop),
+            generator=generator,
+        )
+        self._next_id += 1
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+        return request.request_id
+
+    @torch.inference_mode()
+    def release(self, request_id: int) -> None:
+        """Cancel a request (waiting or running) and free its row; unknown or finished ids are ignored."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        if request.row < 0:
+            self._waiting.remove(request)
+        else:
+            self._free_rows([request.row])
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a cache row."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for prefill."""
+        return len(self._waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def prompt_tokens(self, request_id: int) -> int:
+        """Prompt length of a live request (as counted for `usage`)."""
+        return len(self._requests[request_id].prompt_ids)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Decode one token for every running request, then prefill waiting ones (their first token)."""
+        outputs: list[StepOutput] = []
+        if self._running:
+            outputs += self._decode()
+        finished = [self._requests[o.request_id].row for o in outputs if o.finished]
+        for output in outputs:
+            if output.finished:
+                del self._requests[output.request_id]
+        self._free_rows(finished)
+        group = self._admit()
+        if group:
+            prefilled = self._prefill(group)
+            for output in prefilled:
+                if output.finished:
+                    del self._requests[output.request_id]
+            self._free_rows([g.row for g, o in zip(group, prefilled) if o.finished])
+            outputs += prefilled
+        return outputs
+
+    # ---- internals ----
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise UserError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context (max_seq_len) is "
+                f"{self.max_seq_len}; a prompt may have at most {self.max_seq_len - 1} tokens"
+            )
+
+    def _require_idle(self) -> None:
+        if self.has_work:
+            raise RuntimeError("the engine has step-level requests in flight; drive them with step()")
+
+    def _add_all(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[int]:
+        ids: list[int] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                seed = None if params.seed is None else params.seed + i
+                ids.append(self.add(prompt, replace(params, seed=seed)))
+        except BaseException:
+            for request_id in ids:
+                self.release(request_id)
+            raise
+        return ids
+
+    def _alloc_rows(self) -> None:
+        """(Re)size the per-row state to the cache's rows, keeping what running rows hold."""
+        rows, n, device = self.cache.rows, len(self._running), self.device
+
+        def grow(old: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+            new = torch.zeros(shape, dtype=dtype, device=device)
+            if old is not None and n:
+                new[:n] = old[:n]
+            return new
+
+        self._lengths = grow(self._lengths, (rows,), torch.long)  # tokens cached per row
+        self._next_tokens = grow(self._next_tokens, (rows,), torch.long)  # each row's next decode input
+        self._row_params = grow(self._row_params, (rows, len(PARAM_COLUMNS)), torch.float32)
+        self._seen = grow(self._seen, (rows, self.vocab_size), torch.bool)  # tokens in prompt + output
+        self._counts = grow(self._counts, (rows, self.vocab_size), torch.int32)  # tokens in output
+        self._columns = torch.arange(self.cache.capacity, device=device)
+
+    def _reserve(self, rows: int, columns: int) -> None:
+        before = (self.cache.rows, self.cache.capacity)
+        self.cache.reserve(rows, columns, self.max_batch_size, self.max_seq_len)
+        if (self.cache.rows, self.cache.capacity) != before:
+            self._alloc_rows()
+
+    def _admit(self) -> list[_Request]:
+        """Take waiting requests while rows are free and the padded prefill stays within the token budget."""
+        group: list[_Request] = []
+        width = 0
+        while self._waiting and len(self._running) + len(group) < self.max_batch_size:
+            longest = max(width, len(self._waiting[0].prompt_ids))
+            if group and longest * (len(group) + 1) > self.prefill_token_budget:
+                break
+            group.append(self._waiting.popleft())
+            width = longest
+        return group
+
+    def _prefill(self, group: list[_Request]) -> list[StepOutput]:
+        start, stop = len(self._running), len(self._running) + len(group)
+        need = max(len(r.prompt_ids) + r.limit for r in self._running + group)
+        self._reserve(stop, need)
+        width = max(len(r.prompt_ids) for r in group)
+        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        write = torch.full((len(group), width), self.cache.scratch_column, dtype=torch.long)
+        positions = torch.zeros((len(group), width), dtype=torch.long)  # pads: position 0, attend column 0
+        for i, request in enumerate(group):
+            n = len(request.prompt_ids)
+            ids[i, width - n :] = torch.tensor(request.prompt_ids)  # left-padded: last column = last token
+            write[i, width - n :] = positions[i, width - n :] = torch.arange(n)
+            request.row, request.cached = start + i, n
+        ids, write, positions = ids.to(self.device), write.to(self.device), positions.to(self.device)
+        same_length = all(len(r.prompt_ids) == width for r in group)
+        mask = None if same_length else self._columns[:width] <= positions[:, None, :, None]  # (B, 1, T, T)
+        self.cache.bind(start, stop, write, width, 0)
+        logits = self._forward(ids, mask, positions)
+        self._running.extend(group)
+        self._lengths[start:stop] = torch.tensor([len(r.prompt_ids) for r in group], device=self.device)
+        self._row_params[start:stop] = torch.tensor([r.params.row() for r in group], device=self.device)
+        for request in group:
+            if request.params.penalized:
+                self._seen[request.row] = False
+                self._seen[request.row, torch.tensor(request.prompt_ids, device=self.device)] = True
+                self._counts[request.row] = 0
+        return self._sample(start, stop, logits)
+
+    def _decode(self) -> list[StepOutput]:
+        n = len(self._running)
+        longest = max(r.cached for r in self._running)
+        shortest = min(r.cached for r in self._running)
+        positions = self._lengths[:n, None]  # (B, 1): each row writes its new token at its own length
+        mask = None if shortest == longest else self._columns[: longest + 1] <= positions[:, None, :, None]
+        self.cache.bind(0, n, positions, longest + 1, longest)
+        logits = self._forward(self._next_tokens[:n, None], mask, positions)
+        self._lengths[:n] += 1
+        for request in self._running:
+            request.cached += 1
+        return self._sample(0, n, logits)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, V) logits of the last position, through the bound cache rows."""
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def _sample(self, start: int, stop: int, logits: torch.Tensor) -> list[StepOutput]:
+        requests = self._running[start:stop]
+        sampling = any(not r.params.greedy for r in requests)
+        uniforms = torch.tensor([r.uniform() for r in requests], device=self.device) if sampling else None
+        penalized = any(r.params.penalized for r in self._running)
+        seen, counts = (self._seen[start:stop], self._counts[start:stop]) if penalized else (None, None)
+        tokens = choose_tokens(logits, self._row_params[start:stop], uniforms, seen, counts)
+        self._next_tokens[start:stop] = tokens
+        if penalized:
+            rows = torch.arange(stop - start, device=self.device)
+            self._seen[start:stop][rows, tokens] = True
+            self._counts[start:stop][rows, tokens] += 1
+        return [self._advance(r, t) for r, t in zip(requests, tokens.tolist())]
+
+    def _advance(self, request: _Request, token: int) -> StepOutput:
+        """Record one sampled token and decide whether the request is finished."""
+        request.output_ids.append(token)
+        reason = None
+        if token in self.eos_ids and not request.params.ignore_eos:
+            text, reason = request.stream.finish(), "stop"
+        else:
+            text, stopped = request.stream.push(token)
+            if stopped:
+                reason = "stop"
+            elif len(request.output_ids) >= request.limit:
+                text, reason = text + request.stream.finish(), "length"
+        return StepOutput(
+            request.request_id, [token], text, reason is not None, reason, len(request.prompt_ids),
+            len(request.output_ids),
+        )
+
+    def _free_rows(self, rows: list[int]) -> None:
+        """Give rows back; the last running row moves into each hole so running rows stay [0, n)."""
+        for row in sorted(rows, reverse=True):
+            self._running[row].row = -1
+            moved = self._running.pop()
+            last = len(self._running)
+            if row != last:
+                self.cache.copy_row(last, row, moved.cached)
+                for state in (self._lengths, self._next_tokens, self._row_params, self._seen, self._counts):
+                    state[row] = state[last]
+                self._running[row] = moved
+                moved.row = row
+
+
+def _as_set(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+
+
+def _is_single(prompts) -> bool:
+    """A str, or a flat list of ints, is one prompt; a list of those is a batch."""
+    if isinstance(prompts, str):
+        return True
+    return len(prompts) > 0 and isinstance(prompts[0], int)
+
+
+def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    if params is None:
+        return SamplingParams(**overrides)
+    return replace(params, **overrides) if overrides else params

@@ -1,0 +1,69 @@
+"""Flags shared by the verbs that load a model and generate: `generate`, `chat` (and `eval --task exact`).
+
+Sampling flags default to the model directory's generation_config.json (what the trainer wrote, e.g.
+temperature 0.85, top-p 0.85), so a model answers the same way from the CLI, the server and the web UI;
+any flag given on the command line wins. `--temperature 0` is greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from minimind.device import resolve_device
+from minimind.model.hub import read_json_object
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory written by any stage")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="weights dtype (default: as saved)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (defaults: the model's generation_config.json)")
+    group.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    group.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off")
+    group.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; 1 = off")
+    group.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top one; 0 = off")
+    group.add_argument("--repetition-penalty", type=float, default=None, help="CTRL-style penalty; 1 = off")
+    group.add_argument("--presence-penalty", type=float, default=None, help="OpenAI presence penalty; 0 = off")
+    group.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI frequency penalty; 0 = off")
+    group.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens")
+    group.add_argument("--stop", action="extend", nargs="+", default=None, metavar="TEXT",
+                       help="stop when any of these texts appears (repeatable); the stop text is not printed")
+    group.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def generation_defaults(model_dir: str | Path) -> dict:
+    """Sampling defaults from `model_dir/generation_config.json` (greedy when it says do_sample false)."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = read_json_object(path)
+    if not data.get("do_sample", False):
+        return {"temperature": 0.0, **_pick(data, ("max_new_tokens",))}
+    return _pick(data, ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"))
+
+
+def _pick(data: dict, keys: tuple[str, ...]) -> dict:
+    return {k: data[k] for k in keys if data.get(k) is not None}
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    """SamplingParams keyword arguments: the model's defaults overridden by the flags that were given."""
+    chosen = generation_defaults(args.model)
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "max_new_tokens", "stop", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            chosen[name] = value
+    return chosen
+
+
+def load_engine(args: argparse.Namespace, **engine_kwargs):
+    """The Engine for `--model/--device/--dtype`."""
+    from minimind.infer.engine import Engine
+
+    return Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype, **engine_kwargs)

@@ -1,0 +1,154 @@
+"""Sampling parameters and the per-row next-token choice for a batch of sequences.
+
+Every row of a batch has its own parameters (the server mixes requests), stored as one (rows, 7) tensor so a
+step reads them without building tensors from Python lists. Order of operations, per row:
+  1. repetition penalty (CTRL): for every token already in prompt + output, a positive logit is divided by
+     the penalty and a negative one multiplied by it;
+  2. presence / frequency penalties (OpenAI semantics, over the generated tokens only):
+     logit -= presence * [count > 0] + frequency * count;
+  3. temperature 0 -> argmax (greedy). Otherwise logits / temperature -> softmax, then top-k, top-p (keep the
+     smallest head of the sorted distribution whose mass reaches p) and min-p (drop tokens below
+     min_p * the top probability), then one draw.
+The draw is inverse-CDF sampling with one uniform number per row taken from that row's own `torch.Generator`,
+so a seeded request gives the same tokens whatever else shares its batch, and no global RNG state is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from minimind.errors import UserError
+
+PARAM_COLUMNS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. The defaults are greedy, eos-terminated, 256 new tokens at most.
+
+    top_k 0 = off; top_p 1 = off; min_p 0 = off; penalties 1 / 0 / 0 = off.
+    `stop`: strings that end generation; the stop string and anything after it are not returned.
+    `seed`: makes sampling reproducible; None draws a fresh seed from the OS.
+    `ignore_eos`: keep going past the end-of-sequence token (benchmarks).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: Sequence[str] = field(default_factory=tuple)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            raise UserError(f"stop is {self.stop!r}; expected a string or a list of strings")
+        self.stop = tuple(s for s in self.stop if s)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError naming the first out-of-range field."""
+        integer = {"max_new_tokens": 1, "top_k": 0}
+        for name, low in integer.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise UserError(f"{name} is {value!r}; expected an integer >= {low}")
+        ranges = [
+            ("temperature", 0, float("inf"), ">= 0 (0 = greedy)"),
+            ("top_p", 0, 1, "in (0, 1]"),
+            ("min_p", 0, 1, "in [0, 1]"),
+            ("repetition_penalty", 0, float("inf"), "> 0 (1 = off)"),
+            ("presence_penalty", -2, 2, "in [-2, 2]"),
+            ("frequency_penalty", -2, 2, "in [-2, 2]"),
+        ]
+        for name, low, high, expected in ranges:
+            value = getattr(self, name)
+            exclusive_low = name in ("top_p", "repetition_penalty")
+            ok = _is_number(value) and (value > low if exclusive_low else value >= low) and value <= high
+            if not ok:
+                raise UserError(f"{name} is {value!r}; expected a number {expected}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise UserError(f"seed is {self.seed!r}; expected an integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def row(self) -> list[float]:
+        """This request's values in PARAM_COLUMNS order."""
+        return [float(getattr(self, name)) for name in PARAM_COLUMNS]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def apply_penalties(logits: torch.Tensor, params: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) float32; params (B, 7); seen (B, V) bool over prompt + output; counts (B, V) over output."""
+    repetition = params[:, 4:5]
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalized, logits)
+    counts = counts.to(logits.dtype)
+    return logits - params[:, 5:6] * (counts > 0).to(logits.dtype) - params[:, 6:7] * counts
+
+
+def sample_rows(logits: torch.Tensor, params: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from (B, V) float32 logits filtered by temperature/top-k/top-p/min-p.
+
+    uniforms: (B,) numbers in [0, 1), one per row from that row's generator. Rows with temperature 0 must be
+    handled by the caller (their temperature is replaced by 1 here only to keep the arithmetic finite).
+    """
+    temperature = params[:, 0:1]
+    probs = torch.softmax(logits / torch.where(temperature > 0, temperature, 1.0), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    top_k = params[:, 1:2]
+    drop = (top_k > 0) & (rank >= top_k)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    top_p = params[:, 2:3]
+    drop |= (top_p < 1) & (mass_before >= top_p)  # top-p: the head before this token already reaches p
+    drop |= sorted_probs < params[:, 3:4] * sorted_probs[:, :1]  # min-p, relative to the top token
+    drop[:, 0] = False  # the most likely token always survives
+    kept = sorted_probs.masked_fill(drop, 0.0)
+    cdf = kept.cumsum(dim=-1)
+    target = uniforms[:, None].to(cdf.dtype) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, target, right=True)  # first position whose cdf exceeds the target
+    index = torch.minimum(index, (~drop).sum(dim=-1, keepdim=True) - 1)  # rounding never picks a dropped tail
+    return order.gather(-1, index).squeeze(-1)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    params: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None,
+) -> torch.Tensor:
+    """Next token for every row: penalties when `seen`/`counts` are given, greedy where temperature is 0,
+    sampled elsewhere when `uniforms` are given (None = the whole batch is greedy)."""
+    logits = logits.float()
+    if seen is not None and counts is not None:
+        logits = apply_penalties(logits, params, seen, counts)
+    greedy = logits.argmax(dim=-1)
+    if uniforms is None:
+        return greedy
+    sampled = sample_rows(logits, params, uniforms)
+    return torch.where(params[:, 0] > 0, sampled, greedy)

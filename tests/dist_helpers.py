@@ -1,0 +1,69 @@
+"""Running `minimind pretrain` under torchrun (and in-process) on a tiny model, for the distributed tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from minimind.cli import main
+
+# dropout 0: ranks draw different dropout masks, so only a dropout-free run can match another world size.
+TINY = ["--preset", "tiny", "--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=4", "--set", "n_kv_heads=2",
+        "--set", "dropout=0"]
+STEPS = 6
+
+
+def pretrain_args(corpus: Path, tokenizer_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out), *TINY,
+            "--max-seq-len", "32", "--max-steps", str(STEPS), "--warmup-steps", "1", "--device", "cpu",
+            "--dtype", "fp32", "--log-every", "1", *extra]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node N -m minimind ARGS` with this interpreter's torch.
+
+    `--standalone` makes torchrun host its own rendezvous on a free port, so parallel runs never collide.
+    """
+    env = {**os.environ, "MINIMIND_NO_PROGRESS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "minimind", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def run_ok(nproc: int, args: list[str]) -> str:
+    """Run under torchrun (nproc > 0) or in this process (nproc == 0); assert success, return the output."""
+    if nproc == 0:
+        assert main(args) == 0
+        return ""
+    result = torchrun(nproc, args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result.stdout + result.stderr
+
+
+def losses(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, loss, grad_norm) per logged step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+def max_loss_gap(a: Path, b: Path) -> float:
+    """The largest per-step loss difference between two runs (which must log the same steps)."""
+    la, lb = losses(a), losses(b)
+    assert [s for s, _, _ in la] == [s for s, _, _ in lb] == list(range(1, STEPS + 1))
+    return max(abs(x[1] - y[1]) for x, y in zip(la, lb))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def max_weight_gap(a: Path, b: Path) -> float:
+    wa, wb = final_weights(a), final_weights(b)
+    assert set(wa) == set(wb)
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)

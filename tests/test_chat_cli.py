@@ -1,0 +1,92 @@
+"""`minimind chat`: multi-turn history through the template, /reset, /exit, EOF, --history-turns."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from minimind.infer import Engine
+from minimind.infer.chat_cli import BANNER, MODEL_PROMPT, build_prompt, chat_loop
+
+
+def scripted_input(lines: list[str]):
+    """A `read_line` that returns the lines in turn, then raises EOFError like `input` at end of input."""
+    pending = list(lines)
+
+    def read_line(prompt: str) -> str:
+        if not pending:
+            raise EOFError
+        return pending.pop(0)
+
+    return read_line
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return Engine.from_pretrained(model_dir)
+
+
+SAMPLING = {"temperature": 0.0, "max_new_tokens": 5}
+
+
+def test_chat_loop_keeps_history_and_reset_forgets_it(engine):
+    out = io.StringIO()
+    code = chat_loop(engine, scripted_input(["hi", "", "tell me more", "/reset", "hi", "/exit", "never read"]),
+                     out, system="Be kind.", sampling=SAMPLING)
+    assert code == 0
+    system = [{"role": "system", "content": "Be kind."}]
+    first = engine.chat(system + [{"role": "user", "content": "hi"}], **SAMPLING)
+    second = engine.chat(system + [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+                                   {"role": "user", "content": "tell me more"}], **SAMPLING)
+    expected = (f"{BANNER}\n{MODEL_PROMPT}{first}\n{MODEL_PROMPT}{second}\n(conversation cleared)\n"
+                f"{MODEL_PROMPT}{first}\n")
+    assert out.getvalue() == expected
+
+
+@pytest.mark.parametrize("ending", [EOFError, KeyboardInterrupt])
+def test_chat_loop_ends_cleanly_on_eof_and_ctrl_c(engine, ending):
+    def read_line(prompt: str) -> str:
+        raise ending
+
+    out = io.StringIO()
+    assert chat_loop(engine, read_line, out, sampling=SAMPLING) == 0
+    assert out.getvalue() == BANNER + "\n\n"
+
+
+def test_history_turns_limits_the_pairs_sent(engine):
+    history = [("a", "b"), ("c", "d"), ("e", "f")]
+    two = build_prompt(engine, None, history, "g", history_turns=2, max_new_tokens=5)
+    messages = [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+                {"role": "user", "content": "e"}, {"role": "assistant", "content": "f"},
+                {"role": "user", "content": "g"}]
+    assert two == engine.chat_prompt(messages)
+    assert build_prompt(engine, None, history, "g", 0, 5) == engine.chat_prompt([{"role": "user", "content": "g"}])
+    assert build_prompt(engine, None, history, "g", -1, 5) == build_prompt(engine, None, history, "g", 3, 5)
+
+
+def test_history_is_trimmed_to_the_context_and_too_long_messages_are_refused(engine):
+    pairs = [("x" * 40, "y" * 40), ("u" * 40, "v" * 40), ("s" * 40, "t" * 40)]  # ~90 tokens a pair
+    ids = build_prompt(engine, None, pairs, "hi", -1, max_new_tokens=32)
+    # 256-token context, 32 kept for the answer: only the newest pair still fits
+    assert ids == build_prompt(engine, None, pairs[-1:], "hi", -1, 32)
+    assert len(ids) + 32 <= engine.max_seq_len < len(build_prompt(engine, None, pairs[-2:], "hi", -1, 0)) + 32
+    assert build_prompt(engine, None, [], "z" * 400, -1, 32) is None
+    out = io.StringIO()
+    chat_loop(engine, scripted_input(["z" * 400]), out, sampling=SAMPLING)
+    assert "message too long" in out.getvalue()
+
+
+def test_chat_subprocess_streams_answers_and_quits_on_exit(model_dir, engine):
+    result = subprocess.run(
+        [sys.executable, "-m", "minimind", "chat", "--model", str(model_dir), "--temperature", "0",
+         "--max-new-tokens", "4", "--device", "cpu", "--history-turns", "0"],
+        input="hi\nhello\n/exit\n", capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    for message in ("hi", "hello"):  # with no history each answer is the single-turn one
+        answer = engine.chat([{"role": "user", "content": message}], temperature=0.0, max_new_tokens=4)
+        assert f"{MODEL_PROMPT}{answer}\n" in result.stdout
+    assert result.stdout.count(MODEL_PROMPT) == 2

@@ -1,0 +1,222 @@
+"""The Engine against HF `generate`, batched against alone, sampling, limits, and the step-level API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from minimind.errors import UserError
+from minimind.infer import Engine, SamplingParams
+from minimind.infer.sampling import apply_penalties, sample_rows
+
+
+def random_model(seed: int = 0, **overrides):
+    """A tiny model with large random weights: peaked, prompt-dependent logits, so greedy paths differ."""
+    model = tiny_model(seed, **overrides)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+def prompts_of(lengths, seed=0, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt, n, **kwargs):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_greedy_equals_hf_generate(tokenizer, moe):
+    model = random_model(use_moe=moe)
+    engine = Engine(model, tokenizer)
+    for prompt in prompts_of((5, 12) if not moe else (7,)):
+        ours = engine.completions([prompt], max_new_tokens=20, ignore_eos=True)[0]
+        assert ours.token_ids == hf_greedy(model, prompt, 20)
+        assert ours.finish_reason == "length" and ours.completion_tokens == 20
+
+
+def test_repetition_penalty_equals_hf(tokenizer):
+    model = random_model(1)
+    engine = Engine(model, tokenizer)
+    prompt = prompts_of((9,), seed=1)[0]
+    ours = engine.completions([prompt], max_new_tokens=16, ignore_eos=True, repetition_penalty=1.5)[0]
+    assert ours.token_ids == hf_greedy(model, prompt, 16, repetition_penalty=1.5)
+
+
+def test_batched_greedy_equals_each_alone_with_small_batches_and_prefill_budget(tokenizer):
+    model = random_model(2)
+    prompts = prompts_of((3, 17, 9, 1, 30, 6), seed=2)
+    alone = [Engine(model, tokenizer).completions([p], max_new_tokens=12, ignore_eos=True)[0].token_ids
+             for p in prompts]
+    for engine in (Engine(model, tokenizer), Engine(model, tokenizer, max_batch_size=2, prefill_token_budget=40)):
+        together = engine.completions(prompts, max_new_tokens=12, ignore_eos=True)
+        assert [c.token_ids for c in together] == alone
+
+
+def test_text_prompt_gets_bos_and_batch_returns_list(tokenizer):
+    engine = Engine(random_model(), tokenizer)
+    assert engine.encode("hello")[0] == tokenizer.bos_token_id
+    assert engine.encode([5, 6]) == [5, 6]
+    one = engine.generate("hello", max_new_tokens=5)
+    both = engine.generate(["hello", "北京"], max_new_tokens=5)
+    assert isinstance(one, str) and isinstance(both, list) and both[0] == one
+
+
+def test_rows_stop_independently_and_finished_rows_do_not_disturb_others(tokenizer):
+    model = random_model(3)
+    prompts = prompts_of((4, 8, 6), seed=3)
+    limits = (2, 9, 5)
+    engine = Engine(model, tokenizer)
+    ids = [engine.add(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, limits)]
+    got: dict[int, list[int]] = {i: [] for i in ids}
+    finished_at = {}
+    step = 0
+    while engine.has_work:
+        step += 1
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+            if out.finished:
+                finished_at[out.request_id] = step
+    assert [finished_at[i] for i in ids] == list(limits)
+    for prompt, n, i in zip(prompts, limits, ids):
+        assert got[i] == Engine(model, tokenizer).completions([prompt], max_new_tokens=n, ignore_eos=True)[0].token_ids
+
+
+def test_continuous_batching_join_leave_and_cancel(tokenizer):
+    model = random_model(4)
+    a, b, c = prompts_of((5, 11, 3), seed=4)
+    full = {name: Engine(model, tokenizer).completions([p], max_new_tokens=10, ignore_eos=True)[0].token_ids
+            for name, p in (("a", a), ("b", b), ("c", c))}
+    engine = Engine(model, tokenizer)
+    got = {"a": [], "b": [], "c": []}
+    names = {engine.add(a, max_new_tokens=10, ignore_eos=True): "a"}
+    for _ in range(3):
+        for out in engine.step():
+            got[names[out.request_id]] += out.token_ids
+    names[engine.add(b, max_new_tokens=10, ignore_eos=True)] = "b"  # joins a running batch
+    waiting_c = engine.add(c, max_new_tokens=10, ignore_eos=True)
+    engine.release(waiting_c)  # cancelled before it ever ran
+    assert engine.num_waiting == 1
+    for _ in range(2):
+        for out in engine.step():
+            got[names[out.request_id]] += out.token_ids
+    a_id = next(i for i, n in names.items() if n == "a")
+    engine.release(a_id)  # leaves mid-generation: its row is reused
+    assert engine.num_running == 1
+    names[engine.add(c, max_new_tokens=10, ignore_eos=True)] = "c"
+    while engine.has_work:
+        for out in engine.step():
+            got[names[out.request_id]] += out.token_ids
+    assert got["a"] == full["a"][:5]
+    assert got["b"] == full["b"] and got["c"] == full["c"]
+    engine.add(a)
+    with pytest.raises(RuntimeError, match="step"):  # the high-level calls need the engine to themselves
+        engine.generate("x")
+
+
+def test_max_new_tokens_exact_and_context_policy(tokenizer):
+    engine = Engine(random_model(max_seq_len=32), tokenizer)
+    result = engine.completions(prompts_of((10,)), max_new_tokens=7, ignore_eos=True)[0]
+    assert result.completion_tokens == len(result.token_ids) == 7 and result.finish_reason == "length"
+    capped = engine.completions(prompts_of((29,)), max_new_tokens=50, ignore_eos=True)[0]
+    assert capped.completion_tokens == 3 and capped.finish_reason == "length"  # 29 + 3 = max_seq_len
+    assert engine.completions(prompts_of((31,)), max_new_tokens=5, ignore_eos=True)[0].completion_tokens == 1
+    with pytest.raises(UserError, match="at most 31 tokens"):
+        engine.generate(prompts_of((32,))[0])
+    with pytest.raises(UserError, match="empty"):
+        engine.generate([[]])
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        engine.generate([5, 9999])
+    assert not engine.has_work  # a failed batched add leaves nothing queued
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(max_new_tokens=0), dict(repetition_penalty=0), dict(presence_penalty=3)])
+def test_bad_sampling_parameters_are_user_errors(bad):
+    with pytest.raises(UserError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_temperature_zero_is_deterministic_and_seeds_reproduce(tokenizer):
+    engine = Engine(random_model(5), tokenizer)
+    prompt = "MiniMind"
+    assert engine.generate(prompt, max_new_tokens=12) == engine.generate(prompt, max_new_tokens=12)
+    sample = dict(max_new_tokens=16, temperature=1.5, ignore_eos=True)
+    first = engine.completions([prompt], seed=7, **sample)[0].token_ids
+    assert engine.completions([prompt], seed=7, **sample)[0].token_ids == first
+    others = {tuple(engine.completions([prompt], seed=s, **sample)[0].token_ids) for s in range(8, 12)}
+    assert tuple(first) not in others and len(others) > 1
+    # in a batch, prompt i uses seed + i, so each row reproduces the same prompt sampled alone
+    batch = engine.completions([prompt, "北京", prompt], seed=7, **sample)
+    assert batch[0].token_ids == first
+    assert batch[2].token_ids == engine.completions([prompt], seed=9, **sample)[0].token_ids
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(tokenizer):
+    engine = Engine(random_model(6), tokenizer)
+    greedy = engine.generate("abc", max_new_tokens=10, ignore_eos=True)
+    assert engine.generate("abc", max_new_tokens=10, ignore_eos=True, temperature=2.0, top_k=1, seed=1) == greedy
+    assert engine.generate("abc", max_new_tokens=10, ignore_eos=True, temperature=2.0, top_p=1e-6, seed=2) == greedy
+    assert engine.generate("abc", max_new_tokens=10, ignore_eos=True, temperature=2.0, min_p=1.0, seed=3) == greedy
+
+
+def test_sample_rows_follows_filtered_distribution():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4, 4)
+    # temperature, top_k, top_p, min_p, repetition, presence, frequency
+    params = torch.tensor([[1, 0, 1, 0, 1, 0, 0], [1, 2, 1, 0, 1, 0, 0], [1, 0, 0.7, 0, 1, 0, 0],
+                           [1, 0, 1, 0.2, 1, 0, 0]], dtype=torch.float32)
+    expected = [probs, torch.tensor([0, 0.5, 0, 0.3]), torch.tensor([0, 0.5, 0, 0.3]),
+                torch.tensor([0, 0.5, 0.15, 0.3])]
+    n = 20000  # draws per parameter row, all in one call: (n * 4) rows
+    uniforms = torch.rand(n * 4, generator=torch.Generator().manual_seed(0))
+    draws = sample_rows(logits.repeat(n, 1), params.repeat(n, 1), uniforms).view(n, 4)
+    for row, want in enumerate(expected):
+        freq = torch.bincount(draws[:, row], minlength=4).float() / n
+        torch.testing.assert_close(freq, want / want.sum(), atol=0.015, rtol=0)
+
+
+def test_penalties_follow_ctrl_and_openai_formulas():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    params = torch.tensor([[1, 0, 1, 0, 2.0, 0.5, 0.25]])
+    seen = torch.tensor([[True, True, False, True]])
+    counts = torch.tensor([[0, 0, 0, 3]])
+    out = apply_penalties(logits, params, seen, counts)
+    # repetition: 2/2, -2*2, untouched, 0.5/2; then presence 0.5 and frequency 0.25*3 on the generated token
+    torch.testing.assert_close(out, torch.tensor([[1.0, -4.0, 1.0, 0.25 - 0.5 - 0.75]]))
+
+
+def test_penalties_change_greedy_output_only_for_their_row(tokenizer):
+    model = random_model(7)
+    engine = Engine(model, tokenizer)
+    prompt = prompts_of((6,), seed=7)[0]
+    plain = engine.completions([prompt], max_new_tokens=24, ignore_eos=True)[0].token_ids
+    penal = engine.completions([prompt], max_new_tokens=24, ignore_eos=True, frequency_penalty=2.0)[0].token_ids
+    assert penal != plain
+    a = engine.add(prompt, max_new_tokens=24, ignore_eos=True)
+    b = engine.add(prompt, max_new_tokens=24, ignore_eos=True, frequency_penalty=2.0)
+    got = {a: [], b: []}
+    while engine.has_work:
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert got[a] == plain and got[b] == penal
+
+
+def test_from_pretrained_chat_and_stats(model_dir):
+    engine = Engine.from_pretrained(model_dir, device="cpu")
+    messages = [{"role": "user", "content": "你好"}]
+    answer = engine.chat(messages, max_new_tokens=6)
+    stats = engine.last_stats
+    assert stats.prompt_tokens == [len(engine.chat_prompt(messages))]
+    assert stats.completion_tokens[0] <= 6 and stats.finish_reasons[0] in ("stop", "length")
+    assert stats.tokens_per_second > 0
+    assert "".join(engine.chat(messages, stream=True, max_new_tokens=6)) == answer
+    assert engine.chat([messages, messages], max_new_tokens=6) == [answer, answer]

@@ -1,0 +1,81 @@
+"""`minimind eval` end to end: tables, --output JSON, --max-samples, one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minimind.cli import main
+from minimind.eval.cli import format_table
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+CHOICE = [{"question": f"Which number is {i}?", "A": str(i), "B": str(i + 1), "C": str(i + 2), "D": str(i + 3),
+           "answer": "A"} for i in range(6)]
+
+
+def test_eval_choice_subprocess_writes_json_and_honours_max_samples(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "choice.jsonl", CHOICE)
+    out = tmp_path / "res" / "choice.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "minimind", "eval", "--model", str(model_dir), "--task", "choice", "--data", data,
+         "--output", str(out), "--max-samples", "4", "--device", "cpu"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert saved["task"] == "choice" and saved["n"] == 4 and 0 <= saved["accuracy"] <= 1
+    assert len(saved["predictions"]) == 4
+    assert "accuracy" in result.stdout and "predictions" not in result.stdout
+
+
+def test_eval_ppl_and_exact(model_dir, tmp_path, capsys):
+    texts = write_jsonl(tmp_path / "t.jsonl", [{"text": "北京是中国的首都。"}, {"text": "MiniMind is small."}])
+    assert main(["eval", "--model", str(model_dir), "--task", "ppl", "--data", texts,
+                 "--output", str(tmp_path / "p.json")]) == 0
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["n"] == 2 and saved["ppl"] > 1 and saved["bits_per_byte"] > 0
+    sft = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"role": "user", "content": "1+1?"},
+                                                                {"role": "assistant", "content": "2"}],
+                                              "answer": "2"}])
+    assert main(["eval", "--model", str(model_dir), "--task", "exact", "--data", sft, "--max-new-tokens", "4"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (['{"question": "q", "A": "x", "B": "y", "answer": "E"}'], ':1: field "answer"'),
+        (['{"question": "q", "A": "x", "B": "y", "answer": "A"}', "{not json"], ":2: not valid JSON"),
+        (['{"question": "q", "A": "x", "answer": "A"}'], ":1: expected at least two options"),
+    ],
+)
+def test_eval_bad_data_is_a_one_line_error(model_dir, tmp_path, capsys, rows, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["eval", "--model", str(model_dir), "--task", "choice", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_eval_missing_files_are_one_line_errors(model_dir, tmp_path, capsys):
+    texts = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
+    assert main(["eval", "--model", str(model_dir), "--task", "ppl", "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "none"), "--task", "ppl", "--data", texts]) == 2
+    err = capsys.readouterr().err
+    assert "no such model directory" in err and err.count("\n") == 1
+    assert main(["eval", "--model", str(model_dir), "--task", "ppl", "--data", texts, "--max-samples", "0"]) == 2
+    assert "--max-samples" in capsys.readouterr().err
+
+
+def test_format_table_shows_scalars_only():
+    table = format_table({"task": "choice", "n": 3, "accuracy": 0.5, "predictions": ["A"]})
+    assert "0.5000" in table and "predictions" not in table and table.splitlines()[0].startswith("metric")
