@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,62 @@ def test_grpo_cli_help_and_errors(tmp_path, model_dir, capsys):
         assert main([*common, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("minimind grpo: error: ") and message in err[-1], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grpo_under_torchrun(tmp_path, tmp_path_factory, model_dir, strategy):
+    """Two processes: rollouts, the loss and the held-out eval (every rank under fsdp, where the decode steps
+    must stay in lockstep across ranks) run to the end and write the model."""
+    from dist_helpers import torchrun
+
+    task = letter_task(tmp_path_factory.getbasetemp() / "letter_task", model_dir)
+    out = tmp_path / strategy
+    result = torchrun(2, [*rl_args("grpo", task, out, "--max-steps", "3", "--eval-every", "3", "--eval-batches", "2",
+                                   "--lr", "1e-3", "--strategy", strategy), "--batch-size", "4", "--group-size", "4"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and "eval_accuracy" in rows[-1]
+    assert "global batch 8 (4 x 1 accumulation x 2 processes)" in result.stdout + result.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+def _lockstep_worker(rank: int, init_file: str, results) -> None:
+    """One of two gloo ranks sampling from the same FSDP-sharded model; rank 0 stops at once, rank 1 never."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = tiny_model(0)
+        with torch.no_grad():  # no attention/MLP output: each position predicts (about) its own token again
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+        for block in model.model.layers:  # as `--strategy fsdp` does: blocks re-gather their weights every forward
+            fully_shard(block)
+        fully_shard(model)
+        prompt = [[1, 40, 41, 2]] if rank == 0 else [[1, 40, 41, 5]]
+        ids, mask = left_pad(prompt, 0)
+        rollout = sample(model, ids, mask, 4, eos_id=2, temperature=0.0)
+        results[rank] = rollout.completion_ids.tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_decode_steps_stay_in_lockstep_across_ranks_for_a_sharded_model(tmp_path):
+    """Under FSDP each forward is collective: a rank whose rows all stopped keeps stepping until every rank has,
+    or the other rank's next forward would wait forever."""
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    results = manager.dict()
+    context = mp.spawn(_lockstep_worker, args=(str(tmp_path / "store"), results), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):  # False while any rank is still running
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("sampling deadlocked across ranks")
+    assert results[0][0][0] == 2  # rank 0: eos first (then padding while rank 1 finishes)
+    assert results[1] == [[5, 5, 5, 5]]  # rank 1: never stops, runs to max_new_tokens

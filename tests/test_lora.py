@@ -144,6 +144,9 @@ def test_lora_stage_trains_only_the_adapter_and_writes_a_peft_directory(tmp_path
     assert set(checkpoint) == set(adapter)  # checkpoints hold the adapter only
     loaded = peft.PeftModel.from_pretrained(load_model(model_dir), str(out))
     torch.testing.assert_close(logits(loaded), logits(run.model), rtol=0, atol=1e-5)
+    # `minimind convert --merge-lora` reads the directory as the PEFT adapter it is.
+    assert main(["convert", str(model_dir), "--merge-lora", str(out), "--out", str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(logits(load_model(tmp_path / "merged")), logits(run.model), rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,10 @@ def test_actor_critic_keeps_the_policy_and_adds_a_zero_value_head():
     torch.manual_seed(0)
     via_policy = sample(policy, prompt_ids, mask, 5, eos_id=2)
     assert torch.equal(via_critic.sequences, via_policy.sequences)  # rollouts run through the wrapper unchanged
+    unwrapped = critic.policy()  # what the run saves: the same trunk and head, the tie intact
+    assert unwrapped.lm_head.weight is unwrapped.model.embed_tokens.weight is policy.lm_head.weight
+    with torch.no_grad():
+        torch.testing.assert_close(unwrapped(ids).logits, policy(ids).logits)
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 Prompts are left-padded so every row's last prompt token sits in the same column; one prefill fills the cache,
 then each step feeds one new token per row (positions come from the attention mask, so padded rows count
-from 0). Rows stop at eos; the loop ends when all have stopped or after `max_new_tokens`. The log-prob of each
+from 0). Rows stop at eos; the loop ends when all have stopped (on all ranks, for an FSDP-sharded model) or
+after `max_new_tokens`. The log-prob of each
 sampled token under the policy (temperature-1 softmax, whatever the sampling temperature) is recorded as it is
 drawn: these are the "old policy" log-probs of the clipped objectives.
 """
@@ -81,7 +82,7 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
         logps.append(torch.where(done, torch.zeros(n, device=logits.device),
                                  log_probs.gather(-1, token[:, None]).squeeze(-1)))
         done = done | (token == eos_id)
-        if bool(done.all()):
+        if _everyone_done(model, done):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits = model(input_ids=tokens[-1][:, None], attention_mask=mask, past_key_values=cache, use_cache=True,
@@ -94,6 +95,25 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
         attention_mask=torch.cat([attention_mask, completion_mask], dim=1),
         completion_mask=completion_mask, logprobs=torch.stack(logps, dim=1), finished=done, prompt_len=prompt_len,
     )
+
+
+def _everyone_done(model: torch.nn.Module, done: torch.Tensor) -> bool:
+    """Every row has stopped — on every rank when the model is FSDP-sharded, since each of its forward passes is
+    collective and all ranks must then run the same number of decode steps."""
+    finished = done.all()
+    if _sharded(model):
+        flag = finished.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finished = flag.bool()
+    return bool(finished)
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 cannot have sharded the model
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:

@@ -83,6 +83,13 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
+    def policy(self) -> MiniMindForCausalLM:
+        """A plain causal LM holding this model's trunk and head (shared, not copied)."""
+        with torch.device("meta"):  # no throwaway weights: the modules are replaced at once
+            lm = MiniMindForCausalLM(self.config)
+        lm.model, lm.lm_head = self.model, self.lm_head
+        return lm
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool = False, logits_to_keep: int = 0) -> ActorCriticOutput:
         hidden, _, aux = self.model(input_ids, attention_mask, None, past_key_values, None, use_cache)
@@ -188,7 +195,7 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
                     extra["temperature"], extra["top_k"])
 
     def save_final(trained: ActorCritic, out: Path) -> None:
-        save_model_dir(policy, tokenizer, out)  # `policy` shares its trunk and head with `trained`
+        save_model_dir(trained.policy(), tokenizer, out)
         save_file({k: v.detach().cpu().contiguous() for k, v in trained.value_head.state_dict().items()},
                   str(out / "value_head.safetensors"))
 
