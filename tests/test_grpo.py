@@ -62,6 +62,18 @@ class Scripted(torch.nn.Module):
         return type("Out", (), {"logits": logits})
 
 
+def test_greedy_rollouts_agree_with_the_inference_engine(tokenizer):
+    from minimind.infer.engine import Engine
+
+    model = tiny_model(3)
+    ids, mask = left_pad(PROMPTS, 0)
+    ours = sample(model, ids, mask, 8, eos_id=tokenizer.eos_token_id, temperature=0.0)
+    theirs = Engine(model, tokenizer).completions(PROMPTS, max_new_tokens=8, temperature=0.0)
+    for row, completion in enumerate(theirs):
+        n = int(ours.lengths()[row])
+        assert ours.completion_ids[row, :n].tolist() == completion.token_ids
+
+
 def test_completion_mask_covers_tokens_up_to_eos_and_rows_stop_independently():
     ids, mask = left_pad(PROMPTS, 0)
     rollout = sample(Scripted([[2], [7, 2], [7, 8, 9, 10]]), ids, mask, 3, eos_id=2, temperature=0.0)
@@ -272,6 +284,7 @@ def _lockstep_worker(rank: int, init_file: str, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_decode_steps_stay_in_lockstep_across_ranks_for_a_sharded_model(tmp_path):
     """Under FSDP each forward is collective: a rank whose rows all stopped keeps stepping until every rank has,
     or the other rank's next forward would wait forever."""

@@ -116,6 +116,7 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: f
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA-wrapped layers by module name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
 

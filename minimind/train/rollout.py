@@ -33,9 +33,11 @@ class Rollout:
 
     @property
     def completion_ids(self) -> torch.Tensor:
+        """(N, T) the generated columns."""
         return self.sequences[:, self.prompt_len :]
 
     def lengths(self) -> torch.Tensor:
+        """(N,) tokens generated per row, eos included."""
         return self.completion_mask.sum(-1)
 
 
@@ -143,16 +145,18 @@ class RLObjective(Objective):
     objective answers each prompt once, greedily, and reports its reward and accuracy; its loss is −reward.
     """
 
-    def __init__(self, tokenizer, reward: Reward, group_size: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0):
-        self.tokenizer, self.reward = tokenizer, reward
+    def __init__(self, reference: torch.nn.Module, tokenizer, reward: Reward, group_size: int, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int = 0):
+        self.reference, self.tokenizer, self.reward = reference, tokenizer, reward
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
 
     def count(self, batch: dict) -> torch.Tensor:
+        """The number of prompts in the batch."""
         return torch.tensor(len(batch["answer"]))
 
     def roll_out(self, model: torch.nn.Module, batch: dict, group_size: int, temperature: float) -> Scored:
+        """Sample `group_size` completions per prompt (a prompt's group in consecutive rows), decode, score."""
         ids = batch["input_ids"].repeat_interleave(group_size, dim=0)
         mask = batch["attention_mask"].repeat_interleave(group_size, dim=0)
         answers = [a for a in batch["answer"] for _ in range(group_size)]
@@ -163,6 +167,21 @@ class RLObjective(Objective):
         correct = torch.tensor([float(answer_correct(t, a)) for t, a in zip(texts, answers)], device=ids.device)
         return Scored(rollout, texts, rewards, correct)
 
+    def on_policy_pass(self, model: torch.nn.Module, batch: dict):
+        """Roll out, then run the policy (with grad) and the frozen reference (without) over the sampled sequences.
+
+        -> (scored rollouts, the policy's output over the last T + 1 positions, log π and log π_ref of each
+        completion token (N, T)).
+        """
+        scored = self.roll_out(model, batch, self.group_size, self.temperature)
+        rollout = scored.rollout
+        inputs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
+                  "logits_to_keep": rollout.completion_ids.shape[1] + 1}
+        out = model(**inputs)
+        with torch.no_grad():
+            ref_logp = completion_logprobs(self.reference(**inputs).logits, rollout)
+        return scored, out, completion_logprobs(out.logits, rollout), ref_logp
+
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         """Greedy answer per prompt: loss_sum = −Σ reward, metrics reward_mean and accuracy."""
@@ -172,7 +191,8 @@ class RLObjective(Objective):
             "completion_len": scored.rollout.lengths().float().mean().item()})
 
     def rollout_metrics(self, scored: Scored) -> dict[str, float]:
-        return {"reward_mean": scored.rewards.mean().item(), "reward_std": scored.rewards.std().item(),
+        """What every RL step logs about its rollouts."""
+        return {"reward_mean": scored.rewards.mean().item(), "reward_std": scored.rewards.std(correction=0).item(),
                 "accuracy": scored.correct.mean().item(),
                 "completion_len": scored.rollout.lengths().float().mean().item(),
                 "rollout_tokens": float(scored.rollout.lengths().sum().item())}

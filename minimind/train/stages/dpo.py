@@ -67,6 +67,7 @@ class DPO(Objective):
         self.reference, self.beta, self.mean_logp = reference, beta, mean_logp
 
     def count(self, batch: dict) -> torch.Tensor:
+        """The number of pairs."""
         return torch.tensor(batch["input_ids"].shape[0] // 2)
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:

@@ -34,7 +34,7 @@ from minimind.train.distributed import DistInfo
 from minimind.train.objective import LossOutput
 from minimind.train.reference import load_frozen
 from minimind.train.rewards import make_reward
-from minimind.train.rollout import RLObjective, completion_logprobs, masked_mean, prompt_batch
+from minimind.train.rollout import RLObjective, masked_mean, prompt_batch
 from minimind.train.stages import run_stage, stage_data
 from minimind.train.trainer import StageRun
 
@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def rl_settings(args: argparse.Namespace) -> dict:
+    """The shared RL flags, checked, as the `extra` settings of the TrainConfig."""
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     return {"group_size": args.group_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
@@ -101,21 +102,14 @@ class GRPO(RLObjective):
 
     def __init__(self, reference: torch.nn.Module, tokenizer, reward, group_size: int = 4, max_new_tokens: int = 32,
                  beta: float = 0.04, clip: float = 0.2, temperature: float = 1.0, top_k: int = 0):
-        super().__init__(tokenizer, reward, group_size, max_new_tokens, temperature, top_k)
-        self.reference, self.beta, self.clip = reference, beta, clip
+        super().__init__(reference, tokenizer, reward, group_size, max_new_tokens, temperature, top_k)
+        self.beta, self.clip = beta, clip
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         if not model.training:
             return self.evaluate(model, batch)
-        scored = self.roll_out(model, batch, self.group_size, self.temperature)
+        scored, out, logp, ref_logp = self.on_policy_pass(model, batch)  # log-probs (N, T)
         rollout = scored.rollout
-        t = rollout.completion_ids.shape[1]
-        inputs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
-                  "logits_to_keep": t + 1}
-        out = model(**inputs)
-        logp = completion_logprobs(out.logits, rollout)  # (N, T)
-        with torch.no_grad():
-            ref_logp = completion_logprobs(self.reference(**inputs).logits, rollout)
         advantages = group_advantages(scored.rewards, self.group_size)[:, None]
         policy_loss, clipped = clipped_surrogate(logp, rollout.logprobs, advantages, self.clip)
         kl = k3_kl(logp, ref_logp)

@@ -35,7 +35,7 @@ from minimind.train.distributed import DistInfo
 from minimind.train.objective import LossOutput
 from minimind.train.reference import load_frozen
 from minimind.train.rewards import make_reward
-from minimind.train.rollout import RLObjective, completion_logprobs, masked_mean
+from minimind.train.rollout import RLObjective, masked_mean
 from minimind.train.stages import run_stage
 from minimind.train.stages.grpo import DEFAULTS as GRPO_DEFAULTS
 from minimind.train.stages.grpo import (
@@ -145,24 +145,18 @@ class PPO(RLObjective):
     def __init__(self, reference: torch.nn.Module, tokenizer, reward, group_size: int = 4, max_new_tokens: int = 32,
                  kl_coef: float = 0.05, gamma: float = 1.0, lam: float = 0.95, vf_coef: float = 0.1,
                  clip: float = 0.2, value_clip: float = 0.2, temperature: float = 1.0, top_k: int = 0):
-        super().__init__(tokenizer, reward, group_size, max_new_tokens, temperature, top_k)
-        self.reference, self.kl_coef, self.gamma, self.lam = reference, kl_coef, gamma, lam
+        super().__init__(reference, tokenizer, reward, group_size, max_new_tokens, temperature, top_k)
+        self.kl_coef, self.gamma, self.lam = kl_coef, gamma, lam
         self.vf_coef, self.clip, self.value_clip = vf_coef, clip, value_clip
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         if not model.training:
             return self.evaluate(model, batch)
-        scored = self.roll_out(model, batch, self.group_size, self.temperature)
+        scored, out, logp, ref_logp = self.on_policy_pass(model, batch)  # log-probs (N, T)
         rollout = scored.rollout
-        t = rollout.completion_ids.shape[1]
-        inputs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
-                  "logits_to_keep": t + 1}
-        out = model(**inputs)
-        logp = completion_logprobs(out.logits, rollout)  # (N, T)
         values = out.values[:, :-1]  # V of the state before each completion token, (N, T)
         mask = rollout.completion_mask
         with torch.no_grad():
-            ref_logp = completion_logprobs(self.reference(**inputs).logits, rollout)
             kl = (rollout.logprobs - ref_logp) * mask
             token_rewards = -self.kl_coef * kl
             last = (rollout.lengths() - 1).clamp(min=0)
