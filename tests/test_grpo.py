@@ -109,10 +109,13 @@ def fake_rollout(completions: list[list[int]], finished: list[bool]) -> Rollout:
 def test_rule_reward_terms():
     assert repetition([1, 2, 3, 1, 2, 3, 1, 2, 3]) == pytest.approx(1 - 3 / 7)
     assert repetition([1, 2]) == 0.0
-    rollout = fake_rollout([[7, 2], [7, 8, 9, 10], [2], [5, 5, 5, 5, 5, 5]], [True, False, True, True])
-    rewards = RuleReward(max_new_tokens=10)(rollout, ["42", "42 and more", "", "x x x"], ["42", "42", "42", "42"])
-    expected = [1 + 0.1 - 0.05 * 2 / 10, 1 - 0.05 * 4 / 10, -0.05 * 1 / 10, 0.1 - 0.1 * (1 - 1 / 4) - 0.05 * 6 / 10]
+    rollout = fake_rollout([[7, 2], [7, 8, 9, 10], [2], [5, 5, 5, 5, 5, 5], [6, 2]], [True, False, True, True, True])
+    texts = ["42", "42 and more", "", "x x x", "41"]
+    rewards = RuleReward(max_new_tokens=10)(rollout, texts, ["42"] * 5)
+    expected = [1 - 0.05 * 2 / 10, (1 - 0.05 * 4 / 10) - 0.1, 0.0, -0.1 * (1 - 1 / 4), 0.0]
     torch.testing.assert_close(rewards, torch.tensor(expected))
+    # A wrong reply earns nothing for being short or empty: nothing to gain by saying less.
+    assert rewards[2] == rewards[4] == 0.0
 
 
 def test_model_reward_is_the_mean_completion_logprob(tmp_path, tokenizer):

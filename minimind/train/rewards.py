@@ -1,10 +1,12 @@
 """Pluggable rewards for GRPO and PPO, chosen with `--reward`.
 
-- `rule` (default): 1 if the reference answer occurs in the reply's answer part (after `</think>` / inside
-  `<answer>` when present), compared after normalising case, width and whitespace and only at word boundaries
-  (so "4" is not found in "14"); plus 0.1 if the reply is non-empty and ended with eos (an empty reply earns
-  no format credit, or stopping at once would be the easy reward), minus 0.1 × the share of repeated 3-grams,
-  minus 0.05 × length / max_new_tokens. Correctness alone is what `accuracy` reports.
+- `rule` (default): correct × (1 − 0.05 × length / max_new_tokens) − 0.1 × [no eos within max_new_tokens]
+  − 0.1 × share of repeated 3-grams. `correct` is 1 if the reference answer occurs in the reply's answer part
+  (after `</think>` / inside `<answer>` when present), compared after normalising case, width and whitespace
+  and only at word boundaries (so "4" is not found in "14"); it alone is what `accuracy` reports.
+  The format terms are penalties and the length term only ranks correct replies: GRPO normalises rewards
+  within a group, so any bonus a wrong reply could earn (for being short, say) would be blown up into the
+  whole advantage of an all-wrong group and the policy would learn to say nothing.
 - `model:DIR`: a sequence-scoring model: the mean log-probability per token of the completion (eos included)
   given the prompt, under the language model in DIR (e.g. a larger or better-aligned model acting as judge).
   It must share the policy's vocabulary. `accuracy` is still the rule's exact-answer check.
@@ -66,8 +68,7 @@ def repetition(ids: list[int], n: int = 3) -> float:
 
 
 class RuleReward:
-    """Exact answer (1) + format (0.1 for a non-empty reply ending with eos, −0.1 × repetition) − 0.05 × length /
-    max_new_tokens."""
+    """correct × (1 − 0.05 × length / max_new_tokens) − 0.1 × unfinished − 0.1 × repetition (see the module doc)."""
 
     def __init__(self, max_new_tokens: int, format_weight: float = 0.1, repetition_weight: float = 0.1,
                  length_weight: float = 0.05):
@@ -80,11 +81,10 @@ class RuleReward:
         rewards = []
         for i, (text, answer) in enumerate(zip(texts, answers)):
             n = int(lengths[i])
-            well_formed = bool(rollout.finished[i]) and bool(split_thinking(text)[1])
-            rewards.append(float(answer_correct(text, answer))
-                           + self.format_weight * float(well_formed)
-                           - self.repetition_weight * repetition(ids[i][:n])
-                           - self.length_weight * n / self.max_new_tokens)
+            correct = float(answer_correct(text, answer))
+            rewards.append(correct * (1.0 - self.length_weight * n / self.max_new_tokens)
+                           - self.format_weight * float(not rollout.finished[i])
+                           - self.repetition_weight * repetition(ids[i][:n]))
         return torch.tensor(rewards)
 
 

@@ -3,7 +3,7 @@
     minimind grpo --data rlaif.jsonl --eval-data rlaif_eval.jsonl --init runs/sft --out runs/grpo \
         [--group-size 4 --max-new-tokens 32 --beta 0.04 --clip 0.2 --reward rule|model:DIR]
 
-Each step: for every prompt sample G completions from the current policy (KV-cached, temperature 1); score them;
+Each step: for every prompt sample G completions from the current policy (KV-cached, `--temperature` 1); score them;
 advantage A_i = (r_i − mean(r)) / (std(r) + 1e-4) within the prompt's group; then per completion token
     loss_t = −min(ρ_t·A, clip(ρ_t, 1 − ε, 1 + ε)·A) + β·KL_t,   ρ_t = π(o_t) / π_old(o_t)
 with π_old the log-probs recorded while sampling and KL_t the k3 estimator
@@ -13,9 +13,9 @@ averaging); the trainer's count is the number of prompts. One optimiser step per
 float noise and dropout: the clip only binds if the policy runs with dropout.
 
 `--max-seq-len` caps the prompt length (longer prompts keep their last tokens); completions add up to
-`--max-new-tokens`. Logged: reward mean/std, accuracy (rule exact match), KL, completion length, clip fraction; with `--eval-data`,
-the greedy answers' reward and accuracy on held-out prompts (`eval_accuracy`), and in report.md the held-out
-accuracy of `--init` and of the trained policy.
+`--max-new-tokens`. Logged: reward mean/std, accuracy (rule exact match), KL, completion length, clip
+fraction; with `--eval-data`, the greedy answers' reward and accuracy on held-out prompts (`eval_accuracy`),
+and in report.md the held-out accuracy of `--init` and of the trained policy.
 """
 
 from __future__ import annotations
