@@ -229,14 +229,17 @@ def test_sixteen_concurrent_streams_equal_each_alone(server, model_dir):
     prompts = [f"MiniMind {i} plus {i} equals" for i in range(16)]
     headers = {"Authorization": f"Bearer {KEY}"}
 
-    def body(prompt: str, stream: bool) -> dict:
-        return {"model": model_dir.name, "messages": [{"role": "user", "content": prompt}], "max_tokens": 24,
-                "temperature": 0, "stream": stream}
+    def body(i: int, stream: bool) -> dict:
+        # even: greedy; odd: seeded sampling (the random tiny model's greedy chat answer is one repeated token)
+        sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 0.9, "seed": i}
+        return {"model": model_dir.name, "messages": [{"role": "user", "content": prompts[i]}],
+                "max_tokens": 16 + i, "stream": stream, **sampling}
 
-    alone = [post(server, CHAT, body(p, False)).json()["choices"][0]["message"]["content"] for p in prompts]
+    alone = [post(server, CHAT, body(i, False)).json()["choices"][0]["message"]["content"] for i in range(16)]
+    assert len(set(alone)) > 8
 
-    async def one(http: httpx.AsyncClient, prompt: str) -> tuple[str, list[str]]:
-        async with http.stream("POST", f"{server}{CHAT}", json=body(prompt, True), headers=headers) as response:
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[str, list[str]]:
+        async with http.stream("POST", f"{server}{CHAT}", json=body(i, True), headers=headers) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
             payloads = [p async for p in _async_sse(response)]
@@ -246,7 +249,7 @@ def test_sixteen_concurrent_streams_equal_each_alone(server, model_dir):
 
     async def all_at_once():
         async with httpx.AsyncClient(timeout=120) as http:
-            return await asyncio.gather(*(one(http, p) for p in prompts))
+            return await asyncio.gather(*(one(http, i) for i in range(16)))
 
     results = asyncio.run(all_at_once())
     for (text, payloads), expected in zip(results, alone):

@@ -83,3 +83,17 @@ def test_reply_shapes():
     assert reply.chunk(0, role=True).startswith("data: {") and reply.chunk(0, "z").endswith("}\n\n")
     text = Reply("m", chat=False)
     assert text.body(["x"], ["stop"], 1, 1)["object"] == "text_completion" and text.id.startswith("cmpl-")
+
+
+def test_serve_flags_fail_in_one_line_before_loading(model_dir, capsys):
+    import socket
+
+    from minimind.cli import main
+
+    assert main(["serve", "--model", str(model_dir), "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size is 0" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--model", str(model_dir), "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
