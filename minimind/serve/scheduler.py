@@ -88,10 +88,10 @@ class Scheduler:
 
     def close(self) -> None:
         """Stop the thread; jobs still live get a RuntimeError."""
-        with self._lock:
+        with self._lock:  # under the lock: no "add" can be queued behind the "stop"
             self._closed = True
-        if self._thread.is_alive():
             self._commands.put(("stop", []))
+        if self._thread.is_alive():
             self._thread.join()
 
     @property
@@ -114,7 +114,7 @@ class Scheduler:
             self._active += len(jobs)
             for job in jobs:
                 job.accepted = True
-        self._commands.put(("add", list(jobs)))
+            self._commands.put(("add", list(jobs)))
 
     def cancel(self, jobs: Sequence[Job]) -> None:
         """Release jobs (waiting or running); those done or never accepted are ignored. Safe to repeat."""
