@@ -37,11 +37,10 @@ from minimind.model.hub import save_model_dir  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def random_model_dir(preset: str) -> Path:
+def random_model_dir(preset: str, out: Path) -> Path:
     """A model directory with a preset's random weights and a tokenizer trained in seconds."""
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig.from_preset(preset)).eval()
-    out = Path(tempfile.mkdtemp(prefix=f"bench-serve-{preset}-"))
     save_model_dir(model, bench_tokenizer(model.config.vocab_size), out)
     return out
 
@@ -119,7 +118,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="rounds per mode (best is kept)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     args = parser.parse_args()
-    model_dir = Path(args.model) if args.model else random_model_dir(args.preset)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as scratch:
+        model_dir = Path(args.model) if args.model else random_model_dir(args.preset, Path(scratch) / args.preset)
+        ours, peer = measure(model_dir, args)
+    print(f"sequential {peer:.1f} tok/s, concurrent {ours:.1f} tok/s")
+    print(f"serve: ratio={ours / peer:.2f} (ours {ours:.1f}, peer {peer:.1f})")
+    return 0
+
+
+def measure(model_dir: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """(concurrent, sequential) tokens/s against a server started on `model_dir`."""
     port = free_port()
     server = start_server(model_dir, port, args)
     url = f"http://127.0.0.1:{port}"
@@ -132,9 +140,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"sequential {peer:.1f} tok/s, concurrent {ours:.1f} tok/s")
-    print(f"serve: ratio={ours / peer:.2f} (ours {ours:.1f}, peer {peer:.1f})")
-    return 0
+    return ours, peer
 
 
 if __name__ == "__main__":
