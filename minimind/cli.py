@@ -26,6 +26,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "ppo": ("minimind.train.stages.ppo", "PPO: RL with a value head, GAE and a clipped objective"),
     "generate": ("minimind.infer.generate_cli", "complete a prompt with a model directory"),
     "chat": ("minimind.infer.chat_cli", "multi-turn chat with a model in the terminal"),
+    "serve": ("minimind.serve.serve_cli", "OpenAI-compatible API server for a model directory"),
+    "web": ("minimind.serve.web_cli", "Streamlit web chat over the model directories found"),
     "eval": ("minimind.eval.cli", "perplexity, multiple-choice accuracy, or exact-match of answers"),
     "convert": ("minimind.convert.cli", "export/import between formats (HF Llama, GGUF, MiniMind2 .pth); merge LoRA"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),

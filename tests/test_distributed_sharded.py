@@ -11,6 +11,7 @@ average, a lost accumulation micro-batch or a misplaced optimizer slice moves th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 
@@ -90,6 +91,9 @@ def test_zero2_with_cpu_offload_matches_plain_training(tmp_path, corpus_file, to
                             "--batch-size", "4"))
     assert max_loss_gap(reference, out) < TOL
     assert max_weight_gap(reference, out) < 1e-4
+    # DeepSpeed needs LOCAL_RANK while it initialises; it must not stay behind for this process's children
+    # (accelerate, e.g. inside lm-eval, would take them for distributed workers).
+    assert "LOCAL_RANK" not in os.environ
 
 
 def test_zero_offload_without_zero2_and_missing_deepspeed_are_clear_errors(tmp_path, corpus_file, tokenizer_dir,

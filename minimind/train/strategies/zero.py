@@ -66,8 +66,15 @@ class ZeroStrategy(Strategy):
         self.groups = self.param_groups(model)  # our own lists: DeepSpeed re-points the optimizer's at flat slices
         self.names = {id(p): name for name, p in model.named_parameters()}
         self.adam = self.adamw([dict(g) for g in self.groups], fused=cuda and not self.cfg.zero_offload)
-        os.environ.setdefault("LOCAL_RANK", str(self.info.local_rank))  # DeepSpeed insists, even on one process
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.adam, config=config)
+        # DeepSpeed insists on LOCAL_RANK even on one process; set it only while it initialises, so the variable
+        # does not leak into this process's later children (accelerate would take them for distributed workers).
+        added = "LOCAL_RANK" not in os.environ
+        os.environ.setdefault("LOCAL_RANK", str(self.info.local_rank))
+        try:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.adam, config=config)
+        finally:
+            if added:
+                os.environ.pop("LOCAL_RANK", None)
         self.model = model
         return self.engine
 

@@ -1,0 +1,333 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over a `Scheduler`.
+
+    GET  /health                 {"status": "ok", "active": <sequences in flight>} (503 if the scheduler
+                                 thread is gone); never needs the key
+    GET  /v1/models              the served model name(s)
+    GET  /v1/models/{name}
+    POST /v1/chat/completions    messages -> chat.completion, or SSE chat.completion.chunk ... [DONE]
+    POST /v1/completions         prompt(s) -> text_completion, or SSE text_completion chunks ... [DONE]
+
+Request handlers run on the event loop: they read and check the body (`protocol`), tokenize the prompt with
+the scheduler's `PromptEncoder`, check it fits the context, and submit one `Job` per choice. The scheduler
+thread hands outputs back with `loop.call_soon_threadsafe` into an asyncio queue. A streaming response
+relays them as SSE chunks; if the client disconnects, Starlette cancels the response's generator and its
+`finally` cancels the jobs (their KV-cache rows are freed before the next step). A non-streaming handler
+races the result against the client's disconnect message and cancels the jobs the same way.
+
+Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`: 400 bad body or parameters
+(schema errors too, as OpenAI and vLLM answer them, not FastAPI's 422), 401 missing/wrong API key, 404
+unknown model or route, 405 wrong method, 413 body over `max_body_bytes`, 429 queue full (with Retry-After).
+The `model` field only selects among the served names; nothing in a request can make the server load a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from minimind.errors import UserError
+from minimind.infer.engine import StepOutput
+from minimind.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    base_params,
+    fit_to_context,
+    parse_request,
+)
+from minimind.serve.responses import Reply, sse
+from minimind.serve.scheduler import Job, QueueFull, Scheduler
+
+log = logging.getLogger("minimind.serve")
+
+
+@dataclass
+class ServeConfig:
+    """What the app serves and how it guards itself."""
+
+    model_names: list[str]  # the first is the default when a request names none
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    sampling_defaults: dict = field(default_factory=dict)  # the model's generation_config.json defaults
+
+
+def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
+    """The FastAPI app; starts the scheduler thread on startup and stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.close()
+
+    app = FastAPI(title="MiniMind OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+    api = _Api(scheduler, config)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not scheduler.alive:
+            return JSONResponse({"status": "error", "active": scheduler.active}, status_code=503)
+        return JSONResponse({"status": "ok", "active": scheduler.active})
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(api.authorize)])
+    router.add_api_route("/models", api.list_models, methods=["GET"])
+    router.add_api_route("/models/{name:path}", api.get_model, methods=["GET"])
+    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"])
+    router.add_api_route("/completions", api.completions, methods=["POST"])
+    app.include_router(router)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if err.status == 429 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(err)).body(), status_code=400)
+
+    async def server_error(_: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=err)
+        body = APIError(500, "internal server error", kind="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
+
+
+class _Api:
+    """The /v1 handlers, bound to one scheduler and config."""
+
+    def __init__(self, scheduler: Scheduler, config: ServeConfig):
+        self.scheduler = scheduler
+        self.config = config
+        self.prompts = scheduler.prompts
+        self.created = int(time.time())
+        self._key = config.api_key.encode() if config.api_key else None
+
+    async def authorize(self, request: Request) -> None:
+        """401 unless `Authorization: Bearer <key>` matches (constant-time compare); no-op without a key."""
+        if self._key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), self._key):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "minimind",
+                "max_model_len": self.prompts.max_seq_len}
+
+    async def list_models(self) -> dict:
+        return {"object": "list", "data": [self._model_card(n) for n in self.config.model_names]}
+
+    async def get_model(self, name: str) -> dict:
+        return self._model_card(self._model_name(name))
+
+    def _model_name(self, name: str | None) -> str:
+        if name is None:
+            return self.config.model_names[0]
+        if name not in self.config.model_names:
+            served = ", ".join(self.config.model_names)
+            raise APIError(404, f"the model {name!r} does not exist; this server serves: {served}", "model",
+                           "model_not_found")
+        return name
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = parse_request(ChatCompletionRequest, await self._read_json(request))
+        model = self._model_name(body.model)
+        try:
+            prompt = self.prompts.chat_prompt(body.conversation())
+        except TemplateError as err:
+            raise APIError(400, f"the chat template rejected these messages: {err}", "messages") from None
+        return await self._generate(request, model, body, [prompt], echoes=None)
+
+    async def completions(self, request: Request) -> Response:
+        body = parse_request(CompletionRequest, await self._read_json(request))
+        model = self._model_name(body.model)
+        try:
+            prompts = [self.prompts.encode(p) for p in body.prompt]
+        except UserError as err:
+            raise APIError(400, str(err), "prompt") from None
+        echoes = None
+        if body.echo:
+            echoes = [p if isinstance(p, str) else self.prompts.tokenizer.decode(p) for p in body.prompt]
+        return await self._generate(request, model, body, prompts, echoes)
+
+    async def _read_json(self, request: Request) -> dict:
+        """The body as a JSON object; 413 past `max_body_bytes` (declared or streamed), 400 if not JSON."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", None,
+                           "request_too_large")
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise APIError(413, f"the request body is over the limit of {limit} bytes", None,
+                               "request_too_large")
+        try:
+            value = json.loads(data, parse_constant=_no_constants)
+        except (ValueError, RecursionError) as err:
+            raise APIError(400, f"the request body is not valid JSON: {err}", None, "invalid_json") from None
+        if not isinstance(value, dict):
+            raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+        return value
+
+    async def _generate(self, request: Request, model: str, body: ChatCompletionRequest | CompletionRequest,
+                        prompts: list[list[int]], echoes: list[str] | None) -> Response:
+        """Check every choice fits the context, submit one job per choice, and answer (streaming or not)."""
+        params = base_params(body, self.config.sampling_defaults)
+        defaults = self.config.sampling_defaults
+        jobs_params = [
+            fit_to_context(params, body, defaults, len(ids), self.prompts.max_seq_len, p * body.n + j)
+            for p, ids in enumerate(prompts) for j in range(body.n)
+        ]
+        if len(jobs_params) > self.scheduler.capacity:
+            raise APIError(400, f"{len(jobs_params)} choices were asked for (prompts x n); this server takes at "
+                           f"most {self.scheduler.capacity} at once", "n")
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        choices = _Choices(self.scheduler, [prompts[i // body.n] for i in range(len(jobs_params))], jobs_params)
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        reply = Reply(model, chat=isinstance(body, ChatCompletionRequest), include_usage=include_usage)
+        if body.stream:
+            return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n), choices)
+        return await _respond(request, reply, choices, prompt_tokens, echoes, body.n)
+
+
+class _Choices:
+    """The jobs of one request and the asyncio queue their outputs arrive on, as (choice index, event)."""
+
+    def __init__(self, scheduler: Scheduler, prompts: list[list[int]], params: list):
+        loop = asyncio.get_running_loop()
+        self.scheduler = scheduler
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+        def deliver_to(index: int):
+            return lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        self.jobs = [Job(ids, p, deliver_to(i)) for i, (ids, p) in enumerate(zip(prompts, params))]
+        try:
+            scheduler.submit(self.jobs)
+        except QueueFull as err:
+            raise APIError(429, f"{err}; retry shortly", None, "queue_full", kind="rate_limit_error") from None
+
+    async def events(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        """Outputs in arrival order until every choice has finished; a job's error is raised."""
+        remaining = len(self.jobs)
+        while remaining:
+            index, event = await self.queue.get()
+            if isinstance(event, BaseException):
+                raise event
+            if event.finished:
+                remaining -= 1
+            yield index, event
+
+    def cancel(self) -> None:
+        self.scheduler.cancel(self.jobs)
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that releases its jobs however it ends: done, failed, or the client went away.
+
+    Starlette cancels the body when the client disconnects; releasing here rather than in the body's
+    generator also covers a disconnect before the generator ever started.
+    """
+
+    def __init__(self, chunks: AsyncIterator[str], choices: _Choices):
+        super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.choices = choices
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.choices.cancel()
+
+
+async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: list[str] | None,
+                  n: int) -> AsyncIterator[str]:
+    """SSE chunks: opening chunk per choice (chat role, or the echoed prompt), deltas, finish, usage, [DONE]."""
+    completion_tokens = 0
+    try:
+        for index in range(len(choices.jobs)):
+            if reply.chat:
+                yield reply.chunk(index, role=True)
+            elif echoes is not None:
+                yield reply.chunk(index, echoes[index // n])
+        async for index, out in choices.events():
+            if out.text:
+                yield reply.chunk(index, out.text)
+            if out.finished:
+                completion_tokens += out.completion_tokens
+                yield reply.chunk(index, finish_reason=out.finish_reason)
+        if reply.include_usage:
+            yield reply.usage_chunk(prompt_tokens, completion_tokens)
+        yield sse("[DONE]")
+    except Exception as err:  # headers are sent: report in-band, as OpenAI does
+        log.exception("generation failed mid-stream", exc_info=err)
+        yield sse(APIError(500, "generation failed: internal server error", kind="server_error").body())
+        yield sse("[DONE]")
+
+
+async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tokens: int,
+                   echoes: list[str] | None, n: int) -> Response:
+    """Wait for every choice, or stop early (and release them) when the client disconnects."""
+    texts = [[echoes[i // n]] if echoes is not None else [] for i in range(len(choices.jobs))]
+    reasons: list[str] = [""] * len(choices.jobs)
+    completion_tokens = 0
+
+    async def collect() -> None:
+        nonlocal completion_tokens
+        async for index, out in choices.events():
+            texts[index].append(out.text)
+            if out.finished:
+                reasons[index] = out.finish_reason
+                completion_tokens += out.completion_tokens
+
+    work = asyncio.ensure_future(collect())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()
+            return Response(status_code=499)  # nobody is listening; the status is for the access log
+        work.result()
+    finally:
+        gone.cancel()
+        choices.cancel()
+    return JSONResponse(reply.body(["".join(t) for t in texts], reasons, prompt_tokens, completion_tokens))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read, so this only waits)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")

@@ -1,0 +1,244 @@
+"""OpenAI request bodies for the API server: schemas, validation, and the mapping to `SamplingParams`.
+
+Validation follows OpenAI and vLLM: every client error becomes an `APIError` that the app turns into
+`{"error": {"message", "type", "param", "code"}}` with its HTTP status. Schema violations (wrong type, value
+out of range, missing field, wrong role) are 400 like OpenAI and vLLM answer them, not FastAPI's default 422.
+Unknown fields are ignored, as OpenAI does; fields we cannot honour (`logprobs`, `tools`, `suffix`,
+`response_format` other than text) are rejected rather than silently dropped, so a client never gets an
+answer that quietly differs from what it asked for.
+
+Besides OpenAI's fields the requests accept vLLM's sampling extensions `top_k`, `min_p`,
+`repetition_penalty` and `ignore_eos`. Fields left out take the model's generation_config.json defaults
+(as `minimind generate` does; temperature 1.0 when the file has none); `max_tokens` defaults to the rest of
+the context, capped by the generation config's `max_new_tokens`. With `seed` and several choices, choice i
+(counted over all prompts of a completions request) uses seed + i, so every choice is reproducible alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from minimind.errors import UserError
+from minimind.infer.sampling import SamplingParams
+
+MAX_CHOICES = 16  # n per prompt
+MAX_STOP_STRINGS = 16
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class APIError(Exception):
+    """A client error (or a refusal) with its HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        """OpenAI's error JSON."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    """Strict types (no "0.5" for a number, no 1 for a string); unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class Message(_Body):
+    """One chat turn; content is a string or OpenAI's list of text parts (joined)."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ValueError('a content part must be an object with a "type"')
+                if part["type"] != "text":
+                    raise ValueError(f"content part type {part['type']!r} is not supported; this model reads text")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError('a "text" content part needs a string "text"')
+                texts.append(part["text"])
+            return "".join(texts)
+        raise ValueError('expected a string or a list of {"type": "text", "text": ...} parts')
+
+
+class _GenerationRequest(_Body):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None  # optional: the server's (first) model
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stop: Any = Field(default_factory=list)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: Any = None
+    # vLLM extensions
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0 = off
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            if len(value) > MAX_STOP_STRINGS:
+                raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+            return value
+        raise ValueError("expected a string or a list of strings")
+
+    def check_supported(self) -> None:
+        """Refuse what the server cannot honour instead of ignoring it."""
+        if self.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", "logprobs")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: Any = None
+    response_format: Any = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server", "tools")
+        if self.response_format not in (None, {"type": "text"}):
+            raise APIError(400, 'only response_format {"type": "text"} is supported', "response_format")
+
+    def conversation(self) -> list[dict]:
+        """Messages for the chat template (OpenAI's "developer" role is the system role)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions; `prompt` is a string, a list of strings, a token-id list, or a list of those."""
+
+    prompt: Any
+    echo: bool = False
+    suffix: Any = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompts(cls, value: Any) -> list[str | list[int]]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and value:
+            if all(_is_int(t) for t in value):
+                return [value]
+            if all(isinstance(p, str) for p in value):
+                return value
+            if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in value):
+                return value
+        raise ValueError("expected a string, a non-empty list of strings, or non-empty list(s) of token ids")
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of is not supported (only best_of equal to n)", "best_of")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_request(kind: type[_GenerationRequest], body: dict) -> _GenerationRequest:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
+    try:
+        request = kind.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = _param_name(first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{param}: {message}" if param else message, param or None) from None
+    request.check_supported()
+    return request
+
+
+def _param_name(loc: tuple) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content'."""
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name
+
+
+def base_params(request: _GenerationRequest, defaults: dict) -> SamplingParams:
+    """The request's sampling parameters over the model's defaults (max_new_tokens set per prompt later)."""
+    chosen = {k: v for k, v in defaults.items() if k != "max_new_tokens"}
+    chosen.setdefault("temperature", 1.0)
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "seed"):
+        value = getattr(request, name)
+        if value is not None:
+            chosen[name] = value
+    if request.top_k is not None:
+        chosen["top_k"] = max(request.top_k, 0)
+    try:
+        return SamplingParams(
+            **chosen, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            stop=request.stop, ignore_eos=request.ignore_eos,
+        )
+    except UserError as err:  # a bad generation_config.json default; the request itself was checked
+        raise APIError(400, str(err)) from None
+
+
+def fit_to_context(params: SamplingParams, request: _GenerationRequest, defaults: dict, prompt_tokens: int,
+                   max_seq_len: int, choice: int) -> SamplingParams:
+    """`params` for one choice of one prompt: max_new_tokens checked against the context, seed + choice."""
+    room = max_seq_len - prompt_tokens
+    if room < 1:
+        raise APIError(
+            400, f"the prompt has {prompt_tokens} tokens but this model's context length is {max_seq_len}; "
+            f"a prompt may have at most {max_seq_len - 1} tokens", "messages" if hasattr(request, "messages")
+            else "prompt", "context_length_exceeded",
+        )
+    limit = request.token_limit
+    if limit is None:
+        limit = min(room, defaults.get("max_new_tokens", room))
+    elif limit > room:
+        field = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+        raise APIError(
+            400, f"this model's context length is {max_seq_len} tokens; the prompt has {prompt_tokens}, so "
+            f"{field} may be at most {room} (got {limit})", field, "context_length_exceeded",
+        )
+    seed = None if params.seed is None else params.seed + choice
+    return replace(params, max_new_tokens=limit, seed=seed)

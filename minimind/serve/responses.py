@@ -1,0 +1,72 @@
+"""Response bodies and SSE chunks shaped exactly like OpenAI's chat and text completions."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's `usage` object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event: `data: {json}` and a blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+@dataclass
+class Reply:
+    """The id, timestamp and model shared by every chunk (or the one body) of one response.
+
+    `chat` selects chat.completion(.chunk) bodies with `message`/`delta`, else text_completion with `text`.
+    With `include_usage` every chunk carries `"usage": null` and `usage_chunk` gives the final one with
+    empty choices, as OpenAI streams them.
+    """
+
+    model: str
+    chat: bool
+    include_usage: bool = False
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+
+    def _head(self, stream: bool) -> dict:
+        kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def body(self, texts: list[str], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int) -> dict:
+        """The whole non-streaming response, one choice per text."""
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, finish_reasons))]
+        else:
+            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                       for i, (text, reason) in enumerate(zip(texts, finish_reasons))]
+        return {**self._head(False), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
+              role: bool = False) -> str:
+        """One SSE chunk for choice `index`: a text delta, the opening role (chat), or the finish reason."""
+        if self.chat:
+            delta: dict = {"role": "assistant", "content": ""} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        data = {**self._head(True), "choices": [choice]}
+        if self.include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
+        """The last chunk before [DONE] when `stream_options.include_usage` is set."""
+        return sse({**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)})

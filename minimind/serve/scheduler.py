@@ -1,0 +1,235 @@
+"""The scheduler: one thread owns the Engine and steps it while any request is live (continuous batching).
+
+    scheduler = Scheduler(engine, max_queue=64).start()
+    for out in scheduler.stream(prompt_ids, SamplingParams(max_new_tokens=32)):   # from any thread
+        print(out.text, end="")
+    scheduler.close()
+
+The Engine is not thread-safe, so only the scheduler thread calls `add`/`step`/`release`. Other threads (the
+server's event loop, Streamlit sessions) hand it `Job`s through a queue; each job carries a `deliver`
+callback that the scheduler thread calls with every `StepOutput` of that job (or an exception if the job
+failed). The thread's loop: take every pending add/cancel command, then one `engine.step()` — which decodes
+one token for all running requests in a single forward and prefills newly admitted ones — and deliver the
+outputs. Requests therefore join and leave the batch between any two steps. With nothing live the thread
+sleeps on the command queue.
+
+Admission is bounded: at most `max_batch_size` jobs run and `max_queue` more may wait; `submit` raises
+`QueueFull` beyond that (the server answers 429). `cancel` releases jobs that are waiting or running (a
+client went away): their cache rows are freed before the next step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from minimind.infer.engine import Engine, StepOutput
+from minimind.infer.sampling import SamplingParams
+
+log = logging.getLogger("minimind.serve")
+
+Event = StepOutput | BaseException
+
+
+class QueueFull(Exception):
+    """The scheduler already holds as many jobs as it may (running + waiting)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence to generate. `deliver` is called on the scheduler thread with each output or an error."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    deliver: Callable[[Event], None]
+    accepted: bool = field(default=False, init=False)  # submitted (counted in `active`)
+    request_id: int | None = field(default=None, init=False)  # the engine's id, set on the scheduler thread
+    done: bool = field(default=False, init=False)  # finished, cancelled or failed; counted out of `active`
+
+
+class PromptEncoder:
+    """The Engine's prompt encoding (`encode`, `chat_prompt`) on a private tokenizer copy.
+
+    The engine's own tokenizer belongs to the scheduler thread (it detokenizes every step); request handlers
+    tokenize prompts with this copy. The two methods are the Engine's, which read only `tokenizer` and
+    `vocab_size`, so prompts are encoded exactly as `Engine.add` would encode them.
+    """
+
+    encode = Engine.encode
+    chat_prompt = Engine.chat_prompt
+
+    def __init__(self, engine: Engine):
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.vocab_size = engine.vocab_size
+        self.max_seq_len = engine.max_seq_len
+
+
+class Scheduler:
+    """Owns an Engine on one thread and serves jobs submitted from any thread; see the module doc."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64):
+        self.engine = engine
+        self.capacity = engine.max_batch_size + max_queue
+        self.prompts = PromptEncoder(engine)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._active = 0  # submitted jobs not yet done
+        self._closed = False
+        self._live: dict[int, Job] = {}  # engine request id -> job (scheduler thread only)
+        self._thread = threading.Thread(target=self._run, name="minimind-scheduler", daemon=True)
+
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread; jobs still live get a RuntimeError."""
+        with self._lock:  # under the lock: no "add" can be queued behind the "stop"
+            self._closed = True
+            self._commands.put(("stop", []))
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        """The scheduler thread is running."""
+        return self._thread.is_alive()
+
+    @property
+    def active(self) -> int:
+        """Jobs submitted and not yet finished (running or waiting)."""
+        return self._active
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue jobs (all or none); raises QueueFull when they would exceed `capacity`."""
+        with self._lock:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if self._active + len(jobs) > self.capacity:
+                raise QueueFull(f"the server is busy ({self._active} requests in flight, room for {self.capacity})")
+            self._active += len(jobs)
+            for job in jobs:
+                job.accepted = True
+            self._commands.put(("add", list(jobs)))
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        """Release jobs (waiting or running); those done or never accepted are ignored. Safe to repeat."""
+        live = [job for job in jobs if job.accepted and not job.done]
+        if live:
+            self._commands.put(("cancel", live))
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:
+        """Submit one job and yield its outputs on the calling thread (blocking); closing the iterator early
+        cancels the job. Raises QueueFull at the call and the job's error, if any, while iterating."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        job = Job(prompt_ids, params, events.put)
+        self.submit([job])
+        return self._follow(job, events)
+
+    def _follow(self, job: Job, events: queue.SimpleQueue) -> Iterator[StepOutput]:
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finished:
+                    return
+        finally:
+            self.cancel([job])
+
+    # ---- the scheduler thread ----
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._serve_once():
+                    return
+            except Exception as err:  # a bug here must not leave every client waiting forever
+                log.exception("scheduler error")
+                self._fail_all(err)
+
+    def _serve_once(self) -> bool:
+        """Apply pending commands, then one engine step; False once asked to stop."""
+        for kind, jobs in self._take_commands(wait=not self._live):  # with nothing live, sleep here
+            if kind == "stop":
+                self._fail_all(RuntimeError("the server is shutting down"))
+                return False
+            for job in jobs:
+                (self._add if kind == "add" else self._release)(job)
+        if self._live:
+            self._step()
+        return True
+
+    def _take_commands(self, wait: bool) -> list[tuple[str, list[Job]]]:
+        commands = [self._commands.get()] if wait else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _add(self, job: Job) -> None:
+        if job.done:
+            return
+        try:
+            job.request_id = self.engine.add(job.prompt_ids, job.params)
+        except Exception as err:  # the handler validated the request; this is a last line of defence
+            self._finish(job, err)
+            return
+        self._live[job.request_id] = job
+
+    def _release(self, job: Job) -> None:
+        if job.done:
+            return
+        if job.request_id is not None:
+            self.engine.release(job.request_id)
+            self._live.pop(job.request_id, None)
+        job.done = True
+        self._count_out(1)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # a bug or a device error: fail what is in flight, keep serving
+            log.exception("engine step failed")
+            self._fail_all(err)
+            return
+        for output in outputs:
+            job = self._live.get(output.request_id)
+            if job is None:
+                continue
+            if output.finished:
+                del self._live[output.request_id]
+                self._finish(job, output)
+            else:
+                _deliver(job, output)
+
+    def _finish(self, job: Job, event: Event) -> None:
+        job.done = True
+        self._count_out(1)
+        _deliver(job, event)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for request_id, job in list(self._live.items()):
+            try:
+                self.engine.release(request_id)
+            except Exception:  # after a failed step the engine may be inconsistent; the job fails anyway
+                log.exception("releasing request %d failed", request_id)
+            self._finish(job, err)
+        self._live.clear()
+
+    def _count_out(self, n: int) -> None:
+        with self._lock:
+            self._active -= n
+
+
+def _deliver(job: Job, event: Event) -> None:
+    try:
+        job.deliver(event)
+    except Exception:  # a receiver that is gone (closed event loop) must not stop the scheduler
+        log.debug("dropped an output for a receiver that is gone", exc_info=True)

@@ -1,0 +1,81 @@
+"""`minimind serve`: an OpenAI-compatible API server for one model directory (FastAPI + uvicorn).
+
+    minimind serve --model runs/sft                      # http://127.0.0.1:8998/v1, model name "sft"
+    minimind serve --model runs/sft --api-key secret --port 9000 --max-batch-size 16
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8998/v1", api_key="secret")
+    client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "你好"}], stream=True)
+
+Binds 127.0.0.1 unless told otherwise. The key may also come from $MINIMIND_API_KEY (keeps it out of `ps`).
+Concurrent requests share decode steps (continuous batching, up to --max-batch-size at once); up to
+--max-queue more wait, and beyond that the server answers 429. Endpoints and error codes: see
+`minimind.serve.app`; sampling defaults and request fields: `minimind.serve.protocol`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from minimind.errors import UserError
+from minimind.infer.options import add_model_arguments, generation_defaults, load_engine
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = every interface)")
+    parser.add_argument("--port", type=int, default=8998, help="TCP port")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1; if not given, $MINIMIND_API_KEY; "
+                        "neither = no key")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="name(s) clients use in 'model' (default: the model directory's name)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait for a slot; beyond that the server answers 429")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="uvicorn's log level (info logs every request)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from minimind.serve.app import ServeConfig, create_app
+        from minimind.serve.scheduler import Scheduler
+    except ImportError as err:
+        raise UserError(f"minimind serve needs the serve extra ({err.name} is missing): pip install 'minimind[serve]'") from None
+    for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
+                             ("--max-body-bytes", args.max_body_bytes, 1024), ("--port", args.port, 0)):
+        if value < low:
+            raise UserError(f"{flag} is {value}; expected at least {low}")
+    names = args.served_model_name or [Path(args.model).resolve().name]
+    _check_port_free(args.host, args.port)
+    defaults = generation_defaults(args.model)
+    engine = load_engine(args, max_batch_size=args.max_batch_size)
+    config = ServeConfig(names, args.api_key or os.environ.get("MINIMIND_API_KEY") or None, args.max_body_bytes,
+                         defaults)
+    app = create_app(Scheduler(engine, max_queue=args.max_queue), config)
+    key_note = "API key required" if config.api_key else "no API key"
+    print(f"minimind serve: {args.model} as {', '.join(names)} on http://{args.host}:{args.port}/v1 "
+          f"({engine.device}, {key_note})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
+    return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail in one line before loading the model if the address cannot be bound."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise UserError(f"--host {host!r} is not an address this machine can bind ({err.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror})") from None

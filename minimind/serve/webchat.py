@@ -1,0 +1,80 @@
+"""What the web chat page needs besides Streamlit: model discovery, the cached scheduler, prompts, thinking.
+
+Kept apart from the page script (`minimind/serve/webui/page.py`) so it can be imported and tested without
+running Streamlit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from minimind.infer.chat_cli import build_prompt
+from minimind.serve.scheduler import Scheduler
+
+MODEL_FILES = ("config.json", "model.safetensors")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_TAGS = re.compile(r"</?answer>")
+
+
+def find_models(models_dir: str | Path) -> list[Path]:
+    """Model directories under `models_dir` (itself included): any folder with config.json + model.safetensors.
+
+    Sorted by path; checkpoint folders inside runs are included, since each is a loadable model.
+    """
+    root = Path(models_dir)
+    if not root.is_dir():
+        return []
+    found = [p.parent for p in root.rglob(MODEL_FILES[0]) if all((p.parent / f).is_file() for f in MODEL_FILES)]
+    return sorted(set(found))
+
+
+def load_scheduler(model_dir: str, device: str = "auto", dtype: str | None = None) -> Scheduler:
+    """A started Scheduler over the model directory (all browser sessions share it and batch together)."""
+    from minimind.infer.engine import Engine
+    from minimind.infer.options import resolve_device
+
+    engine = Engine.from_pretrained(model_dir, device=resolve_device(device), dtype=dtype, max_batch_size=8)
+    return Scheduler(engine, max_queue=32).start()
+
+
+def history_pairs(messages: list[dict]) -> list[tuple[str, str]]:
+    """(user, assistant) pairs of a message list that alternates user and assistant turns; earlier answers
+    go back without their thinking, as reasoning models are trained to see them."""
+    return [(messages[i]["content"], split_thinking(messages[i + 1]["content"]).answer)
+            for i in range(0, len(messages) - 1, 2)
+            if messages[i]["role"] == "user" and messages[i + 1]["role"] == "assistant"]
+
+
+def chat_prompt(scheduler: Scheduler, system: str, messages: list[dict], history_turns: int,
+                max_new_tokens: int) -> list[int] | None:
+    """Token ids for answering the last user message of `messages` (history trimmed to turns and context);
+    None if the message alone does not fit."""
+    *earlier, last = messages
+    return build_prompt(scheduler.prompts, system.strip() or None, history_pairs(earlier), last["content"],
+                        history_turns, max_new_tokens)
+
+
+@dataclass
+class Thought:
+    """An answer split into its `<think>` part (None without one) and the rest, `<answer>` tags removed."""
+
+    thinking: str | None
+    answer: str
+    thinking_done: bool
+
+
+def split_thinking(text: str) -> Thought:
+    """Split model output like `<think>…</think><answer>…</answer>`; works on partial (streaming) text."""
+    stripped = text.lstrip()
+    if stripped.startswith(THINK_OPEN):
+        body = stripped[len(THINK_OPEN):]
+        if THINK_CLOSE not in body:
+            return Thought(body.strip(), "", False)
+        thinking, rest = body.split(THINK_CLOSE, 1)
+        return Thought(thinking.strip(), ANSWER_TAGS.sub("", rest).strip(), True)
+    if THINK_CLOSE in text:  # the template opened the block in the prompt; only its end is generated
+        thinking, rest = text.split(THINK_CLOSE, 1)
+        return Thought(thinking.strip(), ANSWER_TAGS.sub("", rest).strip(), True)
+    return Thought(None, ANSWER_TAGS.sub("", text), True)

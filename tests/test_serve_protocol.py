@@ -1,0 +1,99 @@
+"""Request parsing and the mapping to SamplingParams, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from minimind.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    base_params,
+    fit_to_context,
+    parse_request,
+)
+from minimind.serve.responses import Reply
+
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+def test_defaults_come_from_the_generation_config_and_requests_override_them():
+    defaults = {"temperature": 0.85, "top_p": 0.85, "top_k": 5, "max_new_tokens": 40}
+    request = parse_request(ChatCompletionRequest, {"messages": HELLO})
+    params = fit_to_context(base_params(request, defaults), request, defaults, 10, 256, 0)
+    assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0.85, 0.85, 5, 40)
+    request = parse_request(ChatCompletionRequest, {"messages": HELLO, "temperature": 0, "top_p": 0.5,
+                                                    "top_k": -1, "max_completion_tokens": 7, "stop": "x"})
+    params = fit_to_context(base_params(request, defaults), request, defaults, 10, 256, 0)
+    assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0, 0.5, 0, 7)
+    assert params.stop == ("x",)
+    bare = parse_request(CompletionRequest, {"prompt": "a"})
+    params = fit_to_context(base_params(bare, {}), bare, {}, 250, 256, 0)
+    assert params.temperature == 1.0 and params.max_new_tokens == 6  # OpenAI's default; the rest of the context
+
+
+def test_seed_per_choice_and_context_checks():
+    request = parse_request(CompletionRequest, {"prompt": ["a", "b"], "n": 2, "seed": 100, "max_tokens": 5})
+    params = base_params(request, {})
+    assert [fit_to_context(params, request, {}, 3, 256, i).seed for i in range(4)] == [100, 101, 102, 103]
+    with pytest.raises(APIError) as err:
+        fit_to_context(params, request, {}, 252, 256, 0)
+    assert (err.value.status, err.value.param, err.value.code) == (400, "max_tokens", "context_length_exceeded")
+    with pytest.raises(APIError) as err:
+        fit_to_context(params, request, {}, 256, 256, 0)
+    assert err.value.param == "prompt"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}, "messages[1].role"),
+    ({"messages": HELLO, "stop": ["a", 1]}, "stop"),
+    ({"messages": HELLO, "stop": ["s"] * 17}, "stop"),
+    ({"messages": HELLO, "n": True}, "n"),
+    ({"messages": HELLO, "stream": "yes"}, "stream"),
+    ({"messages": HELLO, "seed": 2**63}, "seed"),
+    ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_bad_chat_fields_name_their_param(body, param):
+    with pytest.raises(APIError) as err:
+        parse_request(ChatCompletionRequest, body)
+    assert err.value.status == 400 and err.value.param == param
+    assert err.value.body()["error"]["message"]
+
+
+def test_prompt_forms_and_content_parts():
+    forms = [("a", ["a"]), (["a", "b"], ["a", "b"]), ([1, 2], [[1, 2]]), ([[1], [2, 3]], [[1], [2, 3]])]
+    for given, expected in forms:
+        assert parse_request(CompletionRequest, {"prompt": given}).prompt == expected
+    for bad in ([], [[]], ["a", 1], 5, [True]):
+        with pytest.raises(APIError):
+            parse_request(CompletionRequest, {"prompt": bad})
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    request = parse_request(ChatCompletionRequest, {"messages": [{"role": "developer", "content": parts}]})
+    assert request.conversation() == [{"role": "system", "content": "ab"}]
+
+
+def test_reply_shapes():
+    reply = Reply("m", chat=True, include_usage=True)
+    body = reply.body(["x", "y"], ["stop", "length"], 3, 4)
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][1] == {"index": 1, "message": {"role": "assistant", "content": "y"}, "logprobs": None,
+                                  "finish_reason": "length"}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert reply.chunk(0, role=True).startswith("data: {") and reply.chunk(0, "z").endswith("}\n\n")
+    text = Reply("m", chat=False)
+    assert text.body(["x"], ["stop"], 1, 1)["object"] == "text_completion" and text.id.startswith("cmpl-")
+
+
+def test_serve_flags_fail_in_one_line_before_loading(model_dir, capsys):
+    import socket
+
+    from minimind.cli import main
+
+    assert main(["serve", "--model", str(model_dir), "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size is 0" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--model", str(model_dir), "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err

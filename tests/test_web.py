@@ -1,0 +1,122 @@
+"""The web chat page with Streamlit's AppTest (in-process, no browser), and its helpers."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+from conftest import tiny_model
+from streamlit.testing.v1 import AppTest
+
+from minimind.cli import main
+from minimind.infer import Engine
+from minimind.serve.web_cli import PAGE
+from minimind.serve.webchat import find_models, history_pairs, split_thinking
+from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, model_dir, tokenizer):
+    """runs/chat (the tiny model), runs/other/checkpoint (a second one, nested), runs/empty (not a model)."""
+    from minimind.model.hub import save_model_dir
+
+    root = tmp_path_factory.mktemp("runs")
+    shutil.copytree(model_dir, root / "chat")
+    save_model_dir(tiny_model(seed=1), tokenizer, root / "other" / "checkpoint")
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.fixture
+def app(runs, monkeypatch) -> AppTest:
+    monkeypatch.setattr(sys, "argv", ["page.py", "--models-dir", str(runs), "--device", "cpu"])
+    app = AppTest.from_file(str(PAGE), default_timeout=120)
+    return app.run()
+
+
+def expected_answer(model_dir, messages, seed, max_new_tokens=128):
+    """What the page should answer with its default settings (from generation_config.json) and `seed`."""
+    engine = Engine.from_pretrained(model_dir)
+    ids = engine.chat_prompt([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages])
+    assert len(ids) + min(max_new_tokens, engine.max_seq_len // 2) <= engine.max_seq_len  # history not trimmed
+    return engine.completions([ids], temperature=0.85, top_p=0.85, max_new_tokens=max_new_tokens, seed=seed)[0]
+
+
+def test_chat_flow_send_regenerate_clear(app, runs):
+    assert not app.exception
+    assert app.selectbox[0].options == ["chat", "other/checkpoint"]
+    assert app.selectbox[0].value == "chat"
+    app.number_input[0].set_value(SEED).run()
+    next(s for s in app.slider if s.label == "Max new tokens").set_value(16).run()
+    app.chat_input[0].set_value("hello").run()
+    assert not app.exception
+    assert [m.name for m in app.chat_message] == ["user", "assistant"]
+    assert app.chat_message[0].markdown[0].value == "hello"
+    answer = app.session_state["messages"][1]
+    expected = expected_answer(runs / "chat", [{"role": "user", "content": "hello"}], SEED, 16)
+    assert answer["content"] == expected.text  # the settings were applied
+    assert f"{expected.completion_tokens} tokens" in answer["stats"] and "tokens/s" in answer["stats"]
+    assert app.chat_message[1].caption[0].value == answer["stats"]
+
+    app.chat_input[0].set_value("more").run()  # a second turn carries the first as history
+    assert [m.name for m in app.chat_message] == ["user", "assistant", "user", "assistant"]
+    second = expected_answer(runs / "chat", [{"role": "user", "content": "hello"},
+                                             {"role": "assistant", "content": expected.text},
+                                             {"role": "user", "content": "more"}], SEED, 16)
+    assert app.session_state["messages"][3]["content"] == second.text
+
+    app.number_input[0].set_value(SEED + 1).run()
+    next(b for b in app.button if b.label == "Regenerate").click().run()
+    assert len(app.chat_message) == 4
+    assert app.session_state["messages"][3]["content"] != second.text
+
+    next(b for b in app.button if b.label == "Clear").click().run()
+    assert len(app.chat_message) == 0 and app.session_state["messages"] == []
+
+
+def test_model_picker_switches_models(app, runs):
+    app.number_input[0].set_value(SEED).run()
+    app.selectbox[0].select("other/checkpoint").run()
+    app.chat_input[0].set_value("hello").run()
+    expected = expected_answer(runs / "other" / "checkpoint", [{"role": "user", "content": "hello"}], SEED)
+    assert app.session_state["messages"][1]["content"] == expected.text
+
+
+def test_thinking_is_folded(app):
+    app.session_state["messages"] = [
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "<think>one and one</think><answer>2</answer>", "stats": "3 tokens"},
+    ]
+    app.run()
+    (expander,) = app.chat_message[1].expander
+    assert expander.label == "Thinking" and expander.markdown[0].value == "one and one"
+    assert [m.value for m in app.chat_message[1].markdown if m.value == "2"] == ["2"]
+
+
+def test_no_models_found_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["page.py", "--models-dir", str(tmp_path)])
+    app = AppTest.from_file(str(PAGE), default_timeout=60).run()
+    assert "No model directories" in app.sidebar.warning[0].value
+    assert main(["web", "--models-dir", str(tmp_path / "missing")]) == 2
+
+
+def test_find_models_and_history(runs):
+    assert [p.relative_to(runs).as_posix() for p in find_models(runs)] == ["chat", "other/checkpoint"]
+    assert find_models(runs / "chat") == [runs / "chat"]
+    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>t</think>a1"},
+                {"role": "user", "content": "q2"}]
+    assert history_pairs(messages) == [("q1", "a1")]
+
+
+@pytest.mark.parametrize("text,thinking,answer,done", [
+    ("plain <b>answer</b>", None, "plain <b>answer</b>", True),
+    ("<think>still going", "still going", "", False),
+    ("<think>why</think><answer>because</answer>", "why", "because", True),
+    ("why</think>\n<answer>because", "why", "because", True),  # the prompt opened the block
+])
+def test_split_thinking(text, thinking, answer, done):
+    thought = split_thinking(text)
+    assert (thought.thinking, thought.answer, thought.thinking_done) == (thinking, answer, done)

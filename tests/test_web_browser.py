@@ -1,0 +1,87 @@
+"""The web chat in a real headless Chromium: load the page, send a message, watch the answer stream in.
+
+Uses the system's Chromium (Debian: `apt-get install -y chromium fonts-wqy-microhei`, which `.ci/run` does)
+driven by Playwright's Python package; no browser is downloaded. Without Chromium this test fails with that
+command rather than skipping, so a machine that cannot run it never reports the web UI as tested.
+The screenshot goes to test-output/web.png (path printed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from serve_helpers import REPO, free_port, running_server
+
+from minimind.infer import Engine
+from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT
+
+pytestmark = pytest.mark.slow  # a Streamlit server and a browser start
+
+CHROMIUM = os.environ.get("MINIMIND_CHROMIUM", "/usr/bin/chromium")
+SEED = 3
+SCREENSHOT = REPO / "test-output" / "web.png"
+
+# Records the text of the last chat message each time the page changes, to prove the answer streamed in.
+WATCH = """() => {
+  window.__seen = [];
+  new MutationObserver(() => {
+    const messages = document.querySelectorAll('[data-testid="stChatMessage"]');
+    if (messages.length >= 2) window.__seen.push(messages[messages.length - 1].innerText);
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory, model_dir):
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}; install it with "
+                    "`apt-get install -y chromium fonts-wqy-microhei` (or set MINIMIND_CHROMIUM)")
+    runs = tmp_path_factory.mktemp("web-runs")
+    shutil.copytree(model_dir, runs / "chat")
+    port = free_port()
+    with running_server(["web", "--models-dir", str(runs), "--port", str(port), "--device", "cpu"],
+                        f"http://127.0.0.1:{port}/_stcore/health"):
+        yield f"http://127.0.0.1:{port}", runs / "chat"
+
+
+def test_browser_sends_a_message_and_sees_a_streamed_answer(web):
+    from playwright.sync_api import sync_playwright
+
+    url, model = web
+    engine = Engine.from_pretrained(model)
+    prompt = engine.chat_prompt([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                 {"role": "user", "content": "hello"}])
+    expected = engine.completions([prompt], temperature=0.85, top_p=0.85, max_new_tokens=128, seed=SEED)[0]
+    assert expected.completion_tokens > 32, "pick a seed with a longer answer"
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            seed = page.get_by_label("Seed", exact=True)
+            seed.wait_for(timeout=120_000)
+            seed.fill(str(SEED))
+            seed.press("Enter")
+            page.wait_for_timeout(500)  # the rerun that applies the seed
+            page.evaluate(WATCH)
+            box = page.get_by_test_id("stChatInputTextArea")
+            box.fill("hello")
+            box.press("Enter")
+            caption = page.get_by_test_id("stChatMessage").nth(1).get_by_test_id("stCaptionContainer")
+            caption.wait_for(timeout=120_000)
+            stats = caption.inner_text()
+            seen = page.evaluate("window.__seen")
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            print(f"\nweb UI screenshot: {SCREENSHOT}")
+        finally:
+            browser.close()
+
+    assert f"{expected.completion_tokens} tokens" in stats and "tokens/s" in stats
+    answers = [text for text in dict.fromkeys(seen) if "tokens/s" not in text and text.strip()]
+    assert len(answers) >= 3, f"the answer did not stream: {answers}"
