@@ -19,6 +19,8 @@ from minimind.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 
 class ErrorDetail(BaseModel):
+    """The fields of an error: what went wrong, its kind, the request field at fault, a machine code."""
+
     message: str
     type: str
     param: str | None
@@ -32,11 +34,15 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
+    """GET /health: whether the scheduler thread runs, and the sequences in flight."""
+
     status: Literal["ok", "error"]
     active: int
 
 
 class ModelCard(BaseModel):
+    """One served model name, with its context length."""
+
     id: str
     object: Literal["model"]
     created: int
@@ -45,22 +51,30 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """GET /v1/models."""
+
     object: Literal["list"]
     data: list[ModelCard]
 
 
 class Usage(BaseModel):
+    """Token counts of a request."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class AssistantMessage(BaseModel):
+    """The answer of one chat choice."""
+
     role: Literal["assistant"]
     content: str
 
 
 class ChatChoice(BaseModel):
+    """One choice of a chat answer and why it ended."""
+
     index: int
     message: AssistantMessage
     logprobs: None
@@ -79,6 +93,8 @@ class ChatCompletion(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    """One choice of a text completion and why it ended."""
+
     index: int
     text: str
     logprobs: None
@@ -97,11 +113,15 @@ class Completion(BaseModel):
 
 
 class ChatDelta(BaseModel):
+    """What one chunk adds to a streamed chat answer (the first carries the role)."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
+    """One choice's part of a streamed chat chunk; the last one carries the finish reason."""
+
     index: int
     delta: ChatDelta
     logprobs: None
@@ -121,6 +141,8 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionChunkChoice(BaseModel):
+    """One choice's part of a streamed text-completion chunk."""
+
     index: int
     text: str
     logprobs: None
