@@ -36,7 +36,12 @@ def assistant_spans(tokenizer, messages: Messages, text: str) -> list[tuple[int,
 
 
 def encode_conversation(tokenizer, messages: Messages) -> tuple[list[int], list[int]]:
-    """-> (token ids of the rendered chat, target mask with 1 on assistant content + its eos)."""
+    """-> (token ids of the rendered chat, target mask with 1 on assistant content + its eos).
+
+    BadRecord for the shapes no template can split into turns (transformers renders no empty prefix).
+    """
+    if not messages or messages[0]["role"] == "assistant":
+        raise BadRecord("a conversation needs a system or user turn before its first assistant turn")
     text = render(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]

@@ -86,6 +86,7 @@ class PackedSFTDataset(Dataset):
             sample_ids, sample_mask = self.shard.sample(i)
             ids[pos : pos + n] = sample_ids[:n]
             mask[pos : pos + n] = sample_mask[:n]
+            mask[pos] = 0  # a document's first token has nothing before it in its own document to predict it
             docs[pos : pos + n] = doc
             pos += n
         ids_t, docs_t = torch.from_numpy(ids), torch.from_numpy(docs)

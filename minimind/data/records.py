@@ -55,6 +55,8 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
             raise BadRecord(f"{where} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if role == "system" and i != 0:
             raise BadRecord(f"{where}: a system message may only come first")
+        if role == "assistant" and i == 0:
+            raise BadRecord(f"{where} is an assistant turn; a conversation starts with a system or user turn")
         content = message.get("content")
         if not isinstance(content, str):
             raise BadRecord(f'{where} field "content" must be a string, got {type(content).__name__}')
@@ -188,4 +190,19 @@ def parse_record(raw: bytes, kind: str, validate: Callable[[Any], Any] | None = 
         raise BadRecord(f"not valid JSON ({err.msg} at column {err.colno})") from None
     except RecursionError:
         raise BadRecord("JSON nested too deeply") from None
+    except ValueError as err:  # an integer past Python's digit limit: "Exceeds the limit (4300 digits) ..."
+        raise BadRecord(f"not valid JSON ({str(err).split(':')[0]})") from None
+    if b"\\ud" in raw.lower():
+        check_no_surrogates(obj)
     return (validate or VALIDATORS[kind])(obj)
+
+
+def check_no_surrogates(obj: Any) -> None:
+    """JSON may escape a lone UTF-16 surrogate (\\ud800) that no tokenizer can encode; refuse it here."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRecord(f"contains an unpaired surrogate escape ({err.object[err.start]!r}), which is not text") \
+            from None
+    except RecursionError:
+        raise BadRecord("JSON nested too deeply") from None

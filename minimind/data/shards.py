@@ -12,6 +12,7 @@ Nothing is loaded whole: the arrays are `np.memmap`s, so a dataset larger than R
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ class ShardWriter:
             "has_mask": self.mask is not None,
             **meta,
         }
-        (self.dir / "meta.json").write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+        staged = self.dir / "meta.json.tmp"  # renamed into place: a crash never leaves a half-written meta.json
+        staged.write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+        os.replace(staged, self.dir / "meta.json")
         return info
 
 
@@ -74,9 +77,13 @@ class Shard:
         meta_file = self.dir / "meta.json"
         if not meta_file.is_file():
             raise UserError(f"{self.dir}: not a prepared dataset (meta.json is missing; run `minimind prepare`)")
-        self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{meta_file}: format_version {self.meta.get('format_version')} is not supported")
+        try:
+            self.meta = json.loads(meta_file.read_bytes())
+        except ValueError as err:
+            raise UserError(f"{meta_file}: not valid JSON ({err}); prepare the data again") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format_version") != FORMAT_VERSION:
+            version = self.meta.get("format_version") if isinstance(self.meta, dict) else None
+            raise UserError(f"{meta_file}: format_version {version} is not supported")
         self.kind = self.meta["kind"]
         self._tokens = self._mask = self._index = None
         self._extra: list | None = None
@@ -101,6 +108,8 @@ class Shard:
         """(token ids, target mask or None) of sample i, as int64/uint8 arrays."""
         self._open()
         lo, hi = int(self._index[i]), int(self._index[i + 1])
+        if self._tokens is None:  # a zero-token shard: every sample is empty
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint8) if self.meta["has_mask"] else None
         ids = np.asarray(self._tokens[lo:hi], dtype=np.int64)
         mask = np.asarray(self._mask[lo:hi]) if self._mask is not None else None
         return ids, mask

@@ -11,6 +11,8 @@ import argparse
 from pathlib import Path
 
 from minimind.device import resolve_device
+from minimind.errors import UserError
+from minimind.infer.sampling import SamplingParams
 from minimind.model.hub import read_json_object
 
 
@@ -37,14 +39,23 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_defaults(model_dir: str | Path) -> dict:
-    """Sampling defaults from `model_dir/generation_config.json` (greedy when it says do_sample false)."""
+    """Sampling defaults from `model_dir/generation_config.json` (greedy when it says do_sample false).
+
+    Out-of-range values fail here, naming the file, so a server never starts only to refuse every request.
+    """
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return {}
     data = read_json_object(path)
     if not data.get("do_sample", False):
-        return {"temperature": 0.0, **_pick(data, ("max_new_tokens",))}
-    return _pick(data, ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"))
+        chosen = {"temperature": 0.0, **_pick(data, ("max_new_tokens",))}
+    else:
+        chosen = _pick(data, ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"))
+    try:
+        SamplingParams(**chosen)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    return chosen
 
 
 def _pick(data: dict, keys: tuple[str, ...]) -> dict:

@@ -112,6 +112,7 @@ class MiniMindConfig(PretrainedConfig):
         self.yarn_beta_slow = yarn_beta_slow
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.validate()  # before transformers' own checks, which fail on bad values with less clear errors
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -119,7 +120,6 @@ class MiniMindConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate()
 
     @property
     def head_dim(self) -> int:
@@ -132,6 +132,14 @@ class MiniMindConfig(PretrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config field '{field}' must be a positive integer, got {value!r}")
+        numbers = ("norm_eps", "rope_theta", "dropout", "yarn_factor", "aux_loss_alpha", "initializer_range")
+        for field in numbers:
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"config field '{field}' must be a number, got {value!r}")
+        for field in ("use_moe", "flash_attn", "seq_aux", "norm_topk_prob"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"config field '{field}' must be true or false, got {getattr(self, field)!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"config field 'n_heads' ({self.n_heads}) must divide 'dim' ({self.dim})")
         if self.n_heads % self.n_kv_heads:
@@ -140,6 +148,11 @@ class MiniMindConfig(PretrainedConfig):
             )
         if self.head_dim % 2:
             raise ValueError(f"head size dim/n_heads = {self.head_dim} must be even for RoPE")
+        moe_counts = ("n_routed_experts", "num_experts_per_tok", "n_shared_experts")
+        for field in moe_counts if self.use_moe else ():
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"config field '{field}' must be a non-negative integer, got {value!r}")
         if self.use_moe and not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
             raise ValueError(
                 f"config field 'num_experts_per_tok' ({self.num_experts_per_tok}) must be between 1 and "

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from minimind.errors import UserError
 from minimind.model.configuration_minimind import MiniMindConfig
@@ -51,34 +53,32 @@ def load_config(path: str | Path) -> MiniMindConfig:
         return MiniMindConfig(**data)
     except (ValueError, TypeError) as err:
         raise UserError(f"{config_file}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - transformers' checks of its own fields (dtype, rope_scaling, ...)
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        raise UserError(f"{config_file}: not a valid config ({detail})") from None
 
 
-def load_state_dict_checked(model: torch.nn.Module, weights_file: Path) -> None:
-    """Load safetensors weights into `model`, naming the first missing, unexpected or mis-shaped tensor."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def check_weight_shapes(model: torch.nn.Module, weights_file: Path) -> None:
+    """Compare the safetensors header with `model` (which may live on the meta device), naming the first
+    missing, unexpected or mis-shaped tensor; reads no tensor data."""
     try:
-        state = load_file(str(weights_file))
+        with safe_open(str(weights_file), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise UserError(f"{weights_file}: cannot read safetensors ({err})") from None
     expected = model.state_dict()
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = [k for k in expected if k not in state and k not in tied]
-    unexpected = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in shapes and k not in tied]
+    unexpected = [k for k in shapes if k not in expected]
     if missing:
         raise UserError(f"{weights_file}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
     if unexpected:
         raise UserError(f"{weights_file}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all)")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+    for key, shape in shapes.items():
+        if shape != tuple(expected[key].shape):
             raise UserError(
-                f"{weights_file}: tensor '{key}' has shape {tuple(tensor.shape)} but config.json implies "
-                f"{tuple(expected[key].shape)}"
+                f"{weights_file}: tensor '{key}' has shape {shape} but config.json implies {tuple(expected[key].shape)}"
             )
-    model.load_state_dict(state, strict=False)
-    if tied:
-        model.tie_weights()
 
 
 def load_model(
@@ -90,8 +90,16 @@ def load_model(
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{path}: model.safetensors is missing")
+    with torch.device("meta"):  # shapes only: a config that does not fit the weights allocates nothing
+        check_weight_shapes(MiniMindForCausalLM(config), weights)
     model = MiniMindForCausalLM(config)
-    load_state_dict_checked(model, weights)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise UserError(f"{weights}: cannot read safetensors ({err})") from None
+    model.load_state_dict(state, strict=False)  # complete: checked above (a tied head is not stored)
+    if config.tie_word_embeddings:
+        model.tie_weights()
     model.to(device)
     if dtype is not None:
         model.to(dtype)

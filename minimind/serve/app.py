@@ -40,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from minimind.errors import UserError
 from minimind.infer.engine import StepOutput
+from minimind.serve.openapi import install_openapi
 from minimind.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -91,6 +92,7 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
     router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"])
     router.add_api_route("/completions", api.completions, methods=["POST"])
     app.include_router(router)
+    install_openapi(app)
     return app
 
 

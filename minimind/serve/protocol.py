@@ -17,9 +17,9 @@ the context, capped by the generation config's `max_new_tokens`. With `seed` and
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from minimind.errors import UserError
 from minimind.infer.sampling import SamplingParams
@@ -27,6 +27,16 @@ from minimind.infer.sampling import SamplingParams
 MAX_CHOICES = 16  # n per prompt
 MAX_STOP_STRINGS = 16
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# What the hand-written validators below accept, for the OpenAPI document (`serve/openapi.py`).
+TEXT_PART = {"type": "object", "required": ["type", "text"],
+             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]}
+STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS},
+                         {"type": "null"}]}
+TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                           TOKEN_IDS, {"type": "array", "items": TOKEN_IDS, "minItems": 1}]}
 
 
 class APIError(Exception):
@@ -56,7 +66,7 @@ class Message(_Body):
     """One chat turn; content is a string or OpenAI's list of text parts (joined)."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Any
+    content: Annotated[Any, WithJsonSchema(CONTENT_SCHEMA)]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -85,7 +95,7 @@ class _GenerationRequest(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stop: Any = Field(default_factory=list)
+    stop: Annotated[Any, WithJsonSchema(STOP_SCHEMA)] = Field(default_factory=list)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -146,7 +156,7 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     """POST /v1/completions; `prompt` is a string, a list of strings, a token-id list, or a list of those."""
 
-    prompt: Any
+    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]
     echo: bool = False
     suffix: Any = None
     best_of: int | None = None

@@ -17,9 +17,17 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise UserError(f"{path}: not a tokenizer directory (expected tokenizer.json and tokenizer_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        # trust_remote_code=False: a directory's own .py files never run, and transformers never stops to ask
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - tokenizers and transformers raise assorted types for bad files
+        missing = [f" ({name} is missing)" for name in ("tokenizer.json", "tokenizer_config.json")
+                   if not (path / name).is_file()]
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UserError(f"{path}: cannot load the tokenizer{''.join(missing[:1])}: {detail}") from None
     if tokenizer.eos_token_id is None:
-        raise UserError(f"{path}/tokenizer_config.json: no eos_token; generation needs one to stop")
+        state = "has no eos_token" if (path / "tokenizer_config.json").is_file() else "is missing, so there is no eos_token"
+        raise UserError(f"{path}/tokenizer_config.json {state}; generation needs one to stop")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if not tokenizer.chat_template:

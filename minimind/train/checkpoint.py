@@ -111,12 +111,22 @@ class CheckpointDir:
         return sorted(steps)
 
     def verify(self, path: Path) -> str | None:
-        """None if the checkpoint at `path` is complete and intact, else what is wrong with it."""
+        """None if the checkpoint at `path` is complete and intact, else what is wrong with it.
+
+        The manifest itself is untrusted too (a flipped byte may still parse): it must list plain file names
+        with an integer size and a hex digest, and it must list every file the directory holds.
+        """
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
+            manifest = json.loads((path / MANIFEST).read_bytes())
+        except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8
             return "its manifest is missing or unreadable"
-        for name, info in manifest.get("files", {}).items():
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not files:
+            return "its manifest lists no files"
+        for name, info in files.items():
+            if Path(name).name != name or not isinstance(info, dict) or type(info.get("bytes")) is not int \
+                    or not isinstance(info.get("sha256"), str):
+                return f"its manifest entry {name!r} is malformed"
             file = path / name
             if not file.is_file():
                 return f"{name} is missing"
@@ -124,14 +134,34 @@ class CheckpointDir:
                 return f"{name} is truncated ({file.stat().st_size} of {info['bytes']} bytes)"
             if sha256(file) != info["sha256"]:
                 return f"{name} does not match its checksum"
+        unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+        if unlisted:
+            return f"{unlisted[0]} is not in its manifest"
         return None
+
+    def pointer(self) -> Path | None:
+        """The checkpoint `latest` names, or None (with a warning) if the pointer is unreadable or stray."""
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        try:
+            name = pointer.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = None
+        if name is None or not (name.startswith("step-") and name[5:].isdigit() and name[5:].isascii()):
+            warnings.warn(f"{pointer} is damaged (expected a name like step-N); using the newest complete "
+                          "checkpoint instead", stacklevel=3)
+            return None
+        if not (self.root / name).is_dir():
+            warnings.warn(f"{pointer} names {name}, which does not exist; using the newest complete checkpoint "
+                          "instead", stacklevel=3)
+            return None
+        return self.root / name
 
     def latest(self) -> Path | None:
         """The newest checkpoint that verifies, warning about any newer one that does not; None if none."""
-        candidates = []
-        pointer = self.root / "latest"
-        if pointer.is_file():
-            candidates.append(self.root / pointer.read_text().strip())
+        named = self.pointer()
+        candidates = [named] if named is not None else []
         candidates += [self.root / f"step-{s}" for s in reversed(self.complete_steps())]
         tried = set()
         for path in candidates:
@@ -163,10 +193,14 @@ def save_object(path: Path, obj: Any) -> None:
 
 
 def load_object(path: Path) -> Any:
+    """The inverse of save_object; anything but tensors and plain containers is refused, never executed."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise UserError(f"{path}: cannot read checkpoint state ({err})") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # torch's weights_only refusal spreads over lines; the one naming the refused object is the useful one
+        detail = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
+        raise UserError(f"{path}: cannot read checkpoint state ({detail})") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -101,7 +101,7 @@ class Trainer:
         # The loader's own generator seeds its workers, so creating it leaves the global RNG untouched.
         loader = DataLoader(self.run.dataset, batch_sampler=sampler, collate_fn=self.run.collate,
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed))
+                            generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=_ignore_stop_signals)
         monitor = Monitor(self.out, info.is_main, self.total_steps, self.step, cfg.log_every, cfg.trackers,
                           f"{cfg.stage}", cfg.to_dict())
         config = getattr(self.model, "config", None)
@@ -385,6 +385,13 @@ class CheckpointIO:
                             f"{'missing' if missing else 'unexpected'}")
         return (path, state, tensors, ckpt.load_object(path / "optimizer.pt"),
                 ckpt.load_object(path / "scaler.pt"))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which stops cleanly and then shuts them
+    down; a terminal's Ctrl-C or a scheduler's SIGTERM reaches the whole process group, workers included."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
