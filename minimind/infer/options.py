@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from minimind.device import resolve_device
+from minimind.infer.quantize import QUANTIZE_CHOICES
 from minimind.model.hub import read_json_object
 
 
@@ -19,6 +20,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="weights dtype (default: as saved)")
+    parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
+                        help="int8: int8 weights per output channel for CPU inference (about 4x fewer bytes "
+                             "per token; default: none)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile: the first tokens wait for it "
+                             "(15-60 s on 2 CPU cores), later ones come about twice as fast on CPU; each new "
+                             "batch size compiles again, so it suits one conversation or a fixed batch")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +71,9 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
 
 
 def load_engine(args: argparse.Namespace, **engine_kwargs):
-    """The Engine for `--model/--device/--dtype`."""
+    """The Engine for `--model/--device/--dtype/--quantize/--compile`."""
     from minimind.infer.engine import Engine
 
-    return Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype, **engine_kwargs)
+    return Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
+                                  quantize=getattr(args, "quantize", None), compile=getattr(args, "compile", False),
+                                  **engine_kwargs)
