@@ -9,6 +9,7 @@ Cases, all greedy from the same prompts (random token ids, all of one length) wi
 side produces exactly --new-tokens tokens per row:
   engine       our Engine, the model's dtype            hf           HF `LlamaForCausalLM.generate`, same weights
   engine-int8  Engine(quantize="int8") (CPU only)       engine-compile  Engine(compile=True) (--compile)
+  engine-int8-compile  both (--compile, CPU only)
   llama.cpp-f32 / -f16 / -q8_0   llama-cpp-python on `minimind convert --to gguf` of the same weights,
                batch 1, when `llama_cpp` is importable (its default f16 KV cache, same thread count as
                torch; tokens drawn by its own greedy sampler through `Llama.generate`)
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         engines["engine-int8"] = Engine(model, tokenizer, quantize="int8")
     if args.compile:
         engines["engine-compile"] = Engine(copy.deepcopy(model), tokenizer, compile=True)
+        if not args.no_int8 and device.type == "cpu":
+            engines["engine-int8-compile"] = Engine(model, tokenizer, quantize="int8", compile=True)
     results: dict[int, dict[str, float]] = {}
     for rows in args.batch_sizes:
         prompts = torch.randint(3, len(tokenizer), (rows, args.prompt_tokens), generator=generator)
@@ -165,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "a") as handle:
             handle.write(json.dumps({"bench": "decode", "device": str(device), "model": args.model or args.preset,
                                      "results": results, "machine": machine_line()}) + "\n")
-    pairs = [("engine", "llama.cpp-f32"), ("engine-int8", "llama.cpp-f16"), ("engine-int8", "llama.cpp-q8_0"),
-             ("engine-compile", "engine"), ("engine-int8", "hf"), ("engine", "hf")]
+    pairs = [("engine", "llama.cpp-f32"), ("engine-compile", "llama.cpp-f32"), ("engine-int8", "llama.cpp-f16"),
+             ("engine-int8-compile", "llama.cpp-f16"), ("engine-int8-compile", "llama.cpp-q8_0"),
+             ("engine-compile", "engine"), ("engine-compile", "hf"), ("engine-int8", "hf"),
+             ("engine-int8-compile", "hf"), ("engine", "hf")]
     for rows, figures in results.items():
         for ours, peer in pairs:
             if ours in figures and peer in figures and (rows, ours, peer) != (1, "engine", "hf"):

@@ -52,6 +52,28 @@ def test_int8_perplexity_within_two_percent_and_greedy_mostly_agrees(trained, to
     assert agree >= 0.8 * 16 * len(prompts)
 
 
+@pytest.mark.slow
+def test_int8_linear_under_compile_is_weight_only():
+    """Compiled, the int8 weights multiply float activations: exactly x @ (q * scale).T."""
+    torch.manual_seed(0)
+    quantized = Int8Linear(torch.nn.Linear(32, 48, bias=False))
+    dequantized = quantized.qweight.float() * quantized.scales[:, None]
+    compiled = torch.compile(quantized, dynamic=False)
+    for rows in (1, 12):  # the row-dot form (decoding) and the matmul form
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(compiled(x), x @ dequantized.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_int8_engine_follows_the_float_model(trained, tokenizer):
+    prompts = ["MiniMind is", "北京是"]
+    want = [Engine(trained, tokenizer).completions([p], max_new_tokens=12, ignore_eos=True)[0].token_ids
+            for p in prompts]
+    engine = Engine(trained, tokenizer, quantize="int8", compile=True)
+    got = [engine.completions([p], max_new_tokens=12, ignore_eos=True)[0].token_ids for p in prompts]
+    assert sum(a == b for w, g in zip(want, got) for a, b in zip(w, g)) >= 0.8 * 24
+
+
 def test_quantize_leaves_the_callers_model_alone_and_converts_projections(tokenizer):
     model = tiny_model()
     engine = Engine(model, tokenizer, quantize="int8")

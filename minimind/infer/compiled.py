@@ -1,19 +1,20 @@
-"""`Engine(compile=True)`: the decode step through torch.compile, with shapes that do not change per token.
+"""`Engine(compile=True)`: single-sequence decode steps through torch.compile, with fixed shapes.
 
-Eager decoding pays Python and one kernel launch per operation (~40 per layer); inductor fuses the small
-operations into a few generated C++ loops. On CPU it can also write the one-row matmuls of batch-1
-decoding as its own vectorised row-dot loops over the (out, in) weights (`decompose_mm_pass`, off by
-default; the limit is raised here so the output head qualifies too), which read the weights faster than
-the BLAS call: on the `small` model 9 ms per token against 20 ms eager in the same run (one thread,
-docs/performance.md). Such a model keeps the weights' standard layout (`gemv_layout` is not applied).
+Decoding one sequence reads every weight once per token and does little arithmetic, so eager PyTorch
+loses on two counts: Python and one kernel launch per operation (~40 per layer), and the BLAS call for a
+one-row matmul, which reads the weights slower than the memory allows. Inductor fuses the small operations
+into a few generated C++ loops and, with `decompose_mm_pass` (off by default; its size limit is raised here
+so the output head qualifies too), writes each one-row matmul as its own vectorised row-dot loop over the
+(out, in) weights; int8 weights (`Int8Linear`) become a row-dot that converts each byte as it reads it.
+Measured on `small` at one thread: 97 against 59 tokens/s fp32, 231 against 153 int8
+(docs/performance.md). A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
 
-Shapes stay fixed between tokens because a compiled decode attends over the cache's whole capacity with an
-explicit mask (columns at or before each row's position), instead of over the longest row so far: one
-compilation per (running rows, cache capacity) pair, reused for every token. Compiling takes 15-60 s on two
-cores, which is why it is opt-in: for a fixed batch (the CLI, a benchmark, an eval) it pays back within a
-few hundred tokens; a server whose batch size changes every step would recompile for each new size
-(torch.compile gives up after `torch._dynamo.config.recompile_limit` shapes and runs those eagerly).
-Prefill stays eager (prompt lengths vary).
+Only steps with one running sequence take this path: with several rows a matmul is a real GEMM, where the
+eager BLAS / fbgemm kernels are as fast or faster, and compiling for every batch size would recompile
+whenever a server's batch changes. Shapes stay fixed between tokens because the compiled step attends over
+the cache's whole capacity with an explicit mask (columns at or before the position) instead of over the
+tokens so far: one compilation per cache capacity (which grows geometrically), reused for every token.
+Compiling takes 15-60 s on two cores, which is why it is opt-in; prefill stays eager (prompt lengths vary).
 """
 
 from __future__ import annotations

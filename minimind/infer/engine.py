@@ -146,9 +146,6 @@ class Engine:
         if compile:
             if self._body is None:
                 raise UserError(f"compile=True needs a MiniMind model, got {type(model).__name__}")
-            if quantize is not None:
-                raise UserError("compile=True does not combine with quantize (torch.compile cannot trace the "
-                                "int8 kernels); choose one")
             self._decode_body = compile_decoder(self._body, self.device)  # see compiled.py
         else:
             gemv_layout(model)  # CPU: faster single-row matmuls; values and shapes unchanged (see layout.py)
@@ -467,7 +464,7 @@ class Engine:
         longest = max(r.cached for r in self._running)
         shortest = min(r.cached for r in self._running)
         positions = self._lengths[:n, None]  # (B, 1): each row writes its new token at its own length
-        if self._decode_body is not None:  # fixed shapes: attend over the whole capacity, masked
+        if self._decode_body is not None and n == 1:  # fixed shapes: attend over the whole capacity, masked
             mask = self._columns[: self.cache.capacity] <= positions[:, None, :, None]  # (B, 1, 1, capacity)
             self.cache.bind(0, n, positions, self.cache.capacity, longest)
             hidden = self._decode_body(self._next_tokens[:n, None], mask, positions, self.cache, None, True)[0]

@@ -31,26 +31,41 @@ QUANTIZE_CHOICES = ("int8",)
 
 
 class Int8Linear(nn.Module):
-    """A bias-free `nn.Linear` with int8 per-output-channel weights; input and output stay in the model dtype."""
+    """A bias-free `nn.Linear` with int8 per-output-channel weights; input and output stay in the model dtype.
+
+    Eager calls run fbgemm's dynamic-quantized kernel. Under torch.compile (`Engine(compile=True)`), which
+    cannot trace that kernel, the same int8 weights are used weight-only: out = (x . q_row) * scale, written
+    as a broadcast multiply and row sum for a few rows, so inductor fuses the int8-to-float conversion into
+    its row-dot loop and reads one byte per weight (activations are not rounded on this path).
+    """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        if linear.bias is not None:
+            raise ValueError("Int8Linear takes bias-free linear layers")
         weight = linear.weight.detach().float().cpu()  # (out, in)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
-        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        self.register_buffer("qweight", torch.round(weight / scales[:, None]).to(torch.int8))  # (out, in)
+        self.register_buffer("scales", scales)
         with warnings.catch_warnings():  # the quantized-tensor API warns of its future move to torchao
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            qweight = torch.quantize_per_channel(
-                weight, scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0, torch.qint8
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.qweight, scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0
             )
-            self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype."""
-        rows = x.reshape(-1, self.in_features).float()
-        out = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
+        rows = x.reshape(-1, self.in_features).float()  # (M, in)
+        if torch.compiler.is_compiling():
+            if rows.shape[0] <= 8:  # decoding: (M, 1, in) * (out, in) summed over in -> (M, out)
+                out = (rows[:, None, :] * self.qweight.float()).sum(-1) * self.scales
+            else:
+                out = torch.nn.functional.linear(rows, self.qweight.float()) * self.scales
+        else:
+            out = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def weight_bytes(self) -> int:
