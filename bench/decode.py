@@ -1,79 +1,57 @@
-"""Decode speed of the Engine against HF `generate` on the same model, at batch 1 and batch 8.
+"""Decode speed of the Engine against HF `generate` (batch 1 and 8) and llama.cpp on our own GGUF export.
 
     python bench/decode.py                                 # preset small, random weights, 128 new tokens
-    python bench/decode.py --new-tokens 32                 # quick
+    python bench/decode.py --new-tokens 32 --repeats 2     # quicker
     python bench/decode.py --model runs/sft --device cuda  # a real model directory
+    python bench/decode.py --quick                         # tiny shapes, one repetition: does it run
 
-Both sides decode greedily from the same prompts (random token ids, all of one length) with eos disabled,
-so both produce exactly --new-tokens tokens per row. Decode tokens/s = rows x (new_tokens - 1) divided by
-(time for new_tokens - time for 1 token): the prefill and the first token cancel out. The engine's time
-includes its detokenization and stop checks (what a user of it pays); HF's does not. Best of --repeats runs.
-The last line is the batch-1 figure: `decode: ratio=<ours/peer> (ours <tok/s>, peer <tok/s>)`.
+Cases, all greedy from the same prompts (random token ids, all of one length) with eos ignored, so every
+side produces exactly --new-tokens tokens per row:
+  engine       our Engine, the model's dtype            hf           HF `LlamaForCausalLM.generate`, same weights
+  engine-int8  Engine(quantize="int8") (CPU only)       engine-compile  Engine(compile=True) (--compile)
+  engine-int8-compile  both (--compile, CPU only)
+  llama.cpp-f32 / -f16 / -q8_0   llama-cpp-python on `minimind convert --to gguf` of the same weights,
+               batch 1, when `llama_cpp` is importable (its default f16 KV cache, same thread count as
+               torch; tokens drawn by its own greedy sampler through `Llama.generate`)
+Decode tokens/s = rows x (new_tokens - 1) / (time for new_tokens - time for 1 token): prefill and the
+first token cancel out. The engine's time includes detokenization and stop checks (what a user pays); HF's
+and llama.cpp's do not. Cases run interleaved within each repetition; the best repetition counts.
+The last line is the batch-1 fp32 engine against HF: `decode: ratio=<ours/peer> (ours <tok/s>, peer <tok/s>)`.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import copy
+import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import bench_tokenizer, interleaved, llama_twin, machine_line, ratio_line  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.infer import Engine  # noqa: E402
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 
-
-def bench_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer of the model's vocabulary size, trained in seconds on synthetic text."""
-    from minimind.tokenizer import load_tokenizer
-    from minimind.tokenizer.train import save_tokenizer, train_tokenizer
-
-    rng = random.Random(0)
-    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)] + list("abcdefghijklmnopqrstuvwxyz ")
-    texts = ["".join(rng.choice(chars) for _ in range(300)) for _ in range(800)]
-    out = tempfile.mkdtemp(prefix="bench-tokenizer-")
-    save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size, show_progress=False), out)
-    return load_tokenizer(out)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load(args: argparse.Namespace, device: str):
-    """(model, tokenizer): a model directory, or a preset with random weights."""
+def load(args: argparse.Namespace, device: torch.device):
+    """(model, tokenizer, model directory or None): a model directory, or a preset with random weights."""
     if args.model:
-        engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype)
-        return engine.model, engine.tokenizer
+        engine = Engine.from_pretrained(args.model, device=str(device), dtype=args.dtype)
+        return engine.model, engine.tokenizer, Path(args.model)
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig.from_preset(args.preset)).eval().to(device)
     if args.dtype:
-        model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype])
-    return model, bench_tokenizer(model.config.vocab_size)
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Best wall time of `repeats` calls after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def decode_rate(run, rows: int, new_tokens: int, device: str, repeats: int) -> float:
-    """Decode tokens/s: the difference between generating new_tokens and generating 1."""
-    full = timed(lambda: run(new_tokens), device, repeats)
-    first = timed(lambda: run(1), device, repeats)
-    return rows * (new_tokens - 1) / max(full - first, 1e-9)
+        model.to(DTYPES[args.dtype])
+    tokenizer, _ = bench_tokenizer(model.config.vocab_size)
+    return model, tokenizer, None
 
 
 def engine_runner(engine: Engine, prompts: list[list[int]]):
@@ -96,7 +74,47 @@ def hf_runner(model: torch.nn.Module, ids: torch.Tensor):
     return run
 
 
-def main() -> int:
+def llama_cpp_runners(model, tokenizer, model_dir: Path | None, prompt: list[int], max_tokens: int,
+                      gguf_types: list[str]) -> dict:
+    """name -> runner for each GGUF type, or {} when llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed (pip install -e .[llamacpp]); skipped")
+        return {}
+    from minimind.convert.gguf import export_gguf
+    from minimind.model.hub import save_model_dir
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
+    if model_dir is None:
+        model_dir = save_model_dir(model.float().cpu(), tokenizer, work / "model")
+    runners = {}
+    for gguf_type in gguf_types:
+        path = export_gguf(model_dir, work / f"model-{gguf_type}.gguf", gguf_type)
+        llm = Llama(model_path=str(path), n_ctx=len(prompt) + max_tokens + 8, n_threads=torch.get_num_threads(),
+                    n_threads_batch=torch.get_num_threads(), verbose=False)
+
+        def run(n: int, llm=llm) -> None:
+            for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), start=1):
+                if i == n:
+                    break
+
+        runners[f"llama.cpp-{gguf_type}"] = run
+    return runners
+
+
+def rates(runners: dict, rows: int, new_tokens: int, device, repeats: int) -> dict[str, float]:
+    """Decode tokens/s of each runner: the time of new_tokens minus the time of 1, interleaved."""
+    cases = {}
+    for name, run in runners.items():
+        cases[f"{name}:full"] = lambda run=run: run(new_tokens)
+        cases[f"{name}:first"] = lambda run=run: run(1)
+    times = interleaved(cases, repeats, device)
+    return {name: rows * (new_tokens - 1) / max(min(times[f"{name}:full"]) - min(times[f"{name}:first"]), 1e-9)
+            for name in runners}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", help="model preset with random weights (ignored with --model)")
     parser.add_argument("--model", default=None, help="benchmark a model directory instead of a preset")
@@ -105,31 +123,61 @@ def main() -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best is kept)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype")
-    args = parser.parse_args()
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights dtype")
+    parser.add_argument("--no-int8", action="store_true", help="skip the Engine(quantize='int8') case")
+    parser.add_argument("--no-hf", action="store_true", help="skip HF generate")
+    parser.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
+    parser.add_argument("--gguf-types", nargs="*", default=["f32", "f16", "q8_0"],
+                        help="llama.cpp cases at batch 1 (none: skip llama.cpp)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 8 tokens, one repetition (smoke test)")
+    parser.add_argument("--json", default=None, help="append the figures as one JSON line to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.new_tokens, args.repeats = "tiny", 8, 1
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2")
     device = resolve_device(args.device)
-    model, tokenizer = load(args, device)
-    engine = Engine(model, tokenizer)
+    model, tokenizer, model_dir = load(args, device)
     generator = torch.Generator().manual_seed(0)
+    print(machine_line())
     print(f"model: {args.model or 'preset ' + args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"params), device {device}, dtype {next(model.parameters()).dtype}, prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens")
-    results = {}
+          f"{args.new_tokens} new tokens, best of {args.repeats}")
+    peer = None if args.no_hf else llama_twin(model).eval()  # before the engines re-lay the weights out
+    # Each engine gets its own copy: an engine may re-lay its model's weights out (see infer/layout.py).
+    engines = {"engine": Engine(copy.deepcopy(model), tokenizer)}
+    if not args.no_int8 and device.type == "cpu":
+        engines["engine-int8"] = Engine(model, tokenizer, quantize="int8")
+    if args.compile:
+        engines["engine-compile"] = Engine(copy.deepcopy(model), tokenizer, compile=True)
+        if not args.no_int8 and device.type == "cpu":
+            engines["engine-int8-compile"] = Engine(model, tokenizer, quantize="int8", compile=True)
+    results: dict[int, dict[str, float]] = {}
     for rows in args.batch_sizes:
         prompts = torch.randint(3, len(tokenizer), (rows, args.prompt_tokens), generator=generator)
-        results[rows] = (
-            decode_rate(engine_runner(engine, prompts.tolist()), rows, args.new_tokens, device, args.repeats),
-            decode_rate(hf_runner(model, prompts.to(device)), rows, args.new_tokens, device, args.repeats),
-        )
-        print(f"batch {rows}: engine {results[rows][0]:.1f} tok/s, hf generate {results[rows][1]:.1f} tok/s")
-    for rows, (mine, theirs) in results.items():
-        if rows != 1:
-            print(f"decode batch {rows}: ratio={mine / theirs:.2f} (ours {mine:.1f}, peer {theirs:.1f})")
-    if 1 in results:
-        mine, theirs = results[1]
-        print(f"decode: ratio={mine / theirs:.2f} (ours {mine:.1f}, peer {theirs:.1f})")
+        runners = {name: engine_runner(engine, prompts.tolist()) for name, engine in engines.items()}
+        if not args.no_hf:
+            runners["hf"] = hf_runner(peer, prompts.to(device))
+        if rows == 1 and args.gguf_types:
+            runners.update(llama_cpp_runners(model, tokenizer, model_dir, prompts[0].tolist(),
+                                             args.prompt_tokens + args.new_tokens, args.gguf_types))
+        results[rows] = rates(runners, rows, args.new_tokens, device, args.repeats)
+        print(f"batch {rows}: " + ", ".join(f"{name} {rate:.1f}" for name, rate in results[rows].items())
+              + " tokens/s")
+    if args.json:
+        with open(args.json, "a") as handle:
+            handle.write(json.dumps({"bench": "decode", "device": str(device), "model": args.model or args.preset,
+                                     "results": results, "machine": machine_line()}) + "\n")
+    pairs = [("engine", "llama.cpp-f32"), ("engine-compile", "llama.cpp-f32"), ("engine-int8", "llama.cpp-f16"),
+             ("engine-int8-compile", "llama.cpp-f16"), ("engine-int8-compile", "llama.cpp-q8_0"),
+             ("engine-compile", "engine"), ("engine-compile", "hf"), ("engine-int8", "hf"),
+             ("engine-int8-compile", "hf"), ("engine", "hf")]
+    for rows, figures in results.items():
+        for ours, peer in pairs:
+            if ours in figures and peer in figures and (rows, ours, peer) != (1, "engine", "hf"):
+                print(ratio_line(f"decode batch {rows} {ours} vs {peer}", figures[ours], figures[peer], "tokens/s"))
+    if 1 in results and "hf" in results[1]:
+        print(ratio_line("decode", results[1]["engine"], results[1]["hf"], "tokens/s"))
     return 0
 
 

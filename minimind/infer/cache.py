@@ -41,6 +41,7 @@ class SlotKVCache:
             new[:keep_rows, :, :keep_cols] = old[:keep_rows, :, :keep_cols]
         self.keys, self.values = new_keys, new_values
         self.rows, self.capacity = rows, capacity
+        self._row_numbers = torch.arange(rows, device=self.device)[:, None]  # (rows, 1)
 
     def reserve(self, rows: int, columns: int, max_rows: int, max_columns: int) -> None:
         """Make room for `rows` sequences of up to `columns` tokens, keeping what is stored.
@@ -63,7 +64,7 @@ class SlotKVCache:
         """
         self._start, self._stop = start, stop
         self._write_positions = write_positions
-        self._row_index = torch.arange(stop - start, device=self.device)[:, None]  # (B, 1), broadcasts over T
+        self._row_index = self._row_numbers[: stop - start]  # (B, 1), broadcasts over T
         self._kv_len, self._past = kv_len, past
 
     @property

@@ -6,6 +6,8 @@
     engine.generate(["a", "b"], temperature=0.8, top_p=0.9, seed=0)             # -> list[str], one batch
     for piece in engine.stream("Hello", stop=["\\n"]): print(piece, end="")      # text deltas
     engine.chat([{"role": "user", "content": "你好"}])                           # chat template applied
+    Engine.from_pretrained("runs/sft", quantize="int8")                         # CPU: int8 weights
+    Engine.from_pretrained("runs/sft", compile=True)                            # compiled decode step
 
 The engine is separate from the model and works on token ids; the CLI, the server and the web UI share it.
 
@@ -37,6 +39,7 @@ Seeds: request i of a batched call gets seed + i, so a batched call reproduces e
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -47,8 +50,12 @@ import torch
 
 from minimind.errors import UserError
 from minimind.infer.cache import SlotKVCache
+from minimind.infer.compiled import compile_decoder
+from minimind.infer.layout import OutputHead, gemv_layout
+from minimind.infer.quantize import check_quantize, quantize_int8
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, choose_tokens
 from minimind.infer.text import TextStream
+from minimind.model.modeling_minimind import MiniMindForCausalLM
 
 Prompt = str | Sequence[int]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -123,12 +130,27 @@ class Engine:
         device: str | torch.device | None = None,
         max_batch_size: int = 64,
         prefill_token_budget: int = 16384,
+        quantize: str | None = None,
+        compile: bool = False,
     ):
         if device is not None:
             model = model.to(device)
+        self.quantize = check_quantize(quantize)
+        if quantize == "int8":
+            model = quantize_int8(copy.deepcopy(model))  # the caller's model stays as it was
+        self.device = next(model.parameters()).device
+        # MiniMind: run the body, then the head on the last positions only through `OutputHead`.
+        self._body = model.model if isinstance(model, MiniMindForCausalLM) else None
+        self._head = OutputHead(model.get_output_embeddings()) if self._body is not None else None
+        self._decode_body = None
+        if compile:
+            if self._body is None:
+                raise UserError(f"compile=True needs a MiniMind model, got {type(model).__name__}")
+            self._decode_body = compile_decoder(self._body, self.device)  # see compiled.py
+        else:
+            gemv_layout(model)  # CPU: faster single-row matmuls; values and shapes unchanged (see layout.py)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         config = model.config
         self.max_seq_len: int = config.max_seq_len
@@ -150,7 +172,10 @@ class Engine:
     def from_pretrained(
         cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, **kwargs
     ) -> Engine:
-        """Load a model directory (any stage's output) and wrap it; `dtype` like "bf16" or torch.bfloat16."""
+        """Load a model directory (any stage's output) and wrap it; `dtype` like "bf16" or torch.bfloat16.
+
+        Keyword arguments go to the constructor, e.g. `quantize="int8"` (CPU: int8 weights, see `quantize.py`).
+        """
         from minimind.model.hub import load_model_dir
 
         if isinstance(dtype, str):
@@ -439,9 +464,15 @@ class Engine:
         longest = max(r.cached for r in self._running)
         shortest = min(r.cached for r in self._running)
         positions = self._lengths[:n, None]  # (B, 1): each row writes its new token at its own length
-        mask = None if shortest == longest else self._columns[: longest + 1] <= positions[:, None, :, None]
-        self.cache.bind(0, n, positions, longest + 1, longest)
-        logits = self._forward(self._next_tokens[:n, None], mask, positions)
+        if self._decode_body is not None and n == 1:  # fixed shapes: attend over the whole capacity, masked
+            mask = self._columns[: self.cache.capacity] <= positions[:, None, :, None]  # (B, 1, 1, capacity)
+            self.cache.bind(0, n, positions, self.cache.capacity, longest)
+            hidden = self._decode_body(self._next_tokens[:n, None], mask, positions, self.cache, None, True)[0]
+            logits = self._head(hidden[:, -1])
+        else:
+            mask = None if shortest == longest else self._columns[: longest + 1] <= positions[:, None, :, None]
+            self.cache.bind(0, n, positions, longest + 1, longest)
+            logits = self._forward(self._next_tokens[:n, None], mask, positions)
         self._lengths[:n] += 1
         for request in self._running:
             request.cached += 1
@@ -449,6 +480,9 @@ class Engine:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, V) logits of the last position, through the bound cache rows."""
+        if self._body is not None:
+            hidden = self._body(ids, mask, positions, self.cache, None, True)[0]  # (B, T, dim)
+            return self._head(hidden[:, -1])
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
             use_cache=True, logits_to_keep=1,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from minimind.device import resolve_device
 from minimind.errors import UserError
+from minimind.infer.quantize import QUANTIZE_CHOICES
 from minimind.infer.sampling import SamplingParams
 from minimind.model.hub import read_json_object
 
@@ -21,6 +22,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="weights dtype (default: as saved)")
+    parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
+                        help="int8: int8 weights per output channel for CPU inference (about 4x fewer bytes "
+                             "per token; default: none)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile single-sequence decoding with torch.compile: the first answer waits "
+                             "for it (15-60 s on 2 CPU cores), later tokens come 1.5-2x faster on CPU "
+                             "(batches of several sequences run as without it)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +82,9 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
 
 
 def load_engine(args: argparse.Namespace, **engine_kwargs):
-    """The Engine for `--model/--device/--dtype`."""
+    """The Engine for `--model/--device/--dtype/--quantize/--compile`."""
     from minimind.infer.engine import Engine
 
-    return Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype, **engine_kwargs)
+    return Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
+                                  quantize=getattr(args, "quantize", None), compile=getattr(args, "compile", False),
+                                  **engine_kwargs)

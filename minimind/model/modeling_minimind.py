@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .configuration_minimind import MiniMindConfig
-from .layers import Attention, FeedForward, RMSNorm, rope_cos_sin
+from .layers import Attention, FeedForward, RMSNorm, rope_cos_sin, signed_sin
 from .moe import MoEFeedForward
 
 # transformers 5 renamed the output field `past_key_values` to `cache`; fill whichever this version declares.
@@ -33,13 +33,13 @@ class MiniMindBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the new hidden states and this block's MoE load-balancing loss (0 for a dense block)."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin_signed, mask, cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the new hidden states and this block's MoE load-balancing loss (None for a dense block)."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin_signed, mask, cache)
         if isinstance(self.mlp, MoEFeedForward):
             y, aux = self.mlp(self.post_attention_layernorm(h))
             return h + y, aux
-        return h + self.mlp(self.post_attention_layernorm(h)), h.new_zeros(())
+        return h + self.mlp(self.post_attention_layernorm(h)), None
 
 
 class MiniMindPreTrainedModel(PreTrainedModel):
@@ -81,15 +81,18 @@ class MiniMindModel(MiniMindPreTrainedModel):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, b, t, past, x.device)
         mask = attention_bias(attention_mask, t, past)
-        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
-        x = self.dropout(x)
+        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, head_dim)
+        cos, sin_signed = cos.unsqueeze(1), signed_sin(sin).unsqueeze(1)  # (B, 1, T, head_dim): over heads
+        if self.training and self.dropout.p:
+            x = self.dropout(x)
         aux_total = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x, aux = checkpoint(layer, x, cos, sin, mask, past_key_values, use_reentrant=False)
+                x, aux = checkpoint(layer, x, cos, sin_signed, mask, past_key_values, use_reentrant=False)
             else:
-                x, aux = layer(x, cos, sin, mask, past_key_values)
-            aux_total = aux_total + aux
+                x, aux = layer(x, cos, sin_signed, mask, past_key_values)
+            if aux is not None:
+                aux_total = aux_total + aux
         return self.norm(x), past_key_values, aux_total
 
 

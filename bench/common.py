@@ -1,0 +1,113 @@
+"""What every bench shares: interleaved A/B timing, the machine line, HF Llama twins, a quick tokenizer.
+
+Timings on a shared machine drift with load, so each bench times ours and the peer in the same run, in
+alternating repetitions (ours, peer, ours, peer, ...), and compares the best repetition of each: a load
+spike then hits both sides alike instead of whichever ran second, and the ratio stays meaningful even
+when the absolute numbers do not.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work so a wall-clock timer measures it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int, device: torch.device | str = "cpu",
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each case, cases alternating within every repetition (after `warmup` rounds)."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def machine_line() -> str:
+    """Threads, load average and device facts to print above any figure."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    omp = os.environ.get("OMP_NUM_THREADS", "unset")
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads "
+            f"{torch.get_num_threads()} (OMP_NUM_THREADS={omp}), load average {load[0]:.2f} {load[1]:.2f} "
+            f"{load[2]:.2f}, torch {torch.__version__}{gpu}")
+
+
+def ratio_line(name: str, ours: float, peer: float, unit: str = "") -> str:
+    """The last line every bench prints: `name: ratio=<ours/peer> (ours <x>, peer <y>)`."""
+    unit = f" {unit}" if unit else ""
+    return f"{name}: ratio={ours / peer:.2f} (ours {ours:.1f}{unit}, peer {peer:.1f}{unit})"
+
+
+def preset_model(preset: str, seed: int = 0, **overrides) -> MiniMindForCausalLM:
+    """A preset model with random weights (the init's), in train mode."""
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(MiniMindConfig.from_preset(preset, **overrides))
+
+
+def llama_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa"):
+    """An HF `LlamaForCausalLM` of the same shapes holding the same weights (our names are Llama's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    config = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim,
+        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation=attn_implementation,
+    )
+    llama = LlamaForCausalLM(config)
+    llama.load_state_dict(model.state_dict(), strict=False)
+    llama.tie_weights()
+    param = next(model.parameters())
+    return llama.to(param.device, param.dtype).train(model.training)
+
+
+def bench_tokenizer(vocab_size: int, texts: list[str] | None = None):
+    """A byte-level BPE tokenizer of the given vocabulary size, trained in seconds (synthetic text by default)."""
+    from minimind.tokenizer import load_tokenizer
+    from minimind.tokenizer.train import save_tokenizer, train_tokenizer
+
+    if texts is None:
+        rng = random.Random(0)
+        chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)] + list("abcdefghijklmnopqrstuvwxyz ")
+        texts = ["".join(rng.choice(chars) for _ in range(300)) for _ in range(800)]
+    out = tempfile.mkdtemp(prefix="bench-tokenizer-")
+    save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size, show_progress=False), out)
+    return load_tokenizer(out), Path(out)
+
+
+def demo_tokenizer(vocab_size: int = 6400):
+    """A tokenizer trained on the bundled demo pretraining and SFT text (about a second): (tokenizer, dir)."""
+    import itertools
+
+    from minimind.demo_data import demo_file
+    from minimind.tokenizer.train import texts_from_jsonl
+
+    texts = itertools.chain(texts_from_jsonl(demo_file("pretrain.jsonl")), texts_from_jsonl(demo_file("sft.jsonl")))
+    return bench_tokenizer(vocab_size, list(texts))

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One prepared run of the performance benches on a lent GPU machine (issue 9 §3), about 10 minutes:
+#   bf16 + torch.compile training of `small` and `base`, ours against HF LlamaForCausalLM, with MFU against
+#   the bf16 GEMM ceiling measured on the spot (and the datasheet peak); then decode throughput.
+#
+#   bash bench/gpu.sh                 # on the GPU machine; figures go to $OUT/gpu-results.{txt,jsonl}
+#   bash bench/gpu.sh --cpu-check     # here: every command once on CPU with --quick (is it broken?)
+#
+# Environment: PYTHON (default python3) must have torch with CUDA and transformers; the repository root is
+# the working directory. Each command's output is appended to the text file as it runs, so a run cut short
+# by the time limit still leaves what finished.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-bench-results}
+mkdir -p "$OUT_DIR"
+TXT="$OUT_DIR/gpu-results.txt"
+JSON="$OUT_DIR/gpu-results.jsonl"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ "${1:-}" == "--cpu-check" ]]; then
+  DEV=(--device cpu --quick)
+  TRAIN_SMALL=(); TRAIN_BASE=(); DECODE=(--gguf-types)
+else
+  DEV=(--device cuda)
+  TRAIN_SMALL=(--preset small --batch-size 32 --seq-len 512 --repeats 5)
+  TRAIN_BASE=(--preset base --batch-size 16 --seq-len 512 --repeats 5)
+  DECODE=(--preset small --new-tokens 128 --repeats 3 --batch-sizes 1 8 64 --gguf-types)
+fi
+
+run() {  # run <label> <command...>: log the command, its output and its status; keep going on failure
+  echo "=== $1: ${*:2}" | tee -a "$TXT"
+  local start=$SECONDS
+  "${@:2}" 2>&1 | tee -a "$TXT"
+  echo "=== $1: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$TXT"
+}
+
+echo "=== $(date -u +%FT%TZ) $(hostname)" | tee -a "$TXT"
+run env "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+command -v nvidia-smi >/dev/null && run nvidia-smi nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+run train-small "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_SMALL[@]}" --json "$JSON"
+run train-base "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_BASE[@]}" --json "$JSON"
+run decode "$PY" bench/decode.py "${DEV[@]}" --dtype bf16 --compile "${DECODE[@]}" --json "$JSON"
+echo "=== done; results in $TXT and $JSON" | tee -a "$TXT"

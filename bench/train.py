@@ -1,0 +1,165 @@
+"""Training-step speed and MFU: our model and objective against HF `LlamaForCausalLM` of the same shapes.
+
+    python bench/train.py                                  # preset small, batch 4 x 512, fp32, CPU
+    python bench/train.py --compile                        # also both models under torch.compile
+    python bench/train.py --device cuda --dtype bf16 --compile --preset base --batch-size 16
+    python bench/train.py --quick                          # tiny shapes, one repetition: does it run
+
+A step is what the trainer does: forward, loss, backward, gradient clipping at 1.0, AdamW (fused on CUDA),
+under autocast for bf16/fp16. Ours computes the loss with the trainer's objective (`MaskedLM`); HF with
+its own `labels=` loss. Both start from the same weights and see the same random batch. Cases run
+interleaved (ours, HF, ceiling, ours, ...) and the best repetition counts.
+
+MFU = FLOPs per token (`minimind.model.info.flops_per_token`, the trainer's formula) x tokens/s / ceiling,
+where the ceiling is measured in the same run: the forward GEMMs of this model at this batch (M = batch x
+seq_len rows against every weight shape), in the training dtype, best repetition. Also printed: MFU
+against the square matmul the trainer's `mfu` metric divides by on CPU (1024; 8192 here on a GPU) and,
+on a GPU, against the datasheet bf16 peak the trainer uses there. The last line compares eager ours with
+eager HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import interleaved, llama_twin, machine_line, preset_model, ratio_line  # noqa: E402
+
+from minimind.device import resolve_device  # noqa: E402
+from minimind.model.info import flops_per_token  # noqa: E402
+from minimind.train.mfu import measure_matmul_flops, peak_flops  # noqa: E402
+from minimind.train.objective import MaskedLM  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def gemm_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of every weight a token multiplies by in one forward, one entry per layer's matrix."""
+    d, kv, h = config.dim, config.n_kv_heads * config.head_dim, config.hidden_dim
+    per_layer = [(d, d), (d, kv), (d, kv), (d, d), (d, h), (d, h), (h, d)]
+    return per_layer * config.n_layers + [(d, config.vocab_size)]
+
+
+def gemm_ceiling(config, rows: int, device: torch.device, dtype: torch.dtype):
+    """-> (run, flops): `run()` does this model's forward GEMMs for `rows` tokens; `flops` is their count."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = sorted(set(gemm_shapes(config)))
+    counts = {s: gemm_shapes(config).count(s) for s in shapes}
+    x = {k: torch.randn(rows, k, generator=generator).to(device, dtype) for k, _ in shapes}
+    w = {s: torch.randn(s, generator=generator).to(device, dtype) for s in shapes}
+
+    def run() -> None:
+        for shape in shapes:
+            for _ in range(counts[shape]):
+                x[shape[0]] @ w[shape]
+
+    return run, sum(2 * rows * k * n * c for (k, n), c in counts.items())
+
+
+def make_step(model, objective, batch: dict | None, device: torch.device, dtype: torch.dtype, hf: bool):
+    """`step(other_batch=None)`: one training step of `model` on `batch` (or another), as the trainer runs it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    default = batch
+
+    def step(batch: dict | None = None) -> None:
+        batch = default if batch is None else batch
+        count = batch["loss_mask"].sum()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if hf:
+                loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+            else:
+                loss = objective(model, batch).loss_sum / count
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", help="model shape (random weights)")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per step")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per case (best counts)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (weights stay fp32)")
+    parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    parser.add_argument("--no-peer", action="store_true", help="time ours only (no HF model)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and one repetition (smoke test)")
+    parser.add_argument("--json", default=None, help="append the figures as one JSON line to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.batch_size, args.seq_len, args.repeats = "tiny", 2, 64, 1
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    ours = preset_model(args.preset).to(device).train()
+    config = ours.config
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
+             "loss_mask": torch.ones(args.batch_size, args.seq_len)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    objective = MaskedLM()
+    cases = {"ours": make_step(ours, objective, batch, device, dtype, hf=False)}
+    if not args.no_peer:
+        cases["hf"] = make_step(llama_twin(ours), None, batch, device, dtype, hf=True)
+    if args.compile:
+        cases["ours+compile"] = make_step(torch.compile(preset_model(args.preset).to(device).train()),
+                                          objective, batch, device, dtype, hf=False)
+        if not args.no_peer:
+            cases["hf+compile"] = make_step(torch.compile(llama_twin(ours)), None, batch, device, dtype, hf=True)
+    rows = args.batch_size * args.seq_len
+    ceiling_run, ceiling_flops = gemm_ceiling(config, rows, device, dtype)
+    cases["ceiling"] = ceiling_run
+    print(machine_line())
+    print(f"model: preset {args.preset} ({sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params), "
+          f"batch {args.batch_size} x {args.seq_len}, {args.dtype} on {device}; {args.repeats} repetitions")
+    times = interleaved(cases, args.repeats, device, warmup=2 if args.compile else 1)
+    ceiling = ceiling_flops / min(times.pop("ceiling"))
+    side = 8192 if device.type == "cuda" else 1024
+    square = measure_matmul_flops(device, dtype, n=side)
+    datasheet = peak_flops(device, dtype) if device.type == "cuda" else None
+    flops = flops_per_token(config, args.seq_len, training=True)
+    print(f"ceiling: {ceiling / 1e9:.1f} GFLOP/s (this model's GEMMs at {rows} rows); square {side} matmul "
+          f"{square / 1e9:.1f} GFLOP/s; {flops / 1e6:.1f} MFLOP per token"
+          + (f"; datasheet peak {datasheet / 1e12:.0f} TFLOP/s" if datasheet else ""))
+    results = {}
+    for name, seconds in times.items():
+        rate = rows / min(seconds)
+        results[name] = {"tokens_per_sec": rate, "mfu": flops * rate / ceiling, "mfu_square": flops * rate / square,
+                         "step_seconds": sorted(seconds)}
+        extra = ""
+        if datasheet:
+            results[name]["mfu_datasheet"] = flops * rate / datasheet
+            extra = f", {100 * flops * rate / datasheet:5.1f}% of the datasheet"
+        print(f"{name:>13}: {rate:8.1f} tokens/s  MFU {100 * flops * rate / ceiling:5.1f}% of the GEMM ceiling "
+              f"({100 * flops * rate / square:5.1f}% of the square matmul{extra})  steps {min(seconds):.3f}s "
+              f"best, {sorted(seconds)[len(seconds) // 2]:.3f}s median")
+    if args.json:
+        record = {"bench": "train", "preset": args.preset, "device": str(device), "dtype": args.dtype,
+                  "batch": args.batch_size, "seq_len": args.seq_len, "ceiling_flops": ceiling,
+                  "square_flops": square, "results": results, "machine": machine_line()}
+        with open(args.json, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    if args.compile and not args.no_peer:
+        mine, theirs = results["ours+compile"]["tokens_per_sec"], results["hf+compile"]["tokens_per_sec"]
+        print(ratio_line("train compiled", mine, theirs, "tokens/s"))
+        print(ratio_line("train ours compiled vs hf eager", mine, results["hf"]["tokens_per_sec"], "tokens/s"))
+    if not args.no_peer:
+        print(ratio_line("train", results["ours"]["tokens_per_sec"], results["hf"]["tokens_per_sec"], "tokens/s"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The fast paths compute what the plain ones do: fused RoPE, CPU weight layout, the decode head, compiled decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_engine import hf_greedy, prompts_of, random_model
+from test_model import llama_twin, randomize
+
+from minimind.errors import UserError
+from minimind.infer import Engine
+from minimind.infer.layout import OutputHead, gemv_layout
+from minimind.model.hub import load_model
+from minimind.model.layers import rotate_qk, signed_sin
+
+
+def test_rotate_qk_is_the_textbook_rotate_half_rope():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    angles = torch.randn(2, 1, 5, 4)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+
+    def textbook(x):  # HF Llama: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1)
+        return x * cos + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin
+
+    q_rot, k_rot = rotate_qk(q, k, cos, signed_sin(sin))
+    torch.testing.assert_close(q_rot, textbook(q), rtol=0, atol=1e-6)
+    torch.testing.assert_close(k_rot, textbook(k), rtol=0, atol=1e-6)
+
+
+def test_gemv_layout_keeps_values_names_and_hf_equality_and_saves(tmp_path):
+    model = tiny_model()
+    randomize(model)
+    llama = llama_twin(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 512, (2, 9))
+    assert gemv_layout(model) == 2 * 7  # 7 projections per layer; the tied head/embedding is left alone
+    assert model.model.layers[0].self_attn.q_proj.weight.t().is_contiguous()
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.is_contiguous()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, llama(ids).logits, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = load_model(tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in reloaded.state_dict().items())
+
+
+def test_output_head_follows_in_place_weight_updates():
+    head = torch.nn.Linear(8, 16, bias=False)
+    fast = OutputHead(head)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fast(x), head(x))
+    with torch.no_grad():
+        head.weight.mul_(-2.0)  # what an optimizer step does to a model an RL stage also decodes with
+    torch.testing.assert_close(fast(x), head(x))
+
+
+def test_engine_tracks_weight_updates_between_generations(tokenizer):
+    model = random_model()
+    engine = Engine(model, tokenizer)
+    prompt = prompts_of((6,))[0]
+    first = engine.completions([prompt], max_new_tokens=6, ignore_eos=True)[0].token_ids
+    assert first == hf_greedy(model, prompt, 6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    second = engine.completions([prompt], max_new_tokens=6, ignore_eos=True)[0].token_ids
+    assert second == hf_greedy(model, prompt, 6) and second != first
+
+
+def test_compile_needs_a_minimind_model(tokenizer):
+    with pytest.raises(UserError, match="needs a MiniMind model"):
+        Engine(llama_twin(tiny_model()), tokenizer, compile=True)
+
+
+def run_two(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    """Two requests of 3 and 12 new tokens: two rows decode eagerly, then the survivor alone (compiled)."""
+    ids = [engine.add(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, (3, 12))]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_work:
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    return [tokens[i] for i in ids]
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_engine(tokenizer):
+    """Fixed-shape compiled decode (whole-capacity masked attention) gives the eager engine's tokens."""
+    prompts = prompts_of((5, 9))
+    want = run_two(Engine(random_model(), tokenizer), prompts)
+    assert run_two(Engine(random_model(), tokenizer, compile=True), prompts) == want
+    assert want[1] == hf_greedy(random_model(), prompts[1], 12)
