@@ -15,7 +15,8 @@ float noise and dropout: the clip only binds if the policy runs with dropout.
 `--max-seq-len` caps the prompt length (longer prompts keep their last tokens); completions add up to
 `--max-new-tokens`. Logged: reward mean/std, accuracy (rule exact match), KL, completion length, clip
 fraction; with `--eval-data`, the greedy answers' reward and accuracy on held-out prompts (`eval_accuracy`),
-and in report.md the held-out accuracy of `--init` and of the trained policy.
+and in report.md the held-out accuracy of `--init` and of the trained policy, greedy and sampled (G answers per
+prompt at the rollout temperature).
 """
 
 from __future__ import annotations
@@ -136,31 +137,45 @@ def rl_data(cfg: TrainConfig, info: DistInfo, tokenizer):
 
 def held_out_numbers(objective: RLObjective, cfg: TrainConfig, eval_dataset, collate: Callable,
                      start: torch.nn.Module, device: torch.device) -> Callable[[torch.nn.Module], dict]:
-    """For report.md: greedy held-out accuracy and reward of `--init` (`start`) and of the trained policy."""
+    """For report.md: held-out accuracy and reward of `--init` (`start`) and of the trained policy.
+
+    Two views: greedy answers (what a user sees at temperature 0) and G sampled answers per prompt at the rollout
+    temperature (the reward the RL objective itself maximises). Sampling is seeded the same for both models, in
+    a forked RNG so the training stream is untouched.
+    """
 
     @torch.no_grad()
-    def score(model: torch.nn.Module) -> tuple[float, float]:
+    def score(model: torch.nn.Module, sampled: bool) -> tuple[float, float]:
         loader = DataLoader(eval_dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
-        correct = reward = prompts = 0.0
+        correct = reward = answers = 0.0
         was_training = model.training
         model.eval()
-        for i, batch in enumerate(loader):
-            if i >= cfg.eval_batches:
-                break
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            out = objective.evaluate(model, batch)
-            n = len(batch["answer"])
-            correct, reward, prompts = correct + out.metrics["accuracy"] * n, reward - out.loss_sum.item(), prompts + n
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            for i, batch in enumerate(loader):
+                if i >= cfg.eval_batches:
+                    break
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                if sampled:
+                    scored = objective.roll_out(model, batch, objective.group_size, objective.temperature)
+                else:
+                    scored = objective.roll_out(model, batch, 1, 0.0)
+                correct += scored.correct.sum().item()
+                reward += scored.rewards.sum().item()
+                answers += len(scored.texts)
         model.train(was_training)
-        return correct / max(prompts, 1.0), reward / max(prompts, 1.0)
+        return correct / max(answers, 1.0), reward / max(answers, 1.0)
 
     def numbers(trained: torch.nn.Module) -> dict:
         if eval_dataset is None:
             return {}
-        acc0, reward0 = score(start)
-        acc1, reward1 = score(trained)
-        return {"held-out accuracy (greedy): --init": acc0, "held-out accuracy (greedy): trained": acc1,
-                "held-out reward (greedy): --init": reward0, "held-out reward (greedy): trained": reward1}
+        result = {}
+        for view, sampled in (("greedy", False), (f"sampled T={objective.temperature:g}", True)):
+            for name, model in (("--init", start), ("trained", trained)):
+                acc, reward = score(model, sampled)
+                result[f"held-out accuracy ({view}): {name}"] = acc
+                result[f"held-out reward ({view}): {name}"] = reward
+        return result
 
     return numbers
 
@@ -180,6 +195,6 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
         final_numbers=held_out_numbers(objective, cfg, eval_dataset, collate, reference, info.device),
         notes=[f"GRPO: G = {extra['group_size']} completions per prompt (≤ {extra['max_new_tokens']} tokens, "
                f"temperature {extra['temperature']:g}), reward {extra['reward']!r}, β = {extra['beta']:g} (k3 KL to "
-               f"{cfg.init}), clip ε = {extra['clip']:g}, one optimiser step per rollout. Held-out numbers use "
-               "greedy answers."],
+               f"{cfg.init}), clip ε = {extra['clip']:g}, one optimiser step per rollout. Held-out numbers: "
+               "greedy answers, and G sampled answers per prompt at the rollout temperature."],
     )
