@@ -41,7 +41,8 @@ def random_model_dir(preset: str, out: Path) -> Path:
     """A model directory with a preset's random weights and a tokenizer trained in seconds."""
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig.from_preset(preset)).eval()
-    save_model_dir(model, bench_tokenizer(model.config.vocab_size), out)
+    tokenizer, _ = bench_tokenizer(model.config.vocab_size)
+    save_model_dir(model, tokenizer, out)
     return out
 
 

@@ -1,7 +1,7 @@
 """`minimind demo` (what `make demo` runs): the whole pipeline on the bundled demo data, on CPU, in minutes.
 
 Each stage is the same verb a user would type (printed as it runs), writing into `--out`:
-tokenizer -> pretrain (tiny) -> sft -> held-out evaluation -> answers -> `report.md`.
+tokenizer -> pretrain (tiny) -> sft -> dpo -> grpo -> held-out evaluation -> answers -> `report.md`.
 """
 
 from __future__ import annotations
@@ -25,16 +25,23 @@ from minimind.infer.engine import Engine
 from minimind.model.hub import load_model
 from minimind.train.objective import MaskedLM
 
-# CPU-sized settings: tuned so the whole demo stays well inside 15 minutes on 2 cores.
-PRETRAIN_STEPS, SFT_STEPS, SEQ_LEN, BATCH = 600, 300, 256, 16
+# CPU-sized settings: the whole demo stays well inside 15 minutes on 2 cores (see README for the time seen).
+STEPS = {"pretrain": 300, "sft": 200, "dpo": 40, "grpo": 40}
+SEQ_LEN, BATCH = 256, 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="directory for every stage's output")
-    parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS, help="pretraining steps")
-    parser.add_argument("--sft-steps", type=int, default=SFT_STEPS, help="SFT steps")
+    for stage, steps in STEPS.items():
+        parser.add_argument(f"--{stage}-steps", type=int, default=steps, help=f"{stage} steps (0 skips the stage)"
+                            if stage in ("dpo", "grpo") else f"{stage} steps")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="training sequence length")
     parser.add_argument("--batch-size", type=int, default=BATCH, help="training batch size")
+    parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak learning rate of pretraining")
+    parser.add_argument("--sft-lr", type=float, default=1e-3, help="peak learning rate of SFT")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few steps per stage and 40 held-out questions: checks the pipeline runs (about a "
+                             "minute); its numbers mean nothing")
 
 
 def step(title: str, argv: list[str]) -> float:
@@ -60,45 +67,96 @@ def heldout_sft_loss(model_dir: Path, prepared: Shard, seq_len: int) -> float:
     return total / count
 
 
+def summary(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def last_eval(stage_dir: Path) -> dict:
+    """The last evaluation row of a stage's metrics.jsonl."""
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [r for r in rows if "eval_loss" in r][-1]
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.pretrain_steps, args.sft_steps = min(args.pretrain_steps, 8), min(args.sft_steps, 4)
+        args.dpo_steps, args.grpo_steps = min(args.dpo_steps, 2), min(args.grpo_steps, 2)
+        args.batch_size, args.seq_len = min(args.batch_size, 4), min(args.seq_len, 128)
+    limit = 40 if args.quick else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     start = time.time()
-    tok, pre, sft = out / "tokenizer", out / "pretrain", out / "sft"
-    common = ["--max-seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--device", "cpu",
-              "--dtype", "fp32", "--log-every", "20"]
+    tok, pre, sft, dpo, grpo = (out / name for name in ("tokenizer", "pretrain", "sft", "dpo", "grpo"))
+
+    def common(seq_len: int = args.seq_len) -> list[str]:
+        return ["--max-seq-len", str(seq_len), "--batch-size", str(args.batch_size), "--device", "cpu",
+                "--dtype", "fp32", "--log-every", "20"]
+
     times["tokenizer"] = step("1. tokenizer: byte-level BPE, 6400 tokens", [
         "tokenizer", "--data", str(demo_file("pretrain.jsonl")), "--vocab-size", "6400", "--out", str(tok)])
     times["pretrain"] = step("2. pretrain the tiny model on packed text", [
         "pretrain", "--data", str(demo_file("pretrain.jsonl")), "--eval-data", str(demo_file("pretrain_eval.jsonl")),
         "--tokenizer", str(tok), "--preset", "tiny", "--out", str(pre), "--max-steps", str(args.pretrain_steps),
-        "--lr", "2e-3", "--warmup-steps", "30", "--eval-every", "100", *common])
+        "--lr", str(args.pretrain_lr), "--warmup-steps", "30", "--eval-every", "100", *common()])
     times["sft"] = step("3. supervised fine-tuning on conversations", [
         "sft", "--data", str(demo_file("sft.jsonl")), "--init", str(pre), "--out", str(sft),
-        "--max-steps", str(args.sft_steps), "--lr", "1e-3", "--warmup-steps", "20", *common])
-    print("\n== 4. held-out evaluation", flush=True)
-    eval_prepared = out / "prepared-sft-eval"
-    prepare(demo_file("sft_eval.jsonl"), tok, "sft", eval_prepared, progress=False)
-    shard = Shard(eval_prepared)
-    results = {
-        "held-out reply loss, pretrained": heldout_sft_loss(pre, shard, args.seq_len),
-        "held-out reply loss, after SFT": heldout_sft_loss(sft, shard, args.seq_len),
-    }
-    pre_summary = json.loads((pre / "summary.json").read_text())
-    results["pretrain held-out loss"] = pre_summary.get("final held-out loss")
-    results["unigram baseline loss"] = pre_summary.get("unigram baseline loss (held-out)")
-    items = [json.loads(line) for line in demo_file("sft_eval.jsonl").read_text(encoding="utf-8").splitlines()]
-    for name, model_dir in (("pretrained", pre), ("after SFT", sft)):
-        exact = evaluate_exact(Engine.from_pretrained(model_dir), items, max_new_tokens=48)
-        results[f"held-out exact match, {name}"] = exact["accuracy"]
+        "--max-steps", str(args.sft_steps), "--lr", str(args.sft_lr), "--warmup-steps", "20", *common()])
+    post: dict[str, float] = {}
+    if args.dpo_steps > 0:
+        times["dpo"] = step("4. DPO on preference pairs (chosen vs rejected replies)", [
+            "dpo", "--data", str(demo_file("dpo.jsonl")), "--eval-data", str(demo_file("dpo_eval.jsonl")),
+            "--init", str(sft), "--out", str(dpo), "--max-steps", str(args.dpo_steps), "--warmup-steps", "4",
+            "--eval-every", "0", "--eval-batches", "10", *common()])
+        held = last_eval(dpo)
+        post["DPO held-out reward margin, start (policy = reference)"] = 0.0
+        post["DPO held-out reward margin, after DPO"] = held["eval_reward_margin"]
+        post["DPO held-out pairs preferred, after DPO"] = held["eval_reward_accuracy"]
+    if args.grpo_steps > 0:
+        times["grpo"] = step("5. GRPO on exact-answer prompts with a rule reward", [
+            "grpo", "--data", str(demo_file("rlaif.jsonl")), "--eval-data", str(demo_file("rlaif_eval.jsonl")),
+            "--init", str(sft), "--out", str(grpo), "--max-steps", str(args.grpo_steps), "--lr", "1e-4",
+            "--group-size", "4", "--max-new-tokens", "16", "--eval-every", "0",
+            "--eval-batches", "2" if args.quick else "25",
+            *common(seq_len=128)])  # --max-seq-len caps the prompt here; prompts are short
+        numbers = summary(grpo)
+        for view in ("greedy", "sampled T=1"):
+            post[f"GRPO held-out accuracy ({view}), SFT start"] = numbers[f"held-out accuracy ({view}): --init"]
+            post[f"GRPO held-out accuracy ({view}), after GRPO"] = numbers[f"held-out accuracy ({view}): trained"]
+    print("\n== 6. held-out evaluation", flush=True)
+    results = {**evaluate_pretrain_and_sft(out, tok, pre, sft, args.seq_len, limit), **post}
     for key, value in results.items():
-        print(f"   {key:<36} {value:.3f}")
-    answers = sample_answers(sft, items)
+        print(f"   {key:<56} {value:.3f}")
+    answers = sample_answers(sft, eval_items(limit))
     times["total"] = time.time() - start
     write_demo_report(out, results, times, answers)
     print(f"\ndemo finished in {times['total']:.0f}s; report: {out / 'report.md'}")
     return 0
+
+
+def evaluate_pretrain_and_sft(out: Path, tok: Path, pre: Path, sft: Path, seq_len: int,
+                              limit: int | None = None) -> dict[str, float]:
+    """Held-out reply loss and exact match of the pretrained and the SFT model, and pretraining's own numbers."""
+    eval_prepared = out / "prepared-sft-eval"
+    prepare(demo_file("sft_eval.jsonl"), tok, "sft", eval_prepared, progress=False)
+    shard = Shard(eval_prepared)
+    pre_summary = summary(pre)
+    results = {
+        "pretrain held-out loss": pre_summary.get("final held-out loss"),
+        "unigram baseline loss": pre_summary.get("unigram baseline loss (held-out)"),
+        "held-out reply loss, pretrained": heldout_sft_loss(pre, shard, seq_len),
+        "held-out reply loss, after SFT": heldout_sft_loss(sft, shard, seq_len),
+    }
+    for name, model_dir in (("pretrained", pre), ("after SFT", sft)):
+        exact = evaluate_exact(Engine.from_pretrained(model_dir), eval_items(limit), max_new_tokens=48)
+        results[f"held-out exact match, {name}"] = exact["accuracy"]
+    return results
+
+
+def eval_items(limit: int | None = None) -> list[dict]:
+    """The held-out questions of sft_eval.jsonl (the first `limit`, if given)."""
+    lines = demo_file("sft_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[:limit]]
 
 
 def sample_answers(model_dir: Path, items: list[dict], limit: int = 8) -> list[tuple[str, str, str]]:
@@ -112,17 +170,31 @@ def sample_answers(model_dir: Path, items: list[dict], limit: int = 8) -> list[t
         prompt = item["conversations"][:-1]
         reply = engine.chat(prompt, max_new_tokens=48, temperature=0.0)
         rows.append((prompt[-1]["content"], item.get("answer", ""), reply))
-    print("\n== 5. answers to held-out questions (greedy, after SFT)")
+    print("\n== 7. answers to held-out questions (greedy, after SFT)")
     for question, expected, reply in rows:
         print(f"   Q: {question}\n   A: {reply}\n      (expected: {expected})")
     return rows
 
 
+METRIC_NOTES = [
+    "- Losses are nats per token. The unigram baseline is the held-out loss of predicting every token by its "
+    "training frequency.",
+    "- Held-out exact match: the reference answer appears in the greedy reply, over the questions of "
+    "`sft_eval.jsonl` (facts, arithmetic pairs and words held out of every post-training file).",
+    "- DPO reward margin: β·((log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)) on held-out pairs, 0 at "
+    "the start by construction; pairs preferred = share with a positive margin.",
+    "- GRPO accuracy: the reference answer in the reply, on the held-out prompts of `rlaif_eval.jsonl`; greedy = "
+    "one answer each, sampled = 4 answers each at temperature 1 (the reward GRPO maximises).",
+]
+
+
 def write_demo_report(out: Path, results: dict, times: dict, answers: list[tuple[str, str, str]]) -> None:
     lines = ["# MiniMind demo run", "", "| measurement | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in results.items() if isinstance(v, float)]
+    lines += ["", *METRIC_NOTES]
     lines += ["", "| held-out question | expected | answer after SFT |", "|---|---|---|"]
     lines += [f"| {q} | {e} | {a.replace(chr(10), ' ')} |" for q, e, a in answers]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
-    lines += ["", "Stage reports: [pretrain](pretrain/report.md), [sft](sft/report.md)", ""]
+    stages = [name for name in ("pretrain", "sft", "dpo", "grpo") if (out / name / "report.md").is_file()]
+    lines += ["", "Stage reports: " + ", ".join(f"[{name}]({name}/report.md)" for name in stages), ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")

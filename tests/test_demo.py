@@ -1,0 +1,28 @@
+"""`minimind demo --quick`: every stage of the demo pipeline runs end to end and writes its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minimind.cli import main as cli
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["demo", "--out", str(out), "--quick"]) == 0
+    for stage in ("tokenizer", "pretrain", "sft", "dpo", "grpo"):
+        assert (out / stage).is_dir(), stage
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
+        assert (out / stage / "model.safetensors").is_file() and (out / stage / "report.md").is_file(), stage
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for line in ("held-out exact match, after SFT", "DPO held-out reward margin, after DPO",
+                 "GRPO held-out accuracy (greedy), after GRPO", "GRPO held-out accuracy (sampled T=1), SFT start",
+                 "pretrain held-out loss", "unigram baseline loss", "| total |"):
+        assert line in report, line
+    grpo = json.loads((out / "grpo" / "summary.json").read_text())
+    assert 0.0 <= grpo["held-out accuracy (greedy): trained"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "$ minimind pretrain" in printed and "$ minimind grpo" in printed and "demo finished" in printed
