@@ -116,6 +116,9 @@ def test_rule_reward_terms():
     torch.testing.assert_close(rewards, torch.tensor(expected))
     # A wrong reply earns nothing for being short or empty: nothing to gain by saying less.
     assert rewards[2] == rewards[4] == 0.0
+    # `--reward exact`: correctness alone, so an all-wrong group has equal rewards and no advantage.
+    exact = make_reward("exact", 10, 512)(rollout, texts, ["42"] * 5)
+    torch.testing.assert_close(exact, torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]))
 
 
 def test_model_reward_is_the_mean_completion_logprob(tmp_path, tokenizer):
@@ -134,7 +137,7 @@ def test_model_reward_is_the_mean_completion_logprob(tmp_path, tokenizer):
         expected = logp.gather(-1, seq[0, -n:, None]).mean()
         assert rewards[row].item() == pytest.approx(expected.item(), abs=1e-5)
     assert isinstance(make_reward("rule", 8, 512), RuleReward)
-    with pytest.raises(UserError, match="must be 'rule' or 'model:DIR'"):
+    with pytest.raises(UserError, match="must be 'rule', 'exact' or 'model:DIR'"):
         make_reward("bleu", 8, 512)
     with pytest.raises(UserError, match="vocab_size is 512, the policy's is 600"):
         make_reward(f"model:{tmp_path / 'judge'}", 8, 600)

@@ -7,6 +7,9 @@
   The format terms are penalties and the length term only ranks correct replies: GRPO normalises rewards
   within a group, so any bonus a wrong reply could earn (for being short, say) would be blown up into the
   whole advantage of an all-wrong group and the policy would learn to say nothing.
+- `exact`: 1 if the reference answer is in the reply, else 0 (the `correct` term alone). Groups whose answers
+  are all wrong (or all right) then have no advantage and no gradient, so updates come only from prompts the
+  policy sometimes solves; with `rule`, the format terms still rank the replies of an all-wrong group.
 - `model:DIR`: a sequence-scoring model: the mean log-probability per token of the completion (eos included)
   given the prompt, under the language model in DIR (e.g. a larger or better-aligned model acting as judge).
   It must share the policy's vocabulary. `accuracy` is still the rule's exact-answer check.
@@ -108,10 +111,12 @@ def make_reward(spec: str, max_new_tokens: int, vocab_size: int, device: torch.d
     """`--reward` value -> a reward callable, or a one-line error."""
     if spec == "rule":
         return RuleReward(max_new_tokens)
+    if spec == "exact":  # correctness alone: a group of all-wrong answers then carries no advantage at all
+        return RuleReward(max_new_tokens, format_weight=0.0, repetition_weight=0.0, length_weight=0.0)
     if spec.startswith("model:") and len(spec) > len("model:"):
         reward = ModelReward(spec[len("model:") :], device)
         if reward.model.config.vocab_size != vocab_size:
             raise UserError(f"--reward {spec}: the scoring model's vocab_size is {reward.model.config.vocab_size}, "
                             f"the policy's is {vocab_size}; they must share a tokenizer")
         return reward
-    raise UserError(f"--reward must be 'rule' or 'model:DIR', got {spec!r}")
+    raise UserError(f"--reward must be 'rule', 'exact' or 'model:DIR', got {spec!r}")

@@ -53,7 +53,8 @@ def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
     g.add_argument("--top-k", type=int, default=0, help="sample only from the k likeliest tokens (0 = off)")
     g.add_argument("--reward", default="rule",
-                   help="'rule' (exact answer + format + length) or 'model:DIR' (mean log-prob under DIR)")
+                   help="'rule' (exact answer + format + length), 'exact' (1 if the answer is right, else 0) or "
+                        "'model:DIR' (mean log-prob under DIR)")
     g.add_argument("--clip", type=float, default=0.2, help="ratio clip range ε")
     return g
 
