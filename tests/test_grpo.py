@@ -242,7 +242,7 @@ def test_grpo_cli_help_and_errors(tmp_path, model_dir, capsys):
     data = write_jsonl(tmp_path / "rl.jsonl", [{"conversations": [{"role": "user", "content": "hi"}]}])
     common = ["grpo", "--data", str(data), "--init", str(model_dir), "--out", str(tmp_path / "x"), "--device", "cpu"]
     for extra, message in ((["--group-size", "1"], "--group-size must be at least 2"),
-                           (["--reward", "bleu"], "must be 'rule' or 'model:DIR'"),
+                           (["--reward", "bleu"], "must be 'rule', 'exact' or 'model:DIR'"),
                            ([], "rl.jsonl:1: field \"conversations\" has no assistant turn")):
         assert main([*common, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
