@@ -6,12 +6,12 @@
 #   bash bench/gpu.sh                 # on the GPU machine; figures go to $OUT/gpu-results.{txt,jsonl}
 #   bash bench/gpu.sh --cpu-check     # here: every command once on CPU with --quick (is it broken?)
 #
-# Environment: PYTHON (default python3) must have torch with CUDA and transformers; the repository root is
+# Environment: PYTHON (default .venv/bin/python if present, else python3) must have torch with CUDA and transformers; the repository root is
 # the working directory. Each command's output is appended to the text file as it runs, so a run cut short
 # by the time limit still leaves what finished.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 OUT_DIR=${OUT:-bench-results}
 mkdir -p "$OUT_DIR"
 TXT="$OUT_DIR/gpu-results.txt"
