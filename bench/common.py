@@ -8,9 +8,11 @@ when the absolute numbers do not.
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -88,6 +90,13 @@ def llama_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa"):
     return llama.to(param.device, param.dtype).train(model.training)
 
 
+def scratch_dir(prefix: str) -> str:
+    """A temporary directory removed when the bench exits (benches write models, GGUF files, prepared data)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def bench_tokenizer(vocab_size: int, texts: list[str] | None = None):
     """A byte-level BPE tokenizer of the given vocabulary size, trained in seconds (synthetic text by default)."""
     from minimind.tokenizer import load_tokenizer
@@ -97,7 +106,7 @@ def bench_tokenizer(vocab_size: int, texts: list[str] | None = None):
         rng = random.Random(0)
         chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)] + list("abcdefghijklmnopqrstuvwxyz ")
         texts = ["".join(rng.choice(chars) for _ in range(300)) for _ in range(800)]
-    out = tempfile.mkdtemp(prefix="bench-tokenizer-")
+    out = scratch_dir("bench-tokenizer-")
     save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size, show_progress=False), out)
     return load_tokenizer(out), Path(out)
 

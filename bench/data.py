@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import demo_tokenizer, interleaved, machine_line, preset_model, ratio_line  # noqa: E402
+from common import demo_tokenizer, interleaved, machine_line, preset_model, ratio_line, scratch_dir  # noqa: E402
 from train import make_step  # noqa: E402
 
 from minimind.data.datasets import PackedSFTDataset, stack_collate  # noqa: E402
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.preset, args.seq_len, args.batch_size, args.repeats = "tiny", 128, 2, 1
     tokenizer, tokenizer_dir = demo_tokenizer()
-    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    work = Path(scratch_dir("bench-data-"))
     data = Path(args.data) if args.data else demo_file("sft.jsonl")
     prepare(data, tokenizer_dir, "sft", work / "sft", progress=False)
     shard = Shard(work / "sft")

@@ -25,14 +25,13 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_tokenizer, interleaved, llama_twin, machine_line, ratio_line  # noqa: E402
+from common import bench_tokenizer, interleaved, llama_twin, machine_line, ratio_line, scratch_dir  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.infer import Engine  # noqa: E402
@@ -85,7 +84,7 @@ def llama_cpp_runners(model, tokenizer, model_dir: Path | None, prompt: list[int
     from minimind.convert.gguf import export_gguf
     from minimind.model.hub import save_model_dir
 
-    work = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
+    work = Path(scratch_dir("bench-gguf-"))
     if model_dir is None:
         model_dir = save_model_dir(model.float().cpu(), tokenizer, work / "model")
     runners = {}

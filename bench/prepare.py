@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import demo_tokenizer, interleaved, machine_line, preset_model, ratio_line  # noqa: E402
+from common import demo_tokenizer, interleaved, machine_line, preset_model, ratio_line, scratch_dir  # noqa: E402
 from train import make_step  # noqa: E402
 
 from minimind.data.prepare import prepare  # noqa: E402
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset, args.seq_len, args.batch_size, args.repeats = "tiny", 128, 2, 1
     data = Path(args.data) if args.data else demo_file("pretrain.jsonl")
     _, tokenizer_dir = demo_tokenizer()
-    work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    work = Path(scratch_dir("bench-prepare-"))
     tokens: list[int] = []
 
     def run_prepare() -> None:
