@@ -90,3 +90,37 @@ def test_chat_subprocess_streams_answers_and_quits_on_exit(model_dir, engine):
         answer = engine.chat([{"role": "user", "content": message}], temperature=0.0, max_new_tokens=4)
         assert f"{MODEL_PROMPT}{answer}\n" in result.stdout
     assert result.stdout.count(MODEL_PROMPT) == 2
+
+
+@pytest.mark.parametrize("pieces, printed, answer", [
+    (["<th", "ink>plan the", " sum</thi", "nk><ans", "wer>4", "2</answer>"], "(thinking…) 42", "42"),
+    (["<think>only thoughts, cut off"], "(thinking…) ", ""),
+    (["Hel", "lo <", "b> and </", "p"], "Hello <b> and </p", "Hello <b> and </p"),
+])
+def test_hide_thinking_prints_only_the_answer_however_the_tags_are_split(pieces, printed, answer):
+    from minimind.infer.chat_cli import AnswerOnly
+
+    shown = AnswerOnly()
+    assert "".join(shown.push(p) for p in pieces) + shown.finish() == printed
+    assert shown.answer() == answer
+
+
+def test_chat_loop_with_hide_thinking_keeps_answers_only_in_the_history():
+    class ThinkingEngine:
+        max_seq_len = 512
+
+        def __init__(self):
+            self.prompts = []
+
+        def chat_prompt(self, messages):
+            self.prompts.append(messages)
+            return [1, 2, 3]
+
+        def stream(self, ids, **sampling):
+            yield from ["<think>", "hmm", "</think>", "<answer>", "yes", "</answer>"]
+
+    engine, out = ThinkingEngine(), io.StringIO()
+    assert chat_loop(engine, scripted_input(["q1", "q2"]), out, hide_thinking=True) == 0
+    assert out.getvalue().count(MODEL_PROMPT + "(thinking…) yes\n") == 2 and "hmm" not in out.getvalue()
+    assert engine.prompts[1] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "yes"},
+                                 {"role": "user", "content": "q2"}]

@@ -3,6 +3,8 @@
     minimind chat --model runs/sft [--system "You are ..."] [--history-turns 4] [--temperature 0.7]
 
 Type a message and press Enter. `/reset` forgets the conversation, `/exit` (or Ctrl-D, Ctrl-C) quits.
+`--hide-thinking` prints only the answer of a reasoning model's `<think>…</think><answer>…</answer>` replies
+(a note shows while it thinks) and keeps only the answers in the history.
 The conversation is rendered with the model's chat template each turn. `--history-turns N` keeps the last N
 user/assistant pairs (-1 = all); older pairs are also dropped, oldest first, when the conversation would
 leave less than `max_new_tokens` (at most half the context) of room for the answer.
@@ -22,10 +24,13 @@ from minimind.infer.options import (
     sampling_from_args,
 )
 from minimind.infer.sampling import SamplingParams
+from minimind.tokenizer.template import split_thinking
 
 BANNER = "MiniMind chat. /reset clears the conversation, /exit quits."
 USER_PROMPT = "you> "
 MODEL_PROMPT = "minimind> "
+THINKING_NOTE = "(thinking…) "
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="system prompt (default: the chat template's default system prompt)")
     parser.add_argument("--history-turns", type=int, default=-1,
                         help="user/assistant pairs of history sent with each message; -1 = all that fit")
+    parser.add_argument("--hide-thinking", action="store_true",
+                        help="print only the answer of <think>…</think><answer>…</answer> replies; keep only "
+                             "answers in the history")
     add_sampling_arguments(parser)
 
 
@@ -41,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     SamplingParams(**sampling)  # bad flags fail now, not at the first message
     engine = load_engine(args)
-    return chat_loop(engine, input, sys.stdout, args.system, args.history_turns, sampling)
+    return chat_loop(engine, input, sys.stdout, args.system, args.history_turns, sampling, args.hide_thinking)
 
 
 def build_prompt(engine, system: str | None, history: list[tuple[str, str]], message: str,
@@ -65,6 +73,47 @@ def build_prompt(engine, system: str | None, history: list[tuple[str, str]], mes
         pairs = pairs[1:]
 
 
+class AnswerOnly:
+    """What `--hide-thinking` prints of a streamed reply: the answer part, as it grows, never the thinking.
+
+    Text that could be the start of a tag (`<`, `</thi`, ...) is held back until the next piece shows what it
+    is, so a tag split across pieces is never printed half.
+    """
+
+    def __init__(self):
+        self.text, self.shown, self.noted = "", "", False
+
+    def push(self, piece: str) -> str:
+        """Add a streamed piece; -> the new text to print."""
+        self.text += piece
+        note = ""
+        if "<think>" in self.text and not self.noted:
+            self.noted, note = True, THINKING_NOTE
+        return note + self._delta(self._without_partial_tag(self.text))
+
+    def finish(self) -> str:
+        """-> the rest to print once the reply is complete (held-back text that was not a tag)."""
+        return self._delta(self.text)
+
+    def answer(self) -> str:
+        return split_thinking(self.text)[1]
+
+    def _delta(self, text: str) -> str:
+        visible = split_thinking(text)[1]
+        if not visible.startswith(self.shown):
+            return ""  # the answer moved (tags arrived after text); show nothing rather than garble
+        delta, self.shown = visible[len(self.shown) :], visible
+        return delta
+
+    @staticmethod
+    def _without_partial_tag(text: str) -> str:
+        for tag in TAGS:
+            for k in range(len(tag) - 1, 0, -1):
+                if text.endswith(tag[:k]):
+                    return text[: len(text) - k]
+        return text
+
+
 def chat_loop(
     engine,
     read_line: Callable[[str], str],
@@ -72,6 +121,7 @@ def chat_loop(
     system: str | None = None,
     history_turns: int = -1,
     sampling: dict | None = None,
+    hide_thinking: bool = False,
 ) -> int:
     """Run the chat until /exit, end of input or Ctrl-C; -> exit code 0.
 
@@ -101,13 +151,14 @@ def chat_loop(
             continue
         out.write(MODEL_PROMPT)
         pieces: list[str] = []
+        shown = AnswerOnly() if hide_thinking else None
         try:
             for piece in engine.stream(ids, **sampling):
                 pieces.append(piece)
-                out.write(piece)
+                out.write(shown.push(piece) if shown else piece)
                 out.flush()
         except KeyboardInterrupt:
             out.write("\n")
             return 0
-        out.write("\n")
-        history.append((message, "".join(pieces)))
+        out.write((shown.finish() if shown else "") + "\n")
+        history.append((message, shown.answer() if shown else "".join(pieces)))
