@@ -22,8 +22,9 @@ from minimind.demo_data import demo_file
 from minimind.errors import UserError
 from minimind.eval import evaluate_exact
 from minimind.infer.engine import Engine
-from minimind.model.hub import load_model
+from minimind.model.hub import load_model, read_json_object
 from minimind.train.objective import MaskedLM
+from minimind.train.report import read_metrics
 
 # CPU-sized settings: the whole demo stays well inside 15 minutes on 2 cores (see README for the time seen).
 STEPS = {"pretrain": 300, "sft": 200, "dpo": 40, "grpo": 40}
@@ -67,14 +68,9 @@ def heldout_sft_loss(model_dir: Path, prepared: Shard, seq_len: int) -> float:
     return total / count
 
 
-def summary(stage_dir: Path) -> dict:
-    return json.loads((stage_dir / "summary.json").read_text(encoding="utf-8"))
-
-
 def last_eval(stage_dir: Path) -> dict:
     """The last evaluation row of a stage's metrics.jsonl."""
-    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [r for r in rows if "eval_loss" in r][-1]
+    return [r for r in read_metrics(stage_dir) if "eval_loss" in r][-1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,15 +115,16 @@ def run(args: argparse.Namespace) -> int:
             "--group-size", "4", "--max-new-tokens", "16", "--eval-every", "0",
             "--eval-batches", "2" if args.quick else "25",
             *common(seq_len=128)])  # --max-seq-len caps the prompt here; prompts are short
-        numbers = summary(grpo)
+        numbers = read_json_object(grpo / "summary.json")
         for view in ("greedy", "sampled T=1"):
             post[f"GRPO held-out accuracy ({view}), SFT start"] = numbers[f"held-out accuracy ({view}): --init"]
             post[f"GRPO held-out accuracy ({view}), after GRPO"] = numbers[f"held-out accuracy ({view}): trained"]
     print("\n== 6. held-out evaluation", flush=True)
-    results = {**evaluate_pretrain_and_sft(out, tok, pre, sft, args.seq_len, limit), **post}
+    items = eval_items(limit)
+    results = {**evaluate_pretrain_and_sft(out, tok, pre, sft, args.seq_len, items), **post}
     for key, value in results.items():
         print(f"   {key:<56} {value:.3f}")
-    answers = sample_answers(sft, eval_items(limit))
+    answers = sample_answers(sft, items)
     times["total"] = time.time() - start
     write_demo_report(out, results, times, answers)
     print(f"\ndemo finished in {times['total']:.0f}s; report: {out / 'report.md'}")
@@ -135,12 +132,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def evaluate_pretrain_and_sft(out: Path, tok: Path, pre: Path, sft: Path, seq_len: int,
-                              limit: int | None = None) -> dict[str, float]:
+                              items: list[dict]) -> dict[str, float]:
     """Held-out reply loss and exact match of the pretrained and the SFT model, and pretraining's own numbers."""
     eval_prepared = out / "prepared-sft-eval"
     prepare(demo_file("sft_eval.jsonl"), tok, "sft", eval_prepared, progress=False)
     shard = Shard(eval_prepared)
-    pre_summary = summary(pre)
+    pre_summary = read_json_object(pre / "summary.json")
     results = {
         "pretrain held-out loss": pre_summary.get("final held-out loss"),
         "unigram baseline loss": pre_summary.get("unigram baseline loss (held-out)"),
@@ -148,7 +145,7 @@ def evaluate_pretrain_and_sft(out: Path, tok: Path, pre: Path, sft: Path, seq_le
         "held-out reply loss, after SFT": heldout_sft_loss(sft, shard, seq_len),
     }
     for name, model_dir in (("pretrained", pre), ("after SFT", sft)):
-        exact = evaluate_exact(Engine.from_pretrained(model_dir), eval_items(limit), max_new_tokens=48)
+        exact = evaluate_exact(Engine.from_pretrained(model_dir), items, max_new_tokens=48)
         results[f"held-out exact match, {name}"] = exact["accuracy"]
     return results
 
