@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -91,3 +93,35 @@ def test_compiled_decode_equals_eager_engine(tokenizer):
     want = run_two(Engine(random_model(), tokenizer), prompts)
     assert run_two(Engine(random_model(), tokenizer, compile=True), prompts) == want
     assert want[1] == hf_greedy(random_model(), prompts[1], 12)
+
+
+def test_packed_linears_compute_what_linear_does_and_stay_plain_linears(tmp_path):
+    from minimind.infer.layout import PackedLinear, pack_linears
+
+    model = tiny_model()
+    randomize(model)
+    llama = llama_twin(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert pack_linears(model) == n_linear  # every projection and the head
+    layer = model.model.layers[0].mlp.up_proj
+    assert type(layer) is PackedLinear and isinstance(layer, torch.nn.Linear)
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, llama(ids).logits, rtol=1e-5, atol=1e-5)
+        x = torch.randn(3, 5, layer.in_features).transpose(0, 1)  # any shape and strides
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        layer.weight.mul_(-2.0)  # an optimizer step in place: the packed copy is rebuilt
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        layer.weight.div_(-2.0)
+    # with grad the plain path runs: training a packed model gives HF's gradients
+    model(ids, labels=ids).loss.backward()
+    llama(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.grad,
+                               llama.model.layers[0].mlp.up_proj.weight.grad, rtol=1e-4, atol=1e-6)
+    copied = copy.deepcopy(model)  # the oneDNN copy has no storage: copies leave it behind and rebuild it
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids).logits, llama(ids).logits, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = load_model(tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in reloaded.state_dict().items())

@@ -44,7 +44,7 @@ def validate_exact(obj: Any) -> dict:
 def evaluate_exact(engine, items: Sequence[dict], max_new_tokens: int = 128, batch_size: int = 16,
                    progress=None) -> dict:
     """-> {"task": "exact", "n", "correct", "accuracy", "samples"} for raw SFT-shaped records, answered
-    greedily by `engine` in batches. `samples` lists (expected, reply, correct) for the first 10 items."""
+    greedily by `engine` in batches. `samples` lists (expected, reply, correct) for every item, in order."""
     clean = []
     for index, raw in enumerate(items):
         try:
@@ -69,5 +69,5 @@ def evaluate_exact(engine, items: Sequence[dict], max_new_tokens: int = 128, bat
         "n": len(clean),
         "correct": correct,
         "accuracy": correct / len(clean) if clean else 0.0,
-        "samples": samples[:10],
+        "samples": samples,
     }

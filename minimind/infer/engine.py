@@ -51,7 +51,7 @@ import torch
 from minimind.errors import UserError
 from minimind.infer.cache import SlotKVCache
 from minimind.infer.compiled import compile_decoder
-from minimind.infer.layout import OutputHead, gemv_layout
+from minimind.infer.layout import OutputHead, gemv_layout, pack_linears
 from minimind.infer.quantize import check_quantize, quantize_int8
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, choose_tokens
 from minimind.infer.text import TextStream
@@ -139,16 +139,16 @@ class Engine:
         if quantize == "int8":
             model = quantize_int8(copy.deepcopy(model))  # the caller's model stays as it was
         self.device = next(model.parameters()).device
+        if compile and not isinstance(model, MiniMindForCausalLM):
+            raise UserError(f"compile=True needs a MiniMind model, got {type(model).__name__}")
+        # CPU: oneDNN on prepacked weights for every matmul outside compiled steps (values unchanged, see
+        # layout.py); where this build lacks oneDNN, the column-major layout for faster single-row matmuls.
+        if not pack_linears(model) and not compile:
+            gemv_layout(model)
         # MiniMind: run the body, then the head on the last positions only through `OutputHead`.
         self._body = model.model if isinstance(model, MiniMindForCausalLM) else None
         self._head = OutputHead(model.get_output_embeddings()) if self._body is not None else None
-        self._decode_body = None
-        if compile:
-            if self._body is None:
-                raise UserError(f"compile=True needs a MiniMind model, got {type(model).__name__}")
-            self._decode_body = compile_decoder(self._body, self.device)  # see compiled.py
-        else:
-            gemv_layout(model)  # CPU: faster single-row matmuls; values and shapes unchanged (see layout.py)
+        self._decode_body = compile_decoder(self._body, self.device) if compile else None  # see compiled.py
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
