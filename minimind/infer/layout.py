@@ -17,6 +17,7 @@ Two mechanisms, the first preferred (the Engine applies it to every model it ser
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import torch
@@ -70,6 +71,7 @@ class OutputHead:
         return hidden @ self._weight_t
 
 
+@functools.cache
 def _onednn_linear_works() -> bool:
     """Whether this PyTorch build has oneDNN's prepacked linear on CPU and it computes x @ W.T."""
     try:
@@ -89,7 +91,8 @@ class PackedLinear(nn.Linear):
     ~20% faster for prompt-sized row counts (docs/performance.md). The module keeps its parameters, so
     `state_dict`, saving and training see a plain `nn.Linear`; the packed copy (as many bytes as the weight)
     is rebuilt whenever the weight changes (version counter or storage, as in `OutputHead`). Calls that need a
-    gradient, other dtypes or devices, and calls under torch.compile take the plain path.
+    gradient, other dtypes or devices, autocast, sharded weights (FSDP) and calls under torch.compile take the plain
+    path.
     """
 
     _packed: torch.Tensor | None = None
@@ -98,8 +101,9 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-                or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (weight.requires_grad or
-                                                                                  x.requires_grad))):
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or type(weight.data) is not torch.Tensor  # e.g. FSDP's DTensor
+                or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
             return F.linear(x, weight, self.bias)
         key = (weight.data_ptr(), weight._version)
         if key != self._packed_key:
