@@ -27,7 +27,7 @@ from minimind.train.objective import MaskedLM
 from minimind.train.report import read_metrics
 
 # CPU-sized settings: the whole demo stays well inside 15 minutes on 2 cores (see README for the time seen).
-STEPS = {"pretrain": 300, "sft": 200, "dpo": 40, "grpo": 40}
+STEPS = {"pretrain": 300, "sft": 200, "dpo": 40, "grpo": 80}
 SEQ_LEN, BATCH = 256, 8
 
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.grpo_steps > 0:
         times["grpo"] = step("5. GRPO on exact-answer prompts with a rule reward", [
             "grpo", "--data", str(demo_file("rlaif.jsonl")), "--eval-data", str(demo_file("rlaif_eval.jsonl")),
-            "--init", str(sft), "--out", str(grpo), "--max-steps", str(args.grpo_steps), "--lr", "1e-4",
+            "--init", str(sft), "--out", str(grpo), "--max-steps", str(args.grpo_steps), "--lr", "2e-4",
             "--group-size", "4", "--max-new-tokens", "16", "--eval-every", "0",
             "--eval-batches", "2" if args.quick else "25",
             *common(seq_len=128)])  # --max-seq-len caps the prompt here; prompts are short

@@ -366,6 +366,11 @@ def calendar(rng: random.Random, lang: Lang, pools: Pools) -> QA:
     return make_qa("month_order", lang, q, f"一年中的第{i + 1}个月是{{}}。".format, m[1], wrong[1])
 
 
+def counting_task(rng: random.Random, lang: Lang, pools: Pools) -> QA:
+    """A string task whose answer is a number or one letter (no reversing or upper-casing)."""
+    return string_task(rng, lang, pools, rewrites=False)
+
+
 HOLDOUT_BUILDERS: dict[str, Builder] = {
     "arithmetic": arithmetic,
     "capital": capital,
@@ -376,6 +381,7 @@ HOLDOUT_BUILDERS: dict[str, Builder] = {
     "state": element_state,
     "animal": animal_fact,
     "string": string_task,
+    "string_count": counting_task,
 }
 # Training-only builders (their tables are too small to hold anything out).
 TRAIN_ONLY_BUILDERS: dict[str, Builder] = {

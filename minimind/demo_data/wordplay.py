@@ -63,12 +63,15 @@ def _garble(rng: random.Random, word: str) -> str:
     return word[:i] + word[i + 1 :]
 
 
-def string_task(rng: random.Random, lang: Lang, pools: Pools) -> QA:
-    """Reverse, upper-case, count letters, first letter, letter occurrences, Chinese character count."""
+def string_task(rng: random.Random, lang: Lang, pools: Pools, rewrites: bool = True) -> QA:
+    """Reverse, upper-case, count letters, first letter, letter occurrences, Chinese character count.
+
+    `rewrites=False` leaves out reversing and upper-casing (answers that spell a whole word out)."""
     w, zh = rng.choice(pools.words)
     en = lang == "en"
     task = rng.choice(
-        ("reverse", "reverse", "upper", "length", "first", "count") + (() if en else ("chars",))
+        (("reverse", "reverse", "upper") if rewrites else ()) + ("length", "first", "count")
+        + (() if en else ("chars",))
     )
     if task == "reverse":
         x = w[::-1]
