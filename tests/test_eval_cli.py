@@ -42,11 +42,15 @@ def test_eval_ppl_and_exact(model_dir, tmp_path, capsys):
                  "--output", str(tmp_path / "p.json")]) == 0
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["n"] == 2 and saved["ppl"] > 1 and saved["bits_per_byte"] > 0
-    sft = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"role": "user", "content": "1+1?"},
-                                                                {"role": "assistant", "content": "2"}],
-                                              "answer": "2"}])
-    assert main(["eval", "--model", str(model_dir), "--task", "exact", "--data", sft, "--max-new-tokens", "4"]) == 0
+    sft = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"role": "user", "content": f"{i}+1?"},
+                                                                {"role": "assistant", "content": str(i + 1)}],
+                                              "answer": str(i + 1)} for i in range(12)])
+    assert main(["eval", "--model", str(model_dir), "--task", "exact", "--data", sft, "--max-new-tokens", "4",
+                 "--output", str(tmp_path / "e.json")]) == 0
     assert "accuracy" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "e.json").read_text())  # every item's reply, for error analysis
+    assert saved["n"] == 12 and [s["expected"] for s in saved["samples"]] == [str(i + 1) for i in range(12)]
+    assert saved["correct"] == sum(s["correct"] for s in saved["samples"])
 
 
 @pytest.mark.parametrize(
