@@ -111,6 +111,7 @@ def test_packed_linears_compute_what_linear_does_and_stay_plain_linears(tmp_path
         torch.testing.assert_close(model(ids).logits, llama(ids).logits, rtol=1e-5, atol=1e-5)
         x = torch.randn(3, 5, layer.in_features).transpose(0, 1)  # any shape and strides
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        assert layer._packed is not None and layer._packed.is_mkldnn  # the oneDNN path ran, not the fallback
         layer.weight.mul_(-2.0)  # an optimizer step in place: the packed copy is rebuilt
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
         layer.weight.div_(-2.0)

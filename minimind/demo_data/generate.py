@@ -39,7 +39,8 @@ DESCRIPTIONS = {
     "sft_eval.jsonl": "held-out questions; last assistant turn is the reference, `answer` the exact string",
     "dpo.jsonl": '`{"chosen", "rejected"}` pairs: wrong fact, rude reply or wrong identity rejected',
     "dpo_eval.jsonl": "held-out preference pairs (prompts disjoint from dpo.jsonl)",
-    "rlaif.jsonl": "RL prompts; the last assistant turn is the short reference answer for a rule reward (letter counts, short-answer facts, identity: kinds the demo model sometimes answers right)",
+    "rlaif.jsonl": "RL prompts; the last assistant turn is the short reference answer for a rule reward "
+                   "(letter counts, short-answer facts, identity: kinds the demo model sometimes answers right)",
     "rlaif_eval.jsonl": "held-out RL prompts (disjoint from rlaif.jsonl)",
     "reasoning.jsonl": "`<think>...</think><answer>...</answer>` replies to multi-step problems",
     "choice.jsonl": "C-Eval/CMMLU-style `{question, A, B, C, D, answer}` about the table facts",

@@ -47,8 +47,8 @@ EVAL_MIX: tuple[tuple[str, float], ...] = (
 # answers right some of the time: letter counts and first letters, element states, animals, continents,
 # identity. GRPO learns only from groups whose rewards differ, so prompts the policy never solves give it
 # nothing: at demo scale that is two-digit arithmetic, capitals of unseen countries, and reversing or
-# upper-casing a word (the SFT model scored 0-7% on each), which stay in the SFT data and a sliver of
-# arithmetic here. RL datasets are filtered by pass rate for the same reason.
+# upper-casing a word (the demo's SFT model answered 0-7% of each right). Those stay in the SFT data; only a
+# sliver of arithmetic stays here.
 RL_MIX: tuple[tuple[str, float], ...] = (
     ("string_count", 30),
     ("animal", 14),

@@ -11,9 +11,9 @@ Measured on `small` at one thread: 97 against 59 tokens/s fp32, 231 against 153 
 
 Only steps with one running sequence take this path: with several rows a matmul is a real GEMM, where the
 eager oneDNN (prepacked weights, layout.py) / fbgemm kernels are as fast or faster, and compiling for every
-batch size would recompile whenever a server's batch changes. Shapes stay fixed between tokens because the compiled step attends over
-the cache's whole capacity with an explicit mask (columns at or before the position) instead of over the
-tokens so far: one compilation per cache capacity (which grows geometrically), reused for every token.
+batch size would recompile whenever a server's batch changes. Shapes stay fixed between tokens because the
+compiled step attends over the cache's whole capacity with an explicit mask (columns at or before the
+position) instead of over the tokens so far: one compilation per cache capacity (which grows geometrically), reused for every token.
 Compiling takes 15-60 s on two cores, which is why it is opt-in; prefill stays eager (prompt lengths vary).
 """
 

@@ -91,8 +91,8 @@ class PackedLinear(nn.Linear):
     ~20% faster for prompt-sized row counts (docs/performance.md). The module keeps its parameters, so
     `state_dict`, saving and training see a plain `nn.Linear`; the packed copy (as many bytes as the weight)
     is rebuilt whenever the weight changes (version counter or storage, as in `OutputHead`). Calls that need a
-    gradient, other dtypes or devices, autocast, sharded weights (FSDP) and calls under torch.compile take the plain
-    path.
+    gradient, other dtypes or devices, autocast, sharded weights (FSDP's DTensor) and calls under torch.compile
+    take the plain path.
     """
 
     _packed: torch.Tensor | None = None
@@ -102,7 +102,7 @@ class PackedLinear(nn.Linear):
         weight = self.weight
         if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
                 or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-                or type(weight.data) is not torch.Tensor  # e.g. FSDP's DTensor
+                or type(weight) not in (nn.Parameter, torch.Tensor)  # a tensor subclass, e.g. FSDP's DTensor
                 or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
             return F.linear(x, weight, self.bias)
         key = (weight.data_ptr(), weight._version)
