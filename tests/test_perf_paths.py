@@ -31,6 +31,21 @@ def test_rotate_qk_is_the_textbook_rotate_half_rope():
     torch.testing.assert_close(k_rot, textbook(k), rtol=0, atol=1e-6)
 
 
+def test_one_query_attention_is_sdpa_over_the_cached_columns():
+    """The written-out attention of compiled decode steps: SDPA's result with GQA and a column mask."""
+    from minimind.model.layers import Attention
+
+    attention = tiny_model().model.layers[0].self_attn
+    assert isinstance(attention, Attention) and attention.n_rep > 1
+    torch.manual_seed(0)
+    b, s, d = 2, 11, attention.head_dim
+    q = torch.randn(b, attention.n_heads, 1, d)
+    k, v = torch.randn(b, attention.n_kv_heads, s, d), torch.randn(b, attention.n_kv_heads, s, d)
+    mask = torch.arange(s) <= torch.tensor([4, 9])[:, None, None, None]  # (B, 1, 1, S): rows at 4 and 9
+    torch.testing.assert_close(attention._one_query(q, k, v, mask), attention._sdpa(q, k, v, mask, 0.0),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_gemv_layout_keeps_values_names_and_hf_equality_and_saves(tmp_path):
     model = tiny_model()
     randomize(model)

@@ -8,26 +8,63 @@ so the output head qualifies too), writes each one-row matmul as its own vectori
 (out, in) weights; int8 weights (`Int8Linear`) become a row-dot that converts each byte as it reads it.
 Measured on `small` at one thread: 97 against 59 tokens/s fp32, 231 against 153 int8
 (docs/performance.md). A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
+Attention of the one new token is written out as products and sums (`Attention._one_query`), so the
+whole step (every layer, and an int8 output head) becomes one generated kernel instead of one SDPA call
+per layer between kernels.
 
 Only steps with one running sequence take this path: with several rows a matmul is a real GEMM, where the
 eager oneDNN (prepacked weights, layout.py) / fbgemm kernels are as fast or faster, and compiling for every
 batch size would recompile whenever a server's batch changes. Shapes stay fixed between tokens because the
 compiled step attends over the cache's whole capacity with an explicit mask (columns at or before the
-position) instead of over the tokens so far: one compilation per cache capacity (which grows geometrically), reused for every token.
+position) instead of over the tokens so far: one compilation per cache capacity (which grows\ngeometrically), reused for every token.
 Compiling takes 15-60 s on two cores, which is why it is opt-in; prefill stays eager (prompt lengths vary).
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-# M = 1 row only (batch-1 decoding); the other two dimensions up to this size (the head is vocab x dim).
+import torch
+from torch import nn
+
+from minimind.infer.quantize import Int8Linear
+from minimind.model.layers import Attention
+
 DECODE_COMPILE_OPTIONS = {
+    # M = 1 row only (batch-1 decoding); the other two dimensions up to this size (the head is vocab x dim).
     "post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": 1 << 17}},
+    # Store small pointwise results instead of recomputing them inside the loops that read them: without
+    # this the one-query attention recomputes each query's RoPE (pow, cos, a gather) for every cached column.
+    "realize_cpu_opcount_threshold": 8,
 }
 
 
-def compile_decoder(body: torch.nn.Module, device: torch.device):
-    """The model body under torch.compile for fixed-shape decode steps (CPU options on CPU)."""
+class DecodeStep(nn.Module):
+    """One decode step of a MiniMind body, with the output head inside the graph when one is given."""
+
+    def __init__(self, body: nn.Module, head: nn.Module | None):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """ids (B, 1) -> hidden state (B, dim) of the new token, or its logits (B, vocab) with a head."""
+        hidden = self.body(ids, mask, positions, cache, None, True)[0][:, -1]
+        return hidden if self.head is None else self.head(hidden)
+
+
+def compile_decoder(body: nn.Module, head: nn.Module, output_head: Callable, device: torch.device):
+    """-> step(ids, mask, positions, cache) -> logits (B, vocab): the body (and an int8 head) compiled.
+
+    `head` is the model's output layer; `output_head` is how the engine calls it eagerly. An int8 head joins
+    the graph (its row-dot reads the bytes faster than fbgemm's one-row kernel); a float head stays outside,
+    where the oneDNN prepacked matmul (layout.py) beats the generated row-dot.
+    """
+    for module in body.modules():
+        if isinstance(module, Attention):
+            module.inline_one_query = True
+    in_graph = isinstance(head, Int8Linear)
     options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
-    return torch.compile(body, dynamic=False, options=options)
+    step = torch.compile(DecodeStep(body, head if in_graph else None), dynamic=False, options=options)
+    if in_graph:
+        return step
+    return lambda *args: output_head(step(*args))

@@ -148,7 +148,8 @@ class Engine:
         # MiniMind: run the body, then the head on the last positions only through `OutputHead`.
         self._body = model.model if isinstance(model, MiniMindForCausalLM) else None
         self._head = OutputHead(model.get_output_embeddings()) if self._body is not None else None
-        self._decode_body = compile_decoder(self._body, self.device) if compile else None  # see compiled.py
+        self._decode_step = (compile_decoder(self._body, model.get_output_embeddings(), self._head, self.device)
+                             if compile else None)  # see compiled.py
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
@@ -464,11 +465,10 @@ class Engine:
         longest = max(r.cached for r in self._running)
         shortest = min(r.cached for r in self._running)
         positions = self._lengths[:n, None]  # (B, 1): each row writes its new token at its own length
-        if self._decode_body is not None and n == 1:  # fixed shapes: attend over the whole capacity, masked
+        if self._decode_step is not None and n == 1:  # fixed shapes: attend over the whole capacity, masked
             mask = self._columns[: self.cache.capacity] <= positions[:, None, :, None]  # (B, 1, 1, capacity)
             self.cache.bind(0, n, positions, self.cache.capacity, longest)
-            hidden = self._decode_body(self._next_tokens[:n, None], mask, positions, self.cache, None, True)[0]
-            logits = self._head(hidden[:, -1])
+            logits = self._decode_step(self._next_tokens[:n, None], mask, positions, self.cache)
         else:
             mask = None if shortest == longest else self._columns[: longest + 1] <= positions[:, None, :, None]
             self.cache.bind(0, n, positions, longest + 1, longest)

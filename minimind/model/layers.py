@@ -134,6 +134,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.flash = config.flash_attn
+        # Set by `compile_decoder` (infer/compiled.py): a compiled one-token step writes attention out.
+        self.inline_one_query = False
 
     def forward(
         self,
@@ -153,7 +155,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv_heads, S, D) with S = past + t
         dropout = self.dropout if self.training else 0.0
-        if self.flash:
+        if self.inline_one_query and t == 1 and mask is not None and torch.compiler.is_compiling():
+            out = self._one_query(q, k, v, mask)
+        elif self.flash:
             out = self._sdpa(q, k, v, mask, dropout)
         else:
             out = self._explicit(q, k, v, mask, dropout)
@@ -169,6 +173,19 @@ class Attention(nn.Module):
             )
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+    def _one_query(self, q, k, v, mask):
+        """Attention of one new token per row over the cache (B, n_kv_heads, S, D), as products and sums.
+
+        Under torch.compile these fuse into the decode step's generated loops, where an SDPA call per layer
+        costs more than its arithmetic at one query (~26 us each on a CPU). The query heads that share a K/V
+        head sit side by side, so nothing is copied.
+        """
+        b, _, _, d = q.shape
+        q = q.view(b, self.n_kv_heads, self.n_rep, 1, d)
+        scores = (q * k[:, :, None]).sum(-1) / math.sqrt(d)  # (B, n_kv_heads, n_rep, S)
+        probs = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(q.dtype)  # mask (B, 1, 1, S)
+        return (probs[..., None] * v[:, :, None]).sum(-2).view(b, self.n_heads, 1, d)
 
     def _explicit(self, q, k, v, mask, dropout):
         """The same attention written out, for readers and for backends without SDPA."""
