@@ -141,3 +141,20 @@ def test_packed_linears_compute_what_linear_does_and_stay_plain_linears(tmp_path
     model.save_pretrained(tmp_path, safe_serialization=True)
     reloaded = load_model(tmp_path)
     assert all(torch.equal(before[k], v) for k, v in reloaded.state_dict().items())
+
+
+def test_engine_without_prepack_keeps_one_copy_of_the_weights(tokenizer, model_dir, capsys):
+    from minimind.cli import main
+    from minimind.infer.layout import PackedLinear
+
+    model = random_model()
+    prompt = prompts_of((7,))[0]
+    engine = Engine(model, tokenizer, prepack=False)
+    assert not any(isinstance(m, PackedLinear) for m in engine.model.modules())
+    assert model.model.layers[0].mlp.up_proj.weight.t().is_contiguous()  # the memory-neutral layout instead
+    got = engine.completions([prompt], max_new_tokens=6, ignore_eos=True)[0].token_ids
+    assert got == hf_greedy(random_model(), prompt, 6)
+    assert any(isinstance(m, PackedLinear) for m in Engine(random_model(), tokenizer).model.modules())
+    code = main(["generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "3",
+                 "--temperature", "0", "--no-prepack", "--device", "cpu"])
+    assert code == 0 and "generated" in capsys.readouterr().err

@@ -8,6 +8,7 @@
     engine.chat([{"role": "user", "content": "你好"}])                           # chat template applied
     Engine.from_pretrained("runs/sft", quantize="int8")                         # CPU: int8 weights
     Engine.from_pretrained("runs/sft", compile=True)                            # compiled decode step
+    Engine.from_pretrained("runs/sft", prepack=False)                           # CPU: no second weight copy
 
 The engine is separate from the model and works on token ids; the CLI, the server and the web UI share it.
 
@@ -132,6 +133,7 @@ class Engine:
         prefill_token_budget: int = 16384,
         quantize: str | None = None,
         compile: bool = False,
+        prepack: bool = True,
     ):
         if device is not None:
             model = model.to(device)
@@ -142,8 +144,9 @@ class Engine:
         if compile and not isinstance(model, MiniMindForCausalLM):
             raise UserError(f"compile=True needs a MiniMind model, got {type(model).__name__}")
         # CPU: oneDNN on prepacked weights for every matmul outside compiled steps (values unchanged, see
-        # layout.py); where this build lacks oneDNN, the column-major layout for faster single-row matmuls.
-        if not pack_linears(model) and not compile:
+        # layout.py; a second copy of every weight). With prepack=False, or where this build lacks oneDNN,
+        # the column-major layout for faster single-row matmuls instead, which costs no memory.
+        if not (prepack and pack_linears(model)) and not compile:
             gemv_layout(model)
         # MiniMind: run the body, then the head on the last positions only through `OutputHead`.
         self._body = model.model if isinstance(model, MiniMindForCausalLM) else None
