@@ -103,6 +103,20 @@ def test_no_models_found_says_so(tmp_path, monkeypatch):
     assert main(["web", "--models-dir", str(tmp_path / "missing")]) == 2
 
 
+def test_no_prepack_reaches_the_engine(runs, monkeypatch):
+    from minimind.infer.layout import PackedLinear
+    from minimind.serve.webchat import load_scheduler
+
+    scheduler = load_scheduler(str(runs / "chat"), "cpu", None, prepack=False)
+    try:
+        assert not any(isinstance(m, PackedLinear) for m in scheduler.engine.model.modules())
+    finally:
+        scheduler.close()
+    monkeypatch.setattr(sys, "argv", ["page.py", "--models-dir", str(runs), "--device", "cpu", "--no-prepack"])
+    app = AppTest.from_file(str(PAGE), default_timeout=120).run()
+    assert not app.exception and app.sidebar.selectbox[0].value == "chat"
+
+
 def test_find_models_and_history(runs):
     assert [p.relative_to(runs).as_posix() for p in find_models(runs)] == ["chat", "other/checkpoint"]
     assert find_models(runs / "chat") == [runs / "chat"]

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="weights dtype (default: as saved)")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="CPU: skip the oneDNN copy of the float weights the engine keeps for faster "
+                             "matmuls (half the weight memory, slower decoding)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     page_args = ["--models-dir", str(Path(args.models_dir).resolve()), "--device", args.device]
     if args.dtype:
         page_args += ["--dtype", args.dtype]
+    if args.no_prepack:
+        page_args.append("--no-prepack")
     command = [
         sys.executable, "-m", "streamlit", "run", str(PAGE),
         "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",

@@ -30,12 +30,13 @@ def find_models(models_dir: str | Path) -> list[Path]:
     return sorted(set(found))
 
 
-def load_scheduler(model_dir: str, device: str = "auto", dtype: str | None = None) -> Scheduler:
+def load_scheduler(model_dir: str, device: str = "auto", dtype: str | None = None, prepack: bool = True) -> Scheduler:
     """A started Scheduler over the model directory (all browser sessions share it and batch together)."""
     from minimind.infer.engine import Engine
     from minimind.infer.options import resolve_device
 
-    engine = Engine.from_pretrained(model_dir, device=resolve_device(device), dtype=dtype, max_batch_size=8)
+    engine = Engine.from_pretrained(model_dir, device=resolve_device(device), dtype=dtype, max_batch_size=8,
+                                    prepack=prepack)
     return Scheduler(engine, max_queue=32).start()
 
 

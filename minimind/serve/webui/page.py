@@ -1,7 +1,7 @@
 """The Streamlit chat page behind `minimind web`.
 
     minimind web --models-dir runs
-    streamlit run minimind/serve/webui/page.py -- --models-dir runs [--device cpu] [--dtype bf16]
+    streamlit run minimind/serve/webui/page.py -- --models-dir runs [--device cpu] [--dtype bf16] [--no-prepack]
 
 The sidebar picks a model directory found under --models-dir and sets temperature, top-p, max new tokens,
 history turns, the system prompt and a seed; Clear forgets the conversation, Regenerate answers the last message
@@ -34,12 +34,13 @@ def page_options() -> argparse.Namespace:
     parser.add_argument("--models-dir", default="runs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--no-prepack", action="store_true")
     return parser.parse_known_args(sys.argv[1:])[0]
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def cached_scheduler(model_dir: str, device: str, dtype: str | None) -> Scheduler:
-    return load_scheduler(model_dir, device, dtype)
+def cached_scheduler(model_dir: str, device: str, dtype: str | None, prepack: bool) -> Scheduler:
+    return load_scheduler(model_dir, device, dtype, prepack)
 
 
 def clear() -> None:
@@ -67,7 +68,7 @@ def sidebar(options: argparse.Namespace) -> tuple[Scheduler, dict]:
         model_dir = models[names.index(st.selectbox("Model", names))]
         try:
             defaults = generation_defaults(model_dir)
-            scheduler = cached_scheduler(str(model_dir), options.device, options.dtype)
+            scheduler = cached_scheduler(str(model_dir), options.device, options.dtype, not options.no_prepack)
         except UserError as err:
             st.error(str(err))
             st.stop()
