@@ -16,17 +16,17 @@ Only steps with one running sequence take this path: with several rows a matmul 
 eager oneDNN (prepacked weights, layout.py) / fbgemm kernels are as fast or faster, and compiling for every
 batch size would recompile whenever a server's batch changes. Shapes stay fixed between tokens because the
 compiled step attends over the cache's whole capacity with an explicit mask (columns at or before the
-position) instead of over the tokens so far: one compilation per cache capacity (which grows\ngeometrically), reused for every token.
+position) instead of over the tokens so far: one compilation per cache capacity (which grows
+geometrically), reused for every token.
 Compiling takes 15-60 s on two cores, which is why it is opt-in; prefill stays eager (prompt lengths vary).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
+from minimind.infer.layout import OutputHead
 from minimind.infer.quantize import Int8Linear
 from minimind.model.layers import Attention
 
@@ -55,13 +55,14 @@ class DecodeStep(nn.Module):
         return hidden if self.head is None else self.head(hidden)
 
 
-def compile_decoder(body: nn.Module, head: nn.Module, output_head: Callable, device: torch.device):
+def compile_decoder(body: nn.Module, output_head: OutputHead, device: torch.device):
     """-> step(ids, mask, positions, cache) -> logits (B, vocab): the body (and an int8 head) compiled.
 
-    `head` is the model's output layer; `output_head` is how the engine calls it eagerly. An int8 head joins
-    the graph (its row-dot reads the bytes faster than fbgemm's one-row kernel); a float head stays outside,
-    where the oneDNN prepacked matmul (layout.py) beats the generated row-dot.
+    `output_head` is how the engine calls the model's output layer eagerly. An int8 head joins the graph (its
+    row-dot reads the bytes faster than fbgemm's one-row kernel); a float head stays outside, where the
+    oneDNN prepacked matmul (layout.py) beats the generated row-dot.
     """
+    head = output_head.head
     for module in body.modules():
         if isinstance(module, Attention):
             module.inline_one_query = True

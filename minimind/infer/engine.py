@@ -151,8 +151,7 @@ class Engine:
         # MiniMind: run the body, then the head on the last positions only through `OutputHead`.
         self._body = model.model if isinstance(model, MiniMindForCausalLM) else None
         self._head = OutputHead(model.get_output_embeddings()) if self._body is not None else None
-        self._decode_step = (compile_decoder(self._body, model.get_output_embeddings(), self._head, self.device)
-                             if compile else None)  # see compiled.py
+        self._decode_step = compile_decoder(self._body, self._head, self.device) if compile else None  # compiled.py
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype

@@ -1,18 +1,20 @@
 """Weight layouts for CPU inference: same values, same shapes, faster matmuls for decoding.
 
-Two mechanisms, the first preferred (the Engine applies it to every model it serves on CPU):
+Two mechanisms, the first preferred (the Engine applies it to every model it serves on CPU unless told
+`prepack=False`):
 
 - `pack_linears`: oneDNN matmuls on a copy of each weight reordered once into oneDNN's blocked layout
   (`PackedLinear`). On the `small` model's weight set at two threads: 6.6 ms per step at one row against
   8.8 ms (column-major BLAS) and 13.3 ms (row-major BLAS), 8.9 against 14.3 ms at eight rows, 22 against 35 ms
   at 64 rows (docs/performance.md). The price is a second copy of the weights in memory.
-- `gemv_layout`, for builds without oneDNN: `nn.Linear` stores its weight as (out, in) rows and computes
-  x @ W.T; for one or a few rows the CPU BLAS path for that layout reads the matrix markedly slower than when
-  the same matrix is stored as (in, out) rows, i.e. when W.T is contiguous. `gemv_layout` re-stores each
-  projection weight in that layout in place: the parameter keeps its shape (out, in), name, values and
-  identity (optimizers still point at it); only its strides change. A weight shared between modules (the
-  output head tied to the token embedding) is left alone, because HF `save_pretrained` cannot save a tied
-  tensor that is not contiguous; `OutputHead` instead keeps a transposed copy of it for decoding.
+- `gemv_layout`, without oneDNN or with `prepack=False` (no extra memory): `nn.Linear` stores its weight as
+  (out, in) rows and computes x @ W.T; for one or a few rows the CPU BLAS path for that layout reads the
+  matrix markedly slower than when the same matrix is stored as (in, out) rows, i.e. when W.T is contiguous.
+  `gemv_layout` re-stores each projection weight in that layout in place: the parameter keeps its shape
+  (out, in), name, values and identity (optimizers still point at it); only its strides change. A weight
+  shared between modules (the output head tied to the token embedding) is left alone, because HF
+  `save_pretrained` cannot save a tied tensor that is not contiguous; `OutputHead` instead keeps a
+  transposed copy of it for decoding.
 """
 
 from __future__ import annotations
