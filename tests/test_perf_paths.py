@@ -42,8 +42,11 @@ def test_one_query_attention_is_sdpa_over_the_cached_columns():
     q = torch.randn(b, attention.n_heads, 1, d)
     k, v = torch.randn(b, attention.n_kv_heads, s, d), torch.randn(b, attention.n_kv_heads, s, d)
     mask = torch.arange(s) <= torch.tensor([4, 9])[:, None, None, None]  # (B, 1, 1, S): rows at 4 and 9
-    torch.testing.assert_close(attention._one_query(q, k, v, mask), attention._sdpa(q, k, v, mask, 0.0),
-                               rtol=1e-5, atol=1e-6)
+    want = attention._sdpa(q, k, v, mask, 0.0)
+    torch.testing.assert_close(attention._one_query(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+    # The compiled step hands over the whole cache; columns past the mask's width are never read.
+    k_cache, v_cache = (torch.cat((t, torch.full_like(t, float("nan"))), dim=2) for t in (k, v))
+    torch.testing.assert_close(attention._one_query(q, k_cache, v_cache, mask), want, rtol=1e-5, atol=1e-6)
 
 
 def test_gemv_layout_keeps_values_names_and_hf_equality_and_saves(tmp_path):
@@ -103,11 +106,21 @@ def run_two(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_compiled_decode_equals_eager_engine(tokenizer):
-    """Fixed-shape compiled decode (whole-capacity masked attention) gives the eager engine's tokens."""
+    """Compiled decode gives the eager engine's tokens, and a longer request (the cache grows) reuses the
+    compiled step: the attended width and the cache's capacity are symbolic, not one graph per size."""
+    from torch._dynamo.utils import counters
+
     prompts = prompts_of((5, 9))
-    want = run_two(Engine(random_model(), tokenizer), prompts)
-    assert run_two(Engine(random_model(), tokenizer, compile=True), prompts) == want
+    eager, compiled = Engine(random_model(), tokenizer), Engine(random_model(), tokenizer, compile=True)
+    want = run_two(eager, prompts)
+    assert run_two(compiled, prompts) == want
     assert want[1] == hf_greedy(random_model(), prompts[1], 12)
+    graphs, capacity = counters["stats"]["unique_graphs"], compiled.cache.capacity
+    n = 4 * capacity
+    long = compiled.completions([prompts[0]], max_new_tokens=n, ignore_eos=True)[0].token_ids
+    assert compiled.cache.capacity > capacity and len(long) == n
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
+    assert long == eager.completions([prompts[0]], max_new_tokens=n, ignore_eos=True)[0].token_ids
 
 
 def test_packed_linears_compute_what_linear_does_and_stay_plain_linears(tmp_path):

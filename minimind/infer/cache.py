@@ -55,11 +55,12 @@ class SlotKVCache:
         new_cols = self.capacity if columns <= self.capacity else max(columns, min(2 * self.capacity, max_columns))
         self._alloc(new_rows, new_cols)
 
-    def bind(self, start: int, stop: int, write_positions: torch.Tensor, kv_len: int, past: int) -> None:
+    def bind(self, start: int, stop: int, write_positions: torch.Tensor, kv_len: int | None, past: int) -> None:
         """Aim the next forward at rows [start, stop).
 
         write_positions: (B, T) column of each new token, `self.capacity` (scratch) for padding tokens.
-        kv_len: how many columns attention reads (the longest row after the write).
+        kv_len: how many columns attention reads (the longest row after the write); None hands attention every
+            column, scratch included, for a caller whose mask says how many to read (the compiled step).
         past: the longest row before the write, reported by `get_seq_length`.
         """
         self._start, self._stop = start, stop
@@ -79,6 +80,8 @@ class SlotKVCache:
         # Advanced indices on dims 0 and 2 put the (B, T) index dims first: the target is (B, T, H, D).
         keys[self._row_index, :, self._write_positions] = key.transpose(1, 2)
         values[self._row_index, :, self._write_positions] = value.transpose(1, 2)
+        if self._kv_len is None:
+            return keys, values
         return keys[:, :, : self._kv_len], values[:, :, : self._kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -1,4 +1,4 @@
-"""`Engine(compile=True)`: single-sequence decode steps through torch.compile, with fixed shapes.
+"""`Engine(compile=True)`: single-sequence decode steps through torch.compile, compiled once.
 
 Decoding one sequence reads every weight once per token and does little arithmetic, so eager PyTorch
 loses on two counts: Python and one kernel launch per operation (~40 per layer), and the BLAS call for a
@@ -14,10 +14,13 @@ per layer between kernels.
 
 Only steps with one running sequence take this path: with several rows a matmul is a real GEMM, where the
 eager oneDNN (prepacked weights, layout.py) / fbgemm kernels are as fast or faster, and compiling for every
-batch size would recompile whenever a server's batch changes. Shapes stay fixed between tokens because the
-compiled step attends over the cache's whole capacity with an explicit mask (columns at or before the
-position) instead of over the tokens so far: one compilation per cache capacity (which grows
-geometrically), reused for every token.
+batch size would recompile whenever a server's batch changes. Two sizes change between tokens and are
+compiled as symbols, so one compilation serves every token and every cache: the number of columns attended
+(the mask's width, the tokens so far) and the cache's capacity (it grows geometrically when a longer request
+arrives). Attending over the whole capacity instead, with fixed shapes, made a step's cost follow the
+request's `max_tokens` rather than its length, and a cache that once grew kept every later request slow:
+5.7 against 1.5 ms per token of the int8 `small` model, 34-97 tokens into a request, once the cache has
+room for 4,000 (docs/performance.md).
 Compiling takes 15-60 s on two cores, which is why it is opt-in; prefill stays eager (prompt lengths vary).
 """
 
@@ -55,20 +58,34 @@ class DecodeStep(nn.Module):
         return hidden if self.head is None else self.head(hidden)
 
 
-def compile_decoder(body: nn.Module, output_head: OutputHead, device: torch.device):
-    """-> step(ids, mask, positions, cache) -> logits (B, vocab): the body (and an int8 head) compiled.
+class CompiledDecoder:
+    """step(ids, mask, positions, cache) -> logits (B, vocab): the body (and an int8 head) compiled.
 
+    The cache is bound with `kv_len=None` (every column) and `mask` (B, 1, 1, S) says which of the first S
+    columns to attend; S and the cache's capacity are symbolic in the compiled graph.
     `output_head` is how the engine calls the model's output layer eagerly. An int8 head joins the graph (its
     row-dot reads the bytes faster than fbgemm's one-row kernel); a float head stays outside, where the
     oneDNN prepacked matmul (layout.py) beats the generated row-dot.
     """
-    head = output_head.head
-    for module in body.modules():
-        if isinstance(module, Attention):
-            module.inline_one_query = True
-    in_graph = isinstance(head, Int8Linear)
-    options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
-    step = torch.compile(DecodeStep(body, head if in_graph else None), dynamic=False, options=options)
-    if in_graph:
-        return step
-    return lambda *args: output_head(step(*args))
+
+    def __init__(self, body: nn.Module, output_head: OutputHead, device: torch.device):
+        for module in body.modules():
+            if isinstance(module, Attention):
+                module.inline_one_query = True
+        in_graph = isinstance(output_head.head, Int8Linear)
+        self.eager_head = None if in_graph else output_head
+        options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
+        # dynamic=None: only the dimensions marked below are symbolic; every other shape is specialised.
+        self.step = torch.compile(DecodeStep(body, output_head.head if in_graph else None), dynamic=None,
+                                  options=options)
+        self._marked_keys: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        if cache.keys[0] is not self._marked_keys:  # a new allocation (the cache grew): mark its columns
+            for tensor in cache.keys + cache.values:
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+            self._marked_keys = cache.keys[0]
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
+        out = self.step(ids, mask, positions, cache)
+        return out if self.eager_head is None else self.eager_head(out)
+

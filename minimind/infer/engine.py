@@ -51,7 +51,7 @@ import torch
 
 from minimind.errors import UserError
 from minimind.infer.cache import SlotKVCache
-from minimind.infer.compiled import compile_decoder
+from minimind.infer.compiled import CompiledDecoder
 from minimind.infer.layout import OutputHead, gemv_layout, pack_linears
 from minimind.infer.quantize import check_quantize, quantize_int8
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, choose_tokens
@@ -151,7 +151,7 @@ class Engine:
         # MiniMind: run the body, then the head on the last positions only through `OutputHead`.
         self._body = model.model if isinstance(model, MiniMindForCausalLM) else None
         self._head = OutputHead(model.get_output_embeddings()) if self._body is not None else None
-        self._decode_step = compile_decoder(self._body, self._head, self.device) if compile else None  # compiled.py
+        self._decode_step = CompiledDecoder(self._body, self._head, self.device) if compile else None
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
@@ -467,9 +467,9 @@ class Engine:
         longest = max(r.cached for r in self._running)
         shortest = min(r.cached for r in self._running)
         positions = self._lengths[:n, None]  # (B, 1): each row writes its new token at its own length
-        if self._decode_step is not None and n == 1:  # fixed shapes: attend over the whole capacity, masked
-            mask = self._columns[: self.cache.capacity] <= positions[:, None, :, None]  # (B, 1, 1, capacity)
-            self.cache.bind(0, n, positions, self.cache.capacity, longest)
+        if self._decode_step is not None and n == 1:  # compiled.py: the whole cache in, the mask says how much
+            mask = self._columns[: longest + 1] <= positions[:, None, :, None]  # (1, 1, 1, longest + 1)
+            self.cache.bind(0, n, positions, None, longest)
             logits = self._decode_step(self._next_tokens[:n, None], mask, positions, self.cache)
         else:
             mask = None if shortest == longest else self._columns[: longest + 1] <= positions[:, None, :, None]

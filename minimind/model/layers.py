@@ -134,7 +134,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.flash = config.flash_attn
-        # Set by `compile_decoder` (infer/compiled.py): a compiled one-token step writes attention out.
+        # Set by `CompiledDecoder` (infer/compiled.py): a compiled one-token step writes attention out.
         self.inline_one_query = False
 
     def forward(
@@ -179,9 +179,11 @@ class Attention(nn.Module):
 
         Under torch.compile these fuse into the decode step's generated loops, where an SDPA call per layer
         costs more than its arithmetic at one query (~26 us each on a CPU). The query heads that share a K/V
-        head sit side by side, so nothing is copied.
+        head sit side by side, so nothing is copied. The mask's width says how many cache columns to read: the
+        compiled step passes the whole cache and a mask as wide as the tokens so far.
         """
         b, _, _, d = q.shape
+        k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         q = q.view(b, self.n_kv_heads, self.n_rep, 1, d)
         scores = (q * k[:, :, None]).sum(-1) / math.sqrt(d)  # (B, n_kv_heads, n_rep, S)
         probs = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(q.dtype)  # mask (B, 1, 1, S)
