@@ -92,6 +92,18 @@ def test_chat_subprocess_streams_answers_and_quits_on_exit(model_dir, engine):
     assert result.stdout.count(MODEL_PROMPT) == 2
 
 
+@pytest.mark.slow
+def test_chat_with_compile_compiles_before_the_first_message(model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "minimind", "chat", "--model", str(model_dir), "--temperature", "0",
+         "--max-new-tokens", "4", "--device", "cpu", "--compile"],
+        input="hi\nhello\n/exit\n", capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "compiling the decode step" in result.stderr and "compiled in" in result.stderr
+    assert result.stdout.count(MODEL_PROMPT) == 2
+
+
 @pytest.mark.parametrize("pieces, printed, answer", [
     (["<th", "ink>plan the", " sum</thi", "nk><ans", "wer>4", "2</answer>"], "(thinking…) 42", "42"),
     (["<think>only thoughts, cut off"], "(thinking…) ", ""),

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     SamplingParams(**sampling)  # bad flags fail now, not at the first message
-    engine = load_engine(args)
+    engine = load_engine(args, warm_up=True)
     return chat_loop(engine, input, sys.stdout, args.system, args.history_turns, sampling, args.hide_thinking)
 
 

@@ -62,7 +62,8 @@ class CompiledDecoder:
     """step(ids, mask, positions, cache) -> logits (B, vocab): the body (and an int8 head) compiled.
 
     The cache is bound with `kv_len=None` (every column) and `mask` (B, 1, 1, S) says which of the first S
-    columns to attend; S and the cache's capacity are symbolic in the compiled graph.
+    columns to attend; S and the cache's capacity and rows are symbolic in the compiled graph (rows only if
+    there were at least 2 when it compiled: PyTorch specialises sizes of 1, hence `Engine.warm_up`).
     `output_head` is how the engine calls the model's output layer eagerly. An int8 head joins the graph (its
     row-dot reads the bytes faster than fbgemm's one-row kernel); a float head stays outside, where the
     oneDNN prepacked matmul (layout.py) beats the generated row-dot.
@@ -81,8 +82,9 @@ class CompiledDecoder:
         self._marked_keys: torch.Tensor | None = None
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        if cache.keys[0] is not self._marked_keys:  # a new allocation (the cache grew): mark its columns
+        if cache.keys[0] is not self._marked_keys:  # a new allocation (the cache grew): mark rows, columns
             for tensor in cache.keys + cache.values:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)  # stays fixed if it is 1 when first compiled
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
             self._marked_keys = cache.keys[0]
         torch._dynamo.maybe_mark_dynamic(mask, 3)

@@ -333,6 +333,20 @@ class Engine:
         else:
             self._free_rows([request.row])
 
+    @torch.inference_mode()  # as `step` runs: the state it allocates must be inference tensors too
+    def warm_up(self) -> float:
+        """Compile the decode step now rather than during the first answer (`compile=True`; else nothing).
+
+        One short greedy generation; the step is compiled once for every later length and cache size
+        (compiled.py), so a server that warms up never stalls a request on compilation. Returns seconds.
+        """
+        if self._decode_step is None:
+            return 0.0
+        start = time.perf_counter()
+        self._reserve(min(2, self.max_batch_size), 4)  # two cache rows: the row count compiles as a symbol
+        self.completions([[self.pad_id] * 2], max_new_tokens=2, temperature=0.0, ignore_eos=True)
+        return time.perf_counter() - start
+
     @property
     def num_running(self) -> int:
         """Requests holding a cache row."""

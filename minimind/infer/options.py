@@ -8,6 +8,7 @@ any flag given on the command line wins. `--temperature 0` is greedy.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from minimind.device import resolve_device
@@ -26,9 +27,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8: int8 weights per output channel for CPU inference (about 4x fewer bytes "
                              "per token; default: none)")
     parser.add_argument("--compile", action="store_true",
-                        help="compile single-sequence decoding with torch.compile: the first answer waits "
-                             "for it (15-60 s on 2 CPU cores), later tokens come 1.5-2x faster on CPU "
-                             "(batches of several sequences run as without it)")
+                        help="compile single-sequence decoding with torch.compile, once (15-60 s on 2 CPU "
+                             "cores; chat and serve do it at start, generate and eval at the first answer); "
+                             "tokens then come 1.5-2x faster on CPU (batches of several sequences run as "
+                             "without it)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="CPU: skip the oneDNN copy of the float weights the engine keeps for faster "
                              "matmuls (half the weight memory, slower decoding)")
@@ -84,10 +86,19 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
     return chosen
 
 
-def load_engine(args: argparse.Namespace, **engine_kwargs):
-    """The Engine for `--model/--device/--dtype/--quantize/--compile/--no-prepack`."""
+def load_engine(args: argparse.Namespace, warm_up: bool = False, **engine_kwargs):
+    """The Engine for `--model/--device/--dtype/--quantize/--compile/--no-prepack`.
+
+    warm_up: with `--compile`, compile the decode step before returning (interactive commands and the server,
+    so that no answer waits on it), saying so on stderr.
+    """
     from minimind.infer.engine import Engine
 
-    return Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
-                                  quantize=getattr(args, "quantize", None), compile=getattr(args, "compile", False),
-                                  prepack=not getattr(args, "no_prepack", False), **engine_kwargs)
+    engine = Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
+                                    quantize=getattr(args, "quantize", None),
+                                    compile=getattr(args, "compile", False),
+                                    prepack=not getattr(args, "no_prepack", False), **engine_kwargs)
+    if warm_up and getattr(args, "compile", False):
+        print("compiling the decode step (--compile; 15-60 s on 2 CPU cores)...", file=sys.stderr, flush=True)
+        print(f"compiled in {engine.warm_up():.1f} s", file=sys.stderr, flush=True)
+    return engine

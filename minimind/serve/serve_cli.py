@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.served_model_name or [Path(args.model).resolve().name]
     _check_port_free(args.host, args.port)
     defaults = generation_defaults(args.model)
-    engine = load_engine(args, max_batch_size=args.max_batch_size)
+    engine = load_engine(args, warm_up=True, max_batch_size=args.max_batch_size)
     config = ServeConfig(names, args.api_key or os.environ.get("MINIMIND_API_KEY") or None, args.max_body_bytes,
                          defaults)
     app = create_app(Scheduler(engine, max_queue=args.max_queue), config)
