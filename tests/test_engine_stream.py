@@ -8,7 +8,7 @@ from conftest import tiny_model
 from torch import nn
 
 from minimind.infer import Engine
-from minimind.infer.text import TextStream, held_back
+from minimind.infer.text import MAX_PENDING, TextStream, held_back
 
 CHINESE = "北京是中国的首都。龘龍鼎 ok 🎉"  # 龘龍鼎 are not in the fixture vocab: 3 byte tokens each
 
@@ -122,3 +122,18 @@ def test_text_stream_deltas_concatenate_to_text(tokenizer):
             break
     pieces.append(stream.finish())
     assert "".join(pieces) == stream.text == "北京是中国的首都。龘龍鼎 "
+
+
+def test_text_stream_stays_o1_per_token_on_bytes_that_never_form_characters(tokenizer):
+    """A small model can emit lone UTF-8 continuation bytes for ever: the decode window stays bounded and the
+    text is what decoding everything at once gives (each invalid byte as U+FFFD), valid text included."""
+    junk = [i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]) == "\ufffd"][:3]
+    assert junk
+    ids = [junk[i % 3] for i in range(150)] + tokenizer.encode(CHINESE, add_special_tokens=False) + junk * 40
+    stream = TextStream(tokenizer)
+    windows = []
+    decode = stream._decode
+    stream._decode = lambda window: windows.append(len(window)) or decode(window)
+    text = "".join(stream.push(token)[0] for token in ids) + stream.finish()
+    assert text == stream.text == tokenizer.decode(ids) and CHINESE in text
+    assert max(windows) <= MAX_PENDING + 2

@@ -4,7 +4,12 @@ Byte-level BPE can split one Chinese character (3 UTF-8 bytes) over several toke
 gives U+FFFD. `TextStream` therefore holds tokens back until their bytes complete a character. Decoding is
 incremental: only the tokens since the last complete boundary are decoded, together with the token before
 them as context (a SentencePiece-style tokenizer decodes a lone token without its leading space), so a step
-costs O(1) whatever the length so far.
+costs O(1) whatever the length so far. Bytes that never complete a character (a small or undertrained model
+emits them) would hold the window open for ever and make every step decode the whole tail: once more than
+`MAX_PENDING` tokens are held, everything but the newest `UTF8_TAIL` tokens is shown, invalid bytes as
+U+FFFD as `decode` renders them. (A character has at most 4 bytes and a token at least one, so real text
+reaches a character boundary within a few tokens; the bound is generous because byte-level BPE may merge
+across characters.)
 
 Stop strings: after each new piece the text is searched for any stop string (only where a new match can
 start). On a match the text is cut before it. Without a match, the longest suffix that is a prefix of some
@@ -17,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"
+MAX_PENDING = 32  # tokens held back waiting for a character to complete, at most
+UTF8_TAIL = 3  # tokens still held back past that: the most bytes an unfinished character can have
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:
@@ -60,12 +67,19 @@ class TextStream:
         if self.stopped:
             raise RuntimeError("TextStream.push after a stop string was reached")
         self.ids.append(token_id)
+        end = len(self.ids)
         after = self._decode(self.ids[self._context :])
-        if len(after) <= len(self._context_text) or after.endswith(REPLACEMENT):
-            return "", False  # nothing new, or a character is still incomplete
+        forced = after.endswith(REPLACEMENT)
+        if forced:
+            if end - self._pending <= MAX_PENDING:
+                return "", False  # a character is still incomplete
+            end -= UTF8_TAIL  # these bytes are not one unfinished character: show all but the newest
+            after = self._decode(self.ids[self._context : end])
+        if len(after) <= len(self._context_text):
+            return "", False  # nothing new
         start = len(self.decoded)
         self.decoded += after[len(self._context_text) :]
-        self._advance_window()
+        self._advance_window(end, end - 1 if forced else self._pending)  # a forced cut keeps one token
         if self.stops:
             return self._check_stops(start)
         return self._take(len(self.decoded)), False
@@ -88,12 +102,12 @@ class TextStream:
         """The rest at the end of generation: held-back text and any incomplete trailing bytes (as U+FFFD)."""
         if not self.stopped:
             self.decoded += self._decode(self.ids[self._context :])[len(self._context_text) :]
-            self._advance_window()
+            self._advance_window(len(self.ids), self._pending)
         return self._take(len(self.decoded))
 
-    def _advance_window(self) -> None:
-        """Everything decoded so far is complete: the last new token becomes the context of the next ones."""
-        self._context, self._pending = self._pending, len(self.ids)
+    def _advance_window(self, end: int, context: int) -> None:
+        """ids[:end] are decoded; ids[context:end] (the new piece) are the context of the next tokens."""
+        self._context, self._pending = context, end
         self._context_text = self._decode(self.ids[self._context : self._pending])
 
     @property
