@@ -103,23 +103,41 @@ def test_no_models_found_says_so(tmp_path, monkeypatch):
     assert main(["web", "--models-dir", str(tmp_path / "missing")]) == 2
 
 
-def test_no_prepack_reaches_the_engine(runs, monkeypatch):
+def test_web_passes_the_engine_flags_to_the_page(runs, monkeypatch):
+    import os
+
+    commands = []
+    monkeypatch.setattr(os, "execve", lambda path, command, env: commands.append(command))
+    assert main(["web", "--models-dir", str(runs), "--device", "cpu", "--dtype", "fp32", "--quantize", "int8",
+                 "--compile", "--no-prepack"]) == 0
+    page_args = commands[0][commands[0].index("--") + 1:]
+    assert page_args == ["--models-dir", str(runs.resolve()), "--device", "cpu", "--dtype", "fp32",
+                         "--quantize", "int8", "--compile", "--no-prepack"]
+
+
+@pytest.mark.slow
+def test_engine_flags_reach_the_web_page(runs, monkeypatch):
     from minimind.infer.layout import PackedLinear
+    from minimind.infer.quantize import Int8Linear
     from minimind.serve import webchat
 
-    scheduler = webchat.load_scheduler(str(runs / "chat"), "cpu", None, prepack=False)
+    scheduler = webchat.load_scheduler(str(runs / "chat"), "cpu", None, prepack=False, quantize="int8",
+                                       compile=True)
     try:
-        assert not any(isinstance(m, PackedLinear) for m in scheduler.engine.model.modules())
+        modules = list(scheduler.engine.model.modules())
+        assert not any(isinstance(m, PackedLinear) for m in modules)
+        assert any(isinstance(m, Int8Linear) for m in modules)
+        assert scheduler.engine.last_stats.completion_tokens == [2]  # warmed up (compiled) before starting
     finally:
         scheduler.close()
-    # the page's flag reaches load_scheduler (the page ignores flags it does not know, so check the call)
+    # the page's flags reach load_scheduler (the page ignores flags it does not know, so check the call)
     calls = []
     real = webchat.load_scheduler
     monkeypatch.setattr(webchat, "load_scheduler", lambda *args: calls.append(args) or real(*args))
     monkeypatch.setattr(sys, "argv", ["page.py", "--models-dir", str(runs / "other"), "--device", "cpu",
-                                      "--no-prepack"])
+                                      "--no-prepack", "--quantize", "int8", "--compile"])
     app = AppTest.from_file(str(PAGE), default_timeout=120).run()
-    assert not app.exception and calls and calls[-1][-1] is False
+    assert not app.exception and calls and calls[-1][-3:] == (False, "int8", True)
 
 
 def test_find_models_and_history(runs):

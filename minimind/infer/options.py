@@ -20,6 +20,11 @@ from minimind.model.hub import read_json_object
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory written by any stage")
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the engine runs a model: `--device --dtype --quantize --compile --no-prepack` (also `minimind web`)."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="weights dtype (default: as saved)")
@@ -28,7 +33,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "per token; default: none)")
     parser.add_argument("--compile", action="store_true",
                         help="compile single-sequence decoding with torch.compile, once (15-60 s on 2 CPU "
-                             "cores; chat and serve do it at start, generate and eval at the first answer); "
+                             "cores; chat, serve and web do it at start, generate and eval at the first "
+                             "answer); "
                              "tokens then come 1.5-2x faster on CPU (batches of several sequences run as "
                              "without it)")
     parser.add_argument("--no-prepack", action="store_true",
@@ -86,15 +92,16 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
     return chosen
 
 
-def load_engine(args: argparse.Namespace, warm_up: bool = False, **engine_kwargs):
-    """The Engine for `--model/--device/--dtype/--quantize/--compile/--no-prepack`.
+def load_engine(args: argparse.Namespace, warm_up: bool = False, model: str | Path | None = None,
+                **engine_kwargs):
+    """The Engine for `--model` (or `model`) and the `add_engine_arguments` flags.
 
     warm_up: with `--compile`, compile the decode step before returning (interactive commands and the server,
     so that no answer waits on it), saying so on stderr.
     """
     from minimind.infer.engine import Engine
 
-    engine = Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
+    engine = Engine.from_pretrained(model or args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
                                     quantize=getattr(args, "quantize", None),
                                     compile=getattr(args, "compile", False),
                                     prepack=not getattr(args, "no_prepack", False), **engine_kwargs)

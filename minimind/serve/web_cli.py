@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from minimind.errors import UserError
+from minimind.infer.options import add_engine_arguments
 from minimind.serve.webchat import find_models
 
 PAGE = Path(__file__).with_name("webui") / "page.py"
@@ -24,12 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", default="runs", help="folder searched (recursively) for model directories")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = every interface)")
     parser.add_argument("--port", type=int, default=8501, help="TCP port")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="weights dtype (default: as saved)")
-    parser.add_argument("--no-prepack", action="store_true",
-                        help="CPU: skip the oneDNN copy of the float weights the engine keeps for faster "
-                             "matmuls (half the weight memory, slower decoding)")
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     page_args = ["--models-dir", str(Path(args.models_dir).resolve()), "--device", args.device]
     if args.dtype:
         page_args += ["--dtype", args.dtype]
-    if args.no_prepack:
-        page_args.append("--no-prepack")
+    if args.quantize:
+        page_args += ["--quantize", args.quantize]
+    page_args += [flag for flag, on in (("--compile", args.compile), ("--no-prepack", args.no_prepack)) if on]
     command = [
         sys.executable, "-m", "streamlit", "run", str(PAGE),
         "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",

@@ -30,13 +30,16 @@ def find_models(models_dir: str | Path) -> list[Path]:
     return sorted(set(found))
 
 
-def load_scheduler(model_dir: str, device: str = "auto", dtype: str | None = None, prepack: bool = True) -> Scheduler:
-    """A started Scheduler over the model directory (all browser sessions share it and batch together)."""
+def load_scheduler(model_dir: str, device: str = "auto", dtype: str | None = None, prepack: bool = True,
+                   quantize: str | None = None, compile: bool = False) -> Scheduler:
+    """A started Scheduler over the model directory (all browser sessions share it and batch together); with
+    `compile`, the decode step is compiled before it starts (Engine.warm_up), not in the first answer."""
     from minimind.infer.engine import Engine
     from minimind.infer.options import resolve_device
 
     engine = Engine.from_pretrained(model_dir, device=resolve_device(device), dtype=dtype, max_batch_size=8,
-                                    prepack=prepack)
+                                    prepack=prepack, quantize=quantize, compile=compile)
+    engine.warm_up()
     return Scheduler(engine, max_queue=32).start()
 
 

@@ -1,7 +1,8 @@
 """The Streamlit chat page behind `minimind web`.
 
     minimind web --models-dir runs
-    streamlit run minimind/serve/webui/page.py -- --models-dir runs [--device cpu] [--dtype bf16] [--no-prepack]
+    streamlit run minimind/serve/webui/page.py -- --models-dir runs [--device cpu] [--dtype bf16] [--quantize int8]
+        [--compile] [--no-prepack]
 
 The sidebar picks a model directory found under --models-dir and sets temperature, top-p, max new tokens,
 history turns, the system prompt and a seed; Clear forgets the conversation, Regenerate answers the last message
@@ -20,7 +21,7 @@ from pathlib import Path
 import streamlit as st
 
 from minimind.errors import UserError
-from minimind.infer.options import generation_defaults
+from minimind.infer.options import add_engine_arguments, generation_defaults
 from minimind.infer.sampling import SamplingParams
 from minimind.serve.scheduler import QueueFull, Scheduler
 from minimind.serve.webchat import chat_prompt, find_models, load_scheduler, split_thinking
@@ -32,15 +33,14 @@ REDRAW_SECONDS = 0.05  # at most ~20 redraws a second while streaming
 def page_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="page.py")
     parser.add_argument("--models-dir", default="runs")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--no-prepack", action="store_true")
+    add_engine_arguments(parser)
     return parser.parse_known_args(sys.argv[1:])[0]
 
 
-@st.cache_resource(show_spinner="Loading the model…")
-def cached_scheduler(model_dir: str, device: str, dtype: str | None, prepack: bool) -> Scheduler:
-    return load_scheduler(model_dir, device, dtype, prepack)
+@st.cache_resource(show_spinner="Loading the model (with --compile: and compiling it, 15-60 s)…")
+def cached_scheduler(model_dir: str, device: str, dtype: str | None, prepack: bool, quantize: str | None,
+                     compile: bool) -> Scheduler:
+    return load_scheduler(model_dir, device, dtype, prepack, quantize, compile)
 
 
 def clear() -> None:
@@ -68,7 +68,8 @@ def sidebar(options: argparse.Namespace) -> tuple[Scheduler, dict]:
         model_dir = models[names.index(st.selectbox("Model", names))]
         try:
             defaults = generation_defaults(model_dir)
-            scheduler = cached_scheduler(str(model_dir), options.device, options.dtype, not options.no_prepack)
+            scheduler = cached_scheduler(str(model_dir), options.device, options.dtype, not options.no_prepack,
+                                         options.quantize, options.compile)
         except UserError as err:
             st.error(str(err))
             st.stop()
