@@ -76,7 +76,7 @@ class CompiledDecoder:
         in_graph = isinstance(output_head.head, Int8Linear)
         self.eager_head = None if in_graph else output_head
         options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
-        # dynamic=None: only the dimensions marked below are symbolic; every other shape is specialised.
+        # dynamic=None: the dimensions marked in __call__ are symbolic from the first compilation on.
         self.step = torch.compile(DecodeStep(body, output_head.head if in_graph else None), dynamic=None,
                                   options=options)
         self._marked_keys: torch.Tensor | None = None

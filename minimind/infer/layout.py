@@ -4,9 +4,10 @@ Two mechanisms, the first preferred (the Engine applies it to every model it ser
 `prepack=False`):
 
 - `pack_linears`: oneDNN matmuls on a copy of each weight (float32, or bf16 where oneDNN has it) reordered
-  once into oneDNN's blocked layout (`PackedLinear`). On the `small` model's weight set at two threads: 6.6 ms per step at one row against
-  8.8 ms (column-major BLAS) and 13.3 ms (row-major BLAS), 8.9 against 14.3 ms at eight rows, 22 against 35 ms
-  at 64 rows (docs/performance.md). The price is a second copy of the weights in memory.
+  once into oneDNN's blocked layout (`PackedLinear`). On the `small` model's float32 weight set at two
+  threads: 6.6 ms per step at one row against 8.8 ms (column-major BLAS) and 13.3 ms (row-major BLAS), 8.9
+  against 14.3 ms at eight rows, 22 against 35 ms at 64 rows (docs/performance.md). The price is a second
+  copy of the weights in memory.
 - `gemv_layout`, without oneDNN or with `prepack=False` (no extra memory): `nn.Linear` stores its weight as
   (out, in) rows and computes x @ W.T; for one or a few rows the CPU BLAS path for that layout reads the
   matrix markedly slower than when the same matrix is stored as (in, out) rows, i.e. when W.T is contiguous.
@@ -86,8 +87,8 @@ def _onednn_linear_works(dtype: torch.dtype = torch.float32) -> bool:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         want = x.float() @ weight.float().t()
-        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-        return out.dtype == dtype and torch.allclose(out.float(), want, rtol=tolerance, atol=tolerance)
+        rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+        return out.dtype == dtype and torch.allclose(out.float(), want, rtol=rtol, atol=atol)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
@@ -126,8 +127,7 @@ class PackedLinear(nn.Linear):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Turn every plain float32 / bf16 CPU `nn.Linear` of `model` into a `PackedLinear` in place; returns how
-    many.
+    """Make every plain float32 / bf16 CPU `nn.Linear` of `model` a `PackedLinear` in place; returns how many.
 
     Only the class changes (parameters, names, hooks and identity stay), so a later `load_state_dict`,
     `save_pretrained` or optimizer step works as before. Nothing changes where oneDNN lacks the dtype.

@@ -34,9 +34,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile single-sequence decoding with torch.compile, once (15-60 s on 2 CPU "
                              "cores; chat, serve and web do it at start, generate and eval at the first "
-                             "answer); "
-                             "tokens then come 1.5-2x faster on CPU (batches of several sequences run as "
-                             "without it)")
+                             "answer); tokens then come 1.5-2x faster on CPU (batches of several sequences "
+                             "run as without it)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="CPU: skip the oneDNN copy of the float weights the engine keeps for faster "
                              "matmuls (half the weight memory, slower decoding)")
@@ -92,16 +91,15 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
     return chosen
 
 
-def load_engine(args: argparse.Namespace, warm_up: bool = False, model: str | Path | None = None,
-                **engine_kwargs):
-    """The Engine for `--model` (or `model`) and the `add_engine_arguments` flags.
+def load_engine(args: argparse.Namespace, warm_up: bool = False, **engine_kwargs):
+    """The Engine for `--model` and the `add_engine_arguments` flags.
 
     warm_up: with `--compile`, compile the decode step before returning (interactive commands and the server,
     so that no answer waits on it), saying so on stderr.
     """
     from minimind.infer.engine import Engine
 
-    engine = Engine.from_pretrained(model or args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
+    engine = Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
                                     quantize=getattr(args, "quantize", None),
                                     compile=getattr(args, "compile", False),
                                     prepack=not getattr(args, "no_prepack", False), **engine_kwargs)
