@@ -47,6 +47,13 @@ def test_one_query_attention_is_sdpa_over_the_cached_columns():
     # The compiled step hands over the whole cache; columns past the mask's width are never read.
     k_cache, v_cache = (torch.cat((t, torch.full_like(t, float("nan"))), dim=2) for t in (k, v))
     torch.testing.assert_close(attention._one_query(q, k_cache, v_cache, mask), want, rtol=1e-5, atol=1e-6)
+    # Eager bf16 decoding on CPU: the same attention as two matmuls, with and without a mask.
+    q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
+    for m in (mask, None):
+        got = attention._one_query_matmul(q16, k16, v16, m)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), attention._sdpa(q16.float(), k16.float(), v16.float(), m, 0.0),
+                                   rtol=0.02, atol=0.02)
 
 
 def test_gemv_layout_keeps_values_names_and_hf_equality_and_saves(tmp_path):
