@@ -14,10 +14,10 @@ per layer between kernels.
 
 Only steps with one running sequence take this path: with several rows a matmul is a real GEMM, where the
 eager oneDNN (prepacked weights, layout.py) / fbgemm kernels are as fast or faster, and compiling for every
-batch size would recompile whenever a server's batch changes. Two sizes change between tokens and are
+batch size would recompile whenever a server's batch changes. The sizes that change between calls are
 compiled as symbols, so one compilation serves every token and every cache: the number of columns attended
-(the mask's width, the tokens so far) and the cache's capacity (it grows geometrically when a longer request
-arrives). Attending over the whole capacity instead, with fixed shapes, made a step's cost follow the
+(the mask's width, the tokens so far) and the cache's capacity and rows (they grow geometrically when a
+longer request or a larger batch arrives). Attending over the whole capacity instead, with fixed shapes, made a step's cost follow the
 request's `max_tokens` rather than its length, and a cache that once grew kept every later request slow:
 5.7 against 1.5 ms per token of the int8 `small` model, 34-97 tokens into a request, once the cache has
 room for 4,000 (docs/performance.md).
