@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from minimind.train.objective import LossOutput, MaskedLM, model_inputs, token_nll  # noqa: E402
 
 
 def sync(device: torch.device | str) -> None:
@@ -47,6 +48,16 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int, device: to
             sync(device)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+class LogitsMaskedLM(MaskedLM):
+    """`MaskedLM` computed as the reference project (and HF's `labels=` loss) does: the whole (tokens x vocab)
+    logits of every position, then cross-entropy, then the mask. Ours runs the head chunk by chunk on the
+    masked-in positions only (minimind/model/head_loss.py); benches use this as the peer's loss."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
+        out = model(**model_inputs(batch))
+        return LossOutput((token_nll(out.logits, batch["labels"]) * batch["loss_mask"]).sum(), out.aux_loss)
 
 
 def machine_line() -> str:

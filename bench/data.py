@@ -6,8 +6,9 @@
 Ours is what `minimind sft` trains on: `PackedSFTDataset` rows (whole conversations packed next-fit into
 seq_len + 1 tokens) with the objective's block-diagonal document mask and per-conversation positions.
 The peer is the reference project's SFT pipeline: one conversation per row, cut and padded to seq_len + 1,
-plain causal attention, pad positions masked out of the loss. Both run the same model, batch size,
-objective (`MaskedLM`) and AdamW step; a step includes building its batch from the dataset.
+plain causal attention, logits for every position with pad positions masked out of the loss afterwards
+(`LogitsMaskedLM`). Both run the same model, batch size and AdamW step; ours the trainer's `MaskedLM`, whose
+output head runs on the positions in the loss only. A step includes building its batch from the dataset.
 
 Useful tokens/s = (non-pad tokens per row, averaged over the whole dataset) x batch / step time, where the
 step time is the best of --repeats interleaved steps over successive batches.
@@ -24,7 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import demo_tokenizer, interleaved, machine_line, preset_model, ratio_line, scratch_dir  # noqa: E402
+from common import (  # noqa: E402
+    LogitsMaskedLM,
+    demo_tokenizer,
+    interleaved,
+    machine_line,
+    preset_model,
+    ratio_line,
+    scratch_dir,
+)
 from train import make_step  # noqa: E402
 
 from minimind.data.datasets import PackedSFTDataset, stack_collate  # noqa: E402
@@ -86,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     packed_useful = sum(int((packed[r]["doc_ids"] >= 0).sum()) for r in range(len(packed))) / len(packed)
     padded_useful = sum(padded.real_tokens(i) for i in range(len(padded))) / len(padded)
     model = preset_model(args.preset, vocab_size=len(tokenizer)).train()
-    device, dtype, objective = torch.device("cpu"), torch.float32, MaskedLM()
+    device, dtype = torch.device("cpu"), torch.float32
     streams = {"packed": batches(packed, args.batch_size), "padded": batches(padded, args.batch_size)}
-    step = make_step(model, objective, None, device, dtype, hf=False)
+    steps = {"packed": make_step(model, MaskedLM(), None, device, dtype, hf=False),
+             "padded": make_step(model, LogitsMaskedLM(), None, device, dtype, hf=False)}
 
     def case(name: str):
-        return lambda: step(next(streams[name]))
+        return lambda: steps[name](next(streams[name]))
 
     print(machine_line())
     print(f"data: {data} ({len(shard)} conversations), seq_len {args.seq_len}; model preset {args.preset}, "

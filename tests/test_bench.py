@@ -19,6 +19,7 @@ RATIO = re.compile(r"^[\w .-]+: ratio=\d+\.\d\d \(ours [\d.]+( [\w /-]+)?, peer 
     ["train.py", "--quick"],
     ["data.py", "--quick"],
     ["prepare.py", "--quick"],
+    ["memory.py", "--quick"],
     ["decode.py", "--quick", "--gguf-types"],
     ["serve.py", "--preset", "tiny", "--clients", "2", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"],
 ], ids=lambda argv: argv[0])

@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .configuration_minimind import MiniMindConfig
+from .head_loss import head_cross_entropy
 from .layers import Attention, FeedForward, RMSNorm, rope_cos_sin, signed_sin
 from .moe import MoEFeedForward
 
@@ -162,12 +163,17 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         cache: Cache | None = None,
+        targets: torch.LongTensor | None = None,
+        target_weights: torch.Tensor | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Logits (B, T, vocab); with `labels` (B, T, -100 = ignore) also the shifted next-token loss (+ MoE aux).
 
         `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last).
         `cache` is the newer transformers name for `past_key_values`; either works.
+        With `targets` (B, T), the next token of every position (already shifted), the training path: `loss` is
+        Σ target_weights · (-log p(target)) (a sum, not a mean; weights default to 1), computed by
+        `head_cross_entropy` without materialising the logits, and `logits` is None.
         """
         past_key_values = past_key_values if past_key_values is not None else cache
         if use_cache is None:
@@ -175,6 +181,9 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         hidden, past_key_values, aux = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache
         )
+        if targets is not None:
+            loss = head_cross_entropy(hidden, self.lm_head, targets, target_weights)
+            return MoeCausalLMOutputWithPast(loss=loss, logits=None, aux_loss=aux, **{_CACHE_FIELD: past_key_values})
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

@@ -66,6 +66,5 @@ class MaskedLM(Objective):
     """Next-token cross-entropy on the positions the mask selects (pretrain: all real tokens; SFT: replies)."""
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
-        out = model(**model_inputs(batch))
-        loss_sum = (token_nll(out.logits, batch["labels"]) * batch["loss_mask"]).sum()
-        return LossOutput(loss_sum, out.aux_loss)
+        out = model(**model_inputs(batch), targets=batch["labels"], target_weights=batch["loss_mask"])
+        return LossOutput(out.loss, out.aux_loss)

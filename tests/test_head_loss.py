@@ -1,0 +1,146 @@
+"""The chunked head + cross-entropy the trainer uses: the plain logits path's loss and gradients, less memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from torch import nn
+
+from minimind.model import head_loss
+from minimind.model.head_loss import head_cross_entropy
+from minimind.model.lora import LoRALinear
+from minimind.train.objective import MaskedLM, model_inputs, token_nll
+
+ROWS, DIM, VOCAB = 300, 32, 700
+
+
+def plain_loss(hidden, head, targets, weights):
+    return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights).sum()
+
+
+def setup(seed=0, weight_grad=True):
+    torch.manual_seed(seed)
+    head = nn.Linear(DIM, VOCAB, bias=False)
+    head.weight.requires_grad_(weight_grad)
+    hidden = torch.randn(ROWS, DIM)
+    targets = torch.randint(0, VOCAB, (ROWS,))
+    weights = torch.rand(ROWS) * (torch.rand(ROWS) > 0.3)  # uneven weights, ~30% zero
+    return head, hidden, targets, weights
+
+
+def loss_and_grads(fn, head, hidden, targets, weights):
+    hidden = hidden.clone().requires_grad_()
+    loss = fn(hidden, head, targets, weights)
+    loss.backward()
+    weight_grad = head.weight.grad
+    head.weight.grad = None
+    return loss.detach(), hidden.grad, weight_grad
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 64 rows, so 300 rows take five chunks, the last a partial one."""
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 64 * 4 * VOCAB)
+    assert head_loss.chunk_rows(VOCAB, torch.device("cpu")) == 64
+
+
+def test_fused_loss_and_gradients_equal_the_logits_path(small_chunks):
+    head, hidden, targets, weights = setup()
+    expected = loss_and_grads(plain_loss, head, hidden, targets, weights)
+    got = loss_and_grads(head_cross_entropy, head, hidden, targets, weights)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-6)
+    assert (got[1][weights == 0] == 0).all()  # dropped rows get exactly zero gradient
+
+
+def test_frozen_head_gets_no_gradient_and_no_grad_mode_gives_the_same_loss(small_chunks):
+    head, hidden, targets, weights = setup(weight_grad=False)
+    expected = loss_and_grads(plain_loss, head, hidden, targets, weights)
+    got = loss_and_grads(head_cross_entropy, head, hidden, targets, weights)
+    assert got[2] is None
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(head_cross_entropy(hidden, head, targets, weights), expected[0],
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_all_zero_weights_give_zero_loss_and_gradients():
+    head, hidden, targets, _ = setup()
+    loss, hidden_grad, weight_grad = loss_and_grads(head_cross_entropy, head, hidden, targets, torch.zeros(ROWS))
+    assert loss.item() == 0.0 and not hidden_grad.any() and not weight_grad.any()
+
+
+def test_bf16_autocast_stays_close_to_the_logits_path():
+    head, hidden, targets, weights = setup()
+
+    def under_autocast(fn):
+        def run(*args):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*args)
+        return run
+
+    expected = loss_and_grads(under_autocast(plain_loss), head, hidden, targets, weights)
+    got = loss_and_grads(under_autocast(head_cross_entropy), head, hidden, targets, weights)
+    assert got[1].dtype == got[2].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-3, atol=1e-2)
+    for g, e in zip(got[1:], expected[1:]):
+        assert (g - e).norm() / e.norm() < 2e-2
+
+
+def test_a_wrapped_head_takes_the_plain_path_with_the_same_result():
+    head, hidden, targets, weights = setup()
+    lora = LoRALinear(head, rank=4, alpha=8)
+    nn.init.normal_(lora.lora_B.weight)  # a nonzero update, so the adapter must be applied
+    expected = loss_and_grads(plain_loss, lora, hidden, targets, weights)
+    got = loss_and_grads(head_cross_entropy, lora, hidden, targets, weights)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+
+
+def saved_bytes(step) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while `step()` builds the graph."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storages.values())
+
+
+def test_training_keeps_no_logits_for_backward(small_chunks):
+    """The objective's graph holds no (tokens x vocab) tensor: only the hidden-state and weight gradients."""
+    torch.manual_seed(0)
+    head = nn.Linear(DIM, VOCAB, bias=False)
+    hidden = torch.randn(ROWS, DIM, requires_grad=True)
+    targets, weights = torch.randint(0, VOCAB, (ROWS,)), torch.ones(ROWS)
+    logits_bytes = ROWS * VOCAB * 4
+    plain = saved_bytes(lambda: plain_loss(hidden, head, targets, weights))
+    fused = saved_bytes(lambda: head_cross_entropy(hidden, head, targets, weights))
+    assert plain >= logits_bytes
+    assert fused <= (ROWS * DIM + VOCAB * DIM) * 4 < logits_bytes / 5
+
+
+def test_model_targets_path_is_masked_lm_of_the_logits():
+    """`model(..., targets=, target_weights=)` (what MaskedLM calls) = Σ mask · nll of the model's logits."""
+    model = tiny_model().train()
+    torch.manual_seed(1)
+    tokens = torch.randint(3, 512, (3, 41))
+    mask = (torch.rand(3, 40) > 0.4).float()
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+    expected = (token_nll(model(**model_inputs(batch)).logits, batch["labels"]) * mask).sum()
+    expected.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = model(**model_inputs(batch), targets=batch["labels"], target_weights=mask)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, expected.detach(), rtol=1e-5, atol=1e-4)
+    loss = MaskedLM()(model, batch).loss_sum
+    loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
