@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import torch
+
 from minimind.model.configuration_minimind import PRESETS, MiniMindConfig
+from minimind.model.head_loss import chunk_rows
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -57,8 +60,9 @@ def training_memory(config: MiniMindConfig, batch_size: int, seq_len: int, dtype
 
     With bf16/fp16 autocast PyTorch keeps fp32 weights and gradients and computes activations in 16 bits,
     so only the activation row shrinks. Activations are a rule-of-thumb count of what autograd saves per
-    token per layer (norm inputs/outputs, q/k/v, attention output, the SwiGLU branches) plus the logits,
-    which the cross-entropy keeps in fp32.
+    token per layer (norm inputs/outputs, q/k/v, attention output, the SwiGLU branches), plus what the training
+    loss keeps: not the logits (head_loss.py runs the head a chunk of rows at a time) but the float32 gradient
+    of the final hidden states, and one chunk's float32 logits and their gradient while it runs.
     """
     params = count_parameters(config).total
     act_bytes = BYTES[dtype]
@@ -66,7 +70,8 @@ def training_memory(config: MiniMindConfig, batch_size: int, seq_len: int, dtype
     experts = (config.num_experts_per_tok + config.n_shared_experts) if config.use_moe else 1
     per_token_layer = 8 * d + 2 * kv + experts * 4 * h
     tokens = batch_size * seq_len
-    activations = tokens * (config.n_layers * per_token_layer * act_bytes + config.vocab_size * (act_bytes + 8))
+    head_chunk = min(tokens, chunk_rows(config.vocab_size, torch.device("cpu"))) * config.vocab_size * 8
+    activations = tokens * (config.n_layers * per_token_layer * act_bytes + 4 * d) + head_chunk
     rows = {
         "parameters": params * 4,
         "gradients": params * 4,
