@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run of the performance benches on a lent GPU machine (issue 9 §3), about 10 minutes:
 #   bf16 + torch.compile training of `small` and `base`, ours against HF LlamaForCausalLM, with MFU against
-#   the bf16 GEMM ceiling measured on the spot (and the datasheet peak); then decode throughput.
+#   the bf16 GEMM ceiling measured on the spot (and the datasheet peak); then decode throughput, and the peak
+#   GPU memory of a training step (ours with the chunked head loss, ours with whole logits, HF).
 #
 #   bash bench/gpu.sh                 # on the GPU machine; figures go to $OUT/gpu-results.{txt,jsonl}
 #   bash bench/gpu.sh --cpu-check     # here: every command once on CPU with --quick (is it broken?)
@@ -20,12 +21,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ "${1:-}" == "--cpu-check" ]]; then
   DEV=(--device cpu --quick)
-  TRAIN_SMALL=(); TRAIN_BASE=(); DECODE=(--gguf-types)
+  TRAIN_SMALL=(); TRAIN_BASE=(); DECODE=(--gguf-types); MEMORY=()
 else
   DEV=(--device cuda)
   TRAIN_SMALL=(--preset small --batch-size 32 --seq-len 512 --repeats 5)
   TRAIN_BASE=(--preset base --batch-size 16 --seq-len 512 --repeats 5)
   DECODE=(--preset small --new-tokens 128 --repeats 3 --batch-sizes 1 8 64 --gguf-types)
+  MEMORY=(--preset small --batch-size 32 --seq-len 512)
 fi
 
 run() {  # run <label> <command...>: log the command, its output and its status; keep going on failure
@@ -41,4 +43,5 @@ command -v nvidia-smi >/dev/null && run nvidia-smi nvidia-smi --query-gpu=name,m
 run train-small "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_SMALL[@]}" --json "$JSON"
 run train-base "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_BASE[@]}" --json "$JSON"
 run decode "$PY" bench/decode.py "${DEV[@]}" --dtype bf16 --compile "${DECODE[@]}" --json "$JSON"
+run memory "$PY" bench/memory.py "${DEV[@]}" --dtype bf16 "${MEMORY[@]}"
 echo "=== done; results in $TXT and $JSON" | tee -a "$TXT"
