@@ -144,3 +144,48 @@ def test_model_targets_path_is_masked_lm_of_the_logits():
     loss.backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def per_row_plain(hidden, head, targets, weights):
+    nll = F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (nll.view(targets.shape) * weights).sum(-1)
+
+
+def test_per_row_sums_and_their_gradients_equal_the_logits_path(small_chunks):
+    """DPO's form: one Σ w·nll per row, then a different gradient per row; backward recomputes the logits."""
+    head, hidden, targets, weights = setup()
+    hidden, targets, weights = hidden.view(3, 100, DIM), targets.view(3, 100), weights.view(3, 100)
+    upstream = torch.tensor([0.5, -2.0, 1.5])
+
+    def per_row(fn, autocast=False):
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            sums = fn(h, head, targets, weights)
+        (sums * upstream).sum().backward()  # outside autocast, as the trainer runs backward
+        weight_grad = head.weight.grad
+        head.weight.grad = None
+        return sums.detach(), h.grad, weight_grad
+
+    def fused(h, head, targets, weights):
+        return head_cross_entropy(h, head, targets, weights, per_row=True)
+
+    expected, got = per_row(per_row_plain), per_row(fused)
+    assert got[0].shape == (3,)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(hidden, head, targets, weights), expected[0], rtol=1e-5, atol=1e-5)
+    expected, got = per_row(per_row_plain, autocast=True), per_row(fused, autocast=True)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-3, atol=1e-2)
+    for g, e in zip(got[1:], expected[1:]):
+        assert (g - e).norm() / e.norm() < 2e-2
+
+
+def test_per_row_keeps_no_logits_for_backward(small_chunks):
+    torch.manual_seed(0)
+    head = nn.Linear(DIM, VOCAB, bias=False)
+    hidden = torch.randn(3, 100, DIM, requires_grad=True)
+    targets, weights = torch.randint(0, VOCAB, (3, 100)), torch.ones(3, 100)
+    fused = saved_bytes(lambda: head_cross_entropy(hidden, head, targets, weights, per_row=True))
+    # The hidden states and the weight (by reference), plus a few per-position ids and weights.
+    assert fused <= (ROWS * DIM + VOCAB * DIM) * 4 + ROWS * 32 < ROWS * VOCAB * 4 / 5

@@ -36,40 +36,70 @@ def chunk_rows(vocab_size: int, device: torch.device) -> int:
 
 
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                       weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ weight · (-log p(target)) over positions, as a float32 scalar.
+                       weights: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
+    """Σ weight · (-log p(target)) over positions, as a float32 scalar (`per_row`: one sum per row, (B,)).
 
-    hidden (..., dim) are the final (normed) hidden states, `head` the output layer, targets (...) token ids,
-    weights (...) per-position loss weights (None: all 1; 0 drops a position; its target is then never read).
+    hidden (B, T, dim) are the final (normed) hidden states, `head` the output layer, targets (B, T) token ids,
+    weights (B, T) per-position loss weights (None: all 1; 0 drops a position; its target is then never read).
+    The scalar sum makes its gradients in forward (`_FusedHeadLoss`); per-row sums (DPO's sequence log-probs,
+    whose gradient differs per row) recompute each chunk's logits in backward instead (`_RecomputedHeadNLL`):
+    one more head GEMM, still no logits kept.
     """
+    lead = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     weights = torch.ones_like(targets, dtype=torch.float32) if weights is None else weights.reshape(-1).float()
+    row_of = torch.arange(targets.shape[0], device=targets.device) // lead[-1] if per_row else None
     compiling = torch.compiler.is_compiling()
     if hidden.device.type == "cpu" and not compiling:
         keep = weights != 0
         if not bool(keep.all()):
             hidden, targets, weights = hidden[keep], targets[keep], weights[keep]
+            row_of = row_of[keep] if per_row else None
     else:
         targets = torch.where(weights != 0, targets, torch.zeros_like(targets))
-    fused = type(head) is nn.Linear and head.bias is None and not compiling
-    if not fused:  # a LoRA-wrapped or quantized head, or inside torch.compile (which fuses the plain form itself)
-        logits = head(hidden).float()
-        return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+    if per_row:
+        weighted = _position_nll(hidden, head, targets, compiling) * weights
+        return torch.zeros(lead[:-1].numel(), device=weighted.device).index_add(0, row_of, weighted).view(lead[:-1])
+    if not _fusable(head, compiling):
+        return (_position_nll(hidden, head, targets, compiling) * weights).sum()
     weight = head.weight
     rows = chunk_rows(weight.shape[0], hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedHeadLoss.apply(hidden, weight, targets, weights, rows)
-    return sum((_chunk_loss(hidden[i:i + rows] @ weight.t(), targets[i:i + rows], weights[i:i + rows])[0]
-                for i in range(0, hidden.shape[0], rows)), torch.zeros((), device=hidden.device))
+    return (_position_nll(hidden, head, targets, compiling) * weights).sum()
 
 
-def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
-    """-> (Σ weight · nll over the chunk, float32 logits, their logsumexp)."""
+def _fusable(head: nn.Module, compiling: bool) -> bool:
+    """A plain linear head outside torch.compile. Otherwise (a LoRA-wrapped or quantized head, or inside
+    torch.compile, which fuses the plain form itself) the head runs as a module on all kept rows at once."""
+    return type(head) is nn.Linear and head.bias is None and not compiling
+
+
+def _position_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, compiling: bool) -> torch.Tensor:
+    """-log p(target) at each row of hidden (N, dim) -> (N,) float32, without keeping the logits when it can."""
+    if not _fusable(head, compiling):
+        return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    weight = head.weight
+    rows = chunk_rows(weight.shape[0], hidden.device)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _RecomputedHeadNLL.apply(hidden, weight, targets, rows)
+    return torch.cat([_chunk_nll(hidden[i:i + rows] @ weight.t(), targets[i:i + rows])[0]
+                      for i in range(0, hidden.shape[0], rows)] or [hidden.new_zeros(0, dtype=torch.float32)])
+
+
+def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor):
+    """-> (nll per row of the chunk, its float32 logits, their logsumexp)."""
     logits = logits.float()
     lse = logits.logsumexp(-1)
-    nll = lse - logits.gather(1, targets[:, None]).squeeze(1)
-    return (nll * weights).sum(), logits, lse
+    return lse - logits.gather(1, targets[:, None]).squeeze(1), logits, lse
+
+
+def _softmax_minus_one_hot(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d nll / d logits = softmax - one_hot(target), built in place in the float32 logits."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(targets.shape[0], device=targets.device), targets] -= 1.0
+    return probs
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -84,12 +114,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         for i in range(0, hidden.shape[0], rows):
             h, t, w = hidden[i:i + rows], targets[i:i + rows], weights[i:i + rows]
             logits = h @ weight.t()  # under autocast: the autocast dtype, like the plain head
-            loss, probs, lse = _chunk_loss(logits, t, w)
-            total += loss
-            # d(Σ w·nll)/d logits = w · (softmax - one_hot(target)), built in place in the float32 logits.
-            probs.sub_(lse[:, None]).exp_()
-            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            grad_logits = probs.mul_(w[:, None]).to(logits.dtype)
+            nll, probs, lse = _chunk_nll(logits, t)
+            total += (nll * w).sum()
+            grad_logits = _softmax_minus_one_hot(probs, lse, t).mul_(w[:, None]).to(logits.dtype)
             if grad_logits.dtype == weight.dtype == hidden.dtype == torch.float32:
                 # In place, no temporaries: the accumulating GEMM adds into the weight gradient as it goes.
                 if need_hidden:
@@ -113,3 +140,36 @@ class _FusedHeadLoss(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+class _RecomputedHeadNLL(torch.autograd.Function):
+    """nll per row; forward keeps no logits, backward recomputes each chunk's under the forward's autocast."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.rows = rows
+        ctx.save_for_backward(hidden, weight, targets)
+        return torch.cat([_chunk_nll(hidden[i:i + rows] @ weight.t(), targets[i:i + rows])[0]
+                          for i in range(0, hidden.shape[0], rows)] or [hidden.new_zeros(0, dtype=torch.float32)])
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        hidden, weight, targets = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for i in range(0, hidden.shape[0], ctx.rows):
+                h, t = hidden[i:i + ctx.rows], targets[i:i + ctx.rows]
+                logits = h @ weight.t()
+                _, probs, lse = _chunk_nll(logits, t)
+                grad_logits = _softmax_minus_one_hot(probs, lse, t).mul_(grad_nll[i:i + ctx.rows, None])
+                grad_logits = grad_logits.to(logits.dtype)
+                if need_hidden:
+                    grad_hidden[i:i + ctx.rows] = grad_logits @ weight
+                if need_weight:
+                    grad_weight += grad_logits.t() @ h
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None

@@ -165,6 +165,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         targets: torch.LongTensor | None = None,
         target_weights: torch.Tensor | None = None,
+        per_row: bool = False,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Logits (B, T, vocab); with `labels` (B, T, -100 = ignore) also the shifted next-token loss (+ MoE aux).
@@ -172,8 +173,8 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last).
         `cache` is the newer transformers name for `past_key_values`; either works.
         With `targets` (B, T), the next token of every position (already shifted), the training path: `loss` is
-        Σ target_weights · (-log p(target)) (a sum, not a mean; weights default to 1), computed by
-        `head_cross_entropy` without materialising the logits, and `logits` is None.
+        Σ target_weights · (-log p(target)) (a sum, not a mean; weights default to 1; `per_row=True`: one sum per
+        row, shape (B,)), computed by `head_cross_entropy` without keeping the logits, and `logits` is None.
         """
         past_key_values = past_key_values if past_key_values is not None else cache
         if use_cache is None:
@@ -182,7 +183,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache
         )
         if targets is not None:
-            loss = head_cross_entropy(hidden, self.lm_head, targets, target_weights)
+            loss = head_cross_entropy(hidden, self.lm_head, targets, target_weights, per_row)
             return MoeCausalLMOutputWithPast(loss=loss, logits=None, aux_loss=aux, **{_CACHE_FIELD: past_key_values})
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

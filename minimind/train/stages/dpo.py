@@ -25,7 +25,7 @@ from minimind.model.hub import load_model_dir, save_model_dir
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import LossOutput, Objective, model_inputs
-from minimind.train.reference import load_frozen, token_logprobs
+from minimind.train.reference import load_frozen
 from minimind.train.stages import run_stage, stage_data
 from minimind.train.trainer import StageRun
 
@@ -46,12 +46,6 @@ def run(args: argparse.Namespace) -> int:
     return run_stage(config_from_args(args, "dpo", beta=args.beta, logp=args.logp), build)
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, mean: bool) -> torch.Tensor:
-    """Per-sequence log-prob of the masked targets: (B, T, V), (B, T), (B, T) -> (B,), mean or sum over the mask."""
-    total = (token_logprobs(logits, labels) * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1.0) if mean else total
-
-
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair sigmoid DPO loss and the implicit rewards β·(policy − ref) of chosen and rejected, all (N,)."""
@@ -66,6 +60,10 @@ class DPO(Objective):
     def __init__(self, reference: torch.nn.Module, beta: float = 0.1, mean_logp: bool = True):
         self.reference, self.beta, self.mean_logp = reference, beta, mean_logp
 
+    def _sequence(self, total: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Σ mask · log p per row -> the sequence log-prob: that sum, or its mean over the mask."""
+        return total / mask.sum(-1).clamp(min=1.0) if self.mean_logp else total
+
     def count(self, batch: dict) -> torch.Tensor:
         """The number of pairs."""
         return torch.tensor(batch["input_ids"].shape[0] // 2)
@@ -73,10 +71,13 @@ class DPO(Objective):
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         inputs = model_inputs(batch)
         labels, mask = batch["labels"], batch["loss_mask"]
-        out = model(**inputs)
-        policy = sequence_logprobs(out.logits, labels, mask, self.mean_logp)
+        # Σ mask · log p per row straight from the hidden states: the (rows x tokens x vocab) logits of policy
+        # and reference are never materialised, and on CPU prompt positions skip the output head.
+        out = model(**inputs, targets=labels, target_weights=mask, per_row=True)
+        policy = self._sequence(-out.loss, mask)
         with torch.no_grad():
-            ref = sequence_logprobs(self.reference(**inputs).logits, labels, mask, self.mean_logp)
+            ref = self._sequence(-self.reference(**inputs, targets=labels, target_weights=mask, per_row=True).loss,
+                                 mask)
         n = policy.shape[0] // 2
         losses, chosen, rejected = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta)
         margin = (chosen - rejected).detach()
