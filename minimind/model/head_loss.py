@@ -5,7 +5,9 @@ alive between forward and backward (the logits, their float copy, the log-softma
 `head_cross_entropy` instead runs the head on a chunk of rows, turns the chunk's logits into its loss and, right
 away, into the gradients of the hidden states and of the head weight; only those gradients (the size of the hidden
 states and of the weight) are kept for backward. The same three GEMMs run (logits, dX, dW) and nothing is
-recomputed, but the largest live tensor is one chunk's logits.
+recomputed, but the largest live tensor is one chunk's logits. One sum per row (`per_row`, DPO's sequence
+log-probs) has a different gradient for each row, known only in backward, so there the logits of each chunk are
+recomputed in backward instead: one more head GEMM, still no logits kept.
 
 Rows whose weight is 0 (prompt and padding positions of SFT rows) are dropped before the head on CPU, so they
 cost no head FLOPs. On a GPU all rows go through (their weight zeroes them): dropping them needs the count of kept
@@ -41,9 +43,8 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
 
     hidden (B, T, dim) are the final (normed) hidden states, `head` the output layer, targets (B, T) token ids,
     weights (B, T) per-position loss weights (None: all 1; 0 drops a position; its target is then never read).
-    The scalar sum makes its gradients in forward (`_FusedHeadLoss`); per-row sums (DPO's sequence log-probs,
-    whose gradient differs per row) recompute each chunk's logits in backward instead (`_RecomputedHeadNLL`):
-    one more head GEMM, still no logits kept.
+    The scalar sum makes its gradients in forward (`_FusedHeadLoss`); per-row sums recompute each chunk's
+    logits in backward (`_RecomputedHeadNLL`).
     """
     lead = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
