@@ -4,7 +4,7 @@
     python bench/data.py --preset tiny --quick
 
 Ours is what `minimind sft` trains on: `PackedSFTDataset` rows (whole conversations packed next-fit into
-seq_len + 1 tokens) with the objective's block-diagonal document mask and per-conversation positions.
+seq_len + 1 tokens) with attention and positions per conversation (the model's `document_ids`).
 The peer is the reference project's SFT pipeline: one conversation per row, cut and padded to seq_len + 1,
 plain causal attention, logits for every position with pad positions masked out of the loss afterwards
 (`LogitsMaskedLM`). Both run the same model, batch size and AdamW step; ours the trainer's `MaskedLM`, whose

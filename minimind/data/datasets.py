@@ -1,8 +1,8 @@
 """Training datasets over prepared shards, and the collate functions that batch them.
 
 Pretraining packs the token stream into full rows (no padding at all); SFT packs whole conversations into
-rows and keeps them apart with `doc_ids` (the objective turns these into block-diagonal attention and
-per-conversation positions, so packed samples never see each other); DPO and RL pad each batch only to its
+rows and keeps them apart with `doc_ids` (the objective passes them to the model as `document_ids`: attention
+and positions per conversation, so packed samples never see each other); DPO and RL pad each batch only to its
 own longest sample. Every item is computed from its index alone, so a resumed run rebuilds any batch exactly.
 """
 

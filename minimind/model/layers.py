@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_minimind import MiniMindConfig
+from .documents import Documents
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -146,7 +147,7 @@ class Attention(nn.Module):
         cache=None,
     ) -> torch.Tensor:
         """x (B, T, dim); cos and `signed_sin` tables (B, 1, T, head_dim); mask: None (plain causal over the
-        new tokens) or bool (B|1, 1, T, S), True = attend."""
+        new tokens), bool (B|1, 1, T, S) with True = attend, or the `Documents` of a packed batch."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -155,7 +156,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv_heads, S, D) with S = past + t
         dropout = self.dropout if self.training else 0.0
-        if self.inline_one_query and t == 1 and mask is not None and torch.compiler.is_compiling():
+        if isinstance(mask, Documents):  # packed rows: each document attends alone (documents.py)
+            out = mask.attend(q, k, v, lambda qd, kd, vd: self._sdpa(qd, kd, vd, None, dropout))
+        elif self.inline_one_query and t == 1 and mask is not None and torch.compiler.is_compiling():
             out = self._one_query(q, k, v, mask)
         elif t == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and not self.training:
             out = self._one_query_matmul(q, k, v, mask)

@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .configuration_minimind import MiniMindConfig
+from .documents import Documents, document_mask, document_positions
 from .head_loss import head_cross_entropy
 from .layers import Attention, FeedForward, RMSNorm, rope_cos_sin, signed_sin
 from .moe import MoEFeedForward
@@ -72,16 +73,26 @@ class MiniMindModel(MiniMindPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool = False,
+        document_ids: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, Cache | None, torch.Tensor]:
-        """Returns (hidden states, cache or None, summed MoE aux loss)."""
+        """Returns (hidden states, cache or None, summed MoE aux loss).
+
+        `document_ids` (B, T) marks packed rows (same id = one document, -1 = padding): each document attends
+        only to itself, with positions restarting at 0; it replaces `attention_mask`.
+        """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, b, t, past, x.device)
-        mask = attention_bias(attention_mask, t, past)
+        if document_ids is not None:
+            if position_ids is None:
+                position_ids = document_positions(document_ids)
+            mask = packed_attention(document_ids)
+        else:
+            if position_ids is None:
+                position_ids = default_position_ids(attention_mask, b, t, past, x.device)
+            mask = attention_bias(attention_mask, t, past)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, head_dim)
         cos, sin_signed = cos.unsqueeze(1), signed_sin(sin).unsqueeze(1)  # (B, 1, T, head_dim): over heads
         if self.training and self.dropout.p:
@@ -95,6 +106,14 @@ class MiniMindModel(MiniMindPreTrainedModel):
             if aux is not None:
                 aux_total = aux_total + aux
         return self.norm(x), past_key_values, aux_total
+
+
+def packed_attention(document_ids: torch.Tensor) -> Documents | torch.Tensor:
+    """How attention sees packed documents: per-document SDPA batches on CPU (`Documents`), else a block-diagonal
+    causal mask (on a GPU, and inside torch.compile, which cannot trace the data-dependent document layout)."""
+    if document_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        return Documents(document_ids)
+    return document_mask(document_ids)
 
 
 def default_position_ids(attention_mask, b: int, t: int, past: int, device) -> torch.Tensor:
@@ -166,6 +185,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         targets: torch.LongTensor | None = None,
         target_weights: torch.Tensor | None = None,
         per_row: bool = False,
+        document_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Logits (B, T, vocab); with `labels` (B, T, -100 = ignore) also the shifted next-token loss (+ MoE aux).
@@ -175,12 +195,13 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         With `targets` (B, T), the next token of every position (already shifted), the training path: `loss` is
         Σ target_weights · (-log p(target)) (a sum, not a mean; weights default to 1; `per_row=True`: one sum per
         row, shape (B,)), computed by `head_cross_entropy` without keeping the logits, and `logits` is None.
+        `document_ids` (B, T): packed rows, see `MiniMindModel.forward`.
         """
         past_key_values = past_key_values if past_key_values is not None else cache
         if use_cache is None:
             use_cache = past_key_values is not None or (not self.training and getattr(self.config, "use_cache", True))
         hidden, past_key_values, aux = self.model(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, document_ids
         )
         if targets is not None:
             loss = head_cross_entropy(hidden, self.lm_head, targets, target_weights, per_row)

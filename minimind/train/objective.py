@@ -31,27 +31,11 @@ class Objective:
         raise NotImplementedError
 
 
-def doc_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows -> (bool mask (B, 1, T, T): causal and same document, position ids restarting per document).
-
-    Padding (doc id -1) attends only to itself so no row is empty.
-    """
-    t = doc_ids.shape[1]
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
-    mask = (same & causal)[:, None]
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    index = torch.arange(t, device=doc_ids.device).expand_as(doc_ids)
-    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
-    return mask, index - first
-
-
 def model_inputs(batch: dict) -> dict:
     """The keyword arguments for the model's forward from a training batch."""
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "doc_ids" in batch:
-        inputs["attention_mask"], inputs["position_ids"] = doc_attention(batch["doc_ids"])
+        inputs["document_ids"] = batch["doc_ids"]  # each packed document attends alone, positions from 0
     elif "attention_mask" in batch:
         inputs["attention_mask"] = batch["attention_mask"]
     return inputs
