@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -71,3 +72,13 @@ def test_documents_bucket_by_power_of_two_width():
     _, doc_ids = packed_batch()
     widths = sorted(index.shape[1] for index, _ in Documents(doc_ids).groups)
     assert widths == [16, 32, 64]
+
+
+def test_document_ids_with_a_mask_or_a_cache_is_a_clear_error():
+    model = tiny_model()
+    tokens, doc_ids = packed_batch()
+    with pytest.raises(ValueError, match="document_ids"):
+        model(tokens, attention_mask=torch.ones_like(tokens), document_ids=doc_ids)
+    cache = model(tokens[:, :4], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="document_ids"):
+        model(tokens[:, 4:8], past_key_values=cache, document_ids=doc_ids[:, 4:8])

@@ -86,6 +86,8 @@ class MiniMindModel(MiniMindPreTrainedModel):
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if document_ids is not None:
+            if attention_mask is not None or past:
+                raise ValueError("document_ids (packed training rows) replaces attention_mask and takes no KV cache")
             if position_ids is None:
                 position_ids = document_positions(document_ids)
             mask = packed_attention(document_ids)
