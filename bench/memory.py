@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import LogitsMaskedLM, llama_twin, machine_line, preset_model, ratio_line  # noqa: E402
+from train import DTYPES  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = ("ours", "ours-logits", "hf")
 
 

@@ -62,12 +62,9 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
     if per_row:
         weighted = _position_nll(hidden, head, targets, compiling) * weights
         return torch.zeros(lead[:-1].numel(), device=weighted.device).index_add(0, row_of, weighted).view(lead[:-1])
-    if not _fusable(head, compiling):
-        return (_position_nll(hidden, head, targets, compiling) * weights).sum()
-    weight = head.weight
-    rows = chunk_rows(weight.shape[0], hidden.device)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedHeadLoss.apply(hidden, weight, targets, weights, rows)
+    if _fusable(head, compiling) and _needs_grad(hidden, head.weight):
+        rows = chunk_rows(head.weight.shape[0], hidden.device)
+        return _FusedHeadLoss.apply(hidden, head.weight, targets, weights, rows)
     return (_position_nll(hidden, head, targets, compiling) * weights).sum()
 
 
@@ -77,14 +74,23 @@ def _fusable(head: nn.Module, compiling: bool) -> bool:
     return type(head) is nn.Linear and head.bias is None and not compiling
 
 
+def _needs_grad(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether autograd will want gradients (otherwise the chunk loop computes the loss alone)."""
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+
+
 def _position_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, compiling: bool) -> torch.Tensor:
     """-log p(target) at each row of hidden (N, dim) -> (N,) float32, without keeping the logits when it can."""
     if not _fusable(head, compiling):
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
-    weight = head.weight
-    rows = chunk_rows(weight.shape[0], hidden.device)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _RecomputedHeadNLL.apply(hidden, weight, targets, rows)
+    rows = chunk_rows(head.weight.shape[0], hidden.device)
+    if _needs_grad(hidden, head.weight):
+        return _RecomputedHeadNLL.apply(hidden, head.weight, targets, rows)
+    return _chunked_nll(hidden, head.weight, targets, rows)
+
+
+def _chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    """nll (N,) chunk by chunk, keeping no logits (no autograd: the callers handle gradients)."""
     return torch.cat([_chunk_nll(hidden[i:i + rows] @ weight.t(), targets[i:i + rows])[0]
                       for i in range(0, hidden.shape[0], rows)] or [hidden.new_zeros(0, dtype=torch.float32)])
 
@@ -103,6 +109,23 @@ def _softmax_minus_one_hot(logits: torch.Tensor, lse: torch.Tensor, targets: tor
     return probs
 
 
+def _add_chunk_grads(grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                     grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None, start: int) -> None:
+    """Write the chunk's hidden-state gradient at rows [start, ...) and add its share of the weight gradient."""
+    rows = slice(start, start + h.shape[0])
+    if grad_logits.dtype == weight.dtype == h.dtype == torch.float32:
+        # In place, no temporaries: the accumulating GEMM adds into the weight gradient as it goes.
+        if grad_hidden is not None:
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.t(), h)
+        return
+    if grad_hidden is not None:  # autocast: the GEMMs run in its dtype; results are cast into the buffers
+        grad_hidden[rows] = grad_logits @ weight
+    if grad_weight is not None:
+        grad_weight += grad_logits.t() @ h
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Forward computes the loss and both gradients chunk by chunk; backward only scales them."""
 
@@ -118,17 +141,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             nll, probs, lse = _chunk_nll(logits, t)
             total += (nll * w).sum()
             grad_logits = _softmax_minus_one_hot(probs, lse, t).mul_(w[:, None]).to(logits.dtype)
-            if grad_logits.dtype == weight.dtype == hidden.dtype == torch.float32:
-                # In place, no temporaries: the accumulating GEMM adds into the weight gradient as it goes.
-                if need_hidden:
-                    torch.mm(grad_logits, weight, out=grad_hidden[i:i + rows])
-                if need_weight:
-                    grad_weight.addmm_(grad_logits.t(), h)
-                continue
-            if need_hidden:  # autocast: the GEMMs run in its dtype; results are cast into the float32 buffers
-                grad_hidden[i:i + rows] = grad_logits @ weight
-            if need_weight:
-                grad_weight += grad_logits.t() @ h
+            _add_chunk_grads(grad_logits, h, weight, grad_hidden, grad_weight, i)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -152,8 +165,7 @@ class _RecomputedHeadNLL(torch.autograd.Function):
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.rows = rows
         ctx.save_for_backward(hidden, weight, targets)
-        return torch.cat([_chunk_nll(hidden[i:i + rows] @ weight.t(), targets[i:i + rows])[0]
-                          for i in range(0, hidden.shape[0], rows)] or [hidden.new_zeros(0, dtype=torch.float32)])
+        return _chunked_nll(hidden, weight, targets, rows)
 
     @staticmethod
     def backward(ctx, grad_nll):
@@ -168,9 +180,5 @@ class _RecomputedHeadNLL(torch.autograd.Function):
                 logits = h @ weight.t()
                 _, probs, lse = _chunk_nll(logits, t)
                 grad_logits = _softmax_minus_one_hot(probs, lse, t).mul_(grad_nll[i:i + ctx.rows, None])
-                grad_logits = grad_logits.to(logits.dtype)
-                if need_hidden:
-                    grad_hidden[i:i + ctx.rows] = grad_logits @ weight
-                if need_weight:
-                    grad_weight += grad_logits.t() @ h
+                _add_chunk_grads(grad_logits.to(logits.dtype), h, weight, grad_hidden, grad_weight, i)
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
