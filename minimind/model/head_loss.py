@@ -52,39 +52,45 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
     weights = torch.ones_like(targets, dtype=torch.float32) if weights is None else weights.reshape(-1).float()
     row_of = torch.arange(targets.shape[0], device=targets.device) // lead[-1] if per_row else None
     compiling = torch.compiler.is_compiling()
-    if hidden.device.type == "cpu" and not compiling:
-        keep = weights != 0
-        if not bool(keep.all()):
-            hidden, targets, weights = hidden[keep], targets[keep], weights[keep]
-            row_of = row_of[keep] if per_row else None
-    else:
-        targets = torch.where(weights != 0, targets, torch.zeros_like(targets))
+    weights, targets, hidden, row_of = weighted_rows(weights, targets, hidden, row_of)
     if per_row:
         weighted = _position_nll(hidden, head, targets, compiling) * weights
         return torch.zeros(lead[:-1].numel(), device=weighted.device).index_add(0, row_of, weighted).view(lead[:-1])
-    if _fusable(head, compiling) and _needs_grad(hidden, head.weight):
+    if is_fusable(head, compiling) and needs_grad(hidden, head.weight):
         rows = chunk_rows(head.weight.shape[0], hidden.device)
-        return _FusedHeadLoss.apply(hidden, head.weight, targets, weights, rows)
+        return fused_head_loss(hidden, head.weight, rows, _cross_entropy_chunks(targets, weights))[0]
     return (_position_nll(hidden, head, targets, compiling) * weights).sum()
 
 
-def _fusable(head: nn.Module, compiling: bool) -> bool:
+def weighted_rows(weights: torch.Tensor, targets: torch.Tensor, *rows: torch.Tensor | None):
+    """The rows that count: on CPU, those whose weight is not 0 (of weights, targets and every other per-row
+    tensor; None passes through). Elsewhere, and inside torch.compile, all rows, with the targets of weight-0
+    rows set to 0 (they may be -100 or padding and are never read otherwise)."""
+    if weights.device.type == "cpu" and not torch.compiler.is_compiling():
+        keep = weights != 0
+        if bool(keep.all()):
+            return (weights, targets, *rows)
+        return tuple(None if x is None else x[keep] for x in (weights, targets, *rows))
+    return (weights, torch.where(weights != 0, targets, torch.zeros_like(targets)), *rows)
+
+
+def is_fusable(head: nn.Module, compiling: bool) -> bool:
     """A plain linear head outside torch.compile. Otherwise (a LoRA-wrapped or quantized head, or inside
     torch.compile, which fuses the plain form itself) the head runs as a module on all kept rows at once."""
     return type(head) is nn.Linear and head.bias is None and not compiling
 
 
-def _needs_grad(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+def needs_grad(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether autograd will want gradients (otherwise the chunk loop computes the loss alone)."""
     return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
 
 
 def _position_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, compiling: bool) -> torch.Tensor:
     """-log p(target) at each row of hidden (N, dim) -> (N,) float32, without keeping the logits when it can."""
-    if not _fusable(head, compiling):
+    if not is_fusable(head, compiling):
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
     rows = chunk_rows(head.weight.shape[0], hidden.device)
-    if _needs_grad(hidden, head.weight):
+    if needs_grad(hidden, head.weight):
         return _RecomputedHeadNLL.apply(hidden, head.weight, targets, rows)
     return _chunked_nll(hidden, head.weight, targets, rows)
 
@@ -102,7 +108,7 @@ def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor):
     return lse - logits.gather(1, targets[:, None]).squeeze(1), logits, lse
 
 
-def _softmax_minus_one_hot(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def softmax_minus_one_hot(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """d nll / d logits = softmax - one_hot(target), built in place in the float32 logits."""
     probs = logits.sub_(lse[:, None]).exp_()
     probs[torch.arange(targets.shape[0], device=targets.device), targets] -= 1.0
@@ -126,34 +132,56 @@ def _add_chunk_grads(grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.T
         grad_weight += grad_logits.t() @ h
 
 
+def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, rows: int, chunk_loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss over the head's logits, computed `rows` rows at a time with its gradients made in forward.
+
+    `chunk_loss(logits, start)` gets one chunk's logits (n, vocab; the autocast dtype) for hidden rows
+    [start, start + n) and returns (its loss sum, d loss / d logits as float32 (n, vocab), a float32 vector of
+    metric sums). Returns (loss, metric sums): the loss has gradients for hidden and weight; the metrics none.
+    """
+    return _FusedHeadLoss.apply(hidden, weight, rows, chunk_loss)
+
+
+def _cross_entropy_chunks(targets: torch.Tensor, weights: torch.Tensor):
+    """`chunk_loss` of Σ weights · nll for `fused_head_loss` (no metrics)."""
+    def chunk_loss(logits: torch.Tensor, start: int):
+        t, w = targets[start:start + logits.shape[0]], weights[start:start + logits.shape[0]]
+        nll, probs, lse = _chunk_nll(logits, t)
+        return (nll * w).sum(), softmax_minus_one_hot(probs, lse, t).mul_(w[:, None]), nll.new_zeros(0)
+    return chunk_loss
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Forward computes the loss and both gradients chunk by chunk; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, rows):
+    def forward(ctx, hidden, weight, rows, chunk_loss):
         need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total, metrics = torch.zeros((), dtype=torch.float32, device=hidden.device), 0
         for i in range(0, hidden.shape[0], rows):
-            h, t, w = hidden[i:i + rows], targets[i:i + rows], weights[i:i + rows]
+            h = hidden[i:i + rows]
             logits = h @ weight.t()  # under autocast: the autocast dtype, like the plain head
-            nll, probs, lse = _chunk_nll(logits, t)
-            total += (nll * w).sum()
-            grad_logits = _softmax_minus_one_hot(probs, lse, t).mul_(w[:, None]).to(logits.dtype)
-            _add_chunk_grads(grad_logits, h, weight, grad_hidden, grad_weight, i)
+            loss, grad_logits, chunk_metrics = chunk_loss(logits, i)
+            total += loss
+            metrics = metrics + chunk_metrics
+            _add_chunk_grads(grad_logits.to(logits.dtype), h, weight, grad_hidden, grad_weight, i)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return total
+        if not torch.is_tensor(metrics):  # no rows at all
+            metrics = chunk_loss(hidden.new_zeros(0, weight.shape[0]), 0)[2]
+        ctx.mark_non_differentiable(metrics)
+        return total, metrics
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, _grad_metrics):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None
 
 
 class _RecomputedHeadNLL(torch.autograd.Function):
@@ -179,6 +207,6 @@ class _RecomputedHeadNLL(torch.autograd.Function):
                 h, t = hidden[i:i + ctx.rows], targets[i:i + ctx.rows]
                 logits = h @ weight.t()
                 _, probs, lse = _chunk_nll(logits, t)
-                grad_logits = _softmax_minus_one_hot(probs, lse, t).mul_(grad_nll[i:i + ctx.rows, None])
+                grad_logits = softmax_minus_one_hot(probs, lse, t).mul_(grad_nll[i:i + ctx.rows, None])
                 _add_chunk_grads(grad_logits.to(logits.dtype), h, weight, grad_hidden, grad_weight, i)
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None

@@ -188,6 +188,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         target_weights: torch.Tensor | None = None,
         per_row: bool = False,
         document_ids: torch.LongTensor | None = None,
+        head_loss_fn=None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Logits (B, T, vocab); with `labels` (B, T, -100 = ignore) also the shifted next-token loss (+ MoE aux).
@@ -198,6 +199,8 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         Σ target_weights · (-log p(target)) (a sum, not a mean; weights default to 1; `per_row=True`: one sum per
         row, shape (B,)), computed by `head_cross_entropy` without keeping the logits, and `logits` is None.
         `document_ids` (B, T): packed rows, see `MiniMindModel.forward`.
+        `head_loss_fn(hidden, lm_head)`: any other loss from the final hidden states (B, T, dim) and the head, run
+        inside this forward (so DDP/FSDP see it as part of the model); what it returns is `loss`, `logits` is None.
         """
         past_key_values = past_key_values if past_key_values is not None else cache
         if use_cache is None:
@@ -205,8 +208,9 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         hidden, past_key_values, aux = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, document_ids
         )
-        if targets is not None:
-            loss = head_cross_entropy(hidden, self.lm_head, targets, target_weights, per_row)
+        if head_loss_fn is not None or targets is not None:
+            loss = (head_loss_fn(hidden, self.lm_head) if head_loss_fn is not None
+                    else head_cross_entropy(hidden, self.lm_head, targets, target_weights, per_row))
             return MoeCausalLMOutputWithPast(loss=loss, logits=None, aux_loss=aux, **{_CACHE_FIELD: past_key_values})
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from functools import partial
 
 import numpy as np
 import torch
@@ -34,8 +35,9 @@ from minimind.errors import UserError
 from minimind.model.hub import load_model_dir, save_model_dir
 from minimind.tokenizer import load_tokenizer
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
+from minimind.train.distill_loss import distill_head_loss
 from minimind.train.distributed import DistInfo
-from minimind.train.objective import LossOutput, Objective, model_inputs, token_nll
+from minimind.train.objective import LossOutput, Objective, model_inputs
 from minimind.train.reference import load_frozen
 from minimind.train.stages import run_stage
 from minimind.train.stages.sft import sft_datasets
@@ -88,20 +90,22 @@ class Distill(Objective):
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         inputs = model_inputs(batch)
-        mask = batch["loss_mask"]
-        n = mask.sum().clamp(min=1.0)
-        out = model(**inputs)
-        ce = token_nll(out.logits, batch["labels"])
-        weighted_ce = ce * batch["loss_weight"] if "loss_weight" in batch else ce
-        metrics = {"ce": ((ce * mask).sum() / n).item()}
-        if self.teacher is None:
-            return LossOutput((weighted_ce * mask).sum(), out.aux_loss, metrics)
-        with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
-        kl = token_kl(teacher_logits, out.logits, self.temperature)
-        per_token = self.alpha * weighted_ce + (1.0 - self.alpha) * self.temperature**2 * kl
-        metrics["kl"] = ((kl * mask).sum() / n).item()
-        return LossOutput((per_token * mask).sum(), out.aux_loss, metrics)
+        n = batch["loss_mask"].sum().clamp(min=1.0)
+        teacher_hidden = teacher_head = None
+        alpha = 1.0 if self.teacher is None else self.alpha
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_hidden, teacher_head = self.teacher.model(**inputs)[0], self.teacher.lm_head
+        # Inside the student's forward (DDP/FSDP see one forward); no logits of either model are kept.
+        loss_fn = partial(distill_head_loss, targets=batch["labels"], mask=batch["loss_mask"], alpha=alpha,
+                          temperature=self.temperature, ce_weights=batch.get("loss_weight"),
+                          teacher_hidden=teacher_hidden, teacher_head=teacher_head)
+        out = model(**inputs, head_loss_fn=loss_fn)
+        loss, nll_sum, kl_sum = out.loss
+        metrics = {"ce": (nll_sum / n).item()}
+        if self.teacher is not None:
+            metrics["kl"] = (kl_sum / n).item()
+        return LossOutput(loss, out.aux_loss, metrics)
 
 
 class TagFinder:
