@@ -5,7 +5,7 @@
     python bench/train.py --device cuda --dtype bf16 --compile --preset base --batch-size 16
     python bench/train.py --quick                          # tiny shapes, one repetition: does it run
 
-A step is what the trainer does: forward, loss, backward, gradient clipping at 1.0, AdamW (fused on CUDA),
+A step is what the trainer does: forward, loss, backward, gradient clipping at 1.0, AdamW (fused, as the trainer),
 under autocast for bf16/fp16. Ours computes the loss with the trainer's objective (`MaskedLM`); HF with
 its own `labels=` loss. Both start from the same weights and see the same random batch. Cases run
 interleaved (ours, HF, ceiling, ours, ...) and the best repetition counts.
@@ -65,7 +65,7 @@ def gemm_ceiling(config, rows: int, device: torch.device, dtype: torch.dtype):
 def make_step(model, objective, batch: dict | None, device: torch.device, dtype: torch.dtype, hf: bool):
     """`step(other_batch=None)`: one training step of `model` on `batch` (or another), as the trainer runs it."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     default = batch
 

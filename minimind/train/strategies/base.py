@@ -62,9 +62,10 @@ class Strategy:
         return [g for g in groups if g["params"]]  # e.g. LoRA trains matrices only; DeepSpeed rejects empty groups
 
     def adamw(self, groups: list[dict[str, Any]], fused: bool | None = None) -> torch.optim.AdamW:
-        """The AdamW every strategy steps with (fused on CUDA unless told otherwise)."""
+        """The AdamW every strategy steps with: fused (one kernel over all parameters) on CUDA and CPU unless told
+        otherwise; on CPU that is 4-5x faster than the foreach form (`small`: 16 vs 79 ms a step)."""
         cfg = self.cfg
-        fused = self.info.device.type == "cuda" if fused is None else fused
+        fused = self.info.device.type in ("cuda", "cpu") if fused is None else fused
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=1e-8, fused=fused)
 
     # ---- one optimizer step ---------------------------------------------------------------------------
