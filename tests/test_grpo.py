@@ -233,6 +233,11 @@ def test_grpo_resume_is_exact(tmp_path, model_dir):
                 map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
     assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "a")) == 4
+    # Throughput counts the sampled sequences the policy trained on (6 of prompt + completion), not the prompts.
+    for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()):
+        if "loss" in r:
+            assert r["tokens"] % 6 == 0 and r["tokens"] // 6 > r["completion_len"]
+            assert r["nonpad_fraction"] * r["tokens"] >= 6 * r["completion_len"] + 2  # completions + prompts
 
 
 def test_grpo_cli_help_and_errors(tmp_path, model_dir, capsys):

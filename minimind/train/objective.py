@@ -19,6 +19,10 @@ class LossOutput:
     loss_sum: torch.Tensor  # summed over this micro-batch's targets; divided by the step's total by the trainer
     aux_loss: torch.Tensor | float = 0.0  # MoE load balancing, averaged over micro-batches
     metrics: dict[str, float] = field(default_factory=dict)  # extra numbers to log (averaged per step)
+    # Tokens this call trained on, and how many were not padding, when that is not the batch's input_ids
+    # (RL trains on the sequences it sampled); they make the logged tokens/s, nonpad_fraction and MFU.
+    tokens: int | None = None
+    useful_tokens: int | None = None
 
 
 class Objective:

@@ -190,6 +190,11 @@ class RLObjective(Objective):
             "reward_mean": scored.rewards.mean().item(), "accuracy": scored.correct.mean().item(),
             "completion_len": scored.rollout.lengths().float().mean().item()})
 
+    @staticmethod
+    def trained_tokens(rollout: Rollout) -> dict[str, int]:
+        """`LossOutput` fields: the policy trains on the sampled sequences (prompt + completion), not the prompts."""
+        return {"tokens": rollout.sequences.numel(), "useful_tokens": int(rollout.attention_mask.sum())}
+
     def rollout_metrics(self, scored: Scored) -> dict[str, float]:
         """What every RL step logs about its rollouts."""
         return {"reward_mean": scored.rewards.mean().item(), "reward_std": scored.rewards.std(correction=0).item(),

@@ -124,7 +124,7 @@ class Trainer:
                 self.position = sampler.advance(self.position)
                 ran += 1
                 metrics["step_time"] = time.perf_counter() - started
-                self._add_throughput(metrics, micro)
+                self._add_throughput(metrics)
                 if cfg.eval_every and self.run.eval_dataset is not None and self.step % cfg.eval_every == 0:
                     metrics.update(self.evaluate())
                 monitor.log(self.step, metrics)
@@ -156,6 +156,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         extra: dict[str, float] = {}
+        tokens = useful = 0
         for i, batch in enumerate(micro):
             with self.strategy.accumulate(last=i == len(micro) - 1):
                 with self._autocast():
@@ -166,6 +167,8 @@ class Trainer:
             aux_sum += torch.as_tensor(out.aux_loss, device=self.device).detach().float()
             for key, value in out.metrics.items():
                 extra[key] = extra.get(key, 0.0) + float(value) / len(micro)
+            tokens += batch["input_ids"].numel() if out.tokens is None else out.tokens
+            useful += _useful_tokens(batch) if out.useful_tokens is None else out.useful_tokens
         step_loss = (all_reduce_sum(loss_sum, info) / count.clamp(min=1.0)).item()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm, finite = self.strategy.step(clip, math.isfinite(step_loss))
@@ -175,7 +178,8 @@ class Trainer:
             self.bad_steps += 1
             self._on_bad_step(step_loss, grad_norm)
         metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "aux_loss": aux_sum.item() / len(micro),
-                   "epoch": self.position.epoch, **extra}
+                   "epoch": self.position.epoch, **extra, "tokens": tokens * info.world_size,
+                   "nonpad_fraction": useful / max(tokens, 1)}
         if not finite:
             metrics["skipped"] = True
         return metrics
@@ -197,12 +201,8 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def _add_throughput(self, metrics: dict[str, Any], micro: list[dict]) -> None:
-        tokens = sum(b["input_ids"].numel() for b in micro) * self.info.world_size
-        useful = sum(_useful_tokens(b) for b in micro) * self.info.world_size
-        seconds = max(metrics["step_time"], 1e-9)
-        metrics["tokens"] = tokens
-        metrics["nonpad_fraction"] = useful / max(tokens, 1)
+    def _add_throughput(self, metrics: dict[str, Any]) -> None:
+        tokens, seconds = metrics["tokens"], max(metrics["step_time"], 1e-9)
         metrics["tokens_per_sec"] = tokens / seconds
         metrics["mfu"] = self.flops * tokens / seconds / self.peak / self.info.world_size if self.peak else 0.0
 
