@@ -9,6 +9,9 @@ recomputed, but the largest live tensor is one chunk's logits. One sum per row (
 log-probs) has a different gradient for each row, known only in backward, so there the logits of each chunk are
 recomputed in backward instead: one more head GEMM, still no logits kept.
 
+`fused_head_loss` is the same machinery for any loss of the logits whose gradient in them a chunk can compute
+on its own (distillation's CE + KL against a teacher, minimind/train/distill_loss.py).
+
 Rows whose weight is 0 (prompt and padding positions of SFT rows) are dropped before the head on CPU, so they
 cost no head FLOPs. On a GPU all rows go through (their weight zeroes them): dropping them needs the count of kept
 rows on the host, a synchronisation in the middle of every forward.

@@ -48,9 +48,7 @@ def distill_head_loss(hidden: torch.Tensor, head: nn.Module, *, targets: torch.T
     # No gradients wanted (eval), or a head that must run as a module: autograd through the plain form, all rows
     # at once when it needs gradients, else chunk by chunk.
     rows = max(1, hidden.shape[0]) if torch.is_grad_enabled() else chunk_rows(head.weight.shape[0], hidden.device)
-    parts = [chunks.terms(head(hidden[i:i + rows]), i)[:2] for i in range(0, hidden.shape[0], rows)]
-    if not parts:
-        parts = [chunks.terms(head(hidden[:0]), 0)[:2]]
+    parts = [chunks.terms(head(hidden[i:i + rows]), i)[:2] for i in range(0, max(1, hidden.shape[0]), rows)]
     loss = torch.stack([p[0] for p in parts]).sum()
     sums = torch.stack([p[1] for p in parts]).sum(0)
     return loss, sums[0], sums[1]
