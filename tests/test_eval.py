@@ -121,6 +121,31 @@ def test_ppl_and_bits_per_byte_formulas_against_the_model_loss(tokenizer):
     assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-4)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_sum_logprobs_equals_the_logits_of_each_sequence_alone(quantize, monkeypatch):
+    """Scored tokens only, sequences of several lengths batched with right padding; also through an int8 head
+    (a module, not the fused path: scored 3 rows at a time here)."""
+    from minimind.eval.scoring import sum_logprobs
+    from minimind.infer.quantize import quantize_int8
+    from minimind.model import head_loss
+
+    model = tiny_model(5).eval()
+    if quantize:
+        quantize_int8(model)
+        monkeypatch.setattr(head_loss, "CHUNK_BYTES", 3 * 4 * model.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    sequences = [(torch.randint(3, 512, (n,), generator=g).tolist(), first) for n, first in
+                 [(12, 5), (7, 1), (12, 11), (3, 2), (9, 4)]]
+    got = sum_logprobs(model, sequences, max_batch_tokens=40)
+    for (ids, first), (total, count) in zip(sequences, got):
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        expected = sum(logp[t - 1, ids[t]].item() for t in range(first, len(ids)))
+        assert count == len(ids) - first
+        # int8 matmuls round differently for another number of rows (~2e-4 relative here)
+        assert total == pytest.approx(expected, rel=1e-3 if quantize else 1e-5, abs=1e-4)
+
+
 def test_sliding_windows_score_every_token_once_with_half_a_window_of_context(tokenizer):
     ids = list(range(1, 42))
     for window in (2, 5, 8, 41, 64):

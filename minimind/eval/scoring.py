@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 def batches_by_length(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -35,6 +34,8 @@ def sum_logprobs(
 ) -> list[tuple[float, int]]:
     """For each (ids, first): (sum of log p(ids[t] | ids[:t]) for t >= first, number of such t).
 
+    `model` is a MiniMind causal LM: it is asked for per-row sums through its `targets=` path, not for logits.
+
     `progress`, if given, is called with the number of sequences finished after each batch.
     """
     device = next(model.parameters()).device
@@ -47,11 +48,14 @@ def sum_logprobs(
             seq, first = sequences[i]
             ids[row, : len(seq)] = torch.as_tensor(seq)
             targets[row, first : len(seq)] = torch.as_tensor(seq[first:])
-        logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1]  # (B, T-1, V): predicts 1..T-1
-        targets = targets[:, 1:].to(device)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        sums = (-nll).sum(dim=1).tolist()  # ignored positions contribute 0
-        counts = (targets != -100).sum(dim=1).tolist()
+        # Position t predicts token t+1; the model scores only the marked positions, a chunk at a time, without
+        # keeping (tokens x vocab) logits (on CPU the unscored ones, e.g. a choice's question, skip the head).
+        targets = torch.cat([targets[:, 1:], torch.full((len(batch), 1), -100)], dim=1).to(device)
+        scored = targets != -100
+        nll = model(input_ids=ids.to(device), use_cache=False, targets=targets, target_weights=scored.float(),
+                    per_row=True).loss
+        sums = (-nll).tolist()
+        counts = scored.sum(dim=1).tolist()
         for row, i in enumerate(batch):
             results[i] = (sums[row], counts[row])
         if progress is not None:

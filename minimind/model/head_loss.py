@@ -91,7 +91,11 @@ def needs_grad(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 def _position_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, compiling: bool) -> torch.Tensor:
     """-log p(target) at each row of hidden (N, dim) -> (N,) float32, without keeping the logits when it can."""
     if not is_fusable(head, compiling):
-        return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+        if torch.is_grad_enabled() or compiling:
+            return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+        rows = chunk_rows(head.out_features, hidden.device)  # scoring through a packed/int8 head: no logits kept
+        return torch.cat([F.cross_entropy(head(hidden[i:i + rows]).float(), targets[i:i + rows], reduction="none")
+                          for i in range(0, max(1, hidden.shape[0]), rows)])
     rows = chunk_rows(head.weight.shape[0], hidden.device)
     if needs_grad(hidden, head.weight):
         return _RecomputedHeadNLL.apply(hidden, head.weight, targets, rows)
