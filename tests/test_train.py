@@ -187,3 +187,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tokenizer_dir):
     result = subprocess.run([sys.executable, "-m", "minimind", *pretrain_args(bad, tokenizer_dir, tmp_path / "y")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and 'bad.jsonl:2: missing field "text"' in result.stderr
+
+
+def test_mfu_counts_the_flops_a_batch_needs():
+    """Full rows with every position in the loss: tokens x flops_per_token. Packed SFT rows: the head only at
+    loss positions and attention per document, so skipping that work never shows as MFU above 100%."""
+    from minimind.model.configuration_minimind import MiniMindConfig
+    from minimind.model.info import count_parameters, flops_per_token, training_flops
+    from minimind.train.trainer import _attention_pairs
+
+    config = MiniMindConfig.from_preset("small")
+    assert training_flops(config, 4 * 512, 4 * 512, 4 * 512**2) == pytest.approx(4 * 512 * flops_per_token(config, 512))
+    docs = torch.tensor([[0] * 3 + [1] * 5 + [-1] * 2, [0] * 10])
+    assert _attention_pairs({"input_ids": torch.zeros(2, 10), "doc_ids": docs}) == 3**2 + 5**2 + 10**2
+    assert _attention_pairs({"input_ids": torch.zeros(2, 10)}) == 2 * 10**2
+    head_only = training_flops(config, 0, 1, 0)
+    assert head_only == 3 * 2 * config.vocab_size * config.dim
+    body_only = training_flops(config, 1, 0, 0)
+    assert body_only + head_only == 3 * 2 * count_parameters(config).matmul_active

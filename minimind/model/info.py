@@ -4,7 +4,8 @@
 
 Counts are analytic (no model is built), so `base` and `moe` answer instantly. FLOPs per token follow the
 usual accounting (PaLM appendix B; nanoGPT's MFU): a matmul with N weights costs 2N FLOPs forward and 4N
-backward, plus attention's score/value matmuls; the trainer logs MFU against this number.
+backward, plus attention's score/value matmuls. The trainer's MFU counts what each batch needs
+(`training_flops`): the head only at positions in the loss, attention per packed document.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def flops_per_token(config: MiniMindConfig, seq_len: int, training: bool = True)
     """FLOPs to process one token at context `seq_len`: forward 2·N + 4·L·dim·T (QKᵀ and AV), training 3× that."""
     forward = 2 * count_parameters(config).matmul_active + 4 * config.n_layers * config.dim * seq_len
     return 3 * forward if training else forward
+
+
+def training_flops(config: MiniMindConfig, tokens: int, head_tokens: int, attention_pairs: int) -> float:
+    """Training FLOPs a batch needs: `tokens` through the body, `head_tokens` of them through the output head (the
+    positions in the loss), and `attention_pairs` (query, key) pairs (Σ over sequences of length², the
+    convention of `flops_per_token`; packed documents count per document). Full rows of seq_len T with every
+    position in the loss give tokens · flops_per_token(config, T)."""
+    head = config.vocab_size * config.dim
+    body = count_parameters(config).matmul_active - head
+    forward = 2 * body * tokens + 2 * head * head_tokens + 4 * config.n_layers * config.dim * attention_pairs
+    return 3.0 * forward
 
 
 def training_memory(config: MiniMindConfig, batch_size: int, seq_len: int, dtype: str = "fp32") -> dict[str, float]:

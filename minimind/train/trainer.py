@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from minimind.data.sampler import DataPosition, StepBatchSampler
 from minimind.errors import UserError
-from minimind.model.info import count_parameters, flops_per_token
+from minimind.model.info import count_parameters, flops_per_token, training_flops
 from minimind.train import checkpoint as ckpt
 from minimind.train.args import TrainConfig
 from minimind.train.distributed import (
@@ -37,7 +37,7 @@ from minimind.train.distributed import (
 )
 from minimind.train.mfu import peak_flops
 from minimind.train.monitor import Monitor
-from minimind.train.objective import Objective
+from minimind.train.objective import LossOutput, Objective
 from minimind.train.report import read_metrics, write_report
 from minimind.train.schedule import lr_at
 from minimind.train.strategies import make_strategy
@@ -105,6 +105,7 @@ class Trainer:
         monitor = Monitor(self.out, info.is_main, self.total_steps, self.step, cfg.log_every, cfg.trackers,
                           f"{cfg.stage}", cfg.to_dict())
         config = getattr(self.model, "config", None)
+        self.config = config
         self.flops = flops_per_token(config, cfg.max_seq_len) if config is not None else 0.0
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (peak_flops(self.device, self.dtype)
                                                                    if info.is_main else 1.0)
@@ -156,7 +157,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         extra: dict[str, float] = {}
-        tokens = useful = 0
+        tokens = useful = flops = 0
         for i, batch in enumerate(micro):
             with self.strategy.accumulate(last=i == len(micro) - 1):
                 with self._autocast():
@@ -169,6 +170,7 @@ class Trainer:
                 extra[key] = extra.get(key, 0.0) + float(value) / len(micro)
             tokens += batch["input_ids"].numel() if out.tokens is None else out.tokens
             useful += _useful_tokens(batch) if out.useful_tokens is None else out.useful_tokens
+            flops += self._batch_flops(batch, out)
         step_loss = (all_reduce_sum(loss_sum, info) / count.clamp(min=1.0)).item()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm, finite = self.strategy.step(clip, math.isfinite(step_loss))
@@ -179,7 +181,7 @@ class Trainer:
             self._on_bad_step(step_loss, grad_norm)
         metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "aux_loss": aux_sum.item() / len(micro),
                    "epoch": self.position.epoch, **extra, "tokens": tokens * info.world_size,
-                   "nonpad_fraction": useful / max(tokens, 1)}
+                   "nonpad_fraction": useful / max(tokens, 1), "flops": flops}
         if not finite:
             metrics["skipped"] = True
         return metrics
@@ -201,10 +203,21 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
+    def _batch_flops(self, batch: dict, out: LossOutput) -> float:
+        """Training FLOPs this rank's micro-batch needed: the head at loss positions only, attention per document
+        (`training_flops`). RL objectives, which train on sequences they sampled, count every sampled token."""
+        if self.config is None:
+            return 0.0
+        if out.tokens is not None:
+            return self.flops * out.tokens
+        ids = batch["input_ids"]
+        head = int((batch["loss_mask"] != 0).sum()) if "loss_mask" in batch else ids.numel()
+        return training_flops(self.config, ids.numel(), head, _attention_pairs(batch))
+
     def _add_throughput(self, metrics: dict[str, Any]) -> None:
-        tokens, seconds = metrics["tokens"], max(metrics["step_time"], 1e-9)
-        metrics["tokens_per_sec"] = tokens / seconds
-        metrics["mfu"] = self.flops * tokens / seconds / self.peak / self.info.world_size if self.peak else 0.0
+        seconds = max(metrics["step_time"], 1e-9)
+        metrics["tokens_per_sec"] = metrics["tokens"] / seconds
+        metrics["mfu"] = metrics.pop("flops") / seconds / self.peak if self.peak else 0.0
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -396,6 +409,16 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _attention_pairs(batch: dict) -> int:
+    """Σ length² over the sequences attention runs on: each packed document, else each row."""
+    ids = batch["input_ids"]
+    if "doc_ids" in batch:
+        docs = batch["doc_ids"]
+        keys = docs + torch.arange(docs.shape[0], device=docs.device)[:, None] * (int(docs.max()) + 1)
+        return int((torch.bincount(keys[docs >= 0]) ** 2).sum())
+    return ids.shape[0] * ids.shape[1] ** 2
 
 
 def _useful_tokens(batch: dict) -> int:
