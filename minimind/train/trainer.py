@@ -37,7 +37,7 @@ from minimind.train.distributed import (
 )
 from minimind.train.mfu import peak_flops
 from minimind.train.monitor import Monitor
-from minimind.train.objective import LossOutput, Objective
+from minimind.train.objective import Objective
 from minimind.train.report import read_metrics, write_report
 from minimind.train.schedule import lr_at
 from minimind.train.strategies import make_strategy
@@ -148,6 +148,7 @@ class Trainer:
     def train_step(self, micro: list[dict]) -> dict[str, Any]:
         """One optimizer step over the micro-batches; returns the step's metrics."""
         cfg, info = self.cfg, self.info
+        sizes = [self._batch_size(b) for b in micro]  # counted on the host copies: no device sync mid-step
         micro = [_to_device(b, self.device) for b in micro]
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         self.strategy.set_lr(lr)
@@ -158,7 +159,7 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         extra: dict[str, float] = {}
         tokens = useful = flops = 0
-        for i, batch in enumerate(micro):
+        for i, (batch, (batch_tokens, batch_useful, batch_flops)) in enumerate(zip(micro, sizes)):
             with self.strategy.accumulate(last=i == len(micro) - 1):
                 with self._autocast():
                     out = self.run.objective(self.train_model, batch)
@@ -168,9 +169,10 @@ class Trainer:
             aux_sum += torch.as_tensor(out.aux_loss, device=self.device).detach().float()
             for key, value in out.metrics.items():
                 extra[key] = extra.get(key, 0.0) + float(value) / len(micro)
-            tokens += batch["input_ids"].numel() if out.tokens is None else out.tokens
-            useful += _useful_tokens(batch) if out.useful_tokens is None else out.useful_tokens
-            flops += self._batch_flops(batch, out)
+            if out.tokens is not None:  # RL: the objective trained on sequences it sampled
+                batch_tokens, batch_flops = out.tokens, self.flops * out.tokens
+                batch_useful = out.tokens if out.useful_tokens is None else out.useful_tokens
+            tokens, useful, flops = tokens + batch_tokens, useful + batch_useful, flops + batch_flops
         step_loss = (all_reduce_sum(loss_sum, info) / count.clamp(min=1.0)).item()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm, finite = self.strategy.step(clip, math.isfinite(step_loss))
@@ -203,16 +205,15 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def _batch_flops(self, batch: dict, out: LossOutput) -> float:
-        """Training FLOPs this rank's micro-batch needed: the head at loss positions only, attention per document
-        (`training_flops`). RL objectives, which train on sequences they sampled, count every sampled token."""
-        if self.config is None:
-            return 0.0
-        if out.tokens is not None:
-            return self.flops * out.tokens
+    def _batch_size(self, batch: dict) -> tuple[int, int, float]:
+        """(tokens, non-padding tokens, training FLOPs needed) of one micro-batch of this rank. The FLOPs count the
+        head at loss positions only and attention per document (`training_flops`)."""
         ids = batch["input_ids"]
+        if self.config is None:
+            return ids.numel(), _useful_tokens(batch), 0.0
         head = int((batch["loss_mask"] != 0).sum()) if "loss_mask" in batch else ids.numel()
-        return training_flops(self.config, ids.numel(), head, _attention_pairs(batch))
+        return ids.numel(), _useful_tokens(batch), training_flops(self.config, ids.numel(), head,
+                                                                   _attention_pairs(batch))
 
     def _add_throughput(self, metrics: dict[str, Any]) -> None:
         seconds = max(metrics["step_time"], 1e-9)
