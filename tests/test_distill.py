@@ -19,7 +19,8 @@ from minimind.data.prepare import prepare
 from minimind.data.shards import Shard
 from minimind.model.hub import load_model, save_model_dir
 from minimind.tokenizer.template import split_thinking
-from minimind.train.stages.distill import REASONING_TAGS, Distill, TagFinder, TagWeighted, token_kl
+from minimind.train.distill_loss import token_kl
+from minimind.train.stages.distill import REASONING_TAGS, Distill, TagFinder, TagWeighted
 
 
 def test_token_kl_matches_torch_kl_div_and_vanishes_for_equal_logits():

@@ -11,8 +11,8 @@ from torch import nn
 
 from minimind.model import head_loss
 from minimind.model.lora import LoRALinear
-from minimind.train.distill_loss import distill_head_loss
-from minimind.train.stages.distill import Distill, token_kl
+from minimind.train.distill_loss import distill_head_loss, token_kl
+from minimind.train.stages.distill import Distill
 
 ROWS, DIM, TEACHER_DIM, VOCAB = 300, 32, 48, 700
 

@@ -54,6 +54,20 @@ def distill_head_loss(hidden: torch.Tensor, head: nn.Module, *, targets: torch.T
     return loss, sums[0], sums[1]
 
 
+def kl_parts(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float):
+    """KL(softmax(t/T) ‖ softmax(s/T)) over the last dim, in float32, with log softmax(s/T) and softmax(t/T)
+    (what its gradient in s is made of)."""
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    p = log_p.exp()
+    return (p * (log_p - log_q)).sum(-1), log_q, p
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) ‖ softmax(s/T)) at every position: (B, T, V) x 2 -> (B, T), in float32."""
+    return kl_parts(teacher_logits, student_logits, temperature)[0]
+
+
 class _DistillChunks:
     """The loss terms of rows [start, start + n) of the kept rows, given the student's logits for them."""
 
@@ -73,10 +87,8 @@ class _DistillChunks:
         kl_sum = loss.new_zeros(())
         if self.teacher_hidden is not None:
             with torch.no_grad():
-                log_p = torch.log_softmax(self.teacher_head(self.teacher_hidden[rows]).float() / temperature, -1)
-            log_q = torch.log_softmax(s / temperature, -1)
-            p = log_p.exp()
-            kl = (p * (log_p - log_q)).sum(-1)
+                teacher_logits = self.teacher_head(self.teacher_hidden[rows])
+            kl, log_q, p = kl_parts(teacher_logits, s, temperature)
             loss = loss + temperature**2 * (kl * self.kl_w[rows]).sum()
             kl_sum = (kl * mask).sum()
         return loss, torch.stack([(nll * mask).sum(), kl_sum]), s, lse, log_q, p

@@ -148,7 +148,7 @@ class Trainer:
     def train_step(self, micro: list[dict]) -> dict[str, Any]:
         """One optimizer step over the micro-batches; returns the step's metrics."""
         cfg, info = self.cfg, self.info
-        sizes = [self._batch_size(b) for b in micro]  # counted on the host copies: no device sync mid-step
+        sizes = [self._batch_counts(b) for b in micro]  # counted on the host copies: no device sync mid-step
         micro = [_to_device(b, self.device) for b in micro]
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         self.strategy.set_lr(lr)
@@ -205,7 +205,7 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def _batch_size(self, batch: dict) -> tuple[int, int, float]:
+    def _batch_counts(self, batch: dict) -> tuple[int, int, float]:
         """(tokens, non-padding tokens, training FLOPs needed) of one micro-batch of this rank. The FLOPs count the
         head at loss positions only and attention per document (`training_flops`)."""
         ids = batch["input_ids"]

@@ -72,13 +72,6 @@ def run(args: argparse.Namespace) -> int:
     return run_stage(cfg, build)
 
 
-def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t/T) ‖ softmax(s/T)) at every position: (B, T, V) x 2 -> (B, T), in float32."""
-    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 class Distill(Objective):
     """α·(weighted) CE + (1 − α)·T²·KL on the loss mask; count = number of targets (Σ loss_mask).
 
