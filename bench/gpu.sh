@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One prepared run of the performance benches on a lent GPU machine (issue 9 §3), about 10 minutes:
-#   bf16 + torch.compile training of `small` and `base`, ours against HF LlamaForCausalLM, with MFU against
-#   the bf16 GEMM ceiling measured on the spot (and the datasheet peak); then decode throughput, and the peak
-#   GPU memory of a training step (ours with the chunked head loss, ours with whole logits, HF).
+# One prepared run of the performance benches on a lent GPU machine (issue 9 §3), under 10 minutes:
+#   bf16 + torch.compile training of `small`, ours against HF LlamaForCausalLM, with MFU against the bf16
+#   GEMM ceiling measured on the spot (and the datasheet peak); `minimind demo --quick` on the GPU (every
+#   stage's real CLI path: auto device and dtype); decode throughput; the same training bench for `base`;
+#   the peak GPU memory of a training step (ours with the chunked head loss, ours with whole logits, HF).
+#   Most important first, each command under its own time limit (STEP_LIMIT seconds, default 200), so a
+#   slow compile cannot starve the rest.
 #
 #   bash bench/gpu.sh                 # on the GPU machine; figures go to $OUT/gpu-results.{txt,jsonl}
 #   bash bench/gpu.sh --cpu-check     # here: every command once on CPU with --quick (is it broken?)
@@ -17,7 +20,7 @@ OUT_DIR=${OUT:-bench-results}
 mkdir -p "$OUT_DIR"
 TXT="$OUT_DIR/gpu-results.txt"
 JSON="$OUT_DIR/gpu-results.jsonl"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MINIMIND_NO_PROGRESS=1
 
 if [[ "${1:-}" == "--cpu-check" ]]; then
   DEV=(--device cpu --quick)
@@ -25,15 +28,16 @@ if [[ "${1:-}" == "--cpu-check" ]]; then
 else
   DEV=(--device cuda)
   TRAIN_SMALL=(--preset small --batch-size 32 --seq-len 512 --repeats 5)
-  TRAIN_BASE=(--preset base --batch-size 16 --seq-len 512 --repeats 5)
+  TRAIN_BASE=(--preset base --batch-size 32 --seq-len 512 --repeats 5)
   DECODE=(--preset small --new-tokens 128 --repeats 3 --batch-sizes 1 8 64 --gguf-types)
   MEMORY=(--preset small --batch-size 32 --seq-len 512)
 fi
 
+STEP_LIMIT=${STEP_LIMIT:-200}
 run() {  # run <label> <command...>: log the command, its output and its status; keep going on failure
   echo "=== $1: ${*:2}" | tee -a "$TXT"
   local start=$SECONDS
-  "${@:2}" 2>&1 | tee -a "$TXT"
+  timeout -k 10 "$STEP_LIMIT" "${@:2}" 2>&1 | tee -a "$TXT"
   echo "=== $1: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$TXT"
 }
 
@@ -41,7 +45,12 @@ echo "=== $(date -u +%FT%TZ) $(hostname)" | tee -a "$TXT"
 run env "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 command -v nvidia-smi >/dev/null && run nvidia-smi nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 run train-small "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_SMALL[@]}" --json "$JSON"
-run train-base "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_BASE[@]}" --json "$JSON"
+DEMO_DIR=$(mktemp -d)
+run demo-quick "$PY" -m minimind demo --quick --out "$DEMO_DIR/demo"
 run decode "$PY" bench/decode.py "${DEV[@]}" --dtype bf16 --compile "${DECODE[@]}" --json "$JSON"
+run train-base "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_BASE[@]}" --json "$JSON"
 run memory "$PY" bench/memory.py "${DEV[@]}" --dtype bf16 "${MEMORY[@]}"
+cp "$DEMO_DIR/demo/report.md" "$OUT_DIR/demo-report.md" 2>/dev/null
+for stage in pretrain sft; do cp "$DEMO_DIR/demo/$stage/metrics.jsonl" "$OUT_DIR/demo-$stage-metrics.jsonl" 2>/dev/null; done
+rm -rf "$DEMO_DIR"
 echo "=== done; results in $TXT and $JSON" | tee -a "$TXT"
