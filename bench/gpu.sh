@@ -47,10 +47,10 @@ command -v nvidia-smi >/dev/null && run nvidia-smi nvidia-smi --query-gpu=name,m
 run train-small "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_SMALL[@]}" --json "$JSON"
 DEMO_DIR=$(mktemp -d)
 run demo-quick "$PY" -m minimind demo --quick --out "$DEMO_DIR/demo"
-run decode "$PY" bench/decode.py "${DEV[@]}" --dtype bf16 --compile "${DECODE[@]}" --json "$JSON"
-run train-base "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_BASE[@]}" --json "$JSON"
-run memory "$PY" bench/memory.py "${DEV[@]}" --dtype bf16 "${MEMORY[@]}"
 cp "$DEMO_DIR/demo/report.md" "$OUT_DIR/demo-report.md" 2>/dev/null
 for stage in pretrain sft; do cp "$DEMO_DIR/demo/$stage/metrics.jsonl" "$OUT_DIR/demo-$stage-metrics.jsonl" 2>/dev/null; done
 rm -rf "$DEMO_DIR"
+run decode "$PY" bench/decode.py "${DEV[@]}" --dtype bf16 --compile "${DECODE[@]}" --json "$JSON"
+run train-base "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_BASE[@]}" --json "$JSON"
+run memory "$PY" bench/memory.py "${DEV[@]}" --dtype bf16 "${MEMORY[@]}"
 echo "=== done; results in $TXT and $JSON" | tee -a "$TXT"
