@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run of the performance benches on a lent GPU machine (issue 9 §3), under 10 minutes:
 #   bf16 + torch.compile training of `small`, ours against HF LlamaForCausalLM, with MFU against the bf16
-#   GEMM ceiling measured on the spot (and the datasheet peak); `minimind demo --quick` on the GPU (every
-#   stage's real CLI path: auto device and dtype); decode throughput; the same training bench for `base`;
+#   GEMM ceiling measured on the spot (and the datasheet peak); the CLI's pretrain (compiled), sft and eval
+#   on the GPU, as a user runs them; decode throughput; the same training bench for `base`;
 #   the peak GPU memory of a training step (ours with the chunked head loss, ours with whole logits, HF).
 #   Most important first, each command under its own time limit (STEP_LIMIT seconds, default 200), so a
 #   slow compile cannot starve the rest.
@@ -45,11 +45,22 @@ echo "=== $(date -u +%FT%TZ) $(hostname)" | tee -a "$TXT"
 run env "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 command -v nvidia-smi >/dev/null && run nvidia-smi nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 run train-small "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_SMALL[@]}" --json "$JSON"
-DEMO_DIR=$(mktemp -d)
-run demo-quick "$PY" -m minimind demo --quick --out "$DEMO_DIR/demo"
-cp "$DEMO_DIR/demo/report.md" "$OUT_DIR/demo-report.md" 2>/dev/null
-for stage in pretrain sft; do cp "$DEMO_DIR/demo/$stage/metrics.jsonl" "$OUT_DIR/demo-$stage-metrics.jsonl" 2>/dev/null; done
-rm -rf "$DEMO_DIR"
+CLI_DIR=$(mktemp -d)  # the CLI stages on the GPU, as a user runs them (the demo pins --device cpu)
+DATA=minimind/demo_data
+GPU_STAGE=(--device cuda --dtype bf16 --log-every 10); SHAPE=()
+if [[ "${1:-}" == "--cpu-check" ]]; then  # later flags win: a few short steps of a narrow model
+  GPU_STAGE=(--device cpu --dtype fp32 --log-every 10 --max-steps 3 --batch-size 4 --max-seq-len 128)
+  SHAPE=(--set dim=64 --set n_layers=2)
+fi
+run cli-tokenizer "$PY" -m minimind tokenizer --data $DATA/pretrain.jsonl --vocab-size 6400 --out "$CLI_DIR/tok"
+run cli-pretrain "$PY" -m minimind pretrain --data $DATA/pretrain.jsonl --tokenizer "$CLI_DIR/tok" --preset small \
+  --max-steps 60 --warmup-steps 5 --batch-size 32 --max-seq-len 512 --compile --out "$CLI_DIR/pre" "${GPU_STAGE[@]}" "${SHAPE[@]}"
+run cli-sft "$PY" -m minimind sft --data $DATA/sft.jsonl --init "$CLI_DIR/pre" --max-steps 30 --warmup-steps 5 \
+  --batch-size 16 --max-seq-len 512 --out "$CLI_DIR/sft" "${GPU_STAGE[@]}"
+run cli-eval "$PY" -m minimind eval --model "$CLI_DIR/pre" --task ppl --data $DATA/pretrain_eval.jsonl \
+  --device "${GPU_STAGE[1]}"
+for stage in pre sft; do cp "$CLI_DIR/$stage/metrics.jsonl" "$OUT_DIR/cli-$stage-metrics.jsonl" 2>/dev/null; done
+rm -rf "$CLI_DIR"
 run decode "$PY" bench/decode.py "${DEV[@]}" --dtype bf16 --compile "${DECODE[@]}" --json "$JSON"
 run train-base "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_BASE[@]}" --json "$JSON"
 run memory "$PY" bench/memory.py "${DEV[@]}" --dtype bf16 "${MEMORY[@]}"

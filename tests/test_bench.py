@@ -30,3 +30,16 @@ def test_bench_runs_and_prints_its_ratio_line(argv):
     last = result.stdout.strip().splitlines()[-1]
     assert RATIO.match(last), last
     assert last.startswith(argv[0].removesuffix(".py") + ":"), last
+
+
+@pytest.mark.slow
+def test_profile_step_puts_the_step_on_named_operators():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--quick", "--top", "4"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sections = re.findall(r"^== (\S+): [\d.]+ ms per step .*\n((?:  .*\n?)+)", result.stdout, re.M)
+    assert [name for name, _ in sections] == ["ours", "hf"], result.stdout
+    for _, rows in sections:
+        shares = [float(line.split("%")[0]) for line in rows.splitlines()]
+        assert len(shares) == 4 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.05, rows
+        assert "aten::mm" in rows, rows  # the projections' GEMMs lead a CPU step

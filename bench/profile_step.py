@@ -1,0 +1,93 @@
+"""Where a training step's time goes: torch.profiler over the step `bench/train.py` times, ours and HF Llama.
+
+    python bench/profile_step.py                                          # small, 4 x 512, fp32, CPU
+    python bench/profile_step.py --device cuda --dtype bf16 --batch-size 32 --compile
+    python bench/profile_step.py --quick                                  # tiny shapes, one step: does it run
+
+For each case (ours, hf; with --compile their compiled forms too) it prints the step time and the operators
+(CPU) or kernels (GPU) that take the most self time, with their share of the step, so a gap between the two
+models, or between a model and the GEMM ceiling `bench/train.py` measures, can be put on named work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import llama_twin, machine_line, preset_model, sync  # noqa: E402
+from train import DTYPES, make_step  # noqa: E402
+
+from minimind.device import resolve_device  # noqa: E402
+from minimind.train.objective import MaskedLM  # noqa: E402
+
+
+def profile_case(name: str, step, device: torch.device, steps: int, top: int) -> None:
+    """Warm `step` up, time `steps` calls, then profile as many and print the `top` operators by self time."""
+    for _ in range(3):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    # On a GPU only kernels count: an operator's self device time is its kernels' time, listed again.
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kind = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind and getattr(e, key) > 0]
+    events.sort(key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events) / steps / 1e3
+    print(f"\n== {name}: {seconds * 1e3:.2f} ms per step (timed), {total:.2f} ms of "
+          f"{'device' if device.type == 'cuda' else 'CPU'} self time per profiled step")
+    for event in events[:top]:
+        ms = getattr(event, key) / steps / 1e3
+        print(f"  {100 * ms / total:5.1f}%  {ms:8.3f} ms  x{event.count // steps:<4d} {event.key[:110]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", help="model shape (random weights)")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per step")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (weights stay fp32)")
+    parser.add_argument("--compile", action="store_true", help="also profile both models under torch.compile")
+    parser.add_argument("--steps", type=int, default=3, help="steps timed and profiled per case")
+    parser.add_argument("--top", type=int, default=15, help="operators printed per case")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and one step (smoke test)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.batch_size, args.seq_len, args.steps = "tiny", 2, 64, 1
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    ours = preset_model(args.preset).to(device).train()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, ours.config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(args.batch_size, args.seq_len)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    print(machine_line())
+    print(f"model: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, {args.dtype} on {device}")
+    models = {"ours": ours, "hf": llama_twin(ours)}
+    if args.compile:
+        models["ours+compile"] = torch.compile(preset_model(args.preset).to(device).train())
+        models["hf+compile"] = torch.compile(llama_twin(ours))
+    for name, model in models.items():
+        step = make_step(model, MaskedLM(), batch, device, dtype, hf=name.startswith("hf"))
+        profile_case(name, step, device, args.steps, args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
