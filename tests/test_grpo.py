@@ -15,10 +15,12 @@ from conftest import tiny_model
 
 from minimind.cli import main
 from minimind.errors import UserError
+from minimind.model import head_loss
 from minimind.model.hub import save_model_dir
+from minimind.train.objective import token_nll
 from minimind.train.rewards import ModelReward, RuleReward, answer_correct, make_reward, repetition
-from minimind.train.rollout import Rollout, completion_logprobs, left_pad, sample
-from minimind.train.stages.grpo import clipped_surrogate, group_advantages, k3_kl
+from minimind.train.rollout import Rollout, left_pad, sample
+from minimind.train.stages.grpo import GRPO, clipped_surrogate, group_advantages, k3_kl
 
 PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50, 51], [1, 60, 61, 62, 63]]
 
@@ -37,7 +39,7 @@ def test_rollout_logprobs_match_a_full_forward_and_greedy_matches_hf_generate():
     with torch.no_grad():
         logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, use_cache=False,
                        logits_to_keep=t + 1).logits
-    full = completion_logprobs(logits, rollout) * rollout.completion_mask
+    full = -token_nll(logits[:, :-1], rollout.completion_ids) * rollout.completion_mask
     torch.testing.assert_close(full, rollout.logprobs, rtol=0, atol=1e-5)  # cached decode == full forward
 
     greedy = sample(model, ids, mask, 6, eos_id=2, temperature=0.0)
@@ -141,6 +143,41 @@ def test_model_reward_is_the_mean_completion_logprob(tmp_path, tokenizer):
         make_reward("bleu", 8, 512)
     with pytest.raises(UserError, match="vocab_size is 512, the policy's is 600"):
         make_reward(f"model:{tmp_path / 'judge'}", 8, 600)
+
+
+def test_policy_and_reference_log_probs_come_from_hidden_states_as_from_logits(tokenizer, monkeypatch):
+    # Chunks of 16 rows: the 6 x 8 completion positions take several, the last a partial one.
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 16 * 4 * 512)
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_ROWS", 1)
+    policy, reference = tiny_model(3), tiny_model(4)
+    objective = GRPO(reference, tokenizer, RuleReward(8), group_size=2, max_new_tokens=8)
+    ids, mask = left_pad(PROMPTS, 0)
+    batch = {"input_ids": ids, "attention_mask": mask, "answer": ["a", "b", "c"], "prompt": ["", "", ""]}
+    saved = []
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        scored, out, logp, ref_logp = objective.on_policy_pass(policy, batch)
+    rollout = scored.rollout
+    n, t = rollout.completion_ids.shape
+    assert out.logits is None and logp.shape == ref_logp.shape == (n, t) and t > 1
+    assert not [shape for shape in saved if shape[-1] == 512 and shape[:-1].numel() >= n * t]  # no logits kept
+
+    def logits_form(model):
+        logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, use_cache=False,
+                       logits_to_keep=t + 1).logits
+        return -token_nll(logits[:, :-1], rollout.completion_ids)
+
+    with torch.no_grad():
+        torch.testing.assert_close(ref_logp, logits_form(reference), rtol=0, atol=1e-5)
+    weights = torch.randn(n, t, generator=torch.Generator().manual_seed(1)) * rollout.completion_mask
+    grads = []
+    for value in (logp, logits_form(policy)):
+        (value * weights).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in policy.named_parameters()})
+        policy.zero_grad(set_to_none=True)
+    torch.testing.assert_close(logp, logits_form(policy), rtol=0, atol=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_grpo_pieces_on_hand_numbers():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from safetensors.torch import load_file
 from test_grpo import PROMPTS, letter_task, rl_args
 
 from minimind.cli import main
+from minimind.train.objective import token_nll
+from minimind.train.reference import completion_head_logprobs
 from minimind.train.rollout import left_pad, sample
 from minimind.train.stages.ppo import ActorCritic, clipped_value_loss, gae, whiten
 
@@ -56,6 +59,14 @@ def test_actor_critic_keeps_the_policy_and_adds_a_zero_value_head():
         out = critic(ids)
         torch.testing.assert_close(out.logits, policy(ids).logits)
     assert out.values.shape == (2, 7) and out.values.eq(0).all()
+    # With a head_loss_fn (the RL objectives' log-probs) no logits are made; the values are the same.
+    keep = 4
+    with torch.no_grad():
+        fused = critic(ids, logits_to_keep=keep, head_loss_fn=partial(completion_head_logprobs, completion_ids=ids[:, -3:]))
+        plain = critic(ids, logits_to_keep=keep)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.values, plain.values)
+    torch.testing.assert_close(fused.loss, -token_nll(plain.logits[:, :-1], ids[:, -3:]), rtol=0, atol=1e-5)
     prompt_ids, mask = left_pad(PROMPTS, 0)
     torch.manual_seed(0)
     via_critic = sample(critic, prompt_ids, mask, 5, eos_id=2)

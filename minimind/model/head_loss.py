@@ -65,6 +65,16 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
     return (_position_nll(hidden, head, targets, compiling) * weights).sum()
 
 
+def head_token_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) at every position: hidden (..., dim), targets (...) -> (...) float32, no logits kept.
+
+    For losses that need each token's log-prob (the RL objectives' ratios and KL): with gradients, each chunk's
+    logits are recomputed in backward (`_RecomputedHeadNLL`); without, the chunks are scored and dropped.
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _position_nll(flat, head, targets.reshape(-1), torch.compiler.is_compiling()).view(targets.shape)
+
+
 def weighted_rows(weights: torch.Tensor, targets: torch.Tensor, *rows: torch.Tensor | None):
     """The rows that count: on CPU, those whose weight is not 0 (of weights, targets and every other per-row
     tensor; None passes through). Elsewhere, and inside torch.compile, all rows, with the targets of weight-0

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from minimind.model.head_loss import head_token_nll
 from minimind.model.hub import load_model
 from minimind.model.modeling_minimind import MiniMindForCausalLM
-from minimind.train.objective import token_nll
 
 
 def load_frozen(path: str | Path, device: torch.device | str = "cpu") -> MiniMindForCausalLM:
@@ -23,9 +23,12 @@ def load_frozen(path: str | Path, device: torch.device | str = "cpu") -> MiniMin
     return model
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) at every position: logits (B, T, V), labels (B, T) -> (B, T), in float32."""
-    return -token_nll(logits, labels)
+def completion_head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, completion_ids: torch.Tensor) -> torch.Tensor:
+    """log p of each completion token (N, T) from the final hidden states (N, P + T, dim) and the output head,
+    without the (N, T, vocab) logits: a `head_loss_fn` for the policy's, the reference's or a scorer's forward
+    (`partial(completion_head_logprobs, completion_ids=...)`)."""
+    width = completion_ids.shape[1]
+    return -head_token_nll(hidden[:, -width - 1 : -1], head, completion_ids)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

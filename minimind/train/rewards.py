@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from minimind.errors import UserError
 from minimind.tokenizer.template import split_thinking
-from minimind.train.reference import load_frozen, token_logprobs
+from minimind.train.reference import completion_head_logprobs, load_frozen
 
 if TYPE_CHECKING:
     from minimind.train.rollout import Rollout
@@ -99,10 +100,8 @@ class ModelReward:
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout, texts: list[str], answers: list[str]) -> torch.Tensor:
-        t = rollout.completion_ids.shape[1]
-        logits = self.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, use_cache=False,
-                            logits_to_keep=t + 1).logits
-        logp = token_logprobs(logits[:, :-1], rollout.completion_ids)
+        logp = self.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, use_cache=False,
+                          head_loss_fn=partial(completion_head_logprobs, completion_ids=rollout.completion_ids)).loss
         mask = rollout.completion_mask.float()
         return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
 

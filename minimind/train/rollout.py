@@ -11,12 +11,13 @@ drawn: these are the "old policy" log-probs of the clipped objectives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from minimind.train.objective import LossOutput, Objective
-from minimind.train.reference import token_logprobs, unwrap
+from minimind.train.reference import completion_head_logprobs, unwrap
 from minimind.train.rewards import Reward, answer_correct
 
 
@@ -175,12 +176,14 @@ class RLObjective(Objective):
         """
         scored = self.roll_out(model, batch, self.group_size, self.temperature)
         rollout = scored.rollout
+        # The log-probs come straight from the final hidden states (`head_loss_fn`): no (N, T, vocab) logits.
         inputs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
-                  "logits_to_keep": rollout.completion_ids.shape[1] + 1}
+                  "logits_to_keep": rollout.completion_ids.shape[1] + 1,
+                  "head_loss_fn": partial(completion_head_logprobs, completion_ids=rollout.completion_ids)}
         out = model(**inputs)
         with torch.no_grad():
-            ref_logp = completion_logprobs(self.reference(**inputs).logits, rollout)
-        return scored, out, completion_logprobs(out.logits, rollout), ref_logp
+            ref_logp = self.reference(**inputs).loss
+        return scored, out, out.loss, ref_logp
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batch: dict) -> LossOutput:
@@ -201,11 +204,6 @@ class RLObjective(Objective):
                 "accuracy": scored.correct.mean().item(),
                 "completion_len": scored.rollout.lengths().float().mean().item(),
                 "rollout_tokens": float(scored.rollout.lengths().sum().item())}
-
-
-def completion_logprobs(logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-    """log π of each completion token from logits of the last T + 1 positions: (N, T + 1, V) -> (N, T)."""
-    return token_logprobs(logits[:, :-1], rollout.completion_ids)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -67,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
 @dataclass
 class ActorCriticOutput:
-    logits: torch.Tensor  # (B, T', V)
+    logits: torch.Tensor | None  # (B, T', V); None when a head_loss_fn ran instead
     values: torch.Tensor  # (B, T')
     aux_loss: torch.Tensor
+    loss: torch.Tensor | None = None  # what head_loss_fn returned
 
 
 class ActorCritic(nn.Module):
@@ -91,11 +92,15 @@ class ActorCritic(nn.Module):
         return lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
-                use_cache: bool = False, logits_to_keep: int = 0) -> ActorCriticOutput:
+                use_cache: bool = False, logits_to_keep: int = 0, head_loss_fn=None) -> ActorCriticOutput:
+        """Logits and values of the last `logits_to_keep` positions (0: all); with `head_loss_fn(hidden, lm_head)`
+        (as `MiniMindForCausalLM`), its result over all final hidden states replaces the logits as `loss`."""
         hidden, _, aux = self.model(input_ids, attention_mask, None, past_key_values, None, use_cache)
+        loss = head_loss_fn(hidden, self.lm_head) if head_loss_fn is not None else None
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return ActorCriticOutput(self.lm_head(hidden), self.value_head(hidden).squeeze(-1).float(), aux)
+        logits = self.lm_head(hidden) if head_loss_fn is None else None
+        return ActorCriticOutput(logits, self.value_head(hidden).squeeze(-1).float(), aux, loss)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
