@@ -194,14 +194,52 @@ def test_mfu_counts_the_flops_a_batch_needs():
     loss positions and attention per document, so skipping that work never shows as MFU above 100%."""
     from minimind.model.configuration_minimind import MiniMindConfig
     from minimind.model.info import count_parameters, flops_per_token, training_flops
-    from minimind.train.trainer import _attention_pairs
+    from minimind.train.objective import flop_counts
 
     config = MiniMindConfig.from_preset("small")
     assert training_flops(config, 4 * 512, 4 * 512, 4 * 512**2) == pytest.approx(4 * 512 * flops_per_token(config, 512))
     docs = torch.tensor([[0] * 3 + [1] * 5 + [-1] * 2, [0] * 10])
-    assert _attention_pairs({"input_ids": torch.zeros(2, 10), "doc_ids": docs}) == 3**2 + 5**2 + 10**2
-    assert _attention_pairs({"input_ids": torch.zeros(2, 10)}) == 2 * 10**2
+    loss_mask = torch.tensor([[0] * 2 + [1] * 6 + [0] * 2, [1] * 10])
+    assert flop_counts({"input_ids": torch.zeros(2, 10), "doc_ids": docs, "loss_mask": loss_mask}) == (
+        20, 16, 3**2 + 5**2 + 10**2)
+    assert flop_counts({"input_ids": torch.zeros(2, 10)}) == (20, 20, 2 * 10**2)
     head_only = training_flops(config, 0, 1, 0)
     assert head_only == 3 * 2 * config.vocab_size * config.dim
     body_only = training_flops(config, 1, 0, 0)
     assert body_only + head_only == 3 * 2 * count_parameters(config).matmul_active
+
+
+def test_mfu_counts_frozen_models_and_sampling(tmp_path):
+    """A DPO reference's or a teacher's forward and RL sampling are FLOPs the step ran: the logged mfu counts them."""
+    from minimind.model.info import forward_flops, sampling_flops, training_flops
+    from minimind.train.objective import flop_counts
+    from minimind.train.rollout import Rollout
+    from minimind.train.stages.distill import Distill
+    from minimind.train.stages.dpo import DPO
+    from minimind.train.stages.grpo import GRPO
+
+    config = tiny_model().config
+    assert training_flops(config, 7, 5, 40) == 3 * forward_flops(config, 7, 5, 40)
+    # Sampling 4 tokens after a 3-token prompt, 2 rows: the prefill (head at its last position), then 3 steps of
+    # one token per row at contexts 4, 5 and 6.
+    assert sampling_flops(config, 2, 3, 4) == forward_flops(config, 6, 2, 2 * 9) + forward_flops(config, 6, 6, 2 * 15)
+
+    reference = tiny_model(1, n_layers=3)  # another shape, so its FLOPs are not the policy's
+    rows = torch.randint(3, 512, (4, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:], "loss_mask": (torch.arange(8) >= 3).float().repeat(4, 1)}
+    counts = flop_counts(batch)
+    cfg = TrainConfig(stage="test", data="-", out=str(tmp_path), max_steps=1, batch_size=4, device="cpu", dtype="fp32")
+    for objective, frozen in [(MaskedLM(), 0.0), (DPO(reference), forward_flops(reference.config, *counts)),
+                              (Distill(reference), forward_flops(reference.config, *counts)), (Distill(None), 0.0)]:
+        trainer = Trainer(cfg, synthetic_run(objective), DistInfo())
+        trainer.total_steps = 1  # what fit() sets before the first step
+        metrics = trainer.train_step([batch])
+        assert metrics["flops"] == pytest.approx(training_flops(config, *counts) + frozen), type(objective).__name__
+
+    rollout = Rollout(sequences=torch.zeros(6, 10, dtype=torch.long), attention_mask=torch.ones(6, 10),
+                      completion_mask=torch.ones(6, 4), logprobs=torch.zeros(6, 4), finished=torch.ones(6, dtype=torch.bool),
+                      prompt_len=6)
+    rl = GRPO(reference, tokenizer=None, reward=None).rollout_counts(tiny_model(), rollout)
+    counts = (60, 24, 6 * 10**2)
+    assert rl["tokens"] == 60 and rl["flops"] == pytest.approx(
+        training_flops(config, *counts) + forward_flops(reference.config, *counts) + sampling_flops(config, 6, 6, 4))

@@ -56,15 +56,29 @@ def flops_per_token(config: MiniMindConfig, seq_len: int, training: bool = True)
     return 3 * forward if training else forward
 
 
-def training_flops(config: MiniMindConfig, tokens: int, head_tokens: int, attention_pairs: int) -> float:
-    """Training FLOPs a batch needs: `tokens` through the body, `head_tokens` of them through the output head (the
-    positions in the loss), and `attention_pairs` (query, key) pairs (Σ over sequences of length², the
-    convention of `flops_per_token`; packed documents count per document). Full rows of seq_len T with every
-    position in the loss give tokens · flops_per_token(config, T)."""
+def forward_flops(config: MiniMindConfig, tokens: int, head_tokens: int, attention_pairs: int) -> float:
+    """Forward FLOPs: `tokens` through the body, `head_tokens` of them through the output head, and
+    `attention_pairs` (query, key) pairs (Σ over sequences of length², the convention of `flops_per_token`;
+    packed documents count per document)."""
     head = config.vocab_size * config.dim
     body = count_parameters(config).matmul_active - head
-    forward = 2 * body * tokens + 2 * head * head_tokens + 4 * config.n_layers * config.dim * attention_pairs
-    return 3.0 * forward
+    return 2.0 * body * tokens + 2.0 * head * head_tokens + 4.0 * config.n_layers * config.dim * attention_pairs
+
+
+def training_flops(config: MiniMindConfig, tokens: int, head_tokens: int, attention_pairs: int) -> float:
+    """Training FLOPs a batch needs (forward + backward = 3x `forward_flops`), the head at the positions in the
+    loss only. Full rows of seq_len T with every position in the loss give tokens · flops_per_token(config, T)."""
+    return 3.0 * forward_flops(config, tokens, head_tokens, attention_pairs)
+
+
+def sampling_flops(config: MiniMindConfig, rows: int, prompt_len: int, new_tokens: int) -> float:
+    """Forward FLOPs of sampling `new_tokens` per row after a `prompt_len`-token prompt with a KV cache: the
+    prefill (head at the last position only), then new_tokens - 1 steps of one token per row, each attending to
+    the cache so far (a step at context c counts c pairs)."""
+    steps = max(new_tokens - 1, 0)
+    prefill = forward_flops(config, rows * prompt_len, rows, rows * prompt_len**2)
+    pairs = rows * (steps * prompt_len + steps * (steps + 1) // 2)
+    return prefill + forward_flops(config, rows * steps, rows * steps, pairs)
 
 
 def training_memory(config: MiniMindConfig, batch_size: int, seq_len: int, dtype: str = "fp32") -> dict[str, float]:

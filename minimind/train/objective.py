@@ -23,6 +23,8 @@ class LossOutput:
     # (RL trains on the sequences it sampled); they make the logged tokens/s, nonpad_fraction and MFU.
     tokens: int | None = None
     useful_tokens: int | None = None
+    # The FLOPs this call ran, frozen models and sampling included, when the batch cannot say (RL); for `mfu`.
+    flops: float | None = None
 
 
 class Objective:
@@ -33,6 +35,25 @@ class Objective:
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         raise NotImplementedError
+
+    def frozen_flops(self, batch: dict) -> float:
+        """Forward FLOPs of frozen models (a DPO reference, a teacher) this batch costs besides the trained
+        model's. The trainer adds them to the logged `mfu`, counting on the host copy before the step."""
+        return 0.0
+
+
+def flop_counts(batch: dict) -> tuple[int, int, int]:
+    """(tokens, head tokens, attention pairs) of a batch for `forward_flops`/`training_flops`: the head at loss
+    positions only, attention per packed document (Σ length²), else per row."""
+    ids = batch["input_ids"]
+    head = int((batch["loss_mask"] != 0).sum()) if "loss_mask" in batch else ids.numel()
+    if "doc_ids" in batch:
+        docs = batch["doc_ids"]
+        keys = docs + torch.arange(docs.shape[0], device=docs.device)[:, None] * (int(docs.max()) + 1)
+        pairs = int((torch.bincount(keys[docs >= 0]) ** 2).sum())
+    else:
+        pairs = ids.shape[0] * ids.shape[1] ** 2
+    return ids.numel(), head, pairs
 
 
 def model_inputs(batch: dict) -> dict:

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from transformers.cache_utils import DynamicCache
 
+from minimind.model.info import forward_flops, sampling_flops, training_flops
 from minimind.train.objective import LossOutput, Objective
 from minimind.train.reference import completion_head_logprobs, unwrap
 from minimind.train.rewards import Reward, answer_correct
@@ -193,10 +194,18 @@ class RLObjective(Objective):
             "reward_mean": scored.rewards.mean().item(), "accuracy": scored.correct.mean().item(),
             "completion_len": scored.rollout.lengths().float().mean().item()})
 
-    @staticmethod
-    def trained_tokens(rollout: Rollout) -> dict[str, int]:
-        """`LossOutput` fields: the policy trains on the sampled sequences (prompt + completion), not the prompts."""
-        return {"tokens": rollout.sequences.numel(), "useful_tokens": int(rollout.attention_mask.sum())}
+    def rollout_counts(self, model: torch.nn.Module, rollout: Rollout) -> dict[str, float]:
+        """`LossOutput` fields: the policy trains on the sampled sequences (prompt + completion), not the prompts;
+        the FLOPs are its training on them, the reference's forward over them and the sampling that made them
+        (from the shapes alone: no device sync)."""
+        n, width = rollout.sequences.shape
+        new = width - rollout.prompt_len
+        config = unwrap(model).config
+        counts = (n * width, n * new, n * width**2)  # tokens, head at the completion positions, attention pairs
+        flops = (training_flops(config, *counts) + forward_flops(self.reference.config, *counts)
+                 + sampling_flops(config, n, rollout.prompt_len, new))
+        return {"tokens": rollout.sequences.numel(), "useful_tokens": int(rollout.attention_mask.sum()),
+                "flops": flops}
 
     def rollout_metrics(self, scored: Scored) -> dict[str, float]:
         """What every RL step logs about its rollouts."""

@@ -37,7 +37,7 @@ from minimind.train.distributed import (
 )
 from minimind.train.mfu import peak_flops
 from minimind.train.monitor import Monitor
-from minimind.train.objective import Objective
+from minimind.train.objective import Objective, flop_counts
 from minimind.train.report import read_metrics, write_report
 from minimind.train.schedule import lr_at
 from minimind.train.strategies import make_strategy
@@ -67,6 +67,8 @@ class Trainer:
         self.model = run.model.to(self.device)
         if cfg.gradient_checkpointing and hasattr(self.model, "model"):
             self.model.model.gradient_checkpointing = True
+        self.config = getattr(self.model, "config", None)  # FLOPs for `mfu` come from its shapes
+        self.flops = flops_per_token(self.config, cfg.max_seq_len) if self.config is not None else 0.0
         self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if not self.trainable:
             raise UserError("the stage left no trainable parameters")
@@ -104,9 +106,6 @@ class Trainer:
                             generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=_ignore_stop_signals)
         monitor = Monitor(self.out, info.is_main, self.total_steps, self.step, cfg.log_every, cfg.trackers,
                           f"{cfg.stage}", cfg.to_dict())
-        config = getattr(self.model, "config", None)
-        self.config = config
-        self.flops = flops_per_token(config, cfg.max_seq_len) if config is not None else 0.0
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (peak_flops(self.device, self.dtype)
                                                                    if info.is_main else 1.0)
         if info.is_main:
@@ -172,6 +171,8 @@ class Trainer:
             if out.tokens is not None:  # RL: the objective trained on sequences it sampled
                 batch_tokens, batch_flops = out.tokens, self.flops * out.tokens
                 batch_useful = out.tokens if out.useful_tokens is None else out.useful_tokens
+            if out.flops is not None:  # and knows what sampling and its frozen models cost
+                batch_flops = out.flops
             tokens, useful, flops = tokens + batch_tokens, useful + batch_useful, flops + batch_flops
         step_loss = (all_reduce_sum(loss_sum, info) / count.clamp(min=1.0)).item()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -206,14 +207,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _batch_counts(self, batch: dict) -> tuple[int, int, float]:
-        """(tokens, non-padding tokens, training FLOPs needed) of one micro-batch of this rank. The FLOPs count the
-        head at loss positions only and attention per document (`training_flops`)."""
-        ids = batch["input_ids"]
+        """(tokens, non-padding tokens, FLOPs needed) of one micro-batch of this rank: training FLOPs with the head
+        at loss positions only and attention per document (`flop_counts`), plus frozen models' forwards."""
         if self.config is None:
-            return ids.numel(), _useful_tokens(batch), 0.0
-        head = int((batch["loss_mask"] != 0).sum()) if "loss_mask" in batch else ids.numel()
-        return ids.numel(), _useful_tokens(batch), training_flops(self.config, ids.numel(), head,
-                                                                   _attention_pairs(batch))
+            return batch["input_ids"].numel(), _useful_tokens(batch), 0.0
+        flops = training_flops(self.config, *flop_counts(batch)) + self.run.objective.frozen_flops(batch)
+        return batch["input_ids"].numel(), _useful_tokens(batch), flops
 
     def _add_throughput(self, metrics: dict[str, Any]) -> None:
         seconds = max(metrics["step_time"], 1e-9)
@@ -410,16 +409,6 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _attention_pairs(batch: dict) -> int:
-    """Σ length² over the sequences attention runs on: each packed document, else each row."""
-    ids = batch["input_ids"]
-    if "doc_ids" in batch:
-        docs = batch["doc_ids"]
-        keys = docs + torch.arange(docs.shape[0], device=docs.device)[:, None] * (int(docs.max()) + 1)
-        return int((torch.bincount(keys[docs >= 0]) ** 2).sum())
-    return ids.shape[0] * ids.shape[1] ** 2
 
 
 def _useful_tokens(batch: dict) -> int:

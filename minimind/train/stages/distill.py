@@ -33,11 +33,12 @@ from torch.utils.data import Dataset
 from minimind.data.datasets import stack_collate
 from minimind.errors import UserError
 from minimind.model.hub import load_model_dir, save_model_dir
+from minimind.model.info import forward_flops
 from minimind.tokenizer import load_tokenizer
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distill_loss import distill_head_loss
 from minimind.train.distributed import DistInfo
-from minimind.train.objective import LossOutput, Objective, model_inputs
+from minimind.train.objective import LossOutput, Objective, flop_counts, model_inputs
 from minimind.train.reference import load_frozen
 from minimind.train.stages import run_stage
 from minimind.train.stages.sft import sft_datasets
@@ -80,6 +81,10 @@ class Distill(Objective):
 
     def __init__(self, teacher: torch.nn.Module | None, alpha: float = 0.5, temperature: float = 2.0):
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+
+    def frozen_flops(self, batch: dict) -> float:
+        """The teacher's forward over the same rows (its head at the loss positions, as the student's)."""
+        return 0.0 if self.teacher is None else forward_flops(self.teacher.config, *flop_counts(batch))
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         inputs = model_inputs(batch)

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from minimind.data.datasets import PairDataset, pair_collate
 from minimind.model.hub import load_model_dir, save_model_dir
+from minimind.model.info import forward_flops
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
-from minimind.train.objective import LossOutput, Objective, model_inputs
+from minimind.train.objective import LossOutput, Objective, flop_counts, model_inputs
 from minimind.train.reference import load_frozen
 from minimind.train.stages import run_stage, stage_data
 from minimind.train.trainer import StageRun
@@ -67,6 +68,10 @@ class DPO(Objective):
     def count(self, batch: dict) -> torch.Tensor:
         """The number of pairs."""
         return torch.tensor(batch["input_ids"].shape[0] // 2)
+
+    def frozen_flops(self, batch: dict) -> float:
+        """The reference's forward over the same rows (the head at loss positions)."""
+        return forward_flops(self.reference.config, *flop_counts(batch))
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         inputs = model_inputs(batch)

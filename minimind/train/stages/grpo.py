@@ -120,7 +120,7 @@ class GRPO(RLObjective):
         loss_sum = per_completion.view(-1, self.group_size).mean(-1).sum()
         metrics = {**self.rollout_metrics(scored), "kl": masked_mean(kl.detach(), mask).item(),
                    "clip_fraction": masked_mean(clipped.float(), mask).item()}
-        return LossOutput(loss_sum, out.aux_loss, metrics, **self.trained_tokens(rollout))
+        return LossOutput(loss_sum, out.aux_loss, metrics, **self.rollout_counts(model, rollout))
 
 
 def rl_data(cfg: TrainConfig, info: DistInfo, tokenizer):

@@ -178,7 +178,7 @@ class PPO(RLObjective):
                    "explained_variance": explained_variance(old_values, returns, mask).item(),
                    "policy_loss": masked_mean(policy_loss.detach(), mask).item(),
                    "clip_fraction": masked_mean(clipped.float(), mask).item()}
-        return LossOutput(loss_sum, out.aux_loss, metrics, **self.trained_tokens(rollout))
+        return LossOutput(loss_sum, out.aux_loss, metrics, **self.rollout_counts(model, rollout))
 
 
 def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
