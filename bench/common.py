@@ -82,6 +82,13 @@ def preset_model(preset: str, seed: int = 0, **overrides) -> MiniMindForCausalLM
     return MiniMindForCausalLM(MiniMindConfig.from_preset(preset, **overrides))
 
 
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, device: torch.device | str = "cpu") -> dict:
+    """A pretraining batch of random tokens (seed 0), every position in the loss: what the step benches train on."""
+    tokens = torch.randint(3, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(batch_size, seq_len)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def llama_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa"):
     """An HF `LlamaForCausalLM` of the same shapes holding the same weights (our names are Llama's)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LogitsMaskedLM, llama_twin, machine_line, preset_model, ratio_line  # noqa: E402
-from train import DTYPES  # noqa: E402
+from common import LogitsMaskedLM, llama_twin, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
+from train import DTYPES, add_step_arguments  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
@@ -49,10 +49,7 @@ def run_case(case: str, args) -> float:
     model = llama_twin(ours).to(device).train() if case == "hf" else ours
     if case == "hf":
         del ours
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, model.config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
-    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(args.batch_size, args.seq_len)}
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = random_batch(model.config.vocab_size, args.batch_size, args.seq_len, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -72,11 +69,7 @@ def run_case(case: str, args) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", help="model shape (random weights)")
-    parser.add_argument("--batch-size", type=int, default=16, help="rows per step")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per row")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (weights stay fp32)")
+    add_step_arguments(parser, "tiny", 16, 1024)
     parser.add_argument("--quick", action="store_true", help="small batch (smoke test)")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # internal: one case, in a child process
     args = parser.parse_args(argv)

@@ -24,7 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import demo_tokenizer, interleaved, machine_line, preset_model, ratio_line, scratch_dir  # noqa: E402
+from common import (  # noqa: E402
+    demo_tokenizer,
+    interleaved,
+    machine_line,
+    preset_model,
+    random_batch,
+    ratio_line,
+    scratch_dir,
+)
 from train import make_step  # noqa: E402
 
 from minimind.data.prepare import prepare  # noqa: E402
@@ -57,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens.append(prepare(data, tokenizer_dir, args.kind, out, workers=args.workers, progress=False)["n_tokens"])
 
     model = preset_model(args.preset).train()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(args.batch_size, args.seq_len)}
+    batch = random_batch(model.config.vocab_size, args.batch_size, args.seq_len)
     step = make_step(model, MaskedLM(), batch, torch.device("cpu"), torch.float32, hf=False)
     print(machine_line())
     print(f"prepare: {data} ({data.stat().st_size / 1e6:.1f} MB, kind {args.kind}, {args.workers} workers); "

@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import llama_twin, machine_line, preset_model, sync  # noqa: E402
-from train import DTYPES, make_step  # noqa: E402
+from common import llama_twin, machine_line, preset_model, random_batch, sync  # noqa: E402
+from train import DTYPES, add_step_arguments, make_step  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
@@ -59,11 +59,7 @@ def profile_case(name: str, step, device: torch.device, steps: int, top: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", help="model shape (random weights)")
-    parser.add_argument("--batch-size", type=int, default=4, help="rows per step")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (weights stay fp32)")
+    add_step_arguments(parser, "small", 4, 512)
     parser.add_argument("--compile", action="store_true", help="also profile both models under torch.compile")
     parser.add_argument("--steps", type=int, default=3, help="steps timed and profiled per case")
     parser.add_argument("--top", type=int, default=15, help="operators printed per case")
@@ -73,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset, args.batch_size, args.seq_len, args.steps = "tiny", 2, 64, 1
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     ours = preset_model(args.preset).to(device).train()
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, ours.config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
-    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(args.batch_size, args.seq_len)}
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = random_batch(ours.config.vocab_size, args.batch_size, args.seq_len, device)
     print(machine_line())
     print(f"model: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, {args.dtype} on {device}")
     models = {"ours": ours, "hf": llama_twin(ours)}

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved, llama_twin, machine_line, preset_model, ratio_line  # noqa: E402
+from common import interleaved, llama_twin, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.model.info import flops_per_token  # noqa: E402
@@ -37,6 +37,15 @@ from minimind.train.mfu import measure_matmul_flops, peak_flops  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_step_arguments(parser: argparse.ArgumentParser, preset: str, batch_size: int, seq_len: int) -> None:
+    """The training-step benches' shape flags: --preset, --batch-size, --seq-len, --device, --dtype."""
+    parser.add_argument("--preset", default=preset, help="model shape (random weights)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="rows per step")
+    parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per row")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (weights stay fp32)")
 
 
 def gemm_shapes(config) -> list[tuple[int, int]]:
@@ -89,12 +98,8 @@ def make_step(model, objective, batch: dict | None, device: torch.device, dtype:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", help="model shape (random weights)")
-    parser.add_argument("--batch-size", type=int, default=4, help="rows per step")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    add_step_arguments(parser, "small", 4, 512)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per case (best counts)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (weights stay fp32)")
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     parser.add_argument("--no-peer", action="store_true", help="time ours only (no HF model)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and one repetition (smoke test)")
@@ -105,11 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     ours = preset_model(args.preset).to(device).train()
     config = ours.config
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
-    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
-             "loss_mask": torch.ones(args.batch_size, args.seq_len)}
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = random_batch(config.vocab_size, args.batch_size, args.seq_len, device)
     objective = MaskedLM()
     cases = {"ours": make_step(ours, objective, batch, device, dtype, hf=False)}
     if not args.no_peer:
