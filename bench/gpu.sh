@@ -3,7 +3,8 @@
 #   bf16 + torch.compile training of `small`, ours against HF LlamaForCausalLM, with MFU against the bf16
 #   GEMM ceiling measured on the spot (and the datasheet peak); the CLI's pretrain (compiled), sft and eval
 #   on the GPU, as a user runs them; decode throughput; the same training bench for `base`;
-#   the peak GPU memory of a training step (ours with the chunked head loss, ours with whole logits, HF).
+#   the peak GPU memory of a training step (ours with the chunked head loss, ours with whole logits, HF);
+#   last, the kernels a compiled `small` step spends its time in (bench/profile_step.py), ours and HF.
 #   Most important first, each command under its own time limit (STEP_LIMIT seconds, default 200), so a
 #   slow compile cannot starve the rest.
 #
@@ -24,13 +25,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MINIMIND_
 
 if [[ "${1:-}" == "--cpu-check" ]]; then
   DEV=(--device cpu --quick)
-  TRAIN_SMALL=(); TRAIN_BASE=(); DECODE=(--gguf-types); MEMORY=()
+  TRAIN_SMALL=(); TRAIN_BASE=(); DECODE=(--gguf-types); MEMORY=(); PROFILE=(--top 5)
 else
   DEV=(--device cuda)
   TRAIN_SMALL=(--preset small --batch-size 32 --seq-len 512 --repeats 5)
   TRAIN_BASE=(--preset base --batch-size 32 --seq-len 512 --repeats 5)
   DECODE=(--preset small --new-tokens 128 --repeats 3 --batch-sizes 1 8 64 --gguf-types)
   MEMORY=(--preset small --batch-size 32 --seq-len 512)
+  PROFILE=(--preset small --batch-size 32 --seq-len 512 --top 12)
 fi
 
 STEP_LIMIT=${STEP_LIMIT:-200}
@@ -64,4 +66,5 @@ rm -rf "$CLI_DIR"
 run decode "$PY" bench/decode.py "${DEV[@]}" --dtype bf16 --compile "${DECODE[@]}" --json "$JSON"
 run train-base "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_BASE[@]}" --json "$JSON"
 run memory "$PY" bench/memory.py "${DEV[@]}" --dtype bf16 "${MEMORY[@]}"
+run profile "$PY" bench/profile_step.py "${DEV[@]}" --dtype bf16 --compile "${PROFILE[@]}"
 echo "=== done; results in $TXT and $JSON" | tee -a "$TXT"
