@@ -89,8 +89,11 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, device: torch.d
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def llama_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa"):
-    """An HF `LlamaForCausalLM` of the same shapes holding the same weights (our names are Llama's)."""
+def llama_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa", weights: bool = True):
+    """An HF `LlamaForCausalLM` of the same shapes holding the same weights (our names are Llama's).
+
+    `weights=False`: HF's own random init on the CPU instead, for a `model` on the meta device (a shape only).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
@@ -102,6 +105,8 @@ def llama_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa"):
         bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation=attn_implementation,
     )
     llama = LlamaForCausalLM(config)
+    if not weights:
+        return llama.train(model.training)
     llama.load_state_dict(model.state_dict(), strict=False)
     llama.tie_weights()
     param = next(model.parameters())

@@ -180,10 +180,12 @@ class _FusedHeadLoss(torch.autograd.Function):
         for i in range(0, hidden.shape[0], rows):
             h = hidden[i:i + rows]
             logits = h @ weight.t()  # under autocast: the autocast dtype, like the plain head
+            dtype = logits.dtype
             loss, grad_logits, chunk_metrics = chunk_loss(logits, i)
+            del logits  # under autocast a 16-bit copy the float32 gradient no longer needs: free it before the cast
             total += loss
             metrics = metrics + chunk_metrics
-            _add_chunk_grads(grad_logits.to(logits.dtype), h, weight, grad_hidden, grad_weight, i)
+            _add_chunk_grads(grad_logits.to(dtype), h, weight, grad_hidden, grad_weight, i)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         if not torch.is_tensor(metrics):  # no rows at all
