@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -32,6 +33,10 @@ from minimind.device import resolve_device  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
 
 CASES = ("ours", "ours-logits", "hf")
+# glibc's malloc raises its mmap threshold as large blocks are freed, after which freed tensors stay in the heap
+# and count towards the resident peak or not depending on allocation order (runs differed by up to 10%). A fixed
+# threshold maps every large tensor on its own and returns it when freed, so the peak follows live memory.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def peak_mib(device: torch.device) -> float:
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
           "peak memory one training step adds, each case in a fresh process")
     results = {}
     for case in CASES:
-        child = subprocess.run([sys.executable, __file__, "--case", case, *forwarded],
+        child = subprocess.run([sys.executable, __file__, "--case", case, *forwarded], env=CHILD_ENV,
                                capture_output=True, text=True, check=False)
         if child.returncode != 0:
             print(child.stderr[-2000:], file=sys.stderr)
