@@ -64,6 +64,22 @@ class Scripted(torch.nn.Module):
         return type("Out", (), {"logits": logits})
 
 
+def test_sampling_draws_from_the_tempered_top_k_distribution():
+    from minimind.train.rollout import _pick
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(60_000, 5).contiguous()
+    torch.manual_seed(0)
+    for temperature, top_k in [(1.0, 0), (0.5, 0), (2.0, 3)]:
+        expected = torch.softmax(logits[0] / temperature, -1)
+        if top_k:
+            expected = torch.where(expected >= expected.topk(top_k).values[-1], expected, 0.0)
+            expected /= expected.sum()
+        freq = torch.bincount(_pick(logits, temperature, top_k), minlength=5).float() / logits.shape[0]
+        torch.testing.assert_close(freq, expected, rtol=0, atol=0.01)
+        assert (freq[expected == 0] == 0).all()  # a filtered token is never drawn
+    assert _pick(logits[:3], 0.0, 0).tolist() == [0, 0, 0]
+
+
 def test_greedy_rollouts_agree_with_the_inference_engine(tokenizer):
     from minimind.infer.engine import Engine
 

@@ -121,13 +121,22 @@ def _sharded(model: torch.nn.Module) -> bool:
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """One token per row of (N, V) float32 logits: greedy at temperature 0, else drawn from softmax(logits / T)
+    restricted to the top k (0: all)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
+    # Inverse CDF: one uniform per row against the running sum. `torch.multinomial` draws an exponential
+    # per vocabulary entry instead, ~30x the time on CPU (4.1 vs 0.13 ms at 32 x 6,400), a quarter of a rollout.
+    probs = torch.softmax(logits, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    target = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # first entry whose cdf passes the target
+    # A target rounded up to the total would run off the end: take the row's most likely token instead.
+    return torch.where(index < probs.shape[-1], index, probs.argmax(-1))
 
 
 @dataclass
