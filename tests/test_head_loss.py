@@ -9,7 +9,7 @@ from conftest import tiny_model
 from torch import nn
 
 from minimind.model import head_loss
-from minimind.model.head_loss import head_cross_entropy
+from minimind.model.head_loss import head_cross_entropy, head_token_nll
 from minimind.model.lora import LoRALinear
 from minimind.train.objective import MaskedLM, model_inputs, token_nll
 
@@ -98,6 +98,30 @@ def test_a_wrapped_head_takes_the_plain_path_with_the_same_result():
     got = loss_and_grads(head_cross_entropy, lora, hidden, targets, weights)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["linear", "lora"])
+def test_token_nll_and_its_gradients_equal_the_logits_path(small_chunks, wrapped):
+    """`head_token_nll` (the RL log-probs): one nll per position, chunked, any per-position gradient."""
+    head, hidden, targets, _ = setup()
+    if wrapped:  # a LoRA head takes the plain path, with the same result
+        head = LoRALinear(head, rank=4, alpha=8)
+        nn.init.normal_(head.lora_B.weight)
+    hidden, targets = hidden.view(3, 100, DIM), targets.view(3, 100)
+    upstream = torch.randn(3, 100)  # a different gradient at every position, known only in backward
+    results = []
+    for fn in (lambda h: head_token_nll(h, head, targets),
+               lambda h: F.cross_entropy(head(h).float().flatten(0, 1), targets.flatten(), reduction="none").view(3, 100)):
+        h = hidden.clone().requires_grad_()
+        nll = fn(h)
+        (nll * upstream).sum().backward()
+        weight = head.weight if not wrapped else head.lora_B.weight
+        results.append((nll.detach(), h.grad, weight.grad.clone()))
+        weight.grad = None
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # scoring only: the chunks are scored and dropped
+        torch.testing.assert_close(head_token_nll(hidden, head, targets), results[1][0], rtol=1e-5, atol=1e-5)
 
 
 def saved_bytes(step) -> int:
