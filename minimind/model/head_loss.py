@@ -114,11 +114,11 @@ def _position_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, 
 
 def _chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
     """nll (N,) chunk by chunk, keeping no logits (no autograd: the callers handle gradients)."""
-    return torch.cat([_chunk_nll(hidden[i:i + rows] @ weight.t(), targets[i:i + rows])[0]
+    return torch.cat([chunk_nll(hidden[i:i + rows] @ weight.t(), targets[i:i + rows])[0]
                       for i in range(0, hidden.shape[0], rows)] or [hidden.new_zeros(0, dtype=torch.float32)])
 
 
-def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor):
+def chunk_nll(logits: torch.Tensor, targets: torch.Tensor):
     """-> (nll per row of the chunk, its float32 logits, their logsumexp)."""
     logits = logits.float()
     lse = logits.logsumexp(-1)
@@ -163,7 +163,7 @@ def _cross_entropy_chunks(targets: torch.Tensor, weights: torch.Tensor):
     """`chunk_loss` of Σ weights · nll for `fused_head_loss` (no metrics)."""
     def chunk_loss(logits: torch.Tensor, start: int):
         t, w = targets[start:start + logits.shape[0]], weights[start:start + logits.shape[0]]
-        nll, probs, lse = _chunk_nll(logits, t)
+        nll, probs, lse = chunk_nll(logits, t)
         return (nll * w).sum(), softmax_minus_one_hot(probs, lse, t).mul_(w[:, None]), nll.new_zeros(0)
     return chunk_loss
 
@@ -225,7 +225,7 @@ class _RecomputedHeadNLL(torch.autograd.Function):
             for i in range(0, hidden.shape[0], ctx.rows):
                 h, t = hidden[i:i + ctx.rows], targets[i:i + ctx.rows]
                 logits = h @ weight.t()
-                _, probs, lse = _chunk_nll(logits, t)
+                _, probs, lse = chunk_nll(logits, t)
                 grad_logits = softmax_minus_one_hot(probs, lse, t).mul_(grad_nll[i:i + ctx.rows, None])
                 _add_chunk_grads(grad_logits.to(logits.dtype), h, weight, grad_hidden, grad_weight, i)
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None

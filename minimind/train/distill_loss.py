@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from minimind.model.head_loss import (
+    chunk_nll,
     chunk_rows,
     fused_head_loss,
     is_fusable,
@@ -78,10 +79,8 @@ class _DistillChunks:
     def terms(self, logits: torch.Tensor, start: int):
         """-> (loss sum, [Σ mask·nll, Σ mask·KL], float32 student logits, their logsumexp, log q, p)."""
         rows = slice(start, start + logits.shape[0])
-        s = logits.float()
         targets, mask, temperature = self.targets[rows], self.mask[rows], self.temperature
-        lse = s.logsumexp(-1)
-        nll = lse - s.gather(1, targets[:, None]).squeeze(1)
+        nll, s, lse = chunk_nll(logits, targets)
         loss = (nll * self.ce_w[rows]).sum()
         log_q = p = None
         kl_sum = loss.new_zeros(())

@@ -23,7 +23,8 @@ class LossOutput:
     # (RL trains on the sequences it sampled); they make the logged tokens/s, nonpad_fraction and MFU.
     tokens: int | None = None
     useful_tokens: int | None = None
-    # The FLOPs this call ran, frozen models and sampling included, when the batch cannot say (RL); for `mfu`.
+    # The FLOPs this call ran, frozen models and sampling included, when the batch cannot say (RL: set with
+    # `tokens`); for `mfu`.
     flops: float | None = None
 
 
@@ -36,9 +37,9 @@ class Objective:
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         raise NotImplementedError
 
-    def frozen_flops(self, batch: dict) -> float:
-        """Forward FLOPs of frozen models (a DPO reference, a teacher) this batch costs besides the trained
-        model's. The trainer adds them to the logged `mfu`, counting on the host copy before the step."""
+    def frozen_flops(self, counts: tuple[int, int, int]) -> float:
+        """Forward FLOPs of frozen models (a DPO reference, a teacher) a batch costs besides the trained model's,
+        from its `flop_counts` (taken by the trainer on the host copy before the step); added to the logged `mfu`."""
         return 0.0
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from minimind.data.sampler import DataPosition, StepBatchSampler
 from minimind.errors import UserError
-from minimind.model.info import count_parameters, flops_per_token, training_flops
+from minimind.model.info import count_parameters, training_flops
 from minimind.train import checkpoint as ckpt
 from minimind.train.args import TrainConfig
 from minimind.train.distributed import (
@@ -68,7 +68,6 @@ class Trainer:
         if cfg.gradient_checkpointing and hasattr(self.model, "model"):
             self.model.model.gradient_checkpointing = True
         self.config = getattr(self.model, "config", None)  # FLOPs for `mfu` come from its shapes
-        self.flops = flops_per_token(self.config, cfg.max_seq_len) if self.config is not None else 0.0
         self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if not self.trainable:
             raise UserError("the stage left no trainable parameters")
@@ -169,7 +168,7 @@ class Trainer:
             for key, value in out.metrics.items():
                 extra[key] = extra.get(key, 0.0) + float(value) / len(micro)
             if out.tokens is not None:  # RL: the objective trained on sequences it sampled
-                batch_tokens, batch_flops = out.tokens, self.flops * out.tokens
+                batch_tokens = out.tokens
                 batch_useful = out.tokens if out.useful_tokens is None else out.useful_tokens
             if out.flops is not None:  # and knows what sampling and its frozen models cost
                 batch_flops = out.flops
@@ -211,7 +210,8 @@ class Trainer:
         at loss positions only and attention per document (`flop_counts`), plus frozen models' forwards."""
         if self.config is None:
             return batch["input_ids"].numel(), _useful_tokens(batch), 0.0
-        flops = training_flops(self.config, *flop_counts(batch)) + self.run.objective.frozen_flops(batch)
+        counts = flop_counts(batch)
+        flops = training_flops(self.config, *counts) + self.run.objective.frozen_flops(counts)
         return batch["input_ids"].numel(), _useful_tokens(batch), flops
 
     def _add_throughput(self, metrics: dict[str, Any]) -> None:

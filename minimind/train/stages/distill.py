@@ -38,7 +38,7 @@ from minimind.tokenizer import load_tokenizer
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distill_loss import distill_head_loss
 from minimind.train.distributed import DistInfo
-from minimind.train.objective import LossOutput, Objective, flop_counts, model_inputs
+from minimind.train.objective import LossOutput, Objective, model_inputs
 from minimind.train.reference import load_frozen
 from minimind.train.stages import run_stage
 from minimind.train.stages.sft import sft_datasets
@@ -82,9 +82,9 @@ class Distill(Objective):
     def __init__(self, teacher: torch.nn.Module | None, alpha: float = 0.5, temperature: float = 2.0):
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
 
-    def frozen_flops(self, batch: dict) -> float:
+    def frozen_flops(self, counts: tuple[int, int, int]) -> float:
         """The teacher's forward over the same rows (its head at the loss positions, as the student's)."""
-        return 0.0 if self.teacher is None else forward_flops(self.teacher.config, *flop_counts(batch))
+        return 0.0 if self.teacher is None else forward_flops(self.teacher.config, *counts)
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         inputs = model_inputs(batch)

@@ -25,7 +25,7 @@ from minimind.model.hub import load_model_dir, save_model_dir
 from minimind.model.info import forward_flops
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
-from minimind.train.objective import LossOutput, Objective, flop_counts, model_inputs
+from minimind.train.objective import LossOutput, Objective, model_inputs
 from minimind.train.reference import load_frozen
 from minimind.train.stages import run_stage, stage_data
 from minimind.train.trainer import StageRun
@@ -69,9 +69,9 @@ class DPO(Objective):
         """The number of pairs."""
         return torch.tensor(batch["input_ids"].shape[0] // 2)
 
-    def frozen_flops(self, batch: dict) -> float:
+    def frozen_flops(self, counts: tuple[int, int, int]) -> float:
         """The reference's forward over the same rows (the head at loss positions)."""
-        return forward_flops(self.reference.config, *flop_counts(batch))
+        return forward_flops(self.reference.config, *counts)
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         inputs = model_inputs(batch)
