@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal_blocks import causal_block_attention, use_causal_blocks
 from .configuration_minimind import MiniMindConfig
 from .documents import Documents
 
@@ -172,6 +173,8 @@ class Attention(nn.Module):
     def _sdpa(self, q, k, v, mask, dropout):
         # A plain causal mask is only valid when queries and keys are the same positions (no cache prefix).
         causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+        if causal and use_causal_blocks(q, k, dropout):  # fp32 on a CPU: GEMM blocks beat SDPA's kernel
+            return causal_block_attention(q, k, v)
         if SDPA_HAS_GQA:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=self.n_rep > 1

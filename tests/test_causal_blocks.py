@@ -1,0 +1,83 @@
+"""CPU training attention in GEMM blocks (minimind/model/causal_blocks.py) computes SDPA's causal attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from test_model import llama_twin, randomize
+
+from minimind.model import causal_blocks
+from minimind.model.causal_blocks import MIN_LENGTH, causal_block_attention
+
+
+def qkv(b, h, kv, t, d, dtype=torch.float64, seed=0):
+    """Queries, keys and values laid out as the model makes them: heads of one (B, T, heads, D) projection."""
+    torch.manual_seed(seed)
+    base = torch.randn(b, t, h + 2 * kv, d, dtype=dtype).transpose(1, 2)
+    return [x.clone().requires_grad_() for x in (base[:, :h], base[:, h : h + kv], base[:, h + kv :])]
+
+
+def sdpa_and_grads(q, k, v, grad):
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return out, torch.autograd.grad(out, (q, k, v), grad)
+
+
+@pytest.mark.parametrize(
+    "b, h, kv, t, d, block",
+    [(2, 8, 2, 100, 16, 32), (1, 4, 4, 64, 8, 32), (3, 6, 3, 37, 8, 8), (2, 4, 1, 20, 8, 32), (1, 8, 2, 130, 64, 32)],
+    ids=["gqa-uneven-last-block", "no-gqa", "three-heads-per-kv", "one-block-shorter-than-block", "head-dim-64"],
+)
+def test_blocks_equal_sdpa_values_and_gradients(b, h, kv, t, d, block):
+    q, k, v = qkv(b, h, kv, t, d)
+    out = causal_block_attention(q, k, v, block)
+    grad = torch.randn_like(out)
+    want, want_grads = sdpa_and_grads(q, k, v, grad)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), want_grads):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
+    # Laid out as (B, T, H, D): merging the heads for the output projection copies nothing.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_blocks_pass_gradcheck():
+    q, k, v = qkv(1, 4, 2, 13, 4)
+    assert torch.autograd.gradcheck(lambda q, k, v: causal_block_attention(q, k, v, 5), (q, k, v))
+
+
+def test_backward_keeps_no_square_tensor():
+    """Like flash attention, nothing of (T x T) size is kept for backward: the probabilities are recomputed."""
+    b, h, kv, t, d = 2, 8, 2, 256, 16
+    q, k, v = qkv(b, h, kv, t, d, dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        causal_block_attention(q, k, v)
+    assert saved and max(saved) == b * h * t * d  # the queries and the output, in block rows
+
+
+def test_model_routes_cpu_fp32_training_through_blocks_and_matches_hf(monkeypatch):
+    """A training forward of a length the blocks serve goes through them, with the loss and every gradient of HF
+    Llama's (SDPA); under no_grad, or shorter than MIN_LENGTH, SDPA runs."""
+    calls = []
+    real = causal_blocks._CausalBlocks.apply
+    monkeypatch.setattr(causal_blocks._CausalBlocks, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    model = tiny_model(n_heads=8, n_kv_heads=2, dim=128, max_seq_len=512).train()
+    randomize(model)
+    hf = llama_twin(model).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, MIN_LENGTH + 17))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert len(calls) == model.config.n_layers
+    hf_loss = hf(ids, labels=ids).loss
+    hf_loss.backward()
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    calls.clear()
+    with torch.no_grad():
+        model(ids)
+    model(ids[:, : MIN_LENGTH - 1]).logits.sum().backward()
+    assert not calls
