@@ -99,10 +99,10 @@ class _CausalBlocks(torch.autograd.Function):
             stop = min(start + block, t)
             rows = slice(start * n_rep, stop * n_rep)
             probs = _block_probs(qr[:, rows], kr[:, :stop], start, hide)
-            dv[:, :stop] += torch.bmm(probs.transpose(1, 2), grad_rows[:, rows])
+            dv[:, :stop].baddbmm_(probs.transpose(1, 2), grad_rows[:, rows])
             scores_grad = torch.bmm(grad_rows[:, rows], vr[:, :stop].transpose(1, 2)).sub_(delta[:, rows]).mul_(probs)
             dqs.append(torch.bmm(scores_grad, kr[:, :stop]))
-            dk[:, :stop] += torch.bmm(scores_grad.transpose(1, 2), qr[:, rows])
+            dk[:, :stop].baddbmm_(scores_grad.transpose(1, 2), qr[:, rows])
         dq = _from_rows(torch.cat(dqs, dim=1), b, h)
         return dq, dk.mul_(ctx.scale).view(b, n_kv, t, d), dv.view(b, n_kv, t, d), None
 
