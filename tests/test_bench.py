@@ -17,6 +17,7 @@ RATIO = re.compile(r"^[\w .-]+: ratio=\d+\.\d\d \(ours [\d.]+( [\w /-]+)?, peer 
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["train.py", "--quick"],
+    ["attention.py", "--quick"],
     ["data.py", "--quick"],
     ["prepare.py", "--quick"],
     ["memory.py", "--quick"],
