@@ -10,6 +10,8 @@ from test_model import llama_twin, randomize
 
 from minimind.model import causal_blocks
 from minimind.model.causal_blocks import MIN_LENGTH, causal_block_attention
+from minimind.model.documents import document_mask, document_positions
+from minimind.train.objective import MaskedLM
 
 
 def qkv(b, h, kv, t, d, dtype=torch.float64, seed=0):
@@ -81,3 +83,33 @@ def test_model_routes_cpu_fp32_training_through_blocks_and_matches_hf(monkeypatc
         model(ids)
     model(ids[:, : MIN_LENGTH - 1]).logits.sum().backward()
     assert not calls
+
+
+def test_packed_documents_of_block_length_equal_the_masked_path(monkeypatch):
+    """A packed row whose long document goes through the blocks (SFT's path on CPU) gives the loss and gradients
+    of the block-diagonal mask with SDPA."""
+    calls = []
+    real = causal_blocks._CausalBlocks.apply
+    monkeypatch.setattr(causal_blocks._CausalBlocks, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    doc_ids = torch.tensor([[0] * 350 + [1] * 30 + [-1] * 20])
+    tokens = torch.randint(3, 512, doc_ids.shape)
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "doc_ids": doc_ids[:, :-1],
+             "loss_mask": (doc_ids[:, 1:] >= 0).float()}
+    results = []
+    for masked in (False, True):
+        model = tiny_model(dropout=0.0, max_seq_len=512).train()
+        randomize(model)
+        if masked:
+            loss = model(batch["input_ids"], attention_mask=document_mask(batch["doc_ids"]),
+                         position_ids=document_positions(batch["doc_ids"]), targets=batch["labels"],
+                         target_weights=batch["loss_mask"]).loss
+        else:
+            loss = MaskedLM()(model, batch).loss_sum
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert [shape[2] for shape in calls] == [512] * model.config.n_layers  # the 350-token document's bucket
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-4)
+    for name, grad in results[1][1].items():
+        scale = grad.abs().max().item()  # a summed loss over randomized weights: gradients up to ~50
+        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
