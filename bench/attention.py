@@ -2,13 +2,13 @@
 
     python bench/attention.py                              # small's heads (8 query, 2 K/V, 64 dims), 4 x 512
     python bench/attention.py --lengths 256 512 1024 2048  # a sweep; the ratio line is the last length's
-    python bench/attention.py --compile                    # also both under torch.compile
     python bench/attention.py --quick
 
 This is the attention of a training step (minimind/model/causal_blocks.py): q, k, v laid out as the model
 makes them (heads of one projection), the output's gradient random, the inputs' gradients computed. The
 model uses the blocks only at the lengths where this measured them faster (`MIN_LENGTH`..`MAX_LENGTH`); the
-sweep shows why. Times are the best of alternating repetitions.
+sweep shows why. Under torch.compile the blocks run eagerly (see causal_blocks.py), so there is no compiled
+variant to time. Times are the best of alternating repetitions.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512], help="sequence lengths to time")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per case (best counts)")
-    parser.add_argument("--compile", action="store_true", help="also time both under torch.compile")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke test)")
     args = parser.parse_args()
     if args.quick:
@@ -62,16 +61,12 @@ def main() -> None:
     print(f"attention: batch {args.batch_size}, {args.heads} query / {args.kv_heads} K/V heads of {args.head_dim}, "
           f"fp32, forward + backward; the model uses the blocks from {MIN_LENGTH} to {MAX_LENGTH} positions")
     variants = {"blocks": causal_block_attention, "sdpa": sdpa}
-    if args.compile:
-        variants |= {f"{name}+compile": torch.compile(fn) for name, fn in list(variants.items())}
     for length in args.lengths:
         inputs, grad = attention_inputs(args.batch_size, args.heads, args.kv_heads, length, args.head_dim)
         cases = {name: training_call(fn, inputs, grad) for name, fn in variants.items()}
         best = {name: min(times) for name, times in interleaved(cases, args.repeats, warmup=2).items()}
         print(f"  {length:5d} positions: " + "  ".join(f"{name} {best[name] * 1e3:7.2f} ms" for name in cases)
               + f"  (sdpa / blocks {best['sdpa'] / best['blocks']:.2f})")
-    if args.compile:
-        print(ratio_line("attention compiled", 1 / best["blocks+compile"], 1 / best["sdpa+compile"], "calls/s"))
     print(ratio_line("attention", 1 / best["blocks"], 1 / best["sdpa"], "calls/s"))
 
 
