@@ -7,8 +7,7 @@
 This is the attention of a training step (minimind/model/causal_blocks.py): q, k, v laid out as the model
 makes them (heads of one projection), the output's gradient random, the inputs' gradients computed. The
 model uses the blocks only at the lengths where this measured them faster (`MIN_LENGTH`..`MAX_LENGTH`); the
-sweep shows why. Under torch.compile the blocks run eagerly (see causal_blocks.py), so there is no compiled
-variant to time. Times are the best of alternating repetitions.
+sweep shows why. Times are the best of alternating repetitions.
 """
 
 from __future__ import annotations

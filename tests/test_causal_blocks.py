@@ -113,3 +113,15 @@ def test_packed_documents_of_block_length_equal_the_masked_path(monkeypatch):
     for name, grad in results[1][1].items():
         scale = grad.abs().max().item()  # a summed loss over randomized weights: gradients up to ~50
         torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.slow
+def test_blocks_traced_by_torch_compile_equal_sdpa():
+    """Under torch.compile the blocks are traced (64 positions each, `COMPILED_BLOCK`): values and gradients."""
+    q, k, v = qkv(1, 4, 2, 130, 8, dtype=torch.float32)
+    out = torch.compile(causal_block_attention)(q, k, v)
+    grad = torch.randn_like(out)
+    want, want_grads = sdpa_and_grads(q, k, v, grad)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -21,6 +21,10 @@ import torch
 # 32 query positions x 4 query heads per K/V head = 128 GEMM rows per block: measured best of 16/32/64/128 on
 # `small` (docs/performance.md).
 BLOCK = 32
+# Under torch.compile each block of its own shape becomes kernels of their own: compiling a `small` step took 184 s
+# with 32-position blocks, 112 with 64 (SDPA: 67; blocks left out of the graph: 50), and the traced blocks run
+# ~4% faster per step than blocks left out of the graph (docs/performance.md).
+COMPILED_BLOCK = 64
 # Forward + backward against SDPA (docs/performance.md): 1.1-1.46x from 320 to 1,024 positions (1.35x at 512),
 # about even at 192-256, slower at 64-128 and at 2,048 (a block's scores no longer stay in cache). Forward alone
 # gains less, so inference keeps SDPA.
@@ -37,14 +41,12 @@ def use_causal_blocks(q: torch.Tensor, k: torch.Tensor, dropout: float) -> bool:
     )
 
 
-# torch.compile runs this eagerly (a graph break per layer). Traced, its 16 blocks of distinct shapes become ~50
-# generated kernels per layer: a `small` training step took 184 s to compile on 2 cores instead of 50, for a
-# compiled step within noise of this (2.13-2.30 against 2.16-2.46 s).
-@torch.compiler.disable
-def causal_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+def causal_block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int | None = None
+) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(D) + causal mask) v for q (B, H, T, D) and k, v (B, H_kv, T, D), H a multiple of
     H_kv. Returns (B, H, T, D) laid out in memory as (B, T, H, D), so merging the heads after it copies nothing."""
-    return _CausalBlocks.apply(q, k, v, block)
+    return _CausalBlocks.apply(q, k, v, block or (COMPILED_BLOCK if torch.compiler.is_compiling() else BLOCK))
 
 
 def _diagonal_hide(rows: int, n_rep: int, device: torch.device) -> torch.Tensor:
