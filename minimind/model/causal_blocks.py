@@ -18,8 +18,8 @@ import math
 
 import torch
 
-# 32 query positions x 4 query heads per K/V head = 128 GEMM rows per block: measured best of 16/32/64/128 on
-# `small` (docs/performance.md).
+# 32 query positions x 4 query heads per K/V head = 128 GEMM rows per block: on `small`, blocks of 16, 32 and 48
+# positions measured the same, 64 and 128 slower (docs/performance.md).
 BLOCK = 32
 # Under torch.compile each block of its own shape becomes kernels of their own: compiling a `small` step took 184 s
 # with 32-position blocks, 112 with 64 (SDPA: 67; blocks left out of the graph: 50), and the traced blocks run
