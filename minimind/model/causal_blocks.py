@@ -25,7 +25,7 @@ BLOCK = 32
 # with 32-position blocks, 112 with 64 (SDPA: 67; blocks left out of the graph: 50), and the traced blocks run
 # ~4% faster per step than blocks left out of the graph (docs/performance.md).
 COMPILED_BLOCK = 64
-# Forward + backward against SDPA (docs/performance.md): 1.1-1.46x from 320 to 1,024 positions (1.35x at 512),
+# Forward + backward against SDPA (docs/performance.md): 1.02-1.46x from 320 to 1,024 positions (1.35x at 512),
 # about even at 192-256, slower at 64-128 and at 2,048 (a block's scores no longer stay in cache). Forward alone
 # gains less, so inference keeps SDPA.
 MIN_LENGTH, MAX_LENGTH = 320, 1024
@@ -86,19 +86,18 @@ class _CausalBlocks(torch.autograd.Function):
             outs.append(torch.bmm(probs, vr[:, :stop]))
         out = torch.cat(outs, dim=1)
         ctx.save_for_backward(qr, kr, vr, out)
-        ctx.shape, ctx.block, ctx.scale = (b, h, t, d), block, scale
+        ctx.shape, ctx.block, ctx.scale, ctx.hide = (b, h, t, d), block, scale, hide
         return _from_rows(out, b, h)
 
     @staticmethod
     def backward(ctx, grad):
         qr, kr, vr, out = ctx.saved_tensors
-        (b, h, t, d), block = ctx.shape, ctx.block
+        (b, h, t, d), block, hide = ctx.shape, ctx.block, ctx.hide
         n_kv = kr.shape[0] // b
         n_rep = h // n_kv
         grad_rows = _to_rows(grad, n_kv)
         delta = (grad_rows * out).sum(-1, keepdim=True)  # = rowsum(dP * P), the softmax gradient's correction
         dk, dv = torch.zeros_like(kr), torch.zeros_like(vr)
-        hide = _diagonal_hide(block * n_rep, n_rep, qr.device)
         dqs = []
         for start in range(0, t, block):
             stop = min(start + block, t)
