@@ -213,6 +213,7 @@ def test_mfu_counts_frozen_models_and_sampling(tmp_path):
     """A DPO reference's or a teacher's forward and RL sampling are FLOPs the step ran: the logged mfu counts them."""
     from minimind.model.info import forward_flops, sampling_flops, training_flops
     from minimind.train.objective import flop_counts
+    from minimind.train.rewards import ModelReward, RuleReward
     from minimind.train.rollout import Rollout
     from minimind.train.stages.distill import Distill
     from minimind.train.stages.dpo import DPO
@@ -241,5 +242,12 @@ def test_mfu_counts_frozen_models_and_sampling(tmp_path):
                       prompt_len=6)
     rl = GRPO(reference, tokenizer=None, reward=None).rollout_counts(tiny_model(), rollout)
     counts = (60, 24, 6 * 10**2)
-    assert rl["tokens"] == 60 and rl["flops"] == pytest.approx(
-        training_flops(config, *counts) + forward_flops(reference.config, *counts) + sampling_flops(config, 6, 6, 4))
+    rl_flops = training_flops(config, *counts) + forward_flops(reference.config, *counts) + sampling_flops(config, 6, 6, 4)
+    assert rl["tokens"] == 60 and rl["flops"] == pytest.approx(rl_flops)
+    # A scoring model's forward (`--reward model:DIR`) is counted too; a rule reward costs nothing.
+    scorer = ModelReward.__new__(ModelReward)
+    scorer.model = tiny_model(2, n_layers=1)
+    rl = GRPO(reference, tokenizer=None, reward=scorer).rollout_counts(tiny_model(), rollout)
+    assert rl["flops"] == pytest.approx(rl_flops + forward_flops(scorer.model.config, *counts))
+    rl = GRPO(reference, tokenizer=None, reward=RuleReward(4)).rollout_counts(tiny_model(), rollout)
+    assert rl["flops"] == pytest.approx(rl_flops)

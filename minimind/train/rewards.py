@@ -14,7 +14,9 @@
   given the prompt, under the language model in DIR (e.g. a larger or better-aligned model acting as judge).
   It must share the policy's vocabulary. `accuracy` is still the rule's exact-answer check.
 
-A reward is any callable (rollout, completion texts, reference answers) -> rewards (N,).
+A reward is any callable (rollout, completion texts, reference answers) -> rewards (N,). One that runs a
+model says what that costs with a `flops(counts)` method (counts as `forward_flops` takes them), which the
+logged `mfu` adds; a reward without one is taken to cost nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from minimind.errors import UserError
+from minimind.model.info import forward_flops
 from minimind.tokenizer.template import split_thinking
 from minimind.train.reference import completion_head_logprobs, load_frozen
 
@@ -104,6 +107,10 @@ class ModelReward:
                           head_loss_fn=partial(completion_head_logprobs, completion_ids=rollout.completion_ids)).loss
         mask = rollout.completion_mask.float()
         return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+    def flops(self, counts: tuple[int, int, int]) -> float:
+        """The scoring forward over the sampled sequences, the head at the completion positions (as the policy's)."""
+        return forward_flops(self.model.config, *counts)
 
 
 def make_reward(spec: str, max_new_tokens: int, vocab_size: int, device: torch.device | str = "cpu") -> Reward:

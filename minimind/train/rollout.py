@@ -205,14 +205,18 @@ class RLObjective(Objective):
 
     def rollout_counts(self, model: torch.nn.Module, rollout: Rollout) -> dict[str, float]:
         """`LossOutput` fields: the policy trains on the sampled sequences (prompt + completion), not the prompts;
-        the FLOPs are its training on them, the reference's forward over them and the sampling that made them
-        (from the shapes alone: no device sync)."""
+        the FLOPs are its training on them, the reference's forward over them, the sampling that made them and a
+        scoring model's forward when the reward runs one (from the shapes alone: no device sync). A PPO value
+        head's 6·dim FLOPs per token are left out (under 10⁻⁴ of the policy's)."""
         n, width = rollout.sequences.shape
         new = width - rollout.prompt_len
         config = unwrap(model).config
         counts = (n * width, n * new, n * width**2)  # tokens, head at the completion positions, attention pairs
         flops = (training_flops(config, *counts) + forward_flops(self.reference.config, *counts)
                  + sampling_flops(config, n, rollout.prompt_len, new))
+        scoring = getattr(self.reward, "flops", None)
+        if scoring is not None:
+            flops += scoring(counts)
         return {"tokens": rollout.sequences.numel(), "useful_tokens": int(rollout.attention_mask.sum()),
                 "flops": flops}
 
