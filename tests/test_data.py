@@ -51,6 +51,24 @@ def test_bad_line_error_names_file_and_line(tmp_path, name):
     assert str(err.value).startswith(f"{path}:3: ") and message in str(err.value)
 
 
+def test_rlaif_reference_answer_may_be_missing(tmp_path):
+    """The last assistant turn is the reference answer; without one (a prompt alone, an empty turn, or the "空"
+    placeholder of MiniMind's rlaif-mini.jsonl) the answer is "", never the placeholder itself."""
+    user, system = {"role": "user", "content": "1+1=?"}, {"role": "system", "content": "be brief"}
+    rows = [{"conversations": [user, {"role": "assistant", "content": "2"}]},
+            {"conversations": [user, {"role": "assistant", "content": "空"}]},
+            {"conversations": [system, user, {"role": "assistant", "content": " "}]},
+            {"conversations": [user]},
+            {"conversations": [user, {"role": "assistant", "content": "3"}, user, {"role": "assistant", "content": ""}]}]
+    assert list(read_records(write_jsonl(tmp_path / "rl.jsonl", rows), "rlaif")) == [
+        ([user], "2"), ([user], ""), ([system, user], ""), ([user], ""),
+        ([user, {"role": "assistant", "content": "3"}, user], "")]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [user, {"role": "assistant", "content": "2"},
+                                                                  {"role": "assistant", "content": "4"}]}])
+    with pytest.raises(UserError, match=r"bad.jsonl:1: the prompt must end with a user turn"):
+        list(read_records(bad, "rlaif"))
+
+
 def test_skip_bad_lines_counts_and_reports(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"text": "a"}\n{bad\n{"text": ""}\n\xff\xfe\n\n{"text": "b"}\n')

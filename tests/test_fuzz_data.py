@@ -65,8 +65,22 @@ def valid_record(kind: str):
         return conversations().map(lambda c: ({"conversations": c}, c))
     if kind == "dpo":
         return st.tuples(conversations(), conversations()).map(lambda p: ({"chosen": p[0], "rejected": p[1]}, p))
-    chats = conversations(reasoning=False).filter(lambda c: c[-1]["role"] == "assistant" and c[-2]["role"] == "user")
-    return chats.map(lambda c: ({"conversations": c}, (c[:-1], c[-1]["content"])))
+    return rlaif_record()
+
+
+@st.composite
+def rlaif_record(draw) -> tuple[dict, tuple[list[dict], str]]:
+    """A prompt with its reference answer, with none (the prompt alone), or with a blank answer slot ("" or
+    MiniMind's placeholder "空"): the last two read as the answer ""."""
+    chat = draw(conversations(reasoning=False).filter(lambda c: c[-1]["role"] == "assistant"
+                                                      and c[-2]["role"] == "user"))
+    prompt, form = chat[:-1], draw(st.sampled_from(["answer", "answer", "prompt alone", "blank answer"]))
+    if form == "answer":
+        return {"conversations": chat}, (prompt, chat[-1]["content"])
+    if form == "prompt alone":
+        return {"conversations": prompt}, (prompt, "")
+    blank = {"role": "assistant", "content": draw(st.sampled_from(["", "  ", "空", " 空\n"]))}
+    return {"conversations": [*prompt, blank]}, (prompt, "")
 
 
 JSON_GARBAGE = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -81,9 +95,11 @@ def invalid_line(draw, kind: str) -> bytes:
     """One line that no reader may accept, built from a valid record and broken in one way."""
     record, _ = draw(valid_record(kind))
     good = json.dumps(record, ensure_ascii=draw(st.booleans())).encode()
-    how = draw(st.sampled_from(["utf8", "truncated", "surrogate", "nested", "huge int", "not object", "wrong type",
-                                "raw control", "empty chat", "only system", "no assistant", "bad role",
-                                "assistant first"]))
+    ways = ["utf8", "truncated", "surrogate", "nested", "huge int", "not object", "wrong type", "raw control",
+            "empty chat", "only system", "no assistant", "bad role", "assistant first"]
+    if kind == "rlaif":  # a prompt alone is a valid rlaif record (no reference answer)
+        ways.remove("no assistant")
+    how = draw(st.sampled_from(ways))
     if how == "utf8":  # a byte that can never appear in UTF-8
         at = draw(st.integers(0, len(good)))
         return good[:at] + draw(st.sampled_from([b"\xff", b"\xc0", b"\xfe", b"\xed\xa0\x80"])) + good[at:]

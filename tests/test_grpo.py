@@ -297,14 +297,29 @@ def test_grpo_cli_help_and_errors(tmp_path, model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["grpo", "--help"])
     assert "--group-size" in capsys.readouterr().out
-    data = write_jsonl(tmp_path / "rl.jsonl", [{"conversations": [{"role": "user", "content": "hi"}]}])
+    data = write_jsonl(tmp_path / "rl.jsonl", [{"conversations": [{"role": "system", "content": "be brief"}]}])
     common = ["grpo", "--data", str(data), "--init", str(model_dir), "--out", str(tmp_path / "x"), "--device", "cpu"]
     for extra, message in ((["--group-size", "1"], "--group-size must be at least 2"),
                            (["--reward", "bleu"], "must be 'rule', 'exact' or 'model:DIR'"),
-                           ([], "rl.jsonl:1: field \"conversations\" has no assistant turn")):
+                           ([], "rl.jsonl:1: field \"conversations\" has no user turn")):
         assert main([*common, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("minimind grpo: error: ") and message in err[-1], err
+
+
+def test_grpo_takes_prompts_without_reference_answers(tmp_path, model_dir, capsys):
+    """MiniMind's rlaif-mini.jsonl leaves the answer slot as the placeholder "空"; a prompt may also come alone.
+    Neither is matched as an answer (accuracy 0, whatever the replies say), and the run says the rule reward can
+    only score their form."""
+    placeholder = {"conversations": [{"role": "user", "content": "讲个故事"}, {"role": "assistant", "content": "空"}]}
+    alone = {"conversations": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "你好"}]}
+    data = write_jsonl(tmp_path / "rlaif-mini.jsonl", [placeholder, alone] * 2)
+    out = tmp_path / "run"
+    assert main(["grpo", "--data", str(data), "--init", str(model_dir), "--out", str(out), "--batch-size", "2",
+                 "--group-size", "2", "--max-new-tokens", "4", "--max-steps", "2", "--device", "cpu"]) == 0
+    assert "4 of 4 prompts have no reference answer" in capsys.readouterr().out
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(rows) == 2 and all(r["accuracy"] == 0.0 for r in rows)
 
 
 @pytest.mark.slow

@@ -128,6 +128,10 @@ class PromptDataset(Dataset):
         return {"prompt_ids": ids[-self.max_prompt_len :].tolist(), "answer": extra["answer"],
                 "prompt": extra["prompt"]}
 
+    def unanswered(self) -> int:
+        """How many prompts came without a reference answer (see `validate_rlaif`)."""
+        return sum(not self.shard.extra(i)["answer"] for i in range(len(self)))
+
 
 def stack_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Fixed-length items (the packed datasets) -> a batch."""

@@ -4,7 +4,9 @@ Every problem is reported as `file:line: what is wrong`. With `skip_bad_lines` a
 skipped instead, and the caller reports the count at the end. Shapes (the seed's):
   pretrain  {"text": "..."}
   sft       {"conversations": [{"role": "system"|"user"|"assistant", "content": "...", "reasoning_content"?}]}
-  rlaif     same as sft; the last assistant turn holds the reference answer
+  rlaif     same as sft; the last assistant turn holds the reference answer. A prompt alone (ending with a user
+            turn), or a last assistant turn that is empty or MiniMind's placeholder "空" (its rlaif-mini.jsonl),
+            has no reference answer ("")
   dpo       {"chosen": [messages], "rejected": [messages]}
 """
 
@@ -85,14 +87,31 @@ def validate_sft(obj: Any) -> Messages:
     return validate_messages(obj["conversations"])
 
 
+# What an rlaif record's last assistant turn holds when it has no reference answer: nothing, or the placeholder
+# MiniMind's rlaif-mini.jsonl writes ("空", "empty"), which would otherwise be matched as the answer.
+NO_ANSWER = ("", "空")
+
+
 def validate_rlaif(obj: Any) -> tuple[Messages, str]:
-    """-> (prompt messages, reference answer); the prompt is everything before the last assistant turn."""
-    messages = validate_sft(obj)
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt = messages[:last]
-    if not prompt or prompt[-1]["role"] != "user":
-        raise BadRecord("the last assistant turn must follow a user turn")
-    return prompt, messages[last]["content"]
+    """-> (prompt messages, reference answer or ""); the prompt is everything before the last assistant turn,
+    or the whole conversation when it ends with a user turn."""
+    if not isinstance(obj, dict):
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    if "conversations" not in obj:
+        raise BadRecord('missing field "conversations"')
+    messages = obj["conversations"]
+    if isinstance(messages, list) and len(messages) > 1 and isinstance(messages[-1], dict):
+        last = messages[-1]
+        if last.get("role") == "assistant" and isinstance(last.get("content"), str) \
+                and last["content"].strip() in NO_ANSWER:
+            messages = messages[:-1]  # an answer slot left blank
+    messages = validate_messages(messages, need_assistant=False)
+    answer = ""
+    if messages[-1]["role"] == "assistant":
+        answer, messages = messages[-1]["content"], messages[:-1]
+    if messages[-1]["role"] != "user":
+        raise BadRecord("the prompt must end with a user turn")
+    return messages, answer
 
 
 def validate_dpo(obj: Any) -> tuple[Messages, Messages]:

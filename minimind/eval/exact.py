@@ -36,7 +36,7 @@ def validate_exact(obj: Any) -> dict:
         raise BadRecord(f'field "answer" must be a string, got {type(answer).__name__}')
     expected = reference if answer is None else str(answer)
     if not normalize(expected):
-        what = "answer" if answer is not None else "the last assistant turn"
+        what = 'field "answer"' if answer is not None else "the reference answer (the last assistant turn)"
         raise BadRecord(f"{what} is empty once whitespace and punctuation are dropped; nothing to match")
     return {"messages": messages, "reference": reference, "answer": None if answer is None else str(answer)}
 
