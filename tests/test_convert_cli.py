@@ -89,15 +89,17 @@ def test_mistakes_are_one_line_errors_with_exit_2(tmp_path, tokenizer, capsys):
     capsys.readouterr()  # drop the save's progress bar
     cases = [
         (["--to", "llama", "--dtype", "f16"], "--dtype applies only to --to gguf"),
-        (["--from", "minimind2"], "--from minimind2 needs --tokenizer DIR"),
+        (["--from", "minimind2"], "src: already a model directory of this project"),
         (["--to", "llama", "--preset", "small"], "--preset applies only to --from minimind2"),
         (["--merge-lora", source], "adapter_config.json is missing"),
-        (["--from", "minimind2-pth", "--tokenizer", source], "src: is a directory; expected a .pth file"),
+        (["--from", "minimind2-pth", "--tokenizer", source], "src: already a model directory of this project"),
     ]
     for flags, message in cases:
         assert main(["convert", source, *flags, "--out", out]) == 2, flags
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    assert main(["convert", str(tmp_path / "weights.pth"), "--from", "minimind2", "--out", out]) == 2
+    assert "--from minimind2 needs --tokenizer DIR" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "missing"), "--to", "gguf", "--out", out + ".gguf"]) == 2
     assert "no such model directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # no mode: argparse's own usage error

@@ -231,6 +231,65 @@ def test_hf_named_minimind_checkpoints_import_without_permutation(tmp_path, toke
         assert torch.equal(load_model(tmp_path / "model")(ids).logits, model(ids).logits)
 
 
+def reference_hf_dir(path, model, tokenizer_dir, **config_fields):
+    """A directory as the reference project's transformers format saves it: its config.json field names, HF-style
+    weight names, the output head left out (tied), and the tokenizer files."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    c = model.config
+    path.mkdir()
+    config = {"architectures": ["MiniMindForCausalLM"], "model_type": "minimind", "hidden_size": c.dim,
+              "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+              "intermediate_size": c.hidden_dim, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
+              "rms_norm_eps": c.norm_eps, "max_position_embeddings": 32768, "hidden_act": "silu", "dropout": 0.0,
+              "flash_attn": True, "use_moe": c.use_moe, "num_experts_per_tok": c.num_experts_per_tok,
+              "n_routed_experts": c.n_routed_experts, "n_shared_experts": c.n_shared_experts,
+              "inference_rope_scaling": False, **config_fields}
+    (path / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, path / "model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_reference_transformers_directories_import_with_their_config(tmp_path, tokenizer_dir, moe):
+    """No --tokenizer and no head count needed: config.json gives the heads (no preset has the test width),
+    the experts per token, rope_theta and the norm epsilon; the tokenizer comes from the directory."""
+    from conftest import tiny_model
+    from convert_helpers import randomize
+
+    from minimind.cli import main
+
+    model = randomize(tiny_model(n_heads=4, n_kv_heads=2, rope_theta=5e4, norm_eps=1e-6, use_moe=moe,
+                                 num_experts_per_tok=1))
+    source = reference_hf_dir(tmp_path / "MiniMind2-HF", model, tokenizer_dir)
+    assert main(["convert", str(source), "--from", "minimind2", "--out", str(tmp_path / "model")]) == 0
+    imported, tokenizer = load_model_dir(tmp_path / "model")
+    c = imported.config
+    assert (c.n_heads, c.rope_theta, c.norm_eps, c.max_seq_len, c.use_moe) == (4, 5e4, 1e-6, 32768, moe)
+    assert not moe or c.num_experts_per_tok == 1
+    assert len(tokenizer) == model.config.vocab_size
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(imported(ids).logits, model(ids).logits)
+
+    with pytest.raises(UserError, match="model_type is 'llama', expected 'minimind'"):
+        import_minimind2(reference_hf_dir(tmp_path / "llama", model, tokenizer_dir, model_type="llama"), None,
+                         tmp_path / "never")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: a directory without config.json"):
+        import_minimind2(tmp_path / "empty", None, tmp_path / "never")
+    (source / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="no model.safetensors or pytorch_model.bin beside config.json"):
+        import_minimind2(source, None, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
 def test_wrapped_and_prefixed_state_dicts_load(tmp_path):
     state = minimind2_state()
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "ckpt.pth")

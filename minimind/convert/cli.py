@@ -3,6 +3,7 @@
 minimind convert DIR --to llama --out OUT                      plain HF dir, no remote code (MoE: Qwen2-MoE)
 minimind convert DIR --to gguf --out FILE.gguf [--dtype f32|f16|q8_0]
 minimind convert FILE.pth --from minimind2 --tokenizer TOKDIR [--preset small|base|moe] --out OUT
+minimind convert HF_DIR --from minimind2 --out OUT              the reference project's transformers format
 minimind convert DIR --to minimind2 --out FILE.pth
 minimind convert BASE --merge-lora ADAPTER --out OUT
 """
@@ -10,6 +11,7 @@ minimind convert BASE --merge-lora ADAPTER --out OUT
 from __future__ import annotations
 
 import argparse
+import os
 
 from minimind.errors import UserError
 
@@ -20,7 +22,8 @@ IMPORT_FLAGS = ("tokenizer", "preset", "n_heads", "experts_per_tok")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="model directory (--to, --merge-lora) or MiniMind2 .pth file (--from)")
+    parser.add_argument("source", help="model directory (--to, --merge-lora); MiniMind2 .pth file or "
+                        "transformers-format MiniMind directory (--from)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument(
         "--to",
@@ -32,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--from",
         dest="from_format",
         choices=SOURCES,
-        help="import a MiniMind2 .pth state dict (minimind2-pth is an alias)",
+        help="import a MiniMind2 .pth state dict or a transformers-format MiniMind directory (minimind2-pth "
+        "is an alias)",
     )
     mode.add_argument(
         "--merge-lora",
@@ -53,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         metavar="TOKDIR",
-        help="tokenizer directory to put beside imported weights (--from, required)",
+        help="tokenizer directory to put beside imported weights (--from; required for a .pth, default the "
+        "source directory)",
     )
     parser.add_argument(
         "--preset",
@@ -86,7 +91,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         for flag in IMPORT_FLAGS:
             if getattr(args, flag) is not None:
                 raise UserError(f"--{flag.replace('_', '-')} applies only to --from minimind2")
-    elif args.tokenizer is None:
+    elif args.tokenizer is None and not os.path.isdir(args.source):
         raise UserError("--from minimind2 needs --tokenizer DIR (a .pth holds no tokenizer)")
 
 

@@ -1,6 +1,8 @@
-"""Import MiniMind2 `.pth` state dicts into a model directory, and export back to one.
+"""Import MiniMind2 `.pth` state dicts (or the reference project's transformers-format directories) into a model
+directory, and export back to a `.pth`.
 
     minimind convert full_sft_512.pth --from minimind2 --tokenizer TOKDIR --out runs/minimind2-small
+    minimind convert MiniMind2-Small/ --from minimind2 --out runs/minimind2-small     # config.json + weights
     minimind convert runs/sft --to minimind2 --out runs/sft.pth
 
 MiniMind2's own layout (SPEC §9): `tok_embeddings.weight`, `layers.{i}.attention.wq/wk/wv/wo.weight`,
@@ -14,14 +16,19 @@ round trip is bit-exact. Later releases of the reference project save `.pth` fil
 recognised by their keys and imported without permutation.
 
 The shapes give every size except the head count (and the experts per token), which come from `--preset`
-(by default the preset whose width matches) or `--n-heads` / `--experts-per-tok`.
+(by default the preset whose width matches) or `--n-heads` / `--experts-per-tok`. A transformers-format
+directory (`config.json` with `model_type` "minimind" and `model.safetensors` or `pytorch_model.bin`, HF-style
+names) says them itself, with its `rope_theta`, `rms_norm_eps` and `max_position_embeddings`, and carries the
+tokenizer; the flags still override it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,6 +116,44 @@ def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if k not in DERIVED_BUFFERS}
 
 
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# config.json field of the reference project's transformers format -> our MiniMindConfig field
+HF_FIELDS = {"rope_theta": "rope_theta", "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len"}
+
+
+def load_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config.json) of a reference-project transformers directory."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path}: a directory without config.json; expected a .pth file or a MiniMind "
+                        "transformers directory (config.json + model.safetensors)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "minimind":
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise UserError(f"{config_file}: model_type is {found!r}, expected 'minimind'")
+    if "dim" in config and "hidden_size" not in config:  # our own field names
+        raise UserError(f"{path}: already a model directory of this project (config.json has 'dim'); use it as "
+                        "it is, no import needed")
+    weights = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), None)
+    if weights is None:
+        raise UserError(f"{path}: no {' or '.join(HF_WEIGHTS)} beside config.json")
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{weights}: not a readable safetensors file ({err})") from None
+        state = {k: v for k, v in state.items() if k not in DERIVED_BUFFERS}
+    else:
+        state = load_pth(weights)
+    return state, config
+
+
 def is_hf_layout(state: dict[str, torch.Tensor]) -> bool:
     """True for the reference project's later HF-style names (our own layout); False for MiniMind2's."""
     return "model.embed_tokens.weight" in state and "tok_embeddings.weight" not in state
@@ -120,8 +165,10 @@ def infer_config(
     preset: str | None = None,
     n_heads: int | None = None,
     experts_per_tok: int | None = None,
+    extra: dict | None = None,
 ) -> MiniMindConfig:
-    """The config whose shapes are the state dict's; head count and top-k from the preset or the overrides."""
+    """The config whose shapes are the state dict's; head count and top-k from the preset or the overrides;
+    `extra` adds fields the shapes cannot tell (rope_theta, ...)."""
     hf = is_hf_layout(state)
     single_shared = not hf and "layers.0.feed_forward.shared_experts.w1.weight" in state
 
@@ -185,6 +232,7 @@ def infer_config(
             hidden_dim=hidden_dim,
             use_moe=use_moe,
             **moe,
+            **(extra or {}),
         )
     except ValueError as err:
         raise UserError(f"{path}: the shapes give an invalid config: {err}") from None
@@ -238,18 +286,37 @@ def to_our_state(
 
 def import_minimind2(
     pth: str | Path,
-    tokenizer_dir: str | Path,
+    tokenizer_dir: str | Path | None,
     out_dir: str | Path,
     preset: str | None = None,
     n_heads: int | None = None,
     experts_per_tok: int | None = None,
 ) -> MiniMindConfig:
-    """Write a model directory at `out_dir`: weights in the `.pth`'s dtype, tokenizer from `tokenizer_dir`."""
+    """Write a model directory at `out_dir`: weights in the source's dtype, tokenizer from `tokenizer_dir`.
+
+    `pth` is a `.pth` file or a reference-project transformers directory, whose config.json gives the head
+    count and the rest (unless `preset`/`n_heads`/`experts_per_tok` say otherwise) and whose tokenizer is
+    used when `tokenizer_dir` is None."""
     from minimind.tokenizer import load_tokenizer
 
+    source, extra = Path(pth), {}
+    if source.is_dir():
+        state, hf_config = load_hf_dir(source)
+        if preset is None:
+            n_heads = n_heads or hf_config.get("num_attention_heads")
+        experts_per_tok = experts_per_tok or hf_config.get("num_experts_per_tok")
+        extra = {ours: hf_config[theirs] for theirs, ours in HF_FIELDS.items() if hf_config.get(theirs) is not None}
+        tokenizer_dir = tokenizer_dir or source
+        if hf_config.get("inference_rope_scaling"):
+            warnings.warn(f"{source}/config.json turns on the reference project's YaRN for inference "
+                          "(inference_rope_scaling); the import leaves it off (its attention factor is not ours)",
+                          stacklevel=2)
+    else:
+        state = load_pth(pth)
+    if tokenizer_dir is None:
+        raise UserError(f"{pth}: a .pth holds no tokenizer; pass --tokenizer DIR")
     out_dir = check_output_dir(out_dir)
-    state = load_pth(pth)
-    config = infer_config(state, pth, preset, n_heads, experts_per_tok)
+    config = infer_config(state, pth, preset, n_heads, experts_per_tok, extra)
     ours = to_our_state(state, config, pth)
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > config.vocab_size:
