@@ -228,3 +228,31 @@ def test_tied_head_and_dropout_in_training_only():
 def test_hf_alias_arguments_drive_derived_fields():
     config = MiniMindConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
     assert config.dim == 128 and config.hidden_dim == 384 and config.head_dim == 32
+
+
+def test_rms_norm_training_backward_equals_autograd_of_the_formula():
+    """Training (float32, grad on) runs the hand-written backward: values and both gradients equal autograd's
+    through the plain formula; gradcheck in float64 on the function itself."""
+    from minimind.model.layers import RMSNorm, _RMSNormFunction
+
+    generator = torch.Generator().manual_seed(0)
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=generator))
+    x = torch.randn(3, 5, 48, generator=generator).requires_grad_()
+    grad = torch.randn(3, 5, 48, generator=generator)
+    out = norm(x)
+    assert out.grad_fn.name() == "_RMSNormFunctionBackward"
+    out.backward(grad)
+    x2 = x.detach().clone().requires_grad_()
+    weight = norm.weight.detach().clone().requires_grad_()
+    expected = weight * (x2 * torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + 1e-6))
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm.weight.grad, weight.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference keeps the plain formula
+        torch.testing.assert_close(norm(x), expected.detach(), rtol=1e-6, atol=1e-6)
+    inputs = (torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True),
+              torch.randn(8, dtype=torch.float64, requires_grad=True), 1e-5)
+    assert torch.autograd.gradcheck(_RMSNormFunction.apply, inputs)

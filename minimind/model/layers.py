@@ -39,10 +39,38 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32 and torch.is_grad_enabled():
+            return _RMSNormFunction.apply(x, self.weight, self.eps)  # training: same values, a shorter backward
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """weight * x * r with r = rsqrt(mean(x²) + eps), keeping only x * r and r for a hand-written backward:
+
+        dx = r * (g·w − x·r * mean(g·w * x·r)),   dweight = Σ_rows g * x·r
+
+    Autograd's version of the same forward keeps x as well, and its backward runs about twice as many passes
+    over (tokens × dim): this one measured 1.3-1.5x faster per norm (forward + backward, 4 x 512 x 512 fp32 on
+    a CPU), and a training step's peak memory 9% lower (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        normed = x * r
+        ctx.save_for_backward(normed, r, weight)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normed, r, weight = ctx.saved_tensors
+        scaled = grad * weight
+        along = (scaled * normed).mean(-1, keepdim=True)  # the part of the gradient along x, removed below
+        dx = torch.addcmul(scaled, normed, along, value=-1).mul_(r) if ctx.needs_input_grad[0] else None
+        dweight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return dx, dweight, None
 
 
 def rope_frequencies(config: MiniMindConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
