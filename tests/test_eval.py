@@ -91,6 +91,27 @@ def test_choice_validates_items(tokenizer):
                                            {"question": "q", "A": "x", "B": "y", "answer": "C"}])
     two = evaluate_choice(model, tokenizer, [{"question": "q", "A": "x", "B": "y", "answer": "B"}])
     assert two["chance"] == 0.5 and two["predictions"][0] in ("A", "B")
+    with pytest.raises(BadRecord, match=r'item 0: field "answer" is 3; expected one of A, B, C or an index 0-2'):
+        evaluate_choice(model, tokenizer, [{"question": "q", "choices": ["x", "y", "z"], "answer": 3}])
+    with pytest.raises(BadRecord, match=r'item 0: choices\[1\] must be a non-empty string'):
+        evaluate_choice(model, tokenizer, [{"question": "q", "choices": ["x", " "], "answer": 0}])
+
+
+def test_choice_reads_cmmlu_and_mmlu_shapes_as_the_c_eval_one(tokenizer):
+    """The same question as C-Eval letters, CMMLU's capitalised keys, and MMLU's choices list with an index
+    answer: the same scores, so the same prediction."""
+    from minimind.eval.choice import validate_choice
+
+    c_eval = {"question": "1+1=?", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B"}
+    cmmlu = {"Question": "1+1=?", "A": "1", "B": "2", "C": "3", "D": "4", "Answer": "B"}
+    mmlu = {"question": "1+1=?", "subject": "math", "choices": ["1", "2", "3", "4"], "answer": 1}
+    expected = validate_choice(c_eval)
+    assert validate_choice(cmmlu) == expected == validate_choice(mmlu) == validate_choice({**mmlu, "answer": "B"})
+    five = validate_choice({"question": "q", "choices": list("vwxyz"), "answer": 4})
+    assert five["answer"] == "E" and len(five["options"]) == 5
+    model = tiny_model()
+    results = [evaluate_choice(model, tokenizer, [item]) for item in (c_eval, cmmlu, mmlu)]
+    assert results[0]["predictions"] == results[1]["predictions"] == results[2]["predictions"]
 
 
 def test_ppl_lower_on_training_text_than_random_and_finite(trained, tokenizer):

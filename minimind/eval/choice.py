@@ -1,7 +1,10 @@
-"""Multiple-choice accuracy by log-likelihood (C-Eval / CMMLU format).
+"""Multiple-choice accuracy by log-likelihood (C-Eval / CMMLU / MMLU formats).
 
-Record: {"question": "...", "A": "...", "B": "...", "C": "...", "D": "...", "answer": "B"} (two to four of
-the option letters). Each option is scored as a continuation of the question:
+Records, one of:
+  C-Eval   {"question": "...", "A": "...", "B": "...", "C": "...", "D": "...", "answer": "B"}  (two or more of
+           the option letters A-J; CMMLU's capitalised "Question"/"Answer" are read too)
+  MMLU     {"question": "...", "choices": ["...", "..."], "answer": 1}  (answer: index or letter)
+Each option is scored as a continuation of the question:
 
     context      = bos + "Question: {question}\\nAnswer:"
     continuation = " {option text}"
@@ -22,7 +25,7 @@ import torch
 from minimind.data.records import BadRecord
 from minimind.eval.scoring import sum_logprobs
 
-LETTERS = ("A", "B", "C", "D")
+LETTERS = tuple("ABCDEFGHIJ")  # MMLU-Pro has ten options
 CONTEXT = "Question: {question}\nAnswer:"
 CONTINUATION = " {option}"
 
@@ -31,23 +34,40 @@ def validate_choice(obj: Any) -> dict:
     """-> {"question", "options": {letter: text}, "answer"}; raises BadRecord naming the bad field."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
-    question = obj.get("question")
+    question = obj.get("question", obj.get("Question"))
     if not isinstance(question, str) or not question.strip():
         raise BadRecord('field "question" must be a non-empty string')
-    options = {}
-    for letter in LETTERS:
-        value = obj.get(letter)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
-            raise BadRecord(f'option "{letter}" must be a non-empty string')
-        options[letter] = str(value)
-    if len(options) < 2:
-        raise BadRecord('expected at least two options among "A", "B", "C", "D"')
-    answer = obj.get("answer")
+    answer = obj.get("answer", obj.get("Answer"))
+    if "choices" in obj:
+        options = _listed_options(obj["choices"])
+        if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
+            answer = LETTERS[answer]
+    else:
+        options = _lettered_options(obj)
     if answer not in options:
-        raise BadRecord(f'field "answer" is {answer!r}; expected one of {", ".join(options)}')
+        expected = ", ".join(options) + (f" or an index 0-{len(options) - 1}" if "choices" in obj else "")
+        raise BadRecord(f'field "answer" is {answer!r}; expected one of {expected}')
     return {"question": question, "options": options, "answer": answer}
+
+
+def _option_text(value: Any, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        raise BadRecord(f"{name} must be a non-empty string")
+    return str(value)
+
+
+def _lettered_options(obj: dict) -> dict[str, str]:
+    options = {letter: _option_text(obj[letter], f'option "{letter}"') for letter in LETTERS
+               if obj.get(letter) is not None}
+    if len(options) < 2:
+        raise BadRecord('expected at least two options: keys "A", "B", "C", ... or a "choices" list')
+    return options
+
+
+def _listed_options(choices: Any) -> dict[str, str]:
+    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
+        raise BadRecord(f'field "choices" must be a list of 2 to {len(LETTERS)} options')
+    return {letter: _option_text(value, f"choices[{i}]") for i, (letter, value) in enumerate(zip(LETTERS, choices))}
 
 
 def evaluate_choice(
