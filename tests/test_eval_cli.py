@@ -83,3 +83,35 @@ def test_eval_missing_files_are_one_line_errors(model_dir, tmp_path, capsys):
 def test_format_table_shows_scalars_only():
     table = format_table({"task": "choice", "n": 3, "accuracy": 0.5, "predictions": ["A"]})
     assert "0.5000" in table and "predictions" not in table and table.splitlines()[0].startswith("metric")
+
+
+def test_eval_choice_reads_c_eval_and_cmmlu_csv_files(model_dir, tmp_path, capsys):
+    """C-Eval's `id,question,A..D,answer,explanation` and CMMLU's `,Question,A..D,Answer` CSVs (quoted commas and
+    newlines inside fields, a BOM) give the predictions the same rows give as JSONL."""
+    import csv
+
+    rows = [{**row, "question": f'{row["question"]}, "really"\nthink'} for row in CHOICE]
+    ceval, cmmlu = tmp_path / "physics_val.csv", tmp_path / "anatomy.csv"
+    with open(ceval, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, ["id", "question", "A", "B", "C", "D", "answer", "explanation"])
+        writer.writeheader()
+        writer.writerows({**row, "id": i, "explanation": ""} for i, row in enumerate(rows))
+    with open(cmmlu, "w", encoding="utf-8-sig", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["", "Question", "A", "B", "C", "D", "Answer"])
+        writer.writerows([i, r["question"], r["A"], r["B"], r["C"], r["D"], r["answer"]] for i, r in enumerate(rows))
+    predictions = []
+    for data in (write_jsonl(tmp_path / "same.jsonl", rows), ceval, cmmlu):
+        out = tmp_path / f"{data}.json"
+        assert main(["eval", "--model", str(model_dir), "--task", "choice", "--data", str(data),
+                     "--output", str(out)]) == 0
+        saved = json.loads(out.read_text())
+        assert saved["n"] == len(rows)
+        predictions.append(saved["predictions"])
+    assert predictions[0] == predictions[1] == predictions[2]
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    bad.write_text('id,question,A,B,C,D,answer\n0,"two\nlines",a,b,c,d,A\n1,q,a,b,c,d,F\n')
+    assert main(["eval", "--model", str(model_dir), "--task", "choice", "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert 'bad.csv:4: field "answer" is \'F\'' in err and err.count("\n") == 1

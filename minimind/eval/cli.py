@@ -2,6 +2,7 @@
 
     minimind eval --model runs/pretrain --task ppl --data texts.jsonl          # {"text"} lines
     minimind eval --model runs/sft --task choice                               # bundled C-Eval-style set
+    minimind eval --model runs/sft --task choice --data ceval/val/physics_val.csv   # C-Eval/CMMLU's own CSV
     minimind eval --model runs/sft --task exact --data held_out.jsonl --output result.json
 
 Without `--data` each task uses its bundled demo file (ppl: pretrain.jsonl, choice: choice.jsonl,
@@ -12,13 +13,14 @@ exact: sft_eval.jsonl). Results print as a table; `--output` saves them as JSON
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 from pathlib import Path
 
 from tqdm import tqdm
 
-from minimind.data.records import read_records
+from minimind.data.records import BadRecord, read_records
 from minimind.errors import UserError
 from minimind.eval.choice import evaluate_choice, validate_choice
 from minimind.eval.exact import evaluate_exact, validate_exact
@@ -33,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=sorted(DEFAULT_DATA),
                         help="ppl: perplexity/bits-per-byte of {text}; choice: C-Eval-format accuracy; "
                              "exact: greedy chat answers vs references")
-    parser.add_argument("--data", default=None, help="JSONL file (default: the task's bundled demo file)")
+    parser.add_argument("--data", default=None, help="JSONL file, or for choice also a C-Eval/CMMLU CSV file "
+                        "(default: the task's bundled demo file)")
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N records")
     parser.add_argument("--score", default="mean", choices=["mean", "sum"],
@@ -60,10 +63,30 @@ def load_items(task: str, path: Path, max_samples: int | None) -> list:
     """Records of `path` for `task`, validated with file:line errors; at most `max_samples`."""
     if task == "ppl":
         records = read_records(path, "pretrain")
+    elif task == "choice" and path.suffix.lower() == ".csv":
+        records = read_choice_csv(path)
     else:
         validate = validate_choice if task == "choice" else validate_exact
         records = read_records(path, task, validate=_passthrough(validate))
     return list(itertools.islice(records, max_samples))
+
+
+def read_choice_csv(path: Path):
+    """Rows of a C-Eval (`id,question,A,B,C,D,answer,...`) or CMMLU (`,Question,A,B,C,D,Answer`) CSV file as
+    records, each validated, a bad one reported as `file:line: what is wrong`."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            for row in reader:
+                try:
+                    validate_choice(row)
+                except BadRecord as err:
+                    raise UserError(f"{path}:{reader.line_num}: {err}") from None
+                yield row
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise UserError(f"{path}:{reader.line_num}: not readable as CSV ({err})") from None
 
 
 def run(args: argparse.Namespace) -> int:
