@@ -107,3 +107,37 @@ def test_bad_adapters_fail_naming_the_key(tmp_path, tokenizer):
     with pytest.raises(UserError, match="adapter_config.json is missing"):
         merge_lora(base, tmp_path / "base", tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_an_adapter_directory_loads_as_its_merged_base(tmp_path, tokenizer, capsys):
+    """Every verb that takes a model directory takes a LoRA adapter directory: the base it names, with the
+    adapter merged in memory (PEFT's logits), the tokenizer and sampling defaults of the base."""
+    from minimind.cli import main
+    from minimind.infer.engine import Engine
+    from minimind.infer.options import generation_defaults
+    from minimind.model.hub import load_model_dir
+    from minimind.serve.webchat import find_models
+
+    base = random_model_dir(tmp_path / "base", tokenizer)
+    peft_model = make_adapter(base, tmp_path / "adapter", target_modules=ALL_LINEAR)
+    ids = random_ids(2, 16)
+    model, adapter_tokenizer = load_model_dir(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, peft_model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert adapter_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert generation_defaults(tmp_path / "adapter") == generation_defaults(base) != {}
+    merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
+    prompt = "the quick brown fox"
+    greedy = [Engine.from_pretrained(d).generate(prompt, max_new_tokens=6, temperature=0.0)
+              for d in (tmp_path / "adapter", tmp_path / "merged")]
+    assert greedy[0] == greedy[1]
+    assert main(["generate", "--model", str(tmp_path / "adapter"), "--prompt", prompt, "--max-new-tokens", "6",
+                 "--temperature", "0"]) == 0
+    assert greedy[0] in capsys.readouterr().out
+    assert find_models(tmp_path) == [tmp_path / "adapter", tmp_path / "base", tmp_path / "merged"]
+
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "org/x"}))
+    with pytest.raises(UserError, match="an adapter of base model 'org/x', which is not a local model directory; "
+                                        "merge it with `minimind convert BASE --merge-lora"):
+        load_model_dir(tmp_path / "adapter")

@@ -3,6 +3,10 @@
 A model directory holds config.json, model.safetensors, generation_config.json, the tokenizer files and the
 model's own code (HF remote code), so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
 works with nothing but torch and transformers installed.
+
+A LoRA adapter directory (`minimind lora`'s output, or any PEFT LoRA adapter of a MiniMind model) loads too:
+its base model (`base_model_name_or_path` in adapter_config.json, a local directory) with the adapter merged
+in memory, so every verb that takes a model directory takes an adapter as well.
 """
 
 from __future__ import annotations
@@ -81,11 +85,43 @@ def check_weight_shapes(model: torch.nn.Module, weights_file: Path) -> None:
             )
 
 
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").exists()
+
+
+def adapter_base(path: Path) -> Path:
+    """The local base model directory a LoRA adapter directory names (as given, or relative to the adapter)."""
+    data = read_json_object(path / "adapter_config.json")
+    base = data.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{path}/adapter_config.json: field 'base_model_name_or_path' is missing; merge the "
+                        f"adapter with `minimind convert BASE --merge-lora {path} --out DIR`")
+    for candidate in (Path(base), path / base):
+        if candidate.is_dir() and candidate.resolve() != path.resolve():
+            return candidate
+    raise UserError(f"{path}: an adapter of base model {base!r}, which is not a local model directory; merge it "
+                    f"with `minimind convert BASE --merge-lora {path} --out DIR`")
+
+
+def _merged_adapter_model(path: Path) -> MiniMindForCausalLM:
+    """The adapter's base model (float32, CPU) with the adapter merged into its weights."""
+    from minimind.convert.lora_merge import merge_into, read_adapter
+
+    config, tensors = read_adapter(path)
+    model = load_model(adapter_base(path))
+    merge_into(model, config, tensors, path / "adapter_model.safetensors")
+    return model
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> MiniMindForCausalLM:
-    """Build the model from `path/config.json` and load `path/model.safetensors`, in eval mode."""
+    """Build the model from `path/config.json` and load `path/model.safetensors`, in eval mode (or, for a LoRA
+    adapter directory, its base model with the adapter merged)."""
     path = Path(path)
+    if is_adapter_dir(path):
+        model = _merged_adapter_model(path).to(device)
+        return (model.to(dtype) if dtype is not None else model).eval()
     config = load_config(path)
     weights = path / "model.safetensors"
     if not weights.is_file():
@@ -98,6 +134,7 @@ def load_model(
     except (SafetensorError, OSError, RuntimeError) as err:
         raise UserError(f"{weights}: cannot read safetensors ({err})") from None
     model.load_state_dict(state, strict=False)  # complete: checked above (a tied head is not stored)
+    model.name_or_path = config.name_or_path = str(path)  # as from_pretrained: PEFT records it as the base
     if config.tie_word_embeddings:
         model.tie_weights()
     model.to(device)
@@ -110,8 +147,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
     """-> (model, tokenizer) from a model directory written by any stage."""
     from minimind.tokenizer import load_tokenizer
 
+    path = Path(path)
     model = load_model(path, device, dtype)
-    tokenizer = load_tokenizer(path)
+    has_tokenizer = all((path / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(adapter_base(path) if is_adapter_dir(path) and not has_tokenizer else path)
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(
             f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "

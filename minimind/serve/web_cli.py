@@ -4,7 +4,8 @@
     minimind web --models-dir runs --port 8600 --host 0.0.0.0
 
 Replaces itself with `streamlit run` on `minimind/serve/webui/page.py` (headless: open the printed address yourself).
-A model directory is any folder holding config.json + model.safetensors, e.g. the output of any stage.
+A model directory is any folder holding config.json + model.safetensors, e.g. the output of any stage, or a LoRA
+adapter (`minimind lora`'s output), which runs merged into its base model.
 """
 
 from __future__ import annotations

@@ -14,19 +14,22 @@ from minimind.infer.chat_cli import build_prompt
 from minimind.serve.scheduler import Scheduler
 
 MODEL_FILES = ("config.json", "model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a LoRA adapter loads with its base
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_TAGS = re.compile(r"</?answer>")
 
 
 def find_models(models_dir: str | Path) -> list[Path]:
-    """Model directories under `models_dir` (itself included): any folder with config.json + model.safetensors.
+    """Model directories under `models_dir` (itself included): any folder with config.json + model.safetensors,
+    or with a LoRA adapter (adapter_config.json + adapter_model.safetensors).
 
     Sorted by path; checkpoint folders inside runs are included, since each is a loadable model.
     """
     root = Path(models_dir)
     if not root.is_dir():
         return []
-    found = [p.parent for p in root.rglob(MODEL_FILES[0]) if all((p.parent / f).is_file() for f in MODEL_FILES)]
+    found = [p.parent for files in (MODEL_FILES, ADAPTER_FILES) for p in root.rglob(files[0])
+             if all((p.parent / f).is_file() for f in files)]
     return sorted(set(found))
 
 
