@@ -139,7 +139,8 @@ def test_max_new_tokens_exact_and_context_policy(tokenizer):
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(max_new_tokens=0), dict(repetition_penalty=0), dict(presence_penalty=3)])
+                                 dict(max_new_tokens=0), dict(repetition_penalty=0), dict(presence_penalty=3),
+                                 dict(logprobs=21), dict(logprobs=-1), dict(logprobs=True)])
 def test_bad_sampling_parameters_are_user_errors(bad):
     with pytest.raises(UserError, match=next(iter(bad))):
         SamplingParams(**bad)
@@ -220,3 +221,32 @@ def test_from_pretrained_chat_and_stats(model_dir):
     assert stats.tokens_per_second > 0
     assert "".join(engine.chat(messages, stream=True, max_new_tokens=6)) == answer
     assert engine.chat([messages, messages], max_new_tokens=6) == [answer, answer]
+
+
+def test_logprobs_are_the_models_raw_log_softmax_and_change_no_token(tokenizer):
+    """Each sampled token's logprob and its top-k are log_softmax of a full forward over prompt + output (before
+    penalties and temperature), rows of a batch asking for different k or none at all; the tokens drawn are the
+    same as without logprobs."""
+    model = random_model(3)
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of([5, 9, 3], seed=4)
+    sample = dict(max_new_tokens=6, temperature=1.3, top_k=20, repetition_penalty=1.3, seed=11, ignore_eos=True)
+    plain = engine.completions(prompts, **sample)
+    with_k = engine.completions(prompts, logprobs=4, **sample)
+    assert [c.token_ids for c in plain] == [c.token_ids for c in with_k] and plain[0].logprobs is None
+    for prompt, completion in zip(prompts, with_k):
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            expected = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        assert [e.token_id for e in completion.logprobs] == completion.token_ids
+        for step, entry in enumerate(completion.logprobs):
+            assert entry.logprob == pytest.approx(expected[step, entry.token_id].item(), abs=1e-4)
+            values, ids_ = expected[step].topk(4)
+            assert [t for t, _ in entry.top] == ids_.tolist()
+            assert [lp for _, lp in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+    # one row with logprobs, one with none, in one batch: each gets what it asked for
+    engine.add(prompts[0], SamplingParams(max_new_tokens=2, logprobs=0))
+    engine.add(prompts[1], SamplingParams(max_new_tokens=2))
+    outputs = engine.step()
+    assert outputs[0].logprobs is not None and outputs[0].logprobs[0].top == []
+    assert outputs[1].logprobs is None

@@ -108,6 +108,38 @@ def test_completions_text_and_stream(client, engine, tokenizer, model_dir):
     assert by_ids.choices[0].text == expected.text
 
 
+def test_logprobs_chat_and_completions_streamed_or_not(client, engine, model_dir):
+    """logprobs through the openai client: one entry per generated token (the finishing eos left out), the
+    engine's raw log-probabilities, top alternatives in order with the sampled token among them when greedy,
+    bytes that spell the text; the same entries whole and streamed, chat and text completions alike."""
+    expected = engine.completions([engine.chat_prompt(HELLO)], max_new_tokens=12, temperature=0, logprobs=3)[0]
+    entries = expected.logprobs[:-1] if expected.token_ids[-1] in engine.eos_ids else expected.logprobs
+    kwargs = dict(model=model_dir.name, messages=HELLO, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(**kwargs)
+    content = reply.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e.logprob for e in entries], abs=1e-6)
+    assert b"".join(bytes(c.bytes) for c in content).decode() == reply.choices[0].message.content
+    for item, entry in zip(content, entries):
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx([lp for _, lp in entry.top], abs=1e-6)
+        assert item.top_logprobs[0].token == item.token  # greedy: the sampled token is the most likely
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+    streamed = [c for chunk in client.chat.completions.create(**kwargs, stream=True) for choice in chunk.choices
+                if choice.logprobs for c in choice.logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    assert client.chat.completions.create(**{**kwargs, "logprobs": False, "top_logprobs": None}).choices[0].logprobs is None
+
+    text = client.completions.create(model=model_dir.name, prompt="hello", max_tokens=6, temperature=0, logprobs=2)
+    legacy = text.choices[0].logprobs
+    assert "".join(legacy.tokens).startswith(text.choices[0].text) and len(legacy.tokens) >= 1
+    assert legacy.text_offset[0] == 0 and all(len(d) == 2 for d in legacy.top_logprobs)
+    assert all(lp == max(d.values()) for lp, d in zip(legacy.token_logprobs, legacy.top_logprobs))
+    pieces = [c.choices[0].logprobs for c in client.completions.create(
+        model=model_dir.name, prompt="hello", max_tokens=6, temperature=0, logprobs=2, stream=True)
+        if c.choices and c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens] == legacy.tokens
+    assert [o for p in pieces for o in p.text_offset] == legacy.text_offset
+
+
 def test_stop_strings_cut_the_answer(client, model_dir):
     kwargs = dict(model=model_dir.name, prompt="MiniMind is", max_tokens=40, temperature=1.0, seed=3)
     free = client.completions.create(**kwargs).choices[0].text
@@ -177,7 +209,10 @@ BAD_REQUESTS = [
      "messages"),
     ("stream_options without stream", CHAT, {**GOOD, "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
-    ("logprobs", CHAT, {**GOOD, "logprobs": True}, 400, "logprobs"),
+    ("top_logprobs without logprobs", CHAT, {**GOOD, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("top_logprobs too many", CHAT, {**GOOD, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("logprobs not a bool", CHAT, {**GOOD, "logprobs": 3}, 400, "logprobs"),
+    ("echo with logprobs", "/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
     ("unknown model", CHAT, {**GOOD, "model": "gpt-4o"}, 404, "model"),
     ("model as a path", CHAT, {**GOOD, "model": "/etc"}, 404, "model"),
     ("empty prompt list", "/v1/completions", {"prompt": []}, 400, "prompt"),

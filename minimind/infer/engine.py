@@ -54,7 +54,7 @@ from minimind.infer.cache import SlotKVCache
 from minimind.infer.compiled import CompiledDecoder
 from minimind.infer.layout import OutputHead, gemv_layout, pack_linears
 from minimind.infer.quantize import check_quantize, quantize_int8
-from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, choose_tokens
+from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from minimind.infer.text import TextStream
 from minimind.model.modeling_minimind import MiniMindForCausalLM
 
@@ -74,6 +74,7 @@ class StepOutput:
     finish_reason: str | None  # "stop" | "length" once finished
     prompt_tokens: int
     completion_tokens: int  # so far
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked for them
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, with SamplingParams.logprobs
 
 
 @dataclass
@@ -232,20 +234,23 @@ class Engine:
         ids = self._add_all(prompts, params)
         texts: dict[int, list[str]] = {i: [] for i in ids}
         tokens: dict[int, list[int]] = {i: [] for i in ids}
+        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in ids}
         last: dict[int, StepOutput] = {}
         try:
             while len(last) < len(ids):
                 for out in self.step():
                     texts[out.request_id].append(out.text)
                     tokens[out.request_id] += out.token_ids
+                    logprobs[out.request_id] += out.logprobs or []
                     if out.finished:
                         last[out.request_id] = out
         finally:
             for request_id in ids:
                 self.release(request_id)
+        wanted = params.logprobs is not None
         results = [
             Completion("".join(texts[i]), tokens[i], last[i].prompt_tokens, last[i].completion_tokens,
-                       last[i].finish_reason)
+                       last[i].finish_reason, logprobs[i] if wanted else None)
             for i in ids
         ]
         self.last_stats = GenerationStats(
@@ -517,9 +522,13 @@ class Engine:
             rows = torch.arange(stop - start, device=self.device)
             self._seen[start:stop][rows, tokens] = True
             self._counts[start:stop][rows, tokens] += 1
-        return [self._advance(r, t) for r, t in zip(requests, tokens.tolist())]
+        wanted = [r.params.logprobs for r in requests]
+        if all(k is None for k in wanted):
+            return [self._advance(r, t) for r, t in zip(requests, tokens.tolist())]
+        entries = token_logprobs(logits, tokens, wanted)
+        return [self._advance(r, t, e) for r, t, e in zip(requests, tokens.tolist(), entries)]
 
-    def _advance(self, request: _Request, token: int) -> StepOutput:
+    def _advance(self, request: _Request, token: int, logprob: TokenLogprob | None = None) -> StepOutput:
         """Record one sampled token and decide whether the request is finished."""
         request.output_ids.append(token)
         reason = None
@@ -533,7 +542,7 @@ class Engine:
                 text, reason = text + request.stream.finish(), "length"
         return StepOutput(
             request.request_id, [token], text, reason is not None, reason, len(request.prompt_ids),
-            len(request.output_ids),
+            len(request.output_ids), None if logprob is None else [logprob],
         )
 
     def _free_rows(self, rows: list[int]) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from minimind.errors import UserError
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 PARAM_COLUMNS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")
 
@@ -34,6 +35,8 @@ class SamplingParams:
     `stop`: strings that end generation; the stop string and anything after it are not returned.
     `seed`: makes sampling reproducible; None draws a fresh seed from the OS.
     `ignore_eos`: keep going past the end-of-sequence token (benchmarks).
+    `logprobs`: None = off; k in [0, 20] = report each sampled token's log-probability under the model (its
+    raw distribution: before penalties, temperature and truncation) and the k most likely tokens' (`TokenLogprob`).
     """
 
     max_new_tokens: int = 256
@@ -47,6 +50,7 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +83,8 @@ class SamplingParams:
                 raise UserError(f"{name} is {value!r}; expected a number {expected}")
         if self.seed is not None and not _is_int(self.seed):
             raise UserError(f"seed is {self.seed!r}; expected an integer")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise UserError(f"logprobs is {self.logprobs!r}; expected None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
@@ -152,3 +158,24 @@ def choose_tokens(
         return greedy
     sampled = sample_rows(logits, params, uniforms)
     return torch.where(params[:, 0] > 0, sampled, greedy)
+
+
+@dataclass
+class TokenLogprob:
+    """A sampled token's log-probability under the model, and the `top` most likely tokens' (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int | None]) -> list[TokenLogprob | None]:
+    """For each row with k = ks[row] not None: the log-probability of `tokens[row]` under the raw logits (B, V)
+    and the k most likely tokens; None for the other rows. One log-softmax and one top-k for the batch."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+    widest = max(k or 0 for k in ks)
+    values, ids = logprobs.topk(widest, dim=-1) if widest else (logprobs[:, :0], tokens[:, None][:, :0])
+    values, ids = values.tolist(), ids.tolist()
+    return [None if k is None else TokenLogprob(int(t), lp, list(zip(ids[row][:k], values[row][:k])))
+            for row, (k, t, lp) in enumerate(zip(ks, tokens.tolist(), chosen))]

@@ -40,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from minimind.errors import UserError
 from minimind.infer.engine import StepOutput
+from minimind.serve.logprobs import LogprobFormatter
 from minimind.serve.openapi import install_openapi
 from minimind.serve.protocol import (
     APIError,
@@ -125,6 +126,7 @@ class _Api:
         self.scheduler = scheduler
         self.config = config
         self.prompts = scheduler.prompts
+        self.logprob_format = LogprobFormatter(self.prompts.tokenizer, set(scheduler.engine.eos_ids))
         self.created = int(time.time())
         self._key = config.api_key.encode() if config.api_key else None
 
@@ -216,9 +218,34 @@ class _Api:
         choices = _Choices(self.scheduler, [prompts[i // body.n] for i in range(len(jobs_params))], jobs_params)
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         reply = Reply(model, chat=isinstance(body, ChatCompletionRequest), include_usage=include_usage)
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = _ChoiceLogprobs(self.logprob_format, reply.chat, len(jobs_params), params.ignore_eos)
         if body.stream:
-            return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n), choices)
-        return await _respond(request, reply, choices, prompt_tokens, echoes, body.n)
+            return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n, logprobs), choices)
+        return await _respond(request, reply, choices, prompt_tokens, echoes, body.n, logprobs)
+
+
+class _ChoiceLogprobs:
+    """Each choice's token log-probabilities not yet sent, formatted for the chunk (or body) that carries them."""
+
+    def __init__(self, formatter: LogprobFormatter, chat: bool, choices: int, ignore_eos: bool):
+        self.formatter, self.chat, self.ignore_eos = formatter, chat, ignore_eos
+        self.pending: list[list] = [[] for _ in range(choices)]
+        self.offsets = [0] * choices  # text completions: characters of the choice's tokens already sent
+
+    def add(self, index: int, out: StepOutput) -> None:
+        self.pending[index] += self.formatter.content(out.logprobs or [], out.finished, self.ignore_eos)
+
+    def take(self, index: int, even_empty: bool = False) -> dict | None:
+        entries, self.pending[index] = self.pending[index], []
+        if not entries and not even_empty:
+            return None
+        if self.chat:
+            return self.formatter.chat(entries)
+        formatted = self.formatter.completion(entries, self.offsets[index])
+        self.offsets[index] += sum(len(token) for token in formatted["tokens"])
+        return formatted
 
 
 class _Choices:
@@ -272,7 +299,7 @@ class _EventStream(StreamingResponse):
 
 
 async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: list[str] | None,
-                  n: int) -> AsyncIterator[str]:
+                  n: int, logprobs: _ChoiceLogprobs | None) -> AsyncIterator[str]:
     """SSE chunks: opening chunk per choice (chat role, or the echoed prompt), deltas, finish, usage, [DONE]."""
     completion_tokens = 0
     try:
@@ -282,11 +309,13 @@ async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: l
             elif echoes is not None:
                 yield reply.chunk(index, echoes[index // n])
         async for index, out in choices.events():
+            if logprobs is not None:
+                logprobs.add(index, out)
             if out.text:
-                yield reply.chunk(index, out.text)
+                yield reply.chunk(index, out.text, logprobs=logprobs and logprobs.take(index))
             if out.finished:
                 completion_tokens += out.completion_tokens
-                yield reply.chunk(index, finish_reason=out.finish_reason)
+                yield reply.chunk(index, finish_reason=out.finish_reason, logprobs=logprobs and logprobs.take(index))
         if reply.include_usage:
             yield reply.usage_chunk(prompt_tokens, completion_tokens)
         yield sse("[DONE]")
@@ -297,7 +326,7 @@ async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: l
 
 
 async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tokens: int,
-                   echoes: list[str] | None, n: int) -> Response:
+                   echoes: list[str] | None, n: int, logprobs: _ChoiceLogprobs | None) -> Response:
     """Wait for every choice, or stop early (and release them) when the client disconnects."""
     texts = [[echoes[i // n]] if echoes is not None else [] for i in range(len(choices.jobs))]
     reasons: list[str] = [""] * len(choices.jobs)
@@ -307,6 +336,8 @@ async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tok
         nonlocal completion_tokens
         async for index, out in choices.events():
             texts[index].append(out.text)
+            if logprobs is not None:
+                logprobs.add(index, out)
             if out.finished:
                 reasons[index] = out.finish_reason
                 completion_tokens += out.completion_tokens
@@ -322,7 +353,9 @@ async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tok
     finally:
         gone.cancel()
         choices.cancel()
-    return JSONResponse(reply.body(["".join(t) for t in texts], reasons, prompt_tokens, completion_tokens))
+    per_choice = [logprobs.take(i, even_empty=True) for i in range(len(texts))] if logprobs is not None else None
+    return JSONResponse(reply.body(["".join(t) for t in texts], reasons, prompt_tokens, completion_tokens,
+                                   per_choice))
 
 
 async def _disconnected(request: Request) -> None:

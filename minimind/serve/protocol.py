@@ -3,9 +3,10 @@
 Validation follows OpenAI and vLLM: every client error becomes an `APIError` that the app turns into
 `{"error": {"message", "type", "param", "code"}}` with its HTTP status. Schema violations (wrong type, value
 out of range, missing field, wrong role) are 400 like OpenAI and vLLM answer them, not FastAPI's default 422.
-Unknown fields are ignored, as OpenAI does; fields we cannot honour (`logprobs`, `tools`, `suffix`,
-`response_format` other than text) are rejected rather than silently dropped, so a client never gets an
-answer that quietly differs from what it asked for.
+Unknown fields are ignored, as OpenAI does; fields we cannot honour (`tools`, `suffix`, `response_format`
+other than text, `echo` together with `logprobs`) are rejected rather than silently dropped, so a client never
+gets an answer that quietly differs from what it asked for. `logprobs` (chat: `logprobs` + `top_logprobs`;
+text completions: `logprobs: k`) are reported as `serve/logprobs.py` describes.
 
 Besides OpenAI's fields the requests accept vLLM's sampling extensions `top_k`, `min_p`,
 `repetition_penalty` and `ignore_eos`. Fields left out take the model's generation_config.json defaults
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from minimind.errors import UserError
-from minimind.infer.sampling import SamplingParams
+from minimind.infer.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 16  # n per prompt
 MAX_STOP_STRINGS = 16
@@ -101,7 +102,6 @@ class _GenerationRequest(_Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1)  # -1 or 0 = off
     min_p: float | None = Field(None, ge=0, le=1)
@@ -121,10 +121,12 @@ class _GenerationRequest(_Body):
             return value
         raise ValueError("expected a string or a list of strings")
 
+    def sampling_logprobs(self) -> int | None:
+        """`SamplingParams.logprobs`: None (off) or how many alternatives each token reports."""
+        raise NotImplementedError
+
     def check_supported(self) -> None:
         """Refuse what the server cannot honour instead of ignoring it."""
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", "logprobs")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
 
@@ -134,11 +136,18 @@ class ChatCompletionRequest(_GenerationRequest):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: Any = None
     response_format: Any = None
 
+    def sampling_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def check_supported(self) -> None:
         super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported by this server", "tools")
         if self.response_format not in (None, {"type": "text"}):
@@ -158,6 +167,7 @@ class CompletionRequest(_GenerationRequest):
 
     prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: Any = None
     best_of: int | None = None
 
@@ -175,8 +185,13 @@ class CompletionRequest(_GenerationRequest):
                 return value
         raise ValueError("expected a string, a non-empty list of strings, or non-empty list(s) of token ids")
 
+    def sampling_logprobs(self) -> int | None:
+        return self.logprobs
+
     def check_supported(self) -> None:
         super().check_supported()
+        if self.echo and self.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (the prompt's tokens are not scored)", "echo")
         if self.suffix:
             raise APIError(400, "suffix is not supported by this server", "suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -225,7 +240,7 @@ def base_params(request: _GenerationRequest, defaults: dict) -> SamplingParams:
     try:
         return SamplingParams(
             **chosen, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            stop=request.stop, ignore_eos=request.ignore_eos,
+            stop=request.stop, ignore_eos=request.ignore_eos, logprobs=request.sampling_logprobs(),
         )
     except UserError as err:  # a bad generation_config.json default; the request itself was checked
         raise APIError(400, str(err)) from None

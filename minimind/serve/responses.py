@@ -42,26 +42,29 @@ class Reply:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def body(self, texts: list[str], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int) -> dict:
-        """The whole non-streaming response, one choice per text."""
+    def body(self, texts: list[str], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int,
+             logprobs: list[dict | None] | None = None) -> dict:
+        """The whole non-streaming response, one choice per text (with its `logprobs` object, if asked)."""
+        logprobs = logprobs or [None] * len(texts)
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                        "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, finish_reasons))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                        "finish_reason": reason}
+                       for i, (text, reason, lp) in enumerate(zip(texts, finish_reasons, logprobs))]
         else:
-            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                       for i, (text, reason) in enumerate(zip(texts, finish_reasons))]
+            choices = [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+                       for i, (text, reason, lp) in enumerate(zip(texts, finish_reasons, logprobs))]
         return {**self._head(False), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
-              role: bool = False) -> str:
+              role: bool = False, logprobs: dict | None = None) -> str:
         """One SSE chunk for choice `index`: a text delta, the opening role (chat), or the finish reason."""
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         data = {**self._head(True), "choices": [choice]}
         if self.include_usage:
             data["usage"] = None

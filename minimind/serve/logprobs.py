@@ -1,0 +1,86 @@
+"""`logprobs` in OpenAI's two shapes, from the engine's `TokenLogprob`s.
+
+Chat completions (`logprobs: true`, `top_logprobs: k`): choice.logprobs = {"content": [{"token", "logprob",
+"bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}, ...], "refusal": null}.
+Text completions (`logprobs: k`): choice.logprobs = {"tokens", "token_logprobs", "top_logprobs": [{token:
+logprob}, ...], "text_offset"}.
+
+A token's `bytes` are its exact UTF-8 bytes (a byte-level BPE token may hold part of a character; its `token`
+string then shows U+FFFD for the missing part). The log-probabilities are the model's raw distribution
+(before penalties, temperature and top-k/top-p), as vLLM reports them by default; one that is not finite is
+sent as -9999.0, as OpenAI does, since JSON has no -Infinity. Every sampled token is listed except the
+end-of-sequence token that finishes a choice. `text_offset` adds up the lengths of the token strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+
+from minimind.infer.sampling import TokenLogprob
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2's table), inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:  # bytes without a printable form are shifted past 255, in order
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+class LogprobFormatter:
+    """Turns `TokenLogprob`s into OpenAI's JSON for one tokenizer (used on the event loop's tokenizer copy)."""
+
+    def __init__(self, tokenizer, eos_ids: set[int]):
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        try:
+            decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+        except (AttributeError, ValueError):
+            decoder = {}
+        self.byte_level = decoder.get("type") == "ByteLevel"
+        self.alphabet = _byte_level_alphabet()
+        self.token_bytes = lru_cache(maxsize=65536)(self._token_bytes)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self.byte_level and piece is not None and all(c in self.alphabet for c in piece):
+            return bytes(self.alphabet[c] for c in piece)
+        return self.tokenizer.decode([token_id]).encode("utf-8")  # special tokens, other tokenizers
+
+    def token(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def content(self, entries: list[TokenLogprob], finished: bool, ignore_eos: bool) -> list[TokenLogprob]:
+        """The entries a choice reports: all but an end-of-sequence token that finished it."""
+        if finished and entries and not ignore_eos and entries[-1].token_id in self.eos_ids:
+            return entries[:-1]
+        return entries
+
+    def chat(self, entries: list[TokenLogprob]) -> dict:
+        def item(token_id: int, logprob: float) -> dict:
+            return {"token": self.token(token_id), "logprob": _finite(logprob),
+                    "bytes": list(self.token_bytes(token_id))}
+
+        return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                            for e in entries], "refusal": None}
+
+    def completion(self, entries: list[TokenLogprob], offset: int) -> dict:
+        """Legacy shape; `offset` is the character offset of the first entry's token in the choice's text."""
+        tokens, offsets = [], []
+        for entry in entries:
+            offsets.append(offset)
+            tokens.append(self.token(entry.token_id))
+            offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries],
+                "top_logprobs": [{self.token(t): _finite(lp) for t, lp in e.top} for e in entries],
+                "text_offset": offsets}
