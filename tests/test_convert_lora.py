@@ -136,7 +136,19 @@ def test_an_adapter_directory_loads_as_its_merged_base(tmp_path, tokenizer, caps
     assert greedy[0] in capsys.readouterr().out
     assert find_models(tmp_path) == [tmp_path / "adapter", tmp_path / "base", tmp_path / "merged"]
 
+    # an adapter of an adapter merges both; two naming each other are refused, not recursed into
+    import shutil
+
     config_file = tmp_path / "adapter" / "adapter_config.json"
+    shutil.copytree(tmp_path / "adapter", tmp_path / "second")
+    second = tmp_path / "second" / "adapter_config.json"
+    second.write_text(json.dumps({**json.loads(second.read_text()), "base_model_name_or_path": "../adapter"}))
+    with torch.no_grad():
+        twice = load_model_dir(tmp_path / "second")[0](ids).logits
+        assert (twice - model(ids).logits).abs().max() > 1e-3  # the adapter's delta, added a second time
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "../second"}))
+    with pytest.raises(UserError, match="adapters name each other as their base model"):
+        load_model_dir(tmp_path / "adapter")
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "org/x"}))
     with pytest.raises(UserError, match="an adapter of base model 'org/x', which is not a local model directory; "
                                         "merge it with `minimind convert BASE --merge-lora"):

@@ -15,7 +15,7 @@ from minimind.device import resolve_device
 from minimind.errors import UserError
 from minimind.infer.quantize import QUANTIZE_CHOICES
 from minimind.infer.sampling import SamplingParams
-from minimind.model.hub import adapter_base, is_adapter_dir, read_json_object
+from minimind.model.hub import adapter_source, read_json_object
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,10 +61,7 @@ def generation_defaults(model_dir: str | Path) -> dict:
 
     Out-of-range values fail here, naming the file, so a server never starts only to refuse every request.
     """
-    model_dir = Path(model_dir)
-    if is_adapter_dir(model_dir) and not (model_dir / "generation_config.json").is_file():
-        model_dir = adapter_base(model_dir)  # a LoRA adapter samples as its base model does
-    path = model_dir / "generation_config.json"
+    path = adapter_source(Path(model_dir), ("generation_config.json",)) / "generation_config.json"
     if not path.is_file():
         return {}
     data = read_json_object(path)

@@ -103,12 +103,28 @@ def adapter_base(path: Path) -> Path:
                     f"with `minimind convert BASE --merge-lora {path} --out DIR`")
 
 
-def _merged_adapter_model(path: Path) -> MiniMindForCausalLM:
-    """The adapter's base model (float32, CPU) with the adapter merged into its weights."""
+def adapter_source(path: Path, files: tuple[str, ...]) -> Path:
+    """`path`, or for an adapter directory without `files` the first base along its chain that has them (an
+    adapter's tokenizer and generation_config.json are its base's)."""
+    seen: set[Path] = set()
+    while is_adapter_dir(path) and not all((path / name).is_file() for name in files):
+        if path.resolve() in seen:
+            raise UserError(f"{path}: adapters name each other as their base model (a cycle)")
+        seen.add(path.resolve())
+        path = adapter_base(path)
+    return path
+
+
+def _merged_adapter_model(path: Path, inside: tuple[Path, ...] = ()) -> MiniMindForCausalLM:
+    """The adapter's base model (float32, CPU) with the adapter merged into its weights; a base that is itself
+    an adapter is merged first (`inside`: the adapters already on the way, to refuse a cycle)."""
     from minimind.convert.lora_merge import merge_into, read_adapter
 
+    if path.resolve() in inside:
+        raise UserError(f"{path}: adapters name each other as their base model (a cycle)")
     config, tensors = read_adapter(path)
-    model = load_model(adapter_base(path))
+    base = adapter_base(path)
+    model = _merged_adapter_model(base, (*inside, path.resolve())) if is_adapter_dir(base) else load_model(base)
     merge_into(model, config, tensors, path / "adapter_model.safetensors")
     return model
 
@@ -134,7 +150,7 @@ def load_model(
     except (SafetensorError, OSError, RuntimeError) as err:
         raise UserError(f"{weights}: cannot read safetensors ({err})") from None
     model.load_state_dict(state, strict=False)  # complete: checked above (a tied head is not stored)
-    model.name_or_path = config.name_or_path = str(path)  # as from_pretrained: PEFT records it as the base
+    model.name_or_path = config.name_or_path = str(path.resolve())  # PEFT records it as an adapter's base
     if config.tie_word_embeddings:
         model.tie_weights()
     model.to(device)
@@ -149,8 +165,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
 
     path = Path(path)
     model = load_model(path, device, dtype)
-    has_tokenizer = all((path / name).is_file() for name in TOKENIZER_FILES)
-    tokenizer = load_tokenizer(adapter_base(path) if is_adapter_dir(path) and not has_tokenizer else path)
+    tokenizer = load_tokenizer(adapter_source(path, TOKENIZER_FILES))
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(
             f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
