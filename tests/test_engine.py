@@ -244,6 +244,16 @@ def test_logprobs_are_the_models_raw_log_softmax_and_change_no_token(tokenizer):
             values, ids_ = expected[step].topk(4)
             assert [t for t, _ in entry.top] == ids_.tolist()
             assert [lp for _, lp in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+    # prompt_logprobs: every prompt token after the first, prompts of different lengths prefilled together
+    scored = engine.completions(prompts, max_new_tokens=1, prompt_logprobs=2)
+    for prompt, completion in zip(prompts, scored):
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+        entries = completion.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None and completion.logprobs is None
+        assert [e.logprob for e in entries[1:]] == pytest.approx(
+            [expected[i, t].item() for i, t in enumerate(prompt[1:])], abs=1e-4)
+        assert [[t for t, _ in e.top] for e in entries[1:]] == expected.topk(2).indices.tolist()
     # one row with logprobs, one with none, in one batch: each gets what it asked for
     engine.add(prompts[0], SamplingParams(max_new_tokens=2, logprobs=0))
     engine.add(prompts[1], SamplingParams(max_new_tokens=2))

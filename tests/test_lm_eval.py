@@ -51,7 +51,7 @@ def write_task(folder):
     return folder
 
 
-def run_lm_eval(model_args: str, tasks_dir, out_dir, cache_dir) -> tuple[dict, list[list[float]]]:
+def run_lm_eval(model_args: str, tasks_dir, out_dir, cache_dir, model: str = "hf") -> tuple[dict, list[list[float]]]:
     """The documented command line, offline; returns (results, per-question choice log-likelihoods)."""
     env = {
         **os.environ,
@@ -65,7 +65,7 @@ def run_lm_eval(model_args: str, tasks_dir, out_dir, cache_dir) -> tuple[dict, l
         "-m",
         "lm_eval",
         "--model",
-        "hf",
+        model,
         "--model_args",
         model_args,
         "--tasks",
@@ -89,7 +89,11 @@ def run_lm_eval(model_args: str, tasks_dir, out_dir, cache_dir) -> tuple[dict, l
 
 
 @pytest.mark.slow
-def test_lm_eval_scores_our_directory_and_the_llama_export_alike(tmp_path, tokenizer):
+def test_lm_eval_scores_our_directory_the_llama_export_and_our_server_alike(tmp_path, tokenizer):
+    """Three routes to the same log-likelihoods: HF remote code, the Llama export, and `minimind serve` through
+    lm-eval's own OpenAI-completions client (`echo` + `logprobs`, the prompt's tokens scored by the server)."""
+    from serve_helpers import free_port, running_server
+
     model_dir = random_model_dir(tmp_path / "model", tokenizer)
     export_llama(model_dir, tmp_path / "llama")
     tasks = write_task(tmp_path / "tasks")
@@ -105,3 +109,15 @@ def test_lm_eval_scores_our_directory_and_the_llama_export_alike(tmp_path, token
     for ours_row, llama_row in zip(our_scores, llama_scores):
         assert ours_row == pytest.approx(llama_row, abs=1e-4)
     assert all(score < 0 for row in our_scores for score in row)  # real log-likelihoods, not placeholders
+
+    port = free_port()
+    with running_server(["serve", "--model", str(model_dir), "--port", str(port), "--log-level", "warning"],
+                        f"http://127.0.0.1:{port}/health"):
+        served, served_scores = run_lm_eval(
+            f"model=model,base_url=http://127.0.0.1:{port}/v1/completions,tokenizer={model_dir},"
+            "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1",
+            tasks, tmp_path / "out3", tmp_path / "hf", model="local-completions")
+    assert served["results"]["minimind_choice"]["acc,none"] == acc
+    assert [len(s) for s in served_scores] == [3, 2, 3]
+    for ours_row, served_row in zip(our_scores, served_scores):
+        assert served_row == pytest.approx(ours_row, abs=1e-3)

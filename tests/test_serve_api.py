@@ -140,6 +140,25 @@ def test_logprobs_chat_and_completions_streamed_or_not(client, engine, model_dir
     assert [o for p in pieces for o in p.text_offset] == legacy.text_offset
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, engine, model_dir):
+    """`echo` + `logprobs` (how lm-eval scores a continuation over the API): the prompt's tokens first, the
+    first one unscored, then the generated ones; values equal the engine's; a text prompt's <s> is not listed."""
+    ids = engine.encode("The capital of France is")[1:]  # token ids as lm-eval sends them: no <s>
+    expected = engine.completions([ids], max_new_tokens=1, temperature=0, prompt_logprobs=1, logprobs=1)[0]
+    reply = client.completions.create(model=model_dir.name, prompt=ids, max_tokens=1, temperature=0, logprobs=1,
+                                      echo=True)
+    legacy = reply.choices[0].logprobs
+    assert len(legacy.tokens) == len(ids) + 1 and legacy.token_logprobs[0] is None and legacy.top_logprobs[0] is None
+    scored = [e.logprob for e in expected.prompt_logprobs[1:]] + [expected.logprobs[0].logprob]
+    assert legacy.token_logprobs[1:] == pytest.approx(scored, abs=1e-5)
+    assert reply.choices[0].text.startswith(engine.tokenizer.decode(ids))
+    text = client.completions.create(model=model_dir.name, prompt="The capital of France is", max_tokens=1,
+                                     temperature=0, logprobs=1, echo=True).choices[0].logprobs
+    assert text.tokens[:-1] == legacy.tokens[:-1]  # the prompt's tokens, without the <s> encoding put first
+    assert text.token_logprobs[1:-1] != legacy.token_logprobs[1:-1]  # scored after that <s>
+    assert text.token_logprobs[0] is not None  # the first text token is predicted from the <s> before it
+
+
 def test_stop_strings_cut_the_answer(client, model_dir):
     kwargs = dict(model=model_dir.name, prompt="MiniMind is", max_tokens=40, temperature=1.0, seed=3)
     free = client.completions.create(**kwargs).choices[0].text
@@ -212,7 +231,7 @@ BAD_REQUESTS = [
     ("top_logprobs without logprobs", CHAT, {**GOOD, "top_logprobs": 2}, 400, "top_logprobs"),
     ("top_logprobs too many", CHAT, {**GOOD, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("logprobs not a bool", CHAT, {**GOOD, "logprobs": 3}, 400, "logprobs"),
-    ("echo with logprobs", "/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("logprobs too many", "/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("unknown model", CHAT, {**GOOD, "model": "gpt-4o"}, 404, "model"),
     ("model as a path", CHAT, {**GOOD, "model": "/etc"}, 404, "model"),
     ("empty prompt list", "/v1/completions", {"prompt": []}, 400, "prompt"),

@@ -75,6 +75,8 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int  # so far
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked for them
+    # with SamplingParams.prompt_logprobs, on a request's first output: one per prompt token (None for the first)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, with SamplingParams.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
 
 
 @dataclass
@@ -235,6 +238,7 @@ class Engine:
         texts: dict[int, list[str]] = {i: [] for i in ids}
         tokens: dict[int, list[int]] = {i: [] for i in ids}
         logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in ids}
+        prompt_logprobs: dict[int, list | None] = {i: None for i in ids}
         last: dict[int, StepOutput] = {}
         try:
             while len(last) < len(ids):
@@ -242,6 +246,7 @@ class Engine:
                     texts[out.request_id].append(out.text)
                     tokens[out.request_id] += out.token_ids
                     logprobs[out.request_id] += out.logprobs or []
+                    prompt_logprobs[out.request_id] = prompt_logprobs[out.request_id] or out.prompt_logprobs
                     if out.finished:
                         last[out.request_id] = out
         finally:
@@ -250,7 +255,7 @@ class Engine:
         wanted = params.logprobs is not None
         results = [
             Completion("".join(texts[i]), tokens[i], last[i].prompt_tokens, last[i].completion_tokens,
-                       last[i].finish_reason, logprobs[i] if wanted else None)
+                       last[i].finish_reason, logprobs[i] if wanted else None, prompt_logprobs[i])
             for i in ids
         ]
         self.last_stats = GenerationStats(
@@ -470,7 +475,14 @@ class Engine:
         same_length = all(len(r.prompt_ids) == width for r in group)
         mask = None if same_length else self._columns[:width] <= positions[:, None, :, None]  # (B, 1, T, T)
         self.cache.bind(start, stop, write, width, 0)
-        logits = self._forward(ids, mask, positions)
+        scored = [r.params.prompt_logprobs for r in group]
+        if all(k is None for k in scored):
+            logits = self._forward(ids, mask, positions)
+        else:  # some prompt is scored: logits at every position (their rows only are read)
+            every = self._forward(ids, mask, positions, every_position=True)
+            logits = every[:, -1]
+            scores = [None if k is None else _prompt_logprobs(every[i, width - len(r.prompt_ids) :], r.prompt_ids, k)
+                      for i, (r, k) in enumerate(zip(group, scored))]
         self._running.extend(group)
         self._lengths[start:stop] = torch.tensor([len(r.prompt_ids) for r in group], device=self.device)
         self._row_params[start:stop] = torch.tensor([r.params.row() for r in group], device=self.device)
@@ -479,7 +491,11 @@ class Engine:
                 self._seen[request.row] = False
                 self._seen[request.row, torch.tensor(request.prompt_ids, device=self.device)] = True
                 self._counts[request.row] = 0
-        return self._sample(start, stop, logits)
+        outputs = self._sample(start, stop, logits)
+        if any(k is not None for k in scored):
+            for output, score in zip(outputs, scores):
+                output.prompt_logprobs = score
+        return outputs
 
     def _decode(self) -> list[StepOutput]:
         n = len(self._running)
@@ -499,16 +515,18 @@ class Engine:
             request.cached += 1
         return self._sample(0, n, logits)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids -> (B, V) logits of the last position, through the bound cache rows."""
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
+                 every_position: bool = False) -> torch.Tensor:
+        """(B, T) ids -> (B, V) logits of the last position (or (B, T, V) of every one), through the bound
+        cache rows."""
         if self._body is not None:
             hidden = self._body(ids, mask, positions, self.cache, None, True)[0]  # (B, T, dim)
-            return self._head(hidden[:, -1])
+            return self._head(hidden if every_position else hidden[:, -1])
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-            use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=0 if every_position else 1,
         )
-        return out.logits[:, -1]
+        return out.logits if every_position else out.logits[:, -1]
 
     def _sample(self, start: int, stop: int, logits: torch.Tensor) -> list[StepOutput]:
         requests = self._running[start:stop]
@@ -557,6 +575,15 @@ class Engine:
                     state[row] = state[last]
                 self._running[row] = moved
                 moved.row = row
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list[TokenLogprob | None]:
+    """(n, V) logits over a prompt's n positions -> each prompt token's log-probability given the ones before it
+    (None for the first, which nothing predicts) and the k likeliest tokens there."""
+    if len(prompt_ids) < 2:
+        return [None]
+    targets = torch.tensor(prompt_ids[1:], device=logits.device, dtype=torch.long)
+    return [None, *token_logprobs(logits[:-1], targets, [k] * len(targets))]
 
 
 def _as_set(value) -> set[int]:

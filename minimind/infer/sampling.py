@@ -37,6 +37,7 @@ class SamplingParams:
     `ignore_eos`: keep going past the end-of-sequence token (benchmarks).
     `logprobs`: None = off; k in [0, 20] = report each sampled token's log-probability under the model (its
     raw distribution: before penalties, temperature and truncation) and the k most likely tokens' (`TokenLogprob`).
+    `prompt_logprobs`: the same for every prompt token after the first (scoring a text, as `echo` does).
     """
 
     max_new_tokens: int = 256
@@ -51,6 +52,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -83,8 +85,10 @@ class SamplingParams:
                 raise UserError(f"{name} is {value!r}; expected a number {expected}")
         if self.seed is not None and not _is_int(self.seed):
             raise UserError(f"seed is {self.seed!r}; expected an integer")
-        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise UserError(f"logprobs is {self.logprobs!r}; expected None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
+                raise UserError(f"{name} is {value!r}; expected None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:

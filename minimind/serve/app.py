@@ -179,7 +179,10 @@ class _Api:
         echoes = None
         if body.echo:
             echoes = [p if isinstance(p, str) else self.prompts.tokenizer.decode(p) for p in body.prompt]
-        return await self._generate(request, model, body, prompts, echoes)
+        # where each echoed text begins in its ids: after the <s> that encoding a text prompt puts first
+        bos = self.prompts.tokenizer.bos_token_id
+        starts = [int(isinstance(p, str) and bos is not None and ids[:1] == [bos]) for p, ids in zip(body.prompt, prompts)]
+        return await self._generate(request, model, body, prompts, echoes, starts)
 
     async def _read_json(self, request: Request) -> dict:
         """The body as a JSON object; 413 past `max_body_bytes` (declared or streamed), 400 if not JSON."""
@@ -203,8 +206,10 @@ class _Api:
         return value
 
     async def _generate(self, request: Request, model: str, body: ChatCompletionRequest | CompletionRequest,
-                        prompts: list[list[int]], echoes: list[str] | None) -> Response:
-        """Check every choice fits the context, submit one job per choice, and answer (streaming or not)."""
+                        prompts: list[list[int]], echoes: list[str] | None, starts: list[int] | None = None
+                        ) -> Response:
+        """Check every choice fits the context, submit one job per choice, and answer (streaming or not).
+        `starts`: per prompt, the first token of the echoed text (for the prompt's logprobs)."""
         params = base_params(body, self.config.sampling_defaults)
         defaults = self.config.sampling_defaults
         jobs_params = [
@@ -220,7 +225,9 @@ class _Api:
         reply = Reply(model, chat=isinstance(body, ChatCompletionRequest), include_usage=include_usage)
         logprobs = None
         if params.logprobs is not None:
-            logprobs = _ChoiceLogprobs(self.logprob_format, reply.chat, len(jobs_params), params.ignore_eos)
+            echoed = [job.prompt_ids[(starts or [0] * len(prompts))[i // body.n] :]
+                      for i, job in enumerate(choices.jobs)]
+            logprobs = _ChoiceLogprobs(self.logprob_format, reply.chat, echoed, params.ignore_eos)
         if body.stream:
             return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n, logprobs), choices)
         return await _respond(request, reply, choices, prompt_tokens, echoes, body.n, logprobs)
@@ -229,20 +236,27 @@ class _Api:
 class _ChoiceLogprobs:
     """Each choice's token log-probabilities not yet sent, formatted for the chunk (or body) that carries them."""
 
-    def __init__(self, formatter: LogprobFormatter, chat: bool, choices: int, ignore_eos: bool):
-        self.formatter, self.chat, self.ignore_eos = formatter, chat, ignore_eos
-        self.pending: list[list] = [[] for _ in range(choices)]
-        self.offsets = [0] * choices  # text completions: characters of the choice's tokens already sent
+    def __init__(self, formatter: LogprobFormatter, chat: bool, echoed: list[list[int]], ignore_eos: bool):
+        """`echoed`: per choice, the prompt tokens its echoed text holds (the last ones of its prompt)."""
+        self.formatter, self.chat, self.ignore_eos, self.echoed = formatter, chat, ignore_eos, echoed
+        self.pending: list[list] = [[] for _ in echoed]  # (token id, TokenLogprob or None) pairs
+        self.offsets = [0] * len(echoed)  # text completions: characters of the choice's tokens already sent
 
     def add(self, index: int, out: StepOutput) -> None:
-        self.pending[index] += self.formatter.content(out.logprobs or [], out.finished, self.ignore_eos)
+        if out.prompt_logprobs is not None:  # echo: the prompt's tokens come first (a leading one unscored)
+            echoed = self.echoed[index]
+            self.pending[index] += list(zip(echoed, out.prompt_logprobs[len(out.prompt_logprobs) - len(echoed) :]))
+        # chat content ends before the eos that finishes it; a text completion lists every sampled token, as
+        # OpenAI's do (lm-evaluation-harness reads the prompt's tokens from such a list by position)
+        entries = self.formatter.content(out.logprobs or [], out.finished, self.ignore_eos or not self.chat)
+        self.pending[index] += [(entry.token_id, entry) for entry in entries]
 
     def take(self, index: int, even_empty: bool = False) -> dict | None:
         entries, self.pending[index] = self.pending[index], []
         if not entries and not even_empty:
             return None
         if self.chat:
-            return self.formatter.chat(entries)
+            return self.formatter.chat([entry for _, entry in entries])
         formatted = self.formatter.completion(entries, self.offsets[index])
         self.offsets[index] += sum(len(token) for token in formatted["tokens"])
         return formatted

@@ -9,7 +9,10 @@ A token's `bytes` are its exact UTF-8 bytes (a byte-level BPE token may hold par
 string then shows U+FFFD for the missing part). The log-probabilities are the model's raw distribution
 (before penalties, temperature and top-k/top-p), as vLLM reports them by default; one that is not finite is
 sent as -9999.0, as OpenAI does, since JSON has no -Infinity. Every sampled token is listed except the
-end-of-sequence token that finishes a choice. `text_offset` adds up the lengths of the token strings.
+end-of-sequence token that finishes a chat choice (a text completion lists it). `text_offset` adds up the
+lengths of the token strings.
+With `echo`, a text completion's logprobs start with the prompt's tokens, the first one's log-probability
+null (nothing predicts it), as OpenAI's do: the way lm-evaluation-harness scores a continuation over the API.
 """
 
 from __future__ import annotations
@@ -74,13 +77,16 @@ class LogprobFormatter:
         return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                             for e in entries], "refusal": None}
 
-    def completion(self, entries: list[TokenLogprob], offset: int) -> dict:
-        """Legacy shape; `offset` is the character offset of the first entry's token in the choice's text."""
+    def completion(self, entries: list[tuple[int, TokenLogprob | None]], offset: int) -> dict:
+        """Legacy shape for (token id, its entry) pairs; the entry is None for an echoed prompt's first token,
+        which nothing predicts. `offset`: the character offset of the first token in the choice's text."""
         tokens, offsets = [], []
-        for entry in entries:
+        for token_id, _ in entries:
             offsets.append(offset)
-            tokens.append(self.token(entry.token_id))
+            tokens.append(self.token(token_id))
             offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries],
-                "top_logprobs": [{self.token(t): _finite(lp) for t, lp in e.top} for e in entries],
+        return {"tokens": tokens,
+                "token_logprobs": [None if e is None else _finite(e.logprob) for _, e in entries],
+                "top_logprobs": [None if e is None else {self.token(t): _finite(lp) for t, lp in e.top}
+                                 for _, e in entries],
                 "text_offset": offsets}

@@ -90,8 +90,8 @@ class CompletionLogprobs(BaseModel):
     """`logprobs` of a text-completion choice (with `logprobs: k`)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -4,9 +4,9 @@ Validation follows OpenAI and vLLM: every client error becomes an `APIError` tha
 `{"error": {"message", "type", "param", "code"}}` with its HTTP status. Schema violations (wrong type, value
 out of range, missing field, wrong role) are 400 like OpenAI and vLLM answer them, not FastAPI's default 422.
 Unknown fields are ignored, as OpenAI does; fields we cannot honour (`tools`, `suffix`, `response_format`
-other than text, `echo` together with `logprobs`) are rejected rather than silently dropped, so a client never
-gets an answer that quietly differs from what it asked for. `logprobs` (chat: `logprobs` + `top_logprobs`;
-text completions: `logprobs: k`) are reported as `serve/logprobs.py` describes.
+other than text) are rejected rather than silently dropped, so a client never gets an answer that quietly
+differs from what it asked for. `logprobs` (chat: `logprobs` + `top_logprobs`; text completions: `logprobs: k`,
+with `echo` the prompt's tokens too) are reported as `serve/logprobs.py` describes.
 
 Besides OpenAI's fields the requests accept vLLM's sampling extensions `top_k`, `min_p`,
 `repetition_penalty` and `ignore_eos`. Fields left out take the model's generation_config.json defaults
@@ -190,8 +190,6 @@ class CompletionRequest(_GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo and self.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (the prompt's tokens are not scored)", "echo")
         if self.suffix:
             raise APIError(400, "suffix is not supported by this server", "suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -241,6 +239,7 @@ def base_params(request: _GenerationRequest, defaults: dict) -> SamplingParams:
         return SamplingParams(
             **chosen, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             stop=request.stop, ignore_eos=request.ignore_eos, logprobs=request.sampling_logprobs(),
+            prompt_logprobs=request.sampling_logprobs() if getattr(request, "echo", False) else None,
         )
     except UserError as err:  # a bad generation_config.json default; the request itself was checked
         raise APIError(400, str(err)) from None
