@@ -246,8 +246,8 @@ class _ChoiceLogprobs:
         if out.prompt_logprobs is not None:  # echo: the prompt's tokens come first (a leading one unscored)
             echoed = self.echoed[index]
             self.pending[index] += list(zip(echoed, out.prompt_logprobs[len(out.prompt_logprobs) - len(echoed) :]))
-        # chat content ends before the eos that finishes it; a text completion lists every sampled token, as
-        # OpenAI's do (lm-evaluation-harness reads the prompt's tokens from such a list by position)
+        # chat content ends before the eos that finishes it; a text completion lists every sampled token (one
+        # entry per position: lm-evaluation-harness finds the continuation's tokens in that list by position)
         entries = self.formatter.content(out.logprobs or [], out.finished, self.ignore_eos or not self.chat)
         self.pending[index] += [(entry.token_id, entry) for entry in entries]
 
