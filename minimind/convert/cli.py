@@ -11,7 +11,6 @@ minimind convert BASE --merge-lora ADAPTER --out OUT
 from __future__ import annotations
 
 import argparse
-import os
 
 from minimind.errors import UserError
 
@@ -87,12 +86,10 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that the chosen mode would silently ignore."""
     if args.dtype is not None and args.to != "gguf":
         raise UserError("--dtype applies only to --to gguf")
-    if args.from_format is None:
+    if args.from_format is None:  # (--from without --tokenizer is import_minimind2's to judge: a directory has one)
         for flag in IMPORT_FLAGS:
             if getattr(args, flag) is not None:
                 raise UserError(f"--{flag.replace('_', '-')} applies only to --from minimind2")
-    elif args.tokenizer is None and not os.path.isdir(args.source):
-        raise UserError("--from minimind2 needs --tokenizer DIR (a .pth holds no tokenizer)")
 
 
 def run(args: argparse.Namespace) -> int:

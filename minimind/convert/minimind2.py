@@ -24,7 +24,6 @@ tokenizer; the flags still override it.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -41,7 +40,7 @@ from minimind.convert.layout import (
 )
 from minimind.errors import UserError
 from minimind.model.configuration_minimind import PRESETS, MiniMindConfig
-from minimind.model.hub import load_model, save_model_dir
+from minimind.model.hub import load_model, read_json_object, save_model_dir
 from minimind.model.modeling_minimind import MiniMindForCausalLM
 
 IMPORT_PRESETS = ("small", "base", "moe")
@@ -127,13 +126,9 @@ def load_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not config_file.is_file():
         raise UserError(f"{path}: a directory without config.json; expected a .pth file or a MiniMind "
                         "transformers directory (config.json + model.safetensors)")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("model_type") != "minimind":
-        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise UserError(f"{config_file}: model_type is {found!r}, expected 'minimind'")
+    config = read_json_object(config_file)
+    if config.get("model_type") != "minimind":
+        raise UserError(f"{config_file}: model_type is {config.get('model_type')!r}, expected 'minimind'")
     if "dim" in config and "hidden_size" not in config:  # our own field names
         raise UserError(f"{path}: already a model directory of this project (config.json has 'dim'); use it as "
                         "it is, no import needed")
@@ -300,6 +295,8 @@ def import_minimind2(
     from minimind.tokenizer import load_tokenizer
 
     source, extra = Path(pth), {}
+    if tokenizer_dir is None and not source.is_dir():
+        raise UserError("--from minimind2 needs --tokenizer DIR (a .pth holds no tokenizer)")
     if source.is_dir():
         state, hf_config = load_hf_dir(source)
         if preset is None:
@@ -313,8 +310,6 @@ def import_minimind2(
                           stacklevel=2)
     else:
         state = load_pth(pth)
-    if tokenizer_dir is None:
-        raise UserError(f"{pth}: a .pth holds no tokenizer; pass --tokenizer DIR")
     out_dir = check_output_dir(out_dir)
     config = infer_config(state, pth, preset, n_heads, experts_per_tok, extra)
     ours = to_our_state(state, config, pth)

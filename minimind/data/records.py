@@ -79,12 +79,17 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
     return clean
 
 
-def validate_sft(obj: Any) -> Messages:
+def _conversations(obj: Any) -> Any:
+    """The (still unchecked) "conversations" field of a record that must be an object holding one."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     if "conversations" not in obj:
         raise BadRecord('missing field "conversations"')
-    return validate_messages(obj["conversations"])
+    return obj["conversations"]
+
+
+def validate_sft(obj: Any) -> Messages:
+    return validate_messages(_conversations(obj))
 
 
 # What an rlaif record's last assistant turn holds when it has no reference answer: nothing, or the placeholder
@@ -95,11 +100,7 @@ NO_ANSWER = ("", "空")
 def validate_rlaif(obj: Any) -> tuple[Messages, str]:
     """-> (prompt messages, reference answer or ""); the prompt is everything before the last assistant turn,
     or the whole conversation when it ends with a user turn."""
-    if not isinstance(obj, dict):
-        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
-    if "conversations" not in obj:
-        raise BadRecord('missing field "conversations"')
-    messages = obj["conversations"]
+    messages = _conversations(obj)
     if isinstance(messages, list) and len(messages) > 1 and isinstance(messages[-1], dict):
         last = messages[-1]
         if last.get("role") == "assistant" and isinstance(last.get("content"), str) \

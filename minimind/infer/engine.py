@@ -475,7 +475,7 @@ class Engine:
         same_length = all(len(r.prompt_ids) == width for r in group)
         mask = None if same_length else self._columns[:width] <= positions[:, None, :, None]  # (B, 1, T, T)
         self.cache.bind(start, stop, write, width, 0)
-        scored = [r.params.prompt_logprobs for r in group]
+        scored, scores = [r.params.prompt_logprobs for r in group], None
         if all(k is None for k in scored):
             logits = self._forward(ids, mask, positions)
         else:  # some prompt is scored: logits at every position (their rows only are read)
@@ -492,7 +492,7 @@ class Engine:
                 self._seen[request.row, torch.tensor(request.prompt_ids, device=self.device)] = True
                 self._counts[request.row] = 0
         outputs = self._sample(start, stop, logits)
-        if any(k is not None for k in scored):
+        if scores is not None:
             for output, score in zip(outputs, scores):
                 output.prompt_logprobs = score
         return outputs

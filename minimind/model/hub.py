@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -103,29 +104,35 @@ def adapter_base(path: Path) -> Path:
                     f"with `minimind convert BASE --merge-lora {path} --out DIR`")
 
 
-def adapter_source(path: Path, files: tuple[str, ...]) -> Path:
-    """`path`, or for an adapter directory without `files` the first base along its chain that has them (an
-    adapter's tokenizer and generation_config.json are its base's)."""
-    seen: set[Path] = set()
-    while is_adapter_dir(path) and not all((path / name).is_file() for name in files):
+def _adapter_chain(path: Path) -> Iterator[Path]:
+    """`path`, then (while the last one is an adapter directory) its base, its base's base, ...; a cycle is
+    refused. Lazy, so a caller that stops early never resolves the bases it does not need."""
+    seen = {path.resolve()}
+    yield path
+    while is_adapter_dir(path):
+        path = adapter_base(path)
         if path.resolve() in seen:
             raise UserError(f"{path}: adapters name each other as their base model (a cycle)")
         seen.add(path.resolve())
-        path = adapter_base(path)
-    return path
+        yield path
 
 
-def _merged_adapter_model(path: Path, inside: tuple[Path, ...] = ()) -> MiniMindForCausalLM:
-    """The adapter's base model (float32, CPU) with the adapter merged into its weights; a base that is itself
-    an adapter is merged first (`inside`: the adapters already on the way, to refuse a cycle)."""
+def adapter_source(path: Path, files: tuple[str, ...]) -> Path:
+    """`path`, or for an adapter directory without `files` the first base along its chain that has them (an
+    adapter's tokenizer and generation_config.json are its base's)."""
+    return next(p for p in _adapter_chain(path) if not is_adapter_dir(p) or all((p / f).is_file() for f in files))
+
+
+def _merged_adapter_model(path: Path) -> MiniMindForCausalLM:
+    """The model at the bottom of the adapter's chain of bases (float32, CPU) with every adapter on the way
+    merged into its weights, the deepest first."""
     from minimind.convert.lora_merge import merge_into, read_adapter
 
-    if path.resolve() in inside:
-        raise UserError(f"{path}: adapters name each other as their base model (a cycle)")
-    config, tensors = read_adapter(path)
-    base = adapter_base(path)
-    model = _merged_adapter_model(base, (*inside, path.resolve())) if is_adapter_dir(base) else load_model(base)
-    merge_into(model, config, tensors, path / "adapter_model.safetensors")
+    *adapters, base = _adapter_chain(path)
+    model = load_model(base)
+    for adapter in reversed(adapters):
+        config, tensors = read_adapter(adapter)
+        merge_into(model, config, tensors, adapter / "adapter_model.safetensors")
     return model
 
 

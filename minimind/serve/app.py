@@ -126,7 +126,8 @@ class _Api:
         self.scheduler = scheduler
         self.config = config
         self.prompts = scheduler.prompts
-        self.logprob_format = LogprobFormatter(self.prompts.tokenizer, set(scheduler.engine.eos_ids))
+        self.logprob_format = LogprobFormatter(self.prompts.tokenizer)
+        self.eos_ids = frozenset(scheduler.engine.eos_ids)
         self.created = int(time.time())
         self._key = config.api_key.encode() if config.api_key else None
 
@@ -227,7 +228,10 @@ class _Api:
         if params.logprobs is not None:
             echoed = [job.prompt_ids[(starts or [0] * len(prompts))[i // body.n] :]
                       for i, job in enumerate(choices.jobs)]
-            logprobs = _ChoiceLogprobs(self.logprob_format, reply.chat, echoed, params.ignore_eos)
+            # chat content ends before the eos that finishes it; a text completion lists every sampled token
+            # (one entry per position: lm-evaluation-harness finds the continuation's tokens by position)
+            ending = self.eos_ids if reply.chat and not params.ignore_eos else frozenset()
+            logprobs = _ChoiceLogprobs(self.logprob_format, reply.chat, echoed, ending)
         if body.stream:
             return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n, logprobs), choices)
         return await _respond(request, reply, choices, prompt_tokens, echoes, body.n, logprobs)
@@ -236,9 +240,10 @@ class _Api:
 class _ChoiceLogprobs:
     """Each choice's token log-probabilities not yet sent, formatted for the chunk (or body) that carries them."""
 
-    def __init__(self, formatter: LogprobFormatter, chat: bool, echoed: list[list[int]], ignore_eos: bool):
-        """`echoed`: per choice, the prompt tokens its echoed text holds (the last ones of its prompt)."""
-        self.formatter, self.chat, self.ignore_eos, self.echoed = formatter, chat, ignore_eos, echoed
+    def __init__(self, formatter: LogprobFormatter, chat: bool, echoed: list[list[int]], ending: frozenset[int]):
+        """`echoed`: per choice, the prompt tokens its echoed text holds (the last ones of its prompt); `ending`:
+        tokens left out when they finish a choice."""
+        self.formatter, self.chat, self.echoed, self.ending = formatter, chat, echoed, ending
         self.pending: list[list] = [[] for _ in echoed]  # (token id, TokenLogprob or None) pairs
         self.offsets = [0] * len(echoed)  # text completions: characters of the choice's tokens already sent
 
@@ -246,9 +251,9 @@ class _ChoiceLogprobs:
         if out.prompt_logprobs is not None:  # echo: the prompt's tokens come first (a leading one unscored)
             echoed = self.echoed[index]
             self.pending[index] += list(zip(echoed, out.prompt_logprobs[len(out.prompt_logprobs) - len(echoed) :]))
-        # chat content ends before the eos that finishes it; a text completion lists every sampled token (one
-        # entry per position: lm-evaluation-harness finds the continuation's tokens in that list by position)
-        entries = self.formatter.content(out.logprobs or [], out.finished, self.ignore_eos or not self.chat)
+        entries = out.logprobs or []
+        if out.finished and entries and entries[-1].token_id in self.ending:
+            entries = entries[:-1]
         self.pending[index] += [(entry.token_id, entry) for entry in entries]
 
     def take(self, index: int, even_empty: bool = False) -> dict | None:

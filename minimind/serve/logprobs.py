@@ -44,8 +44,8 @@ def _byte_level_alphabet() -> dict[str, int]:
 class LogprobFormatter:
     """Turns `TokenLogprob`s into OpenAI's JSON for one tokenizer (used on the event loop's tokenizer copy)."""
 
-    def __init__(self, tokenizer, eos_ids: set[int]):
-        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         try:
             decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
         except (AttributeError, ValueError):
@@ -62,12 +62,6 @@ class LogprobFormatter:
 
     def token(self, token_id: int) -> str:
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
-
-    def content(self, entries: list[TokenLogprob], finished: bool, ignore_eos: bool) -> list[TokenLogprob]:
-        """The entries a choice reports: all but an end-of-sequence token that finished it."""
-        if finished and entries and not ignore_eos and entries[-1].token_id in self.eos_ids:
-            return entries[:-1]
-        return entries
 
     def chat(self, entries: list[TokenLogprob]) -> dict:
         def item(token_id: int, logprob: float) -> dict:

@@ -126,8 +126,8 @@ class GRPO(RLObjective):
 def rl_data(cfg: TrainConfig, info: DistInfo, tokenizer):
     """(train, eval or None) prompt datasets and their collate function."""
     dataset = PromptDataset(stage_data(cfg, info, cfg.data, cfg.init, "rlaif"), cfg.max_seq_len)
-    unanswered = dataset.unanswered()
-    if unanswered and cfg.extra["reward"] in ("rule", "exact") and info.is_main:
+    unanswered = dataset.unanswered() if cfg.extra["reward"] in ("rule", "exact") and info.is_main else 0
+    if unanswered:
         print(f"warning: {cfg.data}: {unanswered} of {len(dataset)} prompts have no reference answer; the "
               f"{cfg.extra['reward']!r} reward can only score their format, length and repetition (accuracy is 0 "
               "for them). For open-ended prompts pass --reward model:DIR.", flush=True)
