@@ -15,6 +15,8 @@ from minimind.serve.protocol import (
 from minimind.serve.responses import Reply
 
 HELLO = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 
 
 def test_defaults_come_from_the_generation_config_and_requests_override_them():
@@ -45,19 +47,28 @@ def test_seed_per_choice_and_context_checks():
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}, "messages[1].role"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}, "messages[1].role"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": None}]}, "messages[1].content"),
+    ({"messages": [{"role": "user", "content": "a", "tool_calls": [CALL]}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"id": "c"}]}]},
+     "messages[1].tool_calls[0].function"),
     ({"messages": HELLO, "stop": ["a", 1]}, "stop"),
     ({"messages": HELLO, "stop": ["s"] * 17}, "stop"),
     ({"messages": HELLO, "n": True}, "n"),
     ({"messages": HELLO, "stream": "yes"}, "stream"),
     ({"messages": HELLO, "seed": 2**63}, "seed"),
-    ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+    ({"messages": HELLO, "tool_choice": "auto"}, "tool_choice"),
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}},
+     "tool_choice"),
     ({"messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_bad_chat_fields_name_their_param(body, param):
     with pytest.raises(APIError) as err:
         parse_request(ChatCompletionRequest, body)
-    assert err.value.status == 400 and err.value.param == param
+    assert err.value.status == 400 and err.value.param is not None and err.value.param.startswith(param), err.value.message
     assert err.value.body()["error"]["message"]
 
 

@@ -94,7 +94,9 @@ def test_openapi_documents_bodies_and_statuses(client):
     request = spec["components"]["schemas"]["ChatCompletionRequest"]
     assert request["required"] == ["messages"] and request["properties"]["n"]["maximum"] == 16
     message = spec["components"]["schemas"]["Message"]["properties"]
-    assert {"type": "string"} in message["content"]["anyOf"]
+    assert {"type": "string"} in message["content"]["anyOf"] and {"type": "null"} in message["content"]["anyOf"]
+    tool = spec["components"]["schemas"]["FunctionSpec"]["properties"]
+    assert tool["name"]["pattern"] and "tool_calls" in spec["components"]["schemas"]["AssistantMessage"]["properties"]
     assert "422" not in json.dumps(spec["paths"])  # schema errors are answered 400, as documented
 
 

@@ -13,7 +13,11 @@ from minimind.data.records import BadRecord, Messages
 
 
 def render(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    """The chat as text; functions offered (`records`' "functions" on the first turn) go in as `tools`, the
+    argument every tool-aware template reads."""
+    tools = messages[0].get("functions") if messages else None
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
 def assistant_spans(tokenizer, messages: Messages, text: str) -> list[tuple[int, int]]:

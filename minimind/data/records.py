@@ -3,7 +3,11 @@
 Every problem is reported as `file:line: what is wrong`. With `skip_bad_lines` a bad line is counted and
 skipped instead, and the caller reports the count at the end. Shapes (the seed's):
   pretrain  {"text": "..."}
-  sft       {"conversations": [{"role": "system"|"user"|"assistant", "content": "...", "reasoning_content"?}]}
+  sft       {"conversations": [{"role": "system"|"user"|"assistant"|"tool", "content": "...", "reasoning_content"?}]}
+            With function calling: the functions offered as a top-level "tools" list (OpenAI's form) or as the
+            system turn's "functions" (MiniMind's form); an assistant turn may carry "tool_calls" (OpenAI's
+            {"function": {"name", "arguments"}} or plain {"name", "arguments"}; its content may then be empty),
+            and a "tool" turn holds a function's result.
   rlaif     same as sft; the last assistant turn holds the reference answer. A prompt alone (ending with a user
             turn), or a last assistant turn that is empty or MiniMind's placeholder "空" (its rlaif-mini.jsonl),
             has no reference answer ("")
@@ -20,8 +24,8 @@ from typing import Any
 
 from minimind.errors import UserError
 
-ROLES = ("system", "user", "assistant")
-Messages = list[dict[str, str]]
+ROLES = ("system", "user", "assistant", "tool")
+Messages = list[dict[str, Any]]
 
 
 class BadRecord(ValueError):
@@ -57,14 +61,22 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
             raise BadRecord(f"{where} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if role == "system" and i != 0:
             raise BadRecord(f"{where}: a system message may only come first")
-        if role == "assistant" and i == 0:
-            raise BadRecord(f"{where} is an assistant turn; a conversation starts with a system or user turn")
+        if role in ("assistant", "tool") and i == 0:
+            article = "an" if role == "assistant" else "a"
+            raise BadRecord(f"{where} is {article} {role} turn; a conversation starts with a system or user turn")
+        calls = _tool_calls(message.get("tool_calls"), where) if role == "assistant" else None
         content = message.get("content")
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise BadRecord(f'{where} field "content" must be a string, got {type(content).__name__}')
-        if not content.strip():
+        if not content.strip() and not calls:
             raise BadRecord(f'{where} field "content" is empty')
-        turn = {"role": role, "content": content}
+        turn: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            turn["tool_calls"] = calls
+        if role == "system" and message.get("functions"):
+            turn["functions"] = _tools(message["functions"], f"{where}.functions")
         reasoning = message.get("reasoning_content")
         if reasoning is not None:
             if role != "assistant" or not isinstance(reasoning, str):
@@ -79,6 +91,41 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
     return clean
 
 
+def _tool_calls(calls: Any, where: str) -> list[dict] | None:
+    """An assistant turn's calls as [{"type": "function", "function": {"name", "arguments": {...}}}]."""
+    if calls is None or calls == []:
+        return None
+    if not isinstance(calls, list):
+        raise BadRecord(f'{where} field "tool_calls" must be a list, got {type(calls).__name__}')
+    clean = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadRecord(f'{at} must be an object with a function "name"')
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise BadRecord(f'{at} "arguments" is not valid JSON') from None
+        if not isinstance(arguments, dict):
+            raise BadRecord(f'{at} "arguments" must be a JSON object, got {type(arguments).__name__}')
+        clean.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return clean
+
+
+def _tools(tools: Any, where: str) -> list[dict]:
+    """The functions offered: a list of objects, each a function schema or {"type": "function", "function": ...}."""
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise BadRecord(f'{where} must be a list of function objects')
+    for j, tool in enumerate(tools):
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRecord(f'{where}[{j}] has no function "name"')
+    return tools
+
+
 def _conversations(obj: Any) -> Any:
     """The (still unchecked) "conversations" field of a record that must be an object holding one."""
     if not isinstance(obj, dict):
@@ -88,8 +135,15 @@ def _conversations(obj: Any) -> Any:
     return obj["conversations"]
 
 
+def _with_tools(obj: dict, messages: Messages) -> Messages:
+    """A record's top-level "tools" ride on its first turn as "functions", where `chat.render` finds them."""
+    if obj.get("tools"):
+        messages[0]["functions"] = _tools(obj["tools"], "tools")
+    return messages
+
+
 def validate_sft(obj: Any) -> Messages:
-    return validate_messages(_conversations(obj))
+    return _with_tools(obj, validate_messages(_conversations(obj)))
 
 
 # What an rlaif record's last assistant turn holds when it has no reference answer: nothing, or the placeholder
@@ -106,7 +160,7 @@ def validate_rlaif(obj: Any) -> tuple[Messages, str]:
         if last.get("role") == "assistant" and isinstance(last.get("content"), str) \
                 and last["content"].strip() in NO_ANSWER:
             messages = messages[:-1]  # an answer slot left blank
-    messages = validate_messages(messages, need_assistant=False)
+    messages = _with_tools(obj, validate_messages(messages, need_assistant=False))
     answer = ""
     if messages[-1]["role"] == "assistant":
         answer, messages = messages[-1]["content"], messages[:-1]

@@ -209,12 +209,13 @@ class Engine:
             raise UserError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return ids
 
-    def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
-        """Token ids of a conversation rendered by the tokenizer's chat template, ready for the assistant."""
+    def chat_prompt(self, messages: list[dict], prefix: str = "", **template_kwargs) -> list[int]:
+        """Token ids of a conversation rendered by the tokenizer's chat template, ready for the assistant;
+        `prefix` is text the assistant's reply starts with (the model continues it)."""
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **template_kwargs
         )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text + prefix, add_special_tokens=False)
 
     # ---- high level ----
 

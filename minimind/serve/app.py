@@ -52,6 +52,7 @@ from minimind.serve.protocol import (
 )
 from minimind.serve.responses import Reply, sse
 from minimind.serve.scheduler import Job, QueueFull, Scheduler
+from minimind.serve.tools import ToolCallReader
 
 log = logging.getLogger("minimind.serve")
 
@@ -164,11 +165,19 @@ class _Api:
     async def chat_completions(self, request: Request) -> Response:
         body = parse_request(ChatCompletionRequest, await self._read_json(request))
         model = self._model_name(body.model)
+        tools = body.template_tools()
+        if tools and not self.prompts.renders_tools:
+            raise APIError(400, "this model's chat template does not show tools to the model (it predates "
+                           "function calling); retrain or re-save its tokenizer with this version", "tools")
         try:
-            prompt = self.prompts.chat_prompt(body.conversation())
+            prompt = self.prompts.chat_prompt(body.conversation(), prefix=body.reply_prefix(), tools=tools)
         except TemplateError as err:
             raise APIError(400, f"the chat template rejected these messages: {err}", "messages") from None
-        return await self._generate(request, model, body, [prompt], echoes=None)
+        reader = None
+        if body.calls_tools:
+            reader = ToolCallReader(body.n, body.reply_prefix(), body.function_names, body.parallel_tool_calls
+                                    is not False)
+        return await self._generate(request, model, body, [prompt], echoes=None, tools=reader)
 
     async def completions(self, request: Request) -> Response:
         body = parse_request(CompletionRequest, await self._read_json(request))
@@ -207,10 +216,11 @@ class _Api:
         return value
 
     async def _generate(self, request: Request, model: str, body: ChatCompletionRequest | CompletionRequest,
-                        prompts: list[list[int]], echoes: list[str] | None, starts: list[int] | None = None
-                        ) -> Response:
+                        prompts: list[list[int]], echoes: list[str] | None, starts: list[int] | None = None,
+                        tools: ToolCallReader | None = None) -> Response:
         """Check every choice fits the context, submit one job per choice, and answer (streaming or not).
-        `starts`: per prompt, the first token of the echoed text (for the prompt's logprobs)."""
+        `starts`: per prompt, the first token of the echoed text (for the prompt's logprobs); `tools`: reads
+        each chat choice's reply for function calls."""
         params = base_params(body, self.config.sampling_defaults)
         defaults = self.config.sampling_defaults
         jobs_params = [
@@ -233,8 +243,8 @@ class _Api:
             ending = self.eos_ids if reply.chat and not params.ignore_eos else frozenset()
             logprobs = _ChoiceLogprobs(self.logprob_format, reply.chat, echoed, ending)
         if body.stream:
-            return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n, logprobs), choices)
-        return await _respond(request, reply, choices, prompt_tokens, echoes, body.n, logprobs)
+            return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n, logprobs, tools), choices)
+        return await _respond(request, reply, choices, prompt_tokens, echoes, body.n, logprobs, tools)
 
 
 class _ChoiceLogprobs:
@@ -318,8 +328,9 @@ class _EventStream(StreamingResponse):
 
 
 async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: list[str] | None,
-                  n: int, logprobs: _ChoiceLogprobs | None) -> AsyncIterator[str]:
-    """SSE chunks: opening chunk per choice (chat role, or the echoed prompt), deltas, finish, usage, [DONE]."""
+                  n: int, logprobs: _ChoiceLogprobs | None, tools: ToolCallReader | None) -> AsyncIterator[str]:
+    """SSE chunks: opening chunk per choice (chat role, or the echoed prompt), deltas, finish, usage, [DONE].
+    With `tools`, a choice's text stops at the first sign of a call; the calls go out when it finishes."""
     completion_tokens = 0
     try:
         for index in range(len(choices.jobs)):
@@ -330,11 +341,20 @@ async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: l
         async for index, out in choices.events():
             if logprobs is not None:
                 logprobs.add(index, out)
-            if out.text:
-                yield reply.chunk(index, out.text, logprobs=logprobs and logprobs.take(index))
+            text = tools.feed(index, out.text) if tools is not None else out.text
+            if text:
+                yield reply.chunk(index, text, logprobs=logprobs and logprobs.take(index))
             if out.finished:
                 completion_tokens += out.completion_tokens
-                yield reply.chunk(index, finish_reason=out.finish_reason, logprobs=logprobs and logprobs.take(index))
+                reason = out.finish_reason
+                if tools is not None:
+                    rest, calls = tools.finish(index)
+                    if rest:
+                        yield reply.chunk(index, rest)
+                    if calls:
+                        yield reply.chunk(index, tool_calls=calls)
+                        reason = "tool_calls"
+                yield reply.chunk(index, finish_reason=reason, logprobs=logprobs and logprobs.take(index))
         if reply.include_usage:
             yield reply.usage_chunk(prompt_tokens, completion_tokens)
         yield sse("[DONE]")
@@ -345,7 +365,8 @@ async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: l
 
 
 async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tokens: int,
-                   echoes: list[str] | None, n: int, logprobs: _ChoiceLogprobs | None) -> Response:
+                   echoes: list[str] | None, n: int, logprobs: _ChoiceLogprobs | None,
+                   tools: ToolCallReader | None) -> Response:
     """Wait for every choice, or stop early (and release them) when the client disconnects."""
     texts = [[echoes[i // n]] if echoes is not None else [] for i in range(len(choices.jobs))]
     reasons: list[str] = [""] * len(choices.jobs)
@@ -373,8 +394,15 @@ async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tok
         gone.cancel()
         choices.cancel()
     per_choice = [logprobs.take(i, even_empty=True) for i in range(len(texts))] if logprobs is not None else None
-    return JSONResponse(reply.body(["".join(t) for t in texts], reasons, prompt_tokens, completion_tokens,
-                                   per_choice))
+    contents: list[str | None] = ["".join(t) for t in texts]
+    calls: list[list[dict] | None] = [None] * len(texts)
+    if tools is not None:
+        for i, content in enumerate(contents):
+            tools.feed(i, content)
+            contents[i], calls[i] = tools.message(i)
+            if calls[i]:
+                reasons[i] = "tool_calls"
+    return JSONResponse(reply.body(contents, reasons, prompt_tokens, completion_tokens, per_choice, calls))
 
 
 async def _disconnected(request: Request) -> None:

@@ -3,9 +3,10 @@
 Validation follows OpenAI and vLLM: every client error becomes an `APIError` that the app turns into
 `{"error": {"message", "type", "param", "code"}}` with its HTTP status. Schema violations (wrong type, value
 out of range, missing field, wrong role) are 400 like OpenAI and vLLM answer them, not FastAPI's default 422.
-Unknown fields are ignored, as OpenAI does; fields we cannot honour (`tools`, `suffix`, `response_format`
-other than text) are rejected rather than silently dropped, so a client never gets an answer that quietly
-differs from what it asked for. `logprobs` (chat: `logprobs` + `top_logprobs`; text completions: `logprobs: k`,
+Unknown fields are ignored, as OpenAI does; fields we cannot honour (`suffix`, `response_format` other than
+text) are rejected rather than silently dropped, so a client never gets an answer that quietly differs from
+what it asked for. Function calling (`tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls` and
+`tool` turns in the history) goes through the chat template and `serve/tools.py`. `logprobs` (chat: `logprobs` + `top_logprobs`; text completions: `logprobs: k`,
 with `echo` the prompt's tokens too) are reported as `serve/logprobs.py` describes.
 
 Besides OpenAI's fields the requests accept vLLM's sampling extensions `top_k`, `min_p`,
@@ -17,13 +18,23 @@ the context, capped by the generation config's `max_new_tokens`. With `seed` and
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 from minimind.errors import UserError
 from minimind.infer.sampling import MAX_LOGPROBS, SamplingParams
+from minimind.tokenizer.template import TOOL_CALL_OPEN
 
 MAX_CHOICES = 16  # n per prompt
 MAX_STOP_STRINGS = 16
@@ -63,15 +74,51 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class Message(_Body):
-    """One chat turn; content is a string or OpenAI's list of text parts (joined)."""
+class CalledFunction(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it back
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[Any, WithJsonSchema(CONTENT_SCHEMA)]
+
+class MessageToolCall(_Body):
+    """A call an earlier assistant turn made (OpenAI's `tool_calls` entries)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class Message(_Body):
+    """One chat turn; content is a string or OpenAI's list of text parts (joined). An assistant turn with
+    `tool_calls` may leave content null; a `tool` turn holds a function's result."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: list[MessageToolCall] | None = None  # before content: content's check reads it
+    content: Annotated[Any, WithJsonSchema({"anyOf": [*CONTENT_SCHEMA["anyOf"], {"type": "null"}]})] = Field(
+        None, validate_default=True)
+    tool_call_id: str | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_from_the_assistant(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant turn can have tool_calls")
+        return value
+
+    def for_template(self) -> dict:
+        """The turn as the chat template reads it (OpenAI's "developer" role is the system role)."""
+        turn: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
+        if self.tool_calls:
+            turn["tool_calls"] = [{"type": "function", "function": call.function.model_dump()}
+                                  for call in self.tool_calls]
+        return turn
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_only(cls, value: Any) -> str:
+    def _text_only(cls, value: Any, info: ValidationInfo) -> str | None:
+        if value is None:
+            if info.data.get("role") == "assistant" and info.data.get("tool_calls"):
+                return None
+            raise ValueError("content is required (null only on an assistant turn with tool_calls)")
         if isinstance(value, str):
             return value
         if isinstance(value, list):
@@ -131,6 +178,31 @@ class _GenerationRequest(_Body):
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
 
 
+class FunctionSpec(_Body):
+    """A function the model may call: its name, what it does, and its arguments' JSON schema."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    """`tool_choice` naming the one function the model must call."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
@@ -138,8 +210,21 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Any = None
+    tools: list[ToolSpec] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     response_format: Any = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        """One message for every wrong form (pydantic's would name a member of the union)."""
+        if value is None or value in ("none", "auto", "required"):
+            return value
+        function = value.get("function") if isinstance(value, dict) else None
+        if isinstance(function, dict) and value.get("type") == "function" and isinstance(function.get("name"), str):
+            return NamedToolChoice(type="function", function=FunctionName(name=function["name"]))
+        raise ValueError('expected "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
 
     def sampling_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -148,14 +233,42 @@ class ChatCompletionRequest(_GenerationRequest):
         super().check_supported()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
-        if self.tools:
-            raise APIError(400, "tools are not supported by this server", "tools")
+        if self.tool_choice is not None and not self.tools:
+            raise APIError(400, "tool_choice is only allowed when tools are given", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in self.function_names:
+            raise APIError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not among the "
+                           "tools", "tool_choice")
         if self.response_format not in (None, {"type": "text"}):
             raise APIError(400, 'only response_format {"type": "text"} is supported', "response_format")
 
     def conversation(self) -> list[dict]:
-        """Messages for the chat template (OpenAI's "developer" role is the system role)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+        """Messages for the chat template."""
+        return [m.for_template() for m in self.messages]
+
+    @property
+    def function_names(self) -> frozenset[str]:
+        return frozenset(tool.function.name for tool in self.tools or ())
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model is shown the tools and its reply read for calls (not with tool_choice "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def template_tools(self) -> list[dict] | None:
+        """The `tools` argument of the chat template."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.calls_tools else None
+
+    def reply_prefix(self) -> str:
+        """What the assistant's turn starts with before the model speaks: the opening of a call when one is
+        required (and its name when tool_choice names it), so the model continues a call instead of choosing
+        whether to make one. Without constrained decoding this is the closest the server gets to a guarantee:
+        a continuation that does not parse comes back as text."""
+        if self.tool_choice == "required":
+            return TOOL_CALL_OPEN + "\n"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = json.dumps(self.tool_choice.function.name)
+            return TOOL_CALL_OPEN + '\n{"name": ' + name + ', "arguments": '
+        return ""
 
     @property
     def token_limit(self) -> int | None:

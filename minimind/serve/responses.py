@@ -42,26 +42,34 @@ class Reply:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def body(self, texts: list[str], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int,
-             logprobs: list[dict | None] | None = None) -> dict:
-        """The whole non-streaming response, one choice per text (with its `logprobs` object, if asked)."""
+    def body(self, texts: list[str | None], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int,
+             logprobs: list[dict | None] | None = None, tool_calls: list[list[dict] | None] | None = None) -> dict:
+        """The whole non-streaming response, one choice per text (with its `logprobs` object, if asked, and
+        a chat choice's `tool_calls`, if it made any)."""
         logprobs = logprobs or [None] * len(texts)
+        tool_calls = tool_calls or [None] * len(texts)
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                        "finish_reason": reason}
-                       for i, (text, reason, lp) in enumerate(zip(texts, finish_reasons, logprobs))]
+            choices = []
+            for i, (text, reason, lp, calls) in enumerate(zip(texts, finish_reasons, logprobs, tool_calls)):
+                message = {"role": "assistant", "content": text}
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
         else:
             choices = [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
                        for i, (text, reason, lp) in enumerate(zip(texts, finish_reasons, logprobs))]
         return {**self._head(False), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
-              role: bool = False, logprobs: dict | None = None) -> str:
-        """One SSE chunk for choice `index`: a text delta, the opening role (chat), or the finish reason."""
+              role: bool = False, logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> str:
+        """One SSE chunk for choice `index`: a text delta, the opening role (chat), a chat choice's calls
+        (whole, each with its position in the list as OpenAI's deltas carry it), or the finish reason."""
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from minimind.infer.engine import Engine, StepOutput
 from minimind.infer.sampling import SamplingParams
+from minimind.tokenizer.tool_calls import renders_tools
 
 log = logging.getLogger("minimind.serve")
 
@@ -66,6 +67,7 @@ class PromptEncoder:
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.vocab_size = engine.vocab_size
         self.max_seq_len = engine.max_seq_len
+        self.renders_tools = renders_tools(self.tokenizer)  # whether `tools` reach the model at all
 
 
 class Scheduler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from minimind.errors import UserError
@@ -30,6 +31,15 @@ def load_tokenizer(path: str | Path):
         raise UserError(f"{path}/tokenizer_config.json {state}; generation needs one to stop")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    if not tokenizer.chat_template:
+    if not tokenizer.chat_template or _digest(tokenizer.chat_template) in _EARLIER_TEMPLATES:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+# sha256 of the chat templates earlier versions saved. They render every chat without tools exactly as the
+# current one does, so tokenizers saved with them get the current one, and function calling with it.
+_EARLIER_TEMPLATES = {"a761f8e87a62c7a5a4ee4215b3e1f2adf0c4dd14fcea71114dabae6b1a11c099"}
+
+
+def _digest(template) -> str:
+    return hashlib.sha256(str(template).encode()).hexdigest()
