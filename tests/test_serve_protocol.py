@@ -108,3 +108,22 @@ def test_serve_flags_fail_in_one_line_before_loading(model_dir, capsys):
         taken.listen()
         assert main(["serve", "--model", str(model_dir), "--port", str(taken.getsockname()[1])]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_text_offsets_count_a_split_character_once(tokenizer):
+    from minimind.serve.logprobs import LogprobFormatter, TextOffsets
+
+    text = "龍貓 MiniMind 🦊 ok"  # characters the test tokenizer never saw: one token per byte
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    formatter = LogprobFormatter(tokenizer)
+    pieces = [formatter.token_bytes(i) for i in ids]
+    assert b"".join(pieces).decode() == text and any(p.decode("utf-8", "replace") != p.decode("utf-8", "ignore")
+                                                       for p in pieces)  # some token splits a character
+    offsets = TextOffsets()
+    first = formatter.completion([(i, None) for i in ids[:5]], offsets)["text_offset"]
+    rest = formatter.completion([(i, None) for i in ids[5:]], offsets)["text_offset"]  # the next chunk
+    seen = b""
+    for token_bytes, offset in zip(pieces, first + rest):
+        assert offset == len(seen.decode("utf-8", "ignore"))  # complete characters before the token
+        seen += token_bytes
+    assert offsets.chars == len(text)

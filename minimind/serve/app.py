@@ -40,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from minimind.errors import UserError
 from minimind.infer.engine import StepOutput
-from minimind.serve.logprobs import LogprobFormatter
+from minimind.serve.logprobs import LogprobFormatter, TextOffsets
 from minimind.serve.openapi import install_openapi
 from minimind.serve.protocol import (
     APIError,
@@ -255,7 +255,7 @@ class _ChoiceLogprobs:
         tokens left out when they finish a choice."""
         self.formatter, self.chat, self.echoed, self.ending = formatter, chat, echoed, ending
         self.pending: list[list] = [[] for _ in echoed]  # (token id, TokenLogprob or None) pairs
-        self.offsets = [0] * len(echoed)  # text completions: characters of the choice's tokens already sent
+        self.offsets = [TextOffsets() for _ in echoed]  # text completions: where the next token starts
 
     def add(self, index: int, out: StepOutput) -> None:
         if out.prompt_logprobs is not None:  # echo: the prompt's tokens come first (a leading one unscored)
@@ -272,9 +272,7 @@ class _ChoiceLogprobs:
             return None
         if self.chat:
             return self.formatter.chat([entry for _, entry in entries])
-        formatted = self.formatter.completion(entries, self.offsets[index])
-        self.offsets[index] += sum(len(token) for token in formatted["tokens"])
-        return formatted
+        return self.formatter.completion(entries, self.offsets[index])
 
 
 class _Choices:

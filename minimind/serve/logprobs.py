@@ -9,14 +9,16 @@ A token's `bytes` are its exact UTF-8 bytes (a byte-level BPE token may hold par
 string then shows U+FFFD for the missing part). The log-probabilities are the model's raw distribution
 (before penalties, temperature and top-k/top-p), as vLLM reports them by default; one that is not finite is
 sent as -9999.0, as OpenAI does, since JSON has no -Infinity. Every sampled token is listed except the
-end-of-sequence token that finishes a chat choice (a text completion lists it). `text_offset` adds up the
-lengths of the token strings.
+end-of-sequence token that finishes a chat choice (a text completion lists it). `text_offset` is where each
+token starts in the choice's text: a character whose bytes are split over tokens counts once, at the token
+that completes it (adding up the token strings would count one U+FFFD per piece and drift).
 With `echo`, a text completion's logprobs start with the prompt's tokens, the first one's log-probability
 null (nothing predicts it), as OpenAI's do: the way lm-evaluation-harness scores a continuation over the API.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from functools import lru_cache
@@ -39,6 +41,20 @@ def _byte_level_alphabet() -> dict[str, int]:
             chars[chr(256 + extra)] = byte
             extra += 1
     return chars
+
+
+class TextOffsets:
+    """Character offsets of successive tokens in the text their bytes decode to, for one choice."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, data: bytes) -> int:
+        """-> the offset of a token with these bytes; moves past the characters they complete."""
+        offset = self.chars
+        self.chars += len(self.decoder.decode(data))
+        return offset
 
 
 class LogprobFormatter:
@@ -71,16 +87,12 @@ class LogprobFormatter:
         return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                             for e in entries], "refusal": None}
 
-    def completion(self, entries: list[tuple[int, TokenLogprob | None]], offset: int) -> dict:
+    def completion(self, entries: list[tuple[int, TokenLogprob | None]], offsets: TextOffsets) -> dict:
         """Legacy shape for (token id, its entry) pairs; the entry is None for an echoed prompt's first token,
-        which nothing predicts. `offset`: the character offset of the first token in the choice's text."""
-        tokens, offsets = [], []
-        for token_id, _ in entries:
-            offsets.append(offset)
-            tokens.append(self.token(token_id))
-            offset += len(tokens[-1])
+        which nothing predicts. `offsets`: the choice's text so far (advanced past these tokens)."""
+        tokens = [self.token(token_id) for token_id, _ in entries]
         return {"tokens": tokens,
                 "token_logprobs": [None if e is None else _finite(e.logprob) for _, e in entries],
                 "top_logprobs": [None if e is None else {self.token(t): _finite(lp) for t, lp in e.top}
                                  for _, e in entries],
-                "text_offset": offsets}
+                "text_offset": [offsets.advance(self.token_bytes(token_id)) for token_id, _ in entries]}
