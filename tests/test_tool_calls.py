@@ -73,6 +73,9 @@ def test_template_reads_minimind_functions_and_several_calls(tokenizer):
     as_field = tokenizer.apply_chat_template([{"role": "system", "content": "S", "functions": [WEATHER["function"]]},
                                               weather_chat()[0]], tokenize=False)
     assert as_kwarg == as_field and '"name": "get_weather"' in as_kwarg
+    as_text = tokenizer.apply_chat_template([{"role": "system", "content": "S", "functions": json.dumps(
+        [WEATHER["function"]])}, weather_chat()[0]], tokenize=False)
+    assert as_text == as_kwarg.replace(json.dumps(WEATHER["function"]), json.dumps([WEATHER["function"]]))
     turn = {"role": "assistant", "content": "Checking.", "tool_calls": [
         {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}, {"name": "get_time"}]}
     text = tokenizer.apply_chat_template([weather_chat()[0], turn], tokenize=False)
@@ -92,6 +95,12 @@ def test_records_take_openai_and_minimind_forms_and_name_bad_calls(tmp_path):
     minimind_form = {"conversations": [{"role": "system", "content": "S", "functions": [WEATHER["function"]]},
                                        *weather_chat()]}
     assert validate_sft(minimind_form)[0]["functions"] == [WEATHER["function"]]
+    as_text = [{"role": "system", "content": "S", key: json.dumps([WEATHER["function"]])} for key in ("functions", "tools")]
+    assert all(validate_sft({"conversations": [system, *weather_chat()]})[0]["functions"] == [WEATHER["function"]]
+               for system in as_text)  # MiniMind's and HF's tool data keep the list as JSON text
+    calls_as_text = weather_chat()
+    calls_as_text[1] = {"role": "assistant", "content": "", "tool_calls": json.dumps(calls_as_text[1]["tool_calls"])}
+    assert validate_sft({"conversations": calls_as_text})[1]["tool_calls"][0]["function"]["name"] == "get_weather"
     openai_form = validate_sft({"tools": TOOLS, "conversations": weather_chat()})
     assert openai_form[0]["functions"] == TOOLS
     assert openai_form[1 + 0]["tool_calls"] == [{"type": "function", "function": {"name": "get_weather",
@@ -112,7 +121,7 @@ def test_records_take_openai_and_minimind_forms_and_name_bad_calls(tmp_path):
             list(read_records(path, "sft"))
         assert f"{path}:2: conversations[1].tool_calls[0]" in str(err.value) and reason in str(err.value), label
     with pytest.raises(ValueError, match="tools must be a list"):
-        validate_sft({"tools": {"name": "f"}, "conversations": weather_chat()})
+        validate_sft({"tools": [1], "conversations": weather_chat()})
 
 
 # ---- reading calls back ----

@@ -75,8 +75,9 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
         turn: dict[str, Any] = {"role": role, "content": content}
         if calls:
             turn["tool_calls"] = calls
-        if role == "system" and message.get("functions"):
-            turn["functions"] = _tools(message["functions"], f"{where}.functions")
+        for key in ("functions", "tools"):  # MiniMind's SFT data says functions, its agentic data tools
+            if role == "system" and message.get(key):
+                turn["functions"] = _tools(message[key], f"{where}.{key}")
         reasoning = message.get("reasoning_content")
         if reasoning is not None:
             if role != "assistant" or not isinstance(reasoning, str):
@@ -93,8 +94,13 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
 
 def _tool_calls(calls: Any, where: str) -> list[dict] | None:
     """An assistant turn's calls as [{"type": "function", "function": {"name", "arguments": {...}}}]."""
-    if calls is None or calls == []:
+    if calls is None or calls == [] or calls == "":
         return None
+    if isinstance(calls, str):  # JSON text of the list
+        try:
+            calls = json.loads(calls)
+        except ValueError:
+            raise BadRecord(f'{where} field "tool_calls" is a string but not valid JSON') from None
     if not isinstance(calls, list):
         raise BadRecord(f'{where} field "tool_calls" must be a list, got {type(calls).__name__}')
     clean = []
@@ -116,9 +122,17 @@ def _tool_calls(calls: Any, where: str) -> list[dict] | None:
 
 
 def _tools(tools: Any, where: str) -> list[dict]:
-    """The functions offered: a list of objects, each a function schema or {"type": "function", "function": ...}."""
+    """The functions offered: a list (or its JSON text, as MiniMind's and HF's tool data write it) of objects,
+    each a function schema or {"type": "function", "function": ...}."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise BadRecord(f"{where} is a string but not valid JSON") from None
+    if isinstance(tools, dict):
+        tools = [tools]
     if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
-        raise BadRecord(f'{where} must be a list of function objects')
+        raise BadRecord(f"{where} must be a list of function objects")
     for j, tool in enumerate(tools):
         function = tool.get("function", tool)
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):

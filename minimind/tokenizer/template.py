@@ -38,7 +38,8 @@ CHAT_TEMPLATE = (
     "{{- bos_token + 'system\\n' + system -}}"
     "{%- if tools -%}"
     "{{- '" + _TOOLS_INTRO + "' -}}"
-    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{%- if tools is string -%}{{- '\\n' + tools -}}"  # JSON text, as some data keeps it
+    "{%- else -%}{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}{%- endif -%}"
     "{{- '" + _TOOLS_HOW + "' -}}"
     "{%- endif -%}"
     "{{- eos_token + '\\n' -}}"
