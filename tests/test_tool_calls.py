@@ -272,6 +272,13 @@ def test_streamed_calls_arrive_whole_and_no_tag_leaks_into_content(client):
     assert json.loads(delta.function.arguments) == {"tz": "Asia/Tokyo"}
     whole = ask(client, time_chat()[:1]).choices[0].message.tool_calls[0].function
     assert (whole.name, whole.arguments) == (delta.function.name, delta.function.arguments)
+    # several choices, with logprobs: each choice's call and finish arrive under its own index
+    chunks = list(ask(client, time_chat()[:1], stream=True, n=2, logprobs=True))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        (call,) = [d for c in mine for d in (c.delta.tool_calls or [])]
+        assert call.function.name == "get_time" and mine[-1].finish_reason == "tool_calls"
+        assert sum(len(c.logprobs.content) for c in mine if c.logprobs) > 10  # every token's, text held or not
 
 
 @pytest.mark.slow
