@@ -50,6 +50,7 @@ from minimind.serve.protocol import (
     fit_to_context,
     parse_request,
 )
+from minimind.serve.reasoning import ReasoningSplitter, split_reply
 from minimind.serve.responses import Reply, sse
 from minimind.serve.scheduler import Job, QueueFull, Scheduler
 from minimind.serve.tools import ToolCallReader
@@ -65,6 +66,7 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     sampling_defaults: dict = field(default_factory=dict)  # the model's generation_config.json defaults
+    split_reasoning: bool = False  # --reasoning-parser think: chat thinking goes in reasoning_content
 
 
 def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
@@ -177,7 +179,8 @@ class _Api:
         if body.calls_tools:
             reader = ToolCallReader(body.n, body.reply_prefix(), body.function_names, body.parallel_tool_calls
                                     is not False)
-        return await self._generate(request, model, body, [prompt], echoes=None, tools=reader)
+        splitter = ReasoningSplitter(body.n) if self.config.split_reasoning else None
+        return await self._generate(request, model, body, [prompt], echoes=None, tools=reader, reasoning=splitter)
 
     async def completions(self, request: Request) -> Response:
         body = parse_request(CompletionRequest, await self._read_json(request))
@@ -217,10 +220,10 @@ class _Api:
 
     async def _generate(self, request: Request, model: str, body: ChatCompletionRequest | CompletionRequest,
                         prompts: list[list[int]], echoes: list[str] | None, starts: list[int] | None = None,
-                        tools: ToolCallReader | None = None) -> Response:
+                        tools: ToolCallReader | None = None, reasoning: ReasoningSplitter | None = None) -> Response:
         """Check every choice fits the context, submit one job per choice, and answer (streaming or not).
         `starts`: per prompt, the first token of the echoed text (for the prompt's logprobs); `tools`: reads
-        each chat choice's reply for function calls."""
+        each chat choice's reply for function calls; `reasoning`: splits its thinking off."""
         params = base_params(body, self.config.sampling_defaults)
         defaults = self.config.sampling_defaults
         jobs_params = [
@@ -242,9 +245,37 @@ class _Api:
             # (one entry per position: lm-evaluation-harness finds the continuation's tokens by position)
             ending = self.eos_ids if reply.chat and not params.ignore_eos else frozenset()
             logprobs = _ChoiceLogprobs(self.logprob_format, reply.chat, echoed, ending)
+        readers = _Readers(tools, reasoning)
         if body.stream:
-            return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n, logprobs, tools), choices)
-        return await _respond(request, reply, choices, prompt_tokens, echoes, body.n, logprobs, tools)
+            return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n, logprobs, readers), choices)
+        return await _respond(request, reply, choices, prompt_tokens, echoes, body.n, logprobs, readers)
+
+
+@dataclass
+class _Readers:
+    """What reads a chat choice's text before it goes out: thinking split off first, then function calls."""
+
+    tools: ToolCallReader | None = None
+    reasoning: ReasoningSplitter | None = None
+
+    def feed(self, index: int, text: str, final: bool) -> tuple[str, str]:
+        """-> (reasoning, content) of newly generated text that can be sent now."""
+        thinking = ""
+        if self.reasoning is not None:
+            thinking, text = self.reasoning.feed(index, text, final)
+        if self.tools is not None:
+            text = self.tools.feed(index, text)
+        return thinking, text
+
+    def whole(self, index: int, text: str) -> tuple[str | None, str | None, list[dict] | None]:
+        """-> (reasoning, content, calls) of a finished reply, for a non-streaming response."""
+        thinking = None
+        if self.reasoning is not None:
+            thinking, text = split_reply(text)
+        if self.tools is None:
+            return thinking, text, None
+        self.tools.feed(index, text)
+        return (thinking, *self.tools.message(index))
 
 
 class _ChoiceLogprobs:
@@ -326,9 +357,9 @@ class _EventStream(StreamingResponse):
 
 
 async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: list[str] | None,
-                  n: int, logprobs: _ChoiceLogprobs | None, tools: ToolCallReader | None) -> AsyncIterator[str]:
+                  n: int, logprobs: _ChoiceLogprobs | None, readers: _Readers) -> AsyncIterator[str]:
     """SSE chunks: opening chunk per choice (chat role, or the echoed prompt), deltas, finish, usage, [DONE].
-    With `tools`, a choice's text stops at the first sign of a call; the calls go out when it finishes."""
+    With tools, a choice's text stops at the first sign of a call; the calls go out when it finishes."""
     completion_tokens = 0
     try:
         for index in range(len(choices.jobs)):
@@ -339,14 +370,15 @@ async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: l
         async for index, out in choices.events():
             if logprobs is not None:
                 logprobs.add(index, out)
-            text = tools.feed(index, out.text) if tools is not None else out.text
-            if text:
-                yield reply.chunk(index, text, logprobs=logprobs and logprobs.take(index))
+            thinking, text = readers.feed(index, out.text, out.finished)
+            if text or thinking:
+                yield reply.chunk(index, text or None, reasoning=thinking or None,
+                                  logprobs=logprobs and logprobs.take(index))
             if out.finished:
                 completion_tokens += out.completion_tokens
                 reason = out.finish_reason
-                if tools is not None:
-                    rest, calls = tools.finish(index)
+                if readers.tools is not None:
+                    rest, calls = readers.tools.finish(index)
                     if rest:
                         yield reply.chunk(index, rest)
                     if calls:
@@ -364,7 +396,7 @@ async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: l
 
 async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tokens: int,
                    echoes: list[str] | None, n: int, logprobs: _ChoiceLogprobs | None,
-                   tools: ToolCallReader | None) -> Response:
+                   readers: _Readers) -> Response:
     """Wait for every choice, or stop early (and release them) when the client disconnects."""
     texts = [[echoes[i // n]] if echoes is not None else [] for i in range(len(choices.jobs))]
     reasons: list[str] = [""] * len(choices.jobs)
@@ -392,15 +424,11 @@ async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tok
         gone.cancel()
         choices.cancel()
     per_choice = [logprobs.take(i, even_empty=True) for i in range(len(texts))] if logprobs is not None else None
-    contents: list[str | None] = ["".join(t) for t in texts]
-    calls: list[list[dict] | None] = [None] * len(texts)
-    if tools is not None:
-        for i, content in enumerate(contents):
-            tools.feed(i, content)
-            contents[i], calls[i] = tools.message(i)
-            if calls[i]:
-                reasons[i] = "tool_calls"
-    return JSONResponse(reply.body(contents, reasons, prompt_tokens, completion_tokens, per_choice, calls))
+    parts = [readers.whole(i, "".join(t)) for i, t in enumerate(texts)]
+    reasons = ["tool_calls" if calls else reason for reason, (_, _, calls) in zip(reasons, parts)]
+    return JSONResponse(reply.body([content for _, content, _ in parts], reasons, prompt_tokens, completion_tokens,
+                                   per_choice, [calls for _, _, calls in parts],
+                                   [thinking for thinking, _, _ in parts] if readers.reasoning else None))
 
 
 async def _disconnected(request: Request) -> None:

@@ -116,6 +116,7 @@ class AssistantMessage(BaseModel):
 
     role: Literal["assistant"]
     content: str | None
+    reasoning_content: str | None = None  # with --reasoning-parser think
     tool_calls: list[ToolCall] | None = None
 
 
@@ -170,6 +171,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # with --reasoning-parser think
     tool_calls: list[ToolCallDelta] | None = None
 
 

@@ -43,15 +43,18 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def body(self, texts: list[str | None], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int,
-             logprobs: list[dict | None] | None = None, tool_calls: list[list[dict] | None] | None = None) -> dict:
-        """The whole non-streaming response, one choice per text (with its `logprobs` object, if asked, and
-        a chat choice's `tool_calls`, if it made any)."""
+             logprobs: list[dict | None] | None = None, tool_calls: list[list[dict] | None] | None = None,
+             reasoning: list[str | None] | None = None) -> dict:
+        """The whole non-streaming response, one choice per text (with its `logprobs` object, if asked, a chat
+        choice's `tool_calls`, if it made any, and its `reasoning_content` when thinking is split off)."""
         logprobs = logprobs or [None] * len(texts)
         tool_calls = tool_calls or [None] * len(texts)
         if self.chat:
             choices = []
             for i, (text, reason, lp, calls) in enumerate(zip(texts, finish_reasons, logprobs, tool_calls)):
                 message = {"role": "assistant", "content": text}
+                if reasoning is not None:
+                    message["reasoning_content"] = reasoning[i]
                 if calls:
                     message["tool_calls"] = calls
                 choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
@@ -61,11 +64,15 @@ class Reply:
         return {**self._head(False), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
-              role: bool = False, logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> str:
+              role: bool = False, logprobs: dict | None = None, tool_calls: list[dict] | None = None,
+              reasoning: str | None = None) -> str:
         """One SSE chunk for choice `index`: a text delta, the opening role (chat), a chat choice's calls
-        (whole, each with its position in the list as OpenAI's deltas carry it), or the finish reason."""
+        (whole, each with its position in the list as OpenAI's deltas carry it), a piece of its thinking,
+        or the finish reason."""
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if role else {}
+            if reasoning is not None:
+                delta["reasoning_content"] = reasoning
             if text is not None:
                 delta["content"] = text
             if tool_calls:

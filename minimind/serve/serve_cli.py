@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait for a slot; beyond that the server answers 429")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    parser.add_argument("--reasoning-parser", default="none", choices=["none", "think"],
+                        help="think: a chat reply's <think>...</think> goes in reasoning_content, the answer in "
+                        "content (as DeepSeek's API and vLLM answer); none: the reply as generated")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="uvicorn's log level (info logs every request)")
 
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     defaults = generation_defaults(args.model)
     engine = load_engine(args, warm_up=True, max_batch_size=args.max_batch_size)
     config = ServeConfig(names, args.api_key or os.environ.get("MINIMIND_API_KEY") or None, args.max_body_bytes,
-                         defaults)
+                         defaults, split_reasoning=args.reasoning_parser == "think")
     app = create_app(Scheduler(engine, max_queue=args.max_queue), config)
     key_note = "API key required" if config.api_key else "no API key"
     print(f"minimind serve: {args.model} as {', '.join(names)} on http://{args.host}:{args.port}/v1 "
