@@ -106,7 +106,7 @@ def test_records_take_openai_and_minimind_forms_and_name_bad_calls(tmp_path):
     assert openai_form[1 + 0]["tool_calls"] == [{"type": "function", "function": {"name": "get_weather",
                                                                                   "arguments": {"city": "Paris"}}}]
     bad_calls = [
-        ("not json", '{"name": "f", "arguments": "{oops"}', "is not valid JSON"),
+        ("not json", '{"name": "f", "arguments": "{oops"}', "not valid JSON"),
         ("no name", '{"arguments": {}}', 'with a function "name"'),
         ("list args", '{"name": "f", "arguments": [1]}', "must be a JSON object"),
     ]

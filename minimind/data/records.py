@@ -92,15 +92,21 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
     return clean
 
 
+def _from_json_text(value: Any, what: str) -> Any:
+    """A value some data writes as JSON text (tool lists, calls, arguments) decoded; other values as they are."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise BadRecord(f"{what} is a string but not valid JSON") from None
+
+
 def _tool_calls(calls: Any, where: str) -> list[dict] | None:
     """An assistant turn's calls as [{"type": "function", "function": {"name", "arguments": {...}}}]."""
     if calls is None or calls == [] or calls == "":
         return None
-    if isinstance(calls, str):  # JSON text of the list
-        try:
-            calls = json.loads(calls)
-        except ValueError:
-            raise BadRecord(f'{where} field "tool_calls" is a string but not valid JSON') from None
+    calls = _from_json_text(calls, f'{where} field "tool_calls"')
     if not isinstance(calls, list):
         raise BadRecord(f'{where} field "tool_calls" must be a list, got {type(calls).__name__}')
     clean = []
@@ -109,12 +115,7 @@ def _tool_calls(calls: Any, where: str) -> list[dict] | None:
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise BadRecord(f'{at} must be an object with a function "name"')
-        arguments = function.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                raise BadRecord(f'{at} "arguments" is not valid JSON') from None
+        arguments = _from_json_text(function.get("arguments", {}), f'{at} "arguments"')
         if not isinstance(arguments, dict):
             raise BadRecord(f'{at} "arguments" must be a JSON object, got {type(arguments).__name__}')
         clean.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
@@ -124,11 +125,7 @@ def _tool_calls(calls: Any, where: str) -> list[dict] | None:
 def _tools(tools: Any, where: str) -> list[dict]:
     """The functions offered: a list (or its JSON text, as MiniMind's and HF's tool data write it) of objects,
     each a function schema or {"type": "function", "function": ...}."""
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except ValueError:
-            raise BadRecord(f"{where} is a string but not valid JSON") from None
+    tools = _from_json_text(tools, where)
     if isinstance(tools, dict):
         tools = [tools]
     if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
