@@ -63,7 +63,9 @@ def test_seed_per_choice_and_context_checks():
     ({"messages": HELLO, "tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
     ({"messages": HELLO, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}},
      "tool_choice"),
-    ({"messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": HELLO, "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "properties": {"a": {"$ref": "#/missing"}}}}}}, "response_format"),
 ])
 def test_bad_chat_fields_name_their_param(body, param):
     with pytest.raises(APIError) as err:

@@ -145,9 +145,9 @@ def test_streaming_holds_back_only_what_may_become_a_call():
     assert safe_text_end("Hello <b>") == len("Hello <b>")
     assert safe_text_end("a<tool_call>{") == 1
     reply = "Sure <thing>. " + CALL_TEXT
-    whole = ToolCallReader(1, "", frozenset({"get_weather"}))
+    whole = ToolCallReader(1, frozenset({"get_weather"}))
     whole.feed(0, reply)
-    streamed = ToolCallReader(1, "", frozenset({"get_weather"}))
+    streamed = ToolCallReader(1, frozenset({"get_weather"}))
     sent = "".join(streamed.feed(0, ch) for ch in reply)
     rest, calls = streamed.finish(0)
     content, whole_calls = whole.message(0)
@@ -155,7 +155,7 @@ def test_streaming_holds_back_only_what_may_become_a_call():
     assert [c["function"] for c in calls] == [c["function"] for c in whole_calls] == [
         {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
     # a reply that only looked like a call comes back whole, as text
-    fake = ToolCallReader(1, "", frozenset({"get_weather"}))
+    fake = ToolCallReader(1, frozenset({"get_weather"}))
     sent = "".join(fake.feed(0, ch) for ch in "x <tool_call> not json")
     assert sent + fake.finish(0)[0] == "x <tool_call> not json" and fake.finish(0)[1] is None
 

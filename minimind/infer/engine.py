@@ -36,6 +36,9 @@ Context policy: a prompt must leave room for at least one new token (prompt toke
 Text prompts get the tokenizer's bos token in front (as pretraining saw it) unless they start with it;
 token-id prompts are used as given. `completion_tokens` counts every sampled token, a final eos included.
 Seeds: request i of a batched call gets seed + i, so a batched call reproduces each prompt run alone.
+A request with `SamplingParams.grammar` samples only tokens its grammar allows (`grammar.py`), e.g.
+`engine.generate(prompt, grammar=json_grammar(schema))` always gives JSON valid under the schema, unless
+max_new_tokens cuts it short (finish_reason "length").
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import torch
 from minimind.errors import UserError
 from minimind.infer.cache import SlotKVCache
 from minimind.infer.compiled import CompiledDecoder
+from minimind.infer.grammar import Guide
 from minimind.infer.layout import OutputHead, gemv_layout, pack_linears
 from minimind.infer.quantize import check_quantize, quantize_int8
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, TokenLogprob, choose_tokens, token_logprobs
@@ -115,6 +119,7 @@ class _Request:
     limit: int  # max_new_tokens capped to the context
     stream: TextStream
     generator: torch.Generator | None
+    matcher: object | None = None  # llguidance.LLMatcher of a request with a grammar
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0  # tokens of this request stored in its cache row
     row: int = -1
@@ -168,6 +173,7 @@ class Engine:
         self.eos_ids = {tokenizer.eos_token_id} | _as_set(getattr(config, "eos_token_id", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.cache = SlotKVCache(config.n_layers, config.n_kv_heads, config.head_dim, self.dtype, self.device)
+        self._guide = Guide(tokenizer)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # index = cache row
         self._requests: dict[int, _Request] = {}
@@ -209,13 +215,12 @@ class Engine:
             raise UserError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return ids
 
-    def chat_prompt(self, messages: list[dict], prefix: str = "", **template_kwargs) -> list[int]:
-        """Token ids of a conversation rendered by the tokenizer's chat template, ready for the assistant;
-        `prefix` is text the assistant's reply starts with (the model continues it)."""
+    def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """Token ids of a conversation rendered by the tokenizer's chat template, ready for the assistant."""
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **template_kwargs
         )
-        return self.tokenizer.encode(text + prefix, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- high level ----
 
@@ -327,6 +332,7 @@ class Engine:
             limit=min(params.max_new_tokens, self.max_seq_len - len(prompt_ids)),
             stream=TextStream(self.tokenizer, params.stop),
             generator=generator,
+            matcher=self._guide.matcher(params.grammar) if params.grammar is not None else None,
         )
         self._next_id += 1
         self._requests[request.request_id] = request
@@ -535,7 +541,14 @@ class Engine:
         uniforms = torch.tensor([r.uniform() for r in requests], device=self.device) if sampling else None
         penalized = any(r.params.penalized for r in self._running)
         seen, counts = (self._seen[start:stop], self._counts[start:stop]) if penalized else (None, None)
-        tokens = choose_tokens(logits, self._row_params[start:stop], uniforms, seen, counts)
+        matchers = [r.matcher for r in requests]
+        guided = any(m is not None for m in matchers)
+        allowed = self._guide.mask(logits, matchers) if guided else logits  # raw logits kept for logprobs
+        tokens = choose_tokens(allowed, self._row_params[start:stop], uniforms, seen, counts)
+        if guided:
+            for request, token in zip(requests, tokens.tolist()):
+                if request.matcher is not None:
+                    request.matcher.consume_token(token)
         self._next_tokens[start:stop] = tokens
         if penalized:
             rows = torch.arange(stop - start, device=self.device)

@@ -38,6 +38,8 @@ class SamplingParams:
     `logprobs`: None = off; k in [0, 20] = report each sampled token's log-probability under the model (its
     raw distribution: before penalties, temperature and truncation) and the k most likely tokens' (`TokenLogprob`).
     `prompt_logprobs`: the same for every prompt token after the first (scoring a text, as `echo` does).
+    `grammar`: an llguidance grammar the output must follow (`grammar.py`: `json_grammar(schema)` for JSON,
+    `tool_call_grammar` for function calls); tokens it does not allow next are never sampled.
     """
 
     max_new_tokens: int = 256
@@ -53,6 +55,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -89,6 +92,18 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
                 raise UserError(f"{name} is {value!r}; expected None or an integer in [0, {MAX_LOGPROBS}]")
+        self._check_grammar()
+
+    def _check_grammar(self) -> None:
+        if self.grammar is None:
+            return
+        if not isinstance(self.grammar, str):
+            raise UserError(f"grammar is {type(self.grammar).__name__}; expected an llguidance grammar string")
+        import llguidance
+
+        error = llguidance.LLMatcher.validate_grammar(self.grammar)
+        if error:
+            raise UserError(f"the output grammar is invalid: {error.strip()}")
 
     @property
     def greedy(self) -> bool:

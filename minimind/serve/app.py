@@ -172,13 +172,12 @@ class _Api:
             raise APIError(400, "this model's chat template does not show tools to the model (it predates "
                            "function calling); retrain or re-save its tokenizer with this version", "tools")
         try:
-            prompt = self.prompts.chat_prompt(body.conversation(), prefix=body.reply_prefix(), tools=tools)
+            prompt = self.prompts.chat_prompt(body.conversation(), tools=tools)
         except TemplateError as err:
             raise APIError(400, f"the chat template rejected these messages: {err}", "messages") from None
         reader = None
         if body.calls_tools:
-            reader = ToolCallReader(body.n, body.reply_prefix(), body.function_names, body.parallel_tool_calls
-                                    is not False)
+            reader = ToolCallReader(body.n, body.function_names, body.parallel_tool_calls is not False)
         splitter = ReasoningSplitter(body.n) if self.config.split_reasoning else None
         return await self._generate(request, model, body, [prompt], echoes=None, tools=reader, reasoning=splitter)
 

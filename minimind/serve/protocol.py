@@ -3,10 +3,12 @@
 Validation follows OpenAI and vLLM: every client error becomes an `APIError` that the app turns into
 `{"error": {"message", "type", "param", "code"}}` with its HTTP status. Schema violations (wrong type, value
 out of range, missing field, wrong role) are 400 like OpenAI and vLLM answer them, not FastAPI's default 422.
-Unknown fields are ignored, as OpenAI does; fields we cannot honour (`suffix`, `response_format` other than
-text) are rejected rather than silently dropped, so a client never gets an answer that quietly differs from
-what it asked for. Function calling (`tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls` and
-`tool` turns in the history) goes through the chat template and `serve/tools.py`. `logprobs` (chat: `logprobs` + `top_logprobs`; text completions: `logprobs: k`,
+Unknown fields are ignored, as OpenAI does; fields we cannot honour (`suffix`, `best_of` other than n) are
+rejected rather than silently dropped, so a client never gets an answer that quietly differs from what it
+asked for. Function calling (`tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls` and `tool`
+turns in the history) goes through the chat template and `serve/tools.py`. `response_format` json_object /
+json_schema, and tool_choice "required" or a named function, constrain decoding with a grammar
+(`infer/grammar.py`): the reply parses (and fits the schema) unless max_tokens cuts it short. `logprobs` (chat: `logprobs` + `top_logprobs`; text completions: `logprobs: k`,
 with `echo` the prompt's tokens too) are reported as `serve/logprobs.py` describes.
 
 Besides OpenAI's fields the requests accept vLLM's sampling extensions `top_k`, `min_p`,
@@ -18,7 +20,6 @@ the context, capped by the generation config's `max_new_tokens`. With `seed` and
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -33,8 +35,8 @@ from pydantic import (
 )
 
 from minimind.errors import UserError
+from minimind.infer.grammar import json_grammar, tool_call_grammar
 from minimind.infer.sampling import MAX_LOGPROBS, SamplingParams
-from minimind.tokenizer.template import TOOL_CALL_OPEN
 
 MAX_CHOICES = 16  # n per prompt
 MAX_STOP_STRINGS = 16
@@ -172,6 +174,10 @@ class _GenerationRequest(_Body):
         """`SamplingParams.logprobs`: None (off) or how many alternatives each token reports."""
         raise NotImplementedError
 
+    def output_grammar(self) -> str | None:
+        """`SamplingParams.grammar`: what the output must follow, if anything."""
+        return None
+
     def check_supported(self) -> None:
         """Refuse what the server cannot honour instead of ignoring it."""
         if self.stream_options is not None and not self.stream:
@@ -203,6 +209,30 @@ class NamedToolChoice(_Body):
     function: FunctionName
 
 
+class TextFormat(_Body):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Body):
+    """`response_format` {"type": "json_object"}: the reply is one JSON object."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Body):
+    """`response_format` {"type": "json_schema", "json_schema": {"name", "schema"}}: JSON valid under it."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
@@ -213,7 +243,24 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[ToolSpec] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: Any = None
+    response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
+    _grammar: str | None = PrivateAttr(None)  # from check_supported
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, value: Any) -> Any:
+        """The format model its "type" names; one message naming the inner field at fault."""
+        kinds = {"text": TextFormat, "json_object": JsonObjectFormat, "json_schema": JsonSchemaFormat}
+        if value is None:
+            return None
+        if not isinstance(value, dict) or value.get("type") not in kinds:
+            raise ValueError('expected {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                             '"json_schema": {"name": ..., "schema": {...}}}')
+        try:
+            return kinds[value["type"]].model_validate(value)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ValueError(f"{_param_name(first['loc'])}: {first['msg']}") from None
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -238,8 +285,15 @@ class ChatCompletionRequest(_GenerationRequest):
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in self.function_names:
             raise APIError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not among the "
                            "tools", "tool_choice")
-        if self.response_format not in (None, {"type": "text"}):
-            raise APIError(400, 'only response_format {"type": "text"} is supported', "response_format")
+        if self.calls_tools and isinstance(self.response_format, (JsonObjectFormat, JsonSchemaFormat)):
+            raise APIError(400, "a JSON response_format leaves no room for tool calls; send tools or a JSON "
+                           'response_format (or tool_choice "none")', "response_format")
+        self._grammar = self._build_grammar()
+        if self._grammar is not None:
+            try:
+                SamplingParams(grammar=self._grammar)
+            except UserError as err:  # a schema llguidance cannot compile
+                raise APIError(400, str(err), "tools" if self.calls_tools else "response_format") from None
 
     def conversation(self) -> list[dict]:
         """Messages for the chat template."""
@@ -258,17 +312,22 @@ class ChatCompletionRequest(_GenerationRequest):
         """The `tools` argument of the chat template."""
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.calls_tools else None
 
-    def reply_prefix(self) -> str:
-        """What the assistant's turn starts with before the model speaks: the opening of a call when one is
-        required (and its name when tool_choice names it), so the model continues a call instead of choosing
-        whether to make one. Without constrained decoding this is the closest the server gets to a guarantee:
-        a continuation that does not parse comes back as text."""
-        if self.tool_choice == "required":
-            return TOOL_CALL_OPEN + "\n"
-        if isinstance(self.tool_choice, NamedToolChoice):
-            name = json.dumps(self.tool_choice.function.name)
-            return TOOL_CALL_OPEN + '\n{"name": ' + name + ', "arguments": '
-        return ""
+    def output_grammar(self) -> str | None:
+        return self._grammar
+
+    def _build_grammar(self) -> str | None:
+        """What the reply must follow: calls only (tool_choice "required" or a named function: the calls
+        parse and their arguments fit the function's parameter schema), or JSON (`response_format`)."""
+        if self.calls_tools and self.tool_choice not in (None, "auto"):
+            named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+            functions = {t.function.name: t.function.parameters for t in self.tools
+                         if named is None or t.function.name == named}
+            return tool_call_grammar(functions, parallel=named is None and self.parallel_tool_calls is not False)
+        if isinstance(self.response_format, JsonSchemaFormat):
+            return json_grammar(self.response_format.json_schema.schema_)
+        if isinstance(self.response_format, JsonObjectFormat):
+            return json_grammar(None)
+        return None
 
     @property
     def token_limit(self) -> int | None:
@@ -352,6 +411,7 @@ def base_params(request: _GenerationRequest, defaults: dict) -> SamplingParams:
         return SamplingParams(
             **chosen, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             stop=request.stop, ignore_eos=request.ignore_eos, logprobs=request.sampling_logprobs(),
+            grammar=request.output_grammar(),
             prompt_logprobs=request.sampling_logprobs() if getattr(request, "echo", False) else None,
         )
     except UserError as err:  # a bad generation_config.json default; the request itself was checked

@@ -22,11 +22,10 @@ def openai_tool_calls(calls: list[ToolCall]) -> list[dict]:
 
 
 class ToolCallReader:
-    """Per choice: the reply so far (after the prefix the prompt put in the assistant's mouth), how much of it
-    went out as text, and at the end the calls it holds."""
+    """Per choice: the reply so far, how much of it went out as text, and at the end the calls it holds."""
 
-    def __init__(self, choices: int, prefix: str, names: frozenset[str], parallel: bool = True):
-        self.texts = [prefix] * choices
+    def __init__(self, choices: int, names: frozenset[str], parallel: bool = True):
+        self.texts = [""] * choices
         self.sent = [0] * choices
         self.names, self.parallel = names, parallel
 

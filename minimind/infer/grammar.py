@@ -1,0 +1,92 @@
+"""Constrained decoding: a grammar decides which tokens may come next, so the output always parses.
+
+A request's `SamplingParams.grammar` is an llguidance grammar (JSON text, as `json_grammar` and
+`tool_call_grammar` build it). The engine keeps one `LLMatcher` per such request: before each sampling step
+it masks the logits of every token the grammar does not allow next (llguidance computes the mask over the
+tokenizer's byte strings, so a token that spans two JSON symbols is allowed exactly when its whole text fits),
+and after it feeds the chosen token in. Once the grammar is complete only the end-of-sequence token is
+allowed, so a finished value ends the reply. The parser itself is llguidance (Rust, used by vLLM and
+llama.cpp); what is ours is where it sits in the decode step.
+
+JSON is written as `json.dumps` writes it (", " and ": ", no other whitespace): the form the chat template
+gives tool arguments in training data, and a small model cannot pad it with endless whitespace.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from minimind.errors import UserError
+
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _styled(schema: dict | None) -> dict:
+    schema = dict(schema) if schema else {"type": "object"}
+    schema["x-guidance"] = {**JSON_STYLE, **schema.get("x-guidance", {})}
+    return schema
+
+
+def json_grammar(schema: dict | None = None) -> str:
+    """A grammar for one JSON value valid under `schema` (None: any JSON object)."""
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_json_schema(_styled(schema))
+
+
+def tool_call_grammar(functions: dict[str, dict | None], parallel: bool = True) -> str:
+    """A grammar for replies made only of calls, as the chat template writes them: `<tool_call>` blocks of
+    {"name": one of `functions`, "arguments": valid under that function's parameter schema}."""
+    import llguidance
+
+    rules = [f'fn{i}: {_lark_string(json.dumps(name) + ", " + json.dumps("arguments") + ": ")} %json '
+             f'{json.dumps(_styled(parameters))}' for i, (name, parameters) in enumerate(functions.items())]
+    choice = " | ".join(f"fn{i}" for i in range(len(functions)))
+    call = f'call: {_lark_string("<tool_call>" + chr(10) + "{" + json.dumps("name") + ": ")} ({choice}) ' \
+           f'{_lark_string("}" + chr(10) + "</tool_call>")}'
+    start = 'start: call ("\\n" call)*' if parallel else "start: call"
+    return llguidance.LLMatcher.grammar_from_lark("\n".join([start, call, *rules]))
+
+
+def _lark_string(text: str) -> str:
+    """A Lark string literal matching `text` exactly."""
+    return json.dumps(text)
+
+
+class Guide:
+    """Matchers for the requests of one engine that have a grammar, and the masking of their logits."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._ll_tokenizer = None  # built on first use (llguidance's view of the vocabulary)
+
+    def matcher(self, grammar: str):
+        """A fresh matcher at the start of `grammar`; UserError naming what is wrong with it."""
+        import llguidance
+        import llguidance.hf
+
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer)
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
+        if matcher.is_error():
+            raise UserError(f"the output grammar is invalid: {matcher.get_error()}")
+        return matcher
+
+    def mask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:
+        """(B, V) logits with every token a row's matcher forbids next at -inf (rows without one unchanged);
+        a copy, so the raw logits stay for logprobs."""
+        import llguidance.torch
+
+        width = self._ll_tokenizer.vocab_size
+        allowed = llguidance.torch.allocate_token_bitmask(len(matchers), width)
+        rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
+        for row in rows:
+            llguidance.torch.fill_next_token_bitmask(matchers[row], allowed, row)
+        masked = logits.float().clone()
+        guided = masked[rows]
+        llguidance.torch.apply_token_bitmask_inplace(guided[:, :width], allowed[rows])
+        guided[:, width:] = float("-inf")  # model rows past the tokenizer's vocabulary never decode
+        masked[rows] = guided
+        return masked
