@@ -86,7 +86,7 @@ class Guide:
             llguidance.torch.fill_next_token_bitmask(matchers[row], allowed, row)
         masked = logits.float().clone()
         guided = masked[rows]
-        llguidance.torch.apply_token_bitmask_inplace(guided[:, :width], allowed[rows])
+        llguidance.torch.apply_token_bitmask_inplace(guided[:, :width], allowed[rows].to(guided.device))
         guided[:, width:] = float("-inf")  # model rows past the tokenizer's vocabulary never decode
         masked[rows] = guided
         return masked
