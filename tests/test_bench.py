@@ -21,6 +21,7 @@ RATIO = re.compile(r"^[\w .-]+: ratio=\d+\.\d\d \(ours [\d.]+( [\w /-]+)?, peer 
     ["data.py", "--quick"],
     ["prepare.py", "--quick"],
     ["memory.py", "--quick"],
+    ["grammar.py", "--quick"],
     ["decode.py", "--quick", "--gguf-types"],
     ["serve.py", "--preset", "tiny", "--clients", "2", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"],
 ], ids=lambda argv: argv[0])
