@@ -42,6 +42,7 @@ def test_outputs_follow_the_schema_sampled_or_greedy_batched_with_free_rows(engi
     prompts = ["hello", "The weather", "x", "天气"]
     guided = engine.completions(prompts, max_new_tokens=80, temperature=1.0, seed=1, grammar=grammar)
     greedy = engine.completions(prompts[:2], max_new_tokens=80, grammar=grammar, repetition_penalty=1.3)
+    greedy += engine.completions(prompts[:1], max_new_tokens=80, grammar=grammar, ignore_eos=True)  # ends anyway
     for result in guided + greedy:
         assert result.finish_reason == "stop", result.text
         jsonschema.validate(json.loads(result.text), CITY)

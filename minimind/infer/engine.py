@@ -570,6 +570,8 @@ class Engine:
             text, stopped = request.stream.push(token)
             if stopped:
                 reason = "stop"
+            elif request.matcher is not None and request.matcher.is_stopped():  # the grammar is complete
+                text, reason = text + request.stream.finish(), "stop"
             elif len(request.output_ids) >= request.limit:
                 text, reason = text + request.stream.finish(), "length"
         return StepOutput(
