@@ -128,3 +128,22 @@ def test_required_and_named_tool_choice_always_call(client):
     refused = client.with_raw_response.chat.completions.create
     with pytest.raises(openai.BadRequestError, match="leaves no room for tool calls"):
         refused(model="tiny", messages=HELLO, tools=tools, response_format={"type": "json_object"})
+
+
+@pytest.mark.slow
+def test_vllm_guided_fields_on_both_endpoints(client):
+    import re
+
+    pattern = r"[0-9]{3}-[a-z]{2}"
+    for seed in range(3):
+        text = client.completions.create(model="tiny", prompt="code:", max_tokens=20, temperature=1.0, seed=seed,
+                                         extra_body={"guided_regex": pattern}).choices[0].text
+        assert re.fullmatch(pattern, text), text
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=10, temperature=1.0, seed=1,
+                                           extra_body={"guided_choice": ["是", "否", "not sure"]})
+    assert reply.choices[0].message.content in ("是", "否", "not sure") and reply.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model="tiny", prompt="x", max_tokens=100, temperature=1.0, seed=2,
+                                       stream=True, extra_body={"guided_json": CITY})
+    jsonschema.validate(json.loads("".join(c.choices[0].text for c in chunks)), CITY)
+    with pytest.raises(openai.BadRequestError, match="each constrain the output"):
+        client.completions.create(model="tiny", prompt="x", extra_body={"guided_regex": "a", "guided_choice": ["b"]})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 
+import llguidance
 import torch
 
 from minimind.errors import UserError
@@ -31,28 +32,39 @@ def _styled(schema: dict | None) -> dict:
 
 def json_grammar(schema: dict | None = None) -> str:
     """A grammar for one JSON value valid under `schema` (None: any JSON object)."""
-    import llguidance
-
     return llguidance.LLMatcher.grammar_from_json_schema(_styled(schema))
 
 
 def tool_call_grammar(functions: dict[str, dict | None], parallel: bool = True) -> str:
     """A grammar for replies made only of calls, as the chat template writes them: `<tool_call>` blocks of
     {"name": one of `functions`, "arguments": valid under that function's parameter schema}."""
-    import llguidance
-
     rules = [f'fn{i}: {_lark_string(json.dumps(name) + ", " + json.dumps("arguments") + ": ")} %json '
              f'{json.dumps(_styled(parameters))}' for i, (name, parameters) in enumerate(functions.items())]
     choice = " | ".join(f"fn{i}" for i in range(len(functions)))
     call = f'call: {_lark_string("<tool_call>" + chr(10) + "{" + json.dumps("name") + ": ")} ({choice}) ' \
            f'{_lark_string("}" + chr(10) + "</tool_call>")}'
     start = 'start: call ("\\n" call)*' if parallel else "start: call"
-    return llguidance.LLMatcher.grammar_from_lark("\n".join([start, call, *rules]))
+    return lark_grammar("\n".join([start, call, *rules]))
+
+
+def regex_grammar(pattern: str) -> str:
+    """A grammar for text matching a regular expression (whole)."""
+    return llguidance.LLMatcher.grammar_from_regex(pattern)
+
+
+def choice_grammar(options: list[str]) -> str:
+    """A grammar for exactly one of `options`."""
+    return lark_grammar("start: " + " | ".join(_lark_string(option) for option in options))
+
+
+def lark_grammar(lark: str) -> str:
+    """A grammar from llguidance's Lark dialect (`start:` rule; `%json {schema}` embeds a JSON schema)."""
+    return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
 def _lark_string(text: str) -> str:
     """A Lark string literal matching `text` exactly."""
-    return json.dumps(text)
+    return json.dumps(text, ensure_ascii=False)
 
 
 class Guide:
@@ -64,11 +76,10 @@ class Guide:
 
     def matcher(self, grammar: str):
         """A fresh matcher at the start of `grammar`; UserError naming what is wrong with it."""
-        import llguidance
-        import llguidance.hf
-
         if self._ll_tokenizer is None:
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer)
+            from llguidance.hf import from_tokenizer  # with llguidance.torch ~1 s of imports: only when used
+
+            self._ll_tokenizer = from_tokenizer(self.tokenizer)
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
         if matcher.is_error():
             raise UserError(f"the output grammar is invalid: {matcher.get_error()}")
@@ -77,16 +88,20 @@ class Guide:
     def mask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:
         """(B, V) logits with every token a row's matcher forbids next at -inf (rows without one unchanged);
         a copy, so the raw logits stay for logprobs."""
-        import llguidance.torch
+        from llguidance.torch import (
+            allocate_token_bitmask,
+            apply_token_bitmask_inplace,
+            fill_next_token_bitmask,
+        )
 
         width = self._ll_tokenizer.vocab_size
-        allowed = llguidance.torch.allocate_token_bitmask(len(matchers), width)
+        allowed = allocate_token_bitmask(len(matchers), width)
         rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
         for row in rows:
-            llguidance.torch.fill_next_token_bitmask(matchers[row], allowed, row)
+            fill_next_token_bitmask(matchers[row], allowed, row)
         masked = logits.float().clone()
         guided = masked[rows]
-        llguidance.torch.apply_token_bitmask_inplace(guided[:, :width], allowed[rows].to(guided.device))
+        apply_token_bitmask_inplace(guided[:, :width], allowed[rows].to(guided.device))
         guided[:, width:] = float("-inf")  # model rows past the tokenizer's vocabulary never decode
         masked[rows] = guided
         return masked

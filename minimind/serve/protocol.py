@@ -12,7 +12,9 @@ json_schema, and tool_choice "required" or a named function, constrain decoding 
 with `echo` the prompt's tokens too) are reported as `serve/logprobs.py` describes.
 
 Besides OpenAI's fields the requests accept vLLM's sampling extensions `top_k`, `min_p`,
-`repetition_penalty` and `ignore_eos`. Fields left out take the model's generation_config.json defaults
+`repetition_penalty` and `ignore_eos`, and its guided decoding fields `guided_json`, `guided_regex`,
+`guided_choice` and `guided_grammar` (one per request; the chat's JSON `response_format` and required tool
+calls are constraints of the same kind). Fields left out take the model's generation_config.json defaults
 (as `minimind generate` does; temperature 1.0 when the file has none); `max_tokens` defaults to the rest of
 the context, capped by the generation config's `max_new_tokens`. With `seed` and several choices, choice i
 (counted over all prompts of a completions request) uses seed + i, so every choice is reproducible alone.
@@ -20,6 +22,7 @@ the context, capped by the generation config's `max_new_tokens`. With `seed` and
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -35,7 +38,13 @@ from pydantic import (
 )
 
 from minimind.errors import UserError
-from minimind.infer.grammar import json_grammar, tool_call_grammar
+from minimind.infer.grammar import (
+    choice_grammar,
+    json_grammar,
+    lark_grammar,
+    regex_grammar,
+    tool_call_grammar,
+)
 from minimind.infer.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 16  # n per prompt
@@ -156,6 +165,13 @@ class _GenerationRequest(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
+    # vLLM's guided decoding: the output follows a JSON schema, a regular expression, one of a list of
+    # strings, or a grammar in llguidance's Lark dialect
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    _grammar: str | None = PrivateAttr(None)  # set by check_supported
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -176,12 +192,41 @@ class _GenerationRequest(_Body):
 
     def output_grammar(self) -> str | None:
         """`SamplingParams.grammar`: what the output must follow, if anything."""
-        return None
+        return self._grammar
+
+    def constraints(self) -> dict[str, str]:
+        """The output constraints the request sets, as {field: grammar}."""
+        found = {}
+        if self.guided_json is not None:
+            schema = self.guided_json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError:
+                    raise APIError(400, "guided_json is a string but not a JSON schema", "guided_json") from None
+            found["guided_json"] = json_grammar(schema)
+        if self.guided_regex is not None:
+            found["guided_regex"] = regex_grammar(self.guided_regex)
+        if self.guided_choice is not None:
+            found["guided_choice"] = choice_grammar(self.guided_choice)
+        if self.guided_grammar is not None:
+            found["guided_grammar"] = lark_grammar(self.guided_grammar)
+        return found
 
     def check_supported(self) -> None:
         """Refuse what the server cannot honour instead of ignoring it."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        constraints = self.constraints()
+        if len(constraints) > 1:
+            raise APIError(400, f"{' and '.join(constraints)} each constrain the output; give one of them",
+                           next(iter(constraints)))
+        for param, grammar in constraints.items():
+            try:
+                SamplingParams(grammar=grammar)
+            except UserError as err:  # a schema, regex or grammar llguidance cannot compile
+                raise APIError(400, str(err), param) from None
+            self._grammar = grammar
 
 
 class FunctionSpec(_Body):
@@ -244,7 +289,6 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
-    _grammar: str | None = PrivateAttr(None)  # from check_supported
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -277,7 +321,6 @@ class ChatCompletionRequest(_GenerationRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def check_supported(self) -> None:
-        super().check_supported()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
         if self.tool_choice is not None and not self.tools:
@@ -288,12 +331,7 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.calls_tools and isinstance(self.response_format, (JsonObjectFormat, JsonSchemaFormat)):
             raise APIError(400, "a JSON response_format leaves no room for tool calls; send tools or a JSON "
                            'response_format (or tool_choice "none")', "response_format")
-        self._grammar = self._build_grammar()
-        if self._grammar is not None:
-            try:
-                SamplingParams(grammar=self._grammar)
-            except UserError as err:  # a schema llguidance cannot compile
-                raise APIError(400, str(err), "tools" if self.calls_tools else "response_format") from None
+        super().check_supported()  # last: it builds the grammars, which the checks above keep sound
 
     def conversation(self) -> list[dict]:
         """Messages for the chat template."""
@@ -312,22 +350,21 @@ class ChatCompletionRequest(_GenerationRequest):
         """The `tools` argument of the chat template."""
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.calls_tools else None
 
-    def output_grammar(self) -> str | None:
-        return self._grammar
-
-    def _build_grammar(self) -> str | None:
-        """What the reply must follow: calls only (tool_choice "required" or a named function: the calls
-        parse and their arguments fit the function's parameter schema), or JSON (`response_format`)."""
+    def constraints(self) -> dict[str, str]:
+        """Besides vLLM's guided_* fields: calls only (tool_choice "required" or a named function: they parse
+        and their arguments fit the function's parameter schema), or JSON (`response_format`)."""
+        found = super().constraints()
         if self.calls_tools and self.tool_choice not in (None, "auto"):
             named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
             functions = {t.function.name: t.function.parameters for t in self.tools
                          if named is None or t.function.name == named}
-            return tool_call_grammar(functions, parallel=named is None and self.parallel_tool_calls is not False)
+            parallel = named is None and self.parallel_tool_calls is not False
+            found["tools"] = tool_call_grammar(functions, parallel)
         if isinstance(self.response_format, JsonSchemaFormat):
-            return json_grammar(self.response_format.json_schema.schema_)
-        if isinstance(self.response_format, JsonObjectFormat):
-            return json_grammar(None)
-        return None
+            found["response_format"] = json_grammar(self.response_format.json_schema.schema_)
+        elif isinstance(self.response_format, JsonObjectFormat):
+            found["response_format"] = json_grammar(None)
+        return found
 
     @property
     def token_limit(self) -> int | None:
