@@ -50,3 +50,24 @@ def test_generate_errors_are_one_line_with_exit_2(model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--top-p", "1.5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "top_p" in err
+
+
+def test_generate_constrained_output(model_dir, tmp_path, capsys):
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    base = ["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "40", "--seed", "1"]
+    assert main([*base, "--json-schema", str(tmp_path / "schema.json")]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["n"] <= 99
+    assert main([*base, "--regex", "[a-c]{4}"]) == 0
+    assert re.fullmatch("[a-c]{4}\n", capsys.readouterr().out)
+    (tmp_path / "bad.json").write_text("[1]")
+    for bad, reason in ((["--json-schema", str(tmp_path / "bad.json")], "a JSON schema is an object"),
+                        (["--json-schema", str(tmp_path / "none.json")], "not a readable JSON schema"),
+                        (["--regex", "(["], "the output grammar is invalid")):
+        assert main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert reason in err and err.count("\n") == 1

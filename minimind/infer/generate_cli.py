@@ -3,6 +3,7 @@
     minimind generate --model runs/pretrain --prompt "北京是" --max-new-tokens 64
     minimind generate --model runs/sft --chat --prompt "你好" --temperature 0
     echo "long prompt" | minimind generate --model runs/sft --prompt -
+    minimind generate --model runs/sft --chat --prompt "..." --json-schema schema.json   # output valid JSON
 
 The completion goes to stdout (streamed, then a newline); token counts and tokens/s go to stderr, so
 `> answer.txt` captures the answer alone.
@@ -11,8 +12,12 @@ The completion goes to stdout (streamed, then a newline); token counts and token
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
+from minimind.errors import UserError
+from minimind.infer.grammar import json_grammar, regex_grammar
 from minimind.infer.options import (
     add_model_arguments,
     add_sampling_arguments,
@@ -30,11 +35,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None,
                         help="system prompt with --chat (default: the template's default system prompt)")
     add_sampling_arguments(parser)
+    shape = parser.add_argument_group("constrained output (decoding follows a grammar, so the output parses)")
+    one = shape.add_mutually_exclusive_group()
+    one.add_argument("--json", action="store_true", help="the output is one JSON object")
+    one.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under this JSON schema file")
+    one.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
+
+
+def output_grammar(args: argparse.Namespace) -> str | None:
+    """The grammar the constrained-output flags ask for, if any."""
+    if args.json_schema:
+        path = Path(args.json_schema)
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: not a readable JSON schema ({err})") from None
+        if not isinstance(schema, dict):
+            raise UserError(f"{path}: a JSON schema is an object, got {type(schema).__name__}")
+        return json_grammar(schema)
+    if args.json:
+        return json_grammar(None)
+    return regex_grammar(args.regex) if args.regex is not None else None
 
 
 def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = sampling_from_args(args)
+    grammar = output_grammar(args)
+    if grammar is not None:
+        sampling["grammar"] = grammar
     SamplingParams(**sampling)  # bad flags fail before the model loads
     engine = load_engine(args)
     if args.chat:

@@ -82,7 +82,7 @@ class Guide:
             self._ll_tokenizer = from_tokenizer(self.tokenizer)
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
         if matcher.is_error():
-            raise UserError(f"the output grammar is invalid: {matcher.get_error()}")
+            raise UserError(f"the output grammar is invalid: {' '.join(matcher.get_error().split())}")
         return matcher
 
     def mask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:

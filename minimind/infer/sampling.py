@@ -103,7 +103,7 @@ class SamplingParams:
 
         error = llguidance.LLMatcher.validate_grammar(self.grammar)
         if error:
-            raise UserError(f"the output grammar is invalid: {error.strip()}")
+            raise UserError(f"the output grammar is invalid: {' '.join(error.split())}")  # llguidance's is multi-line
 
     @property
     def greedy(self) -> bool:
