@@ -172,6 +172,23 @@ def test_stop_strings_cut_the_answer(client, model_dir):
     assert "".join(c.choices[0].text for c in streamed) == expected
 
 
+def test_logit_bias_steers_sampling_but_not_logprobs(client, engine, model_dir):
+    free = client.completions.create(model=model_dir.name, prompt="hello", max_tokens=6, temperature=0, logprobs=0)
+    forced = client.completions.create(model=model_dir.name, prompt="hello", max_tokens=6, temperature=0, logprobs=0,
+                                       logit_bias={"42": 100})
+    expected = engine.completions([engine.encode("hello")], max_new_tokens=6, logit_bias={42: 100})[0]
+    assert forced.choices[0].text == expected.text and expected.token_ids == [42] * 6
+    assert forced.choices[0].text != free.choices[0].text
+    # the reported log-probabilities are the model's own, as without a bias
+    assert forced.choices[0].logprobs.token_logprobs[0] < free.choices[0].logprobs.token_logprobs[0]
+    chat_prompt = engine.chat_prompt(HELLO)
+    banned = {t: -100 for t in engine.completions([chat_prompt], max_new_tokens=6)[0].token_ids}
+    avoided = client.chat.completions.create(model=model_dir.name, messages=HELLO, max_tokens=6, temperature=0,
+                                             logit_bias={str(t): b for t, b in banned.items()})
+    expected = engine.completions([chat_prompt], max_new_tokens=6, logit_bias=banned)[0]
+    assert avoided.choices[0].message.content == expected.text and not set(expected.token_ids) & set(banned)
+
+
 def test_n_choices_use_seed_plus_index(client, model_dir):
     kwargs = dict(model=model_dir.name, messages=HELLO, max_tokens=8, temperature=1.0)
     reply = client.chat.completions.create(**kwargs, n=3, seed=11)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from minimind.serve.protocol import (
@@ -22,21 +24,21 @@ CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arg
 def test_defaults_come_from_the_generation_config_and_requests_override_them():
     defaults = {"temperature": 0.85, "top_p": 0.85, "top_k": 5, "max_new_tokens": 40}
     request = parse_request(ChatCompletionRequest, {"messages": HELLO})
-    params = fit_to_context(base_params(request, defaults), request, defaults, 10, 256, 0)
+    params = fit_to_context(base_params(request, defaults, 512), request, defaults, 10, 256, 0)
     assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0.85, 0.85, 5, 40)
     request = parse_request(ChatCompletionRequest, {"messages": HELLO, "temperature": 0, "top_p": 0.5,
                                                     "top_k": -1, "max_completion_tokens": 7, "stop": "x"})
-    params = fit_to_context(base_params(request, defaults), request, defaults, 10, 256, 0)
+    params = fit_to_context(base_params(request, defaults, 512), request, defaults, 10, 256, 0)
     assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0, 0.5, 0, 7)
     assert params.stop == ("x",)
     bare = parse_request(CompletionRequest, {"prompt": "a"})
-    params = fit_to_context(base_params(bare, {}), bare, {}, 250, 256, 0)
+    params = fit_to_context(base_params(bare, {}, 512), bare, {}, 250, 256, 0)
     assert params.temperature == 1.0 and params.max_new_tokens == 6  # OpenAI's default; the rest of the context
 
 
 def test_seed_per_choice_and_context_checks():
     request = parse_request(CompletionRequest, {"prompt": ["a", "b"], "n": 2, "seed": 100, "max_tokens": 5})
-    params = base_params(request, {})
+    params = base_params(request, {}, 512)
     assert [fit_to_context(params, request, {}, 3, 256, i).seed for i in range(4)] == [100, 101, 102, 103]
     with pytest.raises(APIError) as err:
         fit_to_context(params, request, {}, 252, 256, 0)
@@ -64,6 +66,9 @@ def test_seed_per_choice_and_context_checks():
     ({"messages": HELLO, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}},
      "tool_choice"),
     ({"messages": HELLO, "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": HELLO, "functions": [{"name": "f"}]}, "functions"),
+    ({"messages": HELLO, "function_call": "auto"}, "function_call"),
+    ({"messages": HELLO, "modalities": ["text", "audio"]}, "modalities"),
     ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "properties": {"a": {"$ref": "#/missing"}}}}}}, "response_format"),
 ])
@@ -129,3 +134,14 @@ def test_text_offsets_count_a_split_character_once(tokenizer):
         assert offset == len(seen.decode("utf-8", "ignore"))  # complete characters before the token
         seen += token_bytes
     assert offsets.chars == len(text)
+
+
+def test_logit_bias_keys_are_token_ids_of_the_model():
+    request = parse_request(CompletionRequest, {"prompt": "a", "logit_bias": {"7": 100, "11": -100.0}})
+    assert base_params(request, {}, 512).logit_bias == {7: 100, 11: -100.0}
+    for bias, message in (({"512": 1}, "not a token id of this model (0 to 511)"), ({"x": 1}, "not a token id"),
+                          ({"-1": 1}, "not a token id"), ({"7": 101}, "expected a number in [-100, 100]")):
+        request = parse_request(CompletionRequest, {"prompt": "a", "logit_bias": bias})
+        with pytest.raises(APIError, match=re.escape(message)) as err:
+            base_params(request, {}, 512)
+        assert err.value.param == "logit_bias"

@@ -120,6 +120,7 @@ class _Request:
     stream: TextStream
     generator: torch.Generator | None
     matcher: object | None = None  # llguidance.LLMatcher of a request with a grammar
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (token ids, biases) on the device
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0  # tokens of this request stored in its cache row
     row: int = -1
@@ -333,6 +334,7 @@ class Engine:
             stream=TextStream(self.tokenizer, params.stop),
             generator=generator,
             matcher=self._guide.matcher(params.grammar) if params.grammar is not None else None,
+            bias=self._bias(params.logit_bias),
         )
         self._next_id += 1
         self._requests[request.request_id] = request
@@ -404,6 +406,15 @@ class Engine:
         return outputs
 
     # ---- internals ----
+
+    def _bias(self, logit_bias: dict[int, float] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not logit_bias:
+            return None
+        outside = [t for t in logit_bias if t >= self.vocab_size]
+        if outside:
+            raise UserError(f"logit_bias names token {outside[0]}, outside the vocabulary [0, {self.vocab_size})")
+        ids = torch.tensor(list(logit_bias), dtype=torch.long, device=self.device)
+        return ids, torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=self.device)
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -541,9 +552,16 @@ class Engine:
         uniforms = torch.tensor([r.uniform() for r in requests], device=self.device) if sampling else None
         penalized = any(r.params.penalized for r in self._running)
         seen, counts = (self._seen[start:stop], self._counts[start:stop]) if penalized else (None, None)
+        allowed = logits  # what sampling sees; the raw logits stay for logprobs
+        if any(r.bias is not None for r in requests):
+            allowed = logits.float().clone()
+            for i, request in enumerate(requests):
+                if request.bias is not None:
+                    allowed[i].index_add_(0, *request.bias)
         matchers = [r.matcher for r in requests]
         guided = any(m is not None for m in matchers)
-        allowed = self._guide.mask(logits, matchers) if guided else logits  # raw logits kept for logprobs
+        if guided:
+            allowed = self._guide.mask(allowed, matchers)
         tokens = choose_tokens(allowed, self._row_params[start:stop], uniforms, seen, counts)
         if guided:
             for request, token in zip(requests, tokens.tolist()):

@@ -38,6 +38,8 @@ class SamplingParams:
     `logprobs`: None = off; k in [0, 20] = report each sampled token's log-probability under the model (its
     raw distribution: before penalties, temperature and truncation) and the k most likely tokens' (`TokenLogprob`).
     `prompt_logprobs`: the same for every prompt token after the first (scoring a text, as `echo` does).
+    `logit_bias`: {token id: bias in [-100, 100]} added to those tokens' logits before sampling (OpenAI's
+    semantics: -100 bans a token, 100 all but forces it).
     `grammar`: an llguidance grammar the output must follow (`grammar.py`: `json_grammar(schema)` for JSON,
     `tool_call_grammar` for function calls); tokens it does not allow next are never sampled.
     """
@@ -55,6 +57,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
     grammar: str | None = None
 
     def __post_init__(self) -> None:
@@ -92,6 +95,14 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
                 raise UserError(f"{name} is {value!r}; expected None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise UserError(f"logit_bias is {type(self.logit_bias).__name__}; expected {{token id: bias}}")
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or token < 0:
+                    raise UserError(f"logit_bias key {token!r} is not a token id (an integer >= 0)")
+                if not (_is_number(bias) and -100 <= bias <= 100):
+                    raise UserError(f"logit_bias[{token}] is {bias!r}; expected a number in [-100, 100]")
         self._check_grammar()
 
     def _check_grammar(self) -> None:

@@ -223,7 +223,7 @@ class _Api:
         """Check every choice fits the context, submit one job per choice, and answer (streaming or not).
         `starts`: per prompt, the first token of the echoed text (for the prompt's logprobs); `tools`: reads
         each chat choice's reply for function calls; `reasoning`: splits its thinking off."""
-        params = base_params(body, self.config.sampling_defaults)
+        params = base_params(body, self.config.sampling_defaults, self.prompts.vocab_size)
         defaults = self.config.sampling_defaults
         jobs_params = [
             fit_to_context(params, body, defaults, len(ids), self.prompts.max_seq_len, p * body.n + j)

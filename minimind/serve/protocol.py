@@ -160,6 +160,7 @@ class _GenerationRequest(_Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)  # token id (a string, as JSON keys are)
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1)  # -1 or 0 = off
     min_p: float | None = Field(None, ge=0, le=1)
@@ -193,6 +194,20 @@ class _GenerationRequest(_Body):
     def output_grammar(self) -> str | None:
         """`SamplingParams.grammar`: what the output must follow, if anything."""
         return self._grammar
+
+    def token_biases(self, vocab_size: int) -> dict[int, float] | None:
+        """`SamplingParams.logit_bias`: token ids checked against the vocabulary, biases against [-100, 100]."""
+        if not self.logit_bias:
+            return None
+        biases = {}
+        for key, bias in self.logit_bias.items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0 to {vocab_size - 1})",
+                               "logit_bias")
+            if not -100 <= bias <= 100:
+                raise APIError(400, f"logit_bias[{key}] is {bias}; expected a number in [-100, 100]", "logit_bias")
+            biases[int(key)] = bias
+        return biases
 
     def constraints(self) -> dict[str, str]:
         """The output constraints the request sets, as {field: grammar}."""
@@ -289,6 +304,9 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
+    functions: Any = None  # OpenAI's deprecated form of tools: refused, not ignored
+    function_call: Any = None
+    modalities: Any = None
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -323,6 +341,12 @@ class ChatCompletionRequest(_GenerationRequest):
     def check_supported(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        for legacy in ("functions", "function_call"):
+            if getattr(self, legacy) is not None:
+                raise APIError(400, f"{legacy} (OpenAI's deprecated function calling) is not supported; send tools "
+                               "and tool_choice", legacy)
+        if self.modalities not in (None, ["text"]):
+            raise APIError(400, 'this model answers in text only: modalities may only be ["text"]', "modalities")
         if self.tool_choice is not None and not self.tools:
             raise APIError(400, "tool_choice is only allowed when tools are given", "tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in self.function_names:
@@ -434,7 +458,7 @@ def _param_name(loc: tuple) -> str:
     return name
 
 
-def base_params(request: _GenerationRequest, defaults: dict) -> SamplingParams:
+def base_params(request: _GenerationRequest, defaults: dict, vocab_size: int) -> SamplingParams:
     """The request's sampling parameters over the model's defaults (max_new_tokens set per prompt later)."""
     chosen = {k: v for k, v in defaults.items() if k != "max_new_tokens"}
     chosen.setdefault("temperature", 1.0)
@@ -448,7 +472,7 @@ def base_params(request: _GenerationRequest, defaults: dict) -> SamplingParams:
         return SamplingParams(
             **chosen, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             stop=request.stop, ignore_eos=request.ignore_eos, logprobs=request.sampling_logprobs(),
-            grammar=request.output_grammar(),
+            grammar=request.output_grammar(), logit_bias=request.token_biases(vocab_size),
             prompt_logprobs=request.sampling_logprobs() if getattr(request, "echo", False) else None,
         )
     except UserError as err:  # a bad generation_config.json default; the request itself was checked
