@@ -147,3 +147,13 @@ def test_vllm_guided_fields_on_both_endpoints(client):
     jsonschema.validate(json.loads("".join(c.choices[0].text for c in chunks)), CITY)
     with pytest.raises(openai.BadRequestError, match="each constrain the output"):
         client.completions.create(model="tiny", prompt="x", extra_body={"guided_regex": "a", "guided_choice": ["b"]})
+
+
+def test_extreme_sampling_values_never_sample_a_forbidden_token(engine):
+    # a repetition penalty that underflows to 0 in float32 once turned forbidden (-inf) logits into NaN
+    grammar = json_grammar(TIME)
+    for extreme in ({"repetition_penalty": 5e-324}, {"temperature": 1e-38}, {"presence_penalty": -2.0},
+                    {"frequency_penalty": 2.0, "repetition_penalty": 10.0}, {"logit_bias": {1: 100, 2: 100}}):
+        (result,) = engine.completions(["hello"], max_new_tokens=60, seed=0, grammar=grammar,
+                                       **{"temperature": 1.0, **extreme})
+        jsonschema.validate(json.loads(result.text), TIME)

@@ -93,8 +93,9 @@ def test_openapi_documents_bodies_and_statuses(client):
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     request = spec["components"]["schemas"]["ChatCompletionRequest"]
     assert request["required"] == ["messages"] and request["properties"]["n"]["maximum"] == 16
-    message = spec["components"]["schemas"]["Message"]["properties"]
-    assert {"type": "string"} in message["content"]["anyOf"] and {"type": "null"} in message["content"]["anyOf"]
+    user, assistant = request["properties"]["messages"]["items"]["anyOf"]
+    assert {"type": "string"} in user["properties"]["content"]["anyOf"] and "content" in user["required"]
+    assert {"type": "null"} in assistant["properties"]["content"]["anyOf"] and "tool_calls" in assistant["properties"]
     tool = spec["components"]["schemas"]["FunctionSpec"]["properties"]
     assert tool["name"]["pattern"] and "tool_calls" in spec["components"]["schemas"]["AssistantMessage"]["properties"]
     assert "422" not in json.dumps(spec["paths"])  # schema errors are answered 400, as documented

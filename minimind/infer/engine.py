@@ -552,17 +552,16 @@ class Engine:
         uniforms = torch.tensor([r.uniform() for r in requests], device=self.device) if sampling else None
         penalized = any(r.params.penalized for r in self._running)
         seen, counts = (self._seen[start:stop], self._counts[start:stop]) if penalized else (None, None)
-        allowed = logits  # what sampling sees; the raw logits stay for logprobs
+        biased = logits  # what sampling sees; the raw logits stay for logprobs
         if any(r.bias is not None for r in requests):
-            allowed = logits.float().clone()
+            biased = logits.float().clone()
             for i, request in enumerate(requests):
                 if request.bias is not None:
-                    allowed[i].index_add_(0, *request.bias)
+                    biased[i].index_add_(0, *request.bias)
         matchers = [r.matcher for r in requests]
         guided = any(m is not None for m in matchers)
-        if guided:
-            allowed = self._guide.mask(allowed, matchers)
-        tokens = choose_tokens(allowed, self._row_params[start:stop], uniforms, seen, counts)
+        grammar = self._guide.allowed(matchers, logits.shape[-1], logits.device) if guided else None
+        tokens = choose_tokens(biased, self._row_params[start:stop], uniforms, seen, counts, grammar)
         if guided:
             for request, token in zip(requests, tokens.tolist()):
                 if request.matcher is not None:
@@ -588,8 +587,8 @@ class Engine:
             text, stopped = request.stream.push(token)
             if stopped:
                 reason = "stop"
-            elif request.matcher is not None and request.matcher.is_stopped():  # the grammar is complete
-                text, reason = text + request.stream.finish(), "stop"
+            elif request.matcher is not None and (request.matcher.is_stopped() or request.matcher.is_error()):
+                text, reason = text + request.stream.finish(), "stop"  # the grammar is complete (or broken)
             elif len(request.output_ids) >= request.limit:
                 text, reason = text + request.stream.finish(), "length"
         return StepOutput(

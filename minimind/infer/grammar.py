@@ -85,23 +85,23 @@ class Guide:
             raise UserError(f"the output grammar is invalid: {' '.join(matcher.get_error().split())}")
         return matcher
 
-    def mask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:
-        """(B, V) logits with every token a row's matcher forbids next at -inf (rows without one unchanged);
-        a copy, so the raw logits stay for logprobs."""
+    def allowed(self, matchers: list, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """(B, vocab_size) bool: the tokens each row's matcher allows next (every token for rows without one).
+        Applied after the penalties, so no penalty arithmetic can revive a forbidden token."""
         from llguidance.torch import (
             allocate_token_bitmask,
             apply_token_bitmask_inplace,
             fill_next_token_bitmask,
         )
 
-        width = self._ll_tokenizer.vocab_size
-        allowed = allocate_token_bitmask(len(matchers), width)
+        width = min(self._ll_tokenizer.vocab_size, vocab_size)
+        bits = allocate_token_bitmask(len(matchers), self._ll_tokenizer.vocab_size)
         rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
         for row in rows:
-            fill_next_token_bitmask(matchers[row], allowed, row)
-        masked = logits.float().clone()
-        guided = masked[rows]
-        apply_token_bitmask_inplace(guided[:, :width], allowed[rows].to(guided.device))
-        guided[:, width:] = float("-inf")  # model rows past the tokenizer's vocabulary never decode
-        masked[rows] = guided
-        return masked
+            fill_next_token_bitmask(matchers[row], bits, row)
+        probe = torch.zeros(len(rows), width)
+        apply_token_bitmask_inplace(probe, bits[rows])  # -inf where a token is forbidden
+        allowed = torch.ones(len(matchers), vocab_size, dtype=torch.bool)
+        allowed[rows] = False  # tokens past the tokenizer's vocabulary never decode
+        allowed[rows, :width] = probe == 0
+        return allowed.to(device)

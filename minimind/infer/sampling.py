@@ -139,7 +139,7 @@ def _is_number(value) -> bool:
 
 def apply_penalties(logits: torch.Tensor, params: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """logits (B, V) float32; params (B, 7); seen (B, V) bool over prompt + output; counts (B, V) over output."""
-    repetition = params[:, 4:5]
+    repetition = params[:, 4:5].clamp(min=1e-6)  # a float32 underflow to 0 would turn -inf logits into NaN
     penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
     logits = torch.where(seen, penalized, logits)
     counts = counts.to(logits.dtype)
@@ -153,7 +153,8 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, uniforms: torch.Tens
     handled by the caller (their temperature is replaced by 1 here only to keep the arithmetic finite).
     """
     temperature = params[:, 0:1]
-    probs = torch.softmax(logits / torch.where(temperature > 0, temperature, 1.0), dim=-1)
+    temperature = torch.where(temperature > 0, temperature.clamp(min=1e-5), 1.0)  # no overflow to inf
+    probs = torch.softmax(logits / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
     rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
     top_k = params[:, 1:2]
@@ -177,12 +178,16 @@ def choose_tokens(
     uniforms: torch.Tensor | None,
     seen: torch.Tensor | None,
     counts: torch.Tensor | None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token for every row: penalties when `seen`/`counts` are given, greedy where temperature is 0,
-    sampled elsewhere when `uniforms` are given (None = the whole batch is greedy)."""
+    """Next token for every row: penalties when `seen`/`counts` are given, then only `allowed` tokens (B, V)
+    bool, if given (a grammar), greedy where temperature is 0, sampled elsewhere when `uniforms` are given
+    (None = the whole batch is greedy)."""
     logits = logits.float()
     if seen is not None and counts is not None:
         logits = apply_penalties(logits, params, seen, counts)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     greedy = logits.argmax(dim=-1)
     if uniforms is None:
         return greedy

@@ -55,6 +55,20 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TEXT_PART = {"type": "object", "required": ["type", "text"],
              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]}
+CALL_SCHEMA = {"type": "object", "required": ["function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+# A turn as `Message` accepts it, in the two shapes the roles take (pydantic's would allow a null content and
+# tool_calls on every role, which the validators refuse)
+MESSAGE_SCHEMA = {"anyOf": [
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "tool"]}, "content": CONTENT_SCHEMA,
+        "tool_call_id": {"type": "string"}}},
+    {"type": "object", "required": ["role"], "properties": {
+        "role": {"const": "assistant"}, "content": {"anyOf": [*CONTENT_SCHEMA["anyOf"], {"type": "null"}]},
+        "tool_calls": {"type": "array", "items": CALL_SCHEMA}}},
+]}
 STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS},
                          {"type": "null"}]}
 TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
@@ -296,7 +310,7 @@ class JsonSchemaFormat(_Body):
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Annotated[Message, WithJsonSchema(MESSAGE_SCHEMA)]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
