@@ -3,8 +3,8 @@
     python bench/grammar.py                        # preset small, random weights, demo tokenizer, 128 tokens
     python bench/grammar.py --quick                # tiny shapes, one repetition: does it run
 
-Both cases decode greedily from the same prompts for exactly --new-tokens tokens (the guided one under
-`json_grammar()`, any JSON object, which a random model never closes), interleaved, best repetition each.
+Both cases decode greedily from the same prompts for exactly --new-tokens tokens (the guided one under a JSON
+schema for a string of at least 8 characters per token, so it cannot end early), interleaved, best of each.
 The guided case pays for llguidance's token mask (computed on the CPU every step for every guided row) and
 the masking of the logits. Last line: `grammar: ratio=<guided/free> (ours <tok/s>, peer <tok/s>)` at batch 1.
 """
@@ -39,7 +39,7 @@ def main() -> None:
     tokenizer, _ = demo_tokenizer()
     model = preset_model(args.preset).eval()
     engine = Engine(model, tokenizer, max_batch_size=max(args.batch_sizes))
-    grammar = json_grammar()
+    grammar = json_grammar({"type": "string", "minLength": 8 * args.new_tokens})
     ids = torch.randint(3, tokenizer.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     speeds = {}
     for batch in args.batch_sizes:
@@ -49,6 +49,8 @@ def main() -> None:
             "guided": lambda p=prompts: engine.completions(p, max_new_tokens=args.new_tokens, ignore_eos=True,
                                                            grammar=grammar),
         }
+        lengths = [len(r.token_ids) for r in cases["guided"]()]
+        assert lengths == [args.new_tokens] * batch, lengths  # the guided rows ran the whole length
         times = interleaved(cases, args.repeats)
         for name, seconds in times.items():
             speeds[batch, name] = batch * args.new_tokens / min(seconds)
