@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 import llguidance
+import numpy as np
 import torch
 
 from minimind.errors import UserError
@@ -88,20 +89,17 @@ class Guide:
     def allowed(self, matchers: list, vocab_size: int, device: torch.device) -> torch.Tensor:
         """(B, vocab_size) bool: the tokens each row's matcher allows next (every token for rows without one).
         Applied after the penalties, so no penalty arithmetic can revive a forbidden token."""
-        from llguidance.torch import (
-            allocate_token_bitmask,
-            apply_token_bitmask_inplace,
-            fill_next_token_bitmask,
-        )
+        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
         width = min(self._ll_tokenizer.vocab_size, vocab_size)
-        bits = allocate_token_bitmask(len(matchers), self._ll_tokenizer.vocab_size)
+        bits = allocate_token_bitmask(len(matchers), self._ll_tokenizer.vocab_size)  # (B, words) int32
         rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
         for row in rows:
             fill_next_token_bitmask(matchers[row], bits, row)
-        probe = torch.zeros(len(rows), width)
-        apply_token_bitmask_inplace(probe, bits[rows])  # -inf where a token is forbidden
+        # bit i of the little-endian words is token i (unpacked here rather than with llguidance's
+        # torch.compile'd kernel, which would compile on the first guided request and again per batch shape)
+        unpacked = np.unpackbits(bits[rows].numpy().view(np.uint8), axis=-1, bitorder="little")[:, :width]
         allowed = torch.ones(len(matchers), vocab_size, dtype=torch.bool)
         allowed[rows] = False  # tokens past the tokenizer's vocabulary never decode
-        allowed[rows, :width] = probe == 0
+        allowed[rows, :width] = torch.from_numpy(unpacked.astype(bool))
         return allowed.to(device)
