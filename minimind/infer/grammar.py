@@ -1,12 +1,12 @@
 """Constrained decoding: a grammar decides which tokens may come next, so the output always parses.
 
-A request's `SamplingParams.grammar` is an llguidance grammar (JSON text, as `json_grammar` and
-`tool_call_grammar` build it). The engine keeps one `LLMatcher` per such request: before each sampling step
-it masks the logits of every token the grammar does not allow next (llguidance computes the mask over the
-tokenizer's byte strings, so a token that spans two JSON symbols is allowed exactly when its whole text fits),
-and after it feeds the chosen token in. Once the grammar is complete only the end-of-sequence token is
-allowed, so a finished value ends the reply. The parser itself is llguidance (Rust, used by vLLM and
-llama.cpp); what is ours is where it sits in the decode step.
+A request's `SamplingParams.grammar` is an llguidance grammar (as `json_grammar`, `tool_call_grammar`,
+`regex_grammar`, `choice_grammar` and `lark_grammar` build it). The engine keeps one `LLMatcher` per such
+request: each sampling step, after the penalties, every token the grammar does not allow next is set to -inf
+(llguidance computes the mask over the tokenizer's byte strings, so a token that spans two JSON symbols is
+allowed exactly when its whole text fits), and the chosen token is fed back. The request ends as soon as the
+grammar is complete. The parser itself is llguidance (Rust, used by vLLM and llama.cpp); what is ours is
+where it sits in the decode step.
 
 JSON is written as `json.dumps` writes it (", " and ": ", no other whitespace): the form the chat template
 gives tool arguments in training data, and a small model cannot pad it with endless whitespace.
