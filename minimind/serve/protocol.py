@@ -36,6 +36,7 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from minimind.errors import UserError
 from minimind.infer.grammar import (
@@ -318,9 +319,10 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
-    functions: Any = None  # OpenAI's deprecated form of tools: refused, not ignored
-    function_call: Any = None
-    modalities: Any = None
+    # refused, not ignored; left out of the OpenAPI document (no request should send them)
+    functions: SkipJsonSchema[Any] = None  # OpenAI's deprecated form of tools
+    function_call: SkipJsonSchema[Any] = None
+    modalities: SkipJsonSchema[Any] = None
 
     @field_validator("response_format", mode="before")
     @classmethod
