@@ -146,11 +146,10 @@ def test_streaming_holds_back_only_what_may_become_a_call():
     assert safe_text_end("a<tool_call>{") == 1
     reply = "Sure <thing>. " + CALL_TEXT
     whole = ToolCallReader(1, frozenset({"get_weather"}))
-    whole.feed(0, reply)
     streamed = ToolCallReader(1, frozenset({"get_weather"}))
     sent = "".join(streamed.feed(0, ch) for ch in reply)
     rest, calls = streamed.finish(0)
-    content, whole_calls = whole.message(0)
+    content, whole_calls = whole.message(reply)
     assert sent == "Sure <thing>. " and rest == "" and content == "Sure <thing>."
     assert [c["function"] for c in calls] == [c["function"] for c in whole_calls] == [
         {"name": "get_weather", "arguments": '{"city": "Paris"}'}]

@@ -562,8 +562,9 @@ class Engine:
         guided = any(m is not None for m in matchers)
         grammar = self._guide.allowed(matchers, logits.shape[-1], logits.device) if guided else None
         tokens = choose_tokens(biased, self._row_params[start:stop], uniforms, seen, counts, grammar)
+        chosen = tokens.tolist()
         if guided:
-            for request, token in zip(requests, tokens.tolist()):
+            for request, token in zip(requests, chosen):
                 if request.matcher is not None:
                     request.matcher.consume_token(token)
         self._next_tokens[start:stop] = tokens
@@ -573,9 +574,9 @@ class Engine:
             self._counts[start:stop][rows, tokens] += 1
         wanted = [r.params.logprobs for r in requests]
         if all(k is None for k in wanted):
-            return [self._advance(r, t) for r, t in zip(requests, tokens.tolist())]
+            return [self._advance(r, t) for r, t in zip(requests, chosen)]
         entries = token_logprobs(logits, tokens, wanted)
-        return [self._advance(r, t, e) for r, t, e in zip(requests, tokens.tolist(), entries)]
+        return [self._advance(r, t, e) for r, t, e in zip(requests, chosen, entries)]
 
     def _advance(self, request: _Request, token: int, logprob: TokenLogprob | None = None) -> StepOutput:
         """Record one sampled token and decide whether the request is finished."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from minimind.errors import UserError
+from minimind.tokenizer.template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -42,8 +43,8 @@ def tool_call_grammar(functions: dict[str, dict | None], parallel: bool = True) 
     rules = [f'fn{i}: {_lark_string(json.dumps(name) + ", " + json.dumps("arguments") + ": ")} %json '
              f'{json.dumps(_styled(parameters))}' for i, (name, parameters) in enumerate(functions.items())]
     choice = " | ".join(f"fn{i}" for i in range(len(functions)))
-    call = f'call: {_lark_string("<tool_call>" + chr(10) + "{" + json.dumps("name") + ": ")} ({choice}) ' \
-           f'{_lark_string("}" + chr(10) + "</tool_call>")}'
+    call = f'call: {_lark_string(TOOL_CALL_OPEN + chr(10) + "{" + json.dumps("name") + ": ")} ({choice}) ' \
+           f'{_lark_string("}" + chr(10) + TOOL_CALL_CLOSE)}'
     start = 'start: call ("\\n" call)*' if parallel else "start: call"
     return lark_grammar("\n".join([start, call, *rules]))
 

@@ -266,15 +266,14 @@ class _Readers:
             text = self.tools.feed(index, text)
         return thinking, text
 
-    def whole(self, index: int, text: str) -> tuple[str | None, str | None, list[dict] | None]:
+    def whole(self, text: str) -> tuple[str | None, str | None, list[dict] | None]:
         """-> (reasoning, content, calls) of a finished reply, for a non-streaming response."""
         thinking = None
         if self.reasoning is not None:
             thinking, text = split_reply(text)
         if self.tools is None:
             return thinking, text, None
-        self.tools.feed(index, text)
-        return (thinking, *self.tools.message(index))
+        return (thinking, *self.tools.message(text))
 
 
 class _ChoiceLogprobs:
@@ -423,7 +422,7 @@ async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tok
         gone.cancel()
         choices.cancel()
     per_choice = [logprobs.take(i, even_empty=True) for i in range(len(texts))] if logprobs is not None else None
-    parts = [readers.whole(i, "".join(t)) for i, t in enumerate(texts)]
+    parts = [readers.whole("".join(t)) for t in texts]
     reasons = ["tool_calls" if calls else reason for reason, (_, _, calls) in zip(reasons, parts)]
     return JSONResponse(reply.body([content for _, content, _ in parts], reasons, prompt_tokens, completion_tokens,
                                    per_choice, [calls for _, _, calls in parts],

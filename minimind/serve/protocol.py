@@ -8,8 +8,9 @@ rejected rather than silently dropped, so a client never gets an answer that qui
 asked for. Function calling (`tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls` and `tool`
 turns in the history) goes through the chat template and `serve/tools.py`. `response_format` json_object /
 json_schema, and tool_choice "required" or a named function, constrain decoding with a grammar
-(`infer/grammar.py`): the reply parses (and fits the schema) unless max_tokens cuts it short. `logprobs` (chat: `logprobs` + `top_logprobs`; text completions: `logprobs: k`,
-with `echo` the prompt's tokens too) are reported as `serve/logprobs.py` describes.
+(`infer/grammar.py`): the reply parses (and fits the schema) unless max_tokens cuts it short. `logprobs`
+(chat: `logprobs` + `top_logprobs`; text completions: `logprobs: k`, with `echo` the prompt's tokens too) are
+reported as `serve/logprobs.py` describes.
 
 Besides OpenAI's fields the requests accept vLLM's sampling extensions `top_k`, `min_p`,
 `repetition_penalty` and `ignore_eos`, and its guided decoding fields `guided_json`, `guided_regex`,
@@ -119,8 +120,7 @@ class Message(_Body):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     tool_calls: list[MessageToolCall] | None = None  # before content: content's check reads it
-    content: Annotated[Any, WithJsonSchema({"anyOf": [*CONTENT_SCHEMA["anyOf"], {"type": "null"}]})] = Field(
-        None, validate_default=True)
+    content: Any = Field(None, validate_default=True)  # documented by MESSAGE_SCHEMA
     tool_call_id: str | None = None
 
     @field_validator("tool_calls")

@@ -44,12 +44,12 @@ class ToolCallReader:
             return self.texts[index][self.sent[index] :], None
         return "", self._calls(parsed[1])
 
-    def message(self, index: int) -> tuple[str | None, list[dict] | None]:
+    def message(self, reply: str) -> tuple[str | None, list[dict] | None]:
         """-> (content, calls) of a whole reply, for a non-streaming response; content None beside calls when
         the model said nothing first, as OpenAI answers."""
-        parsed = parse_tool_calls(self.texts[index], self.names)
+        parsed = parse_tool_calls(reply, self.names)
         if parsed is None:
-            return self.texts[index], None
+            return reply, None
         return parsed[0] or None, self._calls(parsed[1])
 
     def _calls(self, calls: list[ToolCall]) -> list[dict]:
