@@ -6,9 +6,16 @@ import hashlib
 from pathlib import Path
 
 from minimind.errors import UserError
-from minimind.tokenizer.template import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, SPECIAL_TOKENS
+from minimind.tokenizer.template import (
+    CHAT_TEMPLATE,
+    DEFAULT_SYSTEM_PROMPT,
+    MINIMIND3_CHAT_TEMPLATE,
+    MINIMIND3_SPECIAL_TOKENS,
+    SPECIAL_TOKENS,
+)
 
-__all__ = ["CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPT", "SPECIAL_TOKENS", "load_tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPT", "MINIMIND3_CHAT_TEMPLATE", "MINIMIND3_SPECIAL_TOKENS",
+           "SPECIAL_TOKENS", "load_tokenizer"]
 
 
 def load_tokenizer(path: str | Path):

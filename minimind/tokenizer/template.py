@@ -1,4 +1,5 @@
-"""The chat template (seed/SPEC §5) and the special tokens it is written against.
+"""The chat templates and the special tokens they are written against: ours (MiniMind2-style, the default) and
+minimind-3's (ChatML with a `<think>` block on every assistant turn and a thinking switch), further down.
 
 Rendered form, with a default system prompt when the conversation has none:
     <s>system\n{system}</s>\n<s>user\n{user}</s>\n<s>assistant\n{assistant}</s>\n
@@ -90,3 +91,88 @@ def split_thinking(reply: str) -> tuple[str | None, str]:
     if "<answer>" in rest:
         rest = rest.partition("<answer>")[2].partition("</answer>")[0]
     return thinking, rest.strip()
+
+
+# ---- minimind-3's chat format ---------------------------------------------------------------------------------
+# The 36 added tokens of today's MiniMind (minimind-3) tokenizer, at ids 0..35. The first MINIMIND3_N_SPECIAL are
+# special (skipped when decoding with skip_special_tokens); the tool, think and buffer tokens are plain added tokens.
+MINIMIND3_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
+    "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>", "<tts_text_bos_single>",
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+    *[f"<|buffer{i}|>" for i in range(1, 10)],
+]
+MINIMIND3_N_SPECIAL = 21
+MINIMIND3_BOS, MINIMIND3_EOS, MINIMIND3_PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # what an assistant turn without reasoning opens with
+
+# The tools preamble is part of the rendered text a minimind-3 model was trained on, so it is kept word for word.
+_M3_TOOLS_INTRO = (
+    "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>"
+)
+_M3_TOOLS_HOW = (
+    "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call>"
+)
+
+# Rendered form (the ChatML of Qwen3, which minimind-3 follows):
+#   [<|im_start|>system\n{system}[\n\n{tools preamble}]<|im_end|>\n]      only when there is a system turn or tools
+#   <|im_start|>user\n{user}<|im_end|>\n
+#   <|im_start|>assistant\n<think>\n{reasoning}\n</think>\n\n{answer}[\n<tool_call>…</tool_call>]<|im_end|>\n
+#   <|im_start|>user\n<tool_response>\n{result}\n</tool_response>[…]<|im_end|>\n   consecutive tool turns, merged
+# Reasoning comes from `reasoning_content`, or from a `<think>…</think>` written into the content. The generation
+# prompt is `<|im_start|>assistant\n` and then an empty think block, or only `<think>\n` when thinking is switched
+# on: `open_thinking=True` (minimind-3's name) or `enable_thinking=True` (Qwen3's); off when neither is given.
+MINIMIND3_CHAT_TEMPLATE = (
+    "{%- set first = messages[0] if messages else none -%}"
+    "{%- set opens_with_system = first is not none and first['role'] == 'system' -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if opens_with_system -%}{{- first['content'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- '" + _M3_TOOLS_INTRO + "' -}}"
+    "{%- if tools is string -%}{{- '\\n' + tools -}}"  # JSON text, as some data keeps it
+    "{%- else -%}{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}{%- endif -%}"
+    "{{- '" + _M3_TOOLS_HOW + "<|im_end|>\\n' -}}"
+    "{%- elif opens_with_system -%}"
+    "{{- '<|im_start|>system\\n' + first['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- set role = message['role'] -%}"
+    "{%- set text = message['content'] if message['content'] is string else '' -%}"
+    "{%- if role == 'user' or (role == 'system' and not loop.first) -%}"
+    "{{- '<|im_start|>' + role + '\\n' + text + '<|im_end|>\\n' -}}"
+    "{%- elif role == 'assistant' -%}"
+    "{%- if message['reasoning_content'] is string -%}"
+    "{%- set thought = message['reasoning_content'] -%}"
+    "{%- elif '</think>' in text -%}"  # reasoning written inline: <think>…</think> then the answer
+    "{%- set thought = text.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}"
+    "{%- set text = text.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- else -%}"
+    "{%- set thought = '' -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + thought.strip('\\n') + '\\n</think>\\n\\n' + text.lstrip('\\n') -}}"
+    "{%- for call in (message['tool_calls'] or []) -%}"
+    "{%- if text or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- set fn = call['function'] if call['function'] is defined and call['function'] else call -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' -}}"
+    "{{- fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) -}}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif role == 'tool' -%}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + text + '\\n</tool_response>' -}}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if open_thinking is defined -%}{%- set thinking = open_thinking is true -%}"
+    "{%- else -%}{%- set thinking = enable_thinking is defined and enable_thinking is true -%}{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n' + ('<think>\\n' if thinking else '" + "<think>\\n\\n</think>\\n\\n" + "') -}}"
+    "{%- endif -%}"
+)
