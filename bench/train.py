@@ -51,7 +51,8 @@ def add_step_arguments(parser: argparse.ArgumentParser, preset: str, batch_size:
 def gemm_shapes(config) -> list[tuple[int, int]]:
     """(in, out) of every weight a token multiplies by in one forward, one entry per layer's matrix."""
     d, kv, h = config.dim, config.n_kv_heads * config.head_dim, config.hidden_dim
-    per_layer = [(d, d), (d, kv), (d, kv), (d, d), (d, h), (d, h), (h, d)]
+    q = config.n_heads * config.head_dim
+    per_layer = [(d, q), (d, kv), (d, kv), (q, d), (d, h), (d, h), (h, d)]
     return per_layer * config.n_layers + [(d, config.vocab_size)]
 
 

@@ -40,12 +40,13 @@ def qwen2_moe_config(config: MiniMindConfig, dtype: torch.dtype = torch.float32)
         "architectures": ["Qwen2MoeForCausalLM"],
         "model_type": "qwen2_moe",
         **common_hf_config(config, dtype),
-        "moe_intermediate_size": config.hidden_dim,
+        "moe_intermediate_size": config.moe_intermediate_size,
         "shared_expert_intermediate_size": shared_width(config),
         "num_experts": config.n_routed_experts,
         "num_experts_per_tok": config.num_experts_per_tok,
-        # We renormalise only when k > 1 (top-1 keeps the raw probability); Qwen2-MoE renormalises any k.
-        "norm_topk_prob": bool(config.norm_topk_prob and config.num_experts_per_tok > 1),
+        # We renormalise at top-1 only with norm_top1_prob (else top-1 keeps the raw probability); Qwen2-MoE
+        # renormalises any k.
+        "norm_topk_prob": bool(config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.norm_top1_prob)),
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
         "qkv_bias": True,

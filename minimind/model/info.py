@@ -31,14 +31,15 @@ class ParamCount:
 
 def count_parameters(config: MiniMindConfig) -> ParamCount:
     """Exact parameter counts from the config's shapes (tested against the built model)."""
-    d, kv = config.dim, config.n_kv_heads * config.head_dim
-    attention = 2 * d * d + 2 * d * kv
+    d, q, kv = config.dim, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    attention = 2 * d * q + 2 * d * kv
     expert = 3 * d * config.hidden_dim
-    norms = 2 * d
+    norms = 2 * d + (2 * config.head_dim if config.qk_norm else 0)  # QK-norm weights are matmul-free
     if config.use_moe:
         routed, shared = config.n_routed_experts, config.n_shared_experts
-        ffn_total = (routed + shared) * expert + routed * d  # + the router's weight
-        ffn_active = (config.num_experts_per_tok + shared) * expert + routed * d
+        routed_expert = 3 * d * config.moe_intermediate_size
+        ffn_total = routed * routed_expert + shared * expert + routed * d  # + the router's weight
+        ffn_active = config.num_experts_per_tok * routed_expert + shared * expert + routed * d
     else:
         ffn_total = ffn_active = expert
     embedding = config.vocab_size * d
@@ -52,7 +53,8 @@ def count_parameters(config: MiniMindConfig) -> ParamCount:
 
 def flops_per_token(config: MiniMindConfig, seq_len: int, training: bool = True) -> float:
     """FLOPs to process one token at context `seq_len`: forward 2·N + 4·L·dim·T (QKᵀ and AV), training 3× that."""
-    forward = 2 * count_parameters(config).matmul_active + 4 * config.n_layers * config.dim * seq_len
+    attention = 4 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    forward = 2 * count_parameters(config).matmul_active + attention
     return 3 * forward if training else forward
 
 
@@ -62,7 +64,8 @@ def forward_flops(config: MiniMindConfig, tokens: int, head_tokens: int, attenti
     packed documents count per document)."""
     head = config.vocab_size * config.dim
     body = count_parameters(config).matmul_active - head
-    return 2.0 * body * tokens + 2.0 * head * head_tokens + 4.0 * config.n_layers * config.dim * attention_pairs
+    attention = 4.0 * config.n_layers * config.n_heads * config.head_dim * attention_pairs
+    return 2.0 * body * tokens + 2.0 * head * head_tokens + attention
 
 
 def training_flops(config: MiniMindConfig, tokens: int, head_tokens: int, attention_pairs: int) -> float:

@@ -161,6 +161,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        if config.qk_norm:  # one RMSNorm(head_dim) shared by all query heads, one by all key heads (Qwen3's)
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.flash = config.flash_attn
@@ -178,8 +183,11 @@ class Attention(nn.Module):
         """x (B, T, dim); cos and `signed_sin` tables (B, 1, T, head_dim); mask: None (plain causal over the
         new tokens), bool (B|1, 1, T, S) with True = attend, or the `Documents` of a packed batch."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # QK-norm over each head's (head_dim,) vector, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rotate_qk(q, k, cos, sin_signed)
         if cache is not None:

@@ -1,4 +1,4 @@
-"""Mixture of experts: a softmax top-k router, routed SwiGLU experts, always-on shared experts.
+"""Mixture of experts: a softmax top-k router, routed SwiGLU experts, always-on shared experts (zero or more).
 
 Copied into saved model directories as HF remote code: imports only torch and sibling model files.
 """
@@ -22,7 +22,10 @@ class MoEGate(nn.Module):
         self.n_experts = config.n_routed_experts
         self.alpha = config.aux_loss_alpha
         self.seq_aux = config.seq_aux
-        self.norm_topk_prob = config.norm_topk_prob
+        # Renormalise the k chosen weights to sum to 1. At top-1 that makes the weight exactly 1, which only
+        # configs with `norm_top1_prob` do (minimind-3, Qwen3-MoE); MiniMind2-era top-1 models keep the router
+        # probability as the expert's weight, as they were trained (configuration_minimind.py).
+        self.renormalise = config.norm_topk_prob and (self.top_k > 1 or config.norm_top1_prob)
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.dim))
         nn.init.normal_(self.weight, std=config.initializer_range)
 
@@ -31,7 +34,7 @@ class MoEGate(nn.Module):
         b, t, d = x.shape
         scores = F.linear(x.reshape(-1, d), self.weight).softmax(dim=-1)  # (N, E)
         weights, ids = torch.topk(scores, self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.renormalise:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.training and self.alpha > 0:
             aux = self._balance_loss(scores, ids, b, t)
@@ -63,7 +66,8 @@ class MoEFeedForward(nn.Module):
     def __init__(self, config: MiniMindConfig):
         super().__init__()
         self.gate = MoEGate(config)
-        self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_routed_experts))
+        width = config.moe_intermediate_size
+        self.experts = nn.ModuleList(FeedForward(config, width) for _ in range(config.n_routed_experts))
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
