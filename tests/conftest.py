@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from minimind.model import MiniMindConfig, MiniMindForCausalLM
+
+# Property tests (hypothesis, and schemathesis on top of it) are derandomised: the same examples on every run, so
+# a red CI reproduces. `--hypothesis-profile explore` (or HYPOTHESIS_PROFILE=explore) draws fresh examples.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SAMPLE_TEXT = [
     "MiniMind is a small language model trained from scratch. 12 plus 30 equals 42.",
@@ -16,6 +26,43 @@ SAMPLE_TEXT = [
     "The capital of France is Paris. 法国的首都是巴黎。 🎉 emoji too ✨",
     "def add(a, b):\n    return a + b  # code, tabs\tand spaces",
 ]
+
+
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def spawn(command: list[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen`, but the process dies with the test that started it (stopped at its teardown)."""
+    proc = subprocess.Popen(command, **kwargs)
+    _SPAWNED.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM (to its whole process group when it leads one, e.g. torchrun and its workers), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        group = os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        group = False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(autouse=True)
+def _spawned_processes_die_with_the_test():
+    yield
+    while _SPAWNED:
+        stop(_SPAWNED.pop())
 
 
 def tiny_config(**overrides) -> MiniMindConfig:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import spawn
 from safetensors.torch import load_file
 
 from minimind.cli import main
@@ -38,10 +39,52 @@ def pretrain_args(corpus: Path, tokenizer_dir: Path, out: Path, *extra: str) -> 
             *extra]
 
 
-def launch(args: list[str], new_session: bool = False) -> subprocess.Popen:
+# `python -c PAUSING <point> <verb> ...`: the CLI, except that the process stops itself (SIGSTOP) the first time
+# it reaches <point> of a write, so a kill lands there by construction rather than by a lucky poll:
+#   staged    checkpoint files in .tmp-step-N, no manifest yet      manifest  manifest written, not renamed
+#   renamed   step-N in place, `latest` not yet moved                final     model files staged in .save-*
+PAUSING = """
+import os, signal, sys
+from minimind.model import hub
+from minimind.train import checkpoint
+
+point = sys.argv.pop(1)
+paused = False
+
+def pause_at(here, then):
+    def wrapped(*args, **kwargs):
+        global paused
+        if here(*args) and not paused:
+            paused = True
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return then(*args, **kwargs)
+    return wrapped
+
+if point == "staged":
+    checkpoint.CheckpointDir.commit = pause_at(lambda *a: True, checkpoint.CheckpointDir.commit)
+elif point == "manifest":
+    checkpoint._fsync_dir = pause_at(lambda path: path.name.startswith(".tmp-step-"), checkpoint._fsync_dir)
+elif point == "renamed":
+    checkpoint._fsync_file = pause_at(lambda path: path.name == ".latest.tmp", checkpoint._fsync_file)
+elif point == "final":
+    hub._write_generation_config = pause_at(lambda *a: True, hub._write_generation_config)
+from minimind.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def launch(args: list[str], new_session: bool = False, pause: str | None = None) -> subprocess.Popen:
+    """A `python -m minimind` process that dies with the test; with `pause`, one that stops itself there."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "MINIMIND_NO_PROGRESS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "minimind", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=new_session)
+    command = ["-c", PAUSING, pause] if pause else ["-m", "minimind"]
+    return spawn([sys.executable, *command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                 env=env, start_new_session=new_session)
+
+
+def wait_stopped(proc: subprocess.Popen) -> bool:
+    """Block until the process stops itself (True) or exits (False); it stays waitable either way."""
+    info = os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+    return info.si_code == os.CLD_STOPPED
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -68,7 +111,7 @@ def logged_steps(run_dir: Path) -> int:
     return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
 
 
-def wait_until(condition, proc: subprocess.Popen, timeout: float = 180.0, poll: float = 0.002) -> bool:
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 180.0, poll: float = 0.01) -> bool:
     """Poll `condition` until it holds (True) or the process exits first (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,20 +121,6 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 180.0, poll: 
             return False
         time.sleep(poll)
     raise AssertionError("timed out waiting for the training process")
-
-
-def staging_dirs(run_dir: Path, since_ns: int) -> list[str]:
-    """`.tmp-step-N` checkpoint staging directories created or written after `since_ns` (an earlier killed
-    run's leftovers do not count)."""
-    root = run_dir / "checkpoints"
-    found = []
-    try:
-        for entry in os.scandir(root):
-            if entry.name.startswith(".tmp-step-") and entry.stat().st_ctime_ns > since_ns:
-                found.append(entry.name)
-    except FileNotFoundError:  # not created yet, or renamed away between listing and stat
-        pass
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -107,40 +136,43 @@ def reference(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_mid_checkpoint_loses_nothing(tmp_path, corpus_file, tokenizer_dir,
                                                                      reference):
-    """Kill points (seeded): during steps at random times, while a checkpoint is being staged, and while the
-    final model directory is being written; resume after each; the result equals the uninterrupted run."""
+    """Kill points: during steps at random (seeded) times, at each stage of writing a checkpoint (files staged,
+    manifest written, renamed before `latest` moves) and while the final model directory is being staged;
+    resume after each; the result equals the uninterrupted run."""
     out = tmp_path / "killed"
     rng = random.Random(1234)
-    plan = ["step", "checkpoint", "step", "checkpoint", "step", "checkpoint", "final"]
-    kills, mid_write, resumed_from = [], 0, []
+    plan = ["step", "staged", "step", "manifest", "step", "renamed", "final"]
+    seen_while_stopped = {  # what the paused process must have left on disk at its pause point
+        "staged": lambda c: any(not (p / "manifest.json").exists() for p in c.glob(".tmp-step-*")),
+        "manifest": lambda c: any((p / "manifest.json").exists() for p in c.glob(".tmp-step-*")),
+        "renamed": lambda c: (c / ".latest.tmp").exists(),
+        "final": lambda c: any(out.glob(".save-*/model.safetensors")),
+    }
+    kills, resumed_from = [], []
     first = True
     for moment in plan:
-        since = time.time_ns()
-        proc = launch(pretrain_args(corpus_file, tokenizer_dir, out, *([] if first else ["--resume"])))
+        resume = [] if first else ["--resume"]
         first = False
-        start = logged_steps(out)
         if moment == "step":  # a random step after this run's first, then a random fraction of a step
+            proc = launch(pretrain_args(corpus_file, tokenizer_dir, out, *resume))
+            start = logged_steps(out)
             target = rng.randint(start + 1, min(start + 5, STEPS - 1))
-            hit = wait_until(lambda t=target: logged_steps(out) >= t, proc)
+            hit = wait_until(lambda t=target: logged_steps(out) >= t, proc, poll=0.01)
             time.sleep(rng.uniform(0.0, 0.05))
-        elif moment == "checkpoint":  # as soon as a `.tmp-step-N` staging directory exists
-            hit = wait_until(lambda s=since: bool(staging_dirs(out, s)), proc, poll=0.0)
-        else:  # the final model directory's staging folder (hub.save_model_dir)
-            hit = wait_until(lambda: any(p.name.startswith(".save-") for p in out.iterdir()), proc, poll=0.0)
-        assert hit, f"the run ended before the {moment} kill point:\n{finish(proc)}"
+        else:
+            proc = launch(pretrain_args(corpus_file, tokenizer_dir, out, *resume), pause=moment)
+            hit = wait_stopped(proc) and seen_while_stopped[moment](out / "checkpoints")
+        assert hit, f"the run did not reach the {moment} kill point:\n{finish(proc)}"
         proc.send_signal(signal.SIGKILL)
         output = finish(proc)
         assert proc.returncode == -signal.SIGKILL
-        left = staging_dirs(out, since)  # still there after the kill: it died mid-write
-        mid_write += moment == "checkpoint" and bool(left)
-        kills.append((moment, logged_steps(out), left))
+        kills.append((moment, logged_steps(out)))
         resumed_from += [line for line in output.splitlines() if line.startswith(("resumed from", "--resume: no"))]
     proc = launch(pretrain_args(corpus_file, tokenizer_dir, out, "--resume"))
     output = finish(proc)
     assert proc.returncode == 0, output
     assert "damaged" not in output  # a kill never leaves a committed checkpoint half-written
-    print(f"kills (moment, last logged step, staging dirs left): {kills}; resumes: {resumed_from}")
-    assert mid_write >= 1, f"no kill landed while a checkpoint was being written: {kills}"
+    print(f"kills (moment, last logged step): {kills}; resumes: {resumed_from}")
     assert_same_run(out, reference)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import spawn, tiny_model
 from safetensors.torch import load_file
 
 from minimind.cli import main
@@ -164,12 +164,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, corpus_file, tokeni
     out = tmp_path / "term"
     args = pretrain_args(corpus_file, tokenizer_dir, out, "--max-steps", "100000")
     env = {**os.environ, "MINIMIND_NO_PROGRESS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "minimind", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "metrics.jsonl").exists():
-        time.sleep(0.2)
-    time.sleep(1.0)
+    proc = spawn([sys.executable, "-m", "minimind", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                 text=True, env=env)  # stopped at teardown whatever happens here
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    # mid-run: two steps logged (the state, not a duration, says the loop is running)
+    while proc.poll() is None and (metrics.read_text().count('"loss"') if metrics.exists() else 0) < 2:
+        assert time.monotonic() < deadline, "the trainer logged no steps"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
