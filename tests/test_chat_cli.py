@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from thinking_helpers import with_thinking_template
 
 from minimind.infer import Engine
-from minimind.infer.chat_cli import BANNER, MODEL_PROMPT, build_prompt, chat_loop
+from minimind.infer.chat_cli import BANNER, HELP, MODEL_PROMPT, NO_SWITCH, build_prompt, chat_loop
 
 
 def scripted_input(lines: list[str]):
@@ -136,3 +137,65 @@ def test_chat_loop_with_hide_thinking_keeps_answers_only_in_the_history():
     assert out.getvalue().count(MODEL_PROMPT + "(thinking…) yes\n") == 2 and "hmm" not in out.getvalue()
     assert engine.prompts[1] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "yes"},
                                  {"role": "user", "content": "q2"}]
+
+
+class ScriptedEngine:
+    """Renders prompts with a real tokenizer, records the template arguments, and answers with fixed pieces."""
+
+    max_seq_len = 512
+
+    def __init__(self, tokenizer, pieces: list[str]):
+        self.tokenizer, self.pieces, self.prompts = tokenizer, pieces, []
+
+    def chat_prompt(self, messages, **template_kwargs):
+        self.prompts.append((messages, template_kwargs))
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **template_kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, ids, **sampling):
+        yield from self.pieces
+
+
+THOUGHT = ["two and", " two</th", "ink>\n\nIt is", " 4."]  # a reply inside the think block the prompt opened
+
+
+@pytest.mark.parametrize("hide", [False, True])
+def test_think_toggle_opens_the_think_block_and_keeps_answers_only(tokenizer, hide):
+    engine = ScriptedEngine(with_thinking_template(tokenizer), THOUGHT)
+    out = io.StringIO()
+    lines = ["/help", "q1", "/think", "q2", "q3", "/think", "q4"]
+    assert chat_loop(engine, scripted_input(lines), out, hide_thinking=hide) == 0
+    assert [kwargs for _, kwargs in engine.prompts] == [
+        {}, {"open_thinking": True, "enable_thinking": True}, {"open_thinking": True, "enable_thinking": True},
+        {"open_thinking": False, "enable_thinking": False}]
+    text = out.getvalue()
+    assert HELP in text and "/think" in HELP and NO_SWITCH not in text
+    assert text.count("(thinking on)\n") == 1 and text.count("(thinking off)\n") == 1
+    shown = "(thinking…) It is 4." if hide else "<think>two and two</think>\n\nIt is 4."
+    assert text.count(MODEL_PROMPT + shown + "\n") == 2  # q2 and q3, with thinking on
+    # with thinking on, earlier answers go back without their thinking
+    messages, _ = engine.prompts[2]
+    assert messages[3] == {"role": "assistant", "content": "It is 4."}
+
+
+def test_think_with_a_template_without_the_switch_warns_once_and_goes_on(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["hello"])
+    out = io.StringIO()
+    assert chat_loop(engine, scripted_input(["/think", "q1"]), out) == 0
+    assert out.getvalue().count(NO_SWITCH + "\n") == 1 and MODEL_PROMPT + "hello\n" in out.getvalue()
+    assert engine.prompts[0][1] == {"open_thinking": True, "enable_thinking": True}  # passed on, ignored
+
+
+def test_chat_and_generate_take_think(model_dir, monkeypatch, capsys):
+    from minimind.cli import main
+
+    monkeypatch.setattr("builtins.input", scripted_input(["hi"]))
+    assert main(["chat", "--model", str(model_dir), "--think", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert capsys.readouterr().err.count(NO_SWITCH) == 1
+    generate = ["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu",
+                "--think"]
+    assert main(generate) == 2
+    assert "--think" in (err := capsys.readouterr().err) and "needs --chat" in err
+    assert main([*generate, "--chat"]) == 0
+    assert capsys.readouterr().err.count(NO_SWITCH) == 1

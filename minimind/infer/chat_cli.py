@@ -2,9 +2,13 @@
 
     minimind chat --model runs/sft [--system "You are ..."] [--history-turns 4] [--temperature 0.7]
 
-Type a message and press Enter. `/reset` forgets the conversation, `/exit` (or Ctrl-D, Ctrl-C) quits.
+Type a message and press Enter. `/reset` forgets the conversation, `/think` turns thinking on or off, `/help`
+lists the commands, `/exit` (or Ctrl-D, Ctrl-C) quits.
 `--hide-thinking` prints only the answer of a reasoning model's `<think>…</think><answer>…</answer>` replies
 (a note shows while it thinks) and keeps only the answers in the history.
+`--think` (or `/think`) turns on the thinking switch of templates that have one (minimind-3's `open_thinking`,
+Qwen3's `enable_thinking`): the prompt opens a think block and the model reasons before it answers; earlier
+answers go back into the history without their thinking. A template without the switch says so and goes on.
 The conversation is rendered with the model's chat template each turn. `--history-turns N` keeps the last N
 user/assistant pairs (-1 = all); older pairs are also dropped, oldest first, when the conversation would
 leave less than `max_new_tokens` (at most half the context) of room for the answer.
@@ -25,8 +29,21 @@ from minimind.infer.options import (
 )
 from minimind.infer.sampling import SamplingParams
 from minimind.tokenizer.template import split_thinking
+from minimind.tokenizer.thinking import (
+    THINK_OPEN,
+    PromptThinking,
+    has_thinking_switch,
+    prompt_ids_thinking,
+    thinking_kwargs,
+)
 
-BANNER = "MiniMind chat. /reset clears the conversation, /exit quits."
+BANNER = "MiniMind chat. /reset clears the conversation, /exit quits, /help lists the commands."
+HELP = ("/think    turn thinking on or off (templates with a thinking switch)\n"
+        "/reset    forget the conversation\n"
+        "/help     this list\n"
+        "/exit     quit (also /quit, Ctrl-D, Ctrl-C)\n")
+NO_SWITCH = ("warning: this model's chat template has no thinking switch (open_thinking / enable_thinking); "
+             "thinking on changes nothing")
 USER_PROMPT = "you> "
 MODEL_PROMPT = "minimind> "
 THINKING_NOTE = "(thinking…) "
@@ -42,20 +59,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hide-thinking", action="store_true",
                         help="print only the answer of <think>…</think><answer>…</answer> replies; keep only "
                              "answers in the history")
+    add_think_argument(parser)
     add_sampling_arguments(parser)
+
+
+def add_think_argument(parser: argparse.ArgumentParser) -> None:
+    """`--think`, shared by `minimind chat` and `minimind generate --chat`."""
+    parser.add_argument("--think", action="store_true", default=None,
+                        help="turn on the chat template's thinking switch (minimind-3's open_thinking, Qwen3's "
+                             "enable_thinking): the model reasons in a <think> block before it answers; without "
+                             "the flag the template's default holds")
+
+
+def thinking_switch(tokenizer, on: bool | None, warn: TextIO) -> bool | None:
+    """`on` as given; when it is True and the template has no thinking switch, one warning line to `warn`."""
+    if on and not has_thinking_switch(tokenizer):
+        warn.write(NO_SWITCH + "\n")
+    return on
 
 
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     SamplingParams(**sampling)  # bad flags fail now, not at the first message
     engine = load_engine(args, warm_up=True)
-    return chat_loop(engine, input, sys.stdout, args.system, args.history_turns, sampling, args.hide_thinking)
+    think = thinking_switch(engine.tokenizer, args.think, sys.stderr)
+    return chat_loop(engine, input, sys.stdout, args.system, args.history_turns, sampling, args.hide_thinking,
+                     think)
 
 
 def build_prompt(engine, system: str | None, history: list[tuple[str, str]], message: str,
-                 history_turns: int, max_new_tokens: int) -> list[int] | None:
+                 history_turns: int, max_new_tokens: int, think: bool | None = None) -> list[int] | None:
     """Token ids for the next answer, history trimmed to `history_turns` and to the context; None if even
-    the message alone does not fit."""
+    the message alone does not fit. `think`: the template's thinking switch (None: its default)."""
     if history_turns < 0:
         pairs = history
     else:
@@ -65,7 +100,7 @@ def build_prompt(engine, system: str | None, history: list[tuple[str, str]], mes
         messages = [{"role": "system", "content": system}] if system else []
         for user, assistant in pairs:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        ids = engine.chat_prompt(messages + [{"role": "user", "content": message}])
+        ids = engine.chat_prompt(messages + [{"role": "user", "content": message}], **thinking_kwargs(think))
         if len(ids) + room <= engine.max_seq_len:
             return ids
         if not pairs:
@@ -80,8 +115,9 @@ class AnswerOnly:
     is, so a tag split across pieces is never printed half.
     """
 
-    def __init__(self):
-        self.text, self.shown, self.noted = "", "", False
+    def __init__(self, opened: bool = False):
+        """`opened`: the prompt opened the think block, so the reply starts inside it."""
+        self.text, self.shown, self.noted = THINK_OPEN if opened else "", "", False
 
     def push(self, piece: str) -> str:
         """Add a streamed piece; -> the new text to print."""
@@ -122,11 +158,12 @@ def chat_loop(
     history_turns: int = -1,
     sampling: dict | None = None,
     hide_thinking: bool = False,
+    think: bool | None = None,
 ) -> int:
     """Run the chat until /exit, end of input or Ctrl-C; -> exit code 0.
 
     `read_line(prompt)` returns one line or raises EOFError (the built-in `input` fits); answers stream
-    to `out`.
+    to `out`. `think`: the template's thinking switch at the start (None: its default); `/think` flips it.
     """
     sampling = dict(sampling or {})
     history: list[tuple[str, str]] = []
@@ -145,13 +182,24 @@ def chat_loop(
             history.clear()
             out.write("(conversation cleared)\n")
             continue
-        ids = build_prompt(engine, system, history, message, history_turns, sampling.get("max_new_tokens", 256))
+        if message == "/help":
+            out.write(HELP)
+            continue
+        if message == "/think":
+            think = thinking_switch(engine.tokenizer, not think, out)
+            out.write(f"(thinking {'on' if think else 'off'})\n")
+            continue
+        ids = build_prompt(engine, system, history, message, history_turns, sampling.get("max_new_tokens", 256),
+                           think)
         if ids is None:
             out.write(f"(message too long: the model's context is {engine.max_seq_len} tokens)\n")
             continue
+        opened = think is not None and prompt_ids_thinking(engine.tokenizer, ids) is PromptThinking.OPEN
         out.write(MODEL_PROMPT)
-        pieces: list[str] = []
-        shown = AnswerOnly() if hide_thinking else None
+        pieces: list[str] = [THINK_OPEN] if opened else []  # the prompt's <think>, shown as the reply's start
+        shown = AnswerOnly(opened) if hide_thinking else None
+        if opened and not shown:
+            out.write(THINK_OPEN)
         try:
             for piece in engine.stream(ids, **sampling):
                 pieces.append(piece)
@@ -161,4 +209,6 @@ def chat_loop(
             out.write("\n")
             return 0
         out.write((shown.finish() if shown else "") + "\n")
-        history.append((message, shown.answer() if shown else "".join(pieces)))
+        reply = "".join(pieces)
+        # a reply to a prompt that opened thinking goes back as its answer only, as such models are trained
+        history.append((message, shown.answer() if shown else split_thinking(reply)[1] if opened else reply))

@@ -4,9 +4,11 @@
     minimind generate --model runs/sft --chat --prompt "你好" --temperature 0
     echo "long prompt" | minimind generate --model runs/sft --prompt -
     minimind generate --model runs/sft --chat --prompt "..." --json-schema schema.json   # output valid JSON
+    minimind generate --model minimind3-sft --chat --think --prompt "..."   # templates with a thinking switch
 
 The completion goes to stdout (streamed, then a newline); token counts and tokens/s go to stderr, so
-`> answer.txt` captures the answer alone.
+`> answer.txt` captures the answer alone. With `--think` the prompt opens a think block, so the completion is
+printed after that `<think>`: the reasoning, `</think>`, then the answer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 from minimind.errors import UserError
+from minimind.infer.chat_cli import add_think_argument, thinking_switch
 from minimind.infer.grammar import json_grammar, regex_grammar
 from minimind.infer.options import (
     add_model_arguments,
@@ -25,6 +28,7 @@ from minimind.infer.options import (
     sampling_from_args,
 )
 from minimind.infer.sampling import SamplingParams
+from minimind.tokenizer.thinking import THINK_OPEN, PromptThinking, prompt_ids_thinking, thinking_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wrap the prompt as a user message in the chat template (for SFT models)")
     parser.add_argument("--system", default=None,
                         help="system prompt with --chat (default: the template's default system prompt)")
+    add_think_argument(parser)
     add_sampling_arguments(parser)
     shape = parser.add_argument_group("constrained output (decoding follows a grammar, so the output parses)")
     one = shape.add_mutually_exclusive_group()
@@ -59,6 +64,8 @@ def output_grammar(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.think and not args.chat:
+        raise UserError("--think turns on the chat template's thinking switch; it needs --chat")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = sampling_from_args(args)
     grammar = output_grammar(args)
@@ -68,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        ids = engine.chat_prompt(messages + [{"role": "user", "content": prompt}])
+        think = thinking_switch(engine.tokenizer, args.think, sys.stderr)
+        ids = engine.chat_prompt(messages + [{"role": "user", "content": prompt}], **thinking_kwargs(think))
+        if think and prompt_ids_thinking(engine.tokenizer, ids) is PromptThinking.OPEN:
+            sys.stdout.write(THINK_OPEN)  # the prompt's, so the printed reply reads whole
     else:
         ids = engine.encode(prompt)
     for piece in engine.stream(ids, **sampling):

@@ -54,6 +54,7 @@ from minimind.serve.reasoning import ReasoningSplitter, split_reply
 from minimind.serve.responses import Reply, sse
 from minimind.serve.scheduler import Job, QueueFull, Scheduler
 from minimind.serve.tools import ToolCallReader
+from minimind.tokenizer.thinking import prompt_ids_thinking
 
 log = logging.getLogger("minimind.serve")
 
@@ -171,14 +172,22 @@ class _Api:
         if tools and not self.prompts.renders_tools:
             raise APIError(400, "this model's chat template does not show tools to the model (it predates "
                            "function calling); retrain or re-save its tokenizer with this version", "tools")
+        extra = body.chat_template_kwargs or {}
         try:
-            prompt = self.prompts.chat_prompt(body.conversation(), tools=tools)
+            prompt = self.prompts.chat_prompt(body.conversation(), tools=tools, **extra)
         except TemplateError as err:
             raise APIError(400, f"the chat template rejected these messages: {err}", "messages") from None
+        except (TypeError, ValueError, LookupError, AttributeError) as err:  # a kwarg's value the template cannot use
+            if not extra:
+                raise
+            raise APIError(400, f"the chat template cannot render with these chat_template_kwargs: {err}",
+                           "chat_template_kwargs") from None
         reader = None
         if body.calls_tools:
             reader = ToolCallReader(body.n, body.function_names, body.parallel_tool_calls is not False)
-        splitter = ReasoningSplitter(body.n) if self.config.split_reasoning else None
+        splitter = None
+        if self.config.split_reasoning:
+            splitter = ReasoningSplitter(body.n, prompt_ids_thinking(self.prompts.tokenizer, prompt))
         return await self._generate(request, model, body, [prompt], echoes=None, tools=reader, reasoning=splitter)
 
     async def completions(self, request: Request) -> Response:
@@ -270,7 +279,7 @@ class _Readers:
         """-> (reasoning, content, calls) of a finished reply, for a non-streaming response."""
         thinking = None
         if self.reasoning is not None:
-            thinking, text = split_reply(text)
+            thinking, text = split_reply(text, prompt=self.reasoning.prompt)
         if self.tools is None:
             return thinking, text, None
         return (thinking, *self.tools.message(text))

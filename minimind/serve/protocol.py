@@ -15,9 +15,11 @@ reported as `serve/logprobs.py` describes.
 Besides OpenAI's fields the requests accept vLLM's sampling extensions `top_k`, `min_p`,
 `repetition_penalty` and `ignore_eos`, and its guided decoding fields `guided_json`, `guided_regex`,
 `guided_choice` and `guided_grammar` (one per request; the chat's JSON `response_format` and required tool
-calls are constraints of the same kind). Fields left out take the model's generation_config.json defaults
-(as `minimind generate` does; temperature 1.0 when the file has none); `max_tokens` defaults to the rest of
-the context, capped by the generation config's `max_new_tokens`. With `seed` and several choices, choice i
+calls are constraints of the same kind), and vLLM's `chat_template_kwargs`: extra variables for the chat
+template, such as the thinking switch (`{"open_thinking": true}` for minimind-3's template, `{"enable_thinking":
+false}` for Qwen3's); a template without the variable ignores it. Fields left out take the model's
+generation_config.json defaults (as `minimind generate` does; temperature 1.0 when the file has none);
+`max_tokens` defaults to the rest of the context, capped by the generation config's `max_new_tokens`. With `seed` and several choices, choice i
 (counted over all prompts of a completions request) uses seed + i, so every choice is reproducible alone.
 """
 
@@ -76,6 +78,20 @@ STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type":
 TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
 PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
                            TOKEN_IDS, {"type": "array", "items": TOKEN_IDS, "minItems": 1}]}
+# Names a request's chat_template_kwargs may not set: apply_chat_template's own parameters and what it already
+# hands the template (the conversation, tools, special tokens, helper functions)
+RESERVED_TEMPLATE_NAMES = frozenset({
+    "conversation", "conversations", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "bos_token", "eos_token",
+    "unk_token", "sep_token", "pad_token", "cls_token", "mask_token", "additional_special_tokens",
+    "raise_exception", "strftime_now",
+})
+MAX_TEMPLATE_KWARGS = 64
+TEMPLATE_KWARGS_SCHEMA = {"anyOf": [
+    {"type": "object", "maxProperties": MAX_TEMPLATE_KWARGS,
+     "propertyNames": {"not": {"enum": sorted(RESERVED_TEMPLATE_NAMES)}}},
+    {"type": "null"}]}
 
 
 class APIError(Exception):
@@ -319,6 +335,8 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
+    # vLLM's: extra variables for the chat template, e.g. {"open_thinking": true} or {"enable_thinking": false}
+    chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS_SCHEMA)] = None
     # refused, not ignored; left out of the OpenAPI document (no request should send them)
     functions: SkipJsonSchema[Any] = None  # OpenAI's deprecated form of tools
     function_call: SkipJsonSchema[Any] = None
@@ -339,6 +357,22 @@ class ChatCompletionRequest(_GenerationRequest):
         except ValidationError as err:
             first = err.errors()[0]
             raise ValueError(f"{_param_name(first['loc'])}: {first['msg']}") from None
+
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _template_kwargs(cls, value: Any) -> dict[str, Any] | None:
+        """An object of variables for the template only: none that apply_chat_template sets itself."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError('expected an object of chat template variables, e.g. {"open_thinking": true}')
+        if len(value) > MAX_TEMPLATE_KWARGS:
+            raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} template variables are allowed")
+        reserved = sorted(RESERVED_TEMPLATE_NAMES.intersection(value))
+        if reserved:
+            raise ValueError(f"{reserved[0]!r} is set by the server, not by a request; send only the template's "
+                             'own variables, e.g. {"open_thinking": true}')
+        return value
 
     @field_validator("tool_choice", mode="before")
     @classmethod

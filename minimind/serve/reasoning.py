@@ -6,23 +6,48 @@ vLLM's reasoning parsers do: `message.reasoning_content` holds what was inside t
 `message.content` the answer without its tags; streamed, the thinking arrives as `delta.reasoning_content`
 chunks before the content chunks. A reply that does not open with `<think>` is all content. While streaming,
 a trailing piece that may still become a tag is held back, so both fields only ever grow by what was sent.
+
+Templates with a thinking switch (minimind-3's `open_thinking`, Qwen3's `enable_thinking`, sent in a request's
+`chat_template_kwargs`) move the think tags into the prompt, as vLLM's qwen3 parser expects: a prompt that
+ends by opening `<think>` makes the reply start inside the block (reasoning up to `</think>`, then content),
+and a prompt that ends with a closed, empty block makes the reply all content.
 """
 
 from __future__ import annotations
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from minimind.tokenizer.thinking import THINK_CLOSE, THINK_OPEN, PromptThinking
+
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 
-def split_reply(text: str, final: bool = True) -> tuple[str | None, str]:
+def split_reply(text: str, final: bool = True,
+                prompt: PromptThinking = PromptThinking.REPLY) -> tuple[str | None, str]:
     """-> (reasoning or None, content) of a reply; with `final` False (a reply still growing) a trailing piece
-    that may become a tag is left out of both."""
+    that may become a tag is left out of both. `prompt`: where the prompt left the thinking."""
+    if prompt is PromptThinking.OPEN:
+        return _inside_thinking(text, final)
     stripped = text.lstrip()
+    if prompt is PromptThinking.CLOSED:
+        return None, _answer(stripped, final)
     if not stripped.startswith(THINK_OPEN):
         if not final and THINK_OPEN.startswith(stripped):  # nothing yet, or a think block still opening
             return None, ""
         return None, _answer(stripped, final)
     thinking, closed, rest = stripped[len(THINK_OPEN) :].partition(THINK_CLOSE)
+    if not closed:
+        return _held(thinking, THINK_CLOSE, final), ""
+    return thinking, _answer(rest.lstrip(), final)
+
+
+def _inside_thinking(text: str, final: bool) -> tuple[str | None, str]:
+    """A reply whose think block the prompt opened: thinking up to `</think>`, then the answer. A `<think>` the
+    model writes again at the start is dropped."""
+    stripped = text.lstrip()
+    if stripped.startswith(THINK_OPEN):
+        text = stripped[len(THINK_OPEN) :]
+    elif not final and THINK_OPEN.startswith(stripped):  # nothing yet, or a repeated <think> still arriving
+        return None, ""
+    thinking, closed, rest = text.partition(THINK_CLOSE)
     if not closed:
         return _held(thinking, THINK_CLOSE, final), ""
     return thinking, _answer(rest.lstrip(), final)
@@ -50,14 +75,15 @@ def _held(text: str, tag: str, final: bool) -> str:
 class ReasoningSplitter:
     """Per streamed choice: the reply so far, and how much of its reasoning and content went out."""
 
-    def __init__(self, choices: int):
+    def __init__(self, choices: int, prompt: PromptThinking = PromptThinking.REPLY):
         self.texts = [""] * choices
         self.sent = [("", "")] * choices
+        self.prompt = prompt  # where the prompt (the same for every choice) left the thinking
 
     def feed(self, index: int, text: str, final: bool) -> tuple[str, str]:
         """Add generated text; -> (reasoning, content) to send now (`final`: the choice has finished)."""
         self.texts[index] += text
-        reasoning, content = split_reply(self.texts[index], final)
+        reasoning, content = split_reply(self.texts[index], final, self.prompt)
         reasoning = reasoning or ""
         sent_reasoning, sent_content = self.sent[index]
         self.sent[index] = (reasoning, content)

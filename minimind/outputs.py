@@ -1,0 +1,105 @@
+"""What every verb that writes files shares: no product is overwritten silently, and a failed write is one line.
+
+A verb's output (a run directory, prepared shards, a tokenizer, an export) that already holds that verb's own
+kind of product is refused unless `--overwrite` is given; `--overwrite` then deletes exactly those products
+(never unrelated files) before anything new is written. A write that fails for lack of space or an I/O error
+becomes a `WriteFailed`: one line saying what could not be written and why, in plain words.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from minimind.errors import UserError
+
+# errno -> the reason in plain words; anything else falls back to the system's own text.
+REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EIO: "an input/output error (the disk or network file system failed)",
+    errno.EFBIG: "the file is larger than the file system allows",
+}
+# safetensors (Rust) and other native writers report the OS error only inside their message text.
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+
+
+class WriteFailed(UserError):
+    """A file could not be written (full disk, quota, I/O error): `path` and the plain-words `reason`."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"could not write {path}: {reason}")
+
+
+def write_failure(err: BaseException, path: str | Path) -> WriteFailed | None:
+    """The WriteFailed that `err` amounts to when writing `path`, or None if it is no write failure."""
+    if isinstance(err, WriteFailed):
+        return err
+    # torch's zip writer, failing to finish a file whose write hit ENOSPC, raises its own RuntimeError with the
+    # OSError as context: look down the chain
+    seen: BaseException | None = err
+    while seen is not None:
+        code = getattr(seen, "errno", None) if isinstance(seen, OSError) else None
+        if code is None:
+            match = _OS_ERROR_IN_TEXT.search(str(seen))
+            code = int(match.group(1)) if match else None
+        if code is not None and (isinstance(seen, OSError) or code in REASONS):
+            where = getattr(seen, "filename", None) or path
+            return WriteFailed(where, REASONS.get(code) or os.strerror(code).lower())
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a failed write inside the block into a one-line WriteFailed naming `path` (or the file the OS named)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - anything that is not a write failure is re-raised unchanged
+        failure = write_failure(err, path)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def existing_products(out: str | Path, names: Iterable[str]) -> list[str]:
+    """Which of `names` (files or folders directly in `out`) exist there, in the order given."""
+    out = Path(out)
+    return [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+
+
+def refuse_or_clear(out: str | Path, names: Iterable[str], what: str, overwrite: bool) -> None:
+    """Refuse `out` if it already holds any of the products `names` (it is a `what`), unless `overwrite`,
+    which deletes those products and nothing else.
+
+    The one line says what is there and offers `--overwrite`; the caller's own check (a run directory's
+    `--resume`) comes first where there is more to say.
+    """
+    found = existing_products(out, names)
+    if not found:
+        return
+    if not overwrite:
+        listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise UserError(f"--out {out}: already holds {what} ({listed}); choose another --out, or add --overwrite "
+                        "to delete those files and write new ones")
+    remove_products(out, found)
+
+
+def remove_products(out: str | Path, names: Iterable[str]) -> None:
+    """Delete the named files/folders directly inside `out` (a missing one is fine)."""
+    for name in names:
+        path = Path(out) / name
+        with writing(path):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
