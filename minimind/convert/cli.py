@@ -1,10 +1,16 @@
-"""`minimind convert`: export a model directory to another format, import MiniMind2 weights, merge LoRA.
+"""`minimind convert`: export a model directory to another format, import MiniMind2 / minimind-3 / Qwen3 weights,
+merge LoRA.
 
 minimind convert DIR --to llama --out OUT                      plain HF dir, no remote code (MoE: Qwen2-MoE)
+minimind convert DIR --to qwen3 --out OUT                      QK-norm models: plain Qwen3 / Qwen3-MoE dir
 minimind convert DIR --to gguf --out FILE.gguf [--dtype f32|f16|q8_0]
 minimind convert FILE.pth --from minimind2 --tokenizer TOKDIR [--preset small|base|moe] --out OUT
 minimind convert HF_DIR --from minimind2 --out OUT              the reference project's transformers format
 minimind convert DIR --to minimind2 --out FILE.pth
+minimind convert HF_DIR --from minimind3 --out OUT              a released minimind-3 directory, dense or MoE
+minimind convert FILE.pth --from minimind3 --tokenizer TOKDIR [--experts-per-tok K] --out OUT
+minimind convert DIR --to minimind3 --out FILE.pth              the fp16 state dict minimind-3's scripts load
+minimind convert HF_DIR --from qwen3 --out OUT                  Qwen3ForCausalLM / Qwen3MoeForCausalLM
 minimind convert BASE --merge-lora ADAPTER --out OUT
 """
 
@@ -14,28 +20,36 @@ import argparse
 
 from minimind.errors import UserError
 
-TARGETS = ("llama", "gguf", "minimind2", "minimind2-pth")
-SOURCES = ("minimind2", "minimind2-pth")
+TARGETS = ("llama", "qwen3", "gguf", "minimind2", "minimind2-pth", "minimind3")
+SOURCES = ("minimind2", "minimind2-pth", "minimind3", "qwen3")
 GGUF_DTYPES = ("f32", "f16", "q8_0")
-IMPORT_FLAGS = ("tokenizer", "preset", "n_heads", "experts_per_tok")
+# import flag -> the --from formats it applies to
+IMPORT_FLAGS = {
+    "tokenizer": ("minimind2", "minimind3", "qwen3"),
+    "preset": ("minimind2",),
+    "n_heads": ("minimind2",),
+    "experts_per_tok": ("minimind2", "minimind3"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="model directory (--to, --merge-lora); MiniMind2 .pth file or "
-                        "transformers-format MiniMind directory (--from)")
+    parser.add_argument("source", help="model directory (--to, --merge-lora); .pth file or transformers "
+                        "directory (--from)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument(
         "--to",
         choices=TARGETS,
-        help="export: llama = plain HF directory (Qwen2-MoE for MoE models), gguf = llama.cpp "
-        "file, minimind2 (= minimind2-pth) = MiniMind2 .pth state dict",
+        help="export: llama = plain HF directory (Qwen2-MoE for MoE models), qwen3 = plain HF Qwen3 / "
+        "Qwen3-MoE directory (QK-norm models), gguf = llama.cpp file, minimind2 (= minimind2-pth) = MiniMind2 .pth "
+        "state dict, minimind3 = minimind-3 .pth state dict (fp16)",
     )
     mode.add_argument(
         "--from",
         dest="from_format",
         choices=SOURCES,
-        help="import a MiniMind2 .pth state dict or a transformers-format MiniMind directory (minimind2-pth "
-        "is an alias)",
+        help="import: minimind2 (= minimind2-pth) = a MiniMind2 .pth or transformers-format directory, "
+        "minimind3 = a minimind-3 .pth or released transformers directory, qwen3 = a Qwen3 / Qwen3-MoE "
+        "transformers directory",
     )
     mode.add_argument(
         "--merge-lora",
@@ -56,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         metavar="TOKDIR",
-        help="tokenizer directory to put beside imported weights (--from; required for a .pth, default the "
-        "source directory)",
+        help="tokenizer directory to put beside imported weights (--from; required for a .pth, None = the "
+        "source directory's)",
     )
     parser.add_argument(
         "--preset",
@@ -78,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="K",
         default=None,
-        help="--from, MoE: routed experts per token (None = the preset's, 2)",
+        help="--from minimind2/minimind3, MoE: routed experts per token (None = config.json's, else the "
+        "preset's 2 for minimind2 and 1 for minimind3)",
     )
 
 
@@ -86,10 +101,12 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that the chosen mode would silently ignore."""
     if args.dtype is not None and args.to != "gguf":
         raise UserError("--dtype applies only to --to gguf")
-    if args.from_format is None:  # (--from without --tokenizer is import_minimind2's to judge: a directory has one)
-        for flag in IMPORT_FLAGS:
-            if getattr(args, flag) is not None:
-                raise UserError(f"--{flag.replace('_', '-')} applies only to --from minimind2")
+    source = {"minimind2-pth": "minimind2"}.get(args.from_format, args.from_format)
+    # (--from without --tokenizer is the importer's to judge: a directory has one)
+    for flag, formats in IMPORT_FLAGS.items():
+        if getattr(args, flag) is not None and source not in formats:
+            names = " or ".join(filter(None, (", ".join(formats[:-1]), formats[-1])))
+            raise UserError(f"--{flag.replace('_', '-')} applies only to --from {names}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,23 +116,26 @@ def run(args: argparse.Namespace) -> int:
 
         count = merge_lora(args.source, args.merge_lora, args.out)
         print(f"convert: merged LoRA into {count} modules -> {args.out}")
+    elif args.from_format in ("minimind3", "qwen3"):
+        from minimind.convert.minimind3 import import_minimind3, import_qwen3
+
+        if args.from_format == "minimind3":
+            config, name = import_minimind3(args.source, args.tokenizer, args.out, args.experts_per_tok), "minimind-3"
+        else:
+            config, name = import_qwen3(args.source, args.tokenizer, args.out), "Qwen3"
+        print(f"convert: imported {name} weights ({describe(config)}) -> {args.out}")
     elif args.from_format is not None:
         from minimind.convert.minimind2 import import_minimind2
 
         config = import_minimind2(
             args.source, args.tokenizer, args.out, args.preset, args.n_heads, args.experts_per_tok
         )
-        kind = (
-            f"MoE {config.n_routed_experts}+{config.n_shared_experts} experts" if config.use_moe else "dense"
-        )
-        print(
-            f"convert: imported MiniMind2 weights (dim {config.dim}, {config.n_layers} layers, {kind}) "
-            f"-> {args.out}"
-        )
-    elif args.to == "llama":
+        print(f"convert: imported MiniMind2 weights ({describe(config)}) -> {args.out}")
+    elif args.to in ("llama", "qwen3"):
         from minimind.convert.llama import export_llama
+        from minimind.convert.qwen3 import export_qwen3
 
-        architecture = export_llama(args.source, args.out)
+        architecture = (export_llama if args.to == "llama" else export_qwen3)(args.source, args.out)
         print(f"convert: wrote a {architecture} directory (loads without trust_remote_code) -> {args.out}")
     elif args.to == "gguf":
         from minimind.convert.gguf import export_gguf
@@ -123,9 +143,20 @@ def run(args: argparse.Namespace) -> int:
         dtype = args.dtype or "f16"
         export_gguf(args.source, args.out, dtype)
         print(f"convert: wrote GGUF ({dtype}, llama architecture) -> {args.out}")
+    elif args.to == "minimind3":
+        from minimind.convert.minimind3 import export_minimind3
+
+        export_minimind3(args.source, args.out)
+        print(f"convert: wrote a minimind-3 .pth state dict (fp16) -> {args.out}")
     else:
         from minimind.convert.minimind2 import export_minimind2
 
         export_minimind2(args.source, args.out)
         print(f"convert: wrote a MiniMind2 .pth state dict -> {args.out}")
     return 0
+
+
+def describe(config) -> str:
+    """'dim 768, 8 layers, dense' / '..., MoE 4+0 experts': what an import produced, for its one-line report."""
+    kind = f"MoE {config.n_routed_experts}+{config.n_shared_experts} experts" if config.use_moe else "dense"
+    return f"dim {config.dim}, {config.n_layers} layers, {kind}"

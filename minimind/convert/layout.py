@@ -9,6 +9,7 @@ conversion is a reshape, never a change of numbers.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -98,3 +99,16 @@ def write_directory(out_dir: str | Path, fill: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def fold_chat_template(source_dir: Path, out_dir: Path) -> None:
+    """Put `source_dir/chat_template.jinja` into `out_dir/tokenizer_config.json` when the copied config has no
+    template: transformers 5 saves the template beside the tokenizer, while a model directory keeps it in the
+    two tokenizer files every export copies."""
+    jinja, config_file = source_dir / "chat_template.jinja", out_dir / "tokenizer_config.json"
+    if not jinja.is_file() or not config_file.is_file():
+        return
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    if not data.get("chat_template"):
+        data["chat_template"] = jinja.read_text(encoding="utf-8")
+        config_file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from minimind.convert.layout import copy_tokenizer, stored_dtype, write_directory
+from minimind.errors import UserError
 from minimind.model.configuration_minimind import MiniMindConfig
 from minimind.model.hub import load_model
+from minimind.model.modeling_minimind import MiniMindForCausalLM
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -108,15 +111,35 @@ def export_llama(model_dir: str | Path, out_dir: str | Path) -> str:
     Dense models become `LlamaForCausalLM`, MoE models `Qwen2MoeForCausalLM`. Weights keep the dtype they
     were saved in.
     """
+
+    def describe(model: MiniMindForCausalLM, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
+        if model.config.qk_norm:
+            raise UserError(f"{model_dir}: config field 'qk_norm' is true; Llama and Qwen2-MoE have no QK-norm, "
+                            "use --to qwen3")
+        if model.config.use_moe:
+            from minimind.convert.qwen2_moe import qwen2_moe_config, qwen2_moe_state_dict
+
+            return qwen2_moe_config(model.config, dtype), qwen2_moe_state_dict(model)
+        return llama_config(model.config, dtype), untied_state(model)
+
+    return export_hf(model_dir, out_dir, describe)
+
+
+def untied_state(model: MiniMindForCausalLM) -> dict[str, torch.Tensor]:
+    """Our state dict without the tied `lm_head.weight` (HF re-ties it on load from `tie_word_embeddings`)."""
+    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def export_hf(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    describe: Callable[[MiniMindForCausalLM, torch.dtype], tuple[dict, dict[str, torch.Tensor]]],
+) -> str:
+    """Load `model_dir` in its saved dtype, let `describe` give (config.json, state dict), write the directory at
+    `out_dir` with the tokenizer; returns the architecture written."""
     model_dir = Path(model_dir)
     dtype = stored_dtype(model_dir)
     model = load_model(model_dir, dtype=dtype)
-    if model.config.use_moe:
-        from minimind.convert.qwen2_moe import qwen2_moe_config, qwen2_moe_state_dict
-
-        config_json, state = qwen2_moe_config(model.config, dtype), qwen2_moe_state_dict(model)
-    else:
-        config_json = llama_config(model.config, dtype)
-        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    config_json, state = describe(model, dtype)
     write_directory(out_dir, lambda staging: write_hf_model(staging, config_json, state, model_dir))
     return config_json["architectures"][0]

@@ -34,9 +34,11 @@ import torch
 
 from minimind.convert.layout import (
     check_output_dir,
+    fold_chat_template,
     interleaved_to_rotate_half,
     rotate_half_to_interleaved,
     stored_dtype,
+    write_directory,
 )
 from minimind.errors import UserError
 from minimind.model.configuration_minimind import PRESETS, MiniMindConfig
@@ -120,33 +122,51 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_FIELDS = {"rope_theta": "rope_theta", "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len"}
 
 
-def load_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, config.json) of a reference-project transformers directory."""
+def load_hf_dir(path: Path, model_types: tuple[str, ...] = ("minimind",)) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config.json) of a transformers directory whose model_type is one of `model_types` (by
+    default the reference project's own format)."""
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{path}: a directory without config.json; expected a .pth file or a MiniMind "
-                        "transformers directory (config.json + model.safetensors)")
+        raise UserError(f"{path}: a directory without config.json; expected a .pth file or a transformers "
+                        "directory (config.json + model.safetensors)")
     config = read_json_object(config_file)
-    if config.get("model_type") != "minimind":
-        raise UserError(f"{config_file}: model_type is {config.get('model_type')!r}, expected 'minimind'")
+    if config.get("model_type") not in model_types:
+        expected = " or ".join(repr(t) for t in model_types)
+        raise UserError(f"{config_file}: model_type is {config.get('model_type')!r}, expected {expected}")
     if "dim" in config and "hidden_size" not in config:  # our own field names
         raise UserError(f"{path}: already a model directory of this project (config.json has 'dim'); use it as "
                         "it is, no import needed")
-    weights = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), None)
-    if weights is None:
-        raise UserError(f"{path}: no {' or '.join(HF_WEIGHTS)} beside config.json")
-    if weights.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    return read_hf_weights(path), config
 
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"{weights}: not a readable safetensors file ({err})") from None
-        state = {k: v for k, v in state.items() if k not in DERIVED_BUFFERS}
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a transformers-format directory: `model.safetensors` (or the shards its
+    `model.safetensors.index.json` lists) or `pytorch_model.bin`, derived RoPE buffers dropped."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    weights = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), None)
+    if weights is None and index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index}: field 'weight_map' is missing or empty")
+        shards = [path / name for name in dict.fromkeys(weight_map.values())]
+    elif weights is None:
+        raise UserError(f"{path}: no {' or '.join(HF_WEIGHTS)} beside config.json")
+    elif weights.suffix != ".safetensors":
+        return load_pth(weights)
     else:
-        state = load_pth(weights)
-    return state, config
+        shards = [weights]
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise UserError(f"{index}: lists shard {shard.name}, which is missing")
+        try:
+            state |= load_file(shard)
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{shard}: not a readable safetensors file ({err})") from None
+    return {k: v for k, v in state.items() if k not in DERIVED_BUFFERS}
 
 
 def is_hf_layout(state: dict[str, torch.Tensor]) -> bool:
@@ -292,8 +312,6 @@ def import_minimind2(
     `pth` is a `.pth` file or a reference-project transformers directory, whose config.json gives the head
     count and the rest (unless `preset`/`n_heads`/`experts_per_tok` say otherwise) and whose tokenizer is
     used when `tokenizer_dir` is None."""
-    from minimind.tokenizer import load_tokenizer
-
     source, extra = Path(pth), {}
     if tokenizer_dir is None and not source.is_dir():
         raise UserError("--from minimind2 needs --tokenizer DIR (a .pth holds no tokenizer)")
@@ -311,8 +329,27 @@ def import_minimind2(
     else:
         state = load_pth(pth)
     out_dir = check_output_dir(out_dir)
+    refuse_qk_norm(state, pth)
     config = infer_config(state, pth, preset, n_heads, experts_per_tok, extra)
-    ours = to_our_state(state, config, pth)
+    save_imported(to_our_state(state, config, pth), config, tokenizer_dir, out_dir)
+    return config
+
+
+def refuse_qk_norm(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A checkpoint with QK-norm weights is minimind-3's (or Qwen3's), which `--from minimind2` cannot read."""
+    key = next((k for k in state if k.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight"))), None)
+    if key is not None:
+        raise UserError(f"{path}: holds '{key}' (QK-norm), a minimind-3 checkpoint, not MiniMind2; use "
+                        "--from minimind3")
+
+
+def save_imported(
+    ours: dict[str, torch.Tensor], config: MiniMindConfig, tokenizer_dir: str | Path, out_dir: str | Path
+) -> None:
+    """Write the checked state dict (our names) with the tokenizer of `tokenizer_dir` as a model directory at
+    `out_dir`, in the weights' dtype; built beside `out_dir` and renamed into place, so a failure leaves nothing."""
+    from minimind.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > config.vocab_size:
         raise UserError(
@@ -322,8 +359,12 @@ def import_minimind2(
     model = MiniMindForCausalLM(config).to(ours["model.embed_tokens.weight"].dtype)
     model.load_state_dict(ours, strict=False)
     model.tie_weights()
-    save_model_dir(model.eval(), tokenizer, out_dir)
-    return config
+
+    def fill(staging: Path) -> None:
+        save_model_dir(model.eval(), tokenizer, staging)
+        fold_chat_template(Path(tokenizer_dir), staging)
+
+    write_directory(out_dir, fill)
 
 
 def to_minimind2_state(model: MiniMindForCausalLM) -> dict[str, torch.Tensor]:
@@ -343,11 +384,19 @@ def to_minimind2_state(model: MiniMindForCausalLM) -> dict[str, torch.Tensor]:
 def export_minimind2(model_dir: str | Path, out_file: str | Path) -> Path:
     """Write `model_dir` as a MiniMind2 `.pth` state dict (plain tensors, in the weights' saved dtype)."""
     model = load_model(model_dir, dtype=stored_dtype(model_dir))
+    if model.config.qk_norm:
+        raise UserError(f"{model_dir}: config field 'qk_norm' is true (a minimind-3 model), which MiniMind2 cannot "
+                        "hold; use --to minimind3")
+    return write_pth(to_minimind2_state(model), out_file)
+
+
+def write_pth(state: dict[str, torch.Tensor], out_file: str | Path) -> Path:
+    """torch.save `state` to `out_file` through a partial file renamed into place (never half a file)."""
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(f".{out_file.name}.partial")
     try:
-        torch.save(to_minimind2_state(model), partial)
+        torch.save(state, partial)
         os.replace(partial, out_file)
     finally:
         partial.unlink(missing_ok=True)
