@@ -8,6 +8,7 @@ import sys
 import pytest
 from conftest import tiny_model
 from streamlit.testing.v1 import AppTest
+from thinking_helpers import save_thinking_template
 
 from minimind.cli import main
 from minimind.infer import Engine
@@ -37,10 +38,10 @@ def app(runs, monkeypatch) -> AppTest:
     return app.run()
 
 
-def expected_answer(model_dir, messages, seed, max_new_tokens=128):
+def expected_answer(model_dir, messages, seed, max_new_tokens=128, **template_kwargs):
     """What the page should answer with its default settings (from generation_config.json) and `seed`."""
     engine = Engine.from_pretrained(model_dir)
-    ids = engine.chat_prompt([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages])
+    ids = engine.chat_prompt([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages], **template_kwargs)
     assert len(ids) + min(max_new_tokens, engine.max_seq_len // 2) <= engine.max_seq_len  # history not trimmed
     return engine.completions([ids], temperature=0.85, top_p=0.85, max_new_tokens=max_new_tokens, seed=seed)[0]
 
@@ -94,6 +95,29 @@ def test_thinking_is_folded(app):
     (expander,) = app.chat_message[1].expander
     assert expander.label == "Thinking" and expander.markdown[0].value == "one and one"
     assert [m.value for m in app.chat_message[1].markdown if m.value == "2"] == ["2"]
+
+
+def test_thinking_switch(app, tmp_path, tokenizer, monkeypatch):
+    (toggle,) = app.sidebar.toggle
+    assert toggle.label == "Thinking" and toggle.disabled  # the seed template has no switch
+    from minimind.model.hub import save_model_dir
+
+    save_model_dir(tiny_model(), tokenizer, tmp_path / "thinker")
+    save_thinking_template(tmp_path / "thinker")
+    monkeypatch.setattr(sys, "argv", ["page.py", "--models-dir", str(tmp_path), "--device", "cpu"])
+    page = AppTest.from_file(str(PAGE), default_timeout=120).run()
+    assert not page.sidebar.toggle[0].disabled and page.sidebar.toggle[0].value is False
+    page.number_input[0].set_value(SEED).run()
+    next(s for s in page.slider if s.label == "Max new tokens").set_value(8).run()
+    page.sidebar.toggle[0].set_value(True).run()
+    page.chat_input[0].set_value("hello").run()
+    assert not page.exception
+    expected = expected_answer(tmp_path / "thinker", [{"role": "user", "content": "hello"}], SEED, 8,
+                               open_thinking=True, enable_thinking=True)
+    # the prompt opened the think block: the page keeps the reply inside it and folds it while it streams
+    assert page.session_state["messages"][1]["content"] == "<think>" + expected.text
+    (expander,) = page.chat_message[1].expander
+    assert expander.label == "Thinking…" and "</think>" not in expected.text
 
 
 def test_no_models_found_says_so(tmp_path, monkeypatch):

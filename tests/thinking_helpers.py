@@ -5,6 +5,8 @@ real template: like minimind-3's and Qwen3's, its generation prompt opens a thin
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 THINKING_TEMPLATE = (
     "{%- set thinking = open_thinking if open_thinking is defined"
@@ -21,3 +23,11 @@ def with_thinking_template(tokenizer):
     switched = copy.deepcopy(tokenizer)
     switched.chat_template = THINKING_TEMPLATE
     return switched
+
+
+def save_thinking_template(directory: Path) -> None:
+    """Put the template with the switch into a saved model or tokenizer directory's tokenizer_config.json."""
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = THINKING_TEMPLATE
+    config_path.write_text(json.dumps(config, ensure_ascii=False))

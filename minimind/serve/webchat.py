@@ -12,10 +12,10 @@ from pathlib import Path
 
 from minimind.infer.chat_cli import build_prompt
 from minimind.serve.scheduler import Scheduler
+from minimind.tokenizer.thinking import THINK_CLOSE, THINK_OPEN, PromptThinking, prompt_ids_thinking
 
 MODEL_FILES = ("config.json", "model.safetensors")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a LoRA adapter loads with its base
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_TAGS = re.compile(r"</?answer>")
 
 
@@ -55,12 +55,18 @@ def history_pairs(messages: list[dict]) -> list[tuple[str, str]]:
 
 
 def chat_prompt(scheduler: Scheduler, system: str, messages: list[dict], history_turns: int,
-                max_new_tokens: int) -> list[int] | None:
+                max_new_tokens: int, think: bool | None = None) -> list[int] | None:
     """Token ids for answering the last user message of `messages` (history trimmed to turns and context);
-    None if the message alone does not fit."""
+    None if the message alone does not fit. `think`: the template's thinking switch (None: its default)."""
     *earlier, last = messages
     return build_prompt(scheduler.prompts, system.strip() or None, history_pairs(earlier), last["content"],
-                        history_turns, max_new_tokens)
+                        history_turns, max_new_tokens, think)
+
+
+def reply_start(scheduler: Scheduler, ids: list[int]) -> str:
+    """What the reply to prompt `ids` starts with before its first token: `<think>` when the prompt opened the
+    think block (so the page folds the thinking while it streams), else nothing."""
+    return THINK_OPEN if prompt_ids_thinking(scheduler.prompts.tokenizer, ids) is PromptThinking.OPEN else ""
 
 
 @dataclass

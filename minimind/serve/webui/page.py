@@ -5,7 +5,8 @@
         [--compile] [--no-prepack]
 
 The sidebar picks a model directory found under --models-dir and sets temperature, top-p, max new tokens,
-history turns, the system prompt and a seed; Clear forgets the conversation, Regenerate answers the last message
+history turns, the system prompt, a seed and the thinking switch (for chat templates that have one: minimind-3's
+`open_thinking`, Qwen3's `enable_thinking`; off leaves the template's default); Clear forgets the conversation, Regenerate answers the last message
 again. Answers stream in as they are generated, with tokens/s under each; a `<think>` block is folded into
 an expander. One Scheduler per model directory is cached for the process (`st.cache_resource`), so all
 browser sessions share the weights and their requests are decoded together.
@@ -24,8 +25,9 @@ from minimind.errors import UserError
 from minimind.infer.options import add_engine_arguments, generation_defaults
 from minimind.infer.sampling import SamplingParams
 from minimind.serve.scheduler import QueueFull, Scheduler
-from minimind.serve.webchat import chat_prompt, find_models, load_scheduler, split_thinking
+from minimind.serve.webchat import chat_prompt, find_models, load_scheduler, reply_start, split_thinking
 from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT
+from minimind.tokenizer.thinking import has_thinking_switch
 
 REDRAW_SECONDS = 0.05  # at most ~20 redraws a second while streaming
 
@@ -85,11 +87,21 @@ def sidebar(options: argparse.Namespace) -> tuple[Scheduler, dict]:
             "system": st.text_area("System prompt", DEFAULT_SYSTEM_PROMPT),
             "seed": st.number_input("Seed", min_value=-1, value=-1, step=1,
                                     help="-1 = a fresh random seed for each answer; other values reproduce answers"),
+            "think": thinking_toggle(scheduler),
         }
         left, right = st.columns(2)
         left.button("Clear", on_click=clear, width="stretch")
         right.button("Regenerate", on_click=regenerate, width="stretch")
     return scheduler, settings
+
+
+def thinking_toggle(scheduler: Scheduler) -> bool | None:
+    """The thinking switch: True (on) or None (the template's default); disabled when the template has none."""
+    switch = has_thinking_switch(scheduler.prompts.tokenizer)
+    on = st.toggle("Thinking", value=False, disabled=not switch,
+                   help="the model reasons in a <think> block before it answers" if switch else
+                   "this model's chat template has no thinking switch (open_thinking / enable_thinking)")
+    return True if on and switch else None
 
 
 def render_answer(text: str) -> None:
@@ -103,7 +115,8 @@ def render_answer(text: str) -> None:
 
 def respond(scheduler: Scheduler, settings: dict, messages: list[dict]) -> None:
     """Stream an answer to the last user message into the page and append it to `messages`."""
-    ids = chat_prompt(scheduler, settings["system"], messages, settings["history_turns"], settings["max_new_tokens"])
+    ids = chat_prompt(scheduler, settings["system"], messages, settings["history_turns"], settings["max_new_tokens"],
+                      settings["think"])
     with st.chat_message("assistant"):
         if ids is None:
             st.error(f"The message is too long for this model's context ({scheduler.prompts.max_seq_len} tokens).")
@@ -112,7 +125,7 @@ def respond(scheduler: Scheduler, settings: dict, messages: list[dict]) -> None:
         params = SamplingParams(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                                 top_p=settings["top_p"], seed=None if settings["seed"] < 0 else int(settings["seed"]))
         box = st.empty()
-        text, drawn, last = "", 0.0, None
+        text, drawn, last = reply_start(scheduler, ids), 0.0, None
         start = time.perf_counter()
         try:
             for out in scheduler.stream(ids, params):
