@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    args.command_line = argv  # the verb and its flags, for hints that repeat the command (`… --resume`)
     try:
         code = module.run(args)
     except UserError as err:

@@ -31,6 +31,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False
     stop_after_steps: int = 0
     seed: int = 42
     device: str = "auto"
@@ -49,6 +50,7 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     peak_tflops: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific settings (beta, rank, ...)
+    command: list[str] = field(default_factory=list)  # the command line, for the hint that continues the run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +85,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
     g.add_argument("--save-every", type=int, default=d["save_every"], help="steps between checkpoints (0 = end)")
     g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help="checkpoints kept")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds an earlier run: delete its checkpoints, metrics and "
+                        "model files first (without --resume or --overwrite such an --out is refused)")
     g.add_argument("--stop-after-steps", type=int, default=0,
                    help="stop cleanly after N steps of this invocation, keeping the full run's schedule (0 = off)")
     g = parser.add_argument_group("runtime")
@@ -110,4 +115,5 @@ def config_from_args(args: argparse.Namespace, stage: str, **extra: Any) -> Trai
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
     trackers = [t for t in ("wandb", "swanlab", "tensorboard") if getattr(args, t, False)]
-    return TrainConfig(stage=stage, trackers=trackers, extra=extra, **values)
+    command = list(getattr(args, "command_line", None) or [stage])
+    return TrainConfig(stage=stage, trackers=trackers, extra=extra, command=command, **values)

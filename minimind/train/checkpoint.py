@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from minimind.errors import UserError
+from minimind.outputs import writing
 
 MANIFEST = "manifest.json"
 
@@ -76,6 +77,11 @@ class CheckpointDir:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         return tmp
+
+    def abandon(self, step: int) -> None:
+        """Main rank, after a failed save: remove the partial staging files so they do not keep the disk full."""
+        shutil.rmtree(self.staging(step), ignore_errors=True)
+        (self.root / ".latest.tmp").unlink(missing_ok=True)
 
     def commit(self, step: int) -> Path:
         """Main rank, after every rank wrote its files: manifest, fsync, rename into place, move `latest`."""
@@ -178,7 +184,8 @@ class CheckpointDir:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with writing(path):
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -188,8 +195,13 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_object(path: Path, obj: Any) -> None:
-    """Optimizer/scaler/RNG state: tensors and plain containers only, readable with weights_only=True."""
-    torch.save(obj, path)
+    """Optimizer/scaler/RNG state: tensors and plain containers only, readable with weights_only=True.
+
+    Written through a Python file object so that a full disk surfaces as OSError(ENOSPC) naming the path
+    (given a path, torch's own writer reports only "unexpected pos").
+    """
+    with writing(path), open(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def load_object(path: Path) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from minimind.errors import UserError
+from minimind.outputs import writing
 
 
 class Monitor:
@@ -28,8 +29,9 @@ class Monitor:
         self.bar = None
         if not enabled:
             return
-        self._truncate_after(start_step)
-        self.file = open(self.path, "a", encoding="utf-8")
+        with writing(self.path):
+            self._truncate_after(start_step)
+            self.file = open(self.path, "a", encoding="utf-8")
         self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, unit="step", dynamic_ncols=True,
                         disable=os.environ.get("MINIMIND_NO_PROGRESS") == "1")
         for name in trackers:
@@ -47,8 +49,9 @@ class Monitor:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         self.bar.update(step - self.bar.n)
         if step % self.log_every == 0 or step == self.bar.total:
             self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record.get('lr', 0):.2e}",

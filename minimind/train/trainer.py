@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from minimind.data.sampler import DataPosition, StepBatchSampler
 from minimind.errors import UserError
 from minimind.model.info import count_parameters, training_flops
+from minimind.outputs import WriteFailed, writing
 from minimind.train import checkpoint as ckpt
 from minimind.train.args import TrainConfig
 from minimind.train.distributed import (
@@ -39,6 +40,7 @@ from minimind.train.mfu import peak_flops
 from minimind.train.monitor import Monitor
 from minimind.train.objective import Objective, flop_counts
 from minimind.train.report import read_metrics, write_report
+from minimind.train.rundir import space_warning
 from minimind.train.schedule import lr_at
 from minimind.train.strategies import make_strategy
 
@@ -85,8 +87,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
         if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+            with writing(self.out / "train_config.json"):
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # dropout differs per rank, repeatably
         if cfg.resume:
             self.checkpoints.resume()
@@ -108,6 +111,9 @@ class Trainer:
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (peak_flops(self.device, self.dtype)
                                                                    if info.is_main else 1.0)
         if info.is_main:
+            warning = self.checkpoints.space_warning()
+            if warning:
+                monitor.message(warning)
             monitor.message(f"{cfg.stage}: {self.total_steps} steps, global batch {sampler.global_batch} "
                             f"({cfg.batch_size} x {cfg.accumulation_steps} accumulation x {info.world_size} "
                             f"processes) x {cfg.max_seq_len} tokens, {self.device} {str(self.dtype)[6:]}")
@@ -258,8 +264,9 @@ class Trainer:
         summary: dict[str, Any] = {"step": self.step, "finished": True}
         final = self.strategy.final_model()  # an ordinary module on the main rank, whatever the strategy
         if self.info.is_main:
-            self.run.save_final(final, self.out)
-            summary.update(self.write_report(final))
+            with writing(self.out):
+                self.run.save_final(final, self.out)
+                summary.update(self.write_report(final))
         barrier(self.info)
         return summary
 
@@ -331,6 +338,16 @@ class CheckpointIO:
         self.dir = ckpt.CheckpointDir(trainer.out, keep=trainer.cfg.keep_checkpoints)
 
     def save(self) -> None:
+        """Write a checkpoint (collective); a failed write removes the partial staging files and raises WriteFailed."""
+        try:
+            with writing(self.dir.staging(self.t.step)):
+                self._save()
+        except WriteFailed:
+            if self.t.info.is_main:
+                self.dir.abandon(self.t.step)
+            raise
+
+    def _save(self) -> None:
         t, info = self.t, self.t.info
         if info.is_main:
             self.dir.begin(t.step)
@@ -350,6 +367,17 @@ class CheckpointIO:
         if info.is_main:
             self.dir.commit(t.step)
         barrier(info)
+
+    def space_warning(self) -> str | None:
+        """Main rank, at start: a warning if --out looks too small for the checkpoints to come and the model."""
+        t, cfg = self.t, self.t.cfg
+        weights = _bytes(ckpt.unique_state(t.model, t.run.trainable_only_checkpoint))
+        trainable = sum(p.numel() * p.element_size() for p in t.model.parameters() if p.requires_grad)
+        # AdamW keeps two moments per trainable parameter, in the parameter's dtype
+        checkpoint = weights + 2 * trainable
+        left = max(t.total_steps - t.step, 0)
+        saves = (left // cfg.save_every if cfg.save_every else 0) + 1  # the last one is the final save
+        return space_warning(t.out, checkpoint, _bytes(ckpt.unique_state(t.model)), cfg.keep_checkpoints, saves)
 
     def resume(self) -> None:
         t, info = self.t, self.t.info
@@ -409,6 +437,10 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _useful_tokens(batch: dict) -> int:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from minimind.data.prepare import open_dataset
 from minimind.data.shards import Shard
 from minimind.errors import UserError
+from minimind.outputs import WriteFailed
 from minimind.train.args import TrainConfig
+from minimind.train.checkpoint import CheckpointDir
 from minimind.train.distributed import (
     DistInfo,
     SharedError,
@@ -21,8 +24,11 @@ from minimind.train.distributed import (
     init_distributed,
     main_first,
 )
+from minimind.train.rundir import open_run_dir, resume_command
 from minimind.train.strategies import SHARDED
 from minimind.train.trainer import StageRun, Trainer
+
+T = TypeVar("T")
 
 
 def run_stage(cfg: TrainConfig, build: Callable[[TrainConfig, DistInfo], StageRun]) -> int:
@@ -32,10 +38,13 @@ def run_stage(cfg: TrainConfig, build: Callable[[TrainConfig, DistInfo], StageRu
     one line) and the other ranks exit with the same code without repeating it.
     """
     info = init_distributed(cfg.device, need_group=cfg.strategy in SHARDED)
+    lock = None
     try:
-        run = collective(info, lambda: build(cfg, info))
+        # rank 0 locks --out for the whole job before anything is written; the others wait for its verdict
+        lock = collective(info, lambda: open_run_dir(cfg.out, cfg.resume, cfg.overwrite) if info.is_main else None)
+        run = collective(info, lambda: _hinted(cfg, lambda: build(cfg, info)))  # build may prepare the data
         trainer = collective(info, lambda: Trainer(cfg, run, info))
-        summary = trainer.fit()
+        summary = _hinted(cfg, trainer.fit)
         if info.is_main and summary.get("finished"):
             print(f"{cfg.stage}: done at step {summary['step']}; model and report in {cfg.out}", flush=True)
         return 0
@@ -44,7 +53,19 @@ def run_stage(cfg: TrainConfig, build: Callable[[TrainConfig, DistInfo], StageRu
             raise SystemExit(2) from None
         raise
     finally:
+        if lock is not None:
+            lock.release()
         cleanup(info)
+
+
+def _hinted(cfg: TrainConfig, fn: Callable[[], T]) -> T:
+    """Run `fn`; a failed write becomes one line that also says where the run stands and how to continue it."""
+    try:
+        return fn()
+    except WriteFailed as err:
+        latest = CheckpointDir(cfg.out).latest()
+        where = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was completed yet"
+        raise UserError(f"{err}; {where}; free space, then continue with: {resume_command(cfg.command)}") from None
 
 
 def stage_data(cfg: TrainConfig, info: DistInfo, path: str, tokenizer_dir: str | Path, kind: str) -> Shard:
