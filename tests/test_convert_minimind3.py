@@ -16,10 +16,11 @@ import torch
 from conftest import tiny_model
 from convert_helpers import random_ids, random_model_dir, run_cli
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig
 
 from minimind.cli import main
 from minimind.convert.minimind3 import export_minimind3, import_minimind3, import_qwen3
+from minimind.convert.qwen3 import export_qwen3
 from minimind.model.hub import load_model, load_model_dir
 
 # head_dim 24 with 4 heads is not dim / n_heads (64 / 4): it must come from q_norm, as minimind-3's and Qwen3's can
@@ -136,6 +137,37 @@ def test_released_directory_imports_with_transformers_qwen3_logits(tmp_path, tok
     assert c.use_moe == bool(variant) and (not c.use_moe or (c.num_experts_per_tok, c.n_shared_experts) == (top_k, 0))
     assert len(tokenizer) == 512 and (tmp_path / "model" / "tokenizer_config.json").is_file()
     assert_same_logits(model, transformers_qwen3(state, tmp_path / "qwen3", top_k), random_ids(2, 16))
+
+
+def test_yarn_directory_imports_with_its_attention_factor_and_exports_it(tmp_path, tokenizer_dir):
+    """minimind-3's inference YaRN (factor 16 over 2048 positions, β 32/1) scales cos/sin by attention_factor 1.0,
+    not YaRN's default 0.1·ln(16)+1; the import keeps it, and --to qwen3 writes it."""
+    yarn = {"beta_fast": 32, "beta_slow": 1, "factor": 16, "original_max_position_embeddings": 2048,
+            "attention_factor": 1.0, "type": "yarn"}
+    state = qwen3_state(seed=3)
+    source = released_dir(tmp_path / "src", state, tokenizer_dir, inference_rope_scaling=True, rope_scaling=yarn,
+                          max_position_embeddings=32768)
+    config = import_minimind3(source, None, tmp_path / "model")
+    assert (config.yarn_factor, config.yarn_original_max_seq_len, config.yarn_attention_factor) == (16.0, 2048, 1.0)
+    ours = load_model(tmp_path / "model")
+    rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 2048,
+            "beta_fast": 32.0, "beta_slow": 1.0}
+    theirs = Qwen3ForCausalLM(Qwen3Config(**{**hf_fields(), "max_position_embeddings": 32768,
+                                             "rope_parameters": {**rope, "attention_factor": 1.0}})).eval()
+    theirs.load_state_dict(state, strict=False)
+    theirs.tie_weights()
+    ids = random_ids(2, 40)
+    assert_same_logits(ours, theirs, ids)
+    default_scale = Qwen3ForCausalLM(Qwen3Config(**{**hf_fields(), "max_position_embeddings": 32768,
+                                                    "rope_parameters": rope})).eval()
+    default_scale.load_state_dict(state, strict=False)
+    default_scale.tie_weights()
+    with torch.no_grad():  # the attention factor matters: the default one gives other logits
+        assert (ours(ids).logits - default_scale(ids).logits).abs().max() > 1e-2
+    export_qwen3(tmp_path / "model", tmp_path / "qwen3")
+    written = json.loads((tmp_path / "qwen3" / "config.json").read_text())
+    assert written["rope_parameters"]["attention_factor"] == written["rope_scaling"]["attention_factor"] == 1.0
+    assert_same_logits(ours, AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3").eval(), ids)
 
 
 def test_pth_import_takes_every_shape_from_the_tensors_and_exports_back_bit_exactly(tmp_path, tokenizer_dir):

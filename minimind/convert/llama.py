@@ -38,6 +38,8 @@ def rope_fields(config: MiniMindConfig) -> dict:
             "beta_fast": config.yarn_beta_fast,
             "beta_slow": config.yarn_beta_slow,
         }
+        if config.yarn_attention_factor is not None:
+            yarn["attention_factor"] = config.yarn_attention_factor
         fields["rope_scaling"] = dict(yarn)
         fields["rope_parameters"] = {**yarn, "rope_theta": config.rope_theta}
     else:

@@ -20,8 +20,6 @@ and `--experts-per-tok` overrides the experts per token.
 
 from __future__ import annotations
 
-import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -157,16 +155,15 @@ def yarn_fields(scaling: dict, config_file: Path) -> dict:
         return {}
     if kind != "yarn":
         raise UserError(f"{config_file}: RoPE scaling {kind!r} is not supported (expected none or 'yarn')")
-    factor = float(scaling.get("factor", 1.0))
-    ours = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     attention = scaling.get("attention_factor")
-    if attention is not None and not math.isclose(attention, ours, rel_tol=1e-6):
-        warnings.warn(f"{config_file}: YaRN attention_factor {attention} differs from MiniMind's 0.1·ln(factor)+1 = "
-                      f"{ours:.4f}; the import leaves YaRN off (it is for inference beyond the trained length)",
-                      stacklevel=3)
-        return {}
-    return dict(yarn_factor=factor, yarn_original_max_seq_len=scaling.get("original_max_position_embeddings"),
-                yarn_beta_fast=float(scaling.get("beta_fast", 32.0)), yarn_beta_slow=float(scaling.get("beta_slow", 1.0)))
+    try:
+        return dict(yarn_factor=float(scaling.get("factor", 1.0)),
+                    yarn_original_max_seq_len=scaling.get("original_max_position_embeddings"),
+                    yarn_beta_fast=float(scaling.get("beta_fast", 32.0)),
+                    yarn_beta_slow=float(scaling.get("beta_slow", 1.0)),
+                    yarn_attention_factor=None if attention is None else float(attention))
+    except (TypeError, ValueError):
+        raise UserError(f"{config_file}: the YaRN settings {scaling!r} are not numbers") from None
 
 
 def qk_norm_config(

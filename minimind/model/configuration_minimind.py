@@ -89,6 +89,7 @@ class MiniMindConfig(PretrainedConfig):
         yarn_original_max_seq_len: int | None = None,
         yarn_beta_fast: float = 32.0,
         yarn_beta_slow: float = 1.0,
+        yarn_attention_factor: float | None = None,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         bos_token_id: int = 1,
@@ -142,6 +143,8 @@ class MiniMindConfig(PretrainedConfig):
         self.yarn_original_max_seq_len = yarn_original_max_seq_len
         self.yarn_beta_fast = yarn_beta_fast
         self.yarn_beta_slow = yarn_beta_slow
+        # cos/sin scale under YaRN; None = 0.1·ln(factor)+1 (the YaRN paper's, HF's default). minimind-3 uses 1.0.
+        self.yarn_attention_factor = yarn_attention_factor
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.validate()  # before transformers' own checks, which fail on bad values with less clear errors
@@ -205,6 +208,9 @@ class MiniMindConfig(PretrainedConfig):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"config field 'dropout' must be in [0, 1), got {self.dropout}")
+        factor = self.yarn_attention_factor
+        if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0):
+            raise ValueError(f"config field 'yarn_attention_factor' must be a positive number or null, got {factor!r}")
         if self.yarn_factor < 1.0:
             raise ValueError(f"config field 'yarn_factor' must be >= 1.0 (1.0 = off), got {self.yarn_factor}")
 

@@ -78,7 +78,8 @@ def rope_frequencies(config: MiniMindConfig, device: torch.device | None = None)
 
     YaRN keeps high-frequency dimensions as trained, interpolates low-frequency ones by `yarn_factor`, and
     ramps linearly between them; cos/sin are scaled by 0.1·ln(factor)+1 (the YaRN paper's recipe, same
-    numbers as HF's `rope_type="yarn"` so exported Llama directories compute the same function).
+    numbers as HF's `rope_type="yarn"` so exported Llama directories compute the same function), or by
+    `yarn_attention_factor` when set (HF's `attention_factor`; minimind-3 uses 1.0).
     """
     dim, base = config.head_dim, config.rope_theta
     exponents = torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim
@@ -98,7 +99,8 @@ def rope_frequencies(config: MiniMindConfig, device: torch.device | None = None)
     ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1 = extrapolate (as trained), 0 = interpolate (divide by factor)
     inv_freq = (inv_freq / factor) * (1 - keep) + inv_freq * keep
-    return inv_freq, 0.1 * math.log(factor) + 1.0
+    scale = config.yarn_attention_factor
+    return inv_freq, 0.1 * math.log(factor) + 1.0 if scale is None else scale
 
 
 def rope_cos_sin(

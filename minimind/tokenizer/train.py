@@ -15,6 +15,7 @@ from pathlib import Path
 
 from minimind.data.records import ReadStats, read_records
 from minimind.errors import UserError
+from minimind.outputs import refuse_or_clear, writing_product
 from minimind.tokenizer.template import BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, UNK
 
 
@@ -104,12 +105,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed lines")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the tokenizer already in --out (without it such an --out is refused)")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_or_clear(args.out, TOKENIZER_FILES, "a tokenizer", args.overwrite)
     stats = ReadStats()
     tokenizer = train_tokenizer(texts_from_jsonl(args.data, args.skip_bad_lines, stats), args.vocab_size)
-    out = save_tokenizer(tokenizer, args.out)
+    with writing_product(args.out, TOKENIZER_FILES):
+        out = save_tokenizer(tokenizer, args.out)
     if stats.skipped:
         print(stats.summary(args.data))
     print(f"tokenizer: {tokenizer.get_vocab_size()} tokens from {stats.good} records -> {out}")
