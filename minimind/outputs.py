@@ -9,6 +9,7 @@ becomes a `WriteFailed`: one line saying what could not be written and why, in p
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import re
 import shutil
@@ -28,6 +29,11 @@ REASONS = {
     errno.EIO: "an input/output error (the disk or network file system failed)",
     errno.EFBIG: "the file is larger than the file system allows",
 }
+# The files a model directory is made of (a run's final model, an import, an export), besides the model's
+# remote-code files (`model_code_files`).
+MODEL_DIR_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "adapter_config.json",
+                   "adapter_model.safetensors", "value_head.safetensors")
 # safetensors (Rust) and other native writers report the OS error only inside their message text.
 _OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
 
@@ -71,6 +77,14 @@ def writing(path: str | Path) -> Iterator[None]:
         raise failure from None
 
 
+def model_code_files() -> list[str]:
+    """The model's remote-code files that `save_pretrained` copies beside the weights (modeling_minimind.py …),
+    listed without importing the model package."""
+    spec = importlib.util.find_spec("minimind.model")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return sorted(p.name for p in folder.glob("*.py") if p.name != "__init__.py")
+
+
 def existing_products(out: str | Path, names: Iterable[str]) -> list[str]:
     """Which of `names` (files or folders directly in `out`) exist there, in the order given."""
     out = Path(out)
@@ -92,6 +106,18 @@ def refuse_or_clear(out: str | Path, names: Iterable[str], what: str, overwrite:
         raise UserError(f"--out {out}: already holds {what} ({listed}); choose another --out, or add --overwrite "
                         "to delete those files and write new ones")
     remove_products(out, found)
+
+
+@contextmanager
+def writing_product(out: str | Path, names: Iterable[str]) -> Iterator[None]:
+    """A verb's whole output: a failed write removes the partial `names` from `out` and becomes one line."""
+    try:
+        with writing(out):
+            yield
+    except WriteFailed as err:
+        remove_products(out, names)
+        raise UserError(f"{err}; the partial files were removed; free space, then run the same command again") \
+            from None
 
 
 def remove_products(out: str | Path, names: Iterable[str]) -> None:

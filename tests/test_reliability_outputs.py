@@ -242,3 +242,60 @@ def test_a_real_full_filesystem(tmp_path, corpus_file, tokenizer_dir, capsys):
     finally:
         time.sleep(0.1)
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# ---- the same rule for prepare, tokenizer and convert -------------------------------------------------
+
+def _refused_then_overwritten(args: list[str], capsys, expect: str) -> None:
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert expect in line and "add --overwrite" in line, line
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_prepare_refuses_an_earlier_dataset_unless_overwrite(tmp_path, corpus_file, tokenizer_dir, capsys):
+    out = tmp_path / "prepared"
+    args = ["prepare", "--data", str(corpus_file), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+            "--workers", "0"]
+    _refused_then_overwritten(args, capsys, f"--out {out}: already holds a prepared dataset (meta.json, tokens.bin, "
+                                            "index.bin)")
+    assert json.loads((out / "meta.json").read_text())["n_samples"] == len(corpus_file.read_text().splitlines())
+
+
+def test_tokenizer_refuses_an_earlier_tokenizer_unless_overwrite(tmp_path, corpus_file, capsys):
+    out = tmp_path / "tok"
+    args = ["tokenizer", "--data", str(corpus_file), "--vocab-size", "300", "--out", str(out)]
+    _refused_then_overwritten(args, capsys, "already holds a tokenizer (tokenizer.json, tokenizer_config.json)")
+
+
+@pytest.mark.parametrize("target", ["minimind2", "llama"])
+def test_convert_refuses_an_earlier_export_unless_overwrite(target, tmp_path, model_dir, capsys):
+    out = tmp_path / ("model.pth" if target == "minimind2" else "plain")
+    expect = "already exists" if target == "minimind2" else "already holds a model directory (config.json"
+    _refused_then_overwritten(["convert", str(model_dir), "--to", target, "--out", str(out)], capsys, expect)
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_partial_shards(tmp_path, corpus_file, tokenizer_dir,
+                                                                         capsys, monkeypatch):
+    from minimind.data import shards
+
+    out = tmp_path / "prepared"
+    args = ["prepare", "--data", str(corpus_file), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+            "--workers", "0"]
+    monkeypatch.setattr(shards, "open", lambda *a, **k: _FullAfter(open(*a, **k), b""), raising=False)
+    assert main(args) == 2
+    assert one_error_line(capsys) == (f"minimind prepare: error: could not write {out}: no space left on device; "
+                                      "the partial files were removed; free space, then run the same command again")
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    assert main(args) == 0
+
+
+def test_convert_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, model_dir, capsys, monkeypatch):
+    out = tmp_path / "model.pth"
+    monkeypatch.setattr(ckpt.torch, "save", _fail_on_call(ckpt.torch.save, 1, ENOSPC))
+    assert main(["convert", str(model_dir), "--to", "minimind2", "--out", str(out)]) == 2
+    assert one_error_line(capsys).startswith(f"minimind convert: error: could not write {out}: no space left on device;")
+    assert not list(tmp_path.iterdir())  # no .model.pth.partial left

@@ -17,8 +17,10 @@ minimind convert BASE --merge-lora ADAPTER --out OUT
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from minimind.errors import UserError
+from minimind.outputs import MODEL_DIR_FILES, model_code_files, refuse_or_clear, writing_product
 
 TARGETS = ("llama", "qwen3", "gguf", "minimind2", "minimind2-pth", "minimind3")
 SOURCES = ("minimind2", "minimind2-pth", "minimind3", "qwen3")
@@ -60,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         required=True,
         help="output directory (llama, --from, --merge-lora; must be new or empty) or file (.gguf, .pth)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier output at --out: a file is replaced once the new one is complete; a directory's "
+        "model files are deleted first (other files still make it refused)",
     )
     parser.add_argument(
         "--dtype",
@@ -109,8 +117,23 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')} applies only to --from {names}")
 
 
+def _check_output(out: str, overwrite: bool) -> None:
+    """An --out that already holds an export or a model directory is refused unless --overwrite."""
+    path = Path(out)
+    if path.is_file() and not overwrite:
+        raise UserError(f"--out {out}: already exists; choose another --out, or add --overwrite to replace it")
+    if path.is_dir():
+        refuse_or_clear(path, [*MODEL_DIR_FILES, *model_code_files()], "a model directory", overwrite)
+
+
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
+    _check_output(args.out, args.overwrite)
+    with writing_product(args.out, ()):  # each converter removes its own partial file or staging folder
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     if args.merge_lora is not None:
         from minimind.convert.lora_merge import merge_lora
 

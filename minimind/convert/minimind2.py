@@ -396,7 +396,8 @@ def write_pth(state: dict[str, torch.Tensor], out_file: str | Path) -> Path:
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(f".{out_file.name}.partial")
     try:
-        torch.save(state, partial)
+        with open(partial, "wb") as handle:  # a file object: a full disk is OSError(ENOSPC), not "unexpected pos"
+            torch.save(state, handle)
         os.replace(partial, out_file)
     finally:
         partial.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ import numpy as np
 from minimind.errors import UserError
 
 FORMAT_VERSION = 1
+SHARD_FILES = ("meta.json", "tokens.bin", "mask.bin", "index.bin", "extra.jsonl", "meta.json.tmp")
 
 
 class ShardWriter:

@@ -113,6 +113,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def run(args: argparse.Namespace) -> int:
+    _sniff_kind(Path(args.data))  # a missing or empty --data is reported before anything about --out
     refuse_or_clear(args.out, TOKENIZER_FILES, "a tokenizer", args.overwrite)
     stats = ReadStats()
     tokenizer = train_tokenizer(texts_from_jsonl(args.data, args.skip_bad_lines, stats), args.vocab_size)

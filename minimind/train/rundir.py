@@ -25,23 +25,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import minimind.model
 from minimind.errors import UserError
-from minimind.outputs import existing_products, remove_products, writing
+from minimind.outputs import MODEL_DIR_FILES, existing_products, model_code_files, remove_products, writing
 from minimind.train.checkpoint import CheckpointDir
 
 LOCK = ".minimind.lock"
 # Everything a run writes into --out apart from the prepared-data cache (kept: it is keyed by the data file).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "report.md", "summary.json", "loss.png", "train_config.json",
-             "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "adapter_config.json", "adapter_model.safetensors", "value_head.safetensors",
-             "tensorboard", "swanlab", "wandb")
+             "tensorboard", "swanlab", "wandb", *MODEL_DIR_FILES)
 FINAL_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
-
-
-def _model_code_files() -> list[str]:
-    """The model's remote-code files that `save_pretrained` copies beside the weights (modeling_minimind.py …)."""
-    return sorted(p.name for p in Path(minimind.model.__file__).parent.glob("*.py") if p.name != "__init__.py")
 
 
 @dataclass
@@ -201,7 +193,7 @@ def open_run_dir(out: str | Path, resume: bool, overwrite: bool) -> RunLock:
         if overwrite:
             out = Path(out)
             staging = [p.name for p in out.glob(".save-*")]  # a final save cut short
-            remove_products(out, [*existing_products(out, [*RUN_FILES, *_model_code_files()]), *staging])
+            remove_products(out, [*existing_products(out, [*RUN_FILES, *model_code_files()]), *staging])
     except BaseException:
         lock.release()
         raise
