@@ -1,7 +1,7 @@
 """The chat templates and the special tokens they are written against: ours (MiniMind2-style, the default) and
 minimind-3's (ChatML with a `<think>` block on every assistant turn and a thinking switch), further down.
 
-Rendered form, with a default system prompt when the conversation has none:
+Our rendered form, with a default system prompt when the conversation has none:
     <s>system\n{system}</s>\n<s>user\n{user}</s>\n<s>assistant\n{assistant}</s>\n
 The template speaks of `bos_token`/`eos_token` rather than literal `<s>`/`</s>`, so a tokenizer whose
 specials are, say, `<|im_start|>`/`<|im_end|>` gets the same ChatML structure with its own markers.
@@ -9,6 +9,10 @@ An assistant turn with `reasoning_content` renders as `<think>…</think><answer
 `show_thinking=False` to `apply_chat_template` to drop the reasoning of earlier turns; `split_thinking(reply)` splits
 a generated reply back into (thinking, answer).
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [UNK, BOS, EOS]  # ids 0, 1, 2; <unk> doubles as padding
@@ -176,3 +180,28 @@ MINIMIND3_CHAT_TEMPLATE = (
     "{{- '<|im_start|>assistant\\n' + ('<think>\\n' if thinking else '" + "<think>\\n\\n</think>\\n\\n" + "') -}}"
     "{%- endif -%}"
 )
+
+
+@dataclass(frozen=True)
+class TokenizerFormat:
+    """What a tokenizer trained for one chat format holds: its added tokens at ids 0..n-1 (the first `n_special`
+    of them special), its markers and its chat template."""
+
+    name: str
+    added_tokens: tuple[str, ...]
+    n_special: int
+    bos: str
+    eos: str
+    unk: str
+    pad: str
+    chat_template: str
+    additional_special_tokens: tuple[str, ...] = ()
+
+
+FORMATS = {
+    "minimind2": TokenizerFormat("minimind2", tuple(SPECIAL_TOKENS), len(SPECIAL_TOKENS), BOS, EOS, UNK, UNK,
+                                 CHAT_TEMPLATE),
+    "minimind3": TokenizerFormat("minimind3", tuple(MINIMIND3_SPECIAL_TOKENS), MINIMIND3_N_SPECIAL, MINIMIND3_BOS,
+                                 MINIMIND3_EOS, MINIMIND3_PAD, MINIMIND3_PAD, MINIMIND3_CHAT_TEMPLATE,
+                                 tuple(MINIMIND3_SPECIAL_TOKENS[1:MINIMIND3_N_SPECIAL])),
+}

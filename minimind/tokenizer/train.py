@@ -1,6 +1,11 @@
 """Train a byte-level BPE tokenizer (HF `tokenizers`) and save a directory `AutoTokenizer` loads.
 
     minimind tokenizer --data minimind/demo_data/pretrain.jsonl --vocab-size 6400 --out runs/tokenizer
+    minimind tokenizer --data pretrain_t2t.jsonl --template minimind3 --out runs/tokenizer3
+
+`--template` picks the chat format: `minimind2` (the default: <unk>/<s>/</s> and our template) or `minimind3`
+(today's MiniMind: its 36 added tokens at the same ids, <|im_start|>/<|im_end|>, and a template that renders what
+minimind-3's renders, thinking switch included).
 
 Byte-level means every UTF-8 string (Chinese, emoji, anything) round-trips losslessly: the base alphabet
 is the 256 bytes, so no input is ever <unk>.
@@ -16,7 +21,7 @@ from pathlib import Path
 from minimind.data.records import ReadStats, read_records
 from minimind.errors import UserError
 from minimind.outputs import refuse_or_clear, writing_product
-from minimind.tokenizer.template import BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, UNK
+from minimind.tokenizer.template import FORMATS, TokenizerFormat
 
 
 def texts_from_jsonl(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats | None = None) -> Iterator[str]:
@@ -45,19 +50,29 @@ def _sniff_kind(path: Path) -> str:
     raise UserError(f"{path}: the file is empty")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool = True):
-    """Learn byte-level BPE merges; returns a `tokenizers.Tokenizer` with <unk>=0, <s>=1, </s>=2."""
+def _format(template: str) -> TokenizerFormat:
+    if template not in FORMATS:
+        raise UserError(f"--template must be one of {', '.join(FORMATS)}, got {template!r}")
+    return FORMATS[template]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool = True,
+                    template: str = "minimind2"):
+    """Learn byte-level BPE merges; returns a `tokenizers.Tokenizer` whose ids 0..n-1 are the format's added
+    tokens (<unk>=0, <s>=1, </s>=2 for minimind2; <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2 … for minimind3)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    n_base = 256 + len(SPECIAL_TOKENS)
+    fmt = _format(template)
+    specials = list(fmt.added_tokens)
+    n_base = 256 + len(specials)
     if vocab_size <= n_base:
-        raise UserError(f"--vocab-size must be greater than {n_base} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
+        raise UserError(f"--vocab-size must be greater than {n_base} (256 bytes + {len(specials)} specials)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
@@ -68,11 +83,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, show_progress:
             f"the training text only supports {got} tokens, fewer than --vocab-size {vocab_size}; "
             "use more text or a smaller vocabulary"
         )
+    if fmt.n_special < len(specials):
+        tokenizer = _unmark_special(tokenizer, fmt.n_special)
     return tokenizer
 
 
-def save_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int = 32768) -> Path:
-    """Write tokenizer.json + tokenizer_config.json (with the chat template inside, as SPEC §5 asks)."""
+def _unmark_special(tokenizer, n_special: int):
+    """The trainer makes every added token special; past the first `n_special` they become plain added tokens
+    (minimind-3's <tool_call>, <think>, <|bufferN|>: kept when decoding with skip_special_tokens)."""
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.to_str())
+    for token in state["added_tokens"]:
+        if token["id"] >= n_special:
+            token["special"] = False
+    return Tokenizer.from_str(json.dumps(state, ensure_ascii=False))
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int = 32768, template: str = "minimind2") -> Path:
+    """Write tokenizer.json + tokenizer_config.json (with the chat template of format `template` inside)."""
+    fmt = _format(template)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
@@ -80,22 +110,24 @@ def save_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int = 32768
     # class name is one every transformers version knows.
     added = {
         str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
-        for i, tok in enumerate(SPECIAL_TOKENS)
+                 "single_word": False, "special": i < fmt.n_special}
+        for i, tok in enumerate(fmt.added_tokens)
     }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "unk_token": UNK,
-        "pad_token": UNK,
+        "bos_token": fmt.bos,
+        "eos_token": fmt.eos,
+        "unk_token": fmt.unk,
+        "pad_token": fmt.pad,
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": fmt.chat_template,
     }
+    if fmt.additional_special_tokens:
+        config["additional_special_tokens"] = list(fmt.additional_special_tokens)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
     return out_dir
 
@@ -107,6 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed lines")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the tokenizer already in --out (without it such an --out is refused)")
+    parser.add_argument("--template", choices=list(FORMATS), default="minimind2",
+                        help="chat format: minimind2 (<unk>/<s>/</s> and our template) or minimind3 (today's "
+                             "MiniMind: its 36 added tokens at the same ids and its ChatML template with <think>)")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -116,9 +151,10 @@ def run(args: argparse.Namespace) -> int:
     _sniff_kind(Path(args.data))  # a missing or empty --data is reported before anything about --out
     refuse_or_clear(args.out, TOKENIZER_FILES, "a tokenizer", args.overwrite)
     stats = ReadStats()
-    tokenizer = train_tokenizer(texts_from_jsonl(args.data, args.skip_bad_lines, stats), args.vocab_size)
+    tokenizer = train_tokenizer(texts_from_jsonl(args.data, args.skip_bad_lines, stats), args.vocab_size,
+                                template=args.template)
     with writing_product(args.out, TOKENIZER_FILES):
-        out = save_tokenizer(tokenizer, args.out)
+        out = save_tokenizer(tokenizer, args.out, template=args.template)
     if stats.skipped:
         print(stats.summary(args.data))
     print(f"tokenizer: {tokenizer.get_vocab_size()} tokens from {stats.good} records -> {out}")
