@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 
 import pytest
-from thinking_helpers import with_thinking_template
+from thinking_helpers import save_thinking_template, with_thinking_template
 
 from minimind.infer import Engine
 from minimind.infer.chat_cli import BANNER, HELP, MODEL_PROMPT, NO_SWITCH, build_prompt, chat_loop
@@ -94,15 +95,18 @@ def test_chat_subprocess_streams_answers_and_quits_on_exit(model_dir, engine):
 
 
 @pytest.mark.slow
-def test_chat_with_compile_compiles_before_the_first_message(model_dir):
+def test_chat_with_compile_compiles_before_the_first_message(model_dir, engine):
     result = subprocess.run(
         [sys.executable, "-m", "minimind", "chat", "--model", str(model_dir), "--temperature", "0",
-         "--max-new-tokens", "4", "--device", "cpu", "--compile"],
+         "--max-new-tokens", "4", "--device", "cpu", "--compile", "--history-turns", "0"],
         input="hi\nhello\n/exit\n", capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "compiling the decode step" in result.stderr and "compiled in" in result.stderr
     assert result.stdout.count(MODEL_PROMPT) == 2
+    for message in ("hi", "hello"):  # the compiled step answers as the eager engine does
+        answer = engine.chat([{"role": "user", "content": message}], temperature=0.0, max_new_tokens=4)
+        assert f"{MODEL_PROMPT}{answer}\n" in result.stdout
 
 
 @pytest.mark.parametrize("pieces, printed, answer", [
@@ -187,7 +191,7 @@ def test_think_with_a_template_without_the_switch_warns_once_and_goes_on(tokeniz
     assert engine.prompts[0][1] == {"open_thinking": True, "enable_thinking": True}  # passed on, ignored
 
 
-def test_chat_and_generate_take_think(model_dir, monkeypatch, capsys):
+def test_chat_and_generate_take_think(model_dir, tmp_path, monkeypatch, capsys):
     from minimind.cli import main
 
     monkeypatch.setattr("builtins.input", scripted_input(["hi"]))
@@ -199,3 +203,9 @@ def test_chat_and_generate_take_think(model_dir, monkeypatch, capsys):
     assert "--think" in (err := capsys.readouterr().err) and "needs --chat" in err
     assert main([*generate, "--chat"]) == 0
     assert capsys.readouterr().err.count(NO_SWITCH) == 1
+    switched = tmp_path / "switched"
+    shutil.copytree(model_dir, switched)
+    save_thinking_template(switched)
+    assert main(["generate", "--model", str(switched), *generate[3:], "--chat"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("<think>") and NO_SWITCH not in printed.err  # the reply starts inside the block
