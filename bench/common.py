@@ -1,4 +1,4 @@
-"""What every bench shares: interleaved A/B timing, the machine line, HF Llama twins, a quick tokenizer.
+"""What every bench shares: interleaved A/B timing, the machine line, HF twins (Llama, Qwen3), a quick tokenizer.
 
 Timings on a shared machine drift with load, so each bench times ours and the peer in the same run, in
 alternating repetitions (ours, peer, ours, peer, ...), and compares the best repetition of each: a load
@@ -89,28 +89,59 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, device: torch.d
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def llama_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa", weights: bool = True):
-    """An HF `LlamaForCausalLM` of the same shapes holding the same weights (our names are Llama's).
+def hf_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa", weights: bool = True):
+    """The transformers model of the same shapes holding the same weights (our names are theirs): `LlamaForCausalLM`,
+    or for a QK-norm model (the minimind-3 presets) `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`.
 
     `weights=False`: HF's own random init on the CPU instead, for a `model` on the meta device (a shape only).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     c = model.config
-    config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim,
-        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation=attn_implementation,
-    )
-    llama = LlamaForCausalLM(config)
+    if c.qk_norm:
+        if weights:  # through a directory, so transformers maps per-expert weights onto its fused MoE layout
+            return qwen3_directory_twin(model, attn_implementation)
+        from minimind.convert.qwen3 import qwen3_config
+
+        fields = qwen3_config(c)
+        fields.pop("architectures"), fields.pop("torch_dtype", None)
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields, attn_implementation=attn_implementation)
+        twin = AutoModelForCausalLM.from_config(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim,
+            num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+            head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+            tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation=attn_implementation,
+        )
+        twin = LlamaForCausalLM(config)
     if not weights:
-        return llama.train(model.training)
-    llama.load_state_dict(model.state_dict(), strict=False)
-    llama.tie_weights()
+        return twin.train(model.training)
+    twin.load_state_dict(model.state_dict(), strict=False)
+    twin.tie_weights()
     param = next(model.parameters())
-    return llama.to(param.device, param.dtype).train(model.training)
+    return twin.to(param.device, param.dtype).train(model.training)
+
+
+def qwen3_directory_twin(model: MiniMindForCausalLM, attn_implementation: str):
+    """`Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` loaded from a scratch directory holding our weights under their
+    names, in `model`'s dtype, device and train/eval mode."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from minimind.convert.llama import untied_state
+    from minimind.convert.qwen3 import qwen3_config
+
+    param = next(model.parameters())
+    path = Path(scratch_dir("minimind-qwen3-twin-"))
+    (path / "config.json").write_text(json.dumps(qwen3_config(model.config, param.dtype)))
+    save_file({k: v.detach().cpu().contiguous() for k, v in untied_state(model).items()},
+              str(path / "model.safetensors"))
+    twin = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype, attn_implementation=attn_implementation)
+    return twin.to(param.device).train(model.training)
 
 
 def scratch_dir(prefix: str) -> str:

@@ -7,7 +7,7 @@
 
 Cases, all greedy from the same prompts (random token ids, all of one length) with eos ignored, so every
 side produces exactly --new-tokens tokens per row:
-  engine       our Engine, the model's dtype            hf           HF `LlamaForCausalLM.generate`, same weights
+  engine       our Engine, the model's dtype            hf           HF `generate` (Llama; Qwen3 for QK-norm), same weights
   engine-int8  Engine(quantize="int8") (CPU only)       engine-compile  Engine(compile=True) (--compile)
   engine-int8-compile  both (--compile, CPU only)
   llama.cpp-f32 / -f16 / -q8_0   llama-cpp-python on `minimind convert --to gguf` of the same weights,
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_tokenizer, interleaved, llama_twin, machine_line, ratio_line, scratch_dir  # noqa: E402
+from common import bench_tokenizer, hf_twin, interleaved, machine_line, ratio_line, scratch_dir  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.infer import Engine  # noqa: E402
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {args.model or 'preset ' + args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"params), device {device}, dtype {next(model.parameters()).dtype}, prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens, best of {args.repeats}")
-    peer = None if args.no_hf else llama_twin(model).eval()  # before the engines re-lay the weights out
+    peer = None if args.no_hf else hf_twin(model).eval()  # before the engines re-lay the weights out
     # Each engine gets its own copy: an engine may re-lay its model's weights out (see infer/layout.py).
     engines = {"engine": Engine(copy.deepcopy(model), tokenizer)}
     if not args.no_int8 and device.type == "cpu":

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LogitsMaskedLM, llama_twin, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
+from common import LogitsMaskedLM, hf_twin, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
 from train import DTYPES, add_step_arguments  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
@@ -53,7 +53,7 @@ def run_case(case: str, args) -> float:
     if case == "hf":  # never build ours here: its freed memory would lower HF's figure (the peak so far)
         with torch.device("meta"):
             shape = preset_model(args.preset)
-        model = llama_twin(shape, weights=False).to(device).train()
+        model = hf_twin(shape, weights=False).to(device).train()
     else:
         model = preset_model(args.preset).to(device).train()
     batch = random_batch(model.config.vocab_size, args.batch_size, args.seq_len, device)

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import llama_twin, machine_line, preset_model, random_batch, sync  # noqa: E402
+from common import hf_twin, machine_line, preset_model, random_batch, sync  # noqa: E402
 from train import DTYPES, add_step_arguments, make_step  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     batch = random_batch(ours.config.vocab_size, args.batch_size, args.seq_len, device)
     print(machine_line())
     print(f"model: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, {args.dtype} on {device}")
-    models = {"ours": ours, "hf": llama_twin(ours)}
+    models = {"ours": ours, "hf": hf_twin(ours)}
     if args.compile:
         models["ours+compile"] = torch.compile(preset_model(args.preset).to(device).train())
-        models["hf+compile"] = torch.compile(llama_twin(ours))
+        models["hf+compile"] = torch.compile(hf_twin(ours))
     for name, model in models.items():
         step = make_step(model, MaskedLM(), batch, device, dtype, hf=name.startswith("hf"))
         profile_case(name, step, device, args.steps, args.top)

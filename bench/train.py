@@ -1,4 +1,4 @@
-"""Training-step speed and MFU: our model and objective against HF `LlamaForCausalLM` of the same shapes.
+"""Training-step speed and MFU: our model and objective against HF `LlamaForCausalLM` (Qwen3 for the QK-norm presets) of the same shapes.
 
     python bench/train.py                                  # preset small, batch 4 x 512, fp32, CPU
     python bench/train.py --compile                        # also both models under torch.compile
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved, llama_twin, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
+from common import hf_twin, interleaved, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.model.info import flops_per_token  # noqa: E402
@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     objective = MaskedLM()
     cases = {"ours": make_step(ours, objective, batch, device, dtype, hf=False)}
     if not args.no_peer:
-        cases["hf"] = make_step(llama_twin(ours), None, batch, device, dtype, hf=True)
+        cases["hf"] = make_step(hf_twin(ours), None, batch, device, dtype, hf=True)
     if args.compile:
         cases["ours+compile"] = make_step(torch.compile(preset_model(args.preset).to(device).train()),
                                           objective, batch, device, dtype, hf=False)
         if not args.no_peer:
-            cases["hf+compile"] = make_step(torch.compile(llama_twin(ours)), None, batch, device, dtype, hf=True)
+            cases["hf+compile"] = make_step(torch.compile(hf_twin(ours)), None, batch, device, dtype, hf=True)
     rows = args.batch_size * args.seq_len
     ceiling_run, ceiling_flops = gemm_ceiling(config, rows, device, dtype)
     cases["ceiling"] = ceiling_run
