@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,16 +53,20 @@ THINK_CHAT_TEXT = ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<th
                    "<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n")
 
 
-@pytest.fixture(scope="module")
-def m3_dir(tmp_path_factory, corpus_file):
-    out = tmp_path_factory.mktemp("tokenizer3")
+def minimind3_tokenizer(out: Path, corpus_file: Path):
+    """A tiny tokenizer of minimind-3's format trained into `out` and loaded (its directory: `.name_or_path`)."""
     trained = train_tokenizer(texts_from_jsonl(corpus_file), vocab_size=512, show_progress=False, template="minimind3")
-    return save_tokenizer(trained, out, template="minimind3")
+    return load_tokenizer(save_tokenizer(trained, out, template="minimind3"))
 
 
 @pytest.fixture(scope="module")
-def m3(m3_dir):
-    return load_tokenizer(m3_dir)
+def m3(tmp_path_factory, corpus_file):
+    return minimind3_tokenizer(tmp_path_factory.mktemp("tokenizer3"), corpus_file)
+
+
+@pytest.fixture(scope="module")
+def m3_dir(m3):
+    return Path(m3.name_or_path)
 
 
 def render(tokenizer, messages, **kwargs):

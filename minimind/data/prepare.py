@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minimind.data.chat import encode_conversation, encode_prompt
+from minimind.data.chat import ChatAugment, encode_conversation, encode_prompt
 from minimind.data.records import BadRecord, ReadStats, parse_record
 from minimind.data.shards import SHARD_FILES, Shard, ShardWriter
 from minimind.errors import UserError
@@ -39,13 +39,18 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
-def tokenize_record(tokenizer, kind: str, record) -> list[tuple[list[int], list[int] | None, object]]:
-    """One validated record -> the (ids, mask, extra) samples it becomes (two for a dpo pair)."""
+def tokenize_record(tokenizer, kind: str, record, augment: ChatAugment | None = None,
+                    line: int = 0) -> list[tuple[list[int], list[int] | None, object]]:
+    """One validated record -> the (ids, mask, extra) samples it becomes (two for a dpo pair). `augment` (sft):
+    the loader's augmentations, drawn for file line `line`."""
     if kind == "pretrain":
         ids = tokenizer(record, add_special_tokens=False)["input_ids"]
         return [([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id], None, None)]
     if kind == "sft":
-        ids, mask = encode_conversation(tokenizer, record)
+        no_empty_think = False
+        if augment is not None and augment.active:
+            record, no_empty_think = augment.apply(record, line)
+        ids, mask = encode_conversation(tokenizer, record, no_empty_think=no_empty_think)
         return [(ids, mask, None)]
     if kind == "dpo":
         chosen, rejected = record
@@ -54,26 +59,27 @@ def tokenize_record(tokenizer, kind: str, record) -> list[tuple[list[int], list[
     return [(encode_prompt(tokenizer, prompt), None, {"answer": answer, "prompt": prompt})]
 
 
-def _process_chunk(args: tuple[str, int, list[bytes]]) -> tuple[int, list]:
+def _process_chunk(args: tuple[str, int, list[bytes], ChatAugment | None]) -> tuple[int, list]:
     """Worker: parse, validate and tokenize a chunk of lines -> (bytes read, results); a bad line comes back
     as ("bad", (lineno, reason)) so the main process reports or counts it in file order."""
-    kind, first_line, lines = args
+    kind, first_line, lines, augment = args
     out = []
     for lineno, raw in enumerate(lines, start=first_line):
         try:
             record = parse_record(raw, kind)
             if record is not None:
-                out.append(("ok", tokenize_record(_worker_tokenizer, kind, record)))
+                out.append(("ok", tokenize_record(_worker_tokenizer, kind, record, augment, lineno)))
         except BadRecord as err:
             out.append(("bad", (lineno, str(err))))
     return sum(len(line) for line in lines), out
 
 
-def _chunks(path: Path, kind: str) -> Iterator[tuple[str, int, list[bytes]]]:
+def _chunks(path: Path, kind: str,
+            augment: ChatAugment | None) -> Iterator[tuple[str, int, list[bytes], ChatAugment | None]]:
     with open(path, "rb") as handle:
         lineno = 1
         while lines := list(itertools.islice(handle, CHUNK_LINES)):
-            yield kind, lineno, lines
+            yield kind, lineno, lines, augment
             lineno += len(lines)
 
 
@@ -85,8 +91,10 @@ def prepare(
     workers: int = 0,
     skip_bad_lines: bool = False,
     progress: bool = True,
+    augment: ChatAugment | None = None,
 ) -> dict:
-    """Tokenize `data` into a prepared directory; returns its meta (counts, timing).
+    """Tokenize `data` into a prepared directory; returns its meta (counts, timing). `augment`: the SFT
+    loader's augmentations (sft data only).
 
     A write that fails (full disk) removes the partial shard files and raises WriteFailed.
     """
@@ -97,14 +105,15 @@ def prepare(
         raise UserError(f"{data}: no such file")
     try:
         with writing(out_dir):
-            return _write_shards(data, str(tokenizer_dir), kind, out_dir, workers, skip_bad_lines, progress)
+            return _write_shards(data, str(tokenizer_dir), kind, out_dir, workers, skip_bad_lines, progress,
+                                 augment)
     except WriteFailed:
         remove_products(out_dir, SHARD_FILES)
         raise
 
 
 def _write_shards(data: Path, tokenizer_dir: str, kind: str, out_dir: Path, workers: int, skip_bad_lines: bool,
-                  progress: bool) -> dict:
+                  progress: bool, augment: ChatAugment | None = None) -> dict:
     _init_worker(tokenizer_dir)
     writer = ShardWriter(out_dir, kind, vocab_size=len(_worker_tokenizer), with_mask=kind in ("sft", "dpo"),
                          with_extra=kind == "rlaif")
@@ -114,7 +123,7 @@ def _write_shards(data: Path, tokenizer_dir: str, kind: str, out_dir: Path, work
                disable=not progress)
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,)) if workers > 0 else None
     try:
-        chunks = _chunks(data, kind)
+        chunks = _chunks(data, kind, augment)
         for n_bytes, chunk in pool.imap(_process_chunk, chunks) if pool else map(_process_chunk, chunks):
             bar.update(n_bytes)
             for status, payload in chunk:
@@ -149,13 +158,19 @@ def file_fingerprint(*paths: str | Path) -> str:
 def open_dataset(
     data: str | Path, tokenizer_dir: str | Path, kind: str, cache_root: str | Path,
     skip_bad_lines: bool = False, workers: int = 0, is_main: bool = True, barrier=None,
+    augment: ChatAugment | None = None,
 ) -> Shard:
     """A prepared directory as is, or a JSONL file prepared into `cache_root` once (reused on resume).
 
     Under torchrun only the main process prepares; `barrier()` (if given) holds the others until it is done.
+    `augment` (sft): the loader's augmentations; their settings are part of the cache key.
     """
     data = Path(data)
+    augment = augment if augment is not None and augment.active else None
     if data.is_dir():
+        if augment is not None:
+            raise UserError(f"{data}: --add-system-ratio / --empty-think-ratio apply while a JSONL file is prepared; "
+                            "this directory is already prepared")
         shard = Shard(data)
         if shard.kind != kind:
             raise UserError(f"{data}: prepared as {shard.kind!r} data, but this stage needs {kind!r}")
@@ -164,9 +179,12 @@ def open_dataset(
         raise UserError(f"{data}: no such file or prepared directory")
     tok_file = Path(tokenizer_dir) / "tokenizer.json"
     key = file_fingerprint(data, tok_file) if tok_file.is_file() else file_fingerprint(data)
+    if augment is not None:
+        key += f"-{augment.key()}"
     target = Path(cache_root) / f"{kind}-{data.stem}-{key}"
     if is_main and not (target / "meta.json").is_file():
-        meta = prepare(data, tokenizer_dir, kind, target, workers=workers, skip_bad_lines=skip_bad_lines)
+        meta = prepare(data, tokenizer_dir, kind, target, workers=workers, skip_bad_lines=skip_bad_lines,
+                       augment=augment)
         if meta["skipped_lines"]:
             print(f"{data}: {meta['records']} records, {meta['skipped_lines']} bad lines skipped "
                   f"(first: {'; '.join(meta['skipped_examples'])})")

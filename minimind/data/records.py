@@ -10,7 +10,8 @@ skipped instead, and the caller reports the count at the end. Shapes (the seed's
             and a "tool" turn holds a function's result.
   rlaif     same as sft; the last assistant turn holds the reference answer. A prompt alone (ending with a user
             turn), or a last assistant turn that is empty or MiniMind's placeholder "空" (its rlaif-mini.jsonl),
-            has no reference answer ("")
+            has no reference answer (""). A top-level "gt" (minimind-3's rlaif*.jsonl and agent_rl*.jsonl) is
+            the reference answer; a last assistant turn beside it is then only a slot and is dropped
   dpo       {"chosen": [messages], "rejected": [messages]}
 """
 
@@ -177,7 +178,18 @@ def validate_rlaif(obj: Any) -> tuple[Messages, str]:
         answer, messages = messages[-1]["content"], messages[:-1]
     if messages[-1]["role"] != "user":
         raise BadRecord("the prompt must end with a user turn")
+    if obj.get("gt") is not None:
+        answer = _reference(obj["gt"])
     return messages, answer
+
+
+def _reference(gt: Any) -> str:
+    """minimind-3's "gt" field as the reference answer text (numbers written as JSON writes them)."""
+    if isinstance(gt, str):
+        return gt
+    if isinstance(gt, (int, float)) and not isinstance(gt, bool):
+        return json.dumps(gt)
+    raise BadRecord(f'field "gt" (the reference answer) must be a string or a number, got {type(gt).__name__}')
 
 
 def validate_dpo(obj: Any) -> tuple[Messages, Messages]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from minimind.data.chat import ChatAugment
 from minimind.data.prepare import open_dataset
 from minimind.data.shards import Shard
 from minimind.errors import UserError
@@ -68,11 +69,13 @@ def _hinted(cfg: TrainConfig, fn: Callable[[], T]) -> T:
         raise UserError(f"{err}; {where}; free space, then continue with: {resume_command(cfg.command)}") from None
 
 
-def stage_data(cfg: TrainConfig, info: DistInfo, path: str, tokenizer_dir: str | Path, kind: str) -> Shard:
+def stage_data(cfg: TrainConfig, info: DistInfo, path: str, tokenizer_dir: str | Path, kind: str,
+               augment: ChatAugment | None = None) -> Shard:
     """Open `path` as `kind` data; a JSONL is prepared once into the run directory by rank 0 while the
-    other ranks wait (and share its error, if the file is bad)."""
+    other ranks wait (and share its error, if the file is bad). `augment`: the SFT loader's augmentations."""
     return main_first(info, lambda is_main: open_dataset(
-        path, tokenizer_dir, kind, Path(cfg.out) / "prepared", skip_bad_lines=cfg.skip_bad_lines, is_main=is_main))
+        path, tokenizer_dir, kind, Path(cfg.out) / "prepared", skip_bad_lines=cfg.skip_bad_lines, is_main=is_main,
+        augment=augment))
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -2,7 +2,10 @@
 
     minimind sft --data sft.jsonl --init runs/pretrain --out runs/sft
 
-Conversations are packed into rows with attention kept inside each conversation (SPEC §7, seed §2.3.1).
+Conversations are packed into rows with attention kept inside each conversation.
+minimind-3's loader augmentations are here as options, off by default: `--add-system-ratio 0.2` gives a random
+system prompt to that share of the chats without tools, `--empty-think-ratio 0.8` removes the empty
+`<think>\n\n</think>\n\n` from that share of rendered chats (the choice per line follows from --seed).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 
 import torch
 
+from minimind.data.chat import ChatAugment
 from minimind.data.datasets import PackedSFTDataset, stack_collate
 from minimind.model.hub import load_model_dir, save_model_dir
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
@@ -24,15 +28,23 @@ DEFAULTS = {"lr": 5e-4, "warmup_steps": 100, "batch_size": 16, "max_seq_len": 51
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "sft", DEFAULTS)
+    g = parser.add_argument_group("data augmentation (minimind-3's SFT recipe; 0 = off)")
+    g.add_argument("--add-system-ratio", type=float, default=0.0,
+                   help="share of chats without a system turn or tools that get a random system prompt")
+    g.add_argument("--empty-think-ratio", type=float, default=0.0,
+                   help="share of rendered chats whose empty <think>\\n\\n</think>\\n\\n blocks are removed")
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_stage(config_from_args(args, "sft"), build)
+    ChatAugment(args.add_system_ratio, args.empty_think_ratio)  # a ratio outside [0, 1] is refused before set-up
+    return run_stage(config_from_args(args, "sft", add_system_ratio=args.add_system_ratio,
+                                      empty_think_ratio=args.empty_think_ratio), build)
 
 
 def sft_datasets(cfg: TrainConfig, info: DistInfo, tokenizer, tokenizer_dir: str):
     """Packed SFT train (and optional eval) datasets, shared by the sft, lora and distill stages."""
-    shard = stage_data(cfg, info, cfg.data, tokenizer_dir, "sft")
+    augment = ChatAugment(cfg.extra.get("add_system_ratio", 0.0), cfg.extra.get("empty_think_ratio", 0.0), cfg.seed)
+    shard = stage_data(cfg, info, cfg.data, tokenizer_dir, "sft", augment)
     dataset = PackedSFTDataset(shard, cfg.max_seq_len, tokenizer.pad_token_id)
     eval_dataset = None
     if cfg.eval_data:
