@@ -16,7 +16,10 @@ races the result against the client's disconnect message and cancels the jobs th
 
 Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`: 400 bad body or parameters
 (schema errors too, as OpenAI and vLLM answer them, not FastAPI's 422), 401 missing/wrong API key, 404
-unknown model or route, 405 wrong method, 413 body over `max_body_bytes`, 429 queue full (with Retry-After).
+unknown model or route, 405 wrong method, 413 body over `max_body_bytes`, 429 queue full (with Retry-After),
+503 shutting down. A request still generating after `request_timeout` seconds ends with finish_reason "length"
+(with what it has); on SIGTERM new requests get 503 and a stream still running at the shutdown deadline ends
+with an error event (code "server_shutting_down") and `[DONE]`.
 The `model` field only selects among the served names; nothing in a request can make the server load a path.
 """
 
@@ -52,7 +55,7 @@ from minimind.serve.protocol import (
 )
 from minimind.serve.reasoning import ReasoningSplitter, split_reply
 from minimind.serve.responses import Reply, sse
-from minimind.serve.scheduler import Job, QueueFull, Scheduler
+from minimind.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from minimind.serve.tools import ToolCallReader
 from minimind.tokenizer.thinking import prompt_ids_thinking
 
@@ -68,6 +71,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     sampling_defaults: dict = field(default_factory=dict)  # the model's generation_config.json defaults
     split_reasoning: bool = False  # --reasoning-parser think: chat thinking goes in reasoning_content
+    request_timeout: float = 0.0  # seconds a request may generate before it ends with "length" (0 = no limit)
 
 
 def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
@@ -242,7 +246,10 @@ class _Api:
             raise APIError(400, f"{len(jobs_params)} choices were asked for (prompts x n); this server takes at "
                            f"most {self.scheduler.capacity} at once", "n")
         prompt_tokens = sum(len(ids) for ids in prompts)
-        choices = _Choices(self.scheduler, [prompts[i // body.n] for i in range(len(jobs_params))], jobs_params)
+        timeout = self.config.request_timeout
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        choices = _Choices(self.scheduler, [prompts[i // body.n] for i in range(len(jobs_params))], jobs_params,
+                           deadline)
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         reply = Reply(model, chat=isinstance(body, ChatCompletionRequest), include_usage=include_usage)
         logprobs = None
@@ -316,7 +323,7 @@ class _ChoiceLogprobs:
 class _Choices:
     """The jobs of one request and the asyncio queue their outputs arrive on, as (choice index, event)."""
 
-    def __init__(self, scheduler: Scheduler, prompts: list[list[int]], params: list):
+    def __init__(self, scheduler: Scheduler, prompts: list[list[int]], params: list, deadline: float | None = None):
         loop = asyncio.get_running_loop()
         self.scheduler = scheduler
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -324,10 +331,12 @@ class _Choices:
         def deliver_to(index: int):
             return lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
-        self.jobs = [Job(ids, p, deliver_to(i)) for i, (ids, p) in enumerate(zip(prompts, params))]
+        self.jobs = [Job(ids, p, deliver_to(i), deadline) for i, (ids, p) in enumerate(zip(prompts, params))]
         try:
             scheduler.submit(self.jobs)
         except QueueFull as err:
+            if scheduler.draining:
+                raise _shutting_down() from None
             raise APIError(429, f"{err}; retry shortly", None, "queue_full", kind="rate_limit_error") from None
 
     async def events(self) -> AsyncIterator[tuple[int, StepOutput]]:
@@ -395,6 +404,9 @@ async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: l
         if reply.include_usage:
             yield reply.usage_chunk(prompt_tokens, completion_tokens)
         yield sse("[DONE]")
+    except ShuttingDown:  # SIGTERM's deadline passed: a final event the client can act on, then [DONE]
+        yield sse(_shutting_down().body())
+        yield sse("[DONE]")
     except Exception as err:  # headers are sent: report in-band, as OpenAI does
         log.exception("generation failed mid-stream", exc_info=err)
         yield sse(APIError(500, "generation failed: internal server error", kind="server_error").body())
@@ -427,6 +439,8 @@ async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tok
             work.cancel()
             return Response(status_code=499)  # nobody is listening; the status is for the access log
         work.result()
+    except ShuttingDown:
+        raise _shutting_down() from None
     finally:
         gone.cancel()
         choices.cancel()
@@ -436,6 +450,11 @@ async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tok
     return JSONResponse(reply.body([content for _, content, _ in parts], reasons, prompt_tokens, completion_tokens,
                                    per_choice, [calls for _, _, calls in parts],
                                    [thinking for thinking, _, _ in parts] if readers.reasoning else None))
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry on another server or after it restarts", None,
+                    "server_shutting_down", kind="server_error")
 
 
 async def _disconnected(request: Request) -> None:

@@ -15,7 +15,9 @@ sleeps on the command queue.
 
 Admission is bounded: at most `max_batch_size` jobs run and `max_queue` more may wait; `submit` raises
 `QueueFull` beyond that (the server answers 429). `cancel` releases jobs that are waiting or running (a
-client went away): their cache rows are freed before the next step.
+client went away): their cache rows are freed before the next step. A job with a `deadline` that is still
+live when it passes ends with finish_reason "length" (the server's --request-timeout). `drain(grace)` (on
+SIGTERM) refuses new jobs at once and ends every job still live `grace` seconds later with `ShuttingDown`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import copy
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +40,11 @@ Event = StepOutput | BaseException
 
 
 class QueueFull(Exception):
-    """The scheduler already holds as many jobs as it may (running + waiting)."""
+    """The scheduler already holds as many jobs as it may (running + waiting), or is shutting down."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping: a job still live at the shutdown deadline ends with this error."""
 
 
 @dataclass(eq=False)
@@ -47,6 +54,8 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     deliver: Callable[[Event], None]
+    deadline: float | None = None  # time.monotonic() past which the job ends with finish_reason "length"
+    completion_tokens: int = field(default=0, init=False)  # generated so far (scheduler thread)
     accepted: bool = field(default=False, init=False)  # submitted (counted in `active`)
     request_id: int | None = field(default=None, init=False)  # the engine's id, set on the scheduler thread
     done: bool = field(default=False, init=False)  # finished, cancelled or failed; counted out of `active`
@@ -81,6 +90,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._active = 0  # submitted jobs not yet done
         self._closed = False
+        self.draining = False  # set by `drain`: no new jobs
+        self._drain_at: float | None = None  # when live jobs are ended (scheduler thread)
         self._live: dict[int, Job] = {}  # engine request id -> job (scheduler thread only)
         self._thread = threading.Thread(target=self._run, name="minimind-scheduler", daemon=True)
 
@@ -96,6 +107,16 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join()
 
+    def drain(self, grace: float) -> None:
+        """Refuse new jobs from now on and end the live ones after `grace` seconds with ShuttingDown.
+
+        Takes no lock and only queues a command, so a signal handler may call it; only the first call counts.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        self._commands.put(("drain", time.monotonic() + grace))
+
     @property
     def alive(self) -> bool:
         """The scheduler thread is running."""
@@ -109,7 +130,7 @@ class Scheduler:
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue jobs (all or none); raises QueueFull when they would exceed `capacity`."""
         with self._lock:
-            if self._closed:
+            if self._closed or self.draining:
                 raise QueueFull("the server is shutting down")
             if self._active + len(jobs) > self.capacity:
                 raise QueueFull(f"the server is busy ({self._active} requests in flight, room for {self.capacity})")
@@ -159,13 +180,30 @@ class Scheduler:
         """Apply pending commands, then one engine step; False once asked to stop."""
         for kind, jobs in self._take_commands(wait=not self._live):  # with nothing live, sleep here
             if kind == "stop":
-                self._fail_all(RuntimeError("the server is shutting down"))
+                self._fail_all(ShuttingDown("the server is shutting down"))
                 return False
+            if kind == "drain":
+                self._drain_at = jobs  # (here the deadline, not jobs)
+                continue
             for job in jobs:
                 (self._add if kind == "add" else self._release)(job)
+        self._expire()
         if self._live:
             self._step()
         return True
+
+    def _expire(self) -> None:
+        """End jobs past their deadline ("length", with what they generated), or all of them once draining ends."""
+        now = time.monotonic()
+        if self._drain_at is not None and now >= self._drain_at:
+            self._fail_all(ShuttingDown("the server is shutting down"))
+            return
+        for request_id, job in list(self._live.items()):
+            if job.deadline is not None and now >= job.deadline:
+                self.engine.release(request_id)
+                del self._live[request_id]
+                self._finish(job, StepOutput(request_id, [], "", True, "length", len(job.prompt_ids),
+                                             job.completion_tokens))
 
     def _take_commands(self, wait: bool) -> list[tuple[str, list[Job]]]:
         commands = [self._commands.get()] if wait else []
@@ -205,6 +243,7 @@ class Scheduler:
             job = self._live.get(output.request_id)
             if job is None:
                 continue
+            job.completion_tokens = output.completion_tokens
             if output.finished:
                 del self._live[output.request_id]
                 self._finish(job, output)

@@ -11,6 +11,10 @@ Binds 127.0.0.1 unless told otherwise. The key may also come from $MINIMIND_API_
 Concurrent requests share decode steps (continuous batching, up to --max-batch-size at once); up to
 --max-queue more wait, and beyond that the server answers 429. Endpoints and error codes: see
 `minimind.serve.app`; sampling defaults and request fields: `minimind.serve.protocol`.
+
+A request still generating after --request-timeout seconds ends with finish_reason "length". SIGTERM (or
+Ctrl-C) stops taking connections and answers new requests 503; running requests get --shutdown-timeout
+seconds to finish, then each open stream ends with an error event and `[DONE]`, and the process exits.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reasoning-parser", default="none", choices=["none", "think"],
                         help="think: a chat reply's <think>...</think> goes in reasoning_content, the answer in "
                         "content (as DeepSeek's API and vLLM answer); none: the reply as generated")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds a request may generate; past it the reply ends with finish_reason "
+                        "'length' and what it has (0 = no limit)")
+    parser.add_argument("--shutdown-timeout", type=float, default=5.0,
+                        help="on SIGTERM/Ctrl-C: seconds running requests get to finish; then open streams end "
+                        "with a 'server_shutting_down' error event and [DONE] and the server exits")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="uvicorn's log level (info logs every request)")
 
@@ -56,18 +66,38 @@ def run(args: argparse.Namespace) -> int:
                              ("--max-body-bytes", args.max_body_bytes, 1024), ("--port", args.port, 0)):
         if value < low:
             raise UserError(f"{flag} is {value}; expected at least {low}")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
+        if not value >= 0:  # (NaN too)
+            raise UserError(f"{flag} is {value}; expected a number of seconds, 0 or more")
     names = args.served_model_name or [Path(args.model).resolve().name]
     _check_port_free(args.host, args.port)
     defaults = generation_defaults(args.model)
     engine = load_engine(args, warm_up=True, max_batch_size=args.max_batch_size)
     config = ServeConfig(names, args.api_key or os.environ.get("MINIMIND_API_KEY") or None, args.max_body_bytes,
-                         defaults, split_reasoning=args.reasoning_parser == "think")
-    app = create_app(Scheduler(engine, max_queue=args.max_queue), config)
+                         defaults, split_reasoning=args.reasoning_parser == "think",
+                         request_timeout=args.request_timeout)
+    scheduler = Scheduler(engine, max_queue=args.max_queue)
+    app = create_app(scheduler, config)
     key_note = "API key required" if config.api_key else "no API key"
     print(f"minimind serve: {args.model} as {', '.join(names)} on http://{args.host}:{args.port}/v1 "
           f"({engine.device}, {key_note})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
+    _draining_server(uvicorn, scheduler, args.shutdown_timeout)(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        # uvicorn's own limit only backs ours up: by then every stream has had its final event
+        timeout_graceful_shutdown=int(args.shutdown_timeout) + 3)).run()
     return 0
+
+
+def _draining_server(uvicorn, scheduler, grace: float):
+    """uvicorn's Server class, made to drain the scheduler when SIGTERM/SIGINT arrives (before uvicorn waits for
+    open connections, which the drain ends within `grace` seconds)."""
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            scheduler.drain(grace)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
 
 
 def _check_port_free(host: str, port: int) -> None:
