@@ -350,7 +350,9 @@ def save_imported(
     `out_dir`, in the weights' dtype; built beside `out_dir` and renamed into place, so a failure leaves nothing."""
     from minimind.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_dir)
+    with warnings.catch_warnings():  # AutoTokenizer reads a source directory's config.json, whose legacy
+        warnings.simplefilter("ignore", FutureWarning)  # `rope_scaling: null` transformers 5 warns about
+        tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > config.vocab_size:
         raise UserError(
             f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the checkpoint's "
