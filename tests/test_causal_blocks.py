@@ -59,6 +59,18 @@ def test_backward_keeps_no_square_tensor():
     assert saved and max(saved) == b * h * t * d  # the queries and the output, in block rows
 
 
+def assert_training_step_equal(model: torch.nn.Module, reference: torch.nn.Module, ids: torch.Tensor) -> None:
+    """The language-model loss of `ids` and every parameter's gradient agree between the two models."""
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    reference_loss = reference(ids, labels=ids).loss
+    reference_loss.backward()
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-5)
+    reference_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_model_routes_cpu_fp32_training_through_blocks_and_matches_hf(monkeypatch):
     """A training forward of a length the blocks serve goes through them, with the loss and every gradient of HF
     Llama's (SDPA); under no_grad, or shorter than MIN_LENGTH, SDPA runs."""
@@ -69,15 +81,8 @@ def test_model_routes_cpu_fp32_training_through_blocks_and_matches_hf(monkeypatc
     randomize(model)
     hf = llama_twin(model).train()
     ids = torch.randint(0, model.config.vocab_size, (2, MIN_LENGTH + 17))
-    loss = model(ids, labels=ids).loss
-    loss.backward()
+    assert_training_step_equal(model, hf, ids)
     assert len(calls) == model.config.n_layers
-    hf_loss = hf(ids, labels=ids).loss
-    hf_loss.backward()
-    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
-    hf_params = dict(hf.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
     calls.clear()
     with torch.no_grad():
         model(ids)

@@ -46,14 +46,14 @@ def test_each_document_gives_what_it_gives_alone():
                 start += n
 
 
-def test_per_document_attention_equals_the_masked_path_with_gradients():
-    """Documents (the CPU path) against the block-diagonal mask (the GPU / compile path): loss and gradients."""
-    tokens, doc_ids = packed_batch(1)
+def packed_and_masked(make_model, tokens: torch.Tensor, doc_ids: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+    """(loss, gradients by name) of a packed batch through `Documents` (the CPU path), then through the
+    block-diagonal mask (the GPU / compile path), each on a fresh `make_model()`."""
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "doc_ids": doc_ids[:, :-1],
              "loss_mask": (doc_ids[:, 1:] >= 0).float()}
-    grads = []
+    results = []
     for masked in (False, True):
-        model = tiny_model(dropout=0.0).train()
+        model = make_model().train()
         if masked:
             inputs = {"attention_mask": document_mask(batch["doc_ids"]),
                       "position_ids": document_positions(batch["doc_ids"])}
@@ -62,7 +62,13 @@ def test_per_document_attention_equals_the_masked_path_with_gradients():
         else:
             loss = MaskedLM()(model, batch).loss_sum
         loss.backward()
-        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    return results
+
+
+def test_per_document_attention_equals_the_masked_path_with_gradients():
+    """Documents (the CPU path) against the block-diagonal mask (the GPU / compile path): loss and gradients."""
+    grads = packed_and_masked(lambda: tiny_model(dropout=0.0), *packed_batch(1))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-4)
     for name, grad in grads[1][1].items():
         torch.testing.assert_close(grads[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -123,7 +123,11 @@ def report(config: MiniMindConfig, batch_size: int, seq_len: int, dtype: str, na
     """The text `minimind info` prints."""
     counts = count_parameters(config)
     lines = [f"model {name}".rstrip(), f"  dim={config.dim} layers={config.n_layers} heads={config.n_heads}/"
-             f"{config.n_kv_heads} ffn={config.hidden_dim} vocab={config.vocab_size} moe={config.use_moe}"]
+             f"{config.n_kv_heads} head_dim={config.head_dim} qk_norm={config.qk_norm} ffn={config.hidden_dim} "
+             f"vocab={config.vocab_size} moe={config.use_moe}"]
+    if config.use_moe:
+        lines.append(f"  experts {config.n_routed_experts} routed (top-{config.num_experts_per_tok}, width "
+                     f"{config.moe_intermediate_size}) + {config.n_shared_experts} shared")
     lines.append(f"  parameters          {counts.total:>14,}  ({_human(counts.total)})")
     if config.use_moe:
         lines.append(f"  active per token    {counts.active:>14,}  ({_human(counts.active)})")
