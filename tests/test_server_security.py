@@ -89,7 +89,7 @@ def test_openapi_documents_bodies_and_statuses(client):
     chat = spec["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ChatCompletionRequest"}
-    assert set(chat["responses"]) == {"200", "400", "401", "404", "413", "429"}
+    assert set(chat["responses"]) == {"200", "400", "401", "404", "413", "429", "503"}
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     request = spec["components"]["schemas"]["ChatCompletionRequest"]
     assert request["required"] == ["messages"] and request["properties"]["n"]["maximum"] == 16

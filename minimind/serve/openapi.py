@@ -222,15 +222,16 @@ ERRORS = {
     404: "unknown model name or route",
     413: "body over --max-body-bytes",
     429: "queue full; retry after the Retry-After seconds",
+    503: "the server is shutting down (after SIGTERM); retry on another server or after it restarts",
 }
 # path -> (method, request body model or None, 200 response model, error statuses, streamed chunk model)
 OPERATIONS: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel], tuple[int, ...], type[BaseModel] | None]] = {
     "/health": ("get", None, Health, (), None),
     "/v1/models": ("get", None, ModelList, (401,), None),
     "/v1/models/{name}": ("get", None, ModelCard, (401, 404), None),
-    "/v1/chat/completions": ("post", ChatCompletionRequest, ChatCompletion, (400, 401, 404, 413, 429),
+    "/v1/chat/completions": ("post", ChatCompletionRequest, ChatCompletion, (400, 401, 404, 413, 429, 503),
                              ChatCompletionChunk),
-    "/v1/completions": ("post", CompletionRequest, Completion, (400, 401, 404, 413, 429), CompletionChunk),
+    "/v1/completions": ("post", CompletionRequest, Completion, (400, 401, 404, 413, 429, 503), CompletionChunk),
 }
 
 
