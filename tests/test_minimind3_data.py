@@ -164,3 +164,14 @@ def test_augmented_preparation_is_cached_per_setting_and_reproducible(tmp_path, 
     with pytest.raises(UserError, match="already prepared"):
         open_dataset(first.dir, m3.name_or_path, "sft", cache, augment=augment)
     assert np.array_equal(plain.tokens(), open_dataset(data, m3.name_or_path, "sft", cache).tokens())
+
+
+def test_dpo_pairs_mask_each_reply_with_its_think_block(tmp_path, m3):
+    prompt = [{"role": "user", "content": "2+2?"}]
+    pair = {"chosen": [*prompt, {"role": "assistant", "content": "4", "reasoning_content": "add"}],
+            "rejected": [*prompt, {"role": "assistant", "content": "5"}]}
+    prepare(write_jsonl(tmp_path / "dpo.jsonl", [pair]), m3.name_or_path, "dpo", tmp_path / "out", progress=False)
+    (chosen, chosen_mask), (rejected, rejected_mask) = samples(Shard(tmp_path / "out"))
+    assert learned_runs(m3, chosen, chosen_mask) == ["<think>\nadd\n</think>\n\n4<|im_end|>"]
+    assert learned_runs(m3, rejected, rejected_mask) == ["<think>\n\n</think>\n\n5<|im_end|>"]
+    assert m3.decode(rejected) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n5<|im_end|>\n"
