@@ -189,6 +189,7 @@ def test_pth_import_takes_every_shape_from_the_tensors_and_exports_back_bit_exac
                        random_ids())
 
 
+@pytest.mark.slow
 def test_experts_per_token_flag_overrides_the_default_top1(tmp_path, tokenizer_dir):
     torch.save(qwen3_state(experts=4), tmp_path / "moe.pth")
     result = run_cli("convert", tmp_path / "moe.pth", "--from", "minimind3", "--tokenizer", tokenizer_dir,
@@ -199,11 +200,11 @@ def test_experts_per_token_flag_overrides_the_default_top1(tmp_path, tokenizer_d
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_to_qwen3_loads_without_remote_code_with_equal_logits_and_imports_back(tmp_path, tokenizer, moe):
+def test_to_qwen3_loads_without_remote_code_with_equal_logits_and_imports_back(tmp_path, tokenizer, moe, capsys):
     source = tiny_qk_norm_dir(tmp_path / "src", tokenizer, moe=moe)
     architecture = "Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"
-    result = run_cli("convert", source, "--to", "qwen3", "--out", tmp_path / "qwen3")
-    assert result.returncode == 0 and architecture in result.stdout, result.stderr
+    assert main(["convert", str(source), "--to", "qwen3", "--out", str(tmp_path / "qwen3")]) == 0
+    assert f"wrote a {architecture} directory" in capsys.readouterr().out
     assert not list((tmp_path / "qwen3").glob("*.py"))
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3").eval()  # no trust_remote_code on purpose
     assert type(theirs).__name__ == architecture
@@ -349,3 +350,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tokenizer_dir
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (flags, err)
         assert not out.exists() and not list(tmp_path.glob(".out.*")), flags
+
+
+def test_special_ids_come_from_config_json_else_from_the_tokenizer():
+    from minimind.convert.minimind3 import qk_norm_config
+
+    state, tokenizer_ids = qwen3_state(), {"bos_token_id": None, "eos_token_id": 7, "pad_token_id": 5}
+    saved_by_transformers_5 = {**hf_fields(), "bos_token_id": None, "eos_token_id": None}
+    config = qk_norm_config(state, "dir", saved_by_transformers_5, token_ids={"eos_token_id": 7, "pad_token_id": 5})
+    assert (config.eos_token_id, config.pad_token_id) == (7, 5)
+    config = qk_norm_config(state, "dir", hf_fields(), token_ids={k: v for k, v in tokenizer_ids.items() if v})
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 5)

@@ -331,7 +331,7 @@ def import_minimind2(
     out_dir = check_output_dir(out_dir)
     refuse_qk_norm(state, pth)
     config = infer_config(state, pth, preset, n_heads, experts_per_tok, extra)
-    save_imported(to_our_state(state, config, pth), config, tokenizer_dir, out_dir)
+    save_imported(to_our_state(state, config, pth), config, load_source_tokenizer(tokenizer_dir), out_dir)
     return config
 
 
@@ -343,19 +343,22 @@ def refuse_qk_norm(state: dict[str, torch.Tensor], path: str | Path) -> None:
                         "--from minimind3")
 
 
-def save_imported(
-    ours: dict[str, torch.Tensor], config: MiniMindConfig, tokenizer_dir: str | Path, out_dir: str | Path
-) -> None:
-    """Write the checked state dict (our names) with the tokenizer of `tokenizer_dir` as a model directory at
-    `out_dir`, in the weights' dtype; built beside `out_dir` and renamed into place, so a failure leaves nothing."""
+def load_source_tokenizer(tokenizer_dir: str | Path):
+    """The tokenizer to put beside imported weights."""
     from minimind.tokenizer import load_tokenizer
 
     with warnings.catch_warnings():  # AutoTokenizer reads a source directory's config.json, whose legacy
         warnings.simplefilter("ignore", FutureWarning)  # `rope_scaling: null` transformers 5 warns about
-        tokenizer = load_tokenizer(tokenizer_dir)
+        return load_tokenizer(tokenizer_dir)
+
+
+def save_imported(ours: dict[str, torch.Tensor], config: MiniMindConfig, tokenizer, out_dir: str | Path) -> None:
+    """Write the checked state dict (our names) with `tokenizer` (from `load_source_tokenizer`) as a model
+    directory at `out_dir`, in the weights' dtype; built beside `out_dir` and renamed into place, so a failure
+    leaves nothing."""
     if len(tokenizer) > config.vocab_size:
         raise UserError(
-            f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the checkpoint's "
+            f"{tokenizer.name_or_path}: the tokenizer has {len(tokenizer)} tokens but the checkpoint's "
             f"embedding has {config.vocab_size} rows"
         )
     model = MiniMindForCausalLM(config).to(ours["model.embed_tokens.weight"].dtype)
@@ -364,7 +367,7 @@ def save_imported(
 
     def fill(staging: Path) -> None:
         save_model_dir(model.eval(), tokenizer, staging)
-        fold_chat_template(Path(tokenizer_dir), staging)
+        fold_chat_template(Path(tokenizer.name_or_path), staging)
 
     write_directory(out_dir, fill)
 

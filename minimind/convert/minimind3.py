@@ -29,6 +29,7 @@ from minimind.convert.minimind2 import (
     LAYER_INDEX,
     load_hf_dir,
     load_pth,
+    load_source_tokenizer,
     save_imported,
     to_our_state,
     write_pth,
@@ -167,12 +168,17 @@ def yarn_fields(scaling: dict, config_file: Path) -> dict:
 
 
 def qk_norm_config(
-    state: dict[str, torch.Tensor], path: str | Path, hf: dict | None = None, experts_per_tok: int | None = None
+    state: dict[str, torch.Tensor],
+    path: str | Path,
+    hf: dict | None = None,
+    experts_per_tok: int | None = None,
+    token_ids: dict | None = None,
 ) -> MiniMindConfig:
     """The config of a Qwen3-layout state dict: shapes from the tensors, the rest from config.json `hf` (or
-    minimind-3's defaults), the experts per token from `experts_per_tok` when given."""
+    minimind-3's defaults), the experts per token from `experts_per_tok` when given, special token ids from
+    config.json or else `token_ids` (the tokenizer's)."""
     shapes = tensor_shapes(state, path)
-    fields = {**MINIMIND3_DEFAULTS, **shapes}
+    fields = {**MINIMIND3_DEFAULTS, **(token_ids or {}), **shapes}
     if hf is not None:
         fields |= config_json_fields(hf, shapes, Path(path) / "config.json")
     if experts_per_tok is not None:
@@ -202,8 +208,11 @@ def import_qk_norm(
         state, hf = load_pth(source), None
     out_dir = check_output_dir(out_dir)
     state = unfuse_experts(state)
-    config = qk_norm_config(state, source, hf, experts_per_tok)
-    save_imported(to_our_state(state, config, source), config, tokenizer_dir, out_dir)
+    tokenizer = load_source_tokenizer(tokenizer_dir)
+    # the special ids config.json leaves out (transformers 5 writes null) are the tokenizer's
+    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    config = qk_norm_config(state, source, hf, experts_per_tok, {k: v for k, v in ids.items() if v is not None})
+    save_imported(to_our_state(state, config, source), config, tokenizer, out_dir)
     return config
 
 
