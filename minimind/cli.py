@@ -29,7 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("minimind.serve.serve_cli", "OpenAI-compatible API server for a model directory"),
     "web": ("minimind.serve.web_cli", "Streamlit web chat over the model directories found"),
     "eval": ("minimind.eval.cli", "perplexity, multiple-choice accuracy, or exact-match of answers"),
-    "convert": ("minimind.convert.cli", "export/import between formats (HF Llama, GGUF, MiniMind2 .pth); merge LoRA"),
+    "convert": ("minimind.convert.cli", "export/import between formats (HF Llama, Qwen3, GGUF, MiniMind2, minimind-3); merge LoRA"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
 }
 

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=("small", "base", "moe"),
         default=None,
-        help="--from: MiniMind2 preset giving the head count (None = the preset whose width "
+        help="--from minimind2: MiniMind2 preset giving the head count (None = the preset whose width "
         "matches the checkpoint)",
     )
     parser.add_argument(
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         default=None,
-        help="--from: attention heads, overriding the preset (shapes cannot tell)",
+        help="--from minimind2: attention heads, overriding the preset (MiniMind2's shapes cannot tell)",
     )
     parser.add_argument(
         "--experts-per-tok",
