@@ -34,6 +34,16 @@ TINY = ["--preset", "tiny", "--set", "dim=64", "--set", "n_layers=2", "--set", "
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
+    """The corpus tokenized once for every run here (a JSONL --data would be prepared again in each --out)."""
+    from minimind.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(corpus_file, tokenizer_dir, "pretrain", out, progress=False)
+    return out
+
+
 def pretrain_args(corpus: Path, tokenizer_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["pretrain", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out), *TINY,
             "--max-seq-len", "32", "--batch-size", "4", "--max-steps", "6", "--device", "cpu", "--dtype", "fp32",
@@ -57,36 +67,37 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # ---- 1. forgetting --resume ---------------------------------------------------------------------------
 
-def test_forgotten_resume_refuses_and_keeps_the_earlier_run(tmp_path, corpus_file, tokenizer_dir, capsys):
+def test_forgotten_resume_refuses_and_keeps_the_earlier_run(tmp_path, prepared, tokenizer_dir, capsys):
     out = tmp_path / "run"
-    assert main(pretrain_args(corpus_file, tokenizer_dir, out, "--stop-after-steps", "3")) == 0
+    assert main(pretrain_args(prepared, tokenizer_dir, out, "--stop-after-steps", "3")) == 0
     before = snapshot(out / "checkpoints")
-    assert main(pretrain_args(corpus_file, tokenizer_dir, out)) == 2
+    assert main(pretrain_args(prepared, tokenizer_dir, out)) == 2
     line = one_error_line(capsys)
     assert "already holds a pretrain run: latest checkpoint step 3, not finished" in line
     assert "--resume" in line and "--overwrite" in line
     assert snapshot(out / "checkpoints") == before  # nothing touched
     assert steps_logged(out) == [1, 2, 3]
-    assert main(pretrain_args(corpus_file, tokenizer_dir, out, "--resume")) == 0
+    assert main(pretrain_args(prepared, tokenizer_dir, out, "--resume")) == 0
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_finished_run_is_refused_and_overwrite_starts_over(tmp_path, corpus_file, tokenizer_dir, capsys):
+@pytest.mark.slow
+def test_a_finished_run_is_refused_and_overwrite_starts_over(tmp_path, prepared, tokenizer_dir, capsys):
     out = tmp_path / "run"
-    assert main(pretrain_args(corpus_file, tokenizer_dir, out, "--max-steps", "2")) == 0
+    assert main(pretrain_args(prepared, tokenizer_dir, out, "--max-steps", "2")) == 0
     (out / "notes.txt").write_text("mine")  # an unrelated file: --overwrite must leave it
     capsys.readouterr()
-    assert main(pretrain_args(corpus_file, tokenizer_dir, out, "--max-steps", "4")) == 2
+    assert main(pretrain_args(prepared, tokenizer_dir, out, "--max-steps", "3")) == 2
     assert "latest checkpoint step 2, finished (model.safetensors written)" in one_error_line(capsys)
-    assert main(pretrain_args(corpus_file, tokenizer_dir, out, "--max-steps", "4", "--overwrite")) == 0
+    assert main(pretrain_args(prepared, tokenizer_dir, out, "--max-steps", "3", "--overwrite")) == 0
     assert "deleting the earlier pretrain run" in capsys.readouterr().out
-    assert steps_logged(out) == [1, 2, 3, 4]  # a fresh run, not 2 + 4 lines
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-2", "step-4"]
-    assert (out / "notes.txt").read_text() == "mine" and (out / "prepared").is_dir()
+    assert steps_logged(out) == [1, 2, 3]  # a fresh run, not 2 + 3 lines
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-2", "step-3"]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_resume_and_overwrite_together_are_refused(tmp_path, corpus_file, tokenizer_dir, capsys):
-    assert main(pretrain_args(corpus_file, tokenizer_dir, tmp_path / "run", "--resume", "--overwrite")) == 2
+def test_resume_and_overwrite_together_are_refused(tmp_path, prepared, tokenizer_dir, capsys):
+    assert main(pretrain_args(prepared, tokenizer_dir, tmp_path / "run", "--resume", "--overwrite")) == 2
     assert "give one of them" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
@@ -103,20 +114,20 @@ def _hold_lock(out: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_job_refuses_naming_the_first_then_takes_over_a_dead_ones_lock(tmp_path, corpus_file,
+def test_a_second_job_refuses_naming_the_first_then_takes_over_a_dead_ones_lock(tmp_path, prepared,
                                                                                  tokenizer_dir, capsys):
     out = tmp_path / "run"
     holder = _hold_lock(out)
     try:
-        assert main(pretrain_args(corpus_file, tokenizer_dir, out)) == 2
+        assert main(pretrain_args(prepared, tokenizer_dir, out)) == 2
         line = one_error_line(capsys)
         assert f"is in use by another run (host {socket.gethostname()}, pid {holder.pid}, started " in line
-        assert not (out / "metrics.jsonl").exists() and not (out / "prepared").exists()
+        assert not (out / "metrics.jsonl").exists() and not (out / "train_config.json").exists()
     finally:
         holder.kill()
         holder.wait()
     with pytest.warns(UserWarning, match=f"taking over the lock of a run that is no longer running .*pid {holder.pid}"):
-        assert main(pretrain_args(corpus_file, tokenizer_dir, out, "--max-steps", "2")) == 0
+        assert main(pretrain_args(prepared, tokenizer_dir, out, "--max-steps", "2")) == 0
     assert (out / LOCK).read_text() == ""  # released at the end
 
 
@@ -174,7 +185,7 @@ class _FullAfter:
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "metrics", "final model"])
-def test_a_full_disk_is_one_line_with_the_way_to_continue(where, tmp_path, corpus_file, tokenizer_dir, capsys,
+def test_a_full_disk_is_one_line_with_the_way_to_continue(where, tmp_path, prepared, tokenizer_dir, capsys,
                                                          monkeypatch):
     out = tmp_path / "run"
     if where == "checkpoint":  # rng, optimizer, scaler per checkpoint: the 5th object saved is step 4's optimizer
@@ -188,15 +199,15 @@ def test_a_full_disk_is_one_line_with_the_way_to_continue(where, tmp_path, corpu
         error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         monkeypatch.setattr(pretrain_stage, "save_model_dir", _fail_on_call(pretrain_stage.save_model_dir, 1, error))
         path_part, latest = "", "step-6"
-    assert main(pretrain_args(corpus_file, tokenizer_dir, out)) == 2
+    assert main(pretrain_args(prepared, tokenizer_dir, out)) == 2
     line = one_error_line(capsys)
-    command = shlex.join(pretrain_args(corpus_file, tokenizer_dir, out))
+    command = shlex.join(pretrain_args(prepared, tokenizer_dir, out))
     assert f"could not write {out}" in line and f"{path_part}: no space left on device; " in line
     assert f"; the last complete checkpoint is {out / 'checkpoints' / latest}; " in line
     assert line.endswith(f"; free space, then continue with: minimind {command} --resume")
     assert not list((out / "checkpoints").glob(".tmp-*")) and not list(out.glob(".save-*"))
     monkeypatch.undo()  # space freed: the printed command continues the run
-    assert main(pretrain_args(corpus_file, tokenizer_dir, out, "--resume")) == 0
+    assert main(pretrain_args(prepared, tokenizer_dir, out, "--resume")) == 0
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6] and (out / "model.safetensors").is_file()
 
 
@@ -222,14 +233,15 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_a_real_full_filesystem(tmp_path, corpus_file, tokenizer_dir, capsys):
+@pytest.mark.slow
+def test_a_real_full_filesystem(tmp_path, prepared, tokenizer_dir, capsys):
     """The real thing on a 4 MB tmpfs (where this process may mount one; the injected cases above hold anyway)."""
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "4000k"):
         pytest.skip("mounting a tmpfs needs root on Linux; the ENOSPC injection tests cover the same paths")
     try:
         out = disk / "run"
-        args = pretrain_args(corpus_file, tokenizer_dir, out, "--max-steps", "12")
+        args = pretrain_args(prepared, tokenizer_dir, out, "--max-steps", "12")
         assert main(args) == 2
         captured = capsys.readouterr()
         assert "warning: " in captured.out and "free, but 3 more checkpoint(s)" in captured.out
