@@ -1,5 +1,5 @@
 # Two commands do everything from a fresh clone:
-#   make demo   set up, then run the whole pipeline on the bundled demo data (CPU, minutes)
+#   make demo   set up, then run the whole pipeline on the bundled demo data (CPU, minutes; replaces runs/demo)
 #   make test   set up, then run every test
 PYTHON ?= python3
 VENV   := .venv
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/minimind demo --out runs/demo
+	$(BIN)/minimind demo --out runs/demo --overwrite
 
 # --durations=20: the 20 slowest tests, so the suite's budget stays visible
 test: setup

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=BATCH, help="training batch size")
     parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak learning rate of pretraining")
     parser.add_argument("--sft-lr", type=float, default=1e-3, help="peak learning rate of SFT")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier demo in --out (without it such an --out is refused)")
     parser.add_argument("--quick", action="store_true",
                         help="a few steps per stage and 40 held-out questions: checks the pipeline runs (about a "
                              "minute); its numbers mean nothing")
@@ -83,27 +85,32 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     start = time.time()
-    tok, pre, sft, dpo, grpo = (out / name for name in ("tokenizer", "pretrain", "sft", "dpo", "grpo"))
+    tok, pre, sft, dpo, grpo = stages = [out / name for name in ("tokenizer", "pretrain", "sft", "dpo", "grpo")]
+    earlier = [stage.name for stage in stages if stage.is_dir() and any(stage.iterdir())]
+    if earlier and not args.overwrite:
+        raise UserError(f"--out {out} already holds an earlier demo ({', '.join(earlier)}); choose another --out, "
+                        "or add --overwrite to replace it")
+    again = ["--overwrite"] if args.overwrite else []  # each stage then replaces its own earlier output
 
     def common(seq_len: int = args.seq_len) -> list[str]:
         return ["--max-seq-len", str(seq_len), "--batch-size", str(args.batch_size), "--device", "cpu",
                 "--dtype", "fp32", "--log-every", "20"]
 
     times["tokenizer"] = step("1. tokenizer: byte-level BPE, 6400 tokens", [
-        "tokenizer", "--data", str(demo_file("pretrain.jsonl")), "--vocab-size", "6400", "--out", str(tok)])
+        "tokenizer", "--data", str(demo_file("pretrain.jsonl")), "--vocab-size", "6400", "--out", str(tok), *again])
     times["pretrain"] = step("2. pretrain the tiny model on packed text", [
         "pretrain", "--data", str(demo_file("pretrain.jsonl")), "--eval-data", str(demo_file("pretrain_eval.jsonl")),
         "--tokenizer", str(tok), "--preset", "tiny", "--out", str(pre), "--max-steps", str(args.pretrain_steps),
-        "--lr", str(args.pretrain_lr), "--warmup-steps", "30", "--eval-every", "100", *common()])
+        "--lr", str(args.pretrain_lr), "--warmup-steps", "30", "--eval-every", "100", *common(), *again])
     times["sft"] = step("3. supervised fine-tuning on conversations", [
         "sft", "--data", str(demo_file("sft.jsonl")), "--init", str(pre), "--out", str(sft),
-        "--max-steps", str(args.sft_steps), "--lr", str(args.sft_lr), "--warmup-steps", "20", *common()])
+        "--max-steps", str(args.sft_steps), "--lr", str(args.sft_lr), "--warmup-steps", "20", *common(), *again])
     post: dict[str, float] = {}
     if args.dpo_steps > 0:
         times["dpo"] = step("4. DPO on preference pairs (chosen vs rejected replies)", [
             "dpo", "--data", str(demo_file("dpo.jsonl")), "--eval-data", str(demo_file("dpo_eval.jsonl")),
             "--init", str(sft), "--out", str(dpo), "--max-steps", str(args.dpo_steps), "--warmup-steps", "4",
-            "--eval-every", "0", "--eval-batches", "10", *common()])
+            "--eval-every", "0", "--eval-batches", "10", *common(), *again])
         held = last_eval(dpo)
         post["DPO held-out reward margin, start (policy = reference)"] = 0.0
         post["DPO held-out reward margin, after DPO"] = held["eval_reward_margin"]
@@ -114,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             "--init", str(sft), "--out", str(grpo), "--max-steps", str(args.grpo_steps), "--lr", "2e-4",
             "--group-size", "4", "--max-new-tokens", "16", "--eval-every", "0",
             "--eval-batches", "2" if args.quick else "25",
-            *common(seq_len=128)])  # --max-seq-len caps the prompt here; prompts are short
+            *common(seq_len=128), *again])  # --max-seq-len caps the prompt here; prompts are short
         numbers = read_json_object(grpo / "summary.json")
         for view in ("greedy", "sampled T=1"):
             post[f"GRPO held-out accuracy ({view}), SFT start"] = numbers[f"held-out accuracy ({view}): --init"]

@@ -311,3 +311,12 @@ def test_convert_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path,
     assert main(["convert", str(model_dir), "--to", "minimind2", "--out", str(out)]) == 2
     assert one_error_line(capsys).startswith(f"minimind convert: error: could not write {out}: no space left on device;")
     assert not list(tmp_path.iterdir())  # no .model.pth.partial left
+
+
+def test_demo_refuses_an_earlier_demo_before_running_anything(tmp_path, capsys):
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 2
+    assert one_error_line(capsys).endswith(f"--out {tmp_path} already holds an earlier demo (pretrain); choose "
+                                           "another --out, or add --overwrite to replace it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]
