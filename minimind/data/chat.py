@@ -45,7 +45,7 @@ def assistant_spans(tokenizer, messages: Messages, text: str) -> list[tuple[int,
             continue
         before = render(tokenizer, messages[:i])
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1])
+        upto = text if i + 1 == len(messages) else render(tokenizer, messages[: i + 1])
         if not (prompt.startswith(before) and upto.startswith(before) and text.startswith(upto)):
             raise BadRecord("the tokenizer's chat template does not render conversations prefix-stably")
         header = prompt[len(before):]
