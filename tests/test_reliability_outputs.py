@@ -77,8 +77,11 @@ def test_forgotten_resume_refuses_and_keeps_the_earlier_run(tmp_path, prepared, 
     assert "--resume" in line and "--overwrite" in line
     assert snapshot(out / "checkpoints") == before  # nothing touched
     assert steps_logged(out) == [1, 2, 3]
+    (out / "checkpoints" / ".tmp-step-5").mkdir()  # staging a killed run left behind: removed at the next save
+    (out / "checkpoints" / ".tmp-step-5" / "optimizer.pt").write_bytes(b"partial")
     assert main(pretrain_args(prepared, tokenizer_dir, out, "--resume")) == 0
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 @pytest.mark.slow

@@ -72,9 +72,11 @@ class CheckpointDir:
         return self.root / f".tmp-step-{step}"
 
     def begin(self, step: int) -> Path:
-        """Main rank: a fresh staging directory for step `step`."""
+        """Main rank: a fresh staging directory for step `step`; staging left by a killed run is removed first
+        (the run holds the directory's lock, so no other writer is using it)."""
+        for stale in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = self.staging(step)
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         return tmp
 
