@@ -371,13 +371,14 @@ class CheckpointIO:
     def space_warning(self) -> str | None:
         """Main rank, at start: a warning if --out looks too small for the checkpoints to come and the model."""
         t, cfg = self.t, self.t.cfg
-        weights = _bytes(ckpt.unique_state(t.model, t.run.trainable_only_checkpoint))
+        # parameters() lists a shared (tied) tensor once; numel() is the full size under fsdp too
+        every = sum(p.numel() * p.element_size() for p in t.model.parameters())
         trainable = sum(p.numel() * p.element_size() for p in t.model.parameters() if p.requires_grad)
-        # AdamW keeps two moments per trainable parameter, in the parameter's dtype
-        checkpoint = weights + 2 * trainable
+        # the weights (trainable ones only for an adapter) and AdamW's two moments per trainable parameter
+        checkpoint = (trainable if t.run.trainable_only_checkpoint else every) + 2 * trainable
         left = max(t.total_steps - t.step, 0)
         saves = (left // cfg.save_every if cfg.save_every else 0) + 1  # the last one is the final save
-        return space_warning(t.out, checkpoint, _bytes(ckpt.unique_state(t.model)), cfg.keep_checkpoints, saves)
+        return space_warning(t.out, checkpoint, every, cfg.keep_checkpoints, saves)
 
     def resume(self) -> None:
         t, info = self.t, self.t.info
@@ -437,10 +438,6 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _useful_tokens(batch: dict) -> int:
