@@ -1,6 +1,7 @@
 """Run our GGUF export in llama.cpp (through llama-cpp-python) and compare it with our own model.
 
     python bench/gguf_llamacpp.py          # a random `tiny` model with a freshly trained tokenizer
+    python bench/gguf_llamacpp.py --preset minimind3-moe   # the same size with QK-norm and experts (qwen3moe)
     python bench/gguf_llamacpp.py --model runs/sft --dtypes f16 q8_0 --new-tokens 64
 
 For each GGUF type it checks that llama.cpp tokenizes the prompt like our tokenizer, reports the largest
@@ -28,9 +29,18 @@ then run this script again."""
 DEFAULT_PROMPT = "The built-in function len() returns the number of items in a container. For example,"
 
 
-def demo_model_dir(out: Path) -> Path:
-    """A random `tiny` model (weights scaled so greedy choices have clear margins) and a BPE tokenizer
-    trained on the Python docs that ship with the standard library."""
+# Demo shapes: `tiny` (llama.cpp's llama architecture), and the minimind-3 presets at tiny's size, which
+# export as llama.cpp's qwen3 (QK-norm) and qwen3moe (QK-norm, 4 routed experts, top-1, no shared expert).
+DEMO_SHAPES = {
+    "tiny": {},
+    "minimind3": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=704, max_seq_len=1024),
+}
+DEMO_SHAPES["minimind3-moe"] = DEMO_SHAPES["minimind3"]
+
+
+def demo_model_dir(out: Path, preset: str = "tiny") -> Path:
+    """A random model of `preset` at tiny's size (weights scaled so greedy choices have clear margins) and a BPE
+    tokenizer trained on the Python docs that ship with the standard library."""
     import pydoc_data.topics
 
     from minimind.model import MiniMindConfig, MiniMindForCausalLM
@@ -41,7 +51,7 @@ def demo_model_dir(out: Path) -> Path:
     texts = list(pydoc_data.topics.topics.values())
     save_tokenizer(train_tokenizer(texts, vocab_size=2048, show_progress=False), out / "tokenizer")
     torch.manual_seed(0)
-    model = MiniMindForCausalLM(MiniMindConfig.from_preset("tiny", vocab_size=2048)).eval()
+    model = MiniMindForCausalLM(MiniMindConfig.from_preset(preset, vocab_size=2048, **DEMO_SHAPES[preset])).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.08 + (1.0 if p.ndim == 1 else 0.0))
@@ -76,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", default=None, help="model directory (None = build a random tiny demo model)"
     )
+    parser.add_argument("--preset", choices=list(DEMO_SHAPES), default="tiny",
+                        help="shape of the random demo model when --model is not given")
     parser.add_argument("--dtypes", nargs="+", default=["f32", "f16", "q8_0"], help="GGUF types to try")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate")
@@ -87,18 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         print(INSTALL_HINT)
         return 0
 
-    from minimind.convert.gguf import export_gguf
+    from minimind.convert.gguf import export_gguf, gguf_architecture
     from minimind.model.hub import load_model_dir
 
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
-    model_dir = Path(args.model) if args.model else demo_model_dir(work)
+    model_dir = Path(args.model) if args.model else demo_model_dir(work, args.preset)
     model, tokenizer = load_model_dir(model_dir)
     ids = tokenizer(args.prompt).input_ids
     with torch.no_grad():
         ours_logits = model(torch.tensor([ids])).logits[0].numpy()
     ours_new, ours_speed = our_greedy(model, ids, args.new_tokens)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {model_dir}: {n_params:,} parameters, prompt {len(ids)} tokens")
+    print(f"model {model_dir}: {n_params:,} parameters ({gguf_architecture(model.config)} in llama.cpp), "
+          f"prompt {len(ids)} tokens")
     print(f"ours (PyTorch, {torch.get_num_threads()} threads): {ours_speed:.1f} tokens/s")
     status = 0
     for dtype in args.dtypes:

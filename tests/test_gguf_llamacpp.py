@@ -46,9 +46,17 @@ def llama_cpp_run(path, ids: list[int]) -> tuple[list[int], np.ndarray, list[int
     return tokens, logits, new
 
 
+# Our dense model (llama.cpp's llama), and QK-norm ones as minimind-3 has them (qwen3, qwen3moe: routed experts
+# only, top-1 renormalised), with a head size that is not dim / n_heads.
+SHAPES = {"llama": {}, "qwen3": dict(qk_norm=True, head_dim=24, norm_eps=1e-6),
+          "qwen3moe": dict(qk_norm=True, head_dim=24, norm_eps=1e-6, use_moe=True, n_shared_experts=0,
+                           num_experts_per_tok=1)}
+
+
+@pytest.mark.parametrize("architecture", list(SHAPES))
 @pytest.mark.parametrize("dtype, atol", [("f32", 1e-3), ("f16", 5e-2)])
-def test_llama_cpp_runs_our_gguf_like_our_model(tmp_path, tokenizer, dtype, atol):
-    model_dir = random_model_dir(tmp_path / "model", tokenizer)
+def test_llama_cpp_runs_our_gguf_like_our_model(tmp_path, tokenizer, dtype, atol, architecture):
+    model_dir = random_model_dir(tmp_path / "model", tokenizer, **SHAPES[architecture])
     model, tok = load_model_dir(model_dir)
     ids = tok(PROMPT).input_ids
     with torch.no_grad():

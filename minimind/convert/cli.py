@@ -161,11 +161,14 @@ def _convert(args: argparse.Namespace) -> int:
         architecture = (export_llama if args.to == "llama" else export_qwen3)(args.source, args.out)
         print(f"convert: wrote a {architecture} directory (loads without trust_remote_code) -> {args.out}")
     elif args.to == "gguf":
-        from minimind.convert.gguf import export_gguf
+        from minimind.convert.gguf import export_gguf, gguf_architecture
+        from minimind.model.hub import adapter_source, load_config
 
         dtype = args.dtype or "f16"
-        export_gguf(args.source, args.out, dtype)
-        print(f"convert: wrote GGUF ({dtype}, llama architecture) -> {args.out}")
+        out = export_gguf(args.source, args.out, dtype)
+        architecture = gguf_architecture(load_config(adapter_source(Path(args.source), ("config.json",))))
+        print(f"convert: wrote GGUF ({dtype}, {architecture} architecture) -> {out}, and {out.parent / 'Modelfile'} "
+              f"for `ollama create NAME -f {out.parent / 'Modelfile'}`")
     elif args.to == "minimind3":
         from minimind.convert.minimind3 import export_minimind3
 

@@ -1,12 +1,16 @@
-"""Export a dense MiniMind model directory as one GGUF file for llama.cpp (architecture `llama`).
+"""Export a MiniMind model directory as one GGUF file for llama.cpp, with an Ollama Modelfile beside it.
 
     minimind convert runs/sft --to gguf --out runs/sft.gguf --dtype q8_0
 
-The file holds the weights, the model's shape, and the tokenizer (byte-level BPE as llama.cpp's `gpt2`
-tokenizer model, its merges, special-token ids and the chat template), so `llama-cli -m FILE.gguf` needs
-nothing else. llama.cpp's `llama` architecture applies RoPE to interleaved pairs (2i, 2i+1), so the q/k
-projection rows are permuted from our rotate-half order (see `layout.py`). The output head is tied to the
-embedding and omitted: llama.cpp falls back to `token_embd` when `output.weight` is absent.
+The architecture follows the model: `llama` for our dense models, `qwen3` for dense QK-norm models (minimind-3)
+and `qwen3moe` for QK-norm models with routed experts only (minimind-3-moe). The file holds the weights, the
+model's shape, and the tokenizer (byte-level BPE as llama.cpp's `gpt2` tokenizer model, its merges,
+special-token ids and the chat template), so `llama-cli -m FILE.gguf` needs nothing else; the `Modelfile`
+(ollama.py) makes it `ollama create NAME -f Modelfile` ready. llama.cpp's `llama` architecture applies RoPE to
+interleaved pairs (2i, 2i+1), so for it the q/k projection rows are permuted from our rotate-half order (see
+`layout.py`); `qwen3`/`qwen3moe` rotate halves (llama.cpp's NEOX RoPE), as we do, and take the rows as they
+are. The output head is tied to the embedding and omitted: llama.cpp falls back to `token_embd` when
+`output.weight` is absent.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from minimind.convert.layout import rotate_half_to_interleaved
+from minimind.convert.ollama import write_modelfile
 from minimind.errors import UserError
 from minimind.model.configuration_minimind import MiniMindConfig
 from minimind.model.hub import load_model_dir
@@ -26,44 +31,96 @@ from minimind.model.hub import load_model_dir
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # Q8_0 quantises rows in blocks of 32 values; other rows fall back to f16
 
-# our parameter name inside a block -> llama.cpp's tensor name
+# our parameter name inside a block -> llama.cpp's tensor (a `gguf.MODEL_TENSOR` member)
 BLOCK_TENSORS = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "ATTN_NORM",
+    "self_attn.q_proj": "ATTN_Q",
+    "self_attn.q_norm": "ATTN_Q_NORM",
+    "self_attn.k_proj": "ATTN_K",
+    "self_attn.k_norm": "ATTN_K_NORM",
+    "self_attn.v_proj": "ATTN_V",
+    "self_attn.o_proj": "ATTN_OUT",
+    "post_attention_layernorm": "FFN_NORM",
+    "mlp.gate_proj": "FFN_GATE",
+    "mlp.up_proj": "FFN_UP",
+    "mlp.down_proj": "FFN_DOWN",
+    "mlp.gate": "FFN_GATE_INP",  # the MoE router (n_experts, dim)
 }
+# each routed expert's projection -> the tensor that stacks it over experts (n_experts, out, in)
+EXPERT_TENSORS = {"gate_proj": "FFN_GATE_EXP", "up_proj": "FFN_UP_EXP", "down_proj": "FFN_DOWN_EXP"}
+
+
+def gguf_architecture(config: MiniMindConfig) -> str:
+    """llama.cpp's architecture that computes this model, or a UserError naming the field that has none."""
+    if not config.qk_norm:
+        if config.use_moe:
+            raise UserError(
+                "config field 'use_moe' is true: GGUF export writes MoE models only with QK-norm (llama.cpp's "
+                "qwen3moe); for this MoE model use --to llama, which writes an exact Qwen2-MoE directory"
+            )
+        return "llama"
+    if not config.use_moe:
+        return "qwen3"
+    if config.n_shared_experts:
+        raise UserError(
+            f"config field 'n_shared_experts' is {config.n_shared_experts}: llama.cpp's qwen3moe has routed "
+            "experts only"
+        )
+    if not config.renormalises_top_k():
+        raise UserError(
+            "config field 'norm_topk_prob' (or 'norm_top1_prob' at top-1) is false: llama.cpp's qwen3moe always "
+            "renormalises the chosen experts' weights"
+        )
+    return "qwen3moe"
+
+
+def gguf_tensors(config: MiniMindConfig) -> dict[str, list[str]]:
+    """GGUF tensor name -> our state-dict keys it holds (one, or every expert's, stacked), in file order."""
+    import gguf
+
+    arch = gguf.MODEL_ARCH[gguf_architecture(config).upper()]
+
+    def name(member: str, block: int | None = None) -> str:
+        tensor = gguf.MODEL_TENSOR[member]
+        assert tensor in gguf.MODEL_TENSORS[arch], f"{member} is not a tensor of {arch.name}"
+        return gguf.TENSOR_NAMES[tensor].format(bid=block) + ".weight"
+
+    tensors = {name("TOKEN_EMBD"): ["model.embed_tokens.weight"]}
+    for i in range(config.n_layers):
+        for ours, member in BLOCK_TENSORS.items():
+            if ours.startswith("self_attn.") and ours.endswith("_norm") and not config.qk_norm:
+                continue
+            if ours.startswith("mlp.") and (ours == "mlp.gate") != config.use_moe:
+                continue
+            tensors[name(member, i)] = [f"model.layers.{i}.{ours}.weight"]
+        for ours, member in EXPERT_TENSORS.items() if config.use_moe else ():
+            tensors[name(member, i)] = [f"model.layers.{i}.mlp.experts.{e}.{ours}.weight"
+                                        for e in range(config.n_routed_experts)]
+    tensors[name("OUTPUT_NORM")] = ["model.norm.weight"]
+    return tensors
 
 
 def gguf_tensor_names(config: MiniMindConfig) -> dict[str, str]:
-    """Our state-dict key -> GGUF tensor name, in the order the file stores them."""
-    names = {"model.embed_tokens.weight": "token_embd.weight"}
-    for i in range(config.n_layers):
-        for ours, theirs in BLOCK_TENSORS.items():
-            names[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
-    names["model.norm.weight"] = "output_norm.weight"
-    return names
+    """Our state-dict key -> GGUF tensor name, for the tensors stored one to one (not the stacked experts)."""
+    return {keys[0]: name for name, keys in gguf_tensors(config).items() if len(keys) == 1}
 
 
 def to_gguf_layout(key: str, tensor: torch.Tensor, config: MiniMindConfig) -> np.ndarray:
-    """Our fp32 tensor as llama.cpp expects its values (q/k rows in interleaved RoPE order)."""
-    if key.endswith("q_proj.weight"):
-        tensor = rotate_half_to_interleaved(tensor, config.n_heads)
-    elif key.endswith("k_proj.weight"):
-        tensor = rotate_half_to_interleaved(tensor, config.n_kv_heads)
+    """Our fp32 tensor as llama.cpp expects its values (q/k rows in interleaved RoPE order for `llama`)."""
+    if gguf_architecture(config) == "llama":
+        if key.endswith("q_proj.weight"):
+            tensor = rotate_half_to_interleaved(tensor, config.n_heads)
+        elif key.endswith("k_proj.weight"):
+            tensor = rotate_half_to_interleaved(tensor, config.n_kv_heads)
     return tensor.detach().float().numpy()
 
 
-def encode_tensor(values: np.ndarray, dtype: str):
-    """-> (array to write, its GGML type). Norm vectors stay f32 in every mode, as llama.cpp expects."""
+def encode_tensor(values: np.ndarray, dtype: str, keep_f32: bool = False):
+    """-> (array to write, its GGML type). Norm vectors (and `keep_f32` tensors: the MoE router) stay f32 in
+    every mode, as llama.cpp expects (its quantizer leaves `ffn_gate_inp` in float too)."""
     import gguf
 
-    if dtype == "f32" or values.ndim == 1:
+    if dtype == "f32" or values.ndim == 1 or keep_f32:
         return values.astype(np.float32), gguf.GGMLQuantizationType.F32
     if dtype == "q8_0" and values.shape[-1] % Q8_BLOCK == 0:
         q8 = gguf.GGMLQuantizationType.Q8_0
@@ -120,19 +177,16 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16")
     model_dir, out_file = Path(model_dir), Path(out_file)
     model, tokenizer = load_model_dir(model_dir, dtype=torch.float32)
     config = model.config
-    if config.use_moe:
-        raise UserError(
-            "config field 'use_moe' is true: GGUF export writes the dense llama architecture only; for an "
-            "MoE model use --to llama, which writes an exact Qwen2-MoE directory"
-        )
+    architecture = gguf_architecture(config)
     vocab = tokenizer_metadata(model_dir, tokenizer, config.vocab_size)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(f".{out_file.name}.partial")  # renamed into place only when complete
     try:
-        _write(gguf.GGUFWriter(str(partial), "llama"), model, tokenizer, vocab, model_dir, dtype)
+        _write(gguf.GGUFWriter(str(partial), architecture), model, tokenizer, vocab, model_dir, dtype)
         os.replace(partial, out_file)
     finally:
         partial.unlink(missing_ok=True)
+    write_modelfile(model_dir, out_file, tokenizer)
     return out_file
 
 
@@ -169,8 +223,11 @@ def _write(writer, model, tokenizer, vocab: dict, model_dir: Path, dtype: str) -
     if vocab["chat_template"]:
         writer.add_chat_template(vocab["chat_template"])
     state = model.state_dict()
-    for key, name in gguf_tensor_names(config).items():
-        values, ggml_type = encode_tensor(to_gguf_layout(key, state[key], config), dtype)
+    for name, keys in gguf_tensors(config).items():
+        # experts stacked: (n_experts, out, in), the layout llama.cpp's *_exps tensors have
+        values = np.stack([to_gguf_layout(key, state[key], config) for key in keys]) if len(keys) > 1 else \
+            to_gguf_layout(keys[0], state[keys[0]], config)
+        values, ggml_type = encode_tensor(values, dtype, keep_f32=keys[0].endswith("mlp.gate.weight"))
         writer.add_tensor(name, values, raw_dtype=ggml_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -179,7 +236,8 @@ def _write(writer, model, tokenizer, vocab: dict, model_dir: Path, dtype: str) -
 
 
 def _add_shape(writer, config: MiniMindConfig) -> None:
-    """Hyperparameters under the `llama.` prefix, YaRN included when the model uses it."""
+    """Hyperparameters under the architecture's prefix (`llama.`, `qwen3.`, `qwen3moe.`), YaRN included when the
+    model uses it, the head size when it is not dim / n_heads, the experts for qwen3moe."""
     import gguf
 
     writer.add_context_length(config.max_seq_len)
@@ -192,6 +250,13 @@ def _add_shape(writer, config: MiniMindConfig) -> None:
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if config.qk_norm:  # qwen3 and qwen3moe read the head size here (768 = 8 x 96 for minimind-3, but not always)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    if config.use_moe:
+        writer.add_expert_count(config.n_routed_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if config.yarn_factor > 1.0:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(config.yarn_factor)

@@ -46,7 +46,7 @@ def qwen2_moe_config(config: MiniMindConfig, dtype: torch.dtype = torch.float32)
         "num_experts_per_tok": config.num_experts_per_tok,
         # We renormalise at top-1 only with norm_top1_prob (else top-1 keeps the raw probability); Qwen2-MoE
         # renormalises any k.
-        "norm_topk_prob": bool(config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.norm_top1_prob)),
+        "norm_topk_prob": config.renormalises_top_k(),
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
         "qkv_bias": True,

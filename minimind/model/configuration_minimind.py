@@ -158,6 +158,10 @@ class MiniMindConfig(PretrainedConfig):
             **kwargs,
         )
 
+    def renormalises_top_k(self) -> bool:
+        """Whether the router rescales the chosen experts' weights to sum to 1 (at top-1: to exactly 1)."""
+        return self.norm_topk_prob and (self.num_experts_per_tok > 1 or self.norm_top1_prob)
+
     def to_dict(self) -> dict:
         """The fields as config.json stores them: `head_dim` only where it is not dim / n_heads, so directories
         of models without their own head size keep the file they always had (and an edited `n_heads` is checked

@@ -25,7 +25,7 @@ class MoEGate(nn.Module):
         # Renormalise the k chosen weights to sum to 1. At top-1 that makes the weight exactly 1, which only
         # configs with `norm_top1_prob` do (minimind-3, Qwen3-MoE); MiniMind2-era top-1 models keep the router
         # probability as the expert's weight, as they were trained (configuration_minimind.py).
-        self.renormalise = config.norm_topk_prob and (self.top_k > 1 or config.norm_top1_prob)
+        self.renormalise = config.renormalises_top_k()
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.dim))
         nn.init.normal_(self.weight, std=config.initializer_range)
 
