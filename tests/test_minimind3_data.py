@@ -12,8 +12,9 @@ from test_minimind3_template import WEATHER, learned_runs, minimind3_tokenizer
 
 from minimind.cli import main
 from minimind.data.chat import SYSTEM_PROMPTS, ChatAugment
+from minimind.data.datasets import PromptDataset
 from minimind.data.prepare import open_dataset, prepare
-from minimind.data.records import read_records
+from minimind.data.records import read_records, validate_sft
 from minimind.data.shards import Shard
 from minimind.errors import UserError
 
@@ -83,7 +84,8 @@ def test_gt_is_the_reference_answer(tmp_path, m3):
     assert records[3][0][0]["functions"] == [WEATHER]
     meta = prepare(tmp_path / "agent_rl.jsonl", m3.name_or_path, "rlaif", tmp_path / "out", progress=False)
     assert meta["records"] == 5
-    assert Shard(tmp_path / "out").extra(3)["answer"] == "rain"
+    rl = PromptDataset(Shard(tmp_path / "out"), max_prompt_len=512)  # what GRPO/PPO hand the rewards
+    assert [rl[i]["answer"] for i in range(5)] == ["42", "42", "42", "rain", "42"] and rl.unanswered() == 0
     bad = write_jsonl(tmp_path / "rlaif_bad.jsonl", rows[:1] + [{"conversations": prompt, "gt": ["42"]}])
     with pytest.raises(UserError, match=r'rlaif_bad.jsonl:2: field "gt" \(the reference answer\) must be a string'):
         list(read_records(bad, "rlaif"))
@@ -175,3 +177,14 @@ def test_dpo_pairs_mask_each_reply_with_its_think_block(tmp_path, m3):
     assert learned_runs(m3, chosen, chosen_mask) == ["<think>\nadd\n</think>\n\n4<|im_end|>"]
     assert learned_runs(m3, rejected, rejected_mask) == ["<think>\n\n</think>\n\n5<|im_end|>"]
     assert m3.decode(rejected) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n5<|im_end|>\n"
+
+
+def test_an_empty_reasoning_beside_inline_think_text_renders_as_written(m3):
+    turns = [{"role": "user", "content": "q"},
+             {"role": "assistant", "content": "<think>x</think>y", "reasoning_content": ""}]
+    (record,) = [validate_sft({"conversations": turns})]
+    assert m3.apply_chat_template(record, tokenize=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n<think>x</think>y<|im_end|>\n")
+    turns[1].pop("reasoning_content")  # without the field the template reads the reasoning out of the content
+    assert m3.apply_chat_template(validate_sft({"conversations": turns}), tokenize=False).endswith(
+        "<|im_start|>assistant\n<think>\nx\n</think>\n\ny<|im_end|>\n")

@@ -83,7 +83,9 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
         if reasoning is not None:
             if role != "assistant" or not isinstance(reasoning, str):
                 raise BadRecord(f'{where} field "reasoning_content" must be a string on an assistant turn')
-            if reasoning.strip():
+            # An empty one is kept where the content holds a </think>: minimind-3's template then renders the
+            # content as written instead of reading reasoning out of it.
+            if reasoning.strip() or (reasoning == "" and "</think>" in content):
                 turn["reasoning_content"] = reasoning
         clean.append(turn)
     if need_assistant and not any(m["role"] == "assistant" for m in clean):
