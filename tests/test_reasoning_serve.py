@@ -123,7 +123,7 @@ def test_serve_flag_turns_the_parser_on(model_dir, monkeypatch):
     real_create_app = app_module.create_app
     monkeypatch.setattr(app_module, "create_app", lambda scheduler, config: configs.append(config)
                         or real_create_app(scheduler, config))
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *args, **kwargs: None)
     for flag, expected in (([], False), (["--reasoning-parser", "think"], True)):
         assert main(["serve", "--model", str(model_dir), "--port", "0", *flag]) == 0
         assert configs[-1].split_reasoning is expected
@@ -191,6 +191,13 @@ def test_the_parser_reads_a_reply_inside_the_think_block_the_prompt_opened(token
                 replies[split, on] = (message.get("reasoning_content"), message["content"],
                                       "".join(d.get("reasoning_content") or "" for d in deltas) or None,
                                       "".join(d.get("content") or "" for d in deltas))
+            # a grammar shapes the reply from its first token: all content
+            body = {"messages": question, "max_tokens": 12, "temperature": 1, "seed": 3,
+                    "chat_template_kwargs": {"open_thinking": True}, "response_format": {"type": "json_object"}}
+            replies[split, "json"] = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert replies[True, "json"].get("reasoning_content") is None
+    assert replies[True, "json"]["content"] == replies[False, "json"]["content"].lstrip()
+    assert replies[True, "json"]["content"].startswith("{")
     raw_on, raw_off = replies[False, True][1], replies[False, False][1]
     assert "</think>" not in raw_on and raw_on.strip()
     assert replies[True, True] == (raw_on, "", raw_on, "")

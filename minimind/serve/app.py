@@ -57,7 +57,7 @@ from minimind.serve.reasoning import ReasoningSplitter, split_reply
 from minimind.serve.responses import Reply, sse
 from minimind.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from minimind.serve.tools import ToolCallReader
-from minimind.tokenizer.thinking import prompt_ids_thinking
+from minimind.tokenizer.thinking import PromptThinking, prompt_ids_thinking
 
 log = logging.getLogger("minimind.serve")
 
@@ -191,7 +191,10 @@ class _Api:
             reader = ToolCallReader(body.n, body.function_names, body.parallel_tool_calls is not False)
         splitter = None
         if self.config.split_reasoning:
-            splitter = ReasoningSplitter(body.n, prompt_ids_thinking(self.prompts.tokenizer, prompt))
+            thinking = prompt_ids_thinking(self.prompts.tokenizer, prompt)
+            if body.output_grammar() is not None:  # the grammar shapes the reply from its first token: all content
+                thinking = PromptThinking.CLOSED
+            splitter = ReasoningSplitter(body.n, thinking)
         return await self._generate(request, model, body, [prompt], echoes=None, tools=reader, reasoning=splitter)
 
     async def completions(self, request: Request) -> Response:

@@ -10,7 +10,8 @@ a trailing piece that may still become a tag is held back, so both fields only e
 Templates with a thinking switch (minimind-3's `open_thinking`, Qwen3's `enable_thinking`, sent in a request's
 `chat_template_kwargs`) move the think tags into the prompt, as vLLM's qwen3 parser expects: a prompt that
 ends by opening `<think>` makes the reply start inside the block (reasoning up to `</think>`, then content),
-and a prompt that ends with a closed, empty block makes the reply all content.
+and a prompt that ends with a closed, empty block makes the reply all content. So is a reply a grammar shapes
+from its first token (a JSON `response_format`, vLLM's guided_* fields, required tool calls).
 """
 
 from __future__ import annotations
