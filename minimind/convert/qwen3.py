@@ -42,7 +42,7 @@ def qwen3_config(config: MiniMindConfig, dtype: torch.dtype = torch.float32) -> 
         "num_experts": config.n_routed_experts,
         "num_experts_per_tok": config.num_experts_per_tok,
         # Qwen3-MoE renormalises at any k; a top-1 model of ours renormalises only with norm_top1_prob.
-        "norm_topk_prob": bool(config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.norm_top1_prob)),
+        "norm_topk_prob": config.renormalises_top_k(),
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
         "output_router_logits": False,
