@@ -199,9 +199,15 @@ def test_experts_per_token_flag_overrides_the_default_top1(tmp_path, tokenizer_d
     assert json.loads((tmp_path / "model" / "config.json").read_text())["num_experts_per_tok"] == 2
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_to_qwen3_loads_without_remote_code_with_equal_logits_and_imports_back(tmp_path, tokenizer, moe, capsys):
-    source = tiny_qk_norm_dir(tmp_path / "src", tokenizer, moe=moe)
+@pytest.mark.parametrize(
+    "moe, overrides",
+    [(False, {}), (True, {}), (True, dict(norm_top1_prob=False))],
+    ids=["dense", "moe", "moe-top1-router-probability"],  # the last: the expert's weight is its raw probability
+)
+def test_to_qwen3_loads_without_remote_code_with_equal_logits_and_imports_back(
+    tmp_path, tokenizer, moe, overrides, capsys
+):
+    source = tiny_qk_norm_dir(tmp_path / "src", tokenizer, moe=moe, **overrides)
     architecture = "Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"
     assert main(["convert", str(source), "--to", "qwen3", "--out", str(tmp_path / "qwen3")]) == 0
     assert f"wrote a {architecture} directory" in capsys.readouterr().out
@@ -216,8 +222,9 @@ def test_to_qwen3_loads_without_remote_code_with_equal_logits_and_imports_back(t
 
     import_qwen3(tmp_path / "qwen3", None, tmp_path / "back")
     back = load_model(tmp_path / "back")
-    fields = ("qk_norm", "head_dim", "norm_eps", "use_moe", "num_experts_per_tok", "norm_top1_prob", "moe_intermediate_size")
+    fields = ("qk_norm", "head_dim", "norm_eps", "use_moe", "num_experts_per_tok", "moe_intermediate_size")
     assert [getattr(back.config, f) for f in fields] == [getattr(ours.config, f) for f in fields]
+    assert back.config.renormalises_top_k() == ours.config.renormalises_top_k()
     a, b = ours.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
