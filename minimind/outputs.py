@@ -36,6 +36,8 @@ MODEL_DIR_FILES = ("config.json", "generation_config.json", "model.safetensors",
                    "adapter_model.safetensors", "value_head.safetensors")
 # safetensors (Rust) and other native writers report the OS error only inside their message text.
 _OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+# numpy's `tofile` (the GGUF writer, prepared shards) reports a short write without an errno: the disk filled up
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 class WriteFailed(UserError):
@@ -58,6 +60,8 @@ def write_failure(err: BaseException, path: str | Path) -> WriteFailed | None:
         if code is None:
             match = _OS_ERROR_IN_TEXT.search(str(seen))
             code = int(match.group(1)) if match else None
+        if code is None and isinstance(seen, OSError) and _SHORT_WRITE.search(str(seen)):
+            code = errno.ENOSPC
         if code is not None and (isinstance(seen, OSError) or code in REASONS):
             where = getattr(seen, "filename", None) or path
             return WriteFailed(where, REASONS.get(code) or os.strerror(code).lower())

@@ -225,6 +225,7 @@ def test_write_failures_are_told_in_plain_words():
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5952 vs 5844") from None
     except RuntimeError as err:
         assert isinstance(write_failure(err, "/d/h"), WriteFailed)
+    assert str(write_failure(OSError("4096 requested and 3056 written"), "/d/m.gguf")).endswith("no space left on device")
     assert write_failure(RuntimeError("a bug"), "/d") is None
 
 
