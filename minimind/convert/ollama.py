@@ -111,8 +111,9 @@ def sampling_parameters(model_dir: Path) -> dict[str, float]:
     config = generation_config(model_dir)
     if config.get("do_sample") is False:
         return {"temperature": 0}
-    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"}
-    return {ours: config[theirs] for theirs, ours in names.items() if isinstance(config.get(theirs), (int, float))}
+    ollama_names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                    "repetition_penalty": "repeat_penalty"}
+    return {ollama: config[hf] for hf, ollama in ollama_names.items() if isinstance(config.get(hf), (int, float))}
 
 
 def stop_tokens(model_dir: Path, tokenizer) -> list[str]:
