@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from minimind.cli import main
+from minimind.errors import UserError
 from minimind.eval.ppl import evaluate_ppl
 from minimind.infer import Engine
 from minimind.infer.quantize import Int8Linear
@@ -270,3 +271,16 @@ def test_fsdp_on_two_ranks_trains_like_one_process(tmp_path, corpus_file, tokeni
     assert losses(sharded)[-1][1] < losses(sharded)[0][1]
     model = load_model(sharded)
     assert model.config.qk_norm and model.config.norm_top1_prob and not model.config.n_shared_experts
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("head_dim", 0, "'head_dim' must be a positive integer"), ("head_dim", "96", "'head_dim' must be a positive"),
+    ("head_dim", 25, "'head_dim' \\(25; dim/n_heads unless given\\) must be even"),
+    ("qk_norm", "yes", "'qk_norm' must be true or false"), ("norm_top1_prob", 1, "'norm_top1_prob' must be true"),
+    ("moe_intermediate_size", -5, "'moe_intermediate_size' must be a positive integer"),
+])
+def test_bad_new_fields_are_one_sentence_naming_the_file(tmp_path, field, value, message):
+    config = MiniMindConfig.from_preset("minimind3-moe", **SMALL).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(UserError, match=f"config.json: config field {message}"):
+        load_config(tmp_path)
