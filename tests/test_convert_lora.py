@@ -58,7 +58,8 @@ def test_merged_logits_equal_peft_logits(tmp_path, tokenizer, lora):
         expected = peft_model(ids).logits
         merged = load_model(tmp_path / "merged")(ids).logits
         before = load_model(base)(ids).logits
-    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+    # fp32: the two summation orders alone differ by about 1e-5; the float64 check is the tight one
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
     assert_equal_in_float64(tmp_path / "merged", peft_model, ids)
     assert (merged - before).abs().max() > 1e-2  # the adapter really changed the function
 
