@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 from pathlib import Path
@@ -58,11 +59,38 @@ def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
             continue
 
 
+SLOW_TIMEOUT = 900  # seconds; every other test has pyproject's `timeout` (300)
+
+
+def pytest_collection_modifyitems(items):
+    """End-to-end tests (`slow`) get a longer limit unless they name their own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
 @pytest.fixture(autouse=True)
 def _spawned_processes_die_with_the_test():
     yield
     while _SPAWNED:
         stop(_SPAWNED.pop())
+
+
+@pytest.fixture
+def cli_engines(monkeypatch) -> list:
+    """The Engines an in-process `minimind generate`/`chat` streams from, so a test can check its flags
+    reached the engine (int8 layers, no prepacked copies), not only that the command ran."""
+    from minimind.infer.engine import Engine
+
+    seen = []
+    real = Engine.stream
+
+    def stream(self, *args, **kwargs):
+        seen.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "stream", stream)
+    return seen
 
 
 def tiny_config(**overrides) -> MiniMindConfig:
@@ -108,4 +136,35 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
 
     out = tmp_path_factory.mktemp("model")
     save_model_dir(tiny_model(), tokenizer, out)
+    return out
+
+
+# MiniMind2's chat template format (rendered `<s>system\n…</s>\n<s>user\n…</s>\n<s>assistant\n`, a default system
+# turn of its own), in our words
+MINIMIND2_STYLE_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ '<s>system\\n' + messages[0]['content'] + '</s>\\n' }}"
+    "{% else %}{{ '<s>system\\n你是 MiniMind，一个小而有用的助手。</s>\\n' }}{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '<s>user\\n' + message['content'] + '</s>\\n<s>assistant\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + '</s>\\n' }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="session")
+def minimind2_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tokenizer with the properties of MiniMind2's released one that the interop tests rely on: byte-level
+    BPE, 6400 tokens (256 bytes, <unk>/<s>/</s>, 6141 merges) and a chat template of its own that is not ours.
+    Trained here on seeded made-up words (Latin syllables and CJK characters) so that 6400 tokens are reachable."""
+    from minimind.tokenizer.train import save_tokenizer, train_tokenizer
+
+    rng = random.Random(0)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    hanzi = [chr(0x4E00 + i) for i in range(300)]
+    texts = [" ".join(["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(12)]
+                      + ["".join(rng.choices(hanzi, k=rng.randint(1, 3))) for _ in range(4)]) for _ in range(4000)]
+    out = save_tokenizer(train_tokenizer(texts, vocab_size=6400, show_progress=False),
+                         tmp_path_factory.mktemp("minimind2-tokenizer"))
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = MINIMIND2_STYLE_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     return out

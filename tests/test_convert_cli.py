@@ -10,6 +10,7 @@ import torch
 from convert_helpers import random_model_dir, run_cli
 
 from minimind.cli import main
+from minimind.convert.gguf import export_gguf
 from minimind.model.hub import load_model
 
 
@@ -25,7 +26,10 @@ def test_to_gguf(tmp_path, tokenizer):
     source = random_model_dir(tmp_path / "src", tokenizer)
     result = run_cli("convert", source, "--to", "gguf", "--out", tmp_path / "m.gguf", "--dtype", "q8_0")
     assert result.returncode == 0, result.stderr
-    assert "q8_0" in result.stdout and (tmp_path / "m.gguf").stat().st_size > 0
+    assert "q8_0" in result.stdout
+    # the command writes exactly the file `export_gguf` writes (whose contents tests/test_convert_gguf.py checks)
+    expected = export_gguf(source, tmp_path / "api.gguf", "q8_0")
+    assert (tmp_path / "m.gguf").read_bytes() == expected.read_bytes()
 
 
 @pytest.mark.slow

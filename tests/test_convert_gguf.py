@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import gguf
 import numpy as np
@@ -134,18 +133,16 @@ def test_moe_and_unsupported_tokenizers_are_refused_by_name(tmp_path, tokenizer)
     assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".*partial"))
 
 
-def test_minimind2_tokenizer_embeds(tmp_path):
-    """The real MiniMind2 tokenizer (6400 tokens) when this machine has it."""
+def test_minimind2_tokenizer_embeds(tmp_path, minimind2_tokenizer_dir):
+    """A tokenizer like MiniMind2's (6400 tokens, 6141 merges, a chat template of its own) embeds whole."""
     from conftest import tiny_model
 
     from minimind.model.hub import save_model_dir
     from minimind.tokenizer import load_tokenizer
 
-    compat = "/work/shared/compat/minimind2_tokenizer"
-    if not os.path.isdir(compat):
-        pytest.skip("the MiniMind2 tokenizer is not on this machine")
-    tok = load_tokenizer(compat)
+    tok = load_tokenizer(minimind2_tokenizer_dir)
     source = save_model_dir(tiny_model(vocab_size=6400), tok, tmp_path / "src")
     fields, _ = read(export_gguf(source, tmp_path / "m.gguf", "q8_0"))
     assert fields["tokenizer.ggml.tokens"] == tok.convert_ids_to_tokens(list(range(6400)))
-    assert len(fields["tokenizer.ggml.merges"]) == 6141
+    merges = json.loads((minimind2_tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
+    assert len(fields["tokenizer.ggml.merges"]) == len(merges) == 6141

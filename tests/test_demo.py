@@ -23,6 +23,9 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
                  "pretrain held-out loss", "unigram baseline loss", "| total |"):
         assert line in report, line
     grpo = json.loads((out / "grpo" / "summary.json").read_text())
-    assert 0.0 <= grpo["held-out accuracy (greedy): trained"] <= 1.0
+    accuracy = grpo["held-out accuracy (greedy): trained"]
+    answers = 2 * json.loads((out / "grpo" / "train_config.json").read_text())["batch_size"]  # --eval-batches 2
+    assert accuracy * answers == pytest.approx(round(accuracy * answers))  # a count of right answers out of them
+    assert f"| GRPO held-out accuracy (greedy), after GRPO | {accuracy:.3f} |" in report  # the number reported
     printed = capsys.readouterr().out
     assert "$ minimind pretrain" in printed and "$ minimind grpo" in printed and "demo finished" in printed

@@ -184,6 +184,14 @@ def test_sliding_windows_score_every_token_once_with_half_a_window_of_context(to
     windowed = evaluate_ppl(model, tokenizer, [long_text], window=16)
     whole = evaluate_ppl(model, tokenizer, [long_text])
     assert windowed["tokens"] == whole["tokens"] and math.isfinite(windowed["ppl"])
+    # the same windows scored one at a time by hand: each token's log-likelihood given its window's context
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(long_text, add_special_tokens=False)]
+    nll = 0.0
+    with torch.no_grad():
+        for piece, first in text_windows(ids, 16):
+            logprobs = torch.log_softmax(model(torch.tensor([piece])).logits[0].double(), -1)  # (T, vocab)
+            nll -= sum(logprobs[t - 1, piece[t]].item() for t in range(first, len(piece)))
+    assert windowed["nll"] == pytest.approx(nll, rel=1e-5) and windowed["nll"] != pytest.approx(whole["nll"])
     assert whole == evaluate_ppl(model, tokenizer, [long_text], window=1000)
 
 
@@ -218,6 +226,8 @@ def test_exact_end_to_end_on_a_model_dir(model_dir):
     engine = Engine.from_pretrained(model_dir)
     items = [{"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}] * 3
     result = evaluate_exact(engine, items, max_new_tokens=4, batch_size=2)
-    assert result["n"] == 3 and 0.0 <= result["accuracy"] <= 1.0
     reply = engine.chat(items[0]["conversations"][:1], max_new_tokens=4)
     assert [s["reply"] for s in result["samples"]] == [reply] * 3  # batched greedy = alone
+    right = normalize(reply) == normalize("你好！")
+    assert [s["correct"] for s in result["samples"]] == [right] * 3
+    assert result["n"] == 3 and result["accuracy"] == float(right)

@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from minimind.cli import main
+from minimind.eval import evaluate_choice, evaluate_ppl
 from minimind.eval.cli import format_table
+from minimind.model.hub import load_model_dir
 
 
 def write_jsonl(path, rows) -> str:
@@ -31,8 +33,10 @@ def test_eval_choice_subprocess_writes_json_and_honours_max_samples(model_dir, t
     )
     assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
-    assert saved["task"] == "choice" and saved["n"] == 4 and 0 <= saved["accuracy"] <= 1
-    assert len(saved["predictions"]) == 4
+    model, tokenizer = load_model_dir(model_dir)
+    expected = evaluate_choice(model, tokenizer, CHOICE[:4])  # the first 4 items, scored in this process
+    assert saved["task"] == "choice" and saved["n"] == 4 and saved["accuracy"] == expected["accuracy"]
+    assert saved["predictions"] == expected["predictions"]
     assert "accuracy" in result.stdout and "predictions" not in result.stdout
 
 
@@ -41,7 +45,10 @@ def test_eval_ppl_and_exact(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--task", "ppl", "--data", texts,
                  "--output", str(tmp_path / "p.json")]) == 0
     saved = json.loads((tmp_path / "p.json").read_text())
-    assert saved["n"] == 2 and saved["ppl"] > 1 and saved["bits_per_byte"] > 0
+    model, tokenizer = load_model_dir(model_dir)
+    expected = evaluate_ppl(model, tokenizer, ["北京是中国的首都。", "MiniMind is small."])
+    assert saved["n"] == 2 and saved["ppl"] == pytest.approx(expected["ppl"], rel=1e-6)
+    assert saved["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], rel=1e-6)
     sft = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"role": "user", "content": f"{i}+1?"},
                                                                 {"role": "assistant", "content": str(i + 1)}],
                                               "answer": str(i + 1)} for i in range(12)])

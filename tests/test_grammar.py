@@ -69,11 +69,19 @@ def test_logprobs_stay_the_models_own(engine):
 
 def test_function_calls_parse_and_fit_their_parameters(engine):
     grammar = tool_call_grammar({"get_weather": CITY, "get_time": TIME})
+    names = []
     for seed in range(3):
-        text = engine.generate("call", max_new_tokens=200, temperature=1.0, seed=seed, grammar=grammar)
-        for block in text.split("<tool_call>\n")[1:]:
-            call = json.loads(block.split("\n</tool_call>")[0])
+        (result,) = engine.completions(["call"], max_new_tokens=200, temperature=1.0, seed=seed, grammar=grammar)
+        assert result.finish_reason == "stop"  # the grammar completed; nothing was cut short
+        blocks = result.text.split("\n")  # the reply is only calls: "<tool_call>", JSON, "</tool_call>", ...
+        assert len(blocks) >= 3 and len(blocks) % 3 == 0, result.text
+        for opening, body, closing in zip(blocks[::3], blocks[1::3], blocks[2::3]):
+            assert (opening, closing) == ("<tool_call>", "</tool_call>"), result.text
+            call = json.loads(body)
+            assert set(call) == {"name", "arguments"}
             jsonschema.validate(call["arguments"], {"get_weather": CITY, "get_time": TIME}[call["name"]])
+            names.append(call["name"])
+    assert set(names) == {"get_weather", "get_time"}  # each function's schema was exercised
 
 
 def test_bad_grammars_are_refused_in_one_line():

@@ -12,12 +12,11 @@ import subprocess
 import sys
 import textwrap
 
+import lm_eval  # noqa: F401  (the dev extra: a missing harness fails here rather than skipping the parity claims)
 import pytest
 from convert_helpers import random_model_dir
 
 from minimind.convert.llama import export_llama
-
-pytest.importorskip("lm_eval", reason="lm-eval is in the dev extra; pip install -e .[dev]")
 
 QUESTIONS = [
     {"question": "12 plus 30 equals", "choices": ["42", "13", "7"], "answer": 0},
@@ -104,7 +103,9 @@ def test_lm_eval_scores_our_directory_the_llama_export_and_our_server_alike(tmp_
         f"pretrained={tmp_path / 'llama'}", tasks, tmp_path / "out2", tmp_path / "hf"
     )
     acc = ours["results"]["minimind_choice"]["acc,none"]
-    assert 0.0 <= acc <= 1.0 and llama["results"]["minimind_choice"]["acc,none"] == acc
+    right = [max(range(len(row)), key=row.__getitem__) == q["answer"] for row, q in zip(our_scores, QUESTIONS)]
+    assert acc == pytest.approx(sum(right) / len(QUESTIONS))  # acc is the argmax of the scores we compare
+    assert llama["results"]["minimind_choice"]["acc,none"] == acc
     assert [len(s) for s in our_scores] == [3, 2, 3]
     for ours_row, llama_row in zip(our_scores, llama_scores):
         assert ours_row == pytest.approx(llama_row, abs=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from conftest import tiny_model
@@ -85,7 +86,6 @@ def test_merged_weights_give_the_same_logits_as_base_plus_adapter():
 
 
 def test_peft_loads_our_adapter_and_computes_the_same_logits(tmp_path):
-    peft = pytest.importorskip("peft")
     model = tiny_model()
     apply_lora(model, rank=4, alpha=8, dropout=0.05)
     randomize_adapters(model)
@@ -124,7 +124,6 @@ def lora_cfg(data, init, out, **kw) -> TrainConfig:
 
 
 def test_lora_stage_trains_only_the_adapter_and_writes_a_peft_directory(tmp_path, model_dir):
-    peft = pytest.importorskip("peft")
     data = write_sft(tmp_path / "sft.jsonl")
     cfg = lora_cfg(data, model_dir, tmp_path / "run")
     run = lora_stage.build(cfg, DistInfo())

@@ -95,8 +95,11 @@ def test_bad_quantize_value_is_a_user_error(tokenizer):
         Engine(tiny_model(), tokenizer, quantize="int4")
 
 
-def test_generate_cli_with_quantize(model_dir, capsys):
+def test_generate_cli_with_quantize(model_dir, capsys, cli_engines):
     code = main(["generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "4",
                  "--temperature", "0", "--quantize", "int8", "--device", "cpu"])
     assert code == 0
-    assert "generated" in capsys.readouterr().err
+    (engine,) = cli_engines
+    assert engine.quantize == "int8" and isinstance(engine.model.lm_head, Int8Linear)
+    int8 = Engine.from_pretrained(model_dir, quantize="int8")
+    assert capsys.readouterr().out == int8.generate("hello", max_new_tokens=4, temperature=0.0) + "\n"
