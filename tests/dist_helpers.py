@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import spawn, stop
 from safetensors.torch import load_file
 
 from minimind.cli import main
@@ -25,15 +26,28 @@ def pretrain_args(corpus: Path, tokenizer_dir: Path, out: Path, *extra: str) -> 
             "--dtype", "fp32", "--log-every", "1", *extra]
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc_per_node N -m minimind ARGS` with this interpreter's torch.
+def start_torchrun(nproc: int, args: list[str]) -> subprocess.Popen:
+    """`python -m torch.distributed.run --nproc_per_node N -m minimind ARGS` with this interpreter's torch,
+    in a process group of its own (stopped with its workers at the test's teardown; stdout+stderr piped).
 
     `--standalone` makes torchrun host its own rendezvous on a free port, so parallel runs never collide.
     """
     env = {**os.environ, "MINIMIND_NO_PROGRESS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "minimind", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    return spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                 start_new_session=True)
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `start_torchrun` to the end; past `timeout` seconds it and its workers are stopped and it fails."""
+    proc = start_torchrun(nproc, args)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def run_ok(nproc: int, args: list[str]) -> str:

@@ -7,6 +7,8 @@ The torchrun runs start two fresh interpreters each (about 20-30 s on two cores)
 from __future__ import annotations
 
 import shutil
+import signal
+import time
 
 import pytest
 import torch
@@ -18,8 +20,11 @@ from dist_helpers import (
     max_weight_gap,
     pretrain_args,
     run_ok,
+    start_torchrun,
     torchrun,
 )
+
+from minimind.train.checkpoint import CheckpointDir
 
 # fp32 on both sides; the only difference is the order of the gradient sum (all-reduce vs one batch), which
 # moves the loss by ~5e-7 over these steps (measured), so 1e-5 leaves ample room and still catches any
@@ -83,3 +88,27 @@ def test_bad_data_is_one_error_line_from_rank_zero_and_no_hang(tmp_path, tokeniz
     assert ours == [f'minimind pretrain: error: {bad}:2: missing field "text"'], result.stderr[-3000:]
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
     assert "exitcode  : 2" in result.stderr  # both ranks left with the CLI's user-error code
+
+
+def test_sigterm_to_torchrun_reaches_every_rank_which_checkpoint_and_exit_zero(tmp_path, corpus_file,
+                                                                              tokenizer_dir):
+    """docs/distributed.md, preemption: SIGTERM to torchrun alone (as a scheduler sends it) is forwarded to both
+    workers; they finish the step, write one checkpoint together (rank 1's files in it) and exit 0."""
+    out = tmp_path / "preempted"
+    proc = start_torchrun(2, pretrain_args(corpus_file, tokenizer_dir, out, "--batch-size", "2",
+                                           "--max-steps", "100000"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while (metrics.read_text().count('"loss"') if metrics.exists() else 0) < 2:  # mid-run: steps are logged
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    output = stdout + stderr
+    latest = CheckpointDir(out).latest()  # complete: every file in its manifest, checksums verified
+    assert latest is not None, output[-3000:]
+    step = int(latest.name.removeprefix("step-"))
+    assert f"received SIGTERM: saved checkpoint at step {step}" in output, output[-3000:]
+    assert (latest / "rng-rank1.pt").is_file()  # rank 1 got the signal too and wrote its part
+    assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output
+    assert "exitcode" not in output, output[-3000:]  # torchrun reports a worker that failed or was killed

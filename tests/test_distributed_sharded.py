@@ -61,6 +61,18 @@ def test_fsdp_trains_like_ddp_and_resumes_on_one_process(tmp_path, corpus_file, 
 
 
 @pytest.mark.slow
+def test_fsdp_checkpoint_of_one_process_resumes_on_two(tmp_path, corpus_file, tokenizer_dir, reference):
+    out = tmp_path / "fsdp-1-then-2"
+    run_ok(0, pretrain_args(corpus_file, tokenizer_dir, out, "--strategy", "fsdp", "--batch-size", "4",
+                            "--stop-after-steps", "3"))
+    log = run_ok(2, pretrain_args(corpus_file, tokenizer_dir, out, "--strategy", "fsdp", "--batch-size", "2",
+                                  "--resume"))
+    assert "now 2 with fsdp" in log and "global batch 4 (2 x 1 accumulation x 2 processes)" in log
+    assert max_loss_gap(reference, out) < TOL
+    assert max_weight_gap(reference, out) < 1e-4
+
+
+@pytest.mark.slow
 def test_zero2_trains_like_ddp_and_its_checkpoint_resumes_anywhere(tmp_path, corpus_file, tokenizer_dir,
                                                                    reference):
     out = tmp_path / "zero2"

@@ -9,13 +9,13 @@ import pickle
 import pty
 import select
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import spawn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -226,9 +226,9 @@ def test_a_model_dirs_own_code_never_runs_even_if_the_user_says_yes(tmp_path, mo
     env = {**os.environ, "PYTHONPATH": str(REPO), "MINIMIND_NO_PROGRESS": "1"}
     # `prepare` reads a model directory as its tokenizer without importing the model package (whose import
     # registers the model type with transformers and so happens to silence the question)
-    proc = subprocess.Popen([sys.executable, "-m", "minimind", "prepare", "--data", str(data), "--tokenizer",
-                             str(evil), "--out", str(tmp_path / "prepared"), "--workers", "0"],
-                            stdin=follower, stdout=follower, stderr=follower, env=env)
+    proc = spawn([sys.executable, "-m", "minimind", "prepare", "--data", str(data), "--tokenizer",
+                  str(evil), "--out", str(tmp_path / "prepared"), "--workers", "0"],
+                 stdin=follower, stdout=follower, stderr=follower, env=env)
     os.close(follower)
     output, deadline = b"", time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
