@@ -24,6 +24,8 @@ from conftest import spawn
 from safetensors.torch import load_file
 
 from minimind.cli import main
+from minimind.data.shards import Shard
+from minimind.errors import UserError
 from minimind.train.checkpoint import CheckpointDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +45,10 @@ def pretrain_args(corpus: Path, tokenizer_dir: Path, out: Path, *extra: str) -> 
 # it reaches <point> of a write, so a kill lands there by construction rather than by a lucky poll:
 #   staged    checkpoint files in .tmp-step-N, no manifest yet      manifest  manifest written, not renamed
 #   renamed   step-N in place, `latest` not yet moved                final     model files staged in .save-*
+#   rows      `prepare` has written 10 samples' tokens                meta      `prepare`'s meta.json staged, not renamed
 PAUSING = """
-import os, signal, sys
+import itertools, os, signal, sys
+from minimind.data import shards
 from minimind.model import hub
 from minimind.train import checkpoint
 
@@ -68,6 +72,11 @@ elif point == "renamed":
     checkpoint._fsync_file = pause_at(lambda path: path.name == ".latest.tmp", checkpoint._fsync_file)
 elif point == "final":
     hub._write_generation_config = pause_at(lambda *a: True, hub._write_generation_config)
+elif point == "rows":
+    calls = itertools.count(1)
+    shards.ShardWriter.add = pause_at(lambda *a: next(calls) == 11, shards.ShardWriter.add)
+elif point == "meta":
+    os.replace = pause_at(lambda src, dst: os.path.basename(dst) == "meta.json", os.replace)
 from minimind.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -197,6 +206,27 @@ def test_signal_checkpoints_exits_zero_and_resumes_to_the_same_weights(tmp_path,
     output = finish(proc)
     assert proc.returncode == 0 and f"resumed from {out / 'checkpoints' / f'step-{stopped}'}" in output
     assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("moment", ["rows", "meta"])
+def test_prepare_killed_mid_way_leaves_nothing_usable(tmp_path, corpus_file, tokenizer_dir, moment):
+    """docs/reliability.md: a `prepare` killed while writing samples, or with its meta.json staged but not yet
+    renamed into place, leaves a directory no reader takes for a dataset; running it again gives the whole one."""
+    out = tmp_path / "prepared"
+    args = ["prepare", "--data", str(corpus_file), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+            "--kind", "pretrain", "--workers", "0"]
+    proc = launch(args, pause=moment)
+    assert wait_stopped(proc), finish(proc)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    assert (out / "tokens.bin").is_file() and not (out / "meta.json").exists()
+    with pytest.raises(UserError, match="not a prepared dataset \\(meta.json is missing"):
+        Shard(out)
+    assert main([*args, "--overwrite"]) == 0
+    clean = tmp_path / "clean"
+    assert main([arg if arg != str(out) else str(clean) for arg in args]) == 0
+    assert (out / "tokens.bin").read_bytes() == (clean / "tokens.bin").read_bytes()
+    assert Shard(out).meta["n_samples"] == Shard(clean).meta["n_samples"] > 10
 
 
 # ---- damaged checkpoints: detected, the previous complete one used, with a warning ------------------------
