@@ -38,12 +38,15 @@ def app(runs, monkeypatch) -> AppTest:
     return app.run()
 
 
-def expected_answer(model_dir, messages, seed, max_new_tokens=128, **template_kwargs):
-    """What the page should answer with its default settings (from generation_config.json) and `seed`."""
+def expected_answer(model_dir, messages, seed, max_new_tokens=128, system=DEFAULT_SYSTEM_PROMPT, temperature=0.85,
+                    top_p=0.85, **template_kwargs):
+    """What the page should answer with `seed` and its default settings (from generation_config.json) or those
+    given."""
     engine = Engine.from_pretrained(model_dir)
-    ids = engine.chat_prompt([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages], **template_kwargs)
+    ids = engine.chat_prompt([{"role": "system", "content": system}, *messages], **template_kwargs)
     assert len(ids) + min(max_new_tokens, engine.max_seq_len // 2) <= engine.max_seq_len  # history not trimmed
-    return engine.completions([ids], temperature=0.85, top_p=0.85, max_new_tokens=max_new_tokens, seed=seed)[0]
+    return engine.completions([ids], temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                              seed=seed)[0]
 
 
 def test_chat_flow_send_regenerate_clear(app, runs):
@@ -76,6 +79,32 @@ def test_chat_flow_send_regenerate_clear(app, runs):
 
     next(b for b in app.button if b.label == "Clear").click().run()
     assert len(app.chat_message) == 0 and app.session_state["messages"] == []
+
+
+def test_sampling_history_and_system_prompt_controls_reach_the_prompt_and_sampler(app, runs):
+    sliders = {s.label: s for s in app.slider}
+    app.number_input[0].set_value(SEED).run()
+    sliders["Max new tokens"].set_value(12).run()
+    sliders["Temperature"].set_value(1.5).run()
+    sliders["Top-p"].set_value(0.5).run()
+    sliders["History turns"].set_value(1).run()
+    app.text_area[0].set_value("Answer in one word.").run()
+    settings = {"system": "Answer in one word.", "temperature": 1.5, "top_p": 0.5}
+    said = []
+    for turn, question in enumerate(["hello", "more", "again"]):
+        app.chat_input[0].set_value(question).run()
+        assert not app.exception
+        earlier = said[-2:]  # one question/answer pair of history
+        expected = expected_answer(runs / "chat", [*earlier, {"role": "user", "content": question}], SEED, 12,
+                                   **settings)
+        reply = app.session_state["messages"][2 * turn + 1]["content"]
+        assert reply == expected.text, turn
+        said += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    # each setting mattered: the defaults, or the whole history, give another third answer here
+    everything = expected_answer(runs / "chat", [*said[:4], {"role": "user", "content": "again"}], SEED, 12,
+                                 **settings)
+    defaults = expected_answer(runs / "chat", [*said[2:4], {"role": "user", "content": "again"}], SEED, 12)
+    assert said[5]["content"] not in (everything.text, defaults.text)
 
 
 def test_model_picker_switches_models(app, runs):
