@@ -1,7 +1,9 @@
-"""Start a real `python -m minimind <verb>` server process on a free port and wait until it answers."""
+"""Start a real `python -m minimind <verb>` server process on a free port and wait until it answers; fine-tune the
+tiny models the serving tests talk to."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from minimind.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +64,13 @@ def sse_events(lines: Iterator[str]) -> Iterator[str]:
     for line in lines:
         if line.startswith("data: "):
             yield line[len("data: "):]
+
+
+def finetune(records: list[dict], init: Path, out: Path, steps: int, max_seq_len: int, lr: str = "3e-3") -> Path:
+    """SFT the model directory `init` on `records` (each repeated 8 times) until it repeats them; -> `out`."""
+    data = out.with_name(out.name + ".jsonl")
+    data.write_text("".join(json.dumps(r) + "\n" for r in records * 8))
+    assert main(["sft", "--data", str(data), "--init", str(init), "--out", str(out), "--max-steps", str(steps),
+                 "--batch-size", "4", "--lr", lr, "--warmup-steps", "5", "--max-seq-len", str(max_seq_len),
+                 "--device", "cpu", "--dtype", "fp32"]) == 0
+    return out

@@ -10,8 +10,8 @@ import openai
 import pytest
 from conftest import tiny_model
 from fastapi.testclient import TestClient
+from serve_helpers import finetune
 
-from minimind.cli import main
 from minimind.data.chat import encode_conversation
 from minimind.data.records import read_records, validate_sft
 from minimind.infer import Engine
@@ -223,12 +223,7 @@ def caller_dir(tmp_path_factory, tokenizer):
     hello = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi there."}]
     records = [{"tools": TOOLS, "conversations": weather_chat()}, {"tools": TOOLS, "conversations": time_chat()},
                {"tools": TOOLS, "conversations": hello}]
-    data = root / "tools.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records * 8))
-    assert main(["sft", "--data", str(data), "--init", str(root / "init"), "--out", str(root / "sft"),
-                 "--max-steps", "120", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "5",
-                 "--max-seq-len", "1024", "--device", "cpu", "--dtype", "fp32"]) == 0
-    return root / "sft"
+    return finetune(records, root / "init", root / "sft", steps=120, max_seq_len=1024)
 
 
 @pytest.fixture(scope="module")
