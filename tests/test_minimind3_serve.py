@@ -17,8 +17,7 @@ from minimind.cli import main
 from minimind.model.hub import save_model_dir
 from minimind.tokenizer import load_tokenizer
 
-# a tokenizer, an SFT run and one server start; the fixture's time counts against the first test's timeout
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.slow  # two tokenizers, an SFT run and one server start
 
 QUESTION = [{"role": "user", "content": "What is 2 plus 2?"}]
 THOUGHT, ANSWER = "2 plus 2 is 4.", "4"
