@@ -46,6 +46,18 @@ def samples(shard: Shard):
     return [tuple(part.tolist() for part in shard.sample(i)) for i in range(len(shard))]
 
 
+def test_a_system_turn_that_only_carries_tools_may_be_empty(tmp_path, m3):
+    only_tools = {"conversations": [{**SFT_T2T["conversations"][0], "content": ""}, *SFT_T2T["conversations"][1:]]}
+    data = write_jsonl(tmp_path / "sft_t2t.jsonl", [only_tools])
+    prepare(data, m3.name_or_path, "sft", tmp_path / "out", progress=False)
+    (ids, _), = samples(Shard(tmp_path / "out"))
+    assert m3.decode(ids).startswith("<|im_start|>system\n\n\n# Tools\n\n")  # as minimind-3's template renders it
+    empty_user = {"conversations": [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(UserError, match=r"sft\.jsonl:1: conversations\[0\] field \"content\" is empty"):
+        prepare(write_jsonl(tmp_path / "sft.jsonl", [empty_user]), m3.name_or_path, "sft", tmp_path / "o2",
+                progress=False)
+
+
 def test_sft_t2t_trains_as_published(tmp_path, m3):
     data = write_jsonl(tmp_path / "sft_t2t_mini.jsonl", [SFT_T2T, PLAIN])
     meta = prepare(data, m3.name_or_path, "sft", tmp_path / "out", progress=False)
@@ -147,7 +159,7 @@ def test_augmented_preparation_is_cached_per_setting_and_reproducible(tmp_path, 
     cache = tmp_path / "prepared"
     plain = open_dataset(data, m3.name_or_path, "sft", cache)
     assert open_dataset(data, m3.name_or_path, "sft", cache, augment=ChatAugment()).dir == plain.dir  # off: the same cache
-    augment = ChatAugment(add_system_ratio=0.5, empty_think_ratio=1.0, seed=3)
+    augment = ChatAugment(add_system_ratio=0.5, empty_think_ratio=0.0, seed=3)  # every empty think block goes
     first = open_dataset(data, m3.name_or_path, "sft", cache, augment=augment)
     assert first.dir != plain.dir
     assert samples(first) == samples(open_dataset(data, m3.name_or_path, "sft", tmp_path / "again", augment=augment))
@@ -162,7 +174,7 @@ def test_augmented_preparation_is_cached_per_setting_and_reproducible(tmp_path, 
         assert runs and all(run.endswith("<|im_end|>") and "<think>\n\n</think>" not in run for run in runs)
     tool_runs = learned_runs(m3, *samples(first)[12])
     assert tool_runs[0].startswith("<think>\nUse the tool.\n</think>\n\n<tool_call>") and tool_runs[1] == "Sunny.<|im_end|>"
-    assert samples(open_dataset(data, m3.name_or_path, "sft", cache, augment=ChatAugment(0.5, 1.0, seed=4))) != samples(first)
+    assert samples(open_dataset(data, m3.name_or_path, "sft", cache, augment=ChatAugment(0.5, 0.0, seed=4))) != samples(first)
     with pytest.raises(UserError, match="already prepared"):
         open_dataset(first.dir, m3.name_or_path, "sft", cache, augment=augment)
     assert np.array_equal(plain.tokens(), open_dataset(data, m3.name_or_path, "sft", cache).tokens())

@@ -1,7 +1,7 @@
 """Conversations -> token ids and a loss mask, through the tokenizer's own chat template.
 
 The mask marks what the model should learn to say: the content of every assistant turn and the end-of-turn
-token that closes it (seed §2.3.1's worked example), nothing of system/user/tool turns or of the role headers.
+token that closes it, nothing of system/user/tool turns or of the role headers.
 It is found from the template itself, not from hard-coded markers: the assistant turn i occupies the text
 between render(messages[:i]) + the assistant header and render(messages[:i+1]), cut just after the eos token.
 The header is what the generation prompt adds, up to a `<think>` it opens: minimind-3's template puts a think
@@ -101,12 +101,13 @@ SYSTEM_PROMPTS = (
 
 @dataclass(frozen=True)
 class ChatAugment:
-    """The SFT loader's augmentations, off at 0: a random system prompt for a share `add_system_ratio` of the
-    chats that have no system turn and no tools, and the empty think block removed from a share
-    `empty_think_ratio` of rendered chats. Line n's choice depends only on (seed, n)."""
+    """The SFT loader's augmentations, as minimind-3's loader names them: a random system prompt for a share
+    `add_system_ratio` of the chats that have no system turn and no tools (0 = off), and the empty think blocks
+    kept in a share `empty_think_ratio` of rendered chats, removed from the rest (1 = off; their recipe keeps 0.2,
+    so 80% of chats lose them). Line n's choice depends only on (seed, n)."""
 
     add_system_ratio: float = 0.0
-    empty_think_ratio: float = 0.0
+    empty_think_ratio: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -117,7 +118,7 @@ class ChatAugment:
 
     @property
     def active(self) -> bool:
-        return self.add_system_ratio > 0 or self.empty_think_ratio > 0
+        return self.add_system_ratio > 0 or self.empty_think_ratio < 1
 
     def key(self) -> str:
         """What a prepared cache must match (empty when off, so the cache of unaugmented data is unchanged)."""
@@ -130,7 +131,7 @@ class ChatAugment:
         if add_system < self.add_system_ratio and messages[0]["role"] != "system" \
                 and not any(m.get("functions") for m in messages):
             messages = [{"role": "system", "content": system}, *messages]
-        return messages, drop < self.empty_think_ratio
+        return messages, drop >= self.empty_think_ratio
 
 
 def encode_conversation(tokenizer, messages: Messages, no_empty_think: bool = False) -> tuple[list[int], list[int]]:

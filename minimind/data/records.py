@@ -1,4 +1,4 @@
-"""Reading and validating the JSONL datasets of SPEC §5, one record a line.
+"""Reading and validating the JSONL datasets (README, "Data formats"), one record a line.
 
 Every problem is reported as `file:line: what is wrong`. With `skip_bad_lines` a bad line is counted and
 skipped instead, and the caller reports the count at the end. Shapes (the seed's):
@@ -71,7 +71,9 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
             content = ""
         if not isinstance(content, str):
             raise BadRecord(f'{where} field "content" must be a string, got {type(content).__name__}')
-        if not content.strip() and not calls:
+        # An empty system turn is harmless (tool data often has one that only carries the tools); an empty
+        # user or assistant turn is a broken record.
+        if not content.strip() and not calls and role != "system":
             raise BadRecord(f'{where} field "content" is empty')
         turn: dict[str, Any] = {"role": role, "content": content}
         if calls:

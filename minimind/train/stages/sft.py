@@ -4,8 +4,9 @@
 
 Conversations are packed into rows with attention kept inside each conversation.
 minimind-3's loader augmentations are here as options, off by default: `--add-system-ratio 0.2` gives a random
-system prompt to that share of the chats without tools, `--empty-think-ratio 0.8` removes the empty
-`<think>\n\n</think>\n\n` from that share of rendered chats (the choice per line follows from --seed).
+system prompt to that share of the chats without tools, `--empty-think-ratio 0.2` keeps the empty
+`<think>\n\n</think>\n\n` in that share of rendered chats and removes it from the rest (the choice per line
+follows from --seed).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ DEFAULTS = {"lr": 5e-4, "warmup_steps": 100, "batch_size": 16, "max_seq_len": 51
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "sft", DEFAULTS)
-    g = parser.add_argument_group("data augmentation (minimind-3's SFT recipe; 0 = off)")
+    g = parser.add_argument_group("data augmentation (minimind-3's SFT recipe: 0.2 and 0.2; off by default)")
     g.add_argument("--add-system-ratio", type=float, default=0.0,
                    help="share of chats without a system turn or tools that get a random system prompt")
-    g.add_argument("--empty-think-ratio", type=float, default=0.0,
-                   help="share of rendered chats whose empty <think>\\n\\n</think>\\n\\n blocks are removed")
+    g.add_argument("--empty-think-ratio", type=float, default=1.0,
+                   help="share of rendered chats that keep their empty <think>\\n\\n</think>\\n\\n blocks; the "
+                   "rest lose them (1 = off)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 def sft_datasets(cfg: TrainConfig, info: DistInfo, tokenizer, tokenizer_dir: str):
     """Packed SFT train (and optional eval) datasets, shared by the sft, lora and distill stages."""
-    augment = ChatAugment(cfg.extra.get("add_system_ratio", 0.0), cfg.extra.get("empty_think_ratio", 0.0), cfg.seed)
+    augment = ChatAugment(cfg.extra.get("add_system_ratio", 0.0), cfg.extra.get("empty_think_ratio", 1.0), cfg.seed)
     shard = stage_data(cfg, info, cfg.data, tokenizer_dir, "sft", augment)
     dataset = PackedSFTDataset(shard, cfg.max_seq_len, tokenizer.pad_token_id)
     eval_dataset = None
