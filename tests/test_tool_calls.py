@@ -213,6 +213,41 @@ def test_a_template_without_tools_is_detected(tokenizer):
         assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
+def test_parallel_tool_calls_true_returns_every_call_and_false_only_one(tokenizer):
+    """A random model made to call (tool_choice "required", bounded argument schemas): with parallel_tool_calls
+    true (the default) a reply may hold several calls, each whole and valid; with false, exactly one."""
+    import jsonschema
+
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+            "additionalProperties": False}
+    tz = {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 4}}, "required": ["tz"],
+          "additionalProperties": False}
+    schemas = {"get_weather": city, "get_time": tz}
+    tools = [{"type": "function", "function": {"name": name, "parameters": schema}} for name, schema in schemas.items()]
+    app = create_app(Scheduler(Engine(tiny_model(max_seq_len=1536), tokenizer, max_batch_size=2)),
+                     ServeConfig(["random"]))
+    with TestClient(app) as http:
+        def calls(seed: int, parallel: bool | None) -> list[dict]:
+            body = {"messages": [{"role": "user", "content": "call"}], "tools": tools, "tool_choice": "required",
+                    "temperature": 1.0, "seed": seed, "max_tokens": 600}
+            if parallel is not None:
+                body["parallel_tool_calls"] = parallel
+            reply = http.post("/v1/chat/completions", json=body).json()
+            assert "choices" in reply, reply
+            (choice,) = reply["choices"]
+            assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+            return choice["message"]["tool_calls"]
+
+        several = {seed: calls(seed, True) for seed in range(6)}
+        assert any(len(found) > 1 for found in several.values())  # some replies call more than once
+        for seed, found in several.items():
+            assert [c["function"] for c in calls(seed, None)] == [c["function"] for c in found]  # the default
+            assert len({call["id"] for call in found}) == len(found)
+            for call in found:
+                jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+            assert len(calls(seed, False)) == 1
+
+
 # ---- the server, with a model that learned to call ----
 
 @pytest.fixture(scope="module")
