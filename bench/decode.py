@@ -79,7 +79,7 @@ def llama_cpp_runners(model, tokenizer, model_dir: Path | None, prompt: list[int
     try:
         from llama_cpp import Llama
     except ImportError:
-        print("llama.cpp: llama-cpp-python is not installed (pip install -e .[llamacpp]); skipped")
+        print("llama.cpp: llama-cpp-python is not installed (pip install -e '.[llamacpp]'); skipped")
         return {}
     from minimind.convert.gguf import export_gguf
     from minimind.model.hub import save_model_dir

@@ -24,7 +24,7 @@ import torch
 
 INSTALL_HINT = """llama-cpp-python is not installed, so llama.cpp cannot be run here.
 Install it (builds llama.cpp from source, about 10 minutes on 2 CPU cores):
-    pip install llama-cpp-python        # or: pip install -e .[llamacpp]
+    pip install llama-cpp-python        # or: pip install -e '.[llamacpp]'
 then run this script again."""
 DEFAULT_PROMPT = "The built-in function len() returns the number of items in a container. For example,"
 

@@ -31,12 +31,46 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("minimind.eval.cli", "perplexity, multiple-choice accuracy, or exact-match of answers"),
     "convert": ("minimind.convert.cli", "export/import between formats (HF Llama, Qwen3, GGUF, MiniMind2, minimind-3); merge LoRA"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
+    "completion": ("minimind.completion", "print a shell completion script (bash, zsh or tcsh)"),
 }
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help only where it adds something.
+
+    argparse's ArgumentDefaultsHelpFormatter appends it to every flag, so help that already says what the
+    default is, or a flag whose default is None/False (meaning "not given" or "off"), reads twice or reads
+    "(default: None)".
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS or default in ("", [], ())
+                or "default" in help_.lower() or not action.option_strings):
+            return help_
+        return f"{help_} (default: %(default)s)"
+
+
+def build_parser(verb: str) -> argparse.ArgumentParser:
+    """The argument parser of one verb (imports the verb's module)."""
+    parser = argparse.ArgumentParser(prog=f"minimind {verb}", description=VERBS[verb][1],
+                                     formatter_class=HelpFormatter)
+    importlib.import_module(VERBS[verb][0]).add_arguments(parser)
+    return parser
+
+
+def version() -> str:
+    """The installed MiniMind's version, as `minimind --version` prints it."""
+    from minimind import __version__
+
+    return __version__
 
 
 def _usage() -> str:
     width = max(len(v) for v in VERBS)
-    lines = ["usage: minimind <verb> [options]   (minimind <verb> --help for a verb's options)", "", "verbs:"]
+    lines = ["usage: minimind <verb> [options]   (minimind <verb> --help for a verb's options)",
+             "       minimind --version", "", "verbs:"]
     lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in VERBS.items()]
     return "\n".join(lines)
 
@@ -47,17 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"minimind {version()}")
+        return 0
     verb = argv[0]
     if verb not in VERBS:
         print(f"minimind: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
-    parser = argparse.ArgumentParser(
-        prog=f"minimind {verb}",
-        description=VERBS[verb][1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    module.add_arguments(parser)
+    parser = build_parser(verb)
     args = parser.parse_args(argv[1:])
     args.command_line = argv  # the verb and its flags, for hints that repeat the command (`… --resume`)
     try:

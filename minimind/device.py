@@ -24,3 +24,17 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device torch knows (try cpu, cuda, cuda:1, mps)") from None
+
+
+# The long names torch and MiniMind's reference scripts use, accepted for the short ones our files record.
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def dtype_name(value: str) -> str:
+    """argparse `type=` for `--dtype`: `float32/bfloat16/float16` -> `fp32/bf16/fp16` (others unchanged).
+
+    Normalising at parse time keeps the short name in train_config.json, so a run started with `bfloat16`
+    resumes exactly like one started with `bf16`.
+    """
+    return DTYPE_ALIASES.get(value.lower(), value.lower())
+

@@ -6,3 +6,13 @@ The CLI prints these as a single line and exits non-zero; anything else is a bug
 
 class UserError(Exception):
     """A clear, one-sentence error about user input: names the file, line or field and what was expected."""
+
+
+# The name on the package index: `minimind` there is another project. The import name and the command stay
+# `minimind`.
+DISTRIBUTION = "minimind-llm"
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs an optional extra, from the package index and from a clone."""
+    return f"pip install '{DISTRIBUTION}[{extra}]' (from a clone: pip install -e '.[{extra}]')"

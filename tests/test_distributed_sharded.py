@@ -115,7 +115,8 @@ def test_zero_offload_without_zero2_and_missing_deepspeed_are_clear_errors(tmp_p
     assert "error: --zero-offload needs --strategy zero2" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if it were not installed
     assert main([*args, "--strategy", "zero2"]) == 2
-    assert "error: --strategy zero2 needs DeepSpeed: pip install 'minimind[deepspeed]'" in capsys.readouterr().err
+    assert ("error: --strategy zero2 needs DeepSpeed: pip install 'minimind-llm[deepspeed]' (from a clone: "
+            "pip install -e '.[deepspeed]')") in capsys.readouterr().err
 
 
 def test_fsdp_units_and_gathered_copy_keep_the_tied_head():

@@ -24,7 +24,7 @@ import torch
 
 from minimind.convert.layout import rotate_half_to_interleaved
 from minimind.convert.ollama import write_modelfile
-from minimind.errors import UserError
+from minimind.errors import UserError, install_hint
 from minimind.model.configuration_minimind import MiniMindConfig
 from minimind.model.hub import load_model_dir
 
@@ -170,7 +170,10 @@ def tokenizer_metadata(model_dir: Path, tokenizer, vocab_size: int) -> dict:
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16") -> Path:
     """Write `model_dir` as a GGUF file (`dtype` f32, f16 or q8_0 for the matrices)."""
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(f"--to gguf needs the gguf package (the export extra): {install_hint('export')}") from None
 
     if dtype not in GGUF_DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(GGUF_DTYPES)}")

@@ -5,7 +5,7 @@ directory, and export back to a `.pth`.
     minimind convert MiniMind2-Small/ --from minimind2 --out runs/minimind2-small     # config.json + weights
     minimind convert runs/sft --to minimind2 --out runs/sft.pth
 
-MiniMind2's own layout (SPEC §9): `tok_embeddings.weight`, `layers.{i}.attention.wq/wk/wv/wo.weight`,
+MiniMind2's own layout: `tok_embeddings.weight`, `layers.{i}.attention.wq/wk/wv/wo.weight`,
 `layers.{i}.attention_norm.weight`, `layers.{i}.ffn_norm.weight`, `layers.{i}.feed_forward.w1/w2/w3.weight`
 computing `w2(silu(w1 x) * w3 x)`, `norm.weight`, `output.weight` (tied to the embedding); MoE layers hold
 `feed_forward.gate.weight`, `feed_forward.experts.{e}.w1/w2/w3.weight` and `feed_forward.shared_experts.w1...`

@@ -196,7 +196,9 @@ def open_dataset(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="input JSONL file")
     parser.add_argument("--tokenizer", required=True, help="tokenizer (or model) directory")
-    parser.add_argument("--kind", choices=KINDS, default="pretrain", help="dataset shape (SPEC §5)")
+    parser.add_argument("--kind", choices=KINDS, default="pretrain",
+                        help="dataset shape (README, Data formats): pretrain {'text'}, sft {'conversations'}, "
+                             "dpo {'chosen','rejected'}, rlaif (conversations whose last turn is the answer)")
     parser.add_argument("--out", required=True, help="output directory for the prepared shards")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="tokenizer worker processes (0 = tokenize in this process)")

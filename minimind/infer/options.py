@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minimind.device import resolve_device
+from minimind.device import dtype_name, resolve_device
 from minimind.errors import UserError
 from minimind.infer.quantize import QUANTIZE_CHOICES
 from minimind.infer.sampling import SamplingParams
@@ -26,8 +26,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """How the engine runs a model: `--device --dtype --quantize --compile --no-prepack` (also `minimind web`)."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="weights dtype (default: as saved)")
+    parser.add_argument("--dtype", default=None, type=dtype_name, choices=["fp32", "bf16", "fp16"],
+                        help="weights dtype (default: as saved; float32, bfloat16 and float16 are accepted too)")
     parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
                         help="int8: int8 weights per output channel for CPU inference (about 4x fewer bytes "
                              "per token; default: none)")

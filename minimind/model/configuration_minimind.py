@@ -9,7 +9,7 @@ import math
 
 from transformers import PretrainedConfig
 
-# The named presets of SPEC §6. `tiny` is sized for the CPU demo and tests (a few M parameters).
+# The named presets (README's model table). `tiny` is sized for the CPU demo and tests (a few M parameters).
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, max_seq_len=1024),
     "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2),

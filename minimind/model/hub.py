@@ -1,4 +1,4 @@
-"""Model directories (SPEC §5): save and load with clear errors, never pickle.
+"""Model directories (config.json, model.safetensors, tokenizer files): save and load with clear errors, never pickle.
 
 A model directory holds config.json, model.safetensors, generation_config.json, the tokenizer files and the
 model's own code (HF remote code), so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minimind.device import dtype_name
 from minimind.model.configuration_minimind import PRESETS, MiniMindConfig
 from minimind.model.head_loss import chunk_rows
 
@@ -85,7 +86,7 @@ def sampling_flops(config: MiniMindConfig, rows: int, prompt_len: int, new_token
 
 
 def training_memory(config: MiniMindConfig, batch_size: int, seq_len: int, dtype: str = "fp32") -> dict[str, float]:
-    """Bytes for the seed's §2.3.4 rows: parameters, gradients, Adam states, activations, total.
+    """Training memory in bytes, by row: parameters, gradients, Adam states, activations, total.
 
     With bf16/fp16 autocast PyTorch keeps fp32 weights and gradients and computes activations in 16 bits,
     so only the activation row shrinks. Activations are a rule-of-thumb count of what autograd saves per
@@ -144,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="read the config from this model directory instead")
     parser.add_argument("--batch-size", type=int, default=32, help="per-step batch for the memory estimate")
     parser.add_argument("--seq-len", type=int, default=512, help="training sequence length")
-    parser.add_argument("--dtype", choices=list(BYTES), default="fp32", help="activation dtype (autocast)")
+    parser.add_argument("--dtype", choices=list(BYTES), type=dtype_name, default="fp32",
+                        help="activation dtype (autocast; float32, bfloat16 and float16 are accepted too)")
 
 
 def run(args: argparse.Namespace) -> int:

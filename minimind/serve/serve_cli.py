@@ -24,7 +24,7 @@ import os
 import socket
 from pathlib import Path
 
-from minimind.errors import UserError
+from minimind.errors import UserError, install_hint
 from minimind.infer.options import add_model_arguments, generation_defaults, load_engine
 
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         from minimind.serve.app import ServeConfig, create_app
         from minimind.serve.scheduler import Scheduler
     except ImportError as err:
-        raise UserError(f"minimind serve needs the serve extra ({err.name} is missing): pip install 'minimind[serve]'") from None
+        raise UserError(f"minimind serve needs the serve extra ({err.name} is missing): {install_hint('serve')}") from None
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
                              ("--max-body-bytes", args.max_body_bytes, 1024), ("--port", args.port, 0)):
         if value < low:

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from minimind.errors import UserError
+from minimind.errors import UserError, install_hint
 from minimind.infer.options import add_engine_arguments
 from minimind.serve.webchat import find_models
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import streamlit  # noqa: F401
     except ImportError:
-        raise UserError("minimind web needs streamlit: pip install 'minimind[serve]'") from None
+        raise UserError(f"minimind web needs streamlit: {install_hint('serve')}") from None
     models = find_models(args.models_dir)
     if not models:
         raise UserError(f"--models-dir {args.models_dir}: no model directory (config.json + model.safetensors) "

@@ -1,14 +1,24 @@
 """The flags every training verb shares, and `TrainConfig`, the resolved settings the trainer runs with.
 
-A stage passes its own defaults (seed §2.4.2: pretrain lr 1e-3 warmup 500; sft 5e-4 warmup 100; dpo 1e-4,
-clip 0.5, wd 0; lora 1e-3); any flag overrides them.
+A stage passes its own defaults (pretrain lr 1e-3; sft 5e-4; dpo 1e-4, clip 0.5, wd 0; lora 1e-3, as the
+reference project's scripts); any flag overrides them. A stage's `warmup_steps` default is a cap: the warmup a
+run gets without `--warmup-steps` is a fraction of its own length, at most that cap (`TrainConfig.warmup_for`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from minimind.device import dtype_name
+
+# The share of a run's optimizer steps spent warming up when --warmup-steps is not given (capped by the stage's
+# default): long enough for AdamW's second-moment estimates to settle, short enough that a 40-step run still
+# spends most of its steps near the peak learning rate.
+WARMUP_FRACTION = {"pretrain": 0.05}
+DEFAULT_WARMUP_FRACTION = 0.03
 
 
 @dataclass
@@ -22,10 +32,12 @@ class TrainConfig:
     batch_size: int = 32
     accumulation_steps: int = 1
     lr: float = 5e-4
-    warmup_steps: int = 0
+    warmup_steps: int | None = None  # None: min(warmup_cap, warmup_fraction x the run's steps), see warmup_for
+    warmup_cap: int = 0
+    warmup_fraction: float = DEFAULT_WARMUP_FRACTION
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.999)  # the seed's Adam betas (§2.4.2)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas of the reference project
     grad_clip: float = 1.0
     max_seq_len: int = 512
     save_every: int = 0
@@ -55,6 +67,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps` optimizer steps: --warmup-steps when given, else
+        min(warmup_cap, warmup_fraction x total_steps) rounded down."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(self.warmup_cap, math.floor(self.warmup_fraction * total_steps))
+
 
 def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict[str, Any],
                          needs_init: bool = True) -> None:
@@ -77,7 +96,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
     g.add_argument("--accumulation-steps", type=int, default=d["accumulation_steps"],
                    help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (cosine decays to lr/10)")
-    g.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="linear warmup steps (0 = none)")
+    cap, fraction = d["warmup_steps"] or 0, WARMUP_FRACTION.get(stage, DEFAULT_WARMUP_FRACTION)
+    parser.set_defaults(warmup_cap=cap, warmup_fraction=fraction)
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"linear warmup steps (0 = none); by default {fraction * 100:.0f}%% of the run's optimizer steps, "
+                        f"at most {cap}" if cap else "linear warmup steps (default: 0 = none)")
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="gradient norm clip (0 = off)")
     g.add_argument("--max-seq-len", type=int, default=d["max_seq_len"], help="tokens per training row")
@@ -93,13 +116,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
     g = parser.add_argument_group("runtime")
     g.add_argument("--seed", type=int, default=d["seed"], help="seed for init, data order and dropout")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--dtype", default="auto", type=dtype_name, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU; float32, bfloat16 and "
+                        "float16 are accepted too)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "zero2"],
                    help="data-parallel engine: ddp (replicated), fsdp (PyTorch FSDP2: all sharded), zero2 "
-                        "(DeepSpeed ZeRO-2: optimizer state and gradients sharded; needs minimind[deepspeed])")
+                        "(DeepSpeed ZeRO-2: optimizer state and gradients sharded; needs the deepspeed extra)")
     g.add_argument("--zero-offload", action="store_true",
                    help="with --strategy zero2: keep optimizer state and the update on the CPU (ZeRO-Offload)")
     g.add_argument("--log-every", type=int, default=d["log_every"], help="steps between progress-bar updates")

@@ -1,4 +1,4 @@
-"""Learning-rate schedule (seed §2.4.2): optional linear warmup, then cosine decay from lr to lr/10."""
+"""Learning-rate schedule: optional linear warmup, then cosine decay from lr to lr/10."""
 
 from __future__ import annotations
 

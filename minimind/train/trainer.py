@@ -1,4 +1,4 @@
-"""The one training loop every stage runs (seed §2.4): a stage supplies the model, an Objective and data.
+"""The one training loop every stage runs: a stage supplies the model, an Objective and data.
 
 Per optimizer step: fetch `accumulation_steps` micro-batches; count the step's targets over all of them
 and all ranks; forward/backward each under autocast (gradient sync only on the last, where the engine
@@ -86,10 +86,6 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
-        if info.is_main:
-            with writing(self.out / "train_config.json"):
-                self.out.mkdir(parents=True, exist_ok=True)
-                (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # dropout differs per rank, repeatably
         if cfg.resume:
             self.checkpoints.resume()
@@ -102,6 +98,13 @@ class Trainer:
             )
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * sampler.steps_per_epoch
         sampler.steps = max(self.total_steps - self.step, 0)
+        # The warmup a default gives depends on the run's length; the resolved number is what train_config.json
+        # records, so a resumed or replayed run follows the same schedule.
+        cfg.warmup_steps = cfg.warmup_for(self.total_steps)
+        if info.is_main:
+            with writing(self.out / "train_config.json"):
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
         # The loader's own generator seeds its workers, so creating it leaves the global RNG untouched.
         loader = DataLoader(self.run.dataset, batch_sampler=sampler, collate_fn=self.run.collate,
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
@@ -154,7 +157,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         sizes = [self._batch_counts(b) for b in micro]  # counted on the host copies: no device sync mid-step
         micro = [_to_device(b, self.device) for b in micro]
-        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_for(self.total_steps), cfg.min_lr_ratio)
         self.strategy.set_lr(lr)
         count = all_reduce_sum(sum(self.run.objective.count(b).float() for b in micro).to(self.device), info)
         denominator = count.clamp(min=1.0) / info.world_size  # every strategy averages gradients over ranks

@@ -2,7 +2,7 @@
 
     minimind dpo --data dpo.jsonl --init runs/sft --out runs/dpo [--beta 0.1]
 
-Chosen rows then rejected rows go through the policy in ONE forward (seed §2.3.2), and through the frozen
+Chosen rows then rejected rows go through the policy in ONE forward (as the reference project does), and through the frozen
 reference (a copy of `--init`) under no_grad. A sequence's log-probability is the MEAN log-prob of its assistant
 tokens (the seed's convention, `--logp mean`; `--logp sum` gives the DPO paper's / TRL's summed form). With
 s = the sequence log-prob:
@@ -30,7 +30,7 @@ from minimind.train.reference import load_frozen
 from minimind.train.stages import run_stage, stage_data
 from minimind.train.trainer import StageRun
 
-# Seed §2.4.2: dpo lr 1e-4, clip 0.5, no weight decay.
+# The reference project's DPO settings: lr 1e-4, clip 0.5, no weight decay.
 DEFAULTS = {"lr": 1e-4, "grad_clip": 0.5, "weight_decay": 0.0, "warmup_steps": 10, "batch_size": 8,
             "max_seq_len": 512, "epochs": 1}
 

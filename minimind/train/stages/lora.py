@@ -26,7 +26,7 @@ from minimind.train.stages import run_stage
 from minimind.train.stages.sft import sft_datasets
 from minimind.train.trainer import StageRun
 
-# Seed §2.4.2: lora lr 1e-3; its LoRA loop uses plain Adam, hence no weight decay on the adapter.
+# The reference project's LoRA settings: lr 1e-3; its LoRA loop uses plain Adam, hence no weight decay on the adapter.
 DEFAULTS = {"lr": 1e-3, "warmup_steps": 100, "batch_size": 16, "max_seq_len": 512, "epochs": 1, "weight_decay": 0.0}
 
 

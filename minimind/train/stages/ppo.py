@@ -1,4 +1,4 @@
-"""`minimind ppo`: Proximal Policy Optimisation with a value head, GAE and a clipped value loss (seed §2.2.6).
+"""`minimind ppo`: Proximal Policy Optimisation with a value head, GAE and a clipped value loss.
 
     minimind ppo --data rlaif.jsonl --eval-data rlaif_eval.jsonl --init runs/sft --out runs/ppo \
         [--group-size 4 --max-new-tokens 32 --kl-coef 0.05 --gamma 1 --lam 0.95 --vf-coef 0.1 --reward rule]

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "pretrain", DEFAULTS, needs_init=False)
     g = parser.add_argument_group("model")
     g.add_argument("--tokenizer", required=True, help="tokenizer directory (from `minimind tokenizer`)")
-    g.add_argument("--preset", default="small", choices=list(PRESETS), help="model shape (SPEC §6)")
+    g.add_argument("--preset", default="small", choices=list(PRESETS), help="model shape (`minimind info --preset NAME` shows its size)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set n_layers=4 --set dropout=0.1 (repeatable)")
     g.add_argument("--doc-mask", action="store_true",

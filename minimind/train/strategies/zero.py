@@ -1,9 +1,9 @@
-"""`--strategy zero2`: DeepSpeed ZeRO stage 2 — optimizer state and gradients sharded over ranks (seed §2.4.4).
+"""`--strategy zero2`: DeepSpeed ZeRO stage 2 — optimizer state and gradients sharded over ranks.
 
 Every rank keeps the whole model (fp32; bf16 comes from the Trainer's autocast, as with ddp); each owns one
 slice of the flattened fp32 master weights, of the AdamW moments and of the reduced gradients, and the
 updated slices are all-gathered back into the model after each step. `--zero-offload` keeps those slices and
-the optimizer step on the CPU (ZeRO-Offload). Needs `pip install minimind[deepspeed]`.
+the optimizer step on the CPU (ZeRO-Offload). Needs the deepspeed extra (`pip install -e '.[deepspeed]'` in a clone).
 
 DeepSpeed's engine owns gradient reduction and the optimizer step; it runs with
 `managed_gradient_accumulation: false`, so the Trainer's loop stays the boundary: `backward` per micro-batch
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from minimind.errors import UserError
+from minimind.errors import UserError, install_hint
 from minimind.train.strategies.base import Strategy
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state
@@ -42,7 +42,7 @@ class ZeroStrategy(Strategy):
         try:
             import deepspeed
         except ImportError:
-            raise UserError("--strategy zero2 needs DeepSpeed: pip install 'minimind[deepspeed]'") from None
+            raise UserError(f"--strategy zero2 needs DeepSpeed: {install_hint('deepspeed')}") from None
         if self.cfg.compile:
             raise UserError("--compile is not supported with --strategy zero2; use --strategy ddp or fsdp")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its config dump is hundreds of lines
