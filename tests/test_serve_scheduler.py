@@ -20,11 +20,44 @@ def scheduler(tokenizer):
     scheduler.close()
 
 
-def wait_until(condition, seconds: float = 10.0) -> None:
+def wait_until(condition, seconds: float = 60.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+class StepGate:
+    """The scheduler's engine takes a decode step only when the test allows one, so no job can finish (or get
+    further) behind the test's back, however fast the machine: the test counts steps, not seconds."""
+
+    def __init__(self, engine: Engine):
+        self._permits = threading.Semaphore(0)
+        self._open = False
+        real_step = engine.step
+
+        def step():
+            if not self._open:
+                self._permits.acquire()
+            return real_step()
+
+        engine.step = step
+
+    def allow(self, steps: int = 1) -> None:
+        """Let `steps` more steps run. One is enough for the scheduler to take the commands queued before it:
+        its loop applies every pending command, then steps."""
+        self._permits.release(steps)
+
+    def open(self) -> None:
+        self._open = True
+        self._permits.release(1)
+
+
+@pytest.fixture
+def gate(scheduler):
+    gate = StepGate(scheduler.engine)
+    yield gate
+    gate.open()  # before the scheduler fixture closes it
 
 
 def test_jobs_from_many_threads_match_each_alone(scheduler, tokenizer):
@@ -51,15 +84,17 @@ def test_jobs_from_many_threads_match_each_alone(scheduler, tokenizer):
     assert scheduler.active == 0
 
 
-def test_closing_a_stream_early_releases_its_row(scheduler, tokenizer):
+def test_closing_a_stream_early_releases_its_row(scheduler, gate):
     stream = scheduler.stream([1, 5, 6], SamplingParams(max_new_tokens=200, ignore_eos=True))
+    gate.allow(1)
     next(stream)
-    assert scheduler.active == 1
+    assert scheduler.active == 1 and scheduler.engine.num_running == 1  # 1 of 200 tokens: it cannot have ended
     stream.close()
+    gate.allow(1)
     wait_until(lambda: scheduler.active == 0 and scheduler.engine.num_running == 0)
 
 
-def test_bounded_queue_refuses_all_or_nothing(scheduler):
+def test_bounded_queue_refuses_all_or_nothing(scheduler, gate):
     def job() -> Job:
         return Job([1, 5, 6], SamplingParams(max_new_tokens=200, ignore_eos=True), lambda event: None)
 
@@ -68,6 +103,7 @@ def test_bounded_queue_refuses_all_or_nothing(scheduler):
     with pytest.raises(QueueFull):
         scheduler.submit([job()])
     scheduler.cancel(held[:2])
+    gate.allow(1)  # at most a step or two in all here: none of the 200-token jobs can finish on its own
     wait_until(lambda: scheduler.active == 4)
     extra = [job(), job(), job()]
     with pytest.raises(QueueFull):
@@ -75,6 +111,7 @@ def test_bounded_queue_refuses_all_or_nothing(scheduler):
     assert scheduler.active == 4
     scheduler.submit(extra[:2])
     scheduler.cancel(held + extra)
+    gate.allow(1)
     wait_until(lambda: scheduler.active == 0 and not scheduler.engine.has_work)
 
 
@@ -96,8 +133,11 @@ def test_prompt_encoder_matches_the_engine(scheduler):
 
 def test_close_fails_live_jobs_and_refuses_new_ones(tokenizer):
     scheduler = Scheduler(Engine(tiny_model(), tokenizer, max_batch_size=2)).start()
+    gate = StepGate(scheduler.engine)
     stream = scheduler.stream([1, 5, 6], SamplingParams(max_new_tokens=200, ignore_eos=True))
+    gate.allow(1)
     next(stream)
+    gate.allow(1)  # the step the thread waits in, then it takes the stop: the job is live when it stops
     scheduler.close()
     with pytest.raises(RuntimeError, match="shutting down"):
         list(stream)
