@@ -82,7 +82,7 @@ def llama_cpp_runners(model, tokenizer, model_dir: Path | None, prompt: list[int
         print("llama.cpp: llama-cpp-python is not installed (pip install -e '.[llamacpp]'); skipped")
         return {}
     from minimind.convert.gguf import export_gguf
-    from minimind.model.hub import save_model_dir
+    from minimind.modeldir import save_model_dir
 
     work = Path(scratch_dir("bench-gguf-"))
     if model_dir is None:

@@ -44,7 +44,7 @@ def demo_model_dir(out: Path, preset: str = "tiny") -> Path:
     import pydoc_data.topics
 
     from minimind.model import MiniMindConfig, MiniMindForCausalLM
-    from minimind.model.hub import save_model_dir
+    from minimind.modeldir import save_model_dir
     from minimind.tokenizer import load_tokenizer
     from minimind.tokenizer.train import save_tokenizer, train_tokenizer
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from minimind.convert.gguf import export_gguf, gguf_architecture
-    from minimind.model.hub import load_model_dir
+    from minimind.modeldir import load_model_dir
 
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     model_dir = Path(args.model) if args.model else demo_model_dir(work, args.preset)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decode import bench_tokenizer  # noqa: E402  (bench/decode.py: a throwaway tokenizer of any vocab size)
 
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from minimind.model.hub import save_model_dir  # noqa: E402
+from minimind.modeldir import save_model_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from minimind.demo_data import demo_file
 from minimind.errors import UserError
 from minimind.eval import evaluate_exact
 from minimind.infer.engine import Engine
-from minimind.model.hub import load_model, read_json_object
+from minimind.modeldir import load_model, read_json_object
 from minimind.train.objective import MaskedLM
 from minimind.train.report import read_metrics
 

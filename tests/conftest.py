@@ -132,7 +132,7 @@ def tokenizer(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer) -> Path:
-    from minimind.model.hub import save_model_dir
+    from minimind.modeldir import save_model_dir
 
     out = tmp_path_factory.mktemp("model")
     save_model_dir(tiny_model(), tokenizer, out)

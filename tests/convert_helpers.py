@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 
 from minimind.model import MiniMindForCausalLM
-from minimind.model.hub import save_model_dir
+from minimind.modeldir import save_model_dir
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> MiniMindForCausalLM:

@@ -11,7 +11,7 @@ from convert_helpers import random_model_dir, run_cli
 
 from minimind.cli import main
 from minimind.convert.gguf import export_gguf
-from minimind.model.hub import load_model
+from minimind.modeldir import load_model
 
 
 def test_to_llama(tmp_path, tokenizer):

@@ -13,7 +13,7 @@ from convert_helpers import random_model_dir
 from minimind.convert.gguf import export_gguf, gguf_tensor_names
 from minimind.convert.layout import interleaved_to_rotate_half, rotate_half_to_interleaved
 from minimind.errors import UserError
-from minimind.model.hub import load_model
+from minimind.modeldir import load_model
 
 
 def read(path):
@@ -137,7 +137,7 @@ def test_minimind2_tokenizer_embeds(tmp_path, minimind2_tokenizer_dir):
     """A tokenizer like MiniMind2's (6400 tokens, 6141 merges, a chat template of its own) embeds whole."""
     from conftest import tiny_model
 
-    from minimind.model.hub import save_model_dir
+    from minimind.modeldir import save_model_dir
     from minimind.tokenizer import load_tokenizer
 
     tok = load_tokenizer(minimind2_tokenizer_dir)

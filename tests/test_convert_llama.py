@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from minimind.convert.llama import export_llama
 from minimind.errors import UserError
-from minimind.model.hub import load_model
+from minimind.modeldir import load_model
 
 
 def load_plain(path):
@@ -134,7 +134,7 @@ def test_weights_keep_their_saved_dtype(tmp_path, tokenizer):
     from convert_helpers import randomize
     from safetensors import safe_open
 
-    from minimind.model.hub import save_model_dir
+    from minimind.modeldir import save_model_dir
 
     source = save_model_dir(randomize(tiny_model()).half(), tokenizer, tmp_path / "src")
     export_llama(source, tmp_path / "llama")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from minimind.convert.lora_merge import merge_lora
 from minimind.errors import UserError
-from minimind.model.hub import load_model
+from minimind.modeldir import load_model
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -116,7 +116,7 @@ def test_an_adapter_directory_loads_as_its_merged_base(tmp_path, tokenizer, caps
     from minimind.cli import main
     from minimind.infer.engine import Engine
     from minimind.infer.options import generation_defaults
-    from minimind.model.hub import load_model_dir
+    from minimind.modeldir import load_model_dir
     from minimind.serve.webchat import find_models
 
     base = random_model_dir(tmp_path / "base", tokenizer)

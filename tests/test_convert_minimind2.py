@@ -16,7 +16,7 @@ from convert_helpers import random_ids
 
 from minimind.convert.minimind2 import export_minimind2, import_minimind2, load_pth
 from minimind.errors import UserError
-from minimind.model.hub import load_model, load_model_dir
+from minimind.modeldir import load_model, load_model_dir
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512, hidden=192)
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qw
 from minimind.cli import main
 from minimind.convert.minimind3 import export_minimind3, import_minimind3, import_qwen3
 from minimind.convert.qwen3 import export_qwen3
-from minimind.model.hub import load_model, load_model_dir
+from minimind.modeldir import load_model, load_model_dir
 
 # head_dim 24 with 4 heads is not dim / n_heads (64 / 4): it must come from q_norm, as minimind-3's and Qwen3's can
 SHAPE = dict(vocab=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, hidden=96, experts=0, moe_hidden=48)

@@ -17,7 +17,7 @@ from minimind.data.chat import encode_conversation, render
 from minimind.data.datasets import PackedSFTDataset, stack_collate
 from minimind.data.prepare import prepare
 from minimind.data.shards import Shard
-from minimind.model.hub import load_model, save_model_dir
+from minimind.modeldir import load_model, save_model_dir
 from minimind.tokenizer.template import split_thinking
 from minimind.train.distill_loss import token_kl
 from minimind.train.stages.distill import REASONING_TAGS, Distill, TagFinder, TagWeighted

@@ -22,7 +22,7 @@ from dist_helpers import losses, max_loss_gap, max_weight_gap, pretrain_args, ru
 from safetensors.torch import load_file
 
 from minimind.cli import main
-from minimind.model.hub import load_model
+from minimind.modeldir import load_model
 from minimind.train.checkpoint import load_object
 from minimind.train.strategies.fsdp import materialize, meta_copy, transformer_blocks
 

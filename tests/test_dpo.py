@@ -17,7 +17,7 @@ from minimind.data.chat import encode_conversation
 from minimind.data.datasets import pair_collate
 from minimind.data.prepare import prepare
 from minimind.data.shards import Shard
-from minimind.model.hub import load_model
+from minimind.modeldir import load_model
 from minimind.train.stages.dpo import DPO, dpo_loss
 
 

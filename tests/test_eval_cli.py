@@ -11,7 +11,7 @@ import pytest
 from minimind.cli import main
 from minimind.eval import evaluate_choice, evaluate_ppl
 from minimind.eval.cli import format_table
-from minimind.model.hub import load_model_dir
+from minimind.modeldir import load_model_dir
 
 
 def write_jsonl(path, rows) -> str:

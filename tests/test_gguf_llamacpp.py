@@ -16,7 +16,7 @@ import torch
 from convert_helpers import random_model_dir
 
 from minimind.convert.gguf import export_gguf
-from minimind.model.hub import load_model_dir
+from minimind.modeldir import load_model_dir
 
 pytestmark = pytest.mark.interop
 

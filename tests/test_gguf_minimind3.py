@@ -15,7 +15,7 @@ from test_minimind3_template import minimind3_tokenizer
 from minimind.cli import main
 from minimind.convert.gguf import export_gguf, gguf_tensors
 from minimind.errors import UserError
-from minimind.model.hub import save_model_dir
+from minimind.modeldir import save_model_dir
 from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT
 
 

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from minimind.cli import main
 from minimind.errors import UserError
-from minimind.model.hub import load_model
 from minimind.model.lora import (
     LoRALinear,
     apply_lora,
@@ -23,6 +22,7 @@ from minimind.model.lora import (
     parse_targets,
     save_peft_adapter,
 )
+from minimind.modeldir import load_model
 from minimind.train.args import TrainConfig
 from minimind.train.distributed import DistInfo
 from minimind.train.stages import lora as lora_stage

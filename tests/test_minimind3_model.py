@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT
 from dist_helpers import losses, max_loss_gap, run_ok
+from minimind.model.causal_blocks import MIN_LENGTH
 from safetensors.torch import save_file
 from test_causal_blocks import assert_training_step_equal
 from test_documents import packed_and_masked
@@ -33,10 +34,9 @@ from minimind.eval.ppl import evaluate_ppl
 from minimind.infer import Engine
 from minimind.infer.quantize import Int8Linear
 from minimind.model import MiniMindConfig, MiniMindForCausalLM, causal_blocks
-from minimind.model.causal_blocks import MIN_LENGTH
-from minimind.model.hub import load_config, load_model, save_model_dir
 from minimind.model.info import count_parameters
 from minimind.model.lora import apply_lora, load_peft_adapter, merge_lora, save_peft_adapter
+from minimind.modeldir import load_config, load_model, save_model_dir
 
 # Small shapes on the presets' settings; head_dim 24 with 4 heads is not dim / n_heads, as Qwen3 allows.
 SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, hidden_dim=96, vocab_size=512,

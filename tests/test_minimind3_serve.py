@@ -14,7 +14,7 @@ from serve_helpers import finetune, free_port, running_server
 from test_tool_calls import TOOLS, time_chat, weather_chat
 
 from minimind.cli import main
-from minimind.model.hub import save_model_dir
+from minimind.modeldir import save_model_dir
 from minimind.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow  # two tokenizers, an SFT run and one server start

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from minimind.errors import UserError
-from minimind.model.hub import load_model, load_model_dir, save_model_dir
+from minimind.modeldir import load_model, load_model_dir, save_model_dir
 
 
 def test_directory_has_spec_files(model_dir):

@@ -13,8 +13,8 @@ from test_model import llama_twin, randomize
 from minimind.errors import UserError
 from minimind.infer import Engine
 from minimind.infer.layout import OutputHead, gemv_layout
-from minimind.model.hub import load_model
 from minimind.model.layers import rotate_qk, signed_sin
+from minimind.modeldir import load_model
 
 
 def test_rotate_qk_is_the_textbook_rotate_half_rope():

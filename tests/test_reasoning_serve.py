@@ -14,7 +14,7 @@ from thinking_helpers import with_thinking_template
 
 from minimind.cli import main
 from minimind.infer import Engine
-from minimind.model.hub import save_model_dir
+from minimind.modeldir import save_model_dir
 from minimind.serve.app import ServeConfig, create_app
 from minimind.serve.reasoning import ReasoningSplitter, split_reply
 from minimind.serve.scheduler import Scheduler

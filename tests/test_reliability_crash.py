@@ -49,7 +49,7 @@ def pretrain_args(corpus: Path, tokenizer_dir: Path, out: Path, *extra: str) -> 
 PAUSING = """
 import itertools, os, signal, sys
 from minimind.data import shards
-from minimind.model import hub
+from minimind import modeldir as hub
 from minimind.train import checkpoint
 
 point = sys.argv.pop(1)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-import minimind.model.hub as hub
+import minimind.modeldir as hub
 from minimind.cli import main
 from minimind.errors import UserError
 

@@ -121,7 +121,7 @@ def test_draining_ends_an_open_stream_with_an_error_event_and_refuses_new_reques
 def test_sigterm_with_an_open_stream(tmp_path, tokenizer):
     """A real `minimind serve`: SIGTERM mid-stream; the stream gets its final event and [DONE] within the
     shutdown timeout, and the process exits."""
-    from minimind.model.hub import save_model_dir
+    from minimind.modeldir import save_model_dir
 
     model = save_model_dir(tiny_model(max_seq_len=32768), tokenizer, tmp_path / "long")
     port = free_port()

@@ -22,7 +22,7 @@ LONG = 8000  # tokens an abandoned request would still want
 
 @pytest.fixture(scope="module")
 def long_model_dir(tmp_path_factory, tokenizer):
-    from minimind.model.hub import save_model_dir
+    from minimind.modeldir import save_model_dir
 
     out = tmp_path_factory.mktemp("long-model")
     save_model_dir(tiny_model(max_seq_len=LONG + 192), tokenizer, out)

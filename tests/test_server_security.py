@@ -71,7 +71,7 @@ def test_a_key_anywhere_but_the_bearer_header_is_refused(client, headers):
 
 
 def test_model_field_selects_only_served_names_and_never_loads(client, model_dir, monkeypatch):
-    import minimind.model.hub as hub
+    import minimind.modeldir as hub
 
     loads = []
     for target, name in ((hub, "load_model"), (hub, "load_model_dir"), (Engine, "from_pretrained")):

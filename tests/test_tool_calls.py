@@ -15,7 +15,7 @@ from serve_helpers import finetune
 from minimind.data.chat import encode_conversation
 from minimind.data.records import read_records, validate_sft
 from minimind.infer import Engine
-from minimind.model.hub import save_model_dir
+from minimind.modeldir import save_model_dir
 from minimind.serve.app import ServeConfig, create_app
 from minimind.serve.scheduler import Scheduler
 from minimind.serve.tools import ToolCallReader

@@ -22,7 +22,7 @@ SEED = 7
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, model_dir, tokenizer):
     """runs/chat (the tiny model), runs/other/checkpoint (a second one, nested), runs/empty (not a model)."""
-    from minimind.model.hub import save_model_dir
+    from minimind.modeldir import save_model_dir
 
     root = tmp_path_factory.mktemp("runs")
     shutil.copytree(model_dir, root / "chat")
@@ -129,7 +129,7 @@ def test_thinking_is_folded(app):
 def test_thinking_switch(app, tmp_path, tokenizer, monkeypatch):
     (toggle,) = app.sidebar.toggle
     assert toggle.label == "Thinking" and toggle.disabled  # the seed template has no switch
-    from minimind.model.hub import save_model_dir
+    from minimind.modeldir import save_model_dir
 
     save_model_dir(tiny_model(), tokenizer, tmp_path / "thinker")
     save_thinking_template(tmp_path / "thinker")

@@ -162,7 +162,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"convert: wrote a {architecture} directory (loads without trust_remote_code) -> {args.out}")
     elif args.to == "gguf":
         from minimind.convert.gguf import export_gguf, gguf_architecture
-        from minimind.model.hub import adapter_source, load_config
+        from minimind.modeldir import adapter_source, load_config
 
         dtype = args.dtype or "f16"
         out = export_gguf(args.source, args.out, dtype)

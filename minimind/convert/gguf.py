@@ -26,7 +26,7 @@ from minimind.convert.layout import rotate_half_to_interleaved
 from minimind.convert.ollama import write_modelfile
 from minimind.errors import UserError, install_hint
 from minimind.model.configuration_minimind import MiniMindConfig
-from minimind.model.hub import load_model_dir
+from minimind.modeldir import load_model_dir
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # Q8_0 quantises rows in blocks of 32 values; other rows fall back to f16

@@ -20,7 +20,7 @@ import torch
 
 from minimind.errors import UserError
 from minimind.model.configuration_minimind import MiniMindConfig
-from minimind.model.hub import TOKENIZER_FILES
+from minimind.modeldir import TOKENIZER_FILES
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

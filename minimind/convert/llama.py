@@ -21,8 +21,8 @@ import torch
 from minimind.convert.layout import copy_tokenizer, stored_dtype, write_directory
 from minimind.errors import UserError
 from minimind.model.configuration_minimind import MiniMindConfig
-from minimind.model.hub import load_model
 from minimind.model.modeling_minimind import MiniMindForCausalLM
+from minimind.modeldir import load_model
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

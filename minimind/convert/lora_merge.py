@@ -21,8 +21,8 @@ import torch
 
 from minimind.convert.layout import check_output_dir, stored_dtype
 from minimind.errors import UserError
-from minimind.model.hub import load_model_dir, save_model_dir
 from minimind.model.modeling_minimind import MiniMindForCausalLM
+from minimind.modeldir import load_model_dir, save_model_dir
 
 ADAPTER_KEY = re.compile(
     r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?"

@@ -42,8 +42,8 @@ from minimind.convert.layout import (
 )
 from minimind.errors import UserError
 from minimind.model.configuration_minimind import PRESETS, MiniMindConfig
-from minimind.model.hub import load_model, read_json_object, save_model_dir
 from minimind.model.modeling_minimind import MiniMindForCausalLM
+from minimind.modeldir import load_model, read_json_object, save_model_dir
 
 IMPORT_PRESETS = ("small", "base", "moe")
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")  # training checkpoints nest the weights

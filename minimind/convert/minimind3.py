@@ -36,8 +36,8 @@ from minimind.convert.minimind2 import (
 )
 from minimind.errors import UserError
 from minimind.model.configuration_minimind import MiniMindConfig
-from minimind.model.hub import load_model
 from minimind.model.modeling_minimind import MiniMindForCausalLM
+from minimind.modeldir import load_model
 
 # minimind-3's own defaults (its MiniMindConfig), for what a bare `.pth` cannot say
 MINIMIND3_DEFAULTS = dict(rope_theta=1e6, norm_eps=1e-6, max_seq_len=32768, num_experts_per_tok=1,

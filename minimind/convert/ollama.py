@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minimind.model.hub import adapter_source, read_json_object
+from minimind.modeldir import adapter_source, read_json_object
 from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT, EMPTY_THINK, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 # Go template pieces shared by both formats. Inside `range .Tools`, `.Function` prints as JSON.

@@ -191,7 +191,7 @@ class Engine:
 
         Keyword arguments go to the constructor, e.g. `quantize="int8"` (CPU: int8 weights, see `quantize.py`).
         """
-        from minimind.model.hub import load_model_dir
+        from minimind.modeldir import load_model_dir
 
         if isinstance(dtype, str):
             if dtype not in DTYPES:

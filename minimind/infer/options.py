@@ -15,7 +15,7 @@ from minimind.device import dtype_name, resolve_device
 from minimind.errors import UserError
 from minimind.infer.quantize import QUANTIZE_CHOICES
 from minimind.infer.sampling import SamplingParams
-from minimind.model.hub import adapter_source, read_json_object
+from minimind.modeldir import adapter_source, read_json_object
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.model:
-        from minimind.model.hub import load_config
+        from minimind.modeldir import load_config
 
         config, name = load_config(args.model), args.model
     else:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from minimind.model.head_loss import head_token_nll
-from minimind.model.hub import load_model
 from minimind.model.modeling_minimind import MiniMindForCausalLM
+from minimind.modeldir import load_model
 
 
 def load_frozen(path: str | Path, device: torch.device | str = "cpu") -> MiniMindForCausalLM:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from minimind.data.datasets import PromptDataset
 from minimind.errors import UserError
-from minimind.model.hub import load_model_dir, save_model_dir
+from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import LossOutput

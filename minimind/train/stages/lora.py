@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from minimind.data.datasets import stack_collate
-from minimind.model.hub import TOKENIZER_FILES, load_model_dir
 from minimind.model.lora import DEFAULT_TARGETS, apply_lora, parse_targets, save_peft_adapter
+from minimind.modeldir import TOKENIZER_FILES, load_model_dir
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import MaskedLM

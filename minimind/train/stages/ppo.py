@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minimind.model.hub import load_model_dir, save_model_dir
 from minimind.model.modeling_minimind import MiniMindForCausalLM
+from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.train.args import TrainConfig, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import LossOutput

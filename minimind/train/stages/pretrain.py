@@ -15,7 +15,7 @@ from minimind.data.datasets import PackedPretrainDataset, stack_collate
 from minimind.data.shards import Shard
 from minimind.errors import UserError
 from minimind.model import PRESETS, MiniMindConfig, MiniMindForCausalLM
-from minimind.model.hub import save_model_dir
+from minimind.modeldir import save_model_dir
 from minimind.tokenizer import load_tokenizer
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo

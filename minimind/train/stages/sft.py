@@ -17,7 +17,7 @@ import torch
 
 from minimind.data.chat import ChatAugment
 from minimind.data.datasets import PackedSFTDataset, stack_collate
-from minimind.model.hub import load_model_dir, save_model_dir
+from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import MaskedLM
