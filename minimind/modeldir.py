@@ -126,13 +126,13 @@ def adapter_source(path: Path, files: tuple[str, ...]) -> Path:
 def _merged_adapter_model(path: Path) -> MiniMindForCausalLM:
     """The model at the bottom of the adapter's chain of bases (float32, CPU) with every adapter on the way
     merged into its weights, the deepest first."""
-    from minimind.convert.lora_merge import merge_into, read_adapter
+    from minimind.lora import ADAPTER_WEIGHTS, merge_adapter, read_adapter
 
     *adapters, base = _adapter_chain(path)
     model = load_model(base)
     for adapter in reversed(adapters):
         config, tensors = read_adapter(adapter)
-        merge_into(model, config, tensors, adapter / "adapter_model.safetensors")
+        merge_adapter(model, config, tensors, adapter / ADAPTER_WEIGHTS)
     return model
 
 

@@ -10,8 +10,9 @@ from convert_helpers import random_ids, random_model_dir
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from minimind.convert.lora_merge import merge_lora
+from minimind.convert.lora_merge import merge_adapter_dir
 from minimind.errors import UserError
+from minimind.lora import load_peft_adapter
 from minimind.modeldir import load_model
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,7 +52,7 @@ def assert_equal_in_float64(merged_dir, peft_model, ids):
 def test_merged_logits_equal_peft_logits(tmp_path, tokenizer, lora):
     base = random_model_dir(tmp_path / "base", tokenizer)
     peft_model = make_adapter(base, tmp_path / "adapter", **lora)
-    n = merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
+    n = merge_adapter_dir(base, tmp_path / "adapter", tmp_path / "merged")
     assert n == 2 * len(lora["target_modules"])
     ids = random_ids(2, 16)
     with torch.no_grad():
@@ -62,12 +63,15 @@ def test_merged_logits_equal_peft_logits(tmp_path, tokenizer, lora):
     torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
     assert_equal_in_float64(tmp_path / "merged", peft_model, ids)
     assert (merged - before).abs().max() > 1e-2  # the adapter really changed the function
+    with torch.no_grad():  # the same reader wrapping the layers instead of merging: PEFT's function too
+        wrapped = load_peft_adapter(load_model(base), tmp_path / "adapter")(ids).logits
+    torch.testing.assert_close(wrapped, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_moe_expert_adapters_merge(tmp_path, tokenizer):
     base = random_model_dir(tmp_path / "base", tokenizer, use_moe=True)
     peft_model = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "gate_proj", "down_proj"])
-    merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
+    merge_adapter_dir(base, tmp_path / "adapter", tmp_path / "merged")
     assert_equal_in_float64(tmp_path / "merged", peft_model, random_ids(2, 16))
 
 
@@ -82,7 +86,7 @@ def test_bad_adapters_fail_naming_the_key(tmp_path, tokenizer):
         bad.mkdir(exist_ok=True)
         save_file(tensors, bad / "adapter_model.safetensors")
         (bad / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
-        merge_lora(base, bad, tmp_path / "never")
+        merge_adapter_dir(base, bad, tmp_path / "never")
 
     a_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     with pytest.raises(
@@ -106,7 +110,7 @@ def test_bad_adapters_fail_naming_the_key(tmp_path, tokenizer):
     with pytest.raises(UserError, match="field 'r' must be a positive number"):
         attempt(r=0)
     with pytest.raises(UserError, match="adapter_config.json is missing"):
-        merge_lora(base, tmp_path / "base", tmp_path / "never")
+        merge_adapter_dir(base, tmp_path / "base", tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
 
@@ -127,7 +131,7 @@ def test_an_adapter_directory_loads_as_its_merged_base(tmp_path, tokenizer, caps
         torch.testing.assert_close(model(ids).logits, peft_model(ids).logits, atol=1e-5, rtol=1e-5)
     assert adapter_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert generation_defaults(tmp_path / "adapter") == generation_defaults(base) != {}
-    merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
+    merge_adapter_dir(base, tmp_path / "adapter", tmp_path / "merged")
     prompt = "the quick brown fox"
     greedy = [Engine.from_pretrained(d).generate(prompt, max_new_tokens=6, temperature=0.0)
               for d in (tmp_path / "adapter", tmp_path / "merged")]

@@ -9,8 +9,8 @@ from conftest import tiny_model
 from test_head_loss import saved_bytes
 from torch import nn
 
+from minimind.lora import LoRALinear
 from minimind.model import head_loss
-from minimind.model.lora import LoRALinear
 from minimind.train.distill_loss import distill_head_loss, token_kl
 from minimind.train.stages.distill import Distill
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from torch import nn
 
+from minimind.lora import LoRALinear
 from minimind.model import head_loss
 from minimind.model.head_loss import head_cross_entropy, head_token_nll
-from minimind.model.lora import LoRALinear
 from minimind.train.objective import MaskedLM, model_inputs, token_nll
 
 ROWS, DIM, VOCAB = 300, 32, 700

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from minimind.cli import main
 from minimind.errors import UserError
-from minimind.model.lora import (
+from minimind.lora import (
     LoRALinear,
     apply_lora,
     load_peft_adapter,

@@ -135,9 +135,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     if args.merge_lora is not None:
-        from minimind.convert.lora_merge import merge_lora
+        from minimind.convert.lora_merge import merge_adapter_dir
 
-        count = merge_lora(args.source, args.merge_lora, args.out)
+        count = merge_adapter_dir(args.source, args.merge_lora, args.out)
         print(f"convert: merged LoRA into {count} modules -> {args.out}")
     elif args.from_format in ("minimind3", "qwen3"):
         from minimind.convert.minimind3 import import_minimind3, import_qwen3

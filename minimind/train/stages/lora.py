@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from minimind.data.datasets import stack_collate
-from minimind.model.lora import DEFAULT_TARGETS, apply_lora, parse_targets, save_peft_adapter
+from minimind.lora import DEFAULT_TARGETS, apply_lora, parse_targets, save_peft_adapter
 from minimind.modeldir import TOKENIZER_FILES, load_model_dir
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo

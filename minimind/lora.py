@@ -6,7 +6,16 @@ sub-layers, which gives exactly PEFT's tensor names: `model.layers.0.self_attn.q
 `save_peft_adapter` writes the adapter in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`,
 keys prefixed `base_model.model.`), so `peft.PeftModel.from_pretrained(MiniMindForCausalLM, dir)` loads it.
 
-This module is training-side only: it is not copied into model directories as remote code.
+It is also the one reader of adapter directories: `read_adapter` checks `adapter_config.json` (r, lora_alpha,
+use_rslora, alpha_pattern, ...) and reads `adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight`
+(r, in) and `...lora_B.weight` (out, r)); `merge_adapter` adds scale · B·A to a plain model's weights (loading an
+adapter directory as a model, `minimind convert --merge-lora`) and `load_peft_adapter` wraps the layers instead
+(training on top of an adapter). scale = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; `alpha_pattern`
+overrides alpha per module and r is read from each tensor, so `rank_pattern` needs no special case. Adapter
+features that are not a plain low-rank update (DoRA, trained biases, modules_to_save, ...) are refused by name
+rather than merged wrongly.
+
+This module sits above the model and is not copied into model directories as remote code.
 """
 
 from __future__ import annotations
@@ -25,6 +34,20 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _REGEX_CHARS = set("*+?[](){}|^$\\")
+ADAPTER_KEY = re.compile(
+    r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?"
+)
+TIED = ("lm_head", "model.embed_tokens")
+# adapter_config.json fields whose non-default value means more than W + scale·B·A
+UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "trained LoRA biases",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "modules_to_save": "modules_to_save",
+    "target_parameters": "target_parameters",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices",
+}
 
 
 class LoRALinear(nn.Linear):
@@ -158,22 +181,119 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model: str, ta
     return out_dir
 
 
-def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Apply a PEFT LoRA adapter directory to `model` (wrap the layers it names, load A and B), in place."""
+def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """-> (adapter_config.json as a dict, the adapter tensors), with clear errors for anything else."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / ADAPTER_CONFIG
-    if not config_file.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise UserError(f"{adapter_dir}: not a LoRA adapter directory ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "LORA":
-        raise UserError(f"{config_file}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    apply_lora(model, config["r"], config["lora_alpha"], 0.0, config["target_modules"])
-    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
-    expected = lora_state_dict(model)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: missing tensor '{PEFT_PREFIX + missing[0]}'")
-    model.load_state_dict(state, strict=False)
+    config_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    for needed in (config_file, weights):
+        if not needed.is_file():
+            raise UserError(f"{adapter_dir}: not a PEFT adapter directory ({needed.name} is missing)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{config_file}: field 'peft_type' must be 'LORA'")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
+            raise UserError(
+                f"{config_file}: field '{field}' must be a positive number, got {config.get(field)!r}"
+            )
+    for field, what in UNSUPPORTED.items():
+        if config.get(field):
+            raise UserError(f"{config_file}: field '{field}' is set; merging {what} is not supported")
+    if config.get("bias", "none") != "none":
+        raise UserError(f"{config_file}: field 'bias' is {config['bias']!r}; only 'none' can be merged")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise UserError(f"{weights}: cannot read safetensors ({err})") from None
+    return config, tensors
+
+
+def lora_scale(config: dict, module: str, rank: int) -> float:
+    """alpha / r (or / sqrt(r) with rsLoRA); alpha from the first `alpha_pattern` entry matching `module`."""
+    alpha = config["lora_alpha"]
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
+            alpha = value
+            break
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def pair_adapter_tensors(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Group adapter tensors by target module: {module: {"lora_A": A (r, in), "lora_B": B (out, r)}}."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = ADAPTER_KEY.fullmatch(key)
+        if match is None:
+            raise UserError(
+                f"{source}: key '{key}' is not a LoRA weight (expected base_model.model.<module>."
+                "lora_A.weight / lora_B.weight)"
+            )
+        module, part = match.groups()
+        if module.startswith(TIED) or part.startswith("lora_embedding"):
+            raise UserError(
+                f"{source}: key '{key}' adapts the embedding/output head, which this model ties "
+                "together; merging would change both"
+            )
+        modules.setdefault(module, {})[part] = tensor
+    for module, parts in modules.items():
+        for part in ("lora_A", "lora_B"):
+            if part not in parts:
+                raise UserError(f"{source}: key '{PEFT_PREFIX}{module}.{part}.weight' is missing")
+    return modules
+
+
+def _checked_pairs(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], source: Path):
+    """Yield (module name, A (r, in), B (out, r), scale) for each adapted module of `model`, each checked against
+    the base weight's shape."""
+    params = dict(model.named_parameters())
+    for module, parts in pair_adapter_tensors(tensors, source).items():
+        a, b = parts["lora_A"], parts["lora_B"]
+        if f"{module}.weight" not in params:
+            raise UserError(f"{source}: key '{PEFT_PREFIX}{module}.lora_A.weight' targets module '{module}', "
+                            "which the base model does not have")
+        weight = params[f"{module}.weight"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise UserError(
+                f"{source}: '{module}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
+                f"make a delta of the base weight's shape {tuple(weight.shape)}"
+            )
+        yield module, a, b, lora_scale(config, module, a.shape[0])
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], source: Path) -> int:
+    """Add scale · B·A to each adapted weight of `model` in place (computed in float32); returns how many
+    modules were merged. `config, tensors` come from `read_adapter`; `source` names the file in errors."""
+    merged = 0
+    params = dict(model.named_parameters())
+    for module, a, b, scale in _checked_pairs(model, config, tensors, source):
+        weight = params[f"{module}.weight"]
+        weight.copy_((weight.float() + (b.float() @ a.float()) * scale).to(weight.dtype))  # (out, in)
+        merged += 1
+    return merged
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Apply a PEFT LoRA adapter directory to `model` (wrap the layers it names, load A and B), in place."""
+    adapter_dir = Path(adapter_dir)
+    config, tensors = read_adapter(adapter_dir)
+    pairs = list(_checked_pairs(model, config, tensors, adapter_dir / ADAPTER_WEIGHTS))
+    ranks = {a.shape[0] for _, a, _, _ in pairs}
+    apply_lora(model, max(ranks, default=config["r"]), config["lora_alpha"], 0.0, [name for name, *_ in pairs])
+    with torch.no_grad():
+        for name, a, b, scale in pairs:
+            layer = model.get_submodule(name)
+            if a.shape[0] != layer.rank:  # rank_pattern: this module's rank differs from the others'
+                layer.lora_A = nn.Linear(a.shape[1], a.shape[0], bias=False, device=a.device, dtype=layer.weight.dtype)
+                layer.lora_B = nn.Linear(b.shape[1], b.shape[0], bias=False, device=b.device, dtype=layer.weight.dtype)
+                layer.rank = a.shape[0]
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+            layer.scaling = scale
     return model
