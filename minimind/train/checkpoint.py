@@ -16,13 +16,15 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minimind.errors import UserError
-from minimind.outputs import writing
+from minimind.outputs import WriteFailed, writing
+from minimind.train.distributed import DistInfo, barrier, collective
 
 MANIFEST = "manifest.json"
 
@@ -241,3 +243,113 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainerState:
+    """`trainer.json`: where the run stands (step, data position, bad-step streak) and what it ran with, checked
+    when it resumes (stage, --max-seq-len) or reported (processes, strategy, global batch)."""
+
+    step: int
+    epoch: int
+    offset: int
+    bad_steps: int
+    world_size: int
+    strategy: str
+    stage: str
+    max_seq_len: int
+    global_batch: int
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainerState:
+        """Read a trainer.json; checkpoints written before `strategy` was recorded are ddp ones."""
+        return cls(**{"strategy": "ddp", **{k: v for k, v in data.items() if k in cls.__dataclass_fields__}})
+
+
+@dataclass
+class Restored:
+    """A checkpoint read back: this rank's share of what `CheckpointIO.save` was given."""
+
+    path: Path
+    state: TrainerState
+    model: dict[str, torch.Tensor]  # full tensors, tied ones once
+    optimizer: dict[str, Any]  # the full AdamW state keyed by parameter name
+    scaler: dict[str, Any]
+    rng: dict[str, Any] | None  # this rank's RNG states; None if the checkpoint had fewer processes
+
+
+class CheckpointIO:
+    """Saving and reading a run's whole state through `CheckpointDir`; the trainer hands over what to save.
+
+    The files are the same for every strategy and world size: full model tensors, the full AdamW state keyed
+    by parameter name, the scaler, the trainer state, and one RNG file per rank (written by that rank, so the
+    run directory must be on a filesystem every node sees).
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int, info: DistInfo):
+        self.dir = CheckpointDir(run_dir, keep=keep)
+        self.info = info
+
+    def save(self, state: TrainerState, model: dict[str, torch.Tensor], optimizer: dict[str, Any],
+             scaler: dict[str, Any], rng: dict[str, Any]) -> None:
+        """Write checkpoint `state.step` (collective). `model` and `optimizer` are the full states the strategy
+        gathered (they matter on the main rank only), `rng` this rank's RNG states. A failed write removes the
+        partial staging files and raises WriteFailed."""
+        try:
+            with writing(self.dir.staging(state.step)):
+                self._save(state, model, optimizer, scaler, rng)
+        except WriteFailed:
+            if self.info.is_main:
+                self.dir.abandon(state.step)
+            raise
+
+    def _save(self, state: TrainerState, model: dict[str, torch.Tensor], optimizer: dict[str, Any],
+              scaler: dict[str, Any], rng: dict[str, Any]) -> None:
+        info = self.info
+        if info.is_main:
+            self.dir.begin(state.step)
+        barrier(info)
+        staging = self.dir.staging(state.step)
+        save_object(staging / f"rng-rank{info.rank}.pt", rng)
+        if info.is_main:
+            save_tensors(staging / "model.safetensors", model)
+            save_object(staging / "optimizer.pt", optimizer)
+            save_object(staging / "scaler.pt", scaler)
+            (staging / "trainer.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+        barrier(info)
+        if info.is_main:
+            self.dir.commit(state.step)
+        barrier(info)
+
+    def load(self, stage: str, max_seq_len: int, expected: list[str], known: set[str]) -> Restored | None:
+        """The latest checkpoint, checked against this run (collective: a bad checkpoint is reported once and
+        no rank is left waiting); None if there is none. `expected`: the tensor names the checkpoint must hold;
+        `known`: every name the model has."""
+        found = collective(self.info, lambda: self._read(stage, max_seq_len, expected, known))
+        if found is None:
+            return None
+        rng_file = found.path / f"rng-rank{self.info.rank}.pt"
+        found.rng = load_object(rng_file) if rng_file.is_file() else None
+        return found
+
+    def _read(self, stage: str, max_seq_len: int, expected: list[str], known: set[str]) -> Restored | None:
+        path = self.dir.latest()
+        if path is None:
+            if self.info.is_main:
+                print(f"--resume: no checkpoint in {self.dir.root}; starting from step 0", flush=True)
+            return None
+        state = TrainerState.from_json(json.loads((path / "trainer.json").read_text()))
+        if state.stage != stage:
+            raise UserError(f"{path}: checkpoint is from stage {state.stage!r}, not {stage!r}")
+        if state.max_seq_len != max_seq_len:
+            raise UserError(f"{path}: checkpoint was trained with --max-seq-len {state.max_seq_len}, "
+                            f"not {max_seq_len}")
+        tensors = load_tensors(path / "model.safetensors")
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - known)
+        if missing or unexpected:
+            key = (missing or unexpected)[0]
+            raise UserError(f"{path}/model.safetensors does not match this model: tensor '{key}' is "
+                            f"{'missing' if missing else 'unexpected'}")
+        return Restored(path, state, tensors, load_object(path / "optimizer.pt"), load_object(path / "scaler.pt"),
+                        None)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from minimind.data.sampler import DataPosition, StepBatchSampler
 from minimind.errors import UserError
 from minimind.model.info import count_parameters, training_flops
-from minimind.outputs import WriteFailed, writing
+from minimind.outputs import writing
 from minimind.train import checkpoint as ckpt
 from minimind.train.args import TrainConfig
 from minimind.train.distributed import (
@@ -33,7 +33,6 @@ from minimind.train.distributed import (
     SharedError,
     all_reduce_sum,
     barrier,
-    collective,
     resolve_dtype,
 )
 from minimind.train.mfu import peak_flops
@@ -79,7 +78,7 @@ class Trainer:
         self.global_batch = cfg.batch_size * cfg.accumulation_steps * info.world_size
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        self.checkpoints = CheckpointIO(self)
+        self.checkpoints = ckpt.CheckpointIO(self.out, cfg.keep_checkpoints, info)
         self.step, self.position, self.bad_steps = 0, DataPosition(), 0
         self.stop_signal: str | None = None
 
@@ -88,7 +87,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # dropout differs per rank, repeatably
         if cfg.resume:
-            self.checkpoints.resume()
+            self._resume()
         sampler = StepBatchSampler(len(self.run.dataset), cfg.batch_size, cfg.accumulation_steps,
                                    info.world_size, info.rank, cfg.seed, start=self.position)
         if sampler.steps_per_epoch < 1:
@@ -114,7 +113,7 @@ class Trainer:
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (peak_flops(self.device, self.dtype)
                                                                    if info.is_main else 1.0)
         if info.is_main:
-            warning = self.checkpoints.space_warning()
+            warning = self._space_warning()
             if warning:
                 monitor.message(warning)
             monitor.message(f"{cfg.stage}: {self.total_steps} steps, global batch {sampler.global_batch} "
@@ -140,14 +139,14 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
                 if stop or (cfg.stop_after_steps and ran >= cfg.stop_after_steps):
-                    self.checkpoints.save()
+                    self._save_checkpoint()
                     reason = f"received {stop}" if stop else f"--stop-after-steps {cfg.stop_after_steps} reached"
                     monitor.message(f"{reason}: saved checkpoint at step {self.step}/{self.total_steps}; "
                                     f"continue with the same command plus --resume")
                     monitor.close()
                     return {"step": self.step, "finished": False}
                 if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.checkpoints.save()
+                    self._save_checkpoint()
         finally:
             self._restore_signal_handlers(previous)
         return self._finish(monitor)
@@ -204,7 +203,7 @@ class Trainer:
                   f"({self.bad_steps} in a row, stopping at {self.cfg.nan_tolerance})", flush=True)
         if self.bad_steps >= self.cfg.nan_tolerance:
             self.step += 1
-            self.checkpoints.save()
+            self._save_checkpoint()
             raise SharedError(  # every rank saw the same (all-reduced) loss, so all stop here together
                 f"training diverged: non-finite {what} for {self.bad_steps} steps in a row (up to step {self.step}); "
                 f"weights before those steps are saved in {self.out / 'checkpoints'} — lower --lr or check the data, "
@@ -262,7 +261,7 @@ class Trainer:
             final_eval = self.evaluate()
             if final_eval and (not cfg.eval_every or self.step % cfg.eval_every):
                 monitor.log(self.step, final_eval)
-        self.checkpoints.save()
+        self._save_checkpoint()
         monitor.close()
         summary: dict[str, Any] = {"step": self.step, "finished": True}
         final = self.strategy.final_model()  # an ordinary module on the main rank, whatever the strategy
@@ -302,6 +301,53 @@ class Trainer:
         (self.out / "summary.json").write_text(json.dumps(numbers, indent=2, default=str) + "\n")
         return numbers
 
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        """Checkpoint the whole state at the current step (collective: the strategy gathers full states)."""
+        info = self.info
+        state = ckpt.TrainerState(
+            step=self.step, epoch=self.position.epoch, offset=self.position.offset, bad_steps=self.bad_steps,
+            world_size=info.world_size, strategy=self.cfg.strategy, stage=self.cfg.stage,
+            max_seq_len=self.cfg.max_seq_len, global_batch=self.global_batch)
+        model_state, optimizer_state = self.strategy.model_state(), self.strategy.optimizer_state()
+        self.checkpoints.save(state, model_state, optimizer_state, self.strategy.scaler_state(), ckpt.rng_state())
+
+    def _resume(self) -> None:
+        """Continue from the latest checkpoint in --out, if any: weights, optimizer, scaler, RNG, data position."""
+        info = self.info
+        found = self.checkpoints.load(self.cfg.stage, self.cfg.max_seq_len, self.strategy.state_names,
+                                      self.strategy.all_names)
+        if found is None:
+            return
+        state = found.state
+        self.strategy.load(found.model, found.optimizer, found.scaler)
+        if found.rng is not None:
+            ckpt.set_rng_state(found.rng)
+        elif info.is_main or info.rank >= state.world_size:
+            print(f"rank {info.rank}: no saved RNG state (checkpoint had {state.world_size} processes); "
+                  "dropout continues from a fresh seed", flush=True)
+        self.step, self.bad_steps = state.step, state.bad_steps
+        self.position = DataPosition(state.epoch, state.offset)
+        if info.is_main:
+            print(f"resumed from {found.path} (step {self.step}; saved by {state.world_size} process(es) with "
+                  f"--strategy {state.strategy}, now {info.world_size} with {self.cfg.strategy})", flush=True)
+            if state.global_batch != self.global_batch:
+                print(f"note: the global batch was {state.global_batch} rows and is now {self.global_batch}; "
+                      "the data continues at the same sample, but each step now covers a different number "
+                      "of rows (see docs/distributed.md on resuming on a different number of GPUs)", flush=True)
+
+    def _space_warning(self) -> str | None:
+        """Main rank, at start: a warning if --out looks too small for the checkpoints to come and the model."""
+        cfg, params = self.cfg, list(self.model.parameters())
+        # parameters() lists a shared (tied) tensor once; numel() is the full size under fsdp too
+        every = sum(p.numel() * p.element_size() for p in params)
+        trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        # the weights (trainable ones only for an adapter) and AdamW's two moments per trainable parameter
+        checkpoint = (trainable if self.run.trainable_only_checkpoint else every) + 2 * trainable
+        left = max(self.total_steps - self.step, 0)
+        saves = (left // cfg.save_every if cfg.save_every else 0) + 1  # the last one is the final save
+        return space_warning(self.out, checkpoint, every, cfg.keep_checkpoints, saves)
+
     # ---- signals --------------------------------------------------------------------------------------
     def _install_signal_handlers(self):
         previous = {}
@@ -326,110 +372,6 @@ class Trainer:
         if all_reduce_sum(flag, self.info).item() > 0:  # every rank stops at the same step
             return self.stop_signal or "a stop signal (on another rank)"
         return None
-
-
-class CheckpointIO:
-    """Saving and restoring the trainer's whole state through `checkpoint.CheckpointDir`.
-
-    The files are the same for every strategy and world size: full model tensors, the full AdamW state keyed
-    by parameter name, the scaler, the data position, and one RNG file per rank (written by that rank, so the
-    run directory must be on a filesystem every node sees).
-    """
-
-    def __init__(self, trainer: Trainer):
-        self.t = trainer
-        self.dir = ckpt.CheckpointDir(trainer.out, keep=trainer.cfg.keep_checkpoints)
-
-    def save(self) -> None:
-        """Write a checkpoint (collective); a failed write removes the partial staging files and raises WriteFailed."""
-        try:
-            with writing(self.dir.staging(self.t.step)):
-                self._save()
-        except WriteFailed:
-            if self.t.info.is_main:
-                self.dir.abandon(self.t.step)
-            raise
-
-    def _save(self) -> None:
-        t, info = self.t, self.t.info
-        if info.is_main:
-            self.dir.begin(t.step)
-        barrier(info)
-        staging = self.dir.staging(t.step)
-        ckpt.save_object(staging / f"rng-rank{info.rank}.pt", ckpt.rng_state())
-        model_state, optimizer_state = t.strategy.model_state(), t.strategy.optimizer_state()  # collective
-        if info.is_main:
-            ckpt.save_tensors(staging / "model.safetensors", model_state)
-            ckpt.save_object(staging / "optimizer.pt", optimizer_state)
-            ckpt.save_object(staging / "scaler.pt", t.strategy.scaler_state())
-            state = {"step": t.step, "epoch": t.position.epoch, "offset": t.position.offset,
-                     "bad_steps": t.bad_steps, "world_size": info.world_size, "strategy": t.cfg.strategy,
-                     "stage": t.cfg.stage, "max_seq_len": t.cfg.max_seq_len, "global_batch": t.global_batch}
-            (staging / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
-        barrier(info)
-        if info.is_main:
-            self.dir.commit(t.step)
-        barrier(info)
-
-    def space_warning(self) -> str | None:
-        """Main rank, at start: a warning if --out looks too small for the checkpoints to come and the model."""
-        t, cfg = self.t, self.t.cfg
-        # parameters() lists a shared (tied) tensor once; numel() is the full size under fsdp too
-        every = sum(p.numel() * p.element_size() for p in t.model.parameters())
-        trainable = sum(p.numel() * p.element_size() for p in t.model.parameters() if p.requires_grad)
-        # the weights (trainable ones only for an adapter) and AdamW's two moments per trainable parameter
-        checkpoint = (trainable if t.run.trainable_only_checkpoint else every) + 2 * trainable
-        left = max(t.total_steps - t.step, 0)
-        saves = (left // cfg.save_every if cfg.save_every else 0) + 1  # the last one is the final save
-        return space_warning(t.out, checkpoint, every, cfg.keep_checkpoints, saves)
-
-    def resume(self) -> None:
-        t, info = self.t, self.t.info
-        found = collective(info, self.read)  # a bad checkpoint is reported once, and no rank is left waiting
-        if found is None:
-            return
-        path, state, tensors, optimizer_state, scaler_state = found
-        t.strategy.load(tensors, optimizer_state, scaler_state)
-        rng_file = path / f"rng-rank{info.rank}.pt"
-        if rng_file.is_file():
-            ckpt.set_rng_state(ckpt.load_object(rng_file))
-        elif info.is_main or info.rank >= state["world_size"]:
-            print(f"rank {info.rank}: no saved RNG state (checkpoint had {state['world_size']} processes); "
-                  "dropout continues from a fresh seed", flush=True)
-        t.step, t.bad_steps = state["step"], state["bad_steps"]
-        t.position = DataPosition(state["epoch"], state["offset"])
-        if info.is_main:
-            print(f"resumed from {path} (step {t.step}; saved by {state['world_size']} process(es) with "
-                  f"--strategy {state.get('strategy', 'ddp')}, now {info.world_size} with {t.cfg.strategy})",
-                  flush=True)
-            if state["global_batch"] != t.global_batch:
-                print(f"note: the global batch was {state['global_batch']} rows and is now {t.global_batch}; "
-                      "the data continues at the same sample, but each step now covers a different number "
-                      "of rows (see docs/distributed.md on resuming on a different number of GPUs)", flush=True)
-
-    def read(self):
-        """The latest checkpoint's files, checked against this run; None if there is none."""
-        t, info = self.t, self.t.info
-        path = self.dir.latest()
-        if path is None:
-            if info.is_main:
-                print(f"--resume: no checkpoint in {self.dir.root}; starting from step 0", flush=True)
-            return None
-        state = json.loads((path / "trainer.json").read_text())
-        if state["stage"] != t.cfg.stage:
-            raise UserError(f"{path}: checkpoint is from stage {state['stage']!r}, not {t.cfg.stage!r}")
-        if state["max_seq_len"] != t.cfg.max_seq_len:
-            raise UserError(f"{path}: checkpoint was trained with --max-seq-len {state['max_seq_len']}, "
-                            f"not {t.cfg.max_seq_len}")
-        tensors = ckpt.load_tensors(path / "model.safetensors")
-        missing = sorted(set(t.strategy.state_names) - set(tensors))
-        unexpected = sorted(set(tensors) - t.strategy.all_names)
-        if missing or unexpected:
-            key = (missing or unexpected)[0]
-            raise UserError(f"{path}/model.safetensors does not match this model: tensor '{key}' is "
-                            f"{'missing' if missing else 'unexpected'}")
-        return (path, state, tensors, ckpt.load_object(path / "optimizer.pt"),
-                ckpt.load_object(path / "scaler.pt"))
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
