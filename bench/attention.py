@@ -4,7 +4,7 @@
     python bench/attention.py --lengths 256 512 1024 2048  # a sweep; the ratio line is the last length's
     python bench/attention.py --quick
 
-This is the attention of a training step (minimind/model/causal_blocks.py): q, k, v laid out as the model
+This is the attention of a training step (minimind/kernels/causal_blocks.py): q, k, v laid out as the model
 makes them (heads of one projection), the output's gradient random, the inputs' gradients computed. The
 model uses the blocks only at the lengths where this measured them faster (`MIN_LENGTH`..`MAX_LENGTH`); the
 sweep shows why. Times are the best of alternating repetitions.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import interleaved, machine_line, ratio_line  # noqa: E402
 
-from minimind.model.causal_blocks import MAX_LENGTH, MIN_LENGTH, causal_block_attention  # noqa: E402
+from minimind.kernels.causal_blocks import MAX_LENGTH, MIN_LENGTH, causal_block_attention  # noqa: E402
 
 
 def attention_inputs(batch: int, heads: int, kv_heads: int, length: int, head_dim: int):

@@ -1,4 +1,4 @@
-"""CPU training attention in GEMM blocks (minimind/model/causal_blocks.py) computes SDPA's causal attention."""
+"""CPU training attention in GEMM blocks (minimind/kernels/causal_blocks.py) computes SDPA's causal attention."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from test_model import llama_twin, randomize
 
-from minimind.model import causal_blocks
-from minimind.model.causal_blocks import MIN_LENGTH, causal_block_attention
+from minimind.kernels import causal_blocks, use_training_kernels
+from minimind.kernels.causal_blocks import MIN_LENGTH, causal_block_attention
 from minimind.model.documents import document_mask, document_positions
 from minimind.train.objective import MaskedLM
 
@@ -80,6 +80,7 @@ def test_model_routes_cpu_fp32_training_through_blocks_and_matches_hf(monkeypatc
     model = tiny_model(n_heads=8, n_kv_heads=2, dim=128, max_seq_len=512).train()
     randomize(model)
     hf = llama_twin(model).train()
+    use_training_kernels(model, torch.device("cpu"))  # what the trainer selects for a CPU run
     ids = torch.randint(0, model.config.vocab_size, (2, MIN_LENGTH + 17))
     assert_training_step_equal(model, hf, ids)
     assert len(calls) == model.config.n_layers
@@ -105,6 +106,8 @@ def test_packed_documents_of_block_length_equal_the_masked_path(monkeypatch):
     for masked in (False, True):
         model = tiny_model(dropout=0.0, max_seq_len=512).train()
         randomize(model)
+        if not masked:
+            use_training_kernels(model, torch.device("cpu"))
         if masked:
             loss = model(batch["input_ids"], attention_mask=document_mask(batch["doc_ids"]),
                          position_ids=document_positions(batch["doc_ids"]), targets=batch["labels"],

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from minimind.model.documents import Documents, document_mask, document_positions
+from minimind.kernels import use_training_kernels
+from minimind.kernels.documents import Documents
+from minimind.model.documents import document_mask, document_positions
 from minimind.train.objective import MaskedLM
 
 # Two rows of 64: documents of 1, 15, 16, 17, 40 and 2 tokens (buckets 16, 32, 64), then a padding run.
@@ -31,8 +33,11 @@ def test_positions_restart_and_mask_is_block_diagonal():
     assert mask[17, 16] and not mask[17, 15]  # the next one starts at 16
 
 
-def test_each_document_gives_what_it_gives_alone():
+@pytest.mark.parametrize("kernels", [False, True], ids=["mask", "documents"])
+def test_each_document_gives_what_it_gives_alone(kernels):
     model = tiny_model()
+    if kernels:
+        use_training_kernels(model, torch.device("cpu"))
     tokens, doc_ids = packed_batch()
     with torch.no_grad():
         packed = model(tokens, document_ids=doc_ids).logits
@@ -54,6 +59,8 @@ def packed_and_masked(make_model, tokens: torch.Tensor, doc_ids: torch.Tensor) -
     results = []
     for masked in (False, True):
         model = make_model().train()
+        if not masked:
+            use_training_kernels(model, torch.device("cpu"))  # what the trainer selects on a CPU
         if masked:
             inputs = {"attention_mask": document_mask(batch["doc_ids"]),
                       "position_ids": document_positions(batch["doc_ids"])}

@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT
 from dist_helpers import losses, max_loss_gap, run_ok
-from minimind.model.causal_blocks import MIN_LENGTH
 from safetensors.torch import save_file
 from test_causal_blocks import assert_training_step_equal
 from test_documents import packed_and_masked
@@ -33,8 +32,10 @@ from minimind.errors import UserError
 from minimind.eval.ppl import evaluate_ppl
 from minimind.infer import Engine
 from minimind.infer.quantize import Int8Linear
+from minimind.kernels import causal_blocks, use_training_kernels
+from minimind.kernels.causal_blocks import MIN_LENGTH
 from minimind.lora import apply_lora, load_peft_adapter, merge_lora, save_peft_adapter
-from minimind.model import MiniMindConfig, MiniMindForCausalLM, causal_blocks
+from minimind.model import MiniMindConfig, MiniMindForCausalLM
 from minimind.model.info import count_parameters
 from minimind.modeldir import load_config, load_model, save_model_dir
 
@@ -216,6 +217,7 @@ def test_training_through_causal_blocks_matches_qwen3(monkeypatch, tmp_path):
     real = causal_blocks._CausalBlocks.apply
     monkeypatch.setattr(causal_blocks._CausalBlocks, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
     model = tiny3().train()
+    use_training_kernels(model, torch.device("cpu"))  # what the trainer selects for a CPU run
     # From 3: HF gives the pad token's (id 0) embedding row no gradient (padding_idx), we do.
     ids = torch.randint(3, 512, (2, MIN_LENGTH + 17), generator=torch.Generator().manual_seed(5))
     assert_training_step_equal(model, qwen3_twin(model, tmp_path).train(), ids)

@@ -233,14 +233,18 @@ def test_hf_alias_arguments_drive_derived_fields():
 
 
 def test_rms_norm_training_backward_equals_autograd_of_the_formula():
-    """Training (float32, grad on) runs the hand-written backward: values and both gradients equal autograd's
-    through the plain formula; gradcheck in float64 on the function itself."""
-    from minimind.model.layers import RMSNorm, _RMSNormFunction
+    """Training (float32, grad on) with the kernel the trainer installs runs the hand-written backward: values and
+    both gradients equal autograd's through the plain formula; gradcheck in float64 on the function itself."""
+    from minimind.kernels import set_norm
+    from minimind.kernels.rmsnorm import _RMSNormFunction
+    from minimind.model.layers import RMSNorm
 
     generator = torch.Generator().manual_seed(0)
     norm = RMSNorm(48, eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(48, generator=generator))
+    assert norm(torch.ones(1, 48, requires_grad=True)).grad_fn.name() != "_RMSNormFunctionBackward"  # plain model
+    set_norm(norm, "hand_backward")
     x = torch.randn(3, 5, 48, generator=generator).requires_grad_()
     grad = torch.randn(3, 5, 48, generator=generator)
     out = norm(x)

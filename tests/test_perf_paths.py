@@ -33,7 +33,8 @@ def test_rotate_qk_is_the_textbook_rotate_half_rope():
 
 def test_one_query_attention_is_sdpa_over_the_cached_columns():
     """The written-out attention of compiled decode steps: SDPA's result with GQA and a column mask."""
-    from minimind.model.layers import Attention
+    from minimind.kernels.attention import inline_one_query_attention, one_query, one_query_matmul_attention
+    from minimind.model.layers import Attention, sdpa_attention
 
     attention = tiny_model().model.layers[0].self_attn
     assert isinstance(attention, Attention) and attention.n_rep > 1
@@ -42,18 +43,20 @@ def test_one_query_attention_is_sdpa_over_the_cached_columns():
     q = torch.randn(b, attention.n_heads, 1, d)
     k, v = torch.randn(b, attention.n_kv_heads, s, d), torch.randn(b, attention.n_kv_heads, s, d)
     mask = torch.arange(s) <= torch.tensor([4, 9])[:, None, None, None]  # (B, 1, 1, S): rows at 4 and 9
-    want = attention._sdpa(q, k, v, mask, 0.0)
-    torch.testing.assert_close(attention._one_query(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+    want = sdpa_attention(attention, q, k, v, mask, 0.0)
+    torch.testing.assert_close(one_query(attention, q, k, v, mask), want, rtol=1e-5, atol=1e-6)
     # The compiled step hands over the whole cache; columns past the mask's width are never read.
     k_cache, v_cache = (torch.cat((t, torch.full_like(t, float("nan"))), dim=2) for t in (k, v))
-    torch.testing.assert_close(attention._one_query(q, k_cache, v_cache, mask), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one_query(attention, q, k_cache, v_cache, mask), want, rtol=1e-5, atol=1e-6)
     # Eager bf16 decoding on CPU: the same attention as two matmuls, with and without a mask.
     q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
     for m in (mask, None):
-        got = attention._one_query_matmul(q16, k16, v16, m)
+        got = one_query_matmul_attention(attention, q16, k16, v16, m, 0.0)
         assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.float(), attention._sdpa(q16.float(), k16.float(), v16.float(), m, 0.0),
-                                   rtol=0.02, atol=0.02)
+        want16 = sdpa_attention(attention, q16.float(), k16.float(), v16.float(), m, 0.0)
+        torch.testing.assert_close(got.float(), want16, rtol=0.02, atol=0.02)
+    # Outside a compiled step the inline implementation is SDPA's.
+    torch.testing.assert_close(inline_one_query_attention(attention, q, k, v, mask, 0.0), want, rtol=0, atol=0)
 
 
 def test_gemv_layout_keeps_values_names_and_hf_equality_and_saves(tmp_path):

@@ -8,8 +8,8 @@ so the output head qualifies too), writes each one-row matmul as its own vectori
 (out, in) weights; int8 weights (`Int8Linear`) become a row-dot that converts each byte as it reads it.
 Measured on `small` at one thread: 97 against 59 tokens/s fp32, 231 against 153 int8
 (docs/performance.md). A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
-Attention of the one new token is written out as products and sums (`Attention._one_query`), so the
-whole step (every layer, and an int8 output head) becomes one generated kernel instead of one SDPA call
+Attention of the one new token is written out as products and sums (`minimind.kernels.attention.one_query`), so
+the whole step (every layer, and an int8 output head) becomes one generated kernel instead of one SDPA call
 per layer between kernels.
 
 Only steps with one running sequence take this path: with several rows a matmul is a real GEMM, where the
@@ -31,7 +31,7 @@ from torch import nn
 
 from minimind.infer.layout import OutputHead
 from minimind.infer.quantize import Int8Linear
-from minimind.model.layers import Attention
+from minimind.kernels import use_compiled_decode
 
 DECODE_COMPILE_OPTIONS = {
     # M = 1 row only (batch-1 decoding); the other two dimensions up to this size (the head is vocab x dim).
@@ -54,7 +54,8 @@ class DecodeStep(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """ids (B, 1) -> hidden state (B, dim) of the new token, or its logits (B, vocab) with a head."""
-        hidden = self.body(ids, mask, positions, cache, None, True)[0][:, -1]
+        hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True)[0][:, -1]
         return hidden if self.head is None else self.head(hidden)
 
 
@@ -70,9 +71,7 @@ class CompiledDecoder:
     """
 
     def __init__(self, body: nn.Module, output_head: OutputHead, device: torch.device):
-        for module in body.modules():
-            if isinstance(module, Attention):
-                module.inline_one_query = True
+        use_compiled_decode(body)
         in_graph = isinstance(output_head.head, Int8Linear)
         self.eager_head = None if in_graph else output_head
         options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None

@@ -60,6 +60,7 @@ from minimind.infer.layout import OutputHead, gemv_layout, pack_linears
 from minimind.infer.quantize import check_quantize, quantize_int8
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from minimind.infer.text import TextStream
+from minimind.kernels import use_decode_kernels
 from minimind.model.modeling_minimind import MiniMindForCausalLM
 
 Prompt = str | Sequence[int]
@@ -152,6 +153,7 @@ class Engine:
         if quantize == "int8":
             model = quantize_int8(copy.deepcopy(model))  # the caller's model stays as it was
         self.device = next(model.parameters()).device
+        use_decode_kernels(model, self.device, next(model.parameters()).dtype)  # chosen once, here
         if compile and not isinstance(model, MiniMindForCausalLM):
             raise UserError(f"compile=True needs a MiniMind model, got {type(model).__name__}")
         # CPU: oneDNN on prepacked weights for every matmul outside compiled steps (values unchanged, see

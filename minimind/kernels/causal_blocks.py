@@ -9,7 +9,8 @@ K/V). Like flash attention, the forward keeps no (T x T) probabilities: the back
 from Q Kᵀ, and uses delta = rowsum(dO * O) for the softmax gradient. Memory is therefore that of SDPA; the
 arithmetic is one more GEMM per block than keeping the probabilities would need.
 
-Used for fp32 causal self-attention on the CPU (`use_causal_blocks`); elsewhere SDPA is the better kernel.
+Selected for CPU training (`minimind.kernels.use_kernels(model, "cpu-training")`), where it runs for fp32 causal
+self-attention of the lengths `use_causal_blocks` names; elsewhere SDPA is the better kernel.
 """
 
 from __future__ import annotations

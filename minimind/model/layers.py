@@ -2,6 +2,11 @@
 
 Copied into saved model directories as HF remote code: imports only torch and sibling model files.
 Tensor layout inside attention follows HF: (batch, heads, seq, head_dim).
+
+Attention and RMSNorm call an implementation chosen once, when the module is built (SDPA, or the written-out
+form when `flash_attn` is off) or later by whoever sets the model up (the trainer, the Engine): the faster
+kernels for CPU training and decoding live in `minimind.kernels` and are installed with
+`minimind.kernels.use_kernels`. Nothing here looks at the device, dtype or training state to pick one.
 """
 
 from __future__ import annotations
@@ -12,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .causal_blocks import causal_block_attention, use_causal_blocks
 from .configuration_minimind import MiniMindConfig
-from .documents import Documents
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -30,6 +33,14 @@ def _sdpa_supports_gqa() -> bool:
 SDPA_HAS_GQA = _sdpa_supports_gqa()
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x²) + eps) over the last dimension, in float32 and cast back to x's dtype."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 for stability and cast back."""
 
@@ -37,40 +48,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.norm_function = rms_norm  # (x, weight, eps) -> normed x; minimind.kernels may install another
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == torch.float32 and torch.is_grad_enabled():
-            return _RMSNormFunction.apply(x, self.weight, self.eps)  # training: same values, a shorter backward
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """weight * x * r with r = rsqrt(mean(x²) + eps), keeping only x * r and r for a hand-written backward:
-
-        dx = r * (g·w − x·r * mean(g·w * x·r)),   dweight = Σ_rows g * x·r
-
-    Autograd's version of the same forward keeps x as well, and its backward runs about twice as many passes
-    over (tokens × dim): this one measured 1.3-1.5x faster per norm (forward + backward, 4 x 512 x 512 fp32 on
-    a CPU), and a training step's peak memory 9% lower (docs/performance.md)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        normed = x * r
-        ctx.save_for_backward(normed, r, weight)
-        return normed * weight
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        normed, r, weight = ctx.saved_tensors
-        scaled = grad * weight
-        along = (scaled * normed).mean(-1, keepdim=True)  # the part of the gradient along x, removed below
-        dx = torch.addcmul(scaled, normed, along, value=-1).mul_(r) if ctx.needs_input_grad[0] else None
-        dweight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return dx, dweight, None
+        return self.norm_function(x, self.weight, self.eps)
 
 
 def rope_frequencies(config: MiniMindConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
@@ -151,6 +132,35 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
+def sdpa_attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """PyTorch's scaled_dot_product_attention: q (B, H, T, D), k and v (B, H_kv, S, D) -> (B, H, T, D).
+
+    mask None means causal over the new tokens, which is only SDPA's `is_causal` when there is no cache prefix.
+    """
+    causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+    if SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=module.n_rep > 1
+        )
+    k, v = repeat_kv(k, module.n_rep), repeat_kv(v, module.n_rep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
+def eager_attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """The same attention written out, for readers and for backends without SDPA."""
+    k, v = repeat_kv(k, module.n_rep), repeat_kv(v, module.n_rep)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(module.head_dim)  # (B, H, T, S)
+    if mask is None and q.shape[2] > 1:
+        t, s = q.shape[2], k.shape[2]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = F.dropout(scores.float().softmax(dim=-1).to(q.dtype), p=dropout, training=dropout > 0)
+    return probs @ v
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -170,9 +180,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.flash = config.flash_attn
-        # Set by `CompiledDecoder` (infer/compiled.py): a compiled one-token step writes attention out.
-        self.inline_one_query = False
+        # (module, q, k, v, mask, dropout) -> (B, H, T, D); minimind.kernels may install another.
+        self.attention_function = sdpa_attention if config.flash_attn else eager_attention
 
     def forward(
         self,
@@ -183,7 +192,8 @@ class Attention(nn.Module):
         cache=None,
     ) -> torch.Tensor:
         """x (B, T, dim); cos and `signed_sin` tables (B, 1, T, head_dim); mask: None (plain causal over the
-        new tokens), bool (B|1, 1, T, S) with True = attend, or the `Documents` of a packed batch."""
+        new tokens), bool (B|1, 1, T, S) with True = attend, or what the body's `document_attention` made of a
+        packed batch's document ids (by default their block-diagonal mask)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -195,73 +205,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv_heads, S, D) with S = past + t
         dropout = self.dropout if self.training else 0.0
-        if isinstance(mask, Documents):  # packed rows: each document attends alone (documents.py)
-            out = mask.attend(q, k, v, lambda qd, kd, vd: self._sdpa(qd, kd, vd, None, dropout))
-        elif self.inline_one_query and t == 1 and mask is not None and torch.compiler.is_compiling():
-            out = self._one_query(q, k, v, mask)
-        elif t == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and not self.training:
-            out = self._one_query_matmul(q, k, v, mask)
-        elif self.flash:
-            out = self._sdpa(q, k, v, mask, dropout)
-        else:
-            out = self._explicit(q, k, v, mask, dropout)
+        out = self.attention_function(self, q, k, v, mask, dropout)
         out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         return self.resid_dropout(out) if dropout else out
-
-    def _sdpa(self, q, k, v, mask, dropout):
-        # A plain causal mask is only valid when queries and keys are the same positions (no cache prefix).
-        causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
-        if causal and use_causal_blocks(q, k, dropout):  # fp32 on a CPU: GEMM blocks beat SDPA's kernel
-            return causal_block_attention(q, k, v)
-        if SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=self.n_rep > 1
-            )
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-
-    def _one_query(self, q, k, v, mask):
-        """Attention of one new token per row over the cache (B, n_kv_heads, S, D), as products and sums.
-
-        Under torch.compile these fuse into the decode step's generated loops, where an SDPA call per layer
-        costs more than its arithmetic at one query (~26 us each on a CPU). The query heads that share a K/V
-        head sit side by side, so nothing is copied. The mask's width says how many cache columns to read: the
-        compiled step passes the whole cache and a mask as wide as the tokens so far.
-        """
-        b, _, _, d = q.shape
-        k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
-        q = q.view(b, self.n_kv_heads, self.n_rep, 1, d)
-        scores = (q * k[:, :, None]).sum(-1) / math.sqrt(d)  # (B, n_kv_heads, n_rep, S)
-        probs = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(q.dtype)  # mask (B, 1, 1, S)
-        return (probs[..., None] * v[:, :, None]).sum(-2).view(b, self.n_heads, 1, d)
-
-    def _one_query_matmul(self, q, k, v, mask):
-        """Eager bf16/fp16 decoding on CPU: one new token per row attends over the cache with two matmuls.
-
-        PyTorch's CPU flash-attention kernel at one query takes 4.5-10x its float32 time in bf16; this takes
-        1.1-1.4x (docs/performance.md). In float32 the two measured the same, so float32 keeps SDPA. The query
-        heads that share a K/V head are one matmul's rows, so nothing is repeated or copied.
-        mask: None or bool (B, 1, 1, S).
-        """
-        b, _, _, d = q.shape
-        q = q.reshape(b, self.n_kv_heads, self.n_rep, d)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)  # (B, n_kv_heads, n_rep, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(q.dtype)
-        return (probs @ v).view(b, self.n_heads, 1, d)
-
-    def _explicit(self, q, k, v, mask, dropout):
-        """The same attention written out, for readers and for backends without SDPA."""
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
-        if mask is None and q.shape[2] > 1:
-            t, s = q.shape[2], k.shape[2]
-            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = F.dropout(scores.float().softmax(dim=-1).to(q.dtype), p=dropout, training=dropout > 0)
-        return probs @ v
 
 
 class FeedForward(nn.Module):

@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .configuration_minimind import MiniMindConfig
-from .documents import Documents, document_mask, document_positions
+from .documents import document_mask, document_positions
 from .head_loss import head_cross_entropy
 from .layers import Attention, FeedForward, RMSNorm, rope_cos_sin, signed_sin
 from .moe import MoEFeedForward
@@ -63,6 +63,8 @@ class MiniMindModel(MiniMindPreTrainedModel):
         self.layers = nn.ModuleList(MiniMindBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.gradient_checkpointing = False
+        # document ids (B, T) -> what attention takes for packed rows; minimind.kernels may install another.
+        self.document_attention = document_mask
         self.post_init()
 
     def forward(
@@ -90,7 +92,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
                 raise ValueError("document_ids (packed training rows) replaces attention_mask and takes no KV cache")
             if position_ids is None:
                 position_ids = document_positions(document_ids)
-            mask = packed_attention(document_ids)
+            mask = self.document_attention(document_ids)
         else:
             if position_ids is None:
                 position_ids = default_position_ids(attention_mask, b, t, past, x.device)
@@ -108,14 +110,6 @@ class MiniMindModel(MiniMindPreTrainedModel):
             if aux is not None:
                 aux_total = aux_total + aux
         return self.norm(x), past_key_values, aux_total
-
-
-def packed_attention(document_ids: torch.Tensor) -> Documents | torch.Tensor:
-    """How attention sees packed documents: per-document SDPA batches on CPU (`Documents`), else a block-diagonal
-    causal mask (on a GPU, and inside torch.compile, which cannot trace the data-dependent document layout)."""
-    if document_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        return Documents(document_ids)
-    return document_mask(document_ids)
 
 
 def default_position_ids(attention_mask, b: int, t: int, past: int, device) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from minimind.kernels import use_training_kernels
 from minimind.train.args import TrainConfig
 from minimind.train.checkpoint import unique_state
 from minimind.train.distributed import DistInfo
@@ -48,6 +49,7 @@ class Strategy:
         """
         self.state_names = list(unique_state(model, trainable_only))
         self.all_names = set(model.state_dict())
+        use_training_kernels(model, self.info.device, self.cfg.compile)  # chosen once, before any wrapping
         return self.setup(model)
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
