@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned to the CPU wheel that lies on disk here; a bare `torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast test-interop lint clean
+.PHONY: setup browser demo test test-fast test-interop lint clean
 
 setup: $(STAMP)
 
@@ -19,11 +19,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# tests/test_web_browser.py drives Debian's Chromium through Playwright (no browser download). Installed here,
+# with a CJK font for the screenshot, when it is missing and apt-get can install it (as root, or with sudo that
+# asks no password); otherwise that test talks to the page through Streamlit's own server protocol instead.
+CHROMIUM ?= $(or $(MINIMIND_CHROMIUM),/usr/bin/chromium)
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; }; then \
+	    as_root=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	    $$as_root apt-get update -qq && \
+	    $$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei; \
+	else \
+	    echo "no Chromium at $(CHROMIUM) and no apt-get/root to install it: the web UI test runs without a browser"; \
+	fi
+
 demo: setup
 	$(BIN)/minimind demo --out runs/demo --overwrite
 
 # --durations=20: the 20 slowest tests, so the suite's budget stays visible
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q --durations=20
 
 test-fast: setup

