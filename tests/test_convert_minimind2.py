@@ -1,6 +1,6 @@
 """MiniMind2 `.pth` import/export: bit-exact round trips, and logits equal to MiniMind2's own formula.
 
-The reference forward below is written from the seed's description of MiniMind2 (§2.2.3): RMSNorm, RoPE as
+The reference forward below is written from MiniMind2's published architecture: RMSNorm, RoPE as
 complex rotation of interleaved pairs (`precompute_pos_cis` + `view_as_complex`), GQA with `repeat_kv`,
 SwiGLU `w2(silu(w1 x) * w3 x)`, softmax top-k MoE with shared experts, output tied to the embedding.
 """
