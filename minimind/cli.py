@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from minimind.errors import UserError
+from minimind.help_format import HelpFormatter
 
 # verb -> (module, one-line help). Order is the pipeline's order.
 VERBS: dict[str, tuple[str, str]] = {
@@ -33,23 +34,6 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
     "completion": ("minimind.completion", "print a shell completion script (bash, zsh or tcsh)"),
 }
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to a flag's help only where it adds something.
-
-    argparse's ArgumentDefaultsHelpFormatter appends it to every flag, so help that already says what the
-    default is, or a flag whose default is None/False (meaning "not given" or "off"), reads twice or reads
-    "(default: None)".
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_ = action.help or ""
-        default = action.default
-        if (default is None or default is False or default is argparse.SUPPRESS or default in ("", [], ())
-                or "default" in help_.lower() or not action.option_strings):
-            return help_
-        return f"{help_} (default: %(default)s)"
 
 
 def build_parser(verb: str) -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from pathlib import Path
 from minimind.demo_data import records
 from minimind.demo_data.common import HELD_OUT, Pools, lang_of, make_pools, make_rng, scaled
 from minimind.demo_data.pretrain import paragraph
+from minimind.help_format import HelpFormatter
 
 # Sizes at scale 1.0. The pretraining file is sized in bytes, everything else in records.
 PRETRAIN_BYTES = 3_000_000
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m minimind.demo_data.generate",
         description="Write MiniMind's demo datasets (pretrain, SFT, DPO, RLAIF, reasoning, choice) as JSONL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--out",
