@@ -43,7 +43,7 @@ max_new_tokens cuts it short (finish_reason "length").
 
 from __future__ import annotations
 
-import copy
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -56,7 +56,14 @@ from minimind.errors import UserError
 from minimind.infer.cache import SlotKVCache
 from minimind.infer.compiled import CompiledDecoder
 from minimind.infer.grammar import Guide
-from minimind.infer.layout import OutputHead, gemv_layout, pack_linears
+from minimind.infer.layout import (
+    OutputHead,
+    PackedLinear,
+    engine_copy,
+    gemv_layout,
+    pack_linears,
+    tensor_bytes,
+)
 from minimind.infer.quantize import check_quantize, quantize_int8
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from minimind.infer.text import TextStream
@@ -64,6 +71,7 @@ from minimind.kernels import use_decode_kernels
 from minimind.model.modeling_minimind import MiniMindForCausalLM
 
 Prompt = str | Sequence[int]
+log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -146,26 +154,36 @@ class Engine:
         quantize: str | None = None,
         compile: bool = False,
         prepack: bool = True,
+        *,
+        _owned: bool = False,
     ):
+        self.quantize = check_quantize(quantize)
+        # The caller's model is never rewritten: the engine prepares its own modules over the same weights
+        # (`engine_copy`), except when it loaded the model itself (`from_pretrained`, `_owned`).
+        given = None if _owned else model
+        if given is not None:
+            model = engine_copy(model)
         if device is not None:
             model = model.to(device)
-        self.quantize = check_quantize(quantize)
         if quantize == "int8":
-            model = quantize_int8(copy.deepcopy(model))  # the caller's model stays as it was
+            model = quantize_int8(model)
         self.device = next(model.parameters()).device
         use_decode_kernels(model, self.device, next(model.parameters()).dtype)  # chosen once, here
         if compile and not isinstance(model, MiniMindForCausalLM):
             raise UserError(f"compile=True needs a MiniMind model, got {type(model).__name__}")
         # CPU: oneDNN on prepacked weights for every matmul outside compiled steps (values unchanged, see
-        # layout.py; a second copy of every weight). With prepack=False, or where this build lacks oneDNN,
-        # the column-major layout for faster single-row matmuls instead, which costs no memory.
-        if not (prepack and pack_linears(model)) and not compile:
+        # layout.py; a second copy of every weight). Where this build lacks oneDNN, the column-major layout for
+        # faster single-row matmuls instead: free on a model the engine loaded itself, a second copy of the
+        # projections on a caller's model, so prepack=False (no second copy) leaves a caller's layout alone.
+        if not (prepack and pack_linears(model)) and not compile and (prepack or given is None):
             gemv_layout(model)
         # MiniMind: run the body, then the head on the last positions only through `OutputHead`.
         self._body = model.model if isinstance(model, MiniMindForCausalLM) else None
         self._head = OutputHead(model.get_output_embeddings()) if self._body is not None else None
         self._decode_step = CompiledDecoder(self._body, self._head, self.device) if compile else None
         self.model = model.eval()
+        self.weight_copy_bytes = _weight_copy_bytes(model, given, self._head)
+        log.info("engine: %.1f MiB of weight copies beside the model's own weights", self.weight_copy_bytes / 2**20)
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
         config = model.config
@@ -200,7 +218,7 @@ class Engine:
                 raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
         model, tokenizer = load_model_dir(path, device=device, dtype=dtype)
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, _owned=True, **kwargs)  # nobody else holds it: rewritten in place
 
     # ---- prompts ----
 
@@ -540,7 +558,8 @@ class Engine:
         """(B, T) ids -> (B, V) logits of the last position (or (B, T, V) of every one), through the bound
         cache rows."""
         if self._body is not None:
-            hidden = self._body(ids, mask, positions, self.cache, None, True)[0]  # (B, T, dim)
+            hidden = self._body(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=self.cache, use_cache=True)[0]  # (B, T, dim)
             return self._head(hidden if every_position else hidden[:, -1])
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
@@ -611,6 +630,21 @@ class Engine:
                     state[row] = state[last]
                 self._running[row] = moved
                 moved.row = row
+
+
+def _weight_copy_bytes(model: torch.nn.Module, given: torch.nn.Module | None, head: OutputHead | None) -> int:
+    """Bytes of weights the engine holds beside the model's own: tensors of its model that do not share the
+    caller's storage (`given`: restrided, moved or int8 weights; none for a model it loaded itself) plus the
+    copies built at first use (oneDNN's prepacked weights, the output head's transposed weight)."""
+    ours = list(model.parameters()) + list(model.buffers())
+    if given is None:
+        made = 0
+    else:
+        theirs = {t.untyped_storage().data_ptr() for t in (*given.parameters(), *given.buffers())}
+        made = tensor_bytes(t for t in ours if t.untyped_storage().data_ptr() not in theirs)
+    packed = tensor_bytes(m.weight for m in model.modules() if isinstance(m, PackedLinear))
+    head_copy = tensor_bytes([head.head.weight]) if head is not None and head.copy else 0
+    return made + packed + head_copy
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list[TokenLogprob | None]:

@@ -8,7 +8,7 @@ Two mechanisms, the first preferred (the Engine applies it to every model it ser
   threads: 6.6 ms per step at one row against 8.8 ms (column-major BLAS) and 13.3 ms (row-major BLAS), 8.9
   against 14.3 ms at eight rows, 22 against 35 ms at 64 rows (docs/performance.md). The price is a second
   copy of the weights in memory.
-- `gemv_layout`, without oneDNN or with `prepack=False` (no extra memory): `nn.Linear` stores its weight as
+- `gemv_layout`, without oneDNN or with `prepack=False`: `nn.Linear` stores its weight as
   (out, in) rows and computes x @ W.T; for one or a few rows the CPU BLAS path for that layout reads the
   matrix markedly slower than when the same matrix is stored as (in, out) rows, i.e. when W.T is contiguous.
   `gemv_layout` re-stores each projection weight in that layout in place: the parameter keeps its shape
@@ -16,16 +16,40 @@ Two mechanisms, the first preferred (the Engine applies it to every model it ser
   shared between modules (the output head tied to the token embedding) is left alone, because HF
   `save_pretrained` cannot save a tied tensor that is not contiguous; `OutputHead` instead keeps a
   transposed copy of it for decoding.
+
+Both rewrite the modules they are given, so the Engine applies them to `engine_copy(model)`, never to the
+model it was handed: new module objects over the same weight storage. What each layout then costs in memory
+is in `Engine.weight_copy_bytes`.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def engine_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose modules the Engine may rewrite (swap classes, replace layers, restride or move
+    weights, set flags) while the caller's model stays as it was.
+
+    Module objects are new; every parameter is a new `nn.Parameter` over the same storage (and version
+    counter), and buffers are the same tensors, so the copy costs no weight memory and follows in-place
+    updates of the caller's weights (an optimizer step, `load_state_dict`). Tied weights stay tied.
+    """
+    memo: dict[int, object] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by distinct storages among `tensors`."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 @torch.no_grad()
