@@ -194,7 +194,7 @@ def test_signal_checkpoints_exits_zero_and_resumes_to_the_same_weights(tmp_path,
     resume; the resumed run equals the uninterrupted one."""
     out = tmp_path / "signalled"
     proc = launch(pretrain_args(corpus_file, tokenizer_dir, out, "--num-workers", "2"), new_session=True)
-    assert wait_until(lambda: logged_steps(out) >= 3, proc)
+    assert wait_until(lambda: logged_steps(out) >= 3, proc), finish(proc)
     os.killpg(proc.pid, sig)
     output = finish(proc)
     assert proc.returncode == 0, output
