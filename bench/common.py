@@ -53,7 +53,7 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int, device: to
 class LogitsMaskedLM(MaskedLM):
     """`MaskedLM` computed as the reference project (and HF's `labels=` loss) does: the whole (tokens x vocab)
     logits of every position, then cross-entropy, then the mask. Ours runs the head chunk by chunk on the
-    masked-in positions only (minimind/model/head_loss.py); benches use this as the peer's loss."""
+    masked-in positions only (minimind/kernels/head_loss.py); benches use this as the peer's loss."""
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         out = model(**model_inputs(batch))

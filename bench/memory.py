@@ -7,7 +7,7 @@
 Each case runs in a fresh process: on CPU the figure is how far the step raises the process's peak resident
 memory (`ru_maxrss`), on a GPU `torch.cuda.max_memory_allocated` above what the model and batch hold before
 the step. Cases: `ours` (the trainer's `MaskedLM`, whose head and cross-entropy run chunk by chunk, see
-minimind/model/head_loss.py), `ours-logits` (the same model with the whole (tokens x vocab) logits
+minimind/kernels/head_loss.py), `ours-logits` (the same model with the whole (tokens x vocab) logits
 materialised and `F.cross_entropy` on them: `LogitsMaskedLM`, as before), and `hf` (HF's own `labels=` loss).
 The last line is `memory: ratio=<ours / hf>`: below 1, ours needs less.
 """

@@ -10,6 +10,7 @@ from test_model import llama_twin, randomize
 
 from minimind.kernels import causal_blocks, use_training_kernels
 from minimind.kernels.causal_blocks import MIN_LENGTH, causal_block_attention
+from minimind.kernels.training import TrainingLM
 from minimind.model.documents import document_mask, document_positions
 from minimind.train.objective import MaskedLM
 
@@ -109,7 +110,7 @@ def test_packed_documents_of_block_length_equal_the_masked_path(monkeypatch):
         if not masked:
             use_training_kernels(model, torch.device("cpu"))
         if masked:
-            loss = model(batch["input_ids"], attention_mask=document_mask(batch["doc_ids"]),
+            loss = TrainingLM(model)(batch["input_ids"], attention_mask=document_mask(batch["doc_ids"]),
                          position_ids=document_positions(batch["doc_ids"]), targets=batch["labels"],
                          target_weights=batch["loss_mask"]).loss
         else:

@@ -9,8 +9,9 @@ from conftest import tiny_model
 from test_head_loss import saved_bytes
 from torch import nn
 
+from minimind.kernels import head_loss
+from minimind.kernels.training import TrainingLM
 from minimind.lora import LoRALinear
-from minimind.model import head_loss
 from minimind.train.distill_loss import distill_head_loss, token_kl
 from minimind.train.stages.distill import Distill
 
@@ -123,6 +124,6 @@ def test_distill_objective_gradients_equal_the_logits_form():
 def test_head_loss_fn_gets_the_final_hidden_states_and_head():
     model = tiny_model().eval()
     ids = torch.randint(3, 512, (2, 9))
-    out = model(ids, head_loss_fn=lambda hidden, head: (hidden, head))
+    out = TrainingLM(model)(ids, head_loss_fn=lambda hidden, head: (hidden, head))
     assert out.logits is None and out.loss[1] is model.lm_head
     torch.testing.assert_close(model.lm_head(out.loss[0]), model(ids).logits)

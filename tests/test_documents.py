@@ -8,6 +8,7 @@ from conftest import tiny_model
 
 from minimind.kernels import use_training_kernels
 from minimind.kernels.documents import Documents
+from minimind.kernels.training import TrainingLM
 from minimind.model.documents import document_mask, document_positions
 from minimind.train.objective import MaskedLM
 
@@ -64,7 +65,7 @@ def packed_and_masked(make_model, tokens: torch.Tensor, doc_ids: torch.Tensor) -
         if masked:
             inputs = {"attention_mask": document_mask(batch["doc_ids"]),
                       "position_ids": document_positions(batch["doc_ids"])}
-            loss = model(batch["input_ids"], **inputs, targets=batch["labels"],
+            loss = TrainingLM(model)(batch["input_ids"], **inputs, targets=batch["labels"],
                          target_weights=batch["loss_mask"]).loss
         else:
             loss = MaskedLM()(model, batch).loss_sum

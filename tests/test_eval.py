@@ -148,7 +148,7 @@ def test_sum_logprobs_equals_the_logits_of_each_sequence_alone(quantize, monkeyp
     (a module, not the fused path: scored 3 rows at a time here)."""
     from minimind.eval.scoring import sum_logprobs
     from minimind.infer.quantize import quantize_int8
-    from minimind.model import head_loss
+    from minimind.kernels import head_loss
 
     model = tiny_model(5).eval()
     if quantize:

@@ -15,7 +15,7 @@ from conftest import tiny_model
 
 from minimind.cli import main
 from minimind.errors import UserError
-from minimind.model import head_loss
+from minimind.kernels import head_loss
 from minimind.modeldir import save_model_dir
 from minimind.train.objective import token_nll
 from minimind.train.rewards import ModelReward, RuleReward, answer_correct, make_reward, repetition

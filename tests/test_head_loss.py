@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from torch import nn
 
+from minimind.kernels import head_loss
+from minimind.kernels.head_loss import head_cross_entropy, head_token_nll
+from minimind.kernels.training import TrainingLM
 from minimind.lora import LoRALinear
-from minimind.model import head_loss
-from minimind.model.head_loss import head_cross_entropy, head_token_nll
 from minimind.train.objective import MaskedLM, model_inputs, token_nll
 
 ROWS, DIM, VOCAB = 300, 32, 700
@@ -151,7 +152,8 @@ def test_training_keeps_no_logits_for_backward(small_chunks):
 
 
 def test_model_targets_path_is_masked_lm_of_the_logits():
-    """`model(..., targets=, target_weights=)` (what MaskedLM calls) = Σ mask · nll of the model's logits."""
+    """`TrainingLM(model)(..., targets=, target_weights=)` (what MaskedLM calls) = Σ mask · nll of the model's
+    logits."""
     model = tiny_model().train()
     torch.manual_seed(1)
     tokens = torch.randint(3, 512, (3, 41))
@@ -161,7 +163,7 @@ def test_model_targets_path_is_masked_lm_of_the_logits():
     expected.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    out = model(**model_inputs(batch), targets=batch["labels"], target_weights=mask)
+    out = TrainingLM(model)(**model_inputs(batch), targets=batch["labels"], target_weights=mask)
     assert out.logits is None
     torch.testing.assert_close(out.loss, expected.detach(), rtol=1e-5, atol=1e-4)
     loss = MaskedLM()(model, batch).loss_sum
@@ -213,3 +215,19 @@ def test_per_row_keeps_no_logits_for_backward(small_chunks):
     fused = saved_bytes(lambda: head_cross_entropy(hidden, head, targets, weights, per_row=True))
     # The hidden states and the weight (by reference), plus a few per-position ids and weights.
     assert fused <= (ROWS * DIM + VOCAB * DIM) * 4 + ROWS * 32 < ROWS * VOCAB * 4 / 5
+
+
+def test_training_lm_is_the_causal_lm_under_the_same_names():
+    """What the strategies wrap: the causal LM's parameters under its own names (checkpoints, FSDP state), its
+    logits when asked for no loss, and `plain_model` gives back the causal LM that is saved."""
+    from minimind.kernels.training import plain_model, training_view
+
+    model = tiny_model().eval()
+    wrapped = training_view(model)
+    assert isinstance(wrapped, TrainingLM) and training_view(wrapped) is wrapped and plain_model(wrapped) is model
+    assert list(wrapped.state_dict()) == list(model.state_dict())
+    assert [id(p) for p in wrapped.parameters()] == [id(p) for p in model.parameters()]
+    ids = torch.randint(3, 512, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert wrapped.train().module.training and not wrapped.eval().module.training

@@ -24,6 +24,12 @@ def test_directory_has_spec_files(model_dir):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_minimind.MiniMindForCausalLM"
     assert not [p for p in model_dir.iterdir() if p.name.startswith(".save-")]
+    # The remote code is the plain model only: no training or decoding kernel ships with a directory.
+    code = {p.name for p in model_dir.glob("*.py")}
+    assert code == {"configuration_minimind.py", "modeling_minimind.py", "layers.py", "moe.py", "documents.py"}
+    for path in model_dir.glob("*.py"):
+        text = path.read_text()
+        assert "from minimind" not in text and "import minimind" not in text and "autograd.Function" not in text
 
 
 def test_load_round_trip_gives_same_logits(model_dir):

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from minimind.kernels.training import training_view
+
 
 def batches_by_length(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
     """Indices grouped longest-first so each batch's padded size (count x longest) stays within the budget."""
@@ -52,7 +54,7 @@ def sum_logprobs(
         # keeping (tokens x vocab) logits (on CPU the unscored ones, e.g. a choice's question, skip the head).
         targets = torch.cat([targets[:, 1:], torch.full((len(batch), 1), -100)], dim=1).to(device)
         scored = targets != -100
-        nll = model(input_ids=ids.to(device), use_cache=False, targets=targets, target_weights=scored.float(),
+        nll = training_view(model)(input_ids=ids.to(device), use_cache=False, targets=targets, target_weights=scored.float(),
                     per_row=True).loss
         sums = (-nll).tolist()
         counts = scored.sum(dim=1).tolist()

@@ -16,7 +16,7 @@ Rows whose weight is 0 (prompt and padding positions of SFT rows) are dropped be
 cost no head FLOPs. On a GPU all rows go through (their weight zeroes them): dropping them needs the count of kept
 rows on the host, a synchronisation in the middle of every forward.
 
-This file is copied into saved model directories with modeling_minimind.py: torch only.
+The training objectives reach it through `minimind.kernels.training.TrainingLM`, the module the strategies wrap.
 """
 
 from __future__ import annotations

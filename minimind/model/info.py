@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from minimind.device import dtype_name
+from minimind.kernels.head_loss import chunk_rows
 from minimind.model.configuration_minimind import PRESETS, MiniMindConfig
-from minimind.model.head_loss import chunk_rows
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

@@ -17,7 +17,6 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .configuration_minimind import MiniMindConfig
 from .documents import document_mask, document_positions
-from .head_loss import head_cross_entropy
 from .layers import Attention, FeedForward, RMSNorm, rope_cos_sin, signed_sin
 from .moe import MoEFeedForward
 
@@ -178,34 +177,24 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         cache: Cache | None = None,
-        targets: torch.LongTensor | None = None,
-        target_weights: torch.Tensor | None = None,
-        per_row: bool = False,
         document_ids: torch.LongTensor | None = None,
-        head_loss_fn=None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Logits (B, T, vocab); with `labels` (B, T, -100 = ignore) also the shifted next-token loss (+ MoE aux).
 
         `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last).
         `cache` is the newer transformers name for `past_key_values`; either works.
-        With `targets` (B, T), the next token of every position (already shifted), the training path: `loss` is
-        Σ target_weights · (-log p(target)) (a sum, not a mean; weights default to 1; `per_row=True`: one sum per
-        row, shape (B,)), computed by `head_cross_entropy` without keeping the logits, and `logits` is None.
-        `document_ids` (B, T): packed rows, see `MiniMindModel.forward`.
-        `head_loss_fn(hidden, lm_head)`: any other loss from the final hidden states (B, T, dim) and the head, run
-        inside this forward (so DDP/FSDP see it as part of the model); what it returns is `loss`, `logits` is None.
+        `document_ids` (B, T): packed rows, see `MiniMindModel.forward`. Training losses straight from the hidden
+        states (no logits kept) are `minimind.kernels.training.TrainingLM`'s, outside this file.
         """
         past_key_values = past_key_values if past_key_values is not None else cache
         if use_cache is None:
             use_cache = past_key_values is not None or (not self.training and getattr(self.config, "use_cache", True))
         hidden, past_key_values, aux = self.model(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, document_ids
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            document_ids=document_ids,
         )
-        if head_loss_fn is not None or targets is not None:
-            loss = (head_loss_fn(hidden, self.lm_head) if head_loss_fn is not None
-                    else head_cross_entropy(hidden, self.lm_head, targets, target_weights, per_row))
-            return MoeCausalLMOutputWithPast(loss=loss, logits=None, aux_loss=aux, **{_CACHE_FIELD: past_key_values})
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

@@ -1,6 +1,6 @@
 """The distillation loss straight from hidden states: α·CE + (1 − α)·T²·KL(teacher_T ‖ student_T), chunk by chunk.
 
-Like every other training loss here (minimind/model/head_loss.py), it never holds the (tokens x vocab) logits of
+Like every other training loss here (minimind/kernels/head_loss.py), it never holds the (tokens x vocab) logits of
 the student or the teacher: for one chunk of rows at a time, both heads run, the chunk's loss and its gradient in
 the student's logits are computed, and that gradient goes straight into the student's hidden states and head
 weight (`fused_head_loss`). Positions outside the loss mask are dropped before either head runs (on CPU).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minimind.model.head_loss import (
+from minimind.kernels.head_loss import (
     chunk_nll,
     chunk_rows,
     fused_head_loss,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from minimind.kernels.training import training_view
+
 
 @dataclass
 class LossOutput:
@@ -76,5 +78,5 @@ class MaskedLM(Objective):
     """Next-token cross-entropy on the positions the mask selects (pretrain: all real tokens; SFT: replies)."""
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
-        out = model(**model_inputs(batch), targets=batch["labels"], target_weights=batch["loss_mask"])
+        out = training_view(model)(**model_inputs(batch), targets=batch["labels"], target_weights=batch["loss_mask"])
         return LossOutput(out.loss, out.aux_loss)

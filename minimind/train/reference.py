@@ -10,17 +10,20 @@ from pathlib import Path
 
 import torch
 
-from minimind.model.head_loss import head_token_nll
-from minimind.model.modeling_minimind import MiniMindForCausalLM
+from minimind.kernels import use_training_kernels
+from minimind.kernels.head_loss import head_token_nll
+from minimind.kernels.training import TrainingLM, training_view
 from minimind.modeldir import load_model
 
 
-def load_frozen(path: str | Path, device: torch.device | str = "cpu") -> MiniMindForCausalLM:
-    """A model directory loaded in eval mode with every parameter frozen (requires_grad False)."""
+def load_frozen(path: str | Path, device: torch.device | str = "cpu") -> TrainingLM:
+    """A model directory loaded in eval mode with every parameter frozen (requires_grad False), as a
+    `TrainingLM` (its head losses, `.model` the body, `.lm_head`, `.config`)."""
     model = load_model(path, device)
     for param in model.parameters():
         param.requires_grad_(False)
-    return model
+    use_training_kernels(model, torch.device(device))  # packed rows per document on a CPU, as the policy
+    return training_view(model)
 
 
 def completion_head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, completion_ids: torch.Tensor) -> torch.Tensor:
@@ -32,7 +35,7 @@ def completion_head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, comple
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP or torch.compile wrapper (generation runs on it directly)."""
+    """The module inside a DDP, torch.compile or `TrainingLM` wrapper (generation runs on it directly)."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from transformers.cache_utils import DynamicCache
 
+from minimind.kernels.training import training_view
 from minimind.model.info import forward_flops, sampling_flops, training_flops
 from minimind.train.objective import LossOutput, Objective
 from minimind.train.reference import completion_head_logprobs, unwrap
@@ -158,7 +159,7 @@ class RLObjective(Objective):
 
     def __init__(self, reference: torch.nn.Module, tokenizer, reward: Reward, group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0):
-        self.reference, self.tokenizer, self.reward = reference, tokenizer, reward
+        self.reference, self.tokenizer, self.reward = training_view(reference), tokenizer, reward
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
 
@@ -190,7 +191,7 @@ class RLObjective(Objective):
         inputs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
                   "logits_to_keep": rollout.completion_ids.shape[1] + 1,
                   "head_loss_fn": partial(completion_head_logprobs, completion_ids=rollout.completion_ids)}
-        out = model(**inputs)
+        out = training_view(model)(**inputs)
         with torch.no_grad():
             ref_logp = self.reference(**inputs).loss
         return scored, out, out.loss, ref_logp

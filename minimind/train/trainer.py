@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from minimind.data.sampler import DataPosition, StepBatchSampler
 from minimind.errors import UserError
+from minimind.kernels.training import plain_model, training_view
 from minimind.model.info import count_parameters, training_flops
 from minimind.outputs import writing
 from minimind.train import checkpoint as ckpt
@@ -65,7 +66,8 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device = info.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.model = run.model.to(self.device)
+        # A causal LM trains inside `TrainingLM` (losses from the hidden states); same parameters and names.
+        self.model = training_view(run.model.to(self.device))
         if cfg.gradient_checkpointing and hasattr(self.model, "model"):
             self.model.model.gradient_checkpointing = True
         self.config = getattr(self.model, "config", None)  # FLOPs for `mfu` come from its shapes
@@ -264,7 +266,8 @@ class Trainer:
         self._save_checkpoint()
         monitor.close()
         summary: dict[str, Any] = {"step": self.step, "finished": True}
-        final = self.strategy.final_model()  # an ordinary module on the main rank, whatever the strategy
+        # An ordinary module on the main rank, whatever the strategy: the causal LM itself, not its TrainingLM.
+        final = plain_model(self.strategy.final_model())
         if self.info.is_main:
             with writing(self.out):
                 self.run.save_final(final, self.out)

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from minimind.data.datasets import stack_collate
 from minimind.errors import UserError
+from minimind.kernels.training import training_view
 from minimind.model.info import forward_flops
 from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.tokenizer import load_tokenizer
@@ -98,7 +99,7 @@ class Distill(Objective):
         loss_fn = partial(distill_head_loss, targets=batch["labels"], mask=batch["loss_mask"], alpha=alpha,
                           temperature=self.temperature, ce_weights=batch.get("loss_weight"),
                           teacher_hidden=teacher_hidden, teacher_head=teacher_head)
-        out = model(**inputs, head_loss_fn=loss_fn)
+        out = training_view(model)(**inputs, head_loss_fn=loss_fn)
         loss, nll_sum, kl_sum = out.loss
         metrics = {"ce": (nll_sum / n).item()}
         if self.teacher is not None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind.data.datasets import PairDataset, pair_collate
+from minimind.kernels.training import training_view
 from minimind.model.info import forward_flops
 from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
@@ -59,7 +60,7 @@ class DPO(Objective):
     """Batch = N chosen rows then N rejected rows (`pair_collate`); count = N pairs."""
 
     def __init__(self, reference: torch.nn.Module, beta: float = 0.1, mean_logp: bool = True):
-        self.reference, self.beta, self.mean_logp = reference, beta, mean_logp
+        self.reference, self.beta, self.mean_logp = training_view(reference), beta, mean_logp
 
     def _sequence(self, total: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Σ mask · log p per row -> the sequence log-prob: that sum, or its mean over the mask."""
@@ -78,7 +79,7 @@ class DPO(Objective):
         labels, mask = batch["labels"], batch["loss_mask"]
         # Σ mask · log p per row straight from the hidden states: the (rows x tokens x vocab) logits of policy
         # and reference are never materialised, and on CPU prompt positions skip the output head.
-        out = model(**inputs, targets=labels, target_weights=mask, per_row=True)
+        out = training_view(model)(**inputs, targets=labels, target_weights=mask, per_row=True)
         policy = self._sequence(-out.loss, mask)
         with torch.no_grad():
             ref = self._sequence(-self.reference(**inputs, targets=labels, target_weights=mask, per_row=True).loss,
