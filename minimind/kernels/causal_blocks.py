@@ -22,13 +22,13 @@ import torch
 # 32 query positions x 4 query heads per K/V head = 128 GEMM rows per block: on `small`, blocks of 16, 32 and 48
 # positions measured the same, 64 and 128 slower (docs/performance.md).
 BLOCK = 32
-# Under torch.compile each block of its own shape becomes kernels of their own: compiling a `small` step took 184 s
-# with 32-position blocks, 112 with 64 (SDPA: 67; blocks left out of the graph: 50), and the traced blocks run
-# ~4% faster per step than blocks left out of the graph (docs/performance.md).
+# Under torch.compile each block of its own shape becomes kernels of their own, so fewer, larger blocks compile
+# much sooner; traced blocks still beat blocks left out of the graph per step (compile and step times in
+# docs/performance.md).
 COMPILED_BLOCK = 64
-# Forward + backward against SDPA (docs/performance.md): 1.02-1.46x from 320 to 1,024 positions (1.35x at 512),
-# about even at 192-256, slower at 64-128 and at 2,048 (a block's scores no longer stay in cache). Forward alone
-# gains less, so inference keeps SDPA.
+# Forward + backward beat SDPA from MIN_LENGTH to MAX_LENGTH positions (the sweep is in docs/performance.md);
+# they are about even at 192-256 and slower at 64-128 and at 2,048 (a block's scores no longer stay in cache).
+# Forward alone gains less, so inference keeps SDPA.
 MIN_LENGTH, MAX_LENGTH = 320, 1024
 
 

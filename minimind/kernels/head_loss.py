@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # Rows per chunk: a chunk's float32 logits are about this many bytes on a CPU (8x on a GPU, whose GEMMs need
-# more rows to fill the device). 16 MB is 655 rows of a 6,400-token vocabulary. The head of `small` over 2,048
-# rows, forward + backward, two runs on the project's 2-core CPU (best of 10): 261 / 328 ms at 655 rows per
-# chunk, 244 / 320 at 1,310, 296 / 356 at 327, 332 / 394 at 163: short chunks shorten the reduction of the
-# weight-gradient GEMMs.
+# more rows to fill the device). 16 MB is 655 rows of a 6,400-token vocabulary. Shorter chunks are slower (they
+# shorten the reduction of the weight-gradient GEMMs); twice the rows gains little for twice the memory (the
+# chunk-size sweep is in docs/performance.md).
 CHUNK_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 64
 
