@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minimind.kernels import use_training_kernels  # noqa: E402
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 from minimind.train.objective import LossOutput, MaskedLM, model_inputs, token_nll  # noqa: E402
 
@@ -80,6 +81,14 @@ def preset_model(preset: str, seed: int = 0, **overrides) -> MiniMindForCausalLM
     """A preset model with random weights (the init's), in train mode."""
     torch.manual_seed(seed)
     return MiniMindForCausalLM(MiniMindConfig.from_preset(preset, **overrides))
+
+
+def training_model(preset: str, device: torch.device, compiled: bool = False) -> MiniMindForCausalLM:
+    """`preset_model` on `device` in train mode with the kernels a training run on `device` selects (the trainer's
+    strategies call `use_training_kernels` the same way)."""
+    model = preset_model(preset).to(device).train()
+    use_training_kernels(model, device, compiled)
+    return model
 
 
 def random_batch(vocab_size: int, batch_size: int, seq_len: int, device: torch.device | str = "cpu") -> dict:

@@ -26,7 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LogitsMaskedLM, hf_twin, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
+from common import (  # noqa: E402
+    LogitsMaskedLM,
+    hf_twin,
+    machine_line,
+    preset_model,
+    random_batch,
+    ratio_line,
+    training_model,
+)
 from train import DTYPES, add_step_arguments  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
@@ -55,7 +63,7 @@ def run_case(case: str, args) -> float:
             shape = preset_model(args.preset)
         model = hf_twin(shape, weights=False).to(device).train()
     else:
-        model = preset_model(args.preset).to(device).train()
+        model = training_model(args.preset, device)
     batch = random_batch(model.config.vocab_size, args.batch_size, args.seq_len, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

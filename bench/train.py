@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hf_twin, interleaved, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
+from common import hf_twin, interleaved, machine_line, random_batch, ratio_line, training_model  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.model.info import flops_per_token  # noqa: E402
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.preset, args.batch_size, args.seq_len, args.repeats = "tiny", 2, 64, 1
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    ours = preset_model(args.preset).to(device).train()
+    ours = training_model(args.preset, device)
     config = ours.config
     batch = random_batch(config.vocab_size, args.batch_size, args.seq_len, device)
     objective = MaskedLM()
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peer:
         cases["hf"] = make_step(hf_twin(ours), None, batch, device, dtype, hf=True)
     if args.compile:
-        cases["ours+compile"] = make_step(torch.compile(preset_model(args.preset).to(device).train()),
+        cases["ours+compile"] = make_step(torch.compile(training_model(args.preset, device, compiled=True)),
                                           objective, batch, device, dtype, hf=False)
         if not args.no_peer:
             cases["hf+compile"] = make_step(torch.compile(hf_twin(ours)), None, batch, device, dtype, hf=True)

@@ -134,3 +134,31 @@ def test_blocks_traced_by_torch_compile_equal_sdpa():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), want_grads):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_training_kernels_are_chosen_once_by_device_and_compile():
+    """What `use_training_kernels` installs (the strategies call it before wrapping): on a CPU the blocks, per-
+    document attention unless compiled, the RMSNorm backward; on a GPU only the RMSNorm backward; a model built
+    with flash_attn off keeps its written-out attention and the mask."""
+    from minimind.kernels import ATTENTION_IMPLEMENTATIONS, DOCUMENT_IMPLEMENTATIONS, NORM_IMPLEMENTATIONS
+    from minimind.kernels.documents import Documents
+
+    def chosen(model):
+        attention = model.model.layers[0].self_attn.attention_function
+        names = {fn: name for name, fn in ATTENTION_IMPLEMENTATIONS.items()}
+        documents = {fn: name for name, fn in DOCUMENT_IMPLEMENTATIONS.items()}
+        norms = {fn: name for name, fn in NORM_IMPLEMENTATIONS.items()}
+        return (names[attention], documents[model.model.document_attention],
+                norms[model.model.norm.norm_function])
+
+    assert chosen(tiny_model()) == ("sdpa", "mask", "plain")
+    for device, compiled, want in [("cpu", False, ("causal_blocks", "documents", "hand_backward")),
+                                   ("cpu", True, ("causal_blocks", "mask", "hand_backward")),
+                                   ("cuda", False, ("sdpa", "mask", "hand_backward"))]:
+        model = tiny_model()
+        use_training_kernels(model, torch.device(device), compiled)
+        assert chosen(model) == want, (device, compiled)
+    eager = tiny_model(flash_attn=False)
+    use_training_kernels(eager, torch.device("cpu"))
+    assert chosen(eager) == ("eager", "mask", "hand_backward")
+    assert DOCUMENT_IMPLEMENTATIONS["documents"] is Documents
