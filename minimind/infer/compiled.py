@@ -6,8 +6,7 @@ one-row matmul, which reads the weights slower than the memory allows. Inductor 
 into a few generated C++ loops and, with `decompose_mm_pass` (off by default; its size limit is raised here
 so the output head qualifies too), writes each one-row matmul as its own vectorised row-dot loop over the
 (out, in) weights; int8 weights (`Int8Linear`) become a row-dot that converts each byte as it reads it.
-Measured on `small` at one thread: 97 against 59 tokens/s fp32, 231 against 153 int8
-(docs/performance.md). A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
+The gain over the eager engine, float32 and int8, is in docs/performance.md. A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
 Attention of the one new token is written out as products and sums (`minimind.kernels.attention.one_query`), so
 the whole step (every layer, and an int8 output head) becomes one generated kernel instead of one SDPA call
 per layer between kernels.
@@ -18,9 +17,8 @@ batch size would recompile whenever a server's batch changes. The sizes that cha
 compiled as symbols, so one compilation serves every token and every cache: the number of columns attended
 (the mask's width, the tokens so far) and the cache's capacity and rows (they grow geometrically when a
 longer request or a larger batch arrives). Attending over the whole capacity instead, with fixed shapes, made a step's cost follow the
-request's `max_tokens` rather than its length, and a cache that once grew kept every later request slow:
-5.7 against 1.5 ms per token of the int8 `small` model, 34-97 tokens into a request, once the cache has
-room for 4,000 (docs/performance.md).
+request's `max_tokens` rather than its length, and a cache that once grew kept every later request several
+times slower per token (docs/performance.md).
 Compiling takes 15-60 s on two cores, which is why it is opt-in; prefill stays eager (prompt lengths vary).
 """
 
@@ -40,7 +38,7 @@ DECODE_COMPILE_OPTIONS = {
     # this the one-query attention recomputes each query's RoPE (pow, cos, a gather) for every cached column.
     "realize_cpu_opcount_threshold": 8,
     # Dynamo's guards already check every input tensor's sizes and strides before the graph runs; Inductor's
-    # own per-call asserts repeat that for ~150 inputs (parameters included), ~0.1 ms of a ~2 ms step.
+    # own per-call asserts repeat that for ~150 inputs (parameters included), a visible share of a decode step.
     "size_asserts": False,
 }
 

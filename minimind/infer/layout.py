@@ -4,10 +4,8 @@ Two mechanisms, the first preferred (the Engine applies it to every model it ser
 `prepack=False`):
 
 - `pack_linears`: oneDNN matmuls on a copy of each weight (float32, or bf16 where oneDNN has it) reordered
-  once into oneDNN's blocked layout (`PackedLinear`). On the `small` model's float32 weight set at two
-  threads: 6.6 ms per step at one row against 8.8 ms (column-major BLAS) and 13.3 ms (row-major BLAS), 8.9
-  against 14.3 ms at eight rows, 22 against 35 ms at 64 rows (docs/performance.md). The price is a second
-  copy of the weights in memory.
+  once into oneDNN's blocked layout (`PackedLinear`): faster than either BLAS layout at one, eight and 64
+  rows (docs/performance.md). The price is a second copy of the weights in memory.
 - `gemv_layout`, without oneDNN or with `prepack=False`: `nn.Linear` stores its weight as
   (out, in) rows and computes x @ W.T; for one or a few rows the CPU BLAS path for that layout reads the
   matrix markedly slower than when the same matrix is stored as (in, out) rows, i.e. when W.T is contiguous.
@@ -99,7 +97,7 @@ class OutputHead:
 
 
 # Weight dtypes the engine prepacks: float32 everywhere oneDNN runs, bf16 where this CPU's oneDNN has it
-# (native on AVX-512 BF16 / AMX, 1.6-2x faster than float32 per matmul on this project's machine).
+# (native on AVX-512 BF16 / AMX, faster than float32 per matmul there; docs/performance.md).
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -121,8 +119,8 @@ class PackedLinear(nn.Linear):
     """`nn.Linear` whose inference calls on CPU (float32, bf16) run oneDNN on a prepacked copy of the weight.
 
     For a few rows (batched decoding) the BLAS call behind `F.linear` reads the weights far slower than the
-    memory allows; oneDNN's matmul on a weight reordered once into its blocked layout runs 2x faster there and
-    ~20% faster for prompt-sized row counts (docs/performance.md). The module keeps its parameters, so
+    memory allows; oneDNN's matmul on a weight reordered once into its blocked layout is faster there and for
+    prompt-sized row counts too (docs/performance.md). The module keeps its parameters, so
     `state_dict`, saving and training see a plain `nn.Linear`; the packed copy (as many bytes as the weight)
     is rebuilt whenever the weight changes (version counter or storage, as in `OutputHead`). Calls that need a
     gradient, other dtypes or devices, autocast, sharded weights (FSDP's DTensor) and calls under torch.compile

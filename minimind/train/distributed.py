@@ -56,7 +56,7 @@ class DistInfo:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on CUDA when supported (else fp16), fp32 elsewhere (bf16 matmuls are much slower on CPUs
-    without native bf16; `--dtype bf16` trains 1.4-1.8x faster on those with it, docs/performance.md)."""
+    without native bf16; `--dtype bf16` trains faster on those with it, docs/performance.md)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

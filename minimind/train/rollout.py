@@ -131,7 +131,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     # Inverse CDF: one uniform per row against the running sum. `torch.multinomial` draws an exponential
-    # per vocabulary entry instead, ~30x the time on CPU (4.1 vs 0.13 ms at 32 x 6,400), a quarter of a rollout.
+    # per vocabulary entry instead, many times slower on CPU: a large share of a rollout (docs/performance.md).
     probs = torch.softmax(logits, dim=-1)
     cdf = probs.cumsum(dim=-1)
     target = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]

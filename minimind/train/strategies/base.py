@@ -65,7 +65,7 @@ class Strategy:
 
     def adamw(self, groups: list[dict[str, Any]], fused: bool | None = None) -> torch.optim.AdamW:
         """The AdamW every strategy steps with: fused (one kernel over all parameters) on CUDA and CPU unless told
-        otherwise; on CPU that is 4-5x faster than the foreach form (`small`: 16 vs 79 ms a step)."""
+        otherwise; on CPU that is several times faster than the foreach form (docs/performance.md)."""
         cfg = self.cfg
         fused = self.info.device.type in ("cuda", "cpu") if fused is None else fused
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=1e-8, fused=fused)
