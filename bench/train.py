@@ -10,7 +10,7 @@ under autocast for bf16/fp16. Ours computes the loss with the trainer's objectiv
 its own `labels=` loss. Both start from the same weights and see the same random batch. Cases run
 interleaved (ours, HF, ceiling, ours, ...) and the best repetition counts.
 
-MFU = FLOPs per token (`minimind.model.info.flops_per_token`, the trainer's formula) x tokens/s / ceiling,
+MFU = FLOPs per token (`minimind.info.flops_per_token`, the trainer's formula) x tokens/s / ceiling,
 where the ceiling is measured in the same run: the forward GEMMs of this model at this batch (M = batch x
 seq_len rows against every weight shape), in the training dtype, best repetition. Also printed: MFU
 against the square matmul the trainer's `mfu` metric divides by on CPU (1024; 8192 here on a GPU) and,
@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hf_twin, interleaved, machine_line, random_batch, ratio_line, training_model  # noqa: E402
+from common import hf_twin, interleaved, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
-from minimind.model.info import flops_per_token  # noqa: E402
+from minimind.info import flops_per_token  # noqa: E402
 from minimind.train.mfu import measure_matmul_flops, peak_flops  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.preset, args.batch_size, args.seq_len, args.repeats = "tiny", 2, 64, 1
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    ours = training_model(args.preset, device)
+    ours = preset_model(args.preset).to(device).train()
     config = ours.config
     batch = random_batch(config.vocab_size, args.batch_size, args.seq_len, device)
     objective = MaskedLM()
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peer:
         cases["hf"] = make_step(hf_twin(ours), None, batch, device, dtype, hf=True)
     if args.compile:
-        cases["ours+compile"] = make_step(torch.compile(training_model(args.preset, device, compiled=True)),
+        cases["ours+compile"] = make_step(torch.compile(preset_model(args.preset).to(device).train()),
                                           objective, batch, device, dtype, hf=False)
         if not args.no_peer:
             cases["hf+compile"] = make_step(torch.compile(hf_twin(ours)), None, batch, device, dtype, hf=True)

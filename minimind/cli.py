@@ -15,7 +15,7 @@ from minimind.help_format import HelpFormatter
 
 # verb -> (module, one-line help). Order is the pipeline's order.
 VERBS: dict[str, tuple[str, str]] = {
-    "info": ("minimind.model.info", "parameters, FLOPs per token and training memory of a preset"),
+    "info": ("minimind.info", "parameters, FLOPs per token and training memory of a preset"),
     "tokenizer": ("minimind.tokenizer.train", "train a byte-level BPE tokenizer from JSONL text"),
     "prepare": ("minimind.data.prepare", "tokenize a JSONL dataset once into memory-mapped shards"),
     "pretrain": ("minimind.train.stages.pretrain", "pretrain a model from scratch on {'text'} JSONL"),

@@ -11,10 +11,10 @@ import torch
 from minimind.data.chat import encode_conversation
 from minimind.data.datasets import PackedPretrainDataset, PackedSFTDataset, PairDataset, pair_collate
 from minimind.data.prepare import prepare
-from minimind.data.records import ReadStats, read_records
 from minimind.data.sampler import DataPosition, StepBatchSampler
 from minimind.data.shards import Shard
 from minimind.errors import UserError
+from minimind.records import ReadStats, read_records
 from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from minimind.data.records import BadRecord
 from minimind.eval import evaluate_choice, evaluate_exact, evaluate_ppl
 from minimind.eval.choice import CONTEXT, CONTINUATION
 from minimind.eval.exact import normalize
 from minimind.eval.ppl import text_windows
 from minimind.infer import Engine
+from minimind.records import BadRecord
 
 NAMES = ["Zorb", "Quill", "Mabo", "Tiven", "Rusk", "Pelo", "Vana", "Dorn", "Kife", "Luma", "Nesh", "Orix", "Bram",
          "Cyla", "Fenn", "Gusk", "Hale", "Ixo", "Jarl", "Wex", "Yorn", "Sift", "Tams", "Ulo", "Pim", "Rho"]

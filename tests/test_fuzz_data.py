@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from minimind.cli import main
 from minimind.data.chat import encode_conversation
 from minimind.data.datasets import PackedSFTDataset
-from minimind.data.records import BadRecord, ReadStats, read_records
 from minimind.data.shards import Shard, ShardWriter
 from minimind.errors import UserError
+from minimind.records import BadRecord, ReadStats, read_records
 from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)

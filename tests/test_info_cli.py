@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from minimind.cli import VERBS, main
+from minimind.info import count_parameters, flops_per_token, training_memory
 from minimind.model import MiniMindConfig
-from minimind.model.info import count_parameters, flops_per_token, training_memory
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -14,9 +14,9 @@ from minimind.cli import main
 from minimind.data.chat import SYSTEM_PROMPTS, ChatAugment
 from minimind.data.datasets import PromptDataset
 from minimind.data.prepare import open_dataset, prepare
-from minimind.data.records import read_records, validate_sft
 from minimind.data.shards import Shard
 from minimind.errors import UserError
+from minimind.records import read_records, validate_sft
 
 # An sft_t2t line: tools as JSON text on the system turn, the calls as JSON text, reasoning, a tool turn.
 SFT_T2T = {"conversations": [

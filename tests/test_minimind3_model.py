@@ -32,11 +32,11 @@ from minimind.errors import UserError
 from minimind.eval.ppl import evaluate_ppl
 from minimind.infer import Engine
 from minimind.infer.quantize import Int8Linear
+from minimind.info import count_parameters
 from minimind.kernels import causal_blocks, use_training_kernels
 from minimind.kernels.causal_blocks import MIN_LENGTH
 from minimind.lora import apply_lora, load_peft_adapter, merge_lora, save_peft_adapter
 from minimind.model import MiniMindConfig, MiniMindForCausalLM
-from minimind.model.info import count_parameters
 from minimind.modeldir import load_config, load_model, save_model_dir
 
 # Small shapes on the presets' settings; head_dim 24 with 4 heads is not dim / n_heads, as Qwen3 allows.

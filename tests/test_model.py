@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_config, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from minimind.info import count_parameters
 from minimind.model import MiniMindConfig, MiniMindForCausalLM
-from minimind.model.info import count_parameters
 from minimind.model.layers import rope_frequencies
 
 

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from serve_helpers import finetune
 
 from minimind.data.chat import encode_conversation
-from minimind.data.records import read_records, validate_sft
 from minimind.infer import Engine
 from minimind.modeldir import save_model_dir
+from minimind.records import read_records, validate_sft
 from minimind.serve.app import ServeConfig, create_app
 from minimind.serve.scheduler import Scheduler
 from minimind.serve.tools import ToolCallReader

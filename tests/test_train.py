@@ -194,8 +194,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tokenizer_dir):
 def test_mfu_counts_the_flops_a_batch_needs():
     """Full rows with every position in the loss: tokens x flops_per_token. Packed SFT rows: the head only at
     loss positions and attention per document, so skipping that work never shows as MFU above 100%."""
+    from minimind.info import count_parameters, flops_per_token, training_flops
     from minimind.model.configuration_minimind import MiniMindConfig
-    from minimind.model.info import count_parameters, flops_per_token, training_flops
     from minimind.train.objective import flop_counts
 
     config = MiniMindConfig.from_preset("small")
@@ -213,7 +213,7 @@ def test_mfu_counts_the_flops_a_batch_needs():
 
 def test_mfu_counts_frozen_models_and_sampling(tmp_path):
     """A DPO reference's or a teacher's forward and RL sampling are FLOPs the step ran: the logged mfu counts them."""
-    from minimind.model.info import forward_flops, sampling_flops, training_flops
+    from minimind.info import forward_flops, sampling_flops, training_flops
     from minimind.train.objective import flop_counts
     from minimind.train.rewards import ModelReward, RuleReward
     from minimind.train.rollout import Rollout

@@ -20,8 +20,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from minimind.data.records import BadRecord, Messages
 from minimind.errors import UserError
+from minimind.records import BadRecord, Messages
 from minimind.tokenizer.template import EMPTY_THINK
 
 THINK_OPEN = "<think>"

@@ -21,10 +21,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minimind.data.chat import ChatAugment, encode_conversation, encode_prompt
-from minimind.data.records import BadRecord, ReadStats, parse_record
 from minimind.data.shards import SHARD_FILES, Shard, ShardWriter
 from minimind.errors import UserError
 from minimind.outputs import WriteFailed, refuse_or_clear, remove_products, writing, writing_product
+from minimind.records import BadRecord, ReadStats, parse_record
 
 KINDS = ("pretrain", "sft", "dpo", "rlaif")
 CHUNK_LINES = 256

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from minimind.data.records import BadRecord
 from minimind.eval.scoring import sum_logprobs
+from minimind.records import BadRecord
 
 LETTERS = tuple("ABCDEFGHIJ")  # MMLU-Pro has ten options
 CONTEXT = "Question: {question}\nAnswer:"

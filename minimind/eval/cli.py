@@ -20,12 +20,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minimind.data.records import BadRecord, read_records
 from minimind.errors import UserError
 from minimind.eval.choice import evaluate_choice, validate_choice
 from minimind.eval.exact import evaluate_exact, validate_exact
 from minimind.eval.ppl import evaluate_ppl
 from minimind.infer.options import add_model_arguments, load_engine
+from minimind.records import BadRecord, read_records
 
 DEFAULT_DATA = {"ppl": "pretrain.jsonl", "choice": "choice.jsonl", "exact": "sft_eval.jsonl"}
 

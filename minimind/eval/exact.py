@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from minimind.data.records import BadRecord, validate_rlaif
+from minimind.records import BadRecord, validate_rlaif
 
 
 def normalize(text: str) -> str:

@@ -18,9 +18,9 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from minimind.data.records import ReadStats, read_records
 from minimind.errors import UserError
 from minimind.outputs import refuse_or_clear, writing_product
+from minimind.records import ReadStats, read_records
 from minimind.tokenizer.template import FORMATS, TokenizerFormat
 
 

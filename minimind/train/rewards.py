@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from minimind.errors import UserError
-from minimind.model.info import forward_flops
+from minimind.info import forward_flops
 from minimind.tokenizer.template import split_thinking
 from minimind.train.reference import completion_head_logprobs, load_frozen
 

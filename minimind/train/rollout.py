@@ -16,8 +16,8 @@ from functools import partial
 import torch
 from transformers.cache_utils import DynamicCache
 
+from minimind.info import forward_flops, sampling_flops, training_flops
 from minimind.kernels.training import training_view
-from minimind.model.info import forward_flops, sampling_flops, training_flops
 from minimind.train.objective import LossOutput, Objective
 from minimind.train.reference import completion_head_logprobs, unwrap
 from minimind.train.rewards import Reward, answer_correct

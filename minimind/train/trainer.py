@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from minimind.data.sampler import DataPosition, StepBatchSampler
 from minimind.errors import UserError
+from minimind.info import count_parameters, training_flops
 from minimind.kernels.training import plain_model, training_view
-from minimind.model.info import count_parameters, training_flops
 from minimind.outputs import writing
 from minimind.train import checkpoint as ckpt
 from minimind.train.args import TrainConfig

@@ -32,8 +32,8 @@ from torch.utils.data import Dataset
 
 from minimind.data.datasets import stack_collate
 from minimind.errors import UserError
+from minimind.info import forward_flops
 from minimind.kernels.training import training_view
-from minimind.model.info import forward_flops
 from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.tokenizer import load_tokenizer
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args

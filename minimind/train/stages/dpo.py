@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from minimind.data.datasets import PairDataset, pair_collate
+from minimind.info import forward_flops
 from minimind.kernels.training import training_view
-from minimind.model.info import forward_flops
 from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
