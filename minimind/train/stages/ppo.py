@@ -95,7 +95,8 @@ class ActorCritic(nn.Module):
                 use_cache: bool = False, logits_to_keep: int = 0, head_loss_fn=None) -> ActorCriticOutput:
         """Logits and values of the last `logits_to_keep` positions (0: all); with `head_loss_fn(hidden, lm_head)`
         (as `MiniMindForCausalLM`), its result over all final hidden states replaces the logits as `loss`."""
-        hidden, _, aux = self.model(input_ids, attention_mask, None, past_key_values, None, use_cache)
+        hidden, _, aux = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                    past_key_values=past_key_values, use_cache=use_cache)
         loss = head_loss_fn(hidden, self.lm_head) if head_loss_fn is not None else None
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
