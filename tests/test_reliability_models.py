@@ -101,7 +101,7 @@ def no_server(monkeypatch):
     import uvicorn
 
     started = []
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: started.append(a))  # serve runs a Server
     return started
 
 

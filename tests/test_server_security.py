@@ -105,7 +105,7 @@ def test_serve_refuses_to_start_on_a_bad_model_dir(model_dir, tmp_path, capsys, 
     import uvicorn
 
     started = []
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: started.append(a))  # serve runs a Server
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)
     (bad / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": "hot"}))
