@@ -119,7 +119,7 @@ def write_sft(path: Path, n: int = 96) -> Path:
 def lora_cfg(data, init, out, **kw) -> TrainConfig:
     base = dict(stage="lora", data=str(data), out=str(out), init=str(init), max_steps=6, batch_size=4,
                 lr=1e-2, warmup_steps=1, max_seq_len=128, device="cpu", dtype="fp32", log_every=1, weight_decay=0.0,
-                extra={"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["q_proj", "v_proj", "down_proj"]})
+                options=lora_stage.LoRAOptions(rank=4, alpha=8.0, dropout=0.1, targets=["q_proj", "v_proj", "down_proj"]))
     return TrainConfig(**{**base, **kw})
 
 

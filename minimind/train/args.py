@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 from minimind.device import dtype_name
 
@@ -19,6 +19,31 @@ from minimind.device import dtype_name
 # spends most of its steps near the peak learning rate.
 WARMUP_FRACTION = {"pretrain": 0.05}
 DEFAULT_WARMUP_FRACTION = 0.03
+
+
+@dataclass
+class StageOptions:
+    """A stage's own settings (beta, rank, ...): each stage subclasses this with its fields, built from its flags
+    once. train_config.json keeps them under "extra", as a plain object with one key per field."""
+
+    @classmethod
+    def from_args(cls: type[OptionsT], args: argparse.Namespace, **parsed: Any) -> OptionsT:
+        """The options from parsed flags of the same names; `parsed` gives the fields a flag does not give as is."""
+        return cls(**{f.name: parsed[f.name] if f.name in parsed else getattr(args, f.name) for f in fields(cls)})
+
+    @classmethod
+    def from_dict(cls: type[OptionsT], data: dict[str, Any]) -> OptionsT:
+        """The options from a train_config.json's "extra": keys it does not name are ignored, fields it lacks take
+        their defaults, and JSON lists become tuples where the field is one."""
+        values = {}
+        for f in fields(cls):
+            if f.name in data:
+                value = data[f.name]
+                values[f.name] = tuple(value) if isinstance(value, list) and str(f.type).startswith("tuple") else value
+        return cls(**values)
+
+
+OptionsT = TypeVar("OptionsT", bound=StageOptions)
 
 
 @dataclass
@@ -61,11 +86,26 @@ class TrainConfig:
     zero_offload: bool = False
     trackers: list[str] = field(default_factory=list)
     peak_tflops: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific settings (beta, rank, ...)
+    options: StageOptions = field(default_factory=StageOptions)  # the stage's own settings; "extra" in the JSON
     command: list[str] = field(default_factory=list)  # the command line, for the hint that continues the run
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What train_config.json holds: every field, the stage's options as "extra"."""
+        return {("extra" if k == "options" else k): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], options: type[StageOptions] = StageOptions) -> TrainConfig:
+        """A train_config.json read back, its "extra" as `options`; keys it does not know are ignored."""
+        values = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "options"}
+        if "adam_betas" in values:
+            values["adam_betas"] = tuple(values["adam_betas"])
+        return cls(**values, options=options.from_dict(data.get("extra", {})))
+
+    def stage_options(self, kind: type[OptionsT]) -> OptionsT:
+        """The stage's options as their own type; a config of another stage is a programming error."""
+        if not isinstance(self.options, kind):
+            raise TypeError(f"{self.stage} options are {type(self.options).__name__}, not {kind.__name__}")
+        return self.options
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps of a run of `total_steps` optimizer steps: --warmup-steps when given, else
@@ -134,10 +174,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
         g.add_argument(f"--{tracker}", action="store_true", help=f"also log to {tracker} (offline by default)")
 
 
-def config_from_args(args: argparse.Namespace, stage: str, **extra: Any) -> TrainConfig:
-    """Build the TrainConfig from parsed flags; stage-specific values go to `extra`."""
+def config_from_args(args: argparse.Namespace, stage: str, options: StageOptions | None = None) -> TrainConfig:
+    """Build the TrainConfig from parsed flags and the stage's options (built from its own flags)."""
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
     trackers = [t for t in ("wandb", "swanlab", "tensorboard") if getattr(args, t, False)]
     command = list(getattr(args, "command_line", None) or [stage])
-    return TrainConfig(stage=stage, trackers=trackers, extra=extra, command=command, **values)
+    return TrainConfig(stage=stage, trackers=trackers, options=options or StageOptions(), command=command, **values)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -36,7 +37,7 @@ from minimind.info import forward_flops
 from minimind.kernels.training import training_view
 from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.tokenizer import load_tokenizer
-from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
+from minimind.train.args import StageOptions, TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distill_loss import distill_head_loss
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import LossOutput, Objective, model_inputs
@@ -47,6 +48,19 @@ from minimind.train.trainer import StageRun
 
 DEFAULTS = {"lr": 5e-4, "warmup_steps": 100, "batch_size": 16, "max_seq_len": 512, "epochs": 1}  # as sft
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+@dataclass
+class DistillOptions(StageOptions):
+    """The teacher (None: reasoning distillation alone), the CE weight alpha, the KL temperature, and the
+    reasoning tags with their CE weight."""
+
+    teacher: str | None = None
+    alpha: float = 0.5
+    temperature: float = 2.0
+    reasoning: bool = False
+    tag_weight: float = 10.0
+    tags: tuple[str, ...] = REASONING_TAGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature <= 0:
         raise UserError(f"--temperature must be positive, got {args.temperature}")
     tags = tuple(t.strip() for t in args.tags.split(",") if t.strip())
-    cfg = config_from_args(args, "distill", teacher=args.teacher, alpha=args.alpha, temperature=args.temperature,
-                           reasoning=args.reasoning, tag_weight=args.tag_weight, tags=tags)
+    cfg = config_from_args(args, "distill", DistillOptions.from_args(args, tags=tags))
     return run_stage(cfg, build)
 
 
@@ -155,34 +168,34 @@ def _check_tags(dataset: TagWeighted, path: str, tags: tuple[str, ...]) -> None:
 
 
 def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
-    extra = cfg.extra
+    options = cfg.stage_options(DistillOptions)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_dir(cfg.init)
     model.config.max_seq_len = max(model.config.max_seq_len, cfg.max_seq_len)
     teacher = None
-    if extra["teacher"]:
-        teacher = load_frozen(extra["teacher"], info.device)
+    if options.teacher:
+        teacher = load_frozen(options.teacher, info.device)
         if teacher.config.vocab_size != model.config.vocab_size:
-            raise UserError(f"--teacher {extra['teacher']} has vocab_size {teacher.config.vocab_size} but --init "
+            raise UserError(f"--teacher {options.teacher} has vocab_size {teacher.config.vocab_size} but --init "
                             f"{cfg.init} has {model.config.vocab_size}; distillation needs one shared tokenizer")
-        if load_tokenizer(extra["teacher"]).get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"--teacher {extra['teacher']} and --init {cfg.init} have different tokenizers; "
+        if load_tokenizer(options.teacher).get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"--teacher {options.teacher} and --init {cfg.init} have different tokenizers; "
                             "distillation needs one shared tokenizer")
     dataset, eval_dataset = sft_datasets(cfg, info, tokenizer, cfg.init)
     notes = []
-    if extra["reasoning"]:
-        finder = TagFinder(tokenizer, extra["tags"])
-        dataset = TagWeighted(dataset, finder, extra["tag_weight"])
-        _check_tags(dataset, cfg.data, extra["tags"])
-        eval_dataset = TagWeighted(eval_dataset, finder, extra["tag_weight"]) if eval_dataset is not None else None
-        notes.append(f"Reasoning distillation: tag tokens ({', '.join(extra['tags'])}) weigh "
-                     f"{extra['tag_weight']:g}x in the CE.")
+    if options.reasoning:
+        finder = TagFinder(tokenizer, options.tags)
+        dataset = TagWeighted(dataset, finder, options.tag_weight)
+        _check_tags(dataset, cfg.data, options.tags)
+        eval_dataset = TagWeighted(eval_dataset, finder, options.tag_weight) if eval_dataset is not None else None
+        notes.append(f"Reasoning distillation: tag tokens ({', '.join(options.tags)}) weigh "
+                     f"{options.tag_weight:g}x in the CE.")
     if teacher is not None:
-        notes.append(f"White-box distillation from {extra['teacher']}: α = {extra['alpha']:g} CE + (1 − α)·T²·KL "
-                     f"with T = {extra['temperature']:g}; `kl` is the mean KL(teacher ‖ student) per target at T.")
-    alpha = extra["alpha"] if teacher is not None else 1.0
+        notes.append(f"White-box distillation from {options.teacher}: α = {options.alpha:g} CE + (1 − α)·T²·KL "
+                     f"with T = {options.temperature:g}; `kl` is the mean KL(teacher ‖ student) per target at T.")
+    alpha = options.alpha if teacher is not None else 1.0
     return StageRun(
-        model=model.train(), objective=Distill(teacher, alpha, extra["temperature"]), dataset=dataset,
+        model=model.train(), objective=Distill(teacher, alpha, options.temperature), dataset=dataset,
         collate=stack_collate, save_final=lambda m, out: save_model_dir(m, tokenizer, out),
         eval_dataset=eval_dataset, notes=notes,
     )

@@ -16,6 +16,7 @@ margin between them and the fraction of pairs with a positive margin (accuracy),
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from minimind.data.datasets import PairDataset, pair_collate
 from minimind.info import forward_flops
 from minimind.kernels.training import training_view
 from minimind.modeldir import load_model_dir, save_model_dir
-from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
+from minimind.train.args import StageOptions, TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import LossOutput, Objective, model_inputs
 from minimind.train.reference import load_frozen
@@ -36,6 +37,14 @@ DEFAULTS = {"lr": 1e-4, "grad_clip": 0.5, "weight_decay": 0.0, "warmup_steps": 1
             "max_seq_len": 512, "epochs": 1}
 
 
+@dataclass
+class DPOOptions(StageOptions):
+    """β and the sequence log-prob convention ("mean" or "sum" of the reply's token log-probs)."""
+
+    beta: float = 0.1
+    logp: str = "mean"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "dpo", DEFAULTS)
     g = parser.add_argument_group("DPO")
@@ -45,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_stage(config_from_args(args, "dpo", beta=args.beta, logp=args.logp), build)
+    return run_stage(config_from_args(args, "dpo", DPOOptions.from_args(args)), build)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -104,11 +113,12 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
     eval_dataset = None
     if cfg.eval_data:
         eval_dataset = PairDataset(stage_data(cfg, info, cfg.eval_data, cfg.init, "dpo"), cfg.max_seq_len)
-    convention = "mean" if cfg.extra["logp"] == "mean" else "sum"
+    options = cfg.stage_options(DPOOptions)
+    convention = "mean" if options.logp == "mean" else "sum"
     return StageRun(
-        model=model.train(), objective=DPO(reference, cfg.extra["beta"], convention == "mean"), dataset=dataset,
+        model=model.train(), objective=DPO(reference, options.beta, convention == "mean"), dataset=dataset,
         collate=pair_collate, save_final=lambda m, out: save_model_dir(m, tokenizer, out), eval_dataset=eval_dataset,
-        notes=[f"DPO with β = {cfg.extra['beta']:g} against a frozen copy of {cfg.init}; sequence log-prob = "
+        notes=[f"DPO with β = {options.beta:g} against a frozen copy of {cfg.init}; sequence log-prob = "
                f"{convention} of the reply's token log-probs; chosen and rejected in one forward. Rewards are "
                "β·(log π − log π_ref); margin = chosen − rejected reward, accuracy = share of pairs with margin > 0."],
     )

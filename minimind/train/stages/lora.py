@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from minimind.data.datasets import stack_collate
 from minimind.lora import DEFAULT_TARGETS, apply_lora, parse_targets, save_peft_adapter
 from minimind.modeldir import TOKENIZER_FILES, load_model_dir
-from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
+from minimind.train.args import StageOptions, TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import MaskedLM
 from minimind.train.stages import run_stage
@@ -28,6 +29,17 @@ from minimind.train.trainer import StageRun
 
 # The reference project's LoRA settings: lr 1e-3; its LoRA loop uses plain Adam, hence no weight decay on the adapter.
 DEFAULTS = {"lr": 1e-3, "warmup_steps": 100, "batch_size": 16, "max_seq_len": 512, "epochs": 1, "weight_decay": 0.0}
+
+
+@dataclass
+class LoRAOptions(StageOptions):
+    """The adapter: rank r, scale numerator alpha, input dropout, and the target modules (`parse_targets`: a list
+    of name suffixes or one regex)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,22 +54,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "lora", rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                           targets=parse_targets(args.target_modules))
+    cfg = config_from_args(args, "lora", LoRAOptions.from_args(args, targets=parse_targets(args.target_modules)))
     return run_stage(cfg, build)
 
 
 def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
-    extra = cfg.extra
+    options = cfg.stage_options(LoRAOptions)
     torch.manual_seed(cfg.seed)  # the adapter's A init
     model, tokenizer = load_model_dir(cfg.init)
     model.config.max_seq_len = max(model.config.max_seq_len, cfg.max_seq_len)
-    wrapped = apply_lora(model, extra["rank"], extra["alpha"], extra["dropout"], extra["targets"])
+    wrapped = apply_lora(model, options.rank, options.alpha, options.dropout, options.targets)
     dataset, eval_dataset = sft_datasets(cfg, info, tokenizer, cfg.init)
     base = str(Path(cfg.init).resolve())
 
     def save_final(trained: torch.nn.Module, out: Path) -> None:
-        save_peft_adapter(trained, out, base, extra["targets"])
+        save_peft_adapter(trained, out, base, options.targets)
         for name in TOKENIZER_FILES:
             if (Path(cfg.init) / name).is_file():
                 shutil.copyfile(Path(cfg.init) / name, out / name)
@@ -65,8 +76,8 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
     return StageRun(
         model=model.train(), objective=MaskedLM(), dataset=dataset, collate=stack_collate, save_final=save_final,
         eval_dataset=eval_dataset, trainable_only_checkpoint=True,
-        final_numbers=lambda _m: {"LoRA layers": len(wrapped), "LoRA rank / alpha": f"{extra['rank']} / "
-                                  f"{extra['alpha']:g}"},
-        notes=[f"LoRA on {len(wrapped)} linear layers (targets {extra['targets']}); base weights frozen, "
+        final_numbers=lambda _m: {"LoRA layers": len(wrapped), "LoRA rank / alpha": f"{options.rank} / "
+                                  f"{options.alpha:g}"},
+        notes=[f"LoRA on {len(wrapped)} linear layers (targets {options.targets}); base weights frozen, "
                f"only the adapter trained and saved (PEFT format, base {base})."],
     )

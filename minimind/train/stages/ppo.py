@@ -30,6 +30,7 @@ from torch import nn
 
 from minimind.model.modeling_minimind import MiniMindForCausalLM
 from minimind.modeldir import load_model_dir, save_model_dir
+from minimind.train import rl
 from minimind.train.args import TrainConfig, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import LossOutput
@@ -37,32 +38,36 @@ from minimind.train.reference import load_frozen
 from minimind.train.rewards import make_reward
 from minimind.train.rollout import RLObjective, masked_mean
 from minimind.train.stages import run_stage
-from minimind.train.stages.grpo import DEFAULTS as GRPO_DEFAULTS
-from minimind.train.stages.grpo import (
-    add_rl_arguments,
-    clipped_surrogate,
-    held_out_numbers,
-    rl_data,
-    rl_settings,
-)
 from minimind.train.trainer import StageRun
 
-DEFAULTS = dict(GRPO_DEFAULTS)
+DEFAULTS = rl.RL_DEFAULTS
+
+
+@dataclass
+class PPOOptions(rl.RLOptions):
+    """The shared RL options plus the KL penalty in the reward, GAE's γ and λ, and the value loss's weight and
+    clip range."""
+
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = add_rl_arguments(parser, "ppo", DEFAULTS)
-    g.add_argument("--kl-coef", type=float, default=0.05, help="KL-to-reference penalty in the per-token reward")
-    g.add_argument("--gamma", type=float, default=1.0, help="discount γ of GAE")
-    g.add_argument("--lam", type=float, default=0.95, help="λ of GAE")
-    g.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
-    g.add_argument("--value-clip", type=float, default=0.2, help="clip range ε_v of the value update")
+    g = rl.add_rl_arguments(parser, "ppo", DEFAULTS)
+    g.add_argument("--kl-coef", type=float, default=PPOOptions.kl_coef,
+                   help="KL-to-reference penalty in the per-token reward")
+    g.add_argument("--gamma", type=float, default=PPOOptions.gamma, help="discount γ of GAE")
+    g.add_argument("--lam", type=float, default=PPOOptions.lam, help="λ of GAE")
+    g.add_argument("--vf-coef", type=float, default=PPOOptions.vf_coef, help="weight of the value loss")
+    g.add_argument("--value-clip", type=float, default=PPOOptions.value_clip,
+                   help="clip range ε_v of the value update")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "ppo", kl_coef=args.kl_coef, gamma=args.gamma, lam=args.lam, vf_coef=args.vf_coef,
-                           value_clip=args.value_clip, **rl_settings(args))
-    return run_stage(cfg, build)
+    return run_stage(config_from_args(args, "ppo", PPOOptions.from_args(args)), build)
 
 
 @dataclass
@@ -170,7 +175,7 @@ class PPO(RLObjective):
             old_values = values.detach()
             advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.lam)
             advantages = whiten(advantages, mask)
-        policy_loss, clipped = clipped_surrogate(logp, rollout.logprobs, advantages, self.clip)
+        policy_loss, clipped = rl.clipped_surrogate(logp, rollout.logprobs, advantages, self.clip)
         value_loss = clipped_value_loss(values, old_values, returns, self.value_clip)
         per_completion = masked_mean(policy_loss + self.vf_coef * value_loss, mask, dim=-1)
         loss_sum = per_completion.view(-1, self.group_size).mean(-1).sum()
@@ -183,16 +188,16 @@ class PPO(RLObjective):
 
 
 def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
-    extra = cfg.extra
+    options = cfg.stage_options(PPOOptions)
     torch.manual_seed(cfg.seed)
     policy, tokenizer = load_model_dir(cfg.init)
     model = ActorCritic(policy)
     reference = load_frozen(cfg.init, info.device)
-    reward = make_reward(extra["reward"], extra["max_new_tokens"], policy.config.vocab_size, info.device)
-    dataset, eval_dataset, collate = rl_data(cfg, info, tokenizer)
-    objective = PPO(reference, tokenizer, reward, extra["group_size"], extra["max_new_tokens"], extra["kl_coef"],
-                    extra["gamma"], extra["lam"], extra["vf_coef"], extra["clip"], extra["value_clip"],
-                    extra["temperature"], extra["top_k"])
+    reward = make_reward(options.reward, options.max_new_tokens, policy.config.vocab_size, info.device)
+    dataset, eval_dataset, collate = rl.rl_data(cfg, info, tokenizer, options.reward)
+    objective = PPO(reference, tokenizer, reward, options.group_size, options.max_new_tokens, options.kl_coef,
+                    options.gamma, options.lam, options.vf_coef, options.clip, options.value_clip,
+                    options.temperature, options.top_k)
 
     def save_final(trained: ActorCritic, out: Path) -> None:
         save_model_dir(trained.policy(), tokenizer, out)
@@ -202,9 +207,9 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
     return StageRun(
         model=model.train(), objective=objective, dataset=dataset, collate=collate, save_final=save_final,
         eval_dataset=eval_dataset,
-        final_numbers=held_out_numbers(objective, cfg, eval_dataset, collate, reference, info.device),
-        notes=[f"PPO: {extra['group_size']} completions per prompt (≤ {extra['max_new_tokens']} tokens), reward "
-               f"{extra['reward']!r}, KL penalty {extra['kl_coef']:g} in the reward, GAE γ = {extra['gamma']:g} "
-               f"λ = {extra['lam']:g}, value head on the shared trunk (vf_coef {extra['vf_coef']:g}), one PPO epoch "
+        final_numbers=rl.held_out_numbers(objective, cfg, eval_dataset, collate, reference, info.device),
+        notes=[f"PPO: {options.group_size} completions per prompt (≤ {options.max_new_tokens} tokens), reward "
+               f"{options.reward!r}, KL penalty {options.kl_coef:g} in the reward, GAE γ = {options.gamma:g} "
+               f"λ = {options.lam:g}, value head on the shared trunk (vf_coef {options.vf_coef:g}), one PPO epoch "
                "per rollout batch."],
     )

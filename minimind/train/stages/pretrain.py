@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,13 +19,23 @@ from minimind.errors import UserError
 from minimind.model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from minimind.modeldir import save_model_dir
 from minimind.tokenizer import load_tokenizer
-from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
+from minimind.train.args import StageOptions, TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import MaskedLM
 from minimind.train.stages import parse_overrides, run_stage, stage_data
 from minimind.train.trainer import StageRun
 
 DEFAULTS = {"lr": 1e-3, "warmup_steps": 500, "batch_size": 32, "max_seq_len": 512, "epochs": 1}
+
+
+@dataclass
+class PretrainOptions(StageOptions):
+    """The new model: tokenizer directory, preset, `--set` overrides, and whether attention stays per document."""
+
+    tokenizer: str = ""
+    preset: str = "small"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    doc_mask: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,26 +50,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "pretrain", tokenizer=args.tokenizer, preset=args.preset,
-                           overrides=parse_overrides(args.set), doc_mask=args.doc_mask)
+    cfg = config_from_args(args, "pretrain", PretrainOptions.from_args(args, overrides=parse_overrides(args.set)))
     return run_stage(cfg, build)
 
 
 def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
-    extra = cfg.extra
-    tokenizer = load_tokenizer(extra["tokenizer"])
+    options = cfg.stage_options(PretrainOptions)
+    tokenizer = load_tokenizer(options.tokenizer)
     try:
-        config = MiniMindConfig.from_preset(extra["preset"], vocab_size=len(tokenizer), **extra["overrides"])
+        config = MiniMindConfig.from_preset(options.preset, vocab_size=len(tokenizer), **options.overrides)
     except (TypeError, ValueError) as err:
         raise UserError(f"--preset/--set: {err}") from None
     config.max_seq_len = max(config.max_seq_len, cfg.max_seq_len)
     torch.manual_seed(cfg.seed)
     model = MiniMindForCausalLM(config)
-    shard = stage_data(cfg, info, cfg.data, extra["tokenizer"], "pretrain")
-    dataset = PackedPretrainDataset(shard, cfg.max_seq_len, tokenizer.bos_token_id, extra["doc_mask"])
-    eval_shard = stage_data(cfg, info, cfg.eval_data, extra["tokenizer"], "pretrain") if cfg.eval_data else None
+    shard = stage_data(cfg, info, cfg.data, options.tokenizer, "pretrain")
+    dataset = PackedPretrainDataset(shard, cfg.max_seq_len, tokenizer.bos_token_id, options.doc_mask)
+    eval_shard = stage_data(cfg, info, cfg.eval_data, options.tokenizer, "pretrain") if cfg.eval_data else None
     eval_dataset = PackedPretrainDataset(eval_shard, cfg.max_seq_len, tokenizer.bos_token_id,
-                                         extra["doc_mask"]) if eval_shard else None
+                                         options.doc_mask) if eval_shard else None
 
     def final_numbers(_model) -> dict:
         if eval_shard is None:
@@ -69,7 +80,7 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
         save_final=lambda m, out: save_model_dir(m, tokenizer, out), eval_dataset=eval_dataset,
         final_numbers=final_numbers,
         notes=["Packed rows: documents are joined with <s>…</s> into full rows, so no compute goes to padding; "
-               + ("attention stays inside each document (--doc-mask)." if extra["doc_mask"]
+               + ("attention stays inside each document (--doc-mask)." if options.doc_mask
                   else "attention crosses document boundaries inside a row (GPT-style).")],
     )
 

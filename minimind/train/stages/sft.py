@@ -12,19 +12,28 @@ follows from --seed).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
 from minimind.data.chat import ChatAugment
 from minimind.data.datasets import PackedSFTDataset, stack_collate
 from minimind.modeldir import load_model_dir, save_model_dir
-from minimind.train.args import TrainConfig, add_common_arguments, config_from_args
+from minimind.train.args import StageOptions, TrainConfig, add_common_arguments, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import MaskedLM
 from minimind.train.stages import run_stage, stage_data
 from minimind.train.trainer import StageRun
 
 DEFAULTS = {"lr": 5e-4, "warmup_steps": 100, "batch_size": 16, "max_seq_len": 512, "epochs": 1}
+
+
+@dataclass
+class SFTOptions(StageOptions):
+    """minimind-3's loader augmentations (`ChatAugment`); the defaults leave every chat as it is."""
+
+    add_system_ratio: float = 0.0
+    empty_think_ratio: float = 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ChatAugment(args.add_system_ratio, args.empty_think_ratio)  # a ratio outside [0, 1] is refused before set-up
-    return run_stage(config_from_args(args, "sft", add_system_ratio=args.add_system_ratio,
-                                      empty_think_ratio=args.empty_think_ratio), build)
+    return run_stage(config_from_args(args, "sft", SFTOptions.from_args(args)), build)
 
 
-def sft_datasets(cfg: TrainConfig, info: DistInfo, tokenizer, tokenizer_dir: str):
-    """Packed SFT train (and optional eval) datasets, shared by the sft, lora and distill stages."""
-    augment = ChatAugment(cfg.extra.get("add_system_ratio", 0.0), cfg.extra.get("empty_think_ratio", 1.0), cfg.seed)
+def sft_datasets(cfg: TrainConfig, info: DistInfo, tokenizer, tokenizer_dir: str,
+                 options: SFTOptions | None = None):
+    """Packed SFT train (and optional eval) datasets, shared by the sft, lora and distill stages (the latter two
+    without augmentations: `options` None)."""
+    options = options or SFTOptions()
+    augment = ChatAugment(options.add_system_ratio, options.empty_think_ratio, cfg.seed)
     shard = stage_data(cfg, info, cfg.data, tokenizer_dir, "sft", augment)
     dataset = PackedSFTDataset(shard, cfg.max_seq_len, tokenizer.pad_token_id)
     eval_dataset = None
@@ -62,7 +73,7 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_dir(cfg.init)
     model.config.max_seq_len = max(model.config.max_seq_len, cfg.max_seq_len)
-    dataset, eval_dataset = sft_datasets(cfg, info, tokenizer, cfg.init)
+    dataset, eval_dataset = sft_datasets(cfg, info, tokenizer, cfg.init, cfg.stage_options(SFTOptions))
     return StageRun(
         model=model.train(), objective=MaskedLM(), dataset=dataset, collate=stack_collate,
         save_final=lambda m, out: save_model_dir(m, tokenizer, out), eval_dataset=eval_dataset,

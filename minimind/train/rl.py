@@ -1,0 +1,130 @@
+"""What the RL stages (`minimind grpo`, `minimind ppo`) share: their flags and options, the prompt data, the
+clipped policy surrogate, and the held-out numbers of report.md. The rollouts and the RL objective's common
+steps are in `rollout.py`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from minimind.data.datasets import PromptDataset
+from minimind.errors import UserError
+from minimind.train.args import OptionsT, StageOptions, TrainConfig, add_common_arguments
+from minimind.train.distributed import DistInfo
+from minimind.train.rollout import RLObjective, prompt_batch
+from minimind.train.stages import stage_data
+
+# RL fine-tunes a trained policy gently: small lr, no warmup, no weight decay; max_seq_len caps prompt length.
+RL_DEFAULTS = {"lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0, "batch_size": 8, "max_seq_len": 256,
+               "epochs": 1, "eval_batches": 10}
+
+
+@dataclass
+class RLOptions(StageOptions):
+    """The rollout and reward settings GRPO and PPO share; each stage adds its own."""
+
+    group_size: int = 4  # completions sampled per prompt (G)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    reward: str = "rule"  # rule | exact | model:DIR
+    clip: float = 0.2  # ratio clip range ε
+
+    @classmethod
+    def from_args(cls: type[OptionsT], args: argparse.Namespace, **parsed: Any) -> OptionsT:
+        """The options from the flags, checked: a completion needs at least one new token."""
+        if args.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        return super().from_args(args, **parsed)
+
+
+def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict) -> argparse._ArgumentGroup:
+    """Flags GRPO and PPO share (rollout and reward); returns the group for stage-specific additions."""
+    add_common_arguments(parser, stage, defaults)
+    g = parser.add_argument_group("rollouts and reward")
+    g.add_argument("--group-size", type=int, default=RLOptions.group_size, help="completions sampled per prompt (G)")
+    g.add_argument("--max-new-tokens", type=int, default=RLOptions.max_new_tokens, help="longest completion sampled")
+    g.add_argument("--temperature", type=float, default=RLOptions.temperature, help="sampling temperature of rollouts")
+    g.add_argument("--top-k", type=int, default=RLOptions.top_k, help="sample only from the k likeliest tokens (0 = off)")
+    g.add_argument("--reward", default=RLOptions.reward,
+                   help="'rule' (exact answer + format + length), 'exact' (1 if the answer is right, else 0) or "
+                        "'model:DIR' (mean log-prob under DIR)")
+    g.add_argument("--clip", type=float, default=RLOptions.clip, help="ratio clip range ε")
+    return g
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token −min(ρA, clip(ρ)A) and whether the clip bound; advantages broadcast against (N, T)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped)
+
+
+def rl_data(cfg: TrainConfig, info: DistInfo, tokenizer, reward: str):
+    """(train, eval or None) prompt datasets and their collate function; `reward` is --reward, for the warning
+    about prompts without a reference answer."""
+    dataset = PromptDataset(stage_data(cfg, info, cfg.data, cfg.init, "rlaif"), cfg.max_seq_len)
+    unanswered = dataset.unanswered() if reward in ("rule", "exact") and info.is_main else 0
+    if unanswered:
+        print(f"warning: {cfg.data}: {unanswered} of {len(dataset)} prompts have no reference answer; the "
+              f"{reward!r} reward can only score their format, length and repetition (accuracy is 0 "
+              "for them). For open-ended prompts pass --reward model:DIR.", flush=True)
+    eval_dataset = None
+    if cfg.eval_data:
+        eval_dataset = PromptDataset(stage_data(cfg, info, cfg.eval_data, cfg.init, "rlaif"), cfg.max_seq_len)
+
+    def collate(items: list[dict]) -> dict:
+        return prompt_batch(items, tokenizer.pad_token_id)
+
+    return dataset, eval_dataset, collate
+
+
+def held_out_numbers(objective: RLObjective, cfg: TrainConfig, eval_dataset, collate: Callable,
+                     start: torch.nn.Module, device: torch.device) -> Callable[[torch.nn.Module], dict]:
+    """For report.md: held-out accuracy and reward of `--init` (`start`) and of the trained policy.
+
+    Two views: greedy answers (what a user sees at temperature 0) and G sampled answers per prompt at the rollout
+    temperature (the reward the RL objective itself maximises). Sampling is seeded the same for both models, in
+    a forked RNG so the training stream is untouched.
+    """
+
+    @torch.no_grad()
+    def score(model: torch.nn.Module, sampled: bool) -> tuple[float, float]:
+        loader = DataLoader(eval_dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
+        correct = reward = answers = 0.0
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            for i, batch in enumerate(loader):
+                if i >= cfg.eval_batches:
+                    break
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                if sampled:
+                    scored = objective.roll_out(model, batch, objective.group_size, objective.temperature)
+                else:
+                    scored = objective.roll_out(model, batch, 1, 0.0)
+                correct += scored.correct.sum().item()
+                reward += scored.rewards.sum().item()
+                answers += len(scored.texts)
+        model.train(was_training)
+        return correct / max(answers, 1.0), reward / max(answers, 1.0)
+
+    def numbers(trained: torch.nn.Module) -> dict:
+        if eval_dataset is None:
+            return {}
+        result = {}
+        for view, sampled in (("greedy", False), (f"sampled T={objective.temperature:g}", True)):
+            for name, model in (("--init", start), ("trained", trained)):
+                acc, reward = score(model, sampled)
+                result[f"held-out accuracy ({view}): {name}"] = acc
+                result[f"held-out reward ({view}): {name}"] = reward
+        return result
+
+    return numbers
