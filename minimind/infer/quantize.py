@@ -9,8 +9,8 @@ for a few kilobytes).
 
 The matmul is PyTorch's fbgemm/x86 dynamic-quantized linear (`quantized::linear_dynamic`): each call
 quantizes its input rows to uint8 with a per-call scale and accumulates int8 x uint8 in int32. It is
-3-20x faster here than the weight-only kernel `aten._weight_int8pack_mm`, which this CPU build runs
-unvectorised, and faster than fp32 at every batch size (measured in docs/performance.md). The activation
+many times faster here than the weight-only kernel `aten._weight_int8pack_mm`, which this CPU build runs
+unvectorised, and faster than fp32 at every batch size (docs/performance.md). The activation
 rounding is the price: with `reduce_range` (7-bit activations, what PyTorch's own dynamic quantization
 uses so that CPUs without VNNI cannot saturate) a matmul's relative error is about 1.5%, which moves
 perplexity by well under 2% (tested in tests/test_quantize.py, measured on the demo model in the doc).
