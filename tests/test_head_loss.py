@@ -230,4 +230,4 @@ def test_training_lm_is_the_causal_lm_under_the_same_names():
     ids = torch.randint(3, 512, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(wrapped(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
-    assert wrapped.train().module.training and not wrapped.eval().module.training
+    assert wrapped.train().lm.training and not wrapped.eval().lm.training

@@ -19,18 +19,21 @@ from minimind.model.modeling_minimind import MiniMindForCausalLM
 
 
 class TrainingLM(nn.Module):
-    """A causal LM with training losses from its hidden states; `module` is the causal LM itself."""
+    """A causal LM with training losses from its hidden states; `lm` is the causal LM itself.
+
+    Sampling during training (GRPO, PPO) calls this module, not `lm`: under FSDP the root's weights (embedding,
+    final norm) are gathered by this module's forward, which passes every other call on to `lm`."""
 
     def __init__(self, lm: MiniMindForCausalLM):
         super().__init__()
         self.model = lm.model  # the same modules, registered under the causal LM's names
         self.lm_head = lm.lm_head
-        self.__dict__["module"] = lm  # not a submodule: its parameters are the two above
+        self.__dict__["lm"] = lm  # not a submodule: its parameters are the two above
         self.config = lm.config
 
     def train(self, mode: bool = True) -> TrainingLM:
         super().train(mode)
-        self.module.training = mode  # the causal LM's own flag (its children are ours)
+        self.lm.training = mode  # the causal LM's own flag (its children are ours)
         return self
 
     def forward(
@@ -51,7 +54,7 @@ class TrainingLM(nn.Module):
         final hidden states (B, T, dim) and the head, run inside this forward (so DDP/FSDP see it as part of the
         model). With neither, the causal LM's own forward (logits, `labels`). `document_ids`: packed rows."""
         if targets is None and head_loss_fn is None:
-            return self.module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                document_ids=document_ids, **kwargs)
         hidden, _, aux = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     inputs_embeds=kwargs.get("inputs_embeds"), use_cache=False,
@@ -72,4 +75,4 @@ def training_view(model: nn.Module) -> nn.Module:
 
 def plain_model(model: nn.Module | None) -> nn.Module | None:
     """The causal LM inside a `TrainingLM` (what is saved as a model directory); anything else as it is."""
-    return model.module if isinstance(model, TrainingLM) else model
+    return model.lm if isinstance(model, TrainingLM) else model

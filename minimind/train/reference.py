@@ -35,7 +35,7 @@ def completion_head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, comple
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP, torch.compile or `TrainingLM` wrapper (generation runs on it directly)."""
+    """The module inside a DDP or torch.compile wrapper (generation runs on it directly)."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
