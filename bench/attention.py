@@ -12,7 +12,6 @@ sweep shows why. Times are the best of alternating repetitions.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved, machine_line, ratio_line  # noqa: E402
+from common import add_bench_arguments, bench_parser, interleaved, machine_line, ratio_line  # noqa: E402
 
 from minimind.kernels.causal_blocks import MAX_LENGTH, MIN_LENGTH, causal_block_attention  # noqa: E402
 
@@ -45,14 +44,14 @@ def sdpa(q, k, v):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8, help="query heads")
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512], help="sequence lengths to time")
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per case (best counts)")
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke test)")
+    add_bench_arguments(parser, repeats=(15, "timed calls per case (best counts)"),
+                        quick="small shapes, few repetitions (smoke test)")
     args = parser.parse_args()
     if args.quick:
         args.batch_size, args.lengths, args.repeats, args.head_dim = 1, [MIN_LENGTH], 2, 16

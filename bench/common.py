@@ -8,7 +8,9 @@ when the absolute numbers do not.
 
 from __future__ import annotations
 
+import argparse
 import atexit
+import json
 import os
 import platform
 import random
@@ -18,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +29,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minimind.kernels import use_training_kernels  # noqa: E402
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 from minimind.train.objective import LossOutput, MaskedLM, model_inputs, token_nll  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench's parser, described by the first line of its docstring."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0])
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser, **flags: Any) -> None:
+    """Add the flags the benches share, in the order given, with this bench's defaults and help:
+    repeats=(N, help), device=default, dtype=(default, help), quick=help, json=True."""
+    for name, value in flags.items():
+        if name == "repeats":
+            parser.add_argument("--repeats", type=int, default=value[0], help=value[1])
+        elif name == "device":
+            parser.add_argument("--device", default=value, help="cpu, cuda, or auto")
+        elif name == "dtype":
+            parser.add_argument("--dtype", default=value[0], choices=list(DTYPES), help=value[1])
+        elif name == "quick":
+            parser.add_argument("--quick", action="store_true", help=value)
+        elif name == "json" and value:
+            parser.add_argument("--json", default=None, help="append the figures as one JSON line to this file")
+        else:
+            raise TypeError(f"add_bench_arguments: no shared flag {name}={value!r}")
+
+
+def append_json(path: str | None, record: dict[str, Any]) -> None:
+    """--json FILE: append the run's figures to FILE as one JSON line (nothing without --json)."""
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
 
 def sync(device: torch.device | str) -> None:

@@ -16,7 +16,6 @@ step time is the best of --repeats interleaved steps over successive batches.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     LogitsMaskedLM,
+    add_bench_arguments,
+    bench_parser,
     demo_tokenizer,
     interleaved,
     machine_line,
@@ -75,13 +76,13 @@ def batches(dataset, batch_size: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--preset", default="small", help="model shape (random weights)")
     parser.add_argument("--data", default=None, help="SFT JSONL (default: the bundled demo sft.jsonl)")
     parser.add_argument("--seq-len", type=int, default=512, help="row length (the reference project's 512)")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per step, both pipelines")
-    parser.add_argument("--repeats", type=int, default=4, help="timed steps per pipeline (best counts)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, seq_len 128, one repetition")
+    add_bench_arguments(parser, repeats=(4, "timed steps per pipeline (best counts)"),
+                        quick="tiny model, seq_len 128, one repetition")
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.seq_len, args.batch_size, args.repeats = "tiny", 128, 2, 1

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -31,13 +30,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_tokenizer, hf_twin, interleaved, machine_line, ratio_line, scratch_dir  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES,
+    add_bench_arguments,
+    append_json,
+    bench_parser,
+    bench_tokenizer,
+    hf_twin,
+    interleaved,
+    machine_line,
+    ratio_line,
+    scratch_dir,
+)
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.infer import Engine  # noqa: E402
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load(args: argparse.Namespace, device: torch.device):
@@ -114,22 +122,20 @@ def rates(runners: dict, rows: int, new_tokens: int, device, repeats: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--preset", default="small", help="model preset with random weights (ignored with --model)")
     parser.add_argument("--model", default=None, help="benchmark a model directory instead of a preset")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length per row")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best is kept)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights dtype")
+    add_bench_arguments(parser, repeats=(3, "timed runs per figure (best is kept)"), device="auto",
+                        dtype=(None, "weights dtype"))
     parser.add_argument("--no-int8", action="store_true", help="skip the Engine(quantize='int8') case")
     parser.add_argument("--no-hf", action="store_true", help="skip HF generate")
     parser.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
     parser.add_argument("--gguf-types", nargs="*", default=["f32", "f16", "q8_0"],
                         help="llama.cpp cases at batch 1 (none: skip llama.cpp)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 8 tokens, one repetition (smoke test)")
-    parser.add_argument("--json", default=None, help="append the figures as one JSON line to this file")
+    add_bench_arguments(parser, quick="tiny model, 8 tokens, one repetition (smoke test)", json=True)
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.new_tokens, args.repeats = "tiny", 8, 1
@@ -163,10 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         results[rows] = rates(runners, rows, args.new_tokens, device, args.repeats)
         print(f"batch {rows}: " + ", ".join(f"{name} {rate:.1f}" for name, rate in results[rows].items())
               + " tokens/s")
-    if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps({"bench": "decode", "device": str(device), "model": args.model or args.preset,
-                                     "results": results, "machine": machine_line()}) + "\n")
+    append_json(args.json, {"bench": "decode", "device": str(device), "model": args.model or args.preset,
+                            "results": results, "machine": machine_line()})
     pairs = [("engine", "llama.cpp-f32"), ("engine-compile", "llama.cpp-f32"), ("engine-int8", "llama.cpp-f16"),
              ("engine-int8-compile", "llama.cpp-f16"), ("engine-int8-compile", "llama.cpp-q8_0"),
              ("engine-compile", "engine"), ("engine-compile", "hf"), ("engine-int8", "hf"),

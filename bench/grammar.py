@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import demo_tokenizer, interleaved, machine_line, preset_model, ratio_line  # noqa: E402
+from common import add_bench_arguments, demo_tokenizer, interleaved, machine_line, preset_model, ratio_line  # noqa: E402
 
 from minimind.infer import Engine  # noqa: E402
 from minimind.infer.grammar import json_grammar  # noqa: E402
@@ -30,8 +30,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tiny preset, 16 tokens, one repetition")
+    add_bench_arguments(parser, repeats=(3, None), quick="tiny preset, 16 tokens, one repetition")
     args = parser.parse_args()
     if args.quick:
         args.preset, args.new_tokens, args.repeats, args.batch_sizes = "tiny", 16, 1, [1, 2]

@@ -27,7 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    DTYPES,
     LogitsMaskedLM,
+    add_bench_arguments,
+    bench_parser,
     hf_twin,
     machine_line,
     preset_model,
@@ -35,7 +38,7 @@ from common import (  # noqa: E402
     ratio_line,
     training_model,
 )
-from train import DTYPES, add_step_arguments  # noqa: E402
+from train import add_step_arguments  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
@@ -83,9 +86,9 @@ def run_case(case: str, args) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     add_step_arguments(parser, "tiny", 16, 1024)
-    parser.add_argument("--quick", action="store_true", help="small batch (smoke test)")
+    add_bench_arguments(parser, quick="small batch (smoke test)")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # internal: one case, in a child process
     args = parser.parse_args(argv)
     if args.quick:

@@ -13,7 +13,6 @@ the best repetition of each counts.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -25,6 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_bench_arguments,
+    bench_parser,
     demo_tokenizer,
     interleaved,
     machine_line,
@@ -41,7 +42,7 @@ from minimind.train.objective import MaskedLM  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--data", default=None, help="JSONL to prepare (default: the bundled demo pretrain.jsonl)")
     parser.add_argument("--kind", default="pretrain", help="dataset kind, as `minimind prepare --kind`")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="small", help="model of the training step compared against")
     parser.add_argument("--batch-size", type=int, default=4, help="training rows per step")
     parser.add_argument("--seq-len", type=int, default=512, help="training tokens per row")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions of each (best counts)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, one repetition")
+    add_bench_arguments(parser, repeats=(3, "repetitions of each (best counts)"), quick="tiny model, one repetition")
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.seq_len, args.batch_size, args.repeats = "tiny", 128, 2, 1

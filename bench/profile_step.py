@@ -11,7 +11,6 @@ models, or between a model and the GEMM ceiling `bench/train.py` measures, can b
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,17 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hf_twin, machine_line, preset_model, random_batch, sync  # noqa: E402
-from train import DTYPES, add_step_arguments, make_step  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES,
+    add_bench_arguments,
+    bench_parser,
+    hf_twin,
+    machine_line,
+    preset_model,
+    random_batch,
+    sync,
+)
+from train import add_step_arguments, make_step  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
@@ -58,12 +66,12 @@ def profile_case(name: str, step, device: torch.device, steps: int, top: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     add_step_arguments(parser, "small", 4, 512)
     parser.add_argument("--compile", action="store_true", help="also profile both models under torch.compile")
     parser.add_argument("--steps", type=int, default=3, help="steps timed and profiled per case")
     parser.add_argument("--top", type=int, default=15, help="operators printed per case")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and one step (smoke test)")
+    add_bench_arguments(parser, quick="tiny shapes and one step (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.batch_size, args.seq_len, args.steps = "tiny", 2, 64, 1

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import add_bench_arguments, bench_parser  # noqa: E402
 from decode import bench_tokenizer  # noqa: E402  (bench/decode.py: a throwaway tokenizer of any vocab size)
 
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
@@ -111,13 +112,12 @@ def best_rate(run, url: str, args: argparse.Namespace) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--preset", default="small", help="model preset with random weights (ignored with --model)")
     parser.add_argument("--model", default=None, help="benchmark a model directory instead of a preset")
     parser.add_argument("--clients", type=int, default=16, help="requests per round")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds per mode (best is kept)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    add_bench_arguments(parser, repeats=(2, "rounds per mode (best is kept)"), device="auto")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as scratch:
         model_dir = Path(args.model) if args.model else random_model_dir(args.preset, Path(scratch) / args.preset)

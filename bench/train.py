@@ -21,7 +21,6 @@ eager HF.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,14 +28,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hf_twin, interleaved, machine_line, preset_model, random_batch, ratio_line  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES,
+    add_bench_arguments,
+    append_json,
+    bench_parser,
+    hf_twin,
+    interleaved,
+    machine_line,
+    preset_model,
+    random_batch,
+    ratio_line,
+)
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.info import flops_per_token  # noqa: E402
 from minimind.train.mfu import measure_matmul_flops, peak_flops  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_step_arguments(parser: argparse.ArgumentParser, preset: str, batch_size: int, seq_len: int) -> None:
@@ -44,8 +52,7 @@ def add_step_arguments(parser: argparse.ArgumentParser, preset: str, batch_size:
     parser.add_argument("--preset", default=preset, help="model shape (random weights)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="rows per step")
     parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per row")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (weights stay fp32)")
+    add_bench_arguments(parser, device="cpu", dtype=("fp32", "autocast dtype (weights stay fp32)"))
 
 
 def gemm_shapes(config) -> list[tuple[int, int]]:
@@ -98,13 +105,12 @@ def make_step(model, objective, batch: dict | None, device: torch.device, dtype:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     add_step_arguments(parser, "small", 4, 512)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per case (best counts)")
+    add_bench_arguments(parser, repeats=(5, "timed steps per case (best counts)"))
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     parser.add_argument("--no-peer", action="store_true", help="time ours only (no HF model)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and one repetition (smoke test)")
-    parser.add_argument("--json", default=None, help="append the figures as one JSON line to this file")
+    add_bench_arguments(parser, quick="tiny shapes and one repetition (smoke test)", json=True)
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.batch_size, args.seq_len, args.repeats = "tiny", 2, 64, 1
@@ -148,12 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>13}: {rate:8.1f} tokens/s  MFU {100 * flops * rate / ceiling:5.1f}% of the GEMM ceiling "
               f"({100 * flops * rate / square:5.1f}% of the square matmul{extra})  steps {min(seconds):.3f}s "
               f"best, {sorted(seconds)[len(seconds) // 2]:.3f}s median")
-    if args.json:
-        record = {"bench": "train", "preset": args.preset, "device": str(device), "dtype": args.dtype,
-                  "batch": args.batch_size, "seq_len": args.seq_len, "ceiling_flops": ceiling,
-                  "square_flops": square, "results": results, "machine": machine_line()}
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+    append_json(args.json, {"bench": "train", "preset": args.preset, "device": str(device), "dtype": args.dtype,
+                            "batch": args.batch_size, "seq_len": args.seq_len, "ceiling_flops": ceiling,
+                            "square_flops": square, "results": results, "machine": machine_line()})
     if args.compile and not args.no_peer:
         mine, theirs = results["ours+compile"]["tokens_per_sec"], results["hf+compile"]["tokens_per_sec"]
         print(ratio_line("train compiled", mine, theirs, "tokens/s"))
