@@ -27,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    DTYPES,
     LogitsMaskedLM,
     add_bench_arguments,
     bench_parser,
@@ -38,7 +37,7 @@ from common import (  # noqa: E402
     ratio_line,
     training_model,
 )
-from train import add_step_arguments  # noqa: E402
+from train import DTYPES, add_step_arguments  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402

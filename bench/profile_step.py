@@ -21,17 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    DTYPES,
-    add_bench_arguments,
-    bench_parser,
-    hf_twin,
-    machine_line,
-    preset_model,
-    random_batch,
-    sync,
-)
-from train import add_step_arguments, make_step  # noqa: E402
+from common import add_bench_arguments, bench_parser, hf_twin, machine_line, preset_model, random_batch, sync  # noqa: E402
+from train import DTYPES, add_step_arguments, make_step  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
