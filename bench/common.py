@@ -118,10 +118,10 @@ def preset_model(preset: str, seed: int = 0, **overrides) -> MiniMindForCausalLM
     return MiniMindForCausalLM(MiniMindConfig.from_preset(preset, **overrides))
 
 
-def training_model(preset: str, device: torch.device, compiled: bool = False) -> MiniMindForCausalLM:
+def training_model(preset: str, device: torch.device, compiled: bool = False, **overrides) -> MiniMindForCausalLM:
     """`preset_model` on `device` in train mode with the kernels a training run on `device` selects (the trainer's
     strategies call `use_training_kernels` the same way)."""
-    model = preset_model(preset).to(device).train()
+    model = preset_model(preset, **overrides).to(device).train()
     use_training_kernels(model, device, compiled)
     return model
 

@@ -31,9 +31,9 @@ from common import (  # noqa: E402
     demo_tokenizer,
     interleaved,
     machine_line,
-    preset_model,
     ratio_line,
     scratch_dir,
+    training_model,
 )
 from train import make_step  # noqa: E402
 
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     padded = PaddedSFT(shard, args.seq_len, tokenizer.pad_token_id)
     packed_useful = sum(int((packed[r]["doc_ids"] >= 0).sum()) for r in range(len(packed))) / len(packed)
     padded_useful = sum(padded.real_tokens(i) for i in range(len(padded))) / len(padded)
-    model = preset_model(args.preset, vocab_size=len(tokenizer)).train()
     device, dtype = torch.device("cpu"), torch.float32
+    model = training_model(args.preset, device, vocab_size=len(tokenizer))
     streams = {"packed": batches(packed, args.batch_size), "padded": batches(padded, args.batch_size)}
     steps = {"packed": make_step(model, MaskedLM(), None, device, dtype, hf=False),
              "padded": make_step(model, LogitsMaskedLM(), None, device, dtype, hf=False)}

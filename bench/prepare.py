@@ -29,10 +29,10 @@ from common import (  # noqa: E402
     demo_tokenizer,
     interleaved,
     machine_line,
-    preset_model,
     random_batch,
     ratio_line,
     scratch_dir,
+    training_model,
 )
 from train import make_step  # noqa: E402
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
         tokens.append(prepare(data, tokenizer_dir, args.kind, out, workers=args.workers, progress=False)["n_tokens"])
 
-    model = preset_model(args.preset).train()
+    model = training_model(args.preset, torch.device("cpu"))
     batch = random_batch(model.config.vocab_size, args.batch_size, args.seq_len)
     step = make_step(model, MaskedLM(), batch, torch.device("cpu"), torch.float32, hf=False)
     print(machine_line())

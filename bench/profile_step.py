@@ -21,7 +21,15 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_bench_arguments, bench_parser, hf_twin, machine_line, preset_model, random_batch, sync  # noqa: E402
+from common import (  # noqa: E402
+    add_bench_arguments,
+    bench_parser,
+    hf_twin,
+    machine_line,
+    random_batch,
+    sync,
+    training_model,
+)
 from train import DTYPES, add_step_arguments, make_step  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
@@ -67,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.preset, args.batch_size, args.seq_len, args.steps = "tiny", 2, 64, 1
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    ours = preset_model(args.preset).to(device).train()
+    ours = training_model(args.preset, device)
     batch = random_batch(ours.config.vocab_size, args.batch_size, args.seq_len, device)
     print(machine_line())
     print(f"model: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, {args.dtype} on {device}")
     models = {"ours": ours, "hf": hf_twin(ours)}
     if args.compile:
-        models["ours+compile"] = torch.compile(preset_model(args.preset).to(device).train())
+        models["ours+compile"] = torch.compile(training_model(args.preset, device, compiled=True))
         models["hf+compile"] = torch.compile(hf_twin(ours))
     for name, model in models.items():
         step = make_step(model, MaskedLM(), batch, device, dtype, hf=name.startswith("hf"))
