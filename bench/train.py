@@ -36,9 +36,9 @@ from common import (  # noqa: E402
     hf_twin,
     interleaved,
     machine_line,
-    preset_model,
     random_batch,
     ratio_line,
+    training_model,
 )
 
 from minimind.device import resolve_device  # noqa: E402
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.preset, args.batch_size, args.seq_len, args.repeats = "tiny", 2, 64, 1
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    ours = preset_model(args.preset).to(device).train()
+    ours = training_model(args.preset, device)
     config = ours.config
     batch = random_batch(config.vocab_size, args.batch_size, args.seq_len, device)
     objective = MaskedLM()
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peer:
         cases["hf"] = make_step(hf_twin(ours), None, batch, device, dtype, hf=True)
     if args.compile:
-        cases["ours+compile"] = make_step(torch.compile(preset_model(args.preset).to(device).train()),
+        cases["ours+compile"] = make_step(torch.compile(training_model(args.preset, device, compiled=True)),
                                           objective, batch, device, dtype, hf=False)
         if not args.no_peer:
             cases["hf+compile"] = make_step(torch.compile(hf_twin(ours)), None, batch, device, dtype, hf=True)
