@@ -61,7 +61,10 @@ def test_backward_keeps_no_square_tensor():
 
 
 def assert_training_step_equal(model: torch.nn.Module, reference: torch.nn.Module, ids: torch.Tensor) -> None:
-    """The language-model loss of `ids` and every parameter's gradient agree between the two models."""
+    """The language-model loss of `ids` and every parameter's gradient agree between the two models (`ids` must
+    not hold the reference's padding_idx, whose embedding row HF never trains)."""
+    padding = reference.get_input_embeddings().padding_idx
+    assert padding is None or not (ids == padding).any(), "ids hold the reference embedding's padding_idx"
     loss = model(ids, labels=ids).loss
     loss.backward()
     reference_loss = reference(ids, labels=ids).loss
@@ -82,7 +85,9 @@ def test_model_routes_cpu_fp32_training_through_blocks_and_matches_hf(monkeypatc
     randomize(model)
     hf = llama_twin(model).train()
     use_training_kernels(model, torch.device("cpu"))  # what the trainer selects for a CPU run
-    ids = torch.randint(0, model.config.vocab_size, (2, MIN_LENGTH + 17))
+    # Not token 0: HF's embedding takes the pad id as padding_idx and never gives its row a gradient. Seeded, so
+    # the draw does not depend on what ran before.
+    ids = torch.randint(1, model.config.vocab_size, (2, MIN_LENGTH + 17), generator=torch.Generator().manual_seed(4))
     assert_training_step_equal(model, hf, ids)
     assert len(calls) == model.config.n_layers
     calls.clear()
