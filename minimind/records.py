@@ -1,7 +1,7 @@
 """Reading and validating the JSONL datasets (README, "Data formats"), one record a line.
 
 Every problem is reported as `file:line: what is wrong`. With `skip_bad_lines` a bad line is counted and
-skipped instead, and the caller reports the count at the end. Shapes (the seed's):
+skipped instead, and the caller reports the count at the end. Shapes (MiniMind2's):
   pretrain  {"text": "..."}
   sft       {"conversations": [{"role": "system"|"user"|"assistant"|"tool", "content": "...", "reasoning_content"?}]}
             With function calling: the functions offered as a top-level "tools" list (OpenAI's form) or as the

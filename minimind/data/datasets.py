@@ -157,7 +157,7 @@ def pad_sequences(seqs: list[tuple[np.ndarray, np.ndarray]], pad_id: int = 0) ->
 
 
 def pair_collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    """DPO: chosen rows first, then rejected rows, in one batch (the seed's single-forward layout)."""
+    """DPO: chosen rows first, then rejected rows, in one batch (MiniMind2's single-forward layout)."""
     return pad_sequences([item["chosen"] for item in items] + [item["rejected"] for item in items])
 
 

@@ -1,4 +1,4 @@
-"""MiniMindConfig: the model's shape, with the seed's field names and the HF aliases HF tooling reads.
+"""MiniMindConfig: the model's shape, with MiniMind2's field names and the HF aliases HF tooling reads.
 
 This file is copied into every saved model directory (HF remote code), so it imports only torch/transformers.
 """
@@ -36,14 +36,14 @@ PRESETS: dict[str, dict] = {
 
 
 def default_hidden_dim(dim: int) -> int:
-    """The seed's SwiGLU width: 8·dim/3 rounded up to a multiple of 64."""
+    """MiniMind2's SwiGLU width: 8·dim/3 rounded up to a multiple of 64."""
     return 64 * math.ceil(int(8 * dim / 3) / 64)
 
 
 class MiniMindConfig(PretrainedConfig):
     """Configuration of a MiniMind decoder-only transformer (dense or MoE).
 
-    Field names follow the seed (`dim`, `n_layers`, ...); `attribute_map` makes the usual HF names
+    Field names follow MiniMind2 (`dim`, `n_layers`, ...); `attribute_map` makes the usual HF names
     (`hidden_size`, `num_hidden_layers`, ...) read and write the same values.
     """
 

@@ -2,7 +2,7 @@
 
 The trainer normalises by the *global* count of targets in an optimizer step (summed over micro-batches
 and ranks) before backward, so accumulation and data parallelism give the same gradient as one big batch.
-For token losses that count is Σ loss_mask (the seed's Σ(ce·mask)/Σmask, taken over the whole step); for
+For token losses that count is Σ loss_mask (MiniMind2's Σ(ce·mask)/Σmask, taken over the whole step); for
 pair losses (DPO) it is the number of pairs.
 """
 

@@ -9,8 +9,8 @@ where _T means softmax(logits / T); T² keeps the soft term's gradient scale ind
 Teacher and student may differ in size but must share the tokenizer (the KL is over the same vocabulary).
 
 Reasoning (`--reasoning`): SFT on replies written as `<think>…</think><answer>…</answer>`, with the CE of every
-target token that is part of a tag multiplied by `--tag-weight`, so a small model learns the format early (the
-seed's reasoning recipe; the loss is still divided by the number of targets, not by the weights). With a
+target token that is part of a tag multiplied by `--tag-weight`, so a small model learns the format early
+(MiniMind2's reasoning recipe; the loss is still divided by the number of targets, not by the weights). With a
 `--teacher` as well, the soft KL term is added as above. Tags are found on the token strings, so a tag split into
 several BPE pieces is weighted on every piece and nowhere else.
 

@@ -4,7 +4,7 @@
 
 Chosen rows then rejected rows go through the policy in ONE forward (as the reference project does), and through the frozen
 reference (a copy of `--init`) under no_grad. A sequence's log-probability is the MEAN log-prob of its assistant
-tokens (the seed's convention, `--logp mean`; `--logp sum` gives the DPO paper's / TRL's summed form). With
+tokens (MiniMind2's convention, `--logp mean`; `--logp sum` gives the DPO paper's / TRL's summed form). With
 s = the sequence log-prob:
 
     loss = −log σ(β·((s_policy(c) − s_policy(r)) − (s_ref(c) − s_ref(r))))
