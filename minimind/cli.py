@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "lora": ("minimind.train.stages.lora", "LoRA fine-tuning: train a low-rank adapter, saved in PEFT format"),
     "dpo": ("minimind.train.stages.dpo", "direct preference optimisation on {'chosen','rejected'} pairs"),
     "distill": ("minimind.train.stages.distill", "distil a teacher into a student (white-box KL or reasoning SFT)"),
+    "reward": ("minimind.train.stages.reward", "train a reward model on preference pairs (Bradley–Terry), for --reward rm:DIR"),
     "grpo": ("minimind.train.stages.grpo", "GRPO: RL from group-normalised rewards of sampled completions"),
     "ppo": ("minimind.train.stages.ppo", "PPO: RL with a value head, GAE and a clipped objective"),
     "generate": ("minimind.infer.generate_cli", "complete a prompt with a model directory"),

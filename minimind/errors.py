@@ -8,6 +8,11 @@ class UserError(Exception):
     """A clear, one-sentence error about user input: names the file, line or field and what was expected."""
 
 
+class StepError(UserError):
+    """A user's code or data failed inside a training step (a reward function that raised, say): the trainer saves
+    a checkpoint of the last finished step, then stops with this line, so nothing is lost."""
+
+
 # The name on the package index: `minimind` there is another project. The import name and the command stay
 # `minimind`.
 DISTRIBUTION = "minimind-llm"

@@ -155,7 +155,7 @@ def test_model_reward_is_the_mean_completion_logprob(tmp_path, tokenizer):
         expected = logp.gather(-1, seq[0, -n:, None]).mean()
         assert rewards[row].item() == pytest.approx(expected.item(), abs=1e-5)
     assert isinstance(make_reward("rule", 8, 512), RuleReward)
-    with pytest.raises(UserError, match="must be 'rule', 'exact' or 'model:DIR'"):
+    with pytest.raises(UserError, match="must be 'rule', 'exact', 'model:DIR', 'rm:DIR'"):
         make_reward("bleu", 8, 512)
     with pytest.raises(UserError, match="vocab_size is 512, the policy's is 600"):
         make_reward(f"model:{tmp_path / 'judge'}", 8, 600)
@@ -300,7 +300,7 @@ def test_grpo_cli_help_and_errors(tmp_path, model_dir, capsys):
     data = write_jsonl(tmp_path / "rl.jsonl", [{"conversations": [{"role": "system", "content": "be brief"}]}])
     common = ["grpo", "--data", str(data), "--init", str(model_dir), "--out", str(tmp_path / "x"), "--device", "cpu"]
     for extra, message in ((["--group-size", "1"], "--group-size must be at least 2"),
-                           (["--reward", "bleu"], "must be 'rule', 'exact' or 'model:DIR'"),
+                           (["--reward", "bleu"], "must be 'rule', 'exact', 'model:DIR', 'rm:DIR'"),
                            ([], "rl.jsonl:1: field \"conversations\" has no user turn")):
         assert main([*common, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 from .configuration_minimind import MiniMindConfig
 from .documents import document_mask, document_positions
@@ -206,5 +206,45 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         return MoeCausalLMOutputWithPast(loss=loss, logits=logits, aux_loss=aux, **{_CACHE_FIELD: past_key_values})
 
 
+class MiniMindForSequenceClassification(MiniMindPreTrainedModel):
+    """MiniMind with a linear score head read at each row's last real token: a reward model (`num_labels` 1), as
+    `minimind reward` trains it and `--reward rm:DIR` scores with it."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MiniMindModel(config)
+        self.score = nn.Linear(config.dim, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        """Scores (B, num_labels) of right-padded rows: the head over the final hidden state of each row's last
+        token where `attention_mask` is 1 (the last column without a mask)."""
+        hidden, _, _ = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  inputs_embeds=inputs_embeds)
+        b, t = hidden.shape[:2]
+        if attention_mask is None:
+            last = torch.full((b,), t - 1, device=hidden.device)
+        else:  # the highest index holding a real token (right padding; left padding ends at t - 1 anyway)
+            positions = torch.arange(t, device=hidden.device).expand(b, t)
+            last = torch.where(attention_mask.bool(), positions, 0).amax(-1)
+        pooled = hidden[torch.arange(b, device=hidden.device), last]  # (B, dim)
+        return SequenceClassifierOutputWithPast(logits=self.score(pooled))
+
+
 MiniMindConfig.register_for_auto_class()
 MiniMindForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MiniMindForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")

@@ -32,7 +32,7 @@ class RLOptions(StageOptions):
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
-    reward: str = "rule"  # rule | exact | model:DIR
+    reward: str = "rule"  # rule | exact | model:DIR | rm:DIR | FILE.py:FUNCTION, several joined by commas
     clip: float = 0.2  # ratio clip range ε
 
     @classmethod
@@ -43,6 +43,15 @@ class RLOptions(StageOptions):
         return super().from_args(args, **parsed)
 
 
+class _AddReward(argparse.Action):
+    """`--reward` given again adds a term (joined with commas) instead of replacing the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, "_rewards_given", False)
+        namespace.reward = f"{namespace.reward},{values}" if given else values
+        namespace._rewards_given = True
+
+
 def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict) -> argparse._ArgumentGroup:
     """Flags GRPO and PPO share (rollout and reward); returns the group for stage-specific additions."""
     add_common_arguments(parser, stage, defaults)
@@ -51,9 +60,12 @@ def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict
     g.add_argument("--max-new-tokens", type=int, default=RLOptions.max_new_tokens, help="longest completion sampled")
     g.add_argument("--temperature", type=float, default=RLOptions.temperature, help="sampling temperature of rollouts")
     g.add_argument("--top-k", type=int, default=RLOptions.top_k, help="sample only from the k likeliest tokens (0 = off)")
-    g.add_argument("--reward", default=RLOptions.reward,
-                   help="'rule' (exact answer + format + length), 'exact' (1 if the answer is right, else 0) or "
-                        "'model:DIR' (mean log-prob under DIR)")
+    g.add_argument("--reward", default=RLOptions.reward, action=_AddReward,
+                   help="'rule' (exact answer + format + length), 'exact' (1 if the answer is right, else 0), "
+                        "'model:DIR' (mean log-prob under DIR), 'rm:DIR' (a sequence-classification reward model "
+                        "with its own tokenizer) or 'FILE.py:FUNCTION' (your function of prompts, completions, "
+                        "answers); repeat the flag or use commas to add several, a weight after '@' "
+                        "(--reward exact --reward my.py:brevity@0.5)")
     g.add_argument("--clip", type=float, default=RLOptions.clip, help="ratio clip range ε")
     return g
 

@@ -175,7 +175,8 @@ class RLObjective(Objective):
         rollout = sample(unwrap(model), ids, mask, self.max_new_tokens, self.tokenizer.eos_token_id,
                          self.tokenizer.pad_token_id, temperature, self.top_k)
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        rewards = self.reward(rollout, texts, answers).to(ids.device, torch.float32)
+        prompts = [p for p in batch["prompt"] for _ in range(group_size)]
+        rewards = self.reward(rollout, texts, answers, prompts).to(ids.device, torch.float32)
         correct = torch.tensor([float(answer_correct(t, a)) for t, a in zip(texts, answers)], device=ids.device)
         return Scored(rollout, texts, rewards, correct)
 
@@ -226,7 +227,8 @@ class RLObjective(Objective):
         return {"reward_mean": scored.rewards.mean().item(), "reward_std": scored.rewards.std(correction=0).item(),
                 "accuracy": scored.correct.mean().item(),
                 "completion_len": scored.rollout.lengths().float().mean().item(),
-                "rollout_tokens": float(scored.rollout.lengths().sum().item())}
+                "rollout_tokens": float(scored.rollout.lengths().sum().item()),
+                **getattr(self.reward, "last_terms", {})}  # each term's mean when --reward combines several
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

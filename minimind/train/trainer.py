@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from minimind.data.sampler import DataPosition, StepBatchSampler
-from minimind.errors import UserError
+from minimind.errors import StepError, UserError
 from minimind.info import count_parameters, training_flops
 from minimind.kernels.training import plain_model, training_view
 from minimind.outputs import writing
@@ -128,7 +128,13 @@ class Trainer:
             while self.step < self.total_steps:
                 started = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.accumulation_steps)]
-                metrics = self.train_step(micro)
+                try:
+                    metrics = self.train_step(micro)
+                except StepError as e:  # this step changed no weight: save the last finished one, then stop
+                    self._save_checkpoint()
+                    monitor.close()
+                    raise StepError(f"{e}. Saved a checkpoint at step {self.step}/{self.total_steps}; fix it and "
+                                    "continue with the same command plus --resume") from None
                 self.step += 1
                 self.position = sampler.advance(self.position)
                 ran += 1
