@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minimind.kernels import use_training_kernels  # noqa: E402
+from minimind.kernels.training import training_view  # noqa: E402
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 from minimind.train.objective import LossOutput, MaskedLM, model_inputs, token_nll  # noqa: E402
 
@@ -124,6 +125,12 @@ def training_model(preset: str, device: torch.device, compiled: bool = False, **
     model = preset_model(preset, **overrides).to(device).train()
     use_training_kernels(model, device, compiled)
     return model
+
+
+def compiled_training_model(preset: str, device: torch.device, **overrides) -> torch.nn.Module:
+    """`training_model` compiled as the trainer compiles it: the training view (losses from hidden states) under
+    torch.compile, so `MaskedLM` gets its loss from the head-loss kernel inside the graph."""
+    return torch.compile(training_view(training_model(preset, device, compiled=True, **overrides)))
 
 
 def random_batch(vocab_size: int, batch_size: int, seq_len: int, device: torch.device | str = "cpu") -> dict:

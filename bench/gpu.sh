@@ -25,7 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MINIMIND_
 
 if [[ "${1:-}" == "--cpu-check" ]]; then
   DEV=(--device cpu --quick)
-  TRAIN_SMALL=(); TRAIN_BASE=(); DECODE=(--gguf-types); MEMORY=(); PROFILE=(--top 5)
+  TRAIN_SMALL=(); TRAIN_BASE=(); DECODE=(--gguf-types); MEMORY=(); PROFILE=(--top 5); REFERENCE=()
 else
   DEV=(--device cuda)
   TRAIN_SMALL=(--preset small --batch-size 32 --seq-len 512 --repeats 5)
@@ -33,6 +33,7 @@ else
   DECODE=(--preset small --new-tokens 128 --repeats 3 --batch-sizes 1 8 64 --gguf-types)
   MEMORY=(--preset small --batch-size 32 --seq-len 512)
   PROFILE=(--preset small --batch-size 32 --seq-len 512 --top 12)
+  REFERENCE=(--preset minimind3 --batch-size 32 --seq-len 340 --repeats 3)
 fi
 
 STEP_LIMIT=${STEP_LIMIT:-200}
@@ -66,5 +67,7 @@ rm -rf "$CLI_DIR"
 run decode "$PY" bench/decode.py "${DEV[@]}" --dtype bf16 --compile "${DECODE[@]}" --json "$JSON"
 run train-base "$PY" bench/train.py "${DEV[@]}" --dtype bf16 --compile "${TRAIN_BASE[@]}" --json "$JSON"
 run memory "$PY" bench/memory.py "${DEV[@]}" --dtype bf16 "${MEMORY[@]}"
+# the reference project's pretraining recipe (one padded document per row) against our packed rows, minimind-3
+run reference "$PY" bench/reference.py "${DEV[@]}" --dtype bf16 "${REFERENCE[@]}"
 run profile "$PY" bench/profile_step.py "${DEV[@]}" --dtype bf16 --compile "${PROFILE[@]}"
 echo "=== done; results in $TXT and $JSON" | tee -a "$TXT"

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_bench_arguments,
     bench_parser,
+    compiled_training_model,
     hf_twin,
     machine_line,
     random_batch,
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, {args.dtype} on {device}")
     models = {"ours": ours, "hf": hf_twin(ours)}
     if args.compile:
-        models["ours+compile"] = torch.compile(training_model(args.preset, device, compiled=True))
+        models["ours+compile"] = compiled_training_model(args.preset, device)
         models["hf+compile"] = torch.compile(hf_twin(ours))
     for name, model in models.items():
         step = make_step(model, MaskedLM(), batch, device, dtype, hf=name.startswith("hf"))

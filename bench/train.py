@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     add_bench_arguments,
     append_json,
     bench_parser,
+    compiled_training_model,
     hf_twin,
     interleaved,
     machine_line,
@@ -43,7 +44,6 @@ from common import (  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.info import flops_per_token  # noqa: E402
-from minimind.kernels.training import training_view  # noqa: E402
 from minimind.train.mfu import measure_matmul_flops, peak_flops  # noqa: E402
 from minimind.train.objective import MaskedLM  # noqa: E402
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peer:
         cases["hf"] = make_step(hf_twin(ours), None, batch, device, dtype, hf=True)
     if args.compile:
-        cases["ours+compile"] = make_step(torch.compile(training_view(training_model(args.preset, device, compiled=True))),
+        cases["ours+compile"] = make_step(compiled_training_model(args.preset, device),
                                           objective, batch, device, dtype, hf=False)
         if not args.no_peer:
             cases["hf+compile"] = make_step(torch.compile(hf_twin(ours)), None, batch, device, dtype, hf=True)
