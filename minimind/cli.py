@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "reward": ("minimind.train.stages.reward", "train a reward model on preference pairs (Bradley–Terry), for --reward rm:DIR"),
     "grpo": ("minimind.train.stages.grpo", "GRPO: RL from group-normalised rewards of sampled completions"),
     "ppo": ("minimind.train.stages.ppo", "PPO: RL with a value head, GAE and a clipped objective"),
+    "agent": ("minimind.train.stages.agent", "agentic RL: GRPO over multi-turn episodes that call tools"),
     "generate": ("minimind.infer.generate_cli", "complete a prompt with a model directory"),
     "chat": ("minimind.infer.chat_cli", "multi-turn chat with a model in the terminal"),
     "serve": ("minimind.serve.serve_cli", "OpenAI-compatible API server for a model directory"),
