@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from minimind.serve.protocol import ChatCompletionRequest, CompletionRequest
+from minimind.serve.responses_api import ResponseObject, ResponsesRequest, ResponseStreamEvent
 
 
 class ErrorDetail(BaseModel):
@@ -232,6 +233,7 @@ OPERATIONS: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel], tuple[
     "/v1/chat/completions": ("post", ChatCompletionRequest, ChatCompletion, (400, 401, 404, 413, 429, 503),
                              ChatCompletionChunk),
     "/v1/completions": ("post", CompletionRequest, Completion, (400, 401, 404, 413, 429, 503), CompletionChunk),
+    "/v1/responses": ("post", ResponsesRequest, ResponseObject, (400, 401, 404, 413, 429, 503), ResponseStreamEvent),
 }
 
 
@@ -251,6 +253,9 @@ def _document(app: FastAPI) -> dict[str, Any]:
     components = spec.setdefault("components", {}).setdefault("schemas", {})
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
+    for operations in spec["paths"].values():  # typed bodies (/tokenize, /detokenize) get FastAPI's 422 listed
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
 
     def ref(model: type[BaseModel]) -> dict[str, str]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

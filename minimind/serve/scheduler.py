@@ -18,6 +18,10 @@ Admission is bounded: at most `max_batch_size` jobs run and `max_queue` more may
 client went away): their cache rows are freed before the next step. A job with a `deadline` that is still
 live when it passes ends with finish_reason "length" (the server's --request-timeout). `drain(grace)` (on
 SIGTERM) refuses new jobs at once and ends every job still live `grace` seconds later with `ShuttingDown`.
+
+For metrics (`serve/metrics.py`) the scheduler keeps `running` (jobs holding a KV-cache row after the last step)
+and `waiting`, stamps each job with when it was submitted and got its first token, and tells an optional
+`SchedulerObserver` about every job's new tokens and its end, on the scheduler thread.
 """
 
 from __future__ import annotations
@@ -59,6 +63,21 @@ class Job:
     accepted: bool = field(default=False, init=False)  # submitted (counted in `active`)
     request_id: int | None = field(default=None, init=False)  # the engine's id, set on the scheduler thread
     done: bool = field(default=False, init=False)  # finished, cancelled or failed; counted out of `active`
+    submitted_at: float = field(default=0.0, init=False)  # time.monotonic() at `submit`
+    first_token_at: float | None = field(default=None, init=False)  # time.monotonic() of its first output
+
+
+class SchedulerObserver:
+    """What the scheduler thread reports as jobs progress (the server's metrics); these defaults ignore it all.
+
+    Every method runs on the scheduler thread, so it must be quick and must not raise.
+    """
+
+    def on_tokens(self, job: Job, new_tokens: int, first: bool) -> None:
+        """`job` produced `new_tokens` more tokens in the last step (`first`: its first output, after prefill)."""
+
+    def on_end(self, job: Job, event: Event | None) -> None:
+        """`job` is done: its final `StepOutput`, the error it failed with, or None when it was cancelled."""
 
 
 class PromptEncoder:
@@ -94,6 +113,8 @@ class Scheduler:
         self._drain_at: float | None = None  # when live jobs are ended (scheduler thread)
         self._live: dict[int, Job] = {}  # engine request id -> job (scheduler thread only)
         self._thread = threading.Thread(target=self._run, name="minimind-scheduler", daemon=True)
+        self.observer = SchedulerObserver()  # replaced (before `start`) by whoever wants progress reports
+        self.running = 0  # jobs holding a KV-cache row after the last step (written by the scheduler thread)
 
     def start(self) -> Scheduler:
         self._thread.start()
@@ -127,6 +148,11 @@ class Scheduler:
         """Jobs submitted and not yet finished (running or waiting)."""
         return self._active
 
+    @property
+    def waiting(self) -> int:
+        """Jobs submitted and not yet holding a KV-cache row (queued here or for prefill)."""
+        return max(self._active - self.running, 0)
+
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue jobs (all or none); raises QueueFull when they would exceed `capacity`."""
         with self._lock:
@@ -135,8 +161,10 @@ class Scheduler:
             if self._active + len(jobs) > self.capacity:
                 raise QueueFull(f"the server is busy ({self._active} requests in flight, room for {self.capacity})")
             self._active += len(jobs)
+            now = time.monotonic()
             for job in jobs:
                 job.accepted = True
+                job.submitted_at = now
             self._commands.put(("add", list(jobs)))
 
     def cancel(self, jobs: Sequence[Job]) -> None:
@@ -190,6 +218,7 @@ class Scheduler:
         self._expire()
         if self._live:
             self._step()
+        self.running = self.engine.num_running
         return True
 
     def _expire(self) -> None:
@@ -231,6 +260,7 @@ class Scheduler:
             self._live.pop(job.request_id, None)
         job.done = True
         self._count_out(1)
+        self.observer.on_end(job, None)
 
     def _step(self) -> None:
         try:
@@ -239,10 +269,15 @@ class Scheduler:
             log.exception("engine step failed")
             self._fail_all(err)
             return
+        now = time.monotonic()
         for output in outputs:
             job = self._live.get(output.request_id)
             if job is None:
                 continue
+            first = job.first_token_at is None
+            if first:
+                job.first_token_at = now
+            self.observer.on_tokens(job, output.completion_tokens - job.completion_tokens, first)
             job.completion_tokens = output.completion_tokens
             if output.finished:
                 del self._live[output.request_id]
@@ -253,6 +288,7 @@ class Scheduler:
     def _finish(self, job: Job, event: Event) -> None:
         job.done = True
         self._count_out(1)
+        self.observer.on_end(job, event)
         _deliver(job, event)
 
     def _fail_all(self, err: BaseException) -> None:

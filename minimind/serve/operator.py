@@ -1,0 +1,213 @@
+"""What operators expect of a model server besides generation: request ids, an access log, CORS, token tools.
+
+    POST /tokenize      {"prompt": "..."} or {"messages": [...]} -> {"count", "max_model_len", "tokens"}
+                        (+ "token_strs" with "return_token_strs": true); vLLM's shapes
+    POST /detokenize    {"tokens": [...]} -> {"prompt": text}
+    GET  /version       {"version": minimind.__version__}; never needs the key
+
+/tokenize counts what a request would feed the model: a `prompt` as /v1/completions encodes it
+(`add_special_tokens`, default true, puts <s> in front), `messages` rendered by the chat template as
+/v1/chat/completions does (`add_generation_prompt` default true, `add_special_tokens` default false: the template
+writes its own). Both token tools take the API key when the server has one, as /v1 does.
+
+Every response carries `x-request-id`: the client's own when it sends a usable one (1-128 visible ASCII
+characters), else a new random id; the access log line (`minimind.serve.access`, one per response, written
+when the response is done) shows it with the method, path (never the query string), status and seconds. The
+same middleware counts responses for `minimind:http_requests_total` (`serve/metrics.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from minimind.serve.metrics import ServerMetrics
+from minimind.serve.openapi import ErrorResponse
+from minimind.serve.protocol import MESSAGE_SCHEMA, APIError
+from minimind.serve.protocol import Message as ChatMessage
+from minimind.serve.scheduler import PromptEncoder
+
+access_log = logging.getLogger("minimind.serve.access")
+REQUEST_ID = "x-request-id"
+_USABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: safe in a header and on one log line
+
+
+class _Body(BaseModel):
+    """Strict types, unknown fields ignored (as the /v1 bodies)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize: exactly one of `prompt` (text) and `messages` (a chat, rendered by the template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Annotated[ChatMessage, WithJsonSchema(MESSAGE_SCHEMA)]] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # messages only: end with the assistant's opening, as a chat request does
+    add_special_tokens: bool | None = None  # <s> in front; default true for a prompt, false for messages
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    """The prompt's token ids, their count and the context length (+ each token's string, when asked)."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    """The text of the token ids."""
+
+    prompt: str
+
+
+class Version(BaseModel):
+    """GET /version."""
+
+    version: str
+
+
+def _error_responses(*statuses: int) -> dict:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def token_router(prompts: PromptEncoder, model_name: Callable[[str | None], str],
+                 authorize: Callable[..., Awaitable[None]]) -> APIRouter:
+    """/tokenize, /detokenize (behind `authorize`) and /version. `model_name` checks a request's `model`."""
+    router = APIRouter()
+    tokenizer = prompts.tokenizer
+
+    @router.get("/version")
+    async def version() -> Version:
+        # the package root's constant: `minimind --version`; the root is imported already (it holds this package),
+        # and reading a constant of it does not reach the model or engine names it loads lazily
+        return Version(version=sys.modules["minimind"].__version__)
+
+    @router.post("/tokenize", dependencies=[Depends(authorize)], response_model_exclude_none=True,
+                 responses=_error_responses(400, 401, 404, 413))
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        model_name(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of prompt (text) and messages (a chat)",
+                           "messages" if body.messages is not None else "prompt")
+        if body.messages is not None:
+            try:
+                text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
+                                                     add_generation_prompt=body.add_generation_prompt)
+            except TemplateError as err:
+                raise APIError(400, f"the chat template rejected these messages: {err}", "messages") from None
+            special = bool(body.add_special_tokens)
+        else:
+            text, special = body.prompt, body.add_special_tokens is not False
+        ids = prompts.encode(text) if special else tokenizer.encode(text, add_special_tokens=False)
+        strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=prompts.max_seq_len, tokens=ids, token_strs=strs)
+
+    @router.post("/detokenize", dependencies=[Depends(authorize)], responses=_error_responses(400, 401, 404, 413))
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        model_name(body.model)
+        for i, token in enumerate(body.tokens):
+            if not 0 <= token < prompts.vocab_size:
+                raise APIError(400, f"tokens[{i}] is {token}; expected a token id in [0, {prompts.vocab_size})",
+                               f"tokens[{i}]")
+        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+    return router
+
+
+def add_cors(app, origins: list[str]) -> None:
+    """Let browser pages from `origins` ("*" = any) call the API; preflight requests are answered here."""
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                       allow_headers=["*"], expose_headers=[REQUEST_ID], max_age=600)
+
+
+def request_id(scope: Scope) -> str | None:
+    """The id `RequestLog` gave this request (None outside it)."""
+    return scope.get("state", {}).get("request_id")
+
+
+class RequestLog:
+    """ASGI middleware: an `x-request-id` on every response, one access log line, the HTTP metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+        self._endpoints: _Endpoints | None = None  # built on the first request, from the finished app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(REQUEST_ID.encode(), b"").decode("latin-1")
+        rid = given if _USABLE_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid  # for the error handlers' own responses
+        start, status = time.monotonic(), 500  # an exception before any response: the server answers 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID.encode()]
+                message = {**message, "headers": [*headers, (REQUEST_ID.encode(), rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if self._endpoints is None:
+                self._endpoints = _Endpoints(scope["app"].openapi()["paths"])
+            self.metrics.count_http(self._endpoints.label(scope["path"]), status)
+            client = scope.get("client")
+            access_log.info('%s - "%s %s HTTP/%s" %d %.3fs request_id=%s',
+                            f"{client[0]}:{client[1]}" if client else "-", scope["method"], scope["path"],
+                            scope.get("http_version", "1.1"), status, time.monotonic() - start, rid)
+
+
+class _Endpoints:
+    """Request path -> the documented path it falls under (e.g. /v1/models/{name}), or "other": a bounded set of
+    metric labels that never holds anything a client wrote."""
+
+    def __init__(self, templates: list[str]):
+        self.exact = {t for t in templates if "{" not in t}
+        self.patterns = [(re.compile("".join(".+" if part.startswith("{") else re.escape(part)
+                                             for part in re.split(r"(\{[^}]*\})", t))), t)
+                         for t in templates if "{" in t]
+
+    def label(self, path: str) -> str:
+        """The template `path` matches (a preflight or a wrong method counts under its endpoint too)."""
+        if path in self.exact:
+            return path
+        return next((t for pattern, t in self.patterns if pattern.fullmatch(path)), "other")
+
+
+def uvicorn_log_config(level: str) -> dict:
+    """uvicorn's logging setup plus the server's own loggers (access lines on stdout, errors on stderr)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = {**LOGGING_CONFIG, "handlers": {**LOGGING_CONFIG["handlers"]}, "loggers": {**LOGGING_CONFIG["loggers"]}}
+    config["handlers"]["minimind_access"] = {"formatter": "default", "class": "logging.StreamHandler",
+                                             "stream": "ext://sys.stdout"}
+    config["loggers"]["minimind.serve"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    config["loggers"]["minimind.serve.access"] = {"handlers": ["minimind_access"], "level": level.upper(),
+                                                  "propagate": False}
+    return config
