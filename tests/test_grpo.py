@@ -172,7 +172,7 @@ def test_policy_and_reference_log_probs_come_from_hidden_states_as_from_logits(t
     saved = []
     torch.manual_seed(0)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        scored, out, logp, ref_logp = objective.on_policy_pass(policy, batch)
+        scored, out, logp, ref_logp, _ = objective.on_policy_pass(policy, batch)
     rollout = scored.rollout
     n, t = rollout.completion_ids.shape
     assert out.logits is None and logp.shape == ref_logp.shape == (n, t) and t > 1

@@ -276,6 +276,7 @@ class Restored:
     optimizer: dict[str, Any]  # the full AdamW state keyed by parameter name
     scaler: dict[str, Any]
     rng: dict[str, Any] | None  # this rank's RNG states; None if the checkpoint had fewer processes
+    objective: dict[str, Any] | None = None  # this rank's objective state (RL's reused rollouts), if it saved one
 
 
 class CheckpointIO:
@@ -291,26 +292,29 @@ class CheckpointIO:
         self.info = info
 
     def save(self, state: TrainerState, model: dict[str, torch.Tensor], optimizer: dict[str, Any],
-             scaler: dict[str, Any], rng: dict[str, Any]) -> None:
+             scaler: dict[str, Any], rng: dict[str, Any], objective: dict[str, Any] | None = None) -> None:
         """Write checkpoint `state.step` (collective). `model` and `optimizer` are the full states the strategy
-        gathered (they matter on the main rank only), `rng` this rank's RNG states. A failed write removes the
-        partial staging files and raises WriteFailed."""
+        gathered (they matter on the main rank only), `rng` this rank's RNG states, `objective` this rank's
+        objective state (written only when not empty). A failed write removes the partial staging files and
+        raises WriteFailed."""
         try:
             with writing(self.dir.staging(state.step)):
-                self._save(state, model, optimizer, scaler, rng)
+                self._save(state, model, optimizer, scaler, rng, objective)
         except WriteFailed:
             if self.info.is_main:
                 self.dir.abandon(state.step)
             raise
 
     def _save(self, state: TrainerState, model: dict[str, torch.Tensor], optimizer: dict[str, Any],
-              scaler: dict[str, Any], rng: dict[str, Any]) -> None:
+              scaler: dict[str, Any], rng: dict[str, Any], objective: dict[str, Any] | None = None) -> None:
         info = self.info
         if info.is_main:
             self.dir.begin(state.step)
         barrier(info)
         staging = self.dir.staging(state.step)
         save_object(staging / f"rng-rank{info.rank}.pt", rng)
+        if objective:
+            save_object(staging / f"objective-rank{info.rank}.pt", objective)
         if info.is_main:
             save_tensors(staging / "model.safetensors", model)
             save_object(staging / "optimizer.pt", optimizer)
@@ -330,6 +334,8 @@ class CheckpointIO:
             return None
         rng_file = found.path / f"rng-rank{self.info.rank}.pt"
         found.rng = load_object(rng_file) if rng_file.is_file() else None
+        objective_file = found.path / f"objective-rank{self.info.rank}.pt"
+        found.objective = load_object(objective_file) if objective_file.is_file() else None
         return found
 
     def _read(self, stage: str, max_seq_len: int, expected: list[str], known: set[str]) -> Restored | None:

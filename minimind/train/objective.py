@@ -31,10 +31,29 @@ class LossOutput:
 
 
 class Objective:
-    """Base class: `count(batch)` targets in a batch; `__call__(model, batch)` -> LossOutput."""
+    """Base class: `count(batch)` targets in a batch; `__call__(model, batch)` -> LossOutput.
+
+    An objective that trains several optimizer steps on one fetched batch (RL reusing its rollouts) sets
+    `steps_per_batch`: the trainer then fetches new micro-batches every `steps_per_batch` steps and, before
+    counting, calls `prepare(model, micro, phase)` with phase = step mod steps_per_batch. Whatever the objective
+    keeps between those steps comes from `state_dict()` into each checkpoint and back through `load_state_dict`.
+    """
+
+    steps_per_batch: int = 1
 
     def count(self, batch: dict) -> torch.Tensor:
         return batch["loss_mask"].sum()
+
+    def prepare(self, model: torch.nn.Module, micro: list[dict], phase: int) -> None:
+        """Before an optimizer step's counting and forwards: its micro-batches (on the device), which of the
+        `steps_per_batch` steps on them this is. Nothing by default."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep of this objective for an exact resume (tensors and plain containers)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         raise NotImplementedError

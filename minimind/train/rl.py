@@ -33,13 +33,24 @@ class RLOptions(StageOptions):
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     reward: str = "rule"  # rule | exact | model:DIR | rm:DIR | FILE.py:FUNCTION, several joined by commas
-    clip: float = 0.2  # ratio clip range ε
+    clip: float = 0.2  # ratio clip range ε (the low side, and the high side unless clip_high is given)
+    clip_high: float | None = None  # ε_high of the upper clip bound 1 + ε_high; None: the stage's default
+    updates_per_rollout: int = 1  # passes over each rollout batch (K; TRL's num_iterations, PPO's epochs)
+    minibatches: int = 1  # optimizer steps per pass, each on 1/M of the rollout batch's prompts
 
     @classmethod
     def from_args(cls: type[OptionsT], args: argparse.Namespace, **parsed: Any) -> OptionsT:
-        """The options from the flags, checked: a completion needs at least one new token."""
+        """The options from the flags, checked: a completion needs at least one new token; each minibatch holds
+        whole prompts."""
         if args.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        if args.updates_per_rollout < 1:
+            raise UserError(f"--updates-per-rollout must be at least 1, got {args.updates_per_rollout}")
+        if args.minibatches < 1 or args.batch_size % args.minibatches:
+            raise UserError(f"--minibatches must divide --batch-size ({args.batch_size} prompts per micro-batch) "
+                            f"into whole prompts, got {args.minibatches}")
+        if args.clip_high is not None and args.clip_high < 0:
+            raise UserError(f"--clip-high must be at least 0, got {args.clip_high}")
         return super().from_args(args, **parsed)
 
 
@@ -66,15 +77,36 @@ def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict
                         "with its own tokenizer) or 'FILE.py:FUNCTION' (your function of prompts, completions, "
                         "answers); repeat the flag or use commas to add several, a weight after '@' "
                         "(--reward exact --reward my.py:brevity@0.5)")
-    g.add_argument("--clip", type=float, default=RLOptions.clip, help="ratio clip range ε")
+    g.add_argument("--clip", type=float, default=RLOptions.clip,
+                   help="ratio clip range ε: the ratio is kept in [1 − ε, 1 + ε_high]")
+    g.add_argument("--clip-high", type=float, default=None,
+                   help="ε_high of the upper bound (DAPO's clip-higher; default --clip; for --loss cispo the cap "
+                        "1 + ε_high of the importance weight, default 4)")
+    g.add_argument("--updates-per-rollout", type=int, default=RLOptions.updates_per_rollout,
+                   help="passes over each rollout batch before sampling again (TRL's num_iterations); with "
+                        "--minibatches M each pass is M optimizer steps")
+    g.add_argument("--minibatches", type=int, default=RLOptions.minibatches,
+                   help="optimizer steps per pass over a rollout batch, each on 1/M of its prompts (must divide "
+                        "--batch-size); a rollout batch trains updates-per-rollout x minibatches steps")
     return g
 
 
+def reuse_note(options: RLOptions) -> str:
+    """How the run uses each rollout batch, for report.md."""
+    steps = options.updates_per_rollout * options.minibatches
+    if steps == 1:
+        return "one optimiser step per rollout batch"
+    return (f"each rollout batch trained for {options.updates_per_rollout} pass(es) of {options.minibatches} "
+            f"minibatch step(s) ({steps} optimiser steps)")
+
+
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token −min(ρA, clip(ρ)A) and whether the clip bound; advantages broadcast against (N, T)."""
+                      clip: float, clip_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)A) and whether the clip bound; advantages broadcast against
+    (N, T); ε_high defaults to ε."""
     ratio = torch.exp(logp - old_logp)
-    unclipped, clipped = ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
+    high = clip if clip_high is None else clip_high
+    unclipped, clipped = ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + high) * advantages
     return -torch.minimum(unclipped, clipped), (clipped < unclipped)
 
 

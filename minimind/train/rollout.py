@@ -150,22 +150,117 @@ class Scored:
     correct: torch.Tensor
 
 
+@dataclass
+class Experience:
+    """One micro-batch's scored rollouts with what the loss needs, kept for the optimizer steps that reuse them
+    (`--updates-per-rollout` passes of `--minibatches` steps)."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # (N,)
+    ref_logprobs: torch.Tensor  # (N, T) log π_ref of each completion token
+    metrics: dict[str, float]  # the rollout numbers logged at every step that trains on it
+    extra: dict[str, torch.Tensor]  # the stage's own per-row tensors (N, ...): advantages, old values, returns
+
+    def minibatch(self, index: int, count: int, group_size: int) -> Experience:
+        """Minibatch `index` of `count`: whole prompts (their G consecutive rows), in order."""
+        if count == 1:
+            return self
+        rows = self.rewards.shape[0] // count
+        assert rows % group_size == 0, "minibatches must hold whole groups"
+        part = slice(index * rows, (index + 1) * rows)
+        r = self.rollout
+        return Experience(Rollout(r.sequences[part], r.attention_mask[part], r.completion_mask[part],
+                                  r.logprobs[part], r.finished[part], r.prompt_len),
+                          self.rewards[part], self.ref_logprobs[part], self.metrics,
+                          {k: v[part] for k, v in self.extra.items()})
+
+    def state(self) -> dict:
+        """Tensors and plain containers, for a checkpoint."""
+        r = self.rollout
+        return {"rollout": {"sequences": r.sequences, "attention_mask": r.attention_mask,
+                            "completion_mask": r.completion_mask, "logprobs": r.logprobs, "finished": r.finished,
+                            "prompt_len": r.prompt_len},
+                "rewards": self.rewards, "ref_logprobs": self.ref_logprobs, "metrics": dict(self.metrics),
+                "extra": dict(self.extra)}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> Experience:
+        """The inverse of `state`, on `device`."""
+        r = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["rollout"].items()}
+        return cls(Rollout(**r), state["rewards"].to(device), state["ref_logprobs"].to(device), state["metrics"],
+                   {k: v.to(device) for k, v in state["extra"].items()})
+
+
 class RLObjective(Objective):
     """What GRPO and PPO share: G sampled completions per prompt, scored by a pluggable reward.
 
-    count = prompts in the batch (each prompt's loss is the mean over its G completions). In eval mode the
+    count = prompts in the (mini)batch (each prompt's loss is the mean over its G completions). In eval mode the
     objective answers each prompt once, greedily, and reports its reward and accuracy; its loss is −reward.
+
+    Rollout reuse: the rollouts of a step's micro-batches (an `Experience` each) are made in `prepare` at phase 0
+    and trained on for `updates_per_rollout` passes of `minibatches` optimizer steps (phase p trains minibatch
+    p mod M); they travel in the checkpoints, so a run stopped mid-reuse resumes exactly.
     """
 
     def __init__(self, reference: torch.nn.Module, tokenizer, reward: Reward, group_size: int, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: int = 0):
+                 temperature: float = 1.0, top_k: int = 0, updates_per_rollout: int = 1, minibatches: int = 1):
         self.reference, self.tokenizer, self.reward = training_view(reference), tokenizer, reward
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
+        self.updates_per_rollout, self.minibatches = updates_per_rollout, minibatches
+        self.steps_per_batch = updates_per_rollout * minibatches
+        self.buffer: list[Experience] = []  # this rank's micro-batches' experiences, in micro-batch order
+        self.phase = 0
+        self._current: list[tuple[dict, Experience]] = []  # this step's (batch, experience) pairs
 
     def count(self, batch: dict) -> torch.Tensor:
-        """The number of prompts in the batch."""
-        return torch.tensor(len(batch["answer"]))
+        """The number of prompts in the batch's minibatch."""
+        return torch.tensor(len(batch["answer"]) // self.minibatches)
+
+    def prepare(self, model: torch.nn.Module, micro: list[dict], phase: int) -> None:
+        """Roll out every micro-batch at phase 0 (or when resumed without a buffer); reuse them otherwise."""
+        if phase == 0 or len(self.buffer) != len(micro):
+            self.buffer = [self.experience(model, batch) for batch in micro]
+        self.phase = phase
+        self._current = list(zip(micro, self.buffer))
+
+    def experience(self, model: torch.nn.Module, batch: dict) -> Experience:
+        """Roll out one micro-batch, score it and run the frozen reference over it; `annotate` adds the stage's
+        own tensors (advantages...)."""
+        scored = self.roll_out(model, batch, self.group_size, self.temperature)
+        with torch.no_grad():
+            ref_logp = self.reference(**self.policy_inputs(scored.rollout)).loss
+        found = Experience(scored.rollout, scored.rewards, ref_logp, self.rollout_metrics(scored), {})
+        self.annotate(model, found)
+        return found
+
+    def annotate(self, model: torch.nn.Module, experience: Experience) -> None:
+        """Add the stage's per-row tensors to a fresh experience (in place). Nothing by default."""
+
+    def experience_for(self, model: torch.nn.Module, batch: dict) -> tuple[Experience, bool]:
+        """This call's minibatch of the prepared experience of `batch` (or a fresh one, when called outside the
+        trainer) and whether it was sampled for this step (phase 0)."""
+        for prepared, found in self._current:
+            if prepared is batch:
+                return found.minibatch(self.phase % self.minibatches, self.minibatches, self.group_size), \
+                    self.phase == 0
+        return self.experience(model, batch).minibatch(0, self.minibatches, self.group_size), True
+
+    def state_dict(self) -> dict:
+        """The rollout buffer, when rollouts are reused (at phase 0 nothing else is needed)."""
+        return {"buffer": [e.state() for e in self.buffer]} if self.steps_per_batch > 1 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the rollout buffer on the reference model's device."""
+        device = next(self.reference.parameters()).device
+        self.buffer = [Experience.from_state(e, device) for e in state.get("buffer", [])]
+
+    def policy_inputs(self, rollout: Rollout) -> dict:
+        """The forward's keywords over a rollout's sequences: the log-probs come straight from the final hidden
+        states (`head_loss_fn`), no (N, T, vocab) logits."""
+        return {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
+                "logits_to_keep": rollout.completion_ids.shape[1] + 1,
+                "head_loss_fn": partial(completion_head_logprobs, completion_ids=rollout.completion_ids)}
 
     def roll_out(self, model: torch.nn.Module, batch: dict, group_size: int, temperature: float) -> Scored:
         """Sample `group_size` completions per prompt (a prompt's group in consecutive rows), decode, score."""
@@ -181,21 +276,15 @@ class RLObjective(Objective):
         return Scored(rollout, texts, rewards, correct)
 
     def on_policy_pass(self, model: torch.nn.Module, batch: dict):
-        """Roll out, then run the policy (with grad) and the frozen reference (without) over the sampled sequences.
+        """This call's experience (rolled out now, or prepared by the trainer), then the policy's forward (with
+        grad) over its sequences.
 
-        -> (scored rollouts, the policy's output over the last T + 1 positions, log π and log π_ref of each
-        completion token (N, T)).
+        -> (experience, the policy's output over the last T + 1 positions, log π and log π_ref of each
+        completion token (N, T), whether the experience was sampled for this step).
         """
-        scored = self.roll_out(model, batch, self.group_size, self.temperature)
-        rollout = scored.rollout
-        # The log-probs come straight from the final hidden states (`head_loss_fn`): no (N, T, vocab) logits.
-        inputs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
-                  "logits_to_keep": rollout.completion_ids.shape[1] + 1,
-                  "head_loss_fn": partial(completion_head_logprobs, completion_ids=rollout.completion_ids)}
-        out = training_view(model)(**inputs)
-        with torch.no_grad():
-            ref_logp = self.reference(**inputs).loss
-        return scored, out, out.loss, ref_logp
+        found, fresh = self.experience_for(model, batch)
+        out = training_view(model)(**self.policy_inputs(found.rollout))
+        return found, out, out.loss, found.ref_logprobs, fresh
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batch: dict) -> LossOutput:
@@ -205,20 +294,22 @@ class RLObjective(Objective):
             "reward_mean": scored.rewards.mean().item(), "accuracy": scored.correct.mean().item(),
             "completion_len": scored.rollout.lengths().float().mean().item()})
 
-    def rollout_counts(self, model: torch.nn.Module, rollout: Rollout) -> dict[str, float]:
+    def rollout_counts(self, model: torch.nn.Module, rollout: Rollout, sampled: bool = True) -> dict[str, float]:
         """`LossOutput` fields: the policy trains on the sampled sequences (prompt + completion), not the prompts;
-        the FLOPs are its training on them, the reference's forward over them, the sampling that made them and a
-        scoring model's forward when the reward runs one (from the shapes alone: no device sync). A PPO value
-        head's 6·dim FLOPs per token are left out (under 10⁻⁴ of the policy's)."""
+        the FLOPs are its training on them and, when they were `sampled` for this step (not reused), the
+        reference's forward over them, the sampling that made them and a scoring model's forward when the reward
+        runs one (from the shapes alone: no device sync). With minibatches those are counted per minibatch. A PPO
+        value head's 6·dim FLOPs per token are left out (under 10⁻⁴ of the policy's)."""
         n, width = rollout.sequences.shape
         new = width - rollout.prompt_len
         config = unwrap(model).config
         counts = (n * width, n * new, n * width**2)  # tokens, head at the completion positions, attention pairs
-        flops = (training_flops(config, *counts) + forward_flops(self.reference.config, *counts)
-                 + sampling_flops(config, n, rollout.prompt_len, new))
+        flops = training_flops(config, *counts)
         scoring = getattr(self.reward, "flops", None)
-        if scoring is not None:
-            flops += scoring(counts)
+        if sampled:
+            flops += forward_flops(self.reference.config, *counts) + sampling_flops(config, n, rollout.prompt_len, new)
+            if scoring is not None:
+                flops += scoring(counts)
         return {"tokens": rollout.sequences.numel(), "useful_tokens": int(rollout.attention_mask.sum()),
                 "flops": flops}
 

@@ -97,8 +97,12 @@ class Trainer:
                 f"--data has {len(self.run.dataset)} training rows but one step needs {sampler.global_batch} "
                 f"(batch {cfg.batch_size} x accumulation {cfg.accumulation_steps} x {info.world_size} processes)"
             )
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * sampler.steps_per_epoch
-        sampler.steps = max(self.total_steps - self.step, 0)
+        # An objective that reuses a fetched batch for several steps (RL rollouts) consumes one every `reuse`
+        # steps: an epoch is then reuse x as many optimizer steps, and the data position moves at each fetch.
+        reuse = max(int(self.run.objective.steps_per_batch), 1)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * sampler.steps_per_epoch * reuse
+        fetched_from = self.step - self.step % reuse  # a run resumed mid-reuse fetches that batch again
+        sampler.steps = max(-(-(self.total_steps - fetched_from) // reuse), 0)
         # The warmup a default gives depends on the run's length; the resolved number is what train_config.json
         # records, so a resumed or replayed run follows the same schedule.
         cfg.warmup_steps = cfg.warmup_for(self.total_steps)
@@ -125,18 +129,21 @@ class Trainer:
         ran = 0
         try:
             batches = iter(loader)
+            micro: list[dict] | None = None
             while self.step < self.total_steps:
                 started = time.perf_counter()
-                micro = [next(batches) for _ in range(cfg.accumulation_steps)]
+                if micro is None or self.step % reuse == 0:
+                    micro = [next(batches) for _ in range(cfg.accumulation_steps)]
                 try:
-                    metrics = self.train_step(micro)
+                    metrics = self.train_step(micro, self.step % reuse)
                 except StepError as e:  # this step changed no weight: save the last finished one, then stop
                     self._save_checkpoint()
                     monitor.close()
                     raise StepError(f"{e}. Saved a checkpoint at step {self.step}/{self.total_steps}; fix it and "
                                     "continue with the same command plus --resume") from None
                 self.step += 1
-                self.position = sampler.advance(self.position)
+                if self.step % reuse == 0:
+                    self.position = sampler.advance(self.position)
                 ran += 1
                 metrics["step_time"] = time.perf_counter() - started
                 self._add_throughput(metrics)
@@ -159,16 +166,19 @@ class Trainer:
             self._restore_signal_handlers(previous)
         return self._finish(monitor)
 
-    def train_step(self, micro: list[dict]) -> dict[str, Any]:
-        """One optimizer step over the micro-batches; returns the step's metrics."""
+    def train_step(self, micro: list[dict], phase: int = 0) -> dict[str, Any]:
+        """One optimizer step over the micro-batches (the `phase`-th on them, for an objective that reuses
+        batches); returns the step's metrics."""
         cfg, info = self.cfg, self.info
         sizes = [self._batch_counts(b) for b in micro]  # counted on the host copies: no device sync mid-step
         micro = [_to_device(b, self.device) for b in micro]
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_for(self.total_steps), cfg.min_lr_ratio)
         self.strategy.set_lr(lr)
+        self.train_model.train()
+        with self._autocast():  # RL samples its rollouts here, before the count that may depend on them
+            self.run.objective.prepare(self.train_model, micro, phase)
         count = all_reduce_sum(sum(self.run.objective.count(b).float() for b in micro).to(self.device), info)
         denominator = count.clamp(min=1.0) / info.world_size  # every strategy averages gradients over ranks
-        self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         extra: dict[str, float] = {}
@@ -319,7 +329,8 @@ class Trainer:
             world_size=info.world_size, strategy=self.cfg.strategy, stage=self.cfg.stage,
             max_seq_len=self.cfg.max_seq_len, global_batch=self.global_batch)
         model_state, optimizer_state = self.strategy.model_state(), self.strategy.optimizer_state()
-        self.checkpoints.save(state, model_state, optimizer_state, self.strategy.scaler_state(), ckpt.rng_state())
+        self.checkpoints.save(state, model_state, optimizer_state, self.strategy.scaler_state(), ckpt.rng_state(),
+                              self.run.objective.state_dict())
 
     def _resume(self) -> None:
         """Continue from the latest checkpoint in --out, if any: weights, optimizer, scaler, RNG, data position."""
@@ -335,6 +346,8 @@ class Trainer:
         elif info.is_main or info.rank >= state.world_size:
             print(f"rank {info.rank}: no saved RNG state (checkpoint had {state.world_size} processes); "
                   "dropout continues from a fresh seed", flush=True)
+        if found.objective is not None:
+            self.run.objective.load_state_dict(found.objective)
         self.step, self.bad_steps = state.step, state.bad_steps
         self.position = DataPosition(state.epoch, state.offset)
         if info.is_main:

@@ -9,8 +9,14 @@ advantage A_i = (r_i − mean(r)) / (std(r) + 1e-4) within the prompt's group; t
 with π_old the log-probs recorded while sampling and KL_t the k3 estimator
 exp(log π_ref − log π) − (log π_ref − log π) − 1 against the frozen reference (a copy of `--init`). A
 completion's loss is the mean over its tokens, a prompt's the mean over its G completions (the GRPO paper's
-averaging); the trainer's count is the number of prompts. One optimiser step per rollout batch, so ρ = 1 up to
-float noise and dropout: the clip only binds if the policy runs with dropout.
+averaging); the trainer's count is the number of prompts. `--loss bnpo | dr_grpo | dapo | cispo` change the
+averaging (and, for cispo, the token term), `--clip-high` the upper clip bound, `--importance-sampling sequence`
+the ratio, `--kl-estimator` the KL term: `minimind/train/policy_loss.py` has them all.
+
+By default one optimiser step per rollout batch, so ρ = 1 up to float noise and dropout. With
+`--updates-per-rollout K --minibatches M` each rollout batch trains K passes of M optimiser steps (each on 1/M of
+its prompts, advantages computed over the whole batch first): π_old stays the sampling policy, so ρ moves away
+from 1 and the clip binds.
 
 `--max-seq-len` caps the prompt length (longer prompts keep their last tokens); completions add up to
 `--max-new-tokens`. Logged: reward mean/std, accuracy (rule exact match), KL, completion length, clip
@@ -31,14 +37,23 @@ from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.train.args import TrainConfig, config_from_args
 from minimind.train.distributed import DistInfo
 from minimind.train.objective import LossOutput
+from minimind.train.policy_loss import (
+    IMPORTANCE_SAMPLING,
+    KL_ESTIMATORS,
+    LOSSES,
+    TOKEN_COUNTED,
+    kl_estimate,
+    policy_loss,
+)
 from minimind.train.reference import load_frozen
 from minimind.train.rewards import make_reward
 from minimind.train.rl import (
     RL_DEFAULTS,
     RLOptions,
     add_rl_arguments,
-    clipped_surrogate,
+    clipped_surrogate,  # noqa: F401 - callers import the surrogate from here
     held_out_numbers,
+    reuse_note,
     rl_data,
 )
 from minimind.train.rollout import RLObjective, masked_mean
@@ -50,14 +65,42 @@ DEFAULTS = RL_DEFAULTS
 
 @dataclass
 class GRPOOptions(RLOptions):
-    """The shared RL options plus β, the weight of the k3 KL to the reference."""
+    """The shared RL options plus β (the weight of the KL to the reference), the loss variant, its importance
+    sampling level and KL estimator."""
 
     beta: float = 0.04
+    loss: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo (minimind/train/policy_loss.py)
+    importance_sampling: str = "token"  # token | sequence (GSPO)
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+
+    def resolved_clip_high(self) -> float:
+        """ε_high: --clip-high, else --clip; for cispo (where 1 + ε_high caps the IS weight) 4, the reference
+        project's cap of 5."""
+        if self.clip_high is not None:
+            return self.clip_high
+        return CISPO_CLIP_HIGH if self.loss == "cispo" else self.clip
+
+
+CISPO_CLIP_HIGH = 4.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = add_rl_arguments(parser, "grpo", DEFAULTS)
     g.add_argument("--beta", type=float, default=GRPOOptions.beta, help="weight of the KL-to-reference penalty")
+    choices = (
+        ("--loss", LOSSES, GRPOOptions.loss,
+         "how the token losses are formed and averaged: grpo (mean of each completion's token mean), bnpo (token "
+         "mean of the batch), dr_grpo (token sum / (completions x --max-new-tokens)), dapo (token sum / tokens of "
+         "the whole step), cispo (the capped IS weight, detached, times the log-prob, averaged as dapo); "
+         "docs/rl.md has the formulas"),
+        ("--importance-sampling", IMPORTANCE_SAMPLING, GRPOOptions.importance_sampling,
+         "the ratio π/π_old per token, or per completion as the exp of its tokens' mean log-ratio (sequence: GSPO)"),
+        ("--kl-estimator", KL_ESTIMATORS, GRPOOptions.kl_estimator,
+         "estimator of KL(π‖π_ref) per sampled token: k1 = log π/π_ref, k2 = ½(log π/π_ref)², "
+         "k3 = π_ref/π − log(π_ref/π) − 1"),
+    )
+    for flag, allowed, default, text in choices:
+        g.add_argument(flag, choices=allowed, default=default, help=text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,32 +118,50 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """The k3 estimator of KL(π ‖ π_ref) per sampled token: e^{ref − logp} − (ref − logp) − 1 (≥ 0, unbiased)."""
-    diff = ref_logp - logp
-    return torch.exp(diff) - diff - 1.0
+    return kl_estimate(logp, ref_logp, "k3")
 
 
 class GRPO(RLObjective):
-    """GRPO loss over fresh rollouts; see the module docstring for the exact formula and averaging."""
+    """GRPO-family loss over rollouts, each reused for `updates_per_rollout` passes of `minibatches` steps; see
+    the module docstring and `policy_loss.py` for the formulas and averaging."""
 
     def __init__(self, reference: torch.nn.Module, tokenizer, reward, group_size: int = 4, max_new_tokens: int = 32,
-                 beta: float = 0.04, clip: float = 0.2, temperature: float = 1.0, top_k: int = 0):
-        super().__init__(reference, tokenizer, reward, group_size, max_new_tokens, temperature, top_k)
-        self.beta, self.clip = beta, clip
+                 beta: float = 0.04, clip: float = 0.2, temperature: float = 1.0, top_k: int = 0,
+                 loss: str = "grpo", clip_high: float | None = None, importance_sampling: str = "token",
+                 kl_estimator: str = "k3", updates_per_rollout: int = 1, minibatches: int = 1):
+        super().__init__(reference, tokenizer, reward, group_size, max_new_tokens, temperature, top_k,
+                         updates_per_rollout, minibatches)
+        self.beta, self.clip, self.clip_high = beta, clip, clip if clip_high is None else clip_high
+        self.loss, self.importance_sampling, self.kl_estimator = loss, importance_sampling, kl_estimator
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """Prompts of the minibatch; for dapo and cispo its completion tokens (the trainer sums them over the
+        step's micro-batches and ranks, so those losses are token means over the whole step)."""
+        if self.loss in TOKEN_COUNTED:
+            for prepared, found in self._current:
+                if prepared is batch:
+                    part = found.minibatch(self.phase % self.minibatches, self.minibatches, self.group_size)
+                    return part.rollout.completion_mask.sum().cpu()
+        return super().count(batch)
+
+    def annotate(self, model: torch.nn.Module, experience) -> None:
+        """Group-normalised advantages over the whole rollout (before any minibatch split), (N,)."""
+        experience.extra["advantages"] = group_advantages(experience.rewards, self.group_size)
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         if not model.training:
             return self.evaluate(model, batch)
-        scored, out, logp, ref_logp = self.on_policy_pass(model, batch)  # log-probs (N, T)
-        rollout = scored.rollout
-        advantages = group_advantages(scored.rewards, self.group_size)[:, None]
-        policy_loss, clipped = clipped_surrogate(logp, rollout.logprobs, advantages, self.clip)
-        kl = k3_kl(logp, ref_logp)
-        mask = rollout.completion_mask
-        per_completion = masked_mean(policy_loss + self.beta * kl, mask, dim=-1)  # (N,)
-        loss_sum = per_completion.view(-1, self.group_size).mean(-1).sum()
-        metrics = {**self.rollout_metrics(scored), "kl": masked_mean(kl.detach(), mask).item(),
-                   "clip_fraction": masked_mean(clipped.float(), mask).item()}
-        return LossOutput(loss_sum, out.aux_loss, metrics, **self.rollout_counts(model, rollout))
+        found, out, logp, ref_logp, fresh = self.on_policy_pass(model, batch)  # log-probs (N, T)
+        rollout, mask = found.rollout, found.rollout.completion_mask
+        part = policy_loss(logp, rollout.logprobs, ref_logp, found.extra["advantages"], mask, self.group_size,
+                           self.max_new_tokens, self.loss, self.beta, self.clip, self.clip_high,
+                           self.importance_sampling, self.kl_estimator)
+        ratio = part.ratio.expand_as(logp)
+        metrics = {**found.metrics, "kl": masked_mean(part.kl, mask).item(),
+                   "clip_fraction": masked_mean(part.clipped.expand_as(logp).float(), mask).item(),
+                   "ratio_mean": masked_mean(ratio, mask).item(),
+                   "ratio_max": ratio.masked_fill(mask == 0, 0.0).max().item()}
+        return LossOutput(part.loss_sum, out.aux_loss, metrics, **self.rollout_counts(model, rollout, fresh))
 
 
 def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
@@ -111,13 +172,17 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
     reward = make_reward(options.reward, options.max_new_tokens, model.config.vocab_size, info.device)
     dataset, eval_dataset, collate = rl_data(cfg, info, tokenizer, options.reward)
     objective = GRPO(reference, tokenizer, reward, options.group_size, options.max_new_tokens, options.beta,
-                     options.clip, options.temperature, options.top_k)
+                     options.clip, options.temperature, options.top_k, options.loss, options.resolved_clip_high(),
+                     options.importance_sampling, options.kl_estimator, options.updates_per_rollout,
+                     options.minibatches)
     return StageRun(
         model=model.train(), objective=objective, dataset=dataset, collate=collate,
         save_final=lambda m, out: save_model_dir(m, tokenizer, out), eval_dataset=eval_dataset,
         final_numbers=held_out_numbers(objective, cfg, eval_dataset, collate, reference, info.device),
         notes=[f"GRPO: G = {options.group_size} completions per prompt (≤ {options.max_new_tokens} tokens, "
                f"temperature {options.temperature:g}), reward {options.reward!r}, β = {options.beta:g} (k3 KL to "
-               f"{cfg.init}), clip ε = {options.clip:g}, one optimiser step per rollout. Held-out numbers: "
+               f"{cfg.init}), loss {options.loss} (clip ε = {options.clip:g}, ε_high = {options.resolved_clip_high():g}, "
+               f"{options.importance_sampling}-level ratio, KL {options.kl_estimator}), {reuse_note(options)}. "
+               "Held-out numbers: "
                "greedy answers, and G sampled answers per prompt at the rollout temperature."],
     )

@@ -9,10 +9,13 @@ the transformer trunk (`ActorCritic`). Per completion token t, the reward is −
 Advantages come from GAE(γ, λ) over the old values, whitened over the batch's completion tokens; returns =
 advantages + old values. Per token:
     loss_t = −min(ρ_t·A_t, clip(ρ_t, 1 ± ε)·A_t) + vf_coef · ½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)
-averaged like GRPO (tokens of a completion, then completions of a prompt; count = prompts). One PPO epoch: one
-optimiser step per rollout batch, so π_old and V_old are the policy and critic that produced the rollout and
-the clips only bind under dropout. The run directory ends as a model directory (the policy alone) with the value
-head beside it in `value_head.safetensors`.
+averaged like GRPO (tokens of a completion, then completions of a prompt; count = prompts). `--ppo-epochs K`
+(the same as `--updates-per-rollout`) with `--minibatches M`: each rollout batch trains K epochs of M optimiser
+steps; V_old then comes from one forward without grad at sampling time, and GAE and whitening run over the whole
+rollout batch before it is split. With K = M = 1 (the default) there is one optimiser step per rollout batch,
+V_old is the step's own forward, and the clips only bind under dropout. `--value-clip 0` turns the value clip off.
+The run directory ends as a model directory (the policy alone) with the value head beside it in
+`value_head.safetensors`.
 
 Logged: reward mean/std, accuracy, KL to the reference, policy and value loss, the critic's explained variance
 and the clip fraction; with `--eval-data`, greedy held-out reward and accuracy as in `minimind grpo`.
@@ -28,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from minimind.kernels.training import training_view
 from minimind.model.modeling_minimind import MiniMindForCausalLM
 from minimind.modeldir import load_model_dir, save_model_dir
 from minimind.train import rl
@@ -63,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lam", type=float, default=PPOOptions.lam, help="λ of GAE")
     g.add_argument("--vf-coef", type=float, default=PPOOptions.vf_coef, help="weight of the value loss")
     g.add_argument("--value-clip", type=float, default=PPOOptions.value_clip,
-                   help="clip range ε_v of the value update")
+                   help="clip range ε_v of the value update (0: the plain squared error ½(V − R)²)")
+    g.add_argument("--ppo-epochs", type=int, dest="updates_per_rollout", default=PPOOptions.updates_per_rollout,
+                   help="PPO epochs: passes over each rollout batch (the same setting as --updates-per-rollout)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,7 +142,9 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        clip: float) -> torch.Tensor:
-    """½·max((V − R)², (V_old + clip(V − V_old, ±clip) − R)²) per token."""
+    """½·max((V − R)², (V_old + clip(V − V_old, ±clip) − R)²) per token; ½(V − R)² when clip ≤ 0."""
+    if clip <= 0:
+        return 0.5 * (values - returns) ** 2
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
@@ -151,40 +159,66 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 class PPO(RLObjective):
-    """PPO loss over fresh rollouts of an ActorCritic; see the module docstring."""
+    """PPO loss over rollouts of an ActorCritic, each reused for `updates_per_rollout` epochs of `minibatches`
+    steps; see the module docstring."""
 
     def __init__(self, reference: torch.nn.Module, tokenizer, reward, group_size: int = 4, max_new_tokens: int = 32,
                  kl_coef: float = 0.05, gamma: float = 1.0, lam: float = 0.95, vf_coef: float = 0.1,
-                 clip: float = 0.2, value_clip: float = 0.2, temperature: float = 1.0, top_k: int = 0):
-        super().__init__(reference, tokenizer, reward, group_size, max_new_tokens, temperature, top_k)
+                 clip: float = 0.2, value_clip: float = 0.2, temperature: float = 1.0, top_k: int = 0,
+                 clip_high: float | None = None, updates_per_rollout: int = 1, minibatches: int = 1):
+        super().__init__(reference, tokenizer, reward, group_size, max_new_tokens, temperature, top_k,
+                         updates_per_rollout, minibatches)
         self.kl_coef, self.gamma, self.lam = kl_coef, gamma, lam
         self.vf_coef, self.clip, self.value_clip = vf_coef, clip, value_clip
+        self.clip_high = clip if clip_high is None else clip_high
+
+    def annotate(self, model: torch.nn.Module, experience) -> None:
+        """With reuse: the critic's values at sampling time (one forward without grad), then GAE advantages and
+        returns over the whole rollout batch; with one step per rollout they come from the loss's own forward."""
+        if self.steps_per_batch == 1:
+            return
+        with torch.no_grad():
+            values = training_view(model)(**self.policy_inputs(experience.rollout)).values[:, :-1]
+        experience.extra["old_values"] = values
+        experience.extra["advantages"], experience.extra["returns"] = self.advantages(experience, values)
+
+    @torch.no_grad()
+    def advantages(self, experience, old_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(whitened GAE advantages, returns), both (N, T): per-token reward −kl_coef·(log π_old − log π_ref),
+        plus the sequence reward on each completion's last token."""
+        rollout, mask = experience.rollout, experience.rollout.completion_mask
+        token_rewards = -self.kl_coef * (rollout.logprobs - experience.ref_logprobs) * mask
+        last = (rollout.lengths() - 1).clamp(min=0)
+        token_rewards[torch.arange(len(last), device=last.device), last] += experience.rewards
+        advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.lam)
+        return whiten(advantages, mask), returns
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         if not model.training:
             return self.evaluate(model, batch)
-        scored, out, logp, ref_logp = self.on_policy_pass(model, batch)  # log-probs (N, T)
-        rollout = scored.rollout
+        found, out, logp, ref_logp, fresh = self.on_policy_pass(model, batch)  # log-probs (N, T)
+        rollout = found.rollout
         values = out.values[:, :-1]  # V of the state before each completion token, (N, T)
         mask = rollout.completion_mask
-        with torch.no_grad():
-            kl = (rollout.logprobs - ref_logp) * mask
-            token_rewards = -self.kl_coef * kl
-            last = (rollout.lengths() - 1).clamp(min=0)
-            token_rewards[torch.arange(len(last), device=last.device), last] += scored.rewards
+        if "old_values" in found.extra:
+            old_values, advantages, returns = (found.extra[k] for k in ("old_values", "advantages", "returns"))
+        else:
             old_values = values.detach()
-            advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.lam)
-            advantages = whiten(advantages, mask)
-        policy_loss, clipped = rl.clipped_surrogate(logp, rollout.logprobs, advantages, self.clip)
+            advantages, returns = self.advantages(found, old_values)
+        kl = (rollout.logprobs - ref_logp) * mask
+        policy_loss, clipped = rl.clipped_surrogate(logp, rollout.logprobs, advantages, self.clip, self.clip_high)
         value_loss = clipped_value_loss(values, old_values, returns, self.value_clip)
         per_completion = masked_mean(policy_loss + self.vf_coef * value_loss, mask, dim=-1)
         loss_sum = per_completion.view(-1, self.group_size).mean(-1).sum()
-        metrics = {**self.rollout_metrics(scored), "kl": masked_mean(kl, mask).item(),
+        ratio = torch.exp(logp.detach() - rollout.logprobs)
+        metrics = {**found.metrics, "kl": masked_mean(kl, mask).item(),
                    "value_loss": masked_mean(value_loss.detach(), mask).item(),
-                   "explained_variance": explained_variance(old_values, returns, mask).item(),
+                   "explained_variance": explained_variance(values.detach(), returns, mask).item(),
                    "policy_loss": masked_mean(policy_loss.detach(), mask).item(),
-                   "clip_fraction": masked_mean(clipped.float(), mask).item()}
-        return LossOutput(loss_sum, out.aux_loss, metrics, **self.rollout_counts(model, rollout))
+                   "clip_fraction": masked_mean(clipped.float(), mask).item(),
+                   "ratio_mean": masked_mean(ratio, mask).item(),
+                   "ratio_max": ratio.masked_fill(mask == 0, 0.0).max().item()}
+        return LossOutput(loss_sum, out.aux_loss, metrics, **self.rollout_counts(model, rollout, fresh))
 
 
 def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
@@ -197,7 +231,8 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
     dataset, eval_dataset, collate = rl.rl_data(cfg, info, tokenizer, options.reward)
     objective = PPO(reference, tokenizer, reward, options.group_size, options.max_new_tokens, options.kl_coef,
                     options.gamma, options.lam, options.vf_coef, options.clip, options.value_clip,
-                    options.temperature, options.top_k)
+                    options.temperature, options.top_k, options.clip_high, options.updates_per_rollout,
+                    options.minibatches)
 
     def save_final(trained: ActorCritic, out: Path) -> None:
         save_model_dir(trained.policy(), tokenizer, out)
@@ -210,6 +245,6 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
         final_numbers=rl.held_out_numbers(objective, cfg, eval_dataset, collate, reference, info.device),
         notes=[f"PPO: {options.group_size} completions per prompt (≤ {options.max_new_tokens} tokens), reward "
                f"{options.reward!r}, KL penalty {options.kl_coef:g} in the reward, GAE γ = {options.gamma:g} "
-               f"λ = {options.lam:g}, value head on the shared trunk (vf_coef {options.vf_coef:g}), one PPO epoch "
-               "per rollout batch."],
+               f"λ = {options.lam:g}, value head on the shared trunk (vf_coef {options.vf_coef:g}), "
+               f"{rl.reuse_note(options)}."],
     )
