@@ -34,7 +34,9 @@ CHECKS = [not_a_server_error, openapi_checks.status_code_conformance, openapi_ch
 # (path, method, positive examples, negative examples); an operation without inputs has one possible
 # request and nothing to break, and a free-form path parameter has no invalid value
 OPERATIONS = [("/health", "GET", 1, 0), ("/v1/models", "GET", 1, 0), ("/v1/models/{name}", "GET", 50, 0),
-              ("/v1/chat/completions", "POST", 150, 100), ("/v1/completions", "POST", 150, 100)]
+              ("/v1/chat/completions", "POST", 150, 100), ("/v1/completions", "POST", 150, 100),
+              ("/tokenize", "POST", 100, 100), ("/detokenize", "POST", 100, 100), ("/version", "GET", 1, 0),
+              ("/metrics", "GET", 1, 0)]
 CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "CompletionChunk"}
 # read whole streams (schemathesis stops after 20 events by default; a completion here has up to ~260)
 CONFIG = schemathesis.Config.from_dict({"max-stream-events": 10_000})
