@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "web": ("minimind.serve.web_cli", "Streamlit web chat over the model directories found"),
     "eval": ("minimind.eval.cli", "perplexity, multiple-choice accuracy, or exact-match of answers"),
     "convert": ("minimind.convert.cli", "export/import between formats (HF Llama, Qwen3, GGUF, MiniMind2, minimind-3); merge LoRA"),
+    "push": ("minimind.push", "upload a model directory to the Hugging Face Hub, with a model card"),
     "demo": ("minimind.demo", "the end-to-end pipeline on the bundled demo data"),
     "completion": ("minimind.completion", "print a shell completion script (bash, zsh or tcsh)"),
 }
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     args.command_line = argv  # the verb and its flags, for hints that repeat the command (`… --resume`)
     try:
+        # Options that take a model or tokenizer directory also take a hub id (org/name[@rev], ms:org/name).
+        from minimind.hub import resolve_args
+
+        resolve_args(parser, args)
         code = module.run(args)
     except UserError as err:
         print(f"minimind {verb}: error: {err}", file=sys.stderr)

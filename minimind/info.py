@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from minimind.device import dtype_name
+from minimind.hub import model_dir
 from minimind.kernels.head_loss import chunk_rows
 from minimind.model.configuration_minimind import PRESETS, MiniMindConfig
 
@@ -142,7 +143,7 @@ def report(config: MiniMindConfig, batch_size: int, seq_len: int, dtype: str, na
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default="small", help="named model shape")
-    parser.add_argument("--model", default=None, help="read the config from this model directory instead")
+    parser.add_argument("--model", default=None, type=model_dir, help="read the config from this model directory instead")
     parser.add_argument("--batch-size", type=int, default=32, help="per-step batch for the memory estimate")
     parser.add_argument("--seq-len", type=int, default=512, help="training sequence length")
     parser.add_argument("--dtype", choices=list(BYTES), type=dtype_name, default="fp32",

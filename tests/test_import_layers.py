@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minimind"
 # Bottom to top; a part may import parts of its own tier or lower ones. "__init__" is `minimind` itself.
 TIERS = [
     {"errors", "outputs", "device", "records", "help_format"},  # plain helpers
+    {"hub", "card", "push"},  # hub ids -> local snapshots, model cards, uploads (huggingface_hub only)
     {"model", "lora", "demo_data"},  # the plain model (HF remote code), LoRA layers and adapters, demo files
     {"tokenizer"},
     {"data", "kernels", "modeldir"},  # datasets; fast kernels beside the model; model directories

@@ -20,6 +20,7 @@ import argparse
 from pathlib import Path
 
 from minimind.errors import UserError
+from minimind.hub import model_dir
 from minimind.outputs import MODEL_DIR_FILES, model_code_files, refuse_or_clear, writing_product
 
 TARGETS = ("llama", "qwen3", "gguf", "minimind2", "minimind2-pth", "minimind3")
@@ -35,7 +36,7 @@ IMPORT_FLAGS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="model directory (--to, --merge-lora); .pth file or transformers "
+    parser.add_argument("source", type=model_dir, help="model directory (--to, --merge-lora); .pth file or transformers "
                         "directory (--from)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument(
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--merge-lora",
         metavar="ADAPTER",
+        type=model_dir,
         help="PEFT adapter directory to merge into the base model directory SOURCE",
     )
     parser.add_argument(
@@ -78,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         metavar="TOKDIR",
+        type=model_dir,
         help="tokenizer directory to put beside imported weights (--from; required for a .pth, None = the "
         "source directory's)",
     )

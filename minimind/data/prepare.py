@@ -23,6 +23,7 @@ from tqdm import tqdm
 from minimind.data.chat import ChatAugment, encode_conversation, encode_prompt
 from minimind.data.shards import SHARD_FILES, Shard, ShardWriter
 from minimind.errors import UserError
+from minimind.hub import model_dir
 from minimind.outputs import WriteFailed, refuse_or_clear, remove_products, writing, writing_product
 from minimind.records import BadRecord, ReadStats, parse_record
 
@@ -195,7 +196,7 @@ def open_dataset(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="input JSONL file")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer (or model) directory")
+    parser.add_argument("--tokenizer", required=True, type=model_dir, help="tokenizer (or model) directory")
     parser.add_argument("--kind", choices=KINDS, default="pretrain",
                         help="dataset shape (README, Data formats): pretrain {'text'}, sft {'conversations'}, "
                              "dpo {'chosen','rejected'}, rlaif (conversations whose last turn is the answer)")

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from minimind.device import dtype_name, resolve_device
 from minimind.errors import UserError
+from minimind.hub import model_dir
 from minimind.infer.quantize import QUANTIZE_CHOICES
 from minimind.infer.sampling import SamplingParams
 from minimind.modeldir import adapter_source, read_json_object
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory written by any stage")
+    parser.add_argument("--model", required=True, type=model_dir, help="model directory written by any stage")
     add_engine_arguments(parser)
 
 

@@ -13,12 +13,21 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
 from minimind.device import dtype_name
+from minimind.errors import UserError
+from minimind.hub import model_dir
 
 # The share of a run's optimizer steps spent warming up when --warmup-steps is not given (capped by the stage's
 # default): long enough for AdamW's second-moment estimates to settle, short enough that a 40-step run still
 # spends most of its steps near the peak learning rate.
 WARMUP_FRACTION = {"pretrain": 0.05}
 DEFAULT_WARMUP_FRACTION = 0.03
+# The experiment trackers a training verb logs to (one flag each), and what each does without configuration.
+TRACKER_HELP = {
+    "wandb": "online after `wandb login`, else offline; WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY honoured",
+    "swanlab": "online after `swanlab login` or with SWANLAB_API_KEY, else local; SWANLAB_MODE honoured",
+    "tensorboard": "event files in OUT/tensorboard",
+    "trackio": "a local trackio project; TRACKIO_SPACE_ID to sync to a Space",
+}
 
 
 @dataclass
@@ -85,6 +94,13 @@ class TrainConfig:
     strategy: str = "ddp"
     zero_offload: bool = False
     trackers: list[str] = field(default_factory=list)
+    project: str | None = None  # the trackers' project; None: WANDB_PROJECT / SWANLAB_PROJECT / ..., else minimind
+    run_name: str | None = None  # None: the run directory's name
+    tags: list[str] = field(default_factory=list)
+    push_to_hub: str | None = None  # org/name: the final model (and with push_every_checkpoint each checkpoint)
+    hub_private: bool = False
+    push_every_checkpoint: bool = False
+    hub_sources: dict[str, str] = field(default_factory=dict)  # option -> hub id it was given as (--init org/x)
     peak_tflops: float = 0.0
     options: StageOptions = field(default_factory=StageOptions)  # the stage's own settings; "extra" in the JSON
     command: list[str] = field(default_factory=list)  # the command line, for the hint that continues the run
@@ -120,10 +136,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
     """The shared training flags, with this stage's defaults filled in."""
     d = {**{f: getattr(TrainConfig, f, None) for f in TrainConfig.__dataclass_fields__}, **defaults}
     g = parser.add_argument_group("data and output")
-    g.add_argument("--data", required=True, help="training JSONL file or a `minimind prepare` directory")
+    g.add_argument("--data", required=True, help="training data: JSONL (.gz, .zst), Parquet, a directory or glob of "
+                        "them, hf:ORG/NAME[:CONFIG][:SPLIT], or a `minimind prepare` directory")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics, report, final model")
     if needs_init:
-        g.add_argument("--init", required=True, help="model directory to start from")
+        g.add_argument("--init", required=True, type=model_dir, help="model directory to start from")
     g.add_argument("--eval-data", default=d["eval_data"], help="held-out JSONL/prepared dir for eval loss")
     g.add_argument("--eval-every", type=int, default=d["eval_every"], help="steps between evals (0 = end only)")
     g.add_argument("--eval-batches", type=int, default=d["eval_batches"], help="batches per evaluation")
@@ -170,14 +187,43 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
     g.add_argument("--nan-tolerance", type=int, default=d["nan_tolerance"],
                    help="stop after this many non-finite steps in a row (each is skipped)")
     g.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0 = detect/measure)")
-    for tracker in ("wandb", "swanlab", "tensorboard"):
-        g.add_argument(f"--{tracker}", action="store_true", help=f"also log to {tracker} (offline by default)")
+    g = parser.add_argument_group("experiment tracking and the Hub")
+    for tracker, how in TRACKER_HELP.items():
+        g.add_argument(f"--{tracker}", action="store_true", help=f"also log to {tracker} ({how})")
+    g.add_argument("--project", default=None,
+                   help="tracker project (default: WANDB_PROJECT, SWANLAB_PROJECT or TRACKIO_PROJECT, else minimind)")
+    g.add_argument("--run-name", default=None, help="tracker run name (default: the --out directory's name)")
+    g.add_argument("--tags", default=[], type=lambda s: [t for t in s.split(",") if t],
+                   help="comma-separated tracker tags")
+    g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
+                   help="upload the final model with a model card to this Hugging Face repo (needs a token)")
+    g.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repo as private")
+    g.add_argument("--push-every-checkpoint", action="store_true",
+                   help="with --push-to-hub: also upload each checkpoint's weights (checkpoints/step-N/)")
 
 
 def config_from_args(args: argparse.Namespace, stage: str, options: StageOptions | None = None) -> TrainConfig:
     """Build the TrainConfig from parsed flags and the stage's options (built from its own flags)."""
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
-    trackers = [t for t in ("wandb", "swanlab", "tensorboard") if getattr(args, t, False)]
+    trackers = [t for t in TRACKER_HELP if getattr(args, t, False)]
+    values["hub_sources"] = dict(getattr(args, "hub_sources", None) or {})
     command = list(getattr(args, "command_line", None) or [stage])
-    return TrainConfig(stage=stage, trackers=trackers, options=options or StageOptions(), command=command, **values)
+    cfg = TrainConfig(stage=stage, trackers=trackers, options=options or StageOptions(), command=command, **values)
+    check_services(cfg)
+    return cfg
+
+
+def check_services(cfg: TrainConfig) -> None:
+    """Before any training: the trackers asked for are installed and --push-to-hub can push (a valid repo id and
+    a token), each failure one line."""
+    from minimind.train.monitor import check_trackers
+
+    check_trackers(cfg.trackers)
+    if cfg.push_to_hub:
+        from minimind.push import check_repo_id, check_token
+
+        check_repo_id(cfg.push_to_hub, "--push-to-hub")
+        check_token("--push-to-hub")
+    elif cfg.push_every_checkpoint or cfg.hub_private:
+        raise UserError("--push-every-checkpoint and --hub-private need --push-to-hub ORG/NAME")

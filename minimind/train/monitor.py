@@ -1,28 +1,44 @@
 """Where training numbers go: `metrics.jsonl` (one line per step), a progress bar, optional trackers.
 
-Only the main rank writes. Trackers (wandb, swanlab, tensorboard) are imported only when asked for and run
-offline unless the user has configured them otherwise, so no flag here ever needs the network.
+Only the main rank writes. Trackers (wandb, swanlab, tensorboard, trackio) are imported only when asked for and
+behave as their users expect: wandb is online after `wandb login` (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY
+honoured) and offline without a key rather than prompting; swanlab likewise (SWANLAB_MODE); tensorboard writes
+event files in OUT/tensorboard. Each tracker's run id is kept in OUT/trackers.json, so `--resume` continues the
+same tracker run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import netrc
 import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from minimind.errors import UserError
+from minimind.errors import UserError, install_hint
 from minimind.outputs import writing
+
+# --TRACKER flag -> the module it needs (all in the `track` extra).
+TRACKER_MODULES = {"wandb": "wandb", "swanlab": "swanlab", "tensorboard": "tensorboard", "trackio": "trackio"}
+TRACKER_IDS = "trackers.json"  # tracker -> its run id, so that --resume continues the same tracker runs
 
 
 class Monitor:
     """Collects per-step metrics; `log(step, metrics)` writes them everywhere that is enabled."""
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, log_every: int,
-                 trackers: list[str], run_name: str, config: dict[str, Any]):
+                 trackers: list[str], run_name: str, config: dict[str, Any], project: str | None = None,
+                 tags: list[str] | None = None, tracker_name: str | None = None):
+        """`run_name` labels the progress bar; trackers name the run `tracker_name` (default: the run
+        directory's name) in `project`, and continue their recorded runs when `start_step` > 0 (a resume)."""
         self.enabled, self.log_every = enabled, max(1, log_every)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.trackers: list[Any] = []
@@ -34,8 +50,10 @@ class Monitor:
             self.file = open(self.path, "a", encoding="utf-8")
         self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, unit="step", dynamic_ncols=True,
                         disable=os.environ.get("MINIMIND_NO_PROGRESS") == "1")
+        run = TrackerRun(Path(run_dir), tracker_name or Path(run_dir).resolve().name, project, list(tags or []),
+                         config, resume=start_step > 0)
         for name in trackers:
-            self.trackers.append(_open_tracker(name, Path(run_dir), run_name, config))
+            self.trackers.append(_open_tracker(name, run, start_step))
 
     def _truncate_after(self, step: int) -> None:
         """On resume, forget lines logged after the checkpoint by the interrupted run (they are redone)."""
@@ -87,40 +105,134 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _open_tracker(name: str, run_dir: Path, run_name: str, config: dict[str, Any]):
-    """A callable(step, record) logging to wandb, swanlab or tensorboard, offline by default."""
+@dataclass
+class TrackerRun:
+    """What every tracker is told about the run: where it lives, its names and whether it continues one."""
+
+    run_dir: Path
+    name: str
+    project: str | None  # None: the tracker's own environment (WANDB_PROJECT, ...) or "minimind"
+    tags: list[str]
+    config: dict[str, Any]
+    resume: bool  # a resumed training run continues the tracker runs recorded in trackers.json
+
+    def run_id(self, tracker: str, new: Callable[[], str]) -> str:
+        """The tracker's run id: the one trackers.json recorded when resuming, else `new()`, recorded."""
+        path = self.run_dir / TRACKER_IDS
+        ids = _read_ids(path)
+        if not self.resume or tracker not in ids:
+            ids[tracker] = new()
+            path.write_text(json.dumps(ids, indent=2) + "\n", encoding="utf-8")
+        return ids[tracker]
+
+    def project_for(self, env: str) -> str:
+        return self.project or os.environ.get(env) or "minimind"
+
+
+def _read_ids(path: Path) -> dict[str, str]:
     try:
-        if name == "wandb":
-            import wandb
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
 
-            os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
-            run = wandb.init(project="minimind", name=run_name, dir=str(run_dir), config=config)
-            return _Tracker(lambda step, rec: run.log(rec, step=step), run.finish)
-        if name == "swanlab":
-            import swanlab
 
-            run = swanlab.init(project="minimind", experiment_name=run_name, logdir=str(run_dir / "swanlab"),
-                               config=config, mode=os.environ.get("SWANLAB_MODE", "local"))
-            return _Tracker(lambda step, rec: swanlab.log(rec, step=step), swanlab.finish)
-        if name == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+def _new_id() -> str:
+    return uuid.uuid4().hex[:16]
 
-            writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-            def log(step: int, rec: dict) -> None:
-                for key, value in rec.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        writer.add_scalar(key, value, step)
+def check_trackers(names: list[str]) -> None:
+    """Before training starts: each asked-for tracker is installed, else one line naming the extra."""
+    for name in names:
+        module = TRACKER_MODULES.get(name)
+        if module is None:
+            raise UserError(f"unknown tracker {name!r}; expected one of {', '.join(TRACKER_MODULES)}")
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--{name} needs the {module} package: {install_hint('track')}")
 
-            return _Tracker(log, writer.close)
-    except ImportError as err:
-        raise UserError(f"--{name} needs the {name} package ({err}); pip install {name}") from None
-    raise UserError(f"unknown tracker {name!r}")
+
+def _wandb_logged_in() -> bool:
+    """An API key in the environment or in the netrc file `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _open_wandb(run: TrackerRun) -> _Tracker:
+    import wandb
+
+    mode = None  # wandb's own choice: WANDB_MODE, else online
+    if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
+        mode = "offline"  # never an interactive login prompt in the middle of a training command
+        print(f"wandb: not logged in, logging offline to {run.run_dir / 'wandb'} (`wandb sync` uploads it)")
+    handle = wandb.init(project=run.project_for("WANDB_PROJECT"), name=run.name, tags=run.tags or None,
+                        config=run.config, dir=str(run.run_dir), mode=mode, id=run.run_id("wandb", _new_id),
+                        resume="allow")
+    return _Tracker(lambda step, rec: handle.log(rec, step=step), handle.finish)
+
+
+def _swanlab_mode() -> str:
+    """SWANLAB_MODE, else online when `swanlab login` or SWANLAB_API_KEY gave a key, else local."""
+    if os.environ.get("SWANLAB_MODE"):
+        return os.environ["SWANLAB_MODE"]
+    saved = Path(os.environ.get("SWANLAB_SAVE_DIR", Path.home() / ".swanlab")) / ".netrc"
+    return "online" if os.environ.get("SWANLAB_API_KEY") or saved.is_file() else "local"
+
+
+def _open_swanlab(run: TrackerRun) -> _Tracker:
+    import swanlab
+
+    handle = swanlab.init(project=run.project_for("SWANLAB_PROJECT"), name=run.name, tags=run.tags or None,
+                          config=run.config, log_dir=str(run.run_dir / "swanlog"), mode=_swanlab_mode(),
+                          id=run.run_id("swanlab", _new_id), resume="allow")
+    return _Tracker(lambda step, rec: handle.log(rec, step=step), handle.finish)
+
+
+def _open_tensorboard(run: TrackerRun, start_step: int) -> _Tracker:
+    from torch.utils.tensorboard import SummaryWriter
+
+    # purge_step: on resume, events the interrupted run wrote after the checkpoint are hidden (they are redone).
+    writer = SummaryWriter(str(run.run_dir / "tensorboard"), purge_step=start_step + 1 if run.resume else None)
+
+    def log(step: int, rec: dict) -> None:
+        for key, value in rec.items():
+            writer.add_scalar(key, value, step)
+        writer.flush()
+
+    return _Tracker(log, writer.close)
+
+
+def _open_trackio(run: TrackerRun) -> _Tracker:
+    import trackio
+
+    name = run.run_id("trackio", lambda: run.name)  # trackio resumes a run by its name
+    handle = trackio.init(project=run.project_for("TRACKIO_PROJECT"), name=name, config=run.config,
+                          resume="allow" if run.resume else "never", embed=False)
+    return _Tracker(lambda step, rec: handle.log(rec, step=step), trackio.finish)
+
+
+def _open_tracker(name: str, run: TrackerRun, start_step: int) -> _Tracker:
+    """A callable(step, record) logging to one tracker."""
+    check_trackers([name])
+    if name == "wandb":
+        return _open_wandb(run)
+    if name == "swanlab":
+        return _open_swanlab(run)
+    if name == "trackio":
+        return _open_trackio(run)
+    return _open_tensorboard(run, start_step)
 
 
 class _Tracker:
-    def __init__(self, log, close):
+    """One tracker's log(step, scalars) and close(); the step itself and non-numbers are not logged."""
+
+    def __init__(self, log: Callable[[int, dict], Any], close: Callable[[], Any]):
         self._log, self.close = log, close
 
     def __call__(self, step: int, record: dict) -> None:
-        self._log(step, {k: v for k, v in record.items() if isinstance(v, (int, float))})
+        self._log(step, {k: v for k, v in record.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})

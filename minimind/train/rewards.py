@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from minimind.errors import StepError, UserError
+from minimind.hub import resolve_model_dir
 from minimind.info import forward_flops
 from minimind.tokenizer.template import split_thinking
 from minimind.train.reference import completion_head_logprobs, load_frozen
@@ -313,14 +314,14 @@ def _one_reward(spec: str, max_new_tokens: int, vocab_size: int, device: torch.d
     if spec == "exact":  # correctness alone: a group of all-wrong answers then carries no advantage at all
         return RuleReward(max_new_tokens, format_weight=0.0, repetition_weight=0.0, length_weight=0.0)
     if spec.startswith("model:") and len(spec) > len("model:"):
-        reward = ModelReward(spec[len("model:") :], device)
+        reward = ModelReward(resolve_model_dir(spec[len("model:") :], "--reward"), device)
         if reward.model.config.vocab_size != vocab_size:
             raise UserError(f"--reward {spec}: the scoring model's vocab_size is {reward.model.config.vocab_size}, "
                             f"the policy's is {vocab_size}; they must share a tokenizer (or use rm:DIR, a reward "
                             "model with its own tokenizer)")
         return reward
     if spec.startswith("rm:") and len(spec) > len("rm:"):
-        return ClassifierReward(spec[len("rm:") :], device)
+        return ClassifierReward(resolve_model_dir(spec[len("rm:") :], "--reward"), device)
     if ":" in spec and not spec.startswith(("model:", "rm:")):
         return FunctionReward(spec)
     raise UserError(f"--reward must be 'rule', 'exact', 'model:DIR', 'rm:DIR' or 'FILE.py:FUNCTION' (several "

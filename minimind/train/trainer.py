@@ -115,7 +115,7 @@ class Trainer:
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=_ignore_stop_signals)
         monitor = Monitor(self.out, info.is_main, self.total_steps, self.step, cfg.log_every, cfg.trackers,
-                          f"{cfg.stage}", cfg.to_dict())
+                          f"{cfg.stage}", cfg.to_dict(), project=cfg.project, tags=cfg.tags, tracker_name=cfg.run_name)
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (peak_flops(self.device, self.dtype)
                                                                    if info.is_main else 1.0)
         if info.is_main:
@@ -288,6 +288,8 @@ class Trainer:
             with writing(self.out):
                 self.run.save_final(final, self.out)
                 summary.update(self.write_report(final))
+            if cfg.push_to_hub:
+                self._push_final()
         barrier(self.info)
         return summary
 
@@ -331,6 +333,28 @@ class Trainer:
         model_state, optimizer_state = self.strategy.model_state(), self.strategy.optimizer_state()
         self.checkpoints.save(state, model_state, optimizer_state, self.strategy.scaler_state(), ckpt.rng_state(),
                               self.run.objective.state_dict())
+        if self.cfg.push_to_hub and self.cfg.push_every_checkpoint and info.is_main:
+            from minimind.push import push_checkpoint
+
+            try:
+                push_checkpoint(self.out / "checkpoints" / f"step-{self.step}", self.cfg.push_to_hub,
+                                self.cfg.hub_private)
+            except UserError as err:  # the checkpoint is safe on disk; training goes on, the final push retries
+                print(f"warning: checkpoint {self.step} not uploaded: {err}")
+
+    def _push_final(self) -> None:
+        """Upload the final model with its card (main rank); a failed upload leaves the run complete on disk."""
+        from minimind.card import CardInfo
+        from minimind.push import push_folder
+
+        cfg = self.cfg
+        try:
+            url = push_folder(self.out, cfg.push_to_hub, cfg.hub_private, card=CardInfo(repo=cfg.push_to_hub),
+                              commit_message=f"MiniMind {cfg.stage}: {self.step} steps")
+        except UserError as err:
+            raise UserError(f"{err}; the model is saved in {self.out}: push it with `minimind push {self.out} "
+                            f"--repo {cfg.push_to_hub}`") from None
+        print(f"pushed {self.out} to https://huggingface.co/{cfg.push_to_hub} ({url})")
 
     def _resume(self) -> None:
         """Continue from the latest checkpoint in --out, if any: weights, optimizer, scaler, RNG, data position."""

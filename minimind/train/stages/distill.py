@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from minimind.data.datasets import stack_collate
 from minimind.errors import UserError
+from minimind.hub import model_dir
 from minimind.info import forward_flops
 from minimind.kernels.training import training_view
 from minimind.modeldir import load_model_dir, save_model_dir
@@ -66,7 +67,7 @@ class DistillOptions(StageOptions):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "distill", DEFAULTS)
     g = parser.add_argument_group("distillation")
-    g.add_argument("--teacher", default=None, help="teacher model directory (required unless --reasoning)")
+    g.add_argument("--teacher", default=None, type=model_dir, help="teacher model directory (required unless --reasoning)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE; 1 − alpha weighs the KL")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KL term")
     g.add_argument("--reasoning", action="store_true",

@@ -16,6 +16,7 @@ import torch
 from minimind.data.datasets import PackedPretrainDataset, stack_collate
 from minimind.data.shards import Shard
 from minimind.errors import UserError
+from minimind.hub import model_dir
 from minimind.model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from minimind.modeldir import save_model_dir
 from minimind.tokenizer import load_tokenizer
@@ -41,7 +42,7 @@ class PretrainOptions(StageOptions):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "pretrain", DEFAULTS, needs_init=False)
     g = parser.add_argument_group("model")
-    g.add_argument("--tokenizer", required=True, help="tokenizer directory (from `minimind tokenizer`)")
+    g.add_argument("--tokenizer", required=True, type=model_dir, help="tokenizer directory (from `minimind tokenizer`)")
     g.add_argument("--preset", default="small", choices=list(PRESETS), help="model shape (`minimind info --preset NAME` shows its size)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set n_layers=4 --set dropout=0.1 (repeatable)")
