@@ -275,3 +275,19 @@ def test_openapi_documents_the_new_endpoints(client):
     assert {"prompt", "messages", "add_generation_prompt", "add_special_tokens", "return_token_strs"} <= set(tokenize)
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert "/version" in spec["paths"] and "422" not in str(spec["paths"])
+
+
+def test_a_server_error_still_carries_the_request_id(tokenizer, monkeypatch):
+    scheduler = Scheduler(Engine(tiny_model(), tokenizer, max_batch_size=2))
+
+    def broken(ids):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(scheduler.prompts.tokenizer, "convert_ids_to_tokens", broken)
+    app = create_app(scheduler, ServeConfig(["tiny"]))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/tokenize", json={"prompt": "a", "return_token_strs": True},
+                               headers={"x-request-id": "bug-1"})
+        assert response.status_code == 500 and response.headers["x-request-id"] == "bug-1"
+        assert response.json()["error"]["type"] == "server_error"
+        assert sample(metrics(client), "minimind:http_requests_total", endpoint="/tokenize", status="500") == 1
