@@ -13,9 +13,11 @@ from minimind.train.args import TrainConfig
 from minimind.train.stages.sft import SFTOptions
 
 COMMON = ["--data", "d.jsonl", "--out", "run"]
-RL = {"group_size": 3, "max_new_tokens": 8, "temperature": 0.7, "top_k": 5, "reward": "exact", "clip": 0.3}
+RL = {"group_size": 3, "max_new_tokens": 8, "temperature": 0.7, "top_k": 5, "reward": "exact", "clip": 0.3,
+      "clip_high": 0.28, "updates_per_rollout": 2, "minibatches": 4}
 RL_FLAGS = ["--init", "m", "--group-size", "3", "--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "5",
-            "--reward", "exact", "--clip", "0.3"]
+            "--reward", "exact", "--clip", "0.3", "--clip-high", "0.28", "--updates-per-rollout", "2",
+            "--minibatches", "4"]
 
 # verb -> (its own flags, the "extra" object train_config.json has always held for them)
 CASES = {
@@ -30,7 +32,8 @@ CASES = {
                  "--tag-weight", "5", "--tags", "<think>,</think>"],
                 {"teacher": "t", "alpha": 0.25, "temperature": 3.0, "reasoning": True, "tag_weight": 5.0,
                  "tags": ["<think>", "</think>"]}),
-    "grpo": ([*RL_FLAGS, "--beta", "0.1"], {"beta": 0.1, **RL}),
+    "grpo": ([*RL_FLAGS, "--beta", "0.1", "--loss", "dapo", "--importance-sampling", "sequence", "--kl-estimator",
+              "k2"], {"beta": 0.1, "loss": "dapo", "importance_sampling": "sequence", "kl_estimator": "k2", **RL}),
     "ppo": ([*RL_FLAGS, "--kl-coef", "0.1", "--gamma", "0.9", "--lam", "0.8", "--vf-coef", "0.2", "--value-clip", "0.4"],
             {"kl_coef": 0.1, "gamma": 0.9, "lam": 0.8, "vf_coef": 0.2, "value_clip": 0.4, **RL}),
 }
