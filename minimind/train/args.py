@@ -96,7 +96,7 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     project: str | None = None  # the trackers' project; None: WANDB_PROJECT / SWANLAB_PROJECT / ..., else minimind
     run_name: str | None = None  # None: the run directory's name
-    tags: list[str] = field(default_factory=list)
+    tracker_tags: list[str] = field(default_factory=list)
     push_to_hub: str | None = None  # org/name: the final model (and with push_every_checkpoint each checkpoint)
     hub_private: bool = False
     push_every_checkpoint: bool = False
@@ -193,8 +193,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
     g.add_argument("--project", default=None,
                    help="tracker project (default: WANDB_PROJECT, SWANLAB_PROJECT or TRACKIO_PROJECT, else minimind)")
     g.add_argument("--run-name", default=None, help="tracker run name (default: the --out directory's name)")
-    g.add_argument("--tags", default=[], type=lambda s: [t for t in s.split(",") if t],
-                   help="comma-separated tracker tags")
+    g.add_argument("--tracker-tags", default=[], type=lambda s: [t for t in s.split(",") if t], metavar="A,B",
+                   help="comma-separated tags of the tracker run")
     g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
                    help="upload the final model with a model card to this Hugging Face repo (needs a token)")
     g.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repo as private")

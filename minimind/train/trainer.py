@@ -115,7 +115,7 @@ class Trainer:
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=_ignore_stop_signals)
         monitor = Monitor(self.out, info.is_main, self.total_steps, self.step, cfg.log_every, cfg.trackers,
-                          f"{cfg.stage}", cfg.to_dict(), project=cfg.project, tags=cfg.tags, tracker_name=cfg.run_name)
+                          f"{cfg.stage}", cfg.to_dict(), project=cfg.project, tags=cfg.tracker_tags, tracker_name=cfg.run_name)
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else (peak_flops(self.device, self.dtype)
                                                                    if info.is_main else 1.0)
         if info.is_main:
