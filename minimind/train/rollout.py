@@ -298,7 +298,7 @@ class RLObjective(Objective):
         """`LossOutput` fields: the policy trains on the sampled sequences (prompt + completion), not the prompts;
         the FLOPs are its training on them and, when they were `sampled` for this step (not reused), the
         reference's forward over them, the sampling that made them and a scoring model's forward when the reward
-        runs one (from the shapes alone: no device sync). With minibatches those are counted per minibatch. A PPO
+        runs one (from the shapes alone: no device sync), for all M minibatches of the rollout batch. A PPO
         value head's 6·dim FLOPs per token are left out (under 10⁻⁴ of the policy's)."""
         n, width = rollout.sequences.shape
         new = width - rollout.prompt_len
@@ -306,10 +306,12 @@ class RLObjective(Objective):
         counts = (n * width, n * new, n * width**2)  # tokens, head at the completion positions, attention pairs
         flops = training_flops(config, *counts)
         scoring = getattr(self.reward, "flops", None)
-        if sampled:
-            flops += forward_flops(self.reference.config, *counts) + sampling_flops(config, n, rollout.prompt_len, new)
+        if sampled:  # the whole rollout batch was sampled and scored for this step: M minibatches of this shape
+            rollout_flops = forward_flops(self.reference.config, *counts) + sampling_flops(config, n,
+                                                                                            rollout.prompt_len, new)
             if scoring is not None:
-                flops += scoring(counts)
+                rollout_flops += scoring(counts)
+            flops += self.minibatches * rollout_flops
         return {"tokens": rollout.sequences.numel(), "useful_tokens": int(rollout.attention_mask.sum()),
                 "flops": flops}
 
