@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from test_grpo import write_jsonl
 
 from minimind.cli import main
@@ -28,6 +29,7 @@ def _rl_run(tmp_path: Path, model_dir: Path, verb: str, out: str, *extra: str) -
             if '"loss"' in line]
 
 
+@pytest.mark.slow
 def test_grpo_reuses_each_rollout_for_k_passes_of_m_minibatches_and_resumes_mid_reuse(tmp_path, model_dir):
     reuse = ["--updates-per-rollout", "2", "--minibatches", "2", "--loss", "dapo", "--clip-high", "0.28",
              "--max-steps", "6", "--lr", "1e-2", "--beta", "0.04"]
@@ -53,6 +55,7 @@ def test_grpo_reuses_each_rollout_for_k_passes_of_m_minibatches_and_resumes_mid_
     assert rows(resumed) == rows(whole)
 
 
+@pytest.mark.slow
 def test_ppo_epochs_move_the_ratio_clip_and_lower_the_value_loss(tmp_path, model_dir):
     rows = _rl_run(tmp_path, model_dir, "ppo", "ppo", "--ppo-epochs", "4", "--minibatches", "2", "--max-steps",
                    "16", "--lr", "1e-2", "--vf-coef", "1", "--value-clip", "0.5")
