@@ -180,3 +180,16 @@ def test_push_refuses_what_it_cannot_send(tmp_path, monkeypatch, capsys):
     assert main(["push", str(tmp_path), "--repo", "not a repo"]) == 2
     assert "--repo 'not a repo'" in capsys.readouterr().err
     assert not (tmp_path / "README.md").exists()  # nothing written before the checks pass
+
+
+def test_serve_names_a_hub_model_by_its_id(hf_cache, model_dir, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    cache_repo(hf_cache, "org/tiny", model_dir)
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: started.append(self.config.app))
+    monkeypatch.delenv("MINIMIND_API_KEY", raising=False)
+    assert main(["serve", "--model", "org/tiny@main", "--port", "0", "--log-level", "warning"]) == 0
+    with TestClient(started[0]) as client:
+        assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["org/tiny@main"]

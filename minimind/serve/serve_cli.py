@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
         if not value >= 0:  # (NaN too)
             raise UserError(f"{flag} is {value}; expected a number of seconds, 0 or more")
-    names = args.served_model_name or [Path(args.model).resolve().name]
+    # A Hub id is the model's name (as vLLM serves it), not its snapshot folder's commit hash.
+    names = args.served_model_name or [getattr(args, "hub_sources", {}).get("model") or Path(args.model).resolve().name]
     if len(set(names)) != len(names) or not all(name.strip() for name in names):
         raise UserError(f"--served-model-name {' '.join(names)!r}: expected distinct, non-empty names")
     origins = cors_origins(args.cors_origins)
