@@ -44,7 +44,24 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"minimind {verb}", description=VERBS[verb][1],
                                      formatter_class=HelpFormatter)
     importlib.import_module(VERBS[verb][0]).add_arguments(parser)
+    parser.add_argument("--config", metavar="FILE",
+                        help="read options from a YAML, TOML or JSON file (keys: option names with underscores, as "
+                             "a run's train_config.json writes them); flags given here override it")
     return parser
+
+
+def parse_verb_args(verb: str, argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """(parser, parsed options) of one verb: a `--config FILE`'s values as defaults, then the command line.
+    A bad config file raises UserError; bad flags exit 2 as argparse does."""
+    from minimind.config_file import apply_config, split_config
+
+    parser = build_parser(verb)
+    config, rest = split_config(argv)
+    if config is not None:
+        apply_config(parser, config, verb)
+    args = parser.parse_args(rest)
+    args.config = config
+    return parser, args
 
 
 def version() -> str:
@@ -76,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minimind: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
-    parser = build_parser(verb)
-    args = parser.parse_args(argv[1:])
+    try:
+        parser, args = parse_verb_args(verb, argv[1:])
+    except UserError as err:
+        print(f"minimind {verb}: error: {err}", file=sys.stderr)
+        return 2
     args.command_line = argv  # the verb and its flags, for hints that repeat the command (`… --resume`)
     try:
         # Options that take a model or tokenizer directory also take a hub id (org/name[@rev], ms:org/name).

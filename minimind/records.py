@@ -1,6 +1,7 @@
-"""Reading and validating the JSONL datasets (README, "Data formats"), one record a line.
+"""Reading and validating the datasets (README, "Data formats"): one record a JSON line, Parquet row or dataset
+row, from any source `minimind.sources` reads (JSONL, .jsonl.gz, .jsonl.zst, Parquet, a directory, a glob, hf:).
 
-Every problem is reported as `file:line: what is wrong`. With `skip_bad_lines` a bad line is counted and
+Every problem is reported as `file:line: what is wrong` (`file:row N: ...` for a Parquet or dataset row). With `skip_bad_lines` a bad line is counted and
 skipped instead, and the caller reports the count at the end. Shapes (MiniMind2's):
   pretrain  {"text": "..."}
   sft       {"conversations": [{"role": "system"|"user"|"assistant"|"tool", "content": "...", "reasoning_content"?}]}
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from minimind.errors import UserError
+from minimind.sources import is_line, iter_items
 
 ROLES = ("system", "user", "assistant", "tool")
 Messages = list[dict[str, Any]]
@@ -223,13 +225,13 @@ class ReadStats:
     skipped: int = 0
     examples: list[str] = field(default_factory=list)
 
-    def reject(self, path: str | Path, lineno: int, reason: str, skip_bad_lines: bool) -> None:
-        """Raise `file:line: reason`, or count the line as skipped."""
+    def reject(self, path: str | Path, lineno: int, reason: str, skip_bad_lines: bool, unit: str = "line") -> None:
+        """Raise `file:line: reason` (`file:row N: reason` with unit "row"), or count the record as skipped."""
         if not skip_bad_lines:
-            raise UserError(f"{path}:{lineno}: {reason}")
+            raise UserError(f"{path}:{lineno}: {reason}" if unit == "line" else f"{path}:{unit} {lineno}: {reason}")
         self.skipped += 1
         if len(self.examples) < 3:
-            self.examples.append(f"line {lineno}: {reason}")
+            self.examples.append(f"{unit} {lineno}: {reason}")
 
     def check_any(self, path: str | Path, kind: str) -> None:
         if self.good == 0:
@@ -250,10 +252,11 @@ def read_records(
     stats: ReadStats | None = None,
     validate: Callable[[Any], Any] | None = None,
 ) -> Iterator[Any]:
-    """Yield validated records of `kind` from a JSONL file, streaming (never loads the file whole).
+    """Yield validated records of `kind` from a data source (a JSONL file, .jsonl.gz, .jsonl.zst, Parquet, a
+    directory or glob of them, or hf:org/name), streaming (never loads a file whole).
 
-    Raises UserError `file:line: problem` on the first bad line unless `skip_bad_lines`, in which case bad
-    lines are counted in `stats`. Blank lines are ignored. `validate` (raising BadRecord) reads a shape not
+    Raises UserError `file:line: problem` on the first bad record unless `skip_bad_lines`, in which case bad
+    records are counted in `stats`. Blank lines are ignored. `validate` (raising BadRecord) reads a shape not
     in VALIDATORS, e.g. evaluation sets; `kind` then only names the records in messages.
     """
     if validate is None:
@@ -261,20 +264,24 @@ def read_records(
             raise ValueError(f"unknown dataset kind {kind!r}; expected one of {', '.join(VALIDATORS)}")
         validate = VALIDATORS[kind]
     stats = stats if stats is not None else ReadStats()
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                record = parse_record(raw, kind, validate)
-            except BadRecord as err:
-                stats.reject(path, lineno, str(err), skip_bad_lines)
-                continue
-            if record is not None:
-                stats.good += 1
-                yield record
+    for where, number, payload in iter_items(path):
+        try:
+            record = parse_item(payload, kind, validate)
+        except BadRecord as err:
+            stats.reject(where, number, str(err), skip_bad_lines, "line" if is_line(payload) else "row")
+            continue
+        if record is not None:
+            stats.good += 1
+            yield record
     stats.check_any(path, kind)
+
+
+def parse_item(payload: Any, kind: str, validate: Callable[[Any], Any] | None = None) -> Any:
+    """One item of a source (a raw JSON line, or a decoded Parquet/dataset row) -> a validated record of
+    `kind`, None for a blank line; BadRecord says what is wrong."""
+    if is_line(payload):
+        return parse_record(payload, kind, validate)
+    return (validate or VALIDATORS[kind])(payload)
 
 
 def parse_record(raw: bytes, kind: str, validate: Callable[[Any], Any] | None = None) -> Any:

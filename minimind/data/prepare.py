@@ -2,7 +2,8 @@
 
     minimind prepare --data pretrain.jsonl --tokenizer runs/tokenizer --kind pretrain --out data/pretrain
 
-The file is read in chunks of lines and tokenized by worker processes (order preserved), and written as it
+The data (any source README "Data formats" lists: JSONL, .jsonl.gz, .jsonl.zst, Parquet, a directory or glob of
+them, hf:org/name) is read in chunks of records and tokenized by worker processes (order preserved), and written as it
 goes, so neither the JSONL nor the tokens need to fit in memory. Training verbs given a JSONL file run the
 same code into `<out>/prepared/` and reuse it on resume.
 """
@@ -10,6 +11,7 @@ same code into `<out>/prepared/` and reuse it on resume.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import itertools
 import multiprocessing as mp
@@ -25,7 +27,11 @@ from minimind.data.shards import SHARD_FILES, Shard, ShardWriter
 from minimind.errors import UserError
 from minimind.hub import model_dir
 from minimind.outputs import WriteFailed, refuse_or_clear, remove_products, writing, writing_product
-from minimind.records import BadRecord, ReadStats, parse_record
+from minimind.records import BadRecord, ReadStats, parse_item
+from minimind.sources import Item, is_hf, is_line, iter_items
+from minimind.sources import expand as expand_source
+from minimind.sources import fingerprint as source_fingerprint
+from minimind.sources import stem as source_stem
 
 KINDS = ("pretrain", "sft", "dpo", "rlaif")
 CHUNK_LINES = 256
@@ -60,28 +66,26 @@ def tokenize_record(tokenizer, kind: str, record, augment: ChatAugment | None = 
     return [(encode_prompt(tokenizer, prompt), None, {"answer": answer, "prompt": prompt})]
 
 
-def _process_chunk(args: tuple[str, int, list[bytes], ChatAugment | None]) -> tuple[int, list]:
-    """Worker: parse, validate and tokenize a chunk of lines -> (bytes read, results); a bad line comes back
-    as ("bad", (lineno, reason)) so the main process reports or counts it in file order."""
-    kind, first_line, lines, augment = args
+def _process_chunk(args: tuple[str, list[Item], ChatAugment | None]) -> tuple[int, list]:
+    """Worker: parse, validate and tokenize a chunk of items (JSON lines or rows) -> (records read, results); a
+    bad one comes back as ("bad", (where, number, reason, unit)) so the main process reports or counts it in
+    file order."""
+    kind, items, augment = args
     out = []
-    for lineno, raw in enumerate(lines, start=first_line):
+    for where, number, payload in items:
         try:
-            record = parse_record(raw, kind)
+            record = parse_item(payload, kind)
             if record is not None:
-                out.append(("ok", tokenize_record(_worker_tokenizer, kind, record, augment, lineno)))
+                out.append(("ok", tokenize_record(_worker_tokenizer, kind, record, augment, number)))
         except BadRecord as err:
-            out.append(("bad", (lineno, str(err))))
-    return sum(len(line) for line in lines), out
+            out.append(("bad", (where, number, str(err), "line" if is_line(payload) else "row")))
+    return len(items), out
 
 
-def _chunks(path: Path, kind: str,
-            augment: ChatAugment | None) -> Iterator[tuple[str, int, list[bytes], ChatAugment | None]]:
-    with open(path, "rb") as handle:
-        lineno = 1
-        while lines := list(itertools.islice(handle, CHUNK_LINES)):
-            yield kind, lineno, lines, augment
-            lineno += len(lines)
+def _chunks(data: str, kind: str, augment: ChatAugment | None) -> Iterator[tuple[str, list[Item], ChatAugment | None]]:
+    items = iter_items(data)
+    while chunk := list(itertools.islice(items, CHUNK_LINES)):
+        yield kind, chunk, augment
 
 
 def prepare(
@@ -99,11 +103,10 @@ def prepare(
 
     A write that fails (full disk) removes the partial shard files and raises WriteFailed.
     """
-    data, out_dir = Path(data), Path(out_dir)
+    data, out_dir = str(data), Path(out_dir)
     if kind not in KINDS:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if not data.is_file():
-        raise UserError(f"{data}: no such file")
+    expand_source(data)  # a missing file, empty directory or bad hf: name: one line before anything is written
     try:
         with writing(out_dir):
             return _write_shards(data, str(tokenizer_dir), kind, out_dir, workers, skip_bad_lines, progress,
@@ -113,23 +116,23 @@ def prepare(
         raise
 
 
-def _write_shards(data: Path, tokenizer_dir: str, kind: str, out_dir: Path, workers: int, skip_bad_lines: bool,
+def _write_shards(data: str, tokenizer_dir: str, kind: str, out_dir: Path, workers: int, skip_bad_lines: bool,
                   progress: bool, augment: ChatAugment | None = None) -> dict:
     _init_worker(tokenizer_dir)
     writer = ShardWriter(out_dir, kind, vocab_size=len(_worker_tokenizer), with_mask=kind in ("sft", "dpo"),
                          with_extra=kind == "rlaif")
     stats = ReadStats()
     start = time.time()
-    bar = tqdm(total=data.stat().st_size, unit="B", unit_scale=True, desc=f"prepare {data.name}",
-               disable=not progress)
+    bar = tqdm(unit=" records", unit_scale=True, desc=f"prepare {source_stem(data)}", disable=not progress)
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,)) if workers > 0 else None
     try:
         chunks = _chunks(data, kind, augment)
-        for n_bytes, chunk in pool.imap(_process_chunk, chunks) if pool else map(_process_chunk, chunks):
-            bar.update(n_bytes)
+        for n_items, chunk in pool.imap(_process_chunk, chunks) if pool else map(_process_chunk, chunks):
+            bar.update(n_items)
             for status, payload in chunk:
                 if status == "bad":
-                    stats.reject(data, *payload, skip_bad_lines)
+                    where, number, reason, unit = payload
+                    stats.reject(where, number, reason, skip_bad_lines, unit)
                     continue
                 stats.good += 1
                 for ids, mask, extra in payload:
@@ -141,7 +144,7 @@ def _write_shards(data: Path, tokenizer_dir: str, kind: str, out_dir: Path, work
     stats.check_any(data, kind)
     seconds = time.time() - start
     return writer.close(
-        source=str(data.resolve()), tokenizer=tokenizer_dir, records=stats.good, skipped_lines=stats.skipped,
+        source=data if is_hf(data) else str(Path(data).resolve()), tokenizer=tokenizer_dir, records=stats.good, skipped_lines=stats.skipped,
         skipped_examples=stats.examples, seconds=round(seconds, 3),
         tokens_per_second=round(writer.n_tokens / max(seconds, 1e-9)),
     )
@@ -161,14 +164,15 @@ def open_dataset(
     skip_bad_lines: bool = False, workers: int = 0, is_main: bool = True, barrier=None,
     augment: ChatAugment | None = None,
 ) -> Shard:
-    """A prepared directory as is, or a JSONL file prepared into `cache_root` once (reused on resume).
+    """A prepared directory as is, or a data source (JSONL, .gz, .zst, Parquet, a directory or glob of them,
+    hf:org/name) prepared into `cache_root` once (reused on resume).
 
     Under torchrun only the main process prepares; `barrier()` (if given) holds the others until it is done.
     `augment` (sft): the loader's augmentations; their settings are part of the cache key.
     """
-    data = Path(data)
     augment = augment if augment is not None and augment.active else None
-    if data.is_dir():
+    if Path(data).is_dir() and (Path(data) / "meta.json").is_file():
+        data = Path(data)
         if augment is not None:
             raise UserError(f"{data}: --add-system-ratio / --empty-think-ratio apply while a JSONL file is prepared; "
                             "this directory is already prepared")
@@ -176,13 +180,17 @@ def open_dataset(
         if shard.kind != kind:
             raise UserError(f"{data}: prepared as {shard.kind!r} data, but this stage needs {kind!r}")
         return shard
-    if not data.is_file():
+    if not is_hf(data) and not Path(data).exists() and not glob.has_magic(str(data)):
         raise UserError(f"{data}: no such file or prepared directory")
     tok_file = Path(tokenizer_dir) / "tokenizer.json"
-    key = file_fingerprint(data, tok_file) if tok_file.is_file() else file_fingerprint(data)
+    tok_files = [tok_file] if tok_file.is_file() else []
+    if Path(data).is_file():
+        key = file_fingerprint(data, *tok_files)  # one file: the key runs before other sources had, so resumes reuse it
+    else:
+        key = hashlib.sha1(f"{source_fingerprint(data)}:{file_fingerprint(*tok_files)}".encode()).hexdigest()[:16]
     if augment is not None:
         key += f"-{augment.key()}"
-    target = Path(cache_root) / f"{kind}-{data.stem}-{key}"
+    target = Path(cache_root) / f"{kind}-{source_stem(data)}-{key}"
     if is_main and not (target / "meta.json").is_file():
         meta = prepare(data, tokenizer_dir, kind, target, workers=workers, skip_bad_lines=skip_bad_lines,
                        augment=augment)
@@ -195,7 +203,9 @@ def open_dataset(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="input JSONL file")
+    parser.add_argument("--data", required=True,
+                        help="input data: JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet, a directory or glob of "
+                             "them, or hf:ORG/NAME[:CONFIG][:SPLIT]")
     parser.add_argument("--tokenizer", required=True, type=model_dir, help="tokenizer (or model) directory")
     parser.add_argument("--kind", choices=KINDS, default="pretrain",
                         help="dataset shape (README, Data formats): pretrain {'text'}, sft {'conversations'}, "

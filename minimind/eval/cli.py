@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=sorted(DEFAULT_DATA),
                         help="ppl: perplexity/bits-per-byte of {text}; choice: C-Eval-format accuracy; "
                              "exact: greedy chat answers vs references")
-    parser.add_argument("--data", default=None, help="JSONL file, or for choice also a C-Eval/CMMLU CSV file "
-                        "(default: the task's bundled demo file)")
+    parser.add_argument("--data", default=None, help="JSONL (.gz, .zst), Parquet, a directory or glob of them, "
+                        "hf:ORG/NAME; or for choice also a C-Eval/CMMLU CSV file (default: the task's bundled demo file)")
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N records")
     parser.add_argument("--score", default="mean", choices=["mean", "sum"],

@@ -21,12 +21,13 @@ from pathlib import Path
 from minimind.errors import UserError
 from minimind.outputs import refuse_or_clear, writing_product
 from minimind.records import ReadStats, read_records
+from minimind.sources import is_line, iter_items
 from minimind.tokenizer.template import FORMATS, TokenizerFormat
 
 
 def texts_from_jsonl(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats | None = None) -> Iterator[str]:
-    """The training text of a JSONL file: `text` records, or every message of `conversations` records."""
-    path = Path(path)
+    """The training text of a data source (JSONL, .gz, .zst, Parquet, a directory or glob, hf:): `text` records,
+    or every message of `conversations` records."""
     kind = _sniff_kind(path)
     for record in read_records(path, kind, skip_bad_lines=skip_bad_lines, stats=stats):
         if kind == "pretrain":
@@ -35,18 +36,17 @@ def texts_from_jsonl(path: str | Path, skip_bad_lines: bool = False, stats: Read
             yield "\n".join(m["content"] for m in record)
 
 
-def _sniff_kind(path: Path) -> str:
-    """Pick the reader from the first non-blank line, so one verb takes pretrain or chat data."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    with open(path, "rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                try:
-                    first = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    return "pretrain"  # let the reader report the error with its line number
-                return "sft" if isinstance(first, dict) and "conversations" in first else "pretrain"
+def _sniff_kind(path: str | Path) -> str:
+    """Pick the reader from the first non-blank record, so one verb takes pretrain or chat data."""
+    for _, _, payload in iter_items(path):
+        if is_line(payload):
+            if not payload.strip():
+                continue
+            try:
+                payload = json.loads(payload)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return "pretrain"  # let the reader report the error with its line number
+        return "sft" if isinstance(payload, dict) and "conversations" in payload else "pretrain"
     raise UserError(f"{path}: the file is empty")
 
 
@@ -133,7 +133,8 @@ def save_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int = 32768
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="JSONL with {'text'} or {'conversations'} records")
+    parser.add_argument("--data", required=True, help="{'text'} or {'conversations'} records: JSONL (.gz, .zst), "
+                        "Parquet, a directory or glob of them, or hf:ORG/NAME[:CONFIG][:SPLIT]")
     parser.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed lines")
@@ -148,7 +149,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def run(args: argparse.Namespace) -> int:
-    _sniff_kind(Path(args.data))  # a missing or empty --data is reported before anything about --out
+    _sniff_kind(args.data)  # a missing or empty --data is reported before anything about --out
     refuse_or_clear(args.out, TOKENIZER_FILES, "a tokenizer", args.overwrite)
     stats = ReadStats()
     tokenizer = train_tokenizer(texts_from_jsonl(args.data, args.skip_bad_lines, stats), args.vocab_size,

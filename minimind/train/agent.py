@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from minimind.errors import UserError
+from minimind.sources import is_line, iter_items, location
 from minimind.tokenizer.template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from minimind.tokenizer.tool_calls import parse_tool_calls
 from minimind.train.agent_tools import Tool, ToolRunner
@@ -72,23 +73,22 @@ def read_agent_data(path: str | Path, skip_bad_lines: bool = False) -> list[dict
     "gt": [answers]} (the reference project's shape); tools come from the system turn's "tools" (JSON text or a
     list), the last assistant turn (the reference reply) is dropped. A bad line is one error naming file:line."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
+    for where, number, payload in iter_items(path):  # JSONL (.gz, .zst), Parquet, a directory, glob or hf:
+        if is_line(payload) and not payload.strip():
+            continue
+        try:
+            records.append(_agent_record(payload))
+        except (ValueError, UnicodeDecodeError) as err:
+            if skip_bad_lines:
                 continue
-            try:
-                records.append(_agent_record(line))
-            except ValueError as err:
-                if skip_bad_lines:
-                    continue
-                raise UserError(f"{path}:{number}: {err}") from None
+            raise UserError(f"{location(where, number, payload)}: {err}") from None
     if not records:
         raise UserError(f"{path}: no agent_rl records (expected JSON lines with 'conversations' and 'gt')")
     return records
 
 
-def _agent_record(line: str) -> dict:
-    record = json.loads(line)  # a JSONDecodeError is a ValueError
+def _agent_record(line: bytes | dict) -> dict:
+    record = json.loads(line) if isinstance(line, bytes) else line  # a JSONDecodeError is a ValueError
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         raise ValueError("expected a JSON object with a 'conversations' list of {'role', 'content'} turns")
     messages, tools = [], None
