@@ -18,9 +18,9 @@ from typing import Any
 from minimind.card import DEFAULT_LICENSE, CardInfo, write_card
 from minimind.errors import UserError
 
-# What a run directory holds besides the model: never uploaded with it.
-RUN_ONLY = ["checkpoints/*", ".save-*", ".tmp*", ".minimind.lock", "wandb/*", "swanlab/*", "swanlog/*",
-            "tensorboard/*", "mlruns/*", "trackio/*", "**/__pycache__/*"]
+# What a run directory holds besides the model (checkpoints, the tokenized data, tracker logs): never uploaded.
+RUN_ONLY = ["checkpoints/*", "prepared/*", ".save-*", ".tmp*", ".minimind.lock", "wandb/*", "swanlog/*",
+            "tensorboard/*", "**/__pycache__/*"]
 # What one checkpoint upload (--push-every-checkpoint) sends: the weights and what they are, not the optimizer.
 CHECKPOINT_FILES = ["model.safetensors", "adapter_model.safetensors", "trainer.json", "manifest.json"]
 

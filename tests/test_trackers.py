@@ -161,7 +161,8 @@ def test_training_from_a_hub_id_logs_resumes_and_pushes(tmp_path, model_dir, off
     final = hub.uploads[-1]
     assert final["repo"] == "me/tiny-sft" and "path_in_repo" not in final
     assert {"model.safetensors", "config.json", "README.md", "summary.json"} <= set(final["files"])
-    assert not any(f.startswith(("checkpoints/", "wandb/", "tensorboard/")) for f in final["files"])
+    assert (out / "prepared").is_dir() and (out / "wandb").is_dir()
+    assert not any(f.startswith(("checkpoints/", "prepared/", "wandb/", "tensorboard/")) for f in final["files"])
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == "org/base" and "sft" in card.data.tags
     assert json.loads((out / "train_config.json").read_text())["hub_sources"] == {"init": "org/base@main"}
