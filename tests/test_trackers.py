@@ -19,8 +19,9 @@ from minimind.errors import UserError
 from minimind.train.monitor import TRACKER_IDS, Monitor, check_trackers
 
 
-def wandb_history(run_dir: Path) -> tuple[set[str], list[dict[str, float]]]:
-    """(run ids, history rows) of every offline wandb run under `run_dir`, read from wandb's own .wandb files."""
+def wandb_history(run_dir: Path, runs: list | None = None) -> tuple[set[str], list[dict[str, float]]]:
+    """(run ids, history rows) of every offline wandb run under `run_dir`, read from wandb's own .wandb files;
+    the run records themselves are appended to `runs` when given."""
     import wandb
     from swanlab.converter.wb.wbdatastore import WBDataStoreReader  # a reader of wandb's record log
     from wandb.proto import wandb_internal_pb2
@@ -36,6 +37,8 @@ def wandb_history(run_dir: Path) -> tuple[set[str], list[dict[str, float]]]:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 ids.add(record.run.run_id)
+                if runs is not None:
+                    runs.append(record.run)
             elif kind == "history":
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
         reader.close()
@@ -57,6 +60,7 @@ def swanlab_scalars(run_dir: Path) -> tuple[set[str], dict[tuple[str, int], floa
             kind = record.WhichOneof("record_type")
             if kind == "start":
                 ids.add(record.start.id)
+                assert record.start.project == "minimind" and list(record.start.tags) == ["a"]
             elif kind == "scalar":
                 scalars[(record.scalar.key, record.scalar.step)] = record.scalar.value.number
         reader.close()
@@ -82,11 +86,12 @@ def offline(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_each_tracker_logs_the_scalars_and_resume_continues_its_run(tmp_path, offline):
+def test_each_tracker_logs_the_scalars_and_resume_continues_its_run(tmp_path, offline, monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")  # wandb's own variable names its project when --project does not
     run = tmp_path / "run"
     run.mkdir()
     first = Monitor(run, True, 4, 0, 1, ["wandb", "swanlab", "tensorboard"], "sft", {"lr": 0.1},
-                    project="proj", tags=["a"], tracker_name="r1")
+                    project=None, tags=["a"], tracker_name="r1")
     for step in (1, 2, 3):
         first.log(step, {"loss": 1.0 / step, "lr": 0.1, "note": "text is not a scalar"})
     first.close()
@@ -96,13 +101,15 @@ def test_each_tracker_logs_the_scalars_and_resume_continues_its_run(tmp_path, of
         done.rename(done.with_name("offline-run-00000000_000000-" + done.name.rsplit("-", 1)[1]))
     # Resume after a checkpoint at step 2: the same tracker runs continue; step 3 is redone.
     second = Monitor(run, True, 4, 2, 1, ["wandb", "swanlab", "tensorboard"], "sft", {"lr": 0.1},
-                     project="proj", tags=["a"], tracker_name="r1")
+                     project=None, tags=["a"], tracker_name="r1")
     for step in (3, 4):
         second.log(step, {"loss": 10.0 + step, "lr": 0.1})
     second.close()
     assert json.loads((run / TRACKER_IDS).read_text()) == ids
-    wandb_ids, rows = wandb_history(run)
+    runs = []
+    wandb_ids, rows = wandb_history(run, runs)
     assert wandb_ids == {ids["wandb"]}
+    assert {(r.project, r.display_name, tuple(r.tags)) for r in runs} == {("from-env", "r1", ("a",))}
     assert [(r["_step"], r["loss"]) for r in rows][:3] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
     assert rows[-1]["_step"] == 4 and rows[-1]["loss"] == 14.0
     swan_ids, scalars = swanlab_scalars(run)
@@ -206,3 +213,19 @@ def test_trackio_logs_locally_and_resume_continues_the_run(tmp_path):
     logged = json.loads(done.stdout.strip().splitlines()[-1])
     assert logged == [[1, 1.0], [2, 2.0], [3, 3.0], [3, 13.0], [4, 14.0]]
     assert json.loads((tmp_path / "run" / TRACKER_IDS).read_text()) == {"trackio": "r1"}
+
+
+def test_wandb_is_online_only_for_a_logged_in_user(tmp_path, monkeypatch):
+    from minimind.train.monitor import _wandb_logged_in
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine example.org login x password y\n")
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert not _wandb_logged_in()
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")  # `wandb login`
+    assert _wandb_logged_in()
+    netrc_file.write_text("")
+    monkeypatch.setenv("WANDB_API_KEY", "key")
+    assert _wandb_logged_in()
