@@ -27,8 +27,9 @@ from minimind.train.objective import MaskedLM
 from minimind.train.report import read_metrics
 
 # CPU-sized settings: the whole demo stays well inside 15 minutes on 2 cores (see README for the time seen).
-STEPS = {"pretrain": 300, "sft": 200, "dpo": 40, "grpo": 80}
+STEPS = {"pretrain": 600, "sft": 400, "dpo": 40, "grpo": 80}
 SEQ_LEN, BATCH = 256, 8
+GRPO_SEEDS = 3  # GRPO runs from the same SFT model, seeds differing: the gain is reported as mean ± spread
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=BATCH, help="training batch size")
     parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak learning rate of pretraining")
     parser.add_argument("--sft-lr", type=float, default=1e-3, help="peak learning rate of SFT")
+    parser.add_argument("--grpo-seeds", type=int, default=GRPO_SEEDS,
+                        help="GRPO runs from the same SFT model with different seeds (the report gives the held-out "
+                             "gain as mean ± standard deviation over them)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier demo in --out (without it such an --out is refused)")
     parser.add_argument("--quick", action="store_true",
@@ -79,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.pretrain_steps, args.sft_steps = min(args.pretrain_steps, 8), min(args.sft_steps, 4)
         args.dpo_steps, args.grpo_steps = min(args.dpo_steps, 2), min(args.grpo_steps, 2)
+        args.grpo_seeds = min(args.grpo_seeds, 2)
         args.batch_size, args.seq_len = min(args.batch_size, 4), min(args.seq_len, 128)
     limit = 40 if args.quick else None
     out = Path(args.out)
@@ -116,26 +121,59 @@ def run(args: argparse.Namespace) -> int:
         post["DPO held-out reward margin, after DPO"] = held["eval_reward_margin"]
         post["DPO held-out pairs preferred, after DPO"] = held["eval_reward_accuracy"]
     if args.grpo_steps > 0:
-        times["grpo"] = step("5. GRPO on exact-answer prompts with a rule reward", [
-            "grpo", "--data", str(demo_file("rlaif.jsonl")), "--eval-data", str(demo_file("rlaif_eval.jsonl")),
-            "--init", str(sft), "--out", str(grpo), "--max-steps", str(args.grpo_steps), "--lr", "2e-4",
-            "--group-size", "4", "--max-new-tokens", "16", "--eval-every", "0",
-            "--eval-batches", "2" if args.quick else "25",
-            *common(seq_len=128), *again])  # --max-seq-len caps the prompt here; prompts are short
-        numbers = read_json_object(grpo / "summary.json")
-        for view in ("greedy", "sampled T=1"):
-            post[f"GRPO held-out accuracy ({view}), SFT start"] = numbers[f"held-out accuracy ({view}): --init"]
-            post[f"GRPO held-out accuracy ({view}), after GRPO"] = numbers[f"held-out accuracy ({view}): trained"]
+        post.update(run_grpo_seeds(args, sft, out, times, common(seq_len=128), again))
     print("\n== 6. held-out evaluation", flush=True)
     items = eval_items(limit)
     results = {**evaluate_pretrain_and_sft(out, tok, pre, sft, args.seq_len, items), **post}
     for key, value in results.items():
-        print(f"   {key:<56} {value:.3f}")
+        print(f"   {key:<64} {show(value)}")
     answers = sample_answers(sft, items)
     times["total"] = time.time() - start
     write_demo_report(out, results, times, answers)
     print(f"\ndemo finished in {times['total']:.0f}s; report: {out / 'report.md'}")
     return 0
+
+
+def grpo_dirs(out: Path, seeds: int) -> list[Path]:
+    """Output folders of the GRPO runs: `grpo` for the first seed, `grpo-seed2`, `grpo-seed3`, ... after it."""
+    return [out / "grpo"] + [out / f"grpo-seed{i}" for i in range(2, seeds + 1)]
+
+
+def run_grpo_seeds(args: argparse.Namespace, sft: Path, out: Path, times: dict[str, float], common: list[str],
+                   again: list[str]) -> dict[str, float | str]:
+    """GRPO from the SFT model once per seed; the first run's accuracies and each view's gain as mean ± sd."""
+    gains: dict[str, list[float]] = {"greedy": [], "sampled T=1": []}
+    post: dict[str, float | str] = {}
+    for i, folder in enumerate(grpo_dirs(out, max(1, args.grpo_seeds))):
+        seed = 42 + i  # 42 is every stage's default seed, so the first run is the one a user gets
+        times[folder.name] = step(f"5. GRPO on exact-answer prompts with a rule reward (seed {seed})", [
+            "grpo", "--data", str(demo_file("rlaif.jsonl")), "--eval-data", str(demo_file("rlaif_eval.jsonl")),
+            "--init", str(sft), "--out", str(folder), "--max-steps", str(args.grpo_steps), "--lr", "2e-4",
+            "--group-size", "4", "--max-new-tokens", "16", "--eval-every", "0", "--seed", str(seed),
+            "--eval-batches", "2" if args.quick else "25",
+            *common, *again])  # --max-seq-len caps the prompt here; prompts are short
+        numbers = read_json_object(folder / "summary.json")
+        for view in gains:
+            start, end = numbers[f"held-out accuracy ({view}): --init"], numbers[f"held-out accuracy ({view}): trained"]
+            gains[view].append(end - start)
+            if i == 0:
+                post[f"GRPO held-out accuracy ({view}), SFT start"] = start
+                post[f"GRPO held-out accuracy ({view}), after GRPO"] = end
+    for view, values in gains.items():
+        post[f"GRPO held-out gain ({view}), mean ± sd over {len(values)} seeds"] = mean_sd(values)
+    return post
+
+
+def mean_sd(values: list[float]) -> str:
+    """'+m ± s' with the sample standard deviation (0 for a single value), each per value listed after it."""
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean:+.3f} ± {sd:.3f} (" + ", ".join(f"{v:+.3f}" for v in values) + ")"
+
+
+def show(value: float | str | None) -> str:
+    """A report value: numbers to three decimals, text as it is."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def evaluate_pretrain_and_sft(out: Path, tok: Path, pre: Path, sft: Path, seq_len: int,
@@ -151,9 +189,15 @@ def evaluate_pretrain_and_sft(out: Path, tok: Path, pre: Path, sft: Path, seq_le
         "held-out reply loss, pretrained": heldout_sft_loss(pre, shard, seq_len),
         "held-out reply loss, after SFT": heldout_sft_loss(sft, shard, seq_len),
     }
+    facts = [i for i, item in enumerate(items) if item.get("kind") != "arithmetic"]
+    sums = [i for i, item in enumerate(items) if item.get("kind") == "arithmetic"]
     for name, model_dir in (("pretrained", pre), ("after SFT", sft)):
         exact = evaluate_exact(Engine.from_pretrained(model_dir), items, max_new_tokens=48)
         results[f"held-out exact match, {name}"] = exact["accuracy"]
+        hits = [sample["correct"] for sample in exact["samples"]]
+        for label, subset in (("facts stated in pretraining", facts), ("arithmetic on unseen operand pairs", sums)):
+            if subset:
+                results[f"held-out exact match on {label}, {name}"] = sum(hits[i] for i in subset) / len(subset)
     return results
 
 
@@ -184,21 +228,27 @@ METRIC_NOTES = [
     "- Losses are nats per token. The unigram baseline is the held-out loss of predicting every token by its "
     "training frequency.",
     "- Held-out exact match: the reference answer appears in the greedy reply, over the questions of "
-    "`sft_eval.jsonl` (facts, arithmetic pairs and words held out of every post-training file).",
+    "`sft_eval.jsonl` (facts, arithmetic pairs and words held out of every post-training file). Split in two: "
+    "questions about facts the pretraining prose states (countries, elements, animals, words, identity), and "
+    "sums and differences of operand pairs held out of pretraining too (numbers are whole tokens in the demo's "
+    "6400-token BPE, so an unseen sum is a lookup the model never saw).",
     "- DPO reward margin: β·((log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)) on held-out pairs, 0 at "
     "the start by construction; pairs preferred = share with a positive margin.",
     "- GRPO accuracy: the reference answer in the reply, on the held-out prompts of `rlaif_eval.jsonl`; greedy = "
-    "one answer each, sampled = 4 answers each at temperature 1 (the reward GRPO maximises).",
+    "one answer each, sampled = 4 answers each at temperature 1 (the reward GRPO maximises). The gain (after − "
+    "start) is given as mean ± sample standard deviation over GRPO runs from the same SFT model with seeds "
+    "42, 43, ...; the accuracies above are the seed-42 run.",
 ]
 
 
 def write_demo_report(out: Path, results: dict, times: dict, answers: list[tuple[str, str, str]]) -> None:
     lines = ["# MiniMind demo run", "", "| measurement | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in results.items() if isinstance(v, float)]
+    lines += [f"| {k} | {show(v)} |" for k, v in results.items() if isinstance(v, (float, str))]
     lines += ["", *METRIC_NOTES]
     lines += ["", "| held-out question | expected | answer after SFT |", "|---|---|---|"]
     lines += [f"| {q} | {e} | {a.replace(chr(10), ' ')} |" for q, e, a in answers]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
-    stages = [name for name in ("pretrain", "sft", "dpo", "grpo") if (out / name / "report.md").is_file()]
+    stages = [path.name for path in (out / "pretrain", out / "sft", out / "dpo", *sorted(out.glob("grpo*")))
+              if (path / "report.md").is_file()]
     lines += ["", "Stage reports: " + ", ".join(f"[{name}]({name}/report.md)" for name in stages), ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from minimind.cli import main as cli
+from minimind.demo import mean_sd
 
 
 @pytest.mark.slow
@@ -18,7 +19,11 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     for stage in ("pretrain", "sft", "dpo", "grpo"):
         assert (out / stage / "model.safetensors").is_file() and (out / stage / "report.md").is_file(), stage
     report = (out / "report.md").read_text(encoding="utf-8")
+    assert (out / "grpo-seed2" / "summary.json").is_file()  # --quick keeps two GRPO seeds
     for line in ("held-out exact match, after SFT", "DPO held-out reward margin, after DPO",
+                 "held-out exact match on facts stated in pretraining, after SFT",
+                 "held-out exact match on arithmetic on unseen operand pairs, after SFT",
+                 "GRPO held-out gain (greedy), mean ± sd over 2 seeds",
                  "GRPO held-out accuracy (greedy), after GRPO", "GRPO held-out accuracy (sampled T=1), SFT start",
                  "pretrain held-out loss", "unigram baseline loss", "| total |"):
         assert line in report, line
@@ -29,3 +34,8 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert f"| GRPO held-out accuracy (greedy), after GRPO | {accuracy:.3f} |" in report  # the number reported
     printed = capsys.readouterr().out
     assert "$ minimind pretrain" in printed and "$ minimind grpo" in printed and "demo finished" in printed
+
+
+def test_mean_sd_gives_the_sample_spread_and_each_value():
+    assert mean_sd([0.1, 0.2, 0.3]) == "+0.200 ± 0.100 (+0.100, +0.200, +0.300)"
+    assert mean_sd([-0.05]) == "-0.050 ± 0.000 (-0.050)"

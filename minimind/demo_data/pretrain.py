@@ -576,21 +576,23 @@ def quiz(rng: random.Random, lang: Lang, pools: Pools) -> str:
     return "\n".join(f"问：{qa.question}\n答：{qa.reply}" for qa in qas)
 
 
-# (topic, weight), in a fixed order.
+# (topic, weight), in a fixed order. The table facts (countries, elements, animals, words) carry most of the
+# weight: the held-out questions ask about entries that only the pretraining prose states, and a tiny model
+# recalls a fact in a new phrasing only after reading it many times; the other topics keep the style varied.
 TOPICS: tuple[tuple[Paragraph, float], ...] = (
-    (countries, 12),
-    (elements, 8),
-    (planets, 4),
-    (animals, 10),
-    (units, 4),
-    (calendar, 5),
-    (words, 6),
-    (arithmetic, 15),
+    (countries, 20),
+    (elements, 14),
+    (planets, 3),
+    (animals, 16),
+    (units, 2),
+    (calendar, 3),
+    (words, 8),
+    (arithmetic, 10),
     (strings, 8),
     (identity, 4),
-    (story, 7),
-    (dialogue, 6),
-    (quiz, 9),
+    (story, 4),
+    (dialogue, 4),
+    (quiz, 10),
 )
 
 

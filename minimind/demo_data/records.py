@@ -31,9 +31,11 @@ REASONING_SYSTEM = {
     "zh": "请先在<think></think>中一步步思考，再在<answer></answer>中给出最终答案。",
 }
 
-# Held-out questions for the eval files: every entry here can draw from the eval side of the split.
+# Held-out questions for the eval files: every entry here can draw from the eval side of the split. Arithmetic
+# asks about operand pairs held out of pretraining too (a generalisation test the demo reports on its own); the
+# rest ask about facts the pretraining prose states.
 EVAL_MIX: tuple[tuple[str, float], ...] = (
-    ("arithmetic", 45),
+    ("arithmetic", 15),
     ("capital", 12),
     ("continent", 6),
     ("symbol", 8),
