@@ -60,6 +60,7 @@ def test_every_verb_takes_a_config(tmp_path):
         assert exit_.value.code == 0, verb
 
 
+@pytest.mark.slow
 def test_train_config_json_replays_the_run(tmp_path, tokenizer_dir, corpus_file):
     first = tmp_path / "first"
     assert main(["pretrain", "--data", str(corpus_file), "--tokenizer", str(tokenizer_dir), "--preset", "tiny",

@@ -103,14 +103,15 @@ def test_parquet_chat_rows_read_as_conversations(tmp_path):
     assert [r["gt"] for r in read_agent_data(write(tmp_path / "agent.jsonl.zst", agent))] == [["hello"]] * 2
 
 
+@pytest.mark.slow
 def test_prepare_reads_every_format_with_its_workers(tmp_path, tokenizer_dir, capsys):
     (tmp_path / "in").mkdir()
     write(tmp_path / "in" / "a.parquet", [{"text": t} for t in TEXTS[:6]])
     write(tmp_path / "in" / "b.jsonl.zst", [{"text": t} for t in TEXTS[6:]] + ['{"text": ""}'])
-    args = ["prepare", "--data", str(tmp_path / "in"), "--tokenizer", str(tokenizer_dir), "--workers", "1"]
-    assert main([*args, "--out", str(tmp_path / "strict")]) == 2
+    args = ["prepare", "--data", str(tmp_path / "in"), "--tokenizer", str(tokenizer_dir)]
+    assert main([*args, "--workers", "0", "--out", str(tmp_path / "strict")]) == 2
     assert f"{tmp_path / 'in' / 'b.jsonl.zst'}:7: field \"text\" is empty" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "out"), "--skip-bad-lines"]) == 0
+    assert main([*args, "--workers", "1", "--out", str(tmp_path / "out"), "--skip-bad-lines"]) == 0
     meta = Shard(tmp_path / "out").meta
     assert meta["records"] == len(TEXTS) and meta["skipped_lines"] == 1
     plain = tmp_path / "plain.jsonl"
@@ -147,3 +148,22 @@ def test_hf_sources_stream_through_datasets(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", missing)
     with pytest.raises(UserError, match=r"^hf:org/none: cannot open the dataset \(Dataset 'org/none' doesn't exist"):
         list(read_records("hf:org/none", "pretrain"))
+
+
+@pytest.mark.slow
+def test_training_reads_a_directory_and_parquet_eval_data(tmp_path, tokenizer_dir, corpus_file, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = corpus_file.read_bytes().splitlines(keepends=True)
+    (data / "a.jsonl.gz").write_bytes(gzip.compress(b"".join(lines[:600]) + b'{"text": ""}\n'))
+    (data / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b"".join(lines[600:1200])))
+    held_out = write(tmp_path / "held.parquet", [json.loads(line) for line in lines[1200:1300]])
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--eval-data", held_out, "--tokenizer", str(tokenizer_dir),
+                 "--preset", "tiny", "--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2",
+                 "--set", "n_kv_heads=1", "--max-seq-len", "32", "--batch-size", "2", "--max-steps", "2",
+                 "--device", "cpu", "--dtype", "fp32", "--skip-bad-lines", "--out", str(out)]) == 0
+    assert f"{data}: 1200 records, 1 bad lines skipped (first: line 601: field \"text\" is empty)" \
+        in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in row for row in rows)
