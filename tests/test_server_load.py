@@ -36,8 +36,9 @@ CHECKS = [not_a_server_error, openapi_checks.status_code_conformance, openapi_ch
 OPERATIONS = [("/health", "GET", 1, 0), ("/v1/models", "GET", 1, 0), ("/v1/models/{name}", "GET", 50, 0),
               ("/v1/chat/completions", "POST", 150, 100), ("/v1/completions", "POST", 150, 100),
               ("/tokenize", "POST", 100, 100), ("/detokenize", "POST", 100, 100), ("/version", "GET", 1, 0),
-              ("/metrics", "GET", 1, 0)]
-CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "CompletionChunk"}
+              ("/metrics", "GET", 1, 0), ("/v1/responses", "POST", 100, 60)]
+CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "CompletionChunk",
+          "/v1/responses": "ResponseStreamEvent"}
 # read whole streams (schemathesis stops after 20 events by default; a completion here has up to ~260)
 CONFIG = schemathesis.Config.from_dict({"max-stream-events": 10_000})
 
@@ -61,15 +62,19 @@ def chunk_validator(spec: dict, name: str):
 
 
 def check_stream(response, spec: dict, path: str) -> None:
-    """An SSE body: every event a documented chunk (or an in-band error), ending with [DONE]."""
+    """An SSE body: every event a documented chunk (or an in-band error), ending with [DONE] (the Responses API's
+    with its final `response.completed` or `response.incomplete` event)."""
     if not any(value.startswith("text/event-stream") for value in response.headers.get("content-type", [])):
         return
     chunk, error = chunk_validator(spec, CHUNKS[path]), chunk_validator(spec, "ErrorResponse")
     events = list(sse_events(response.text.splitlines()))
+    if path == "/v1/responses":
+        assert events and json.loads(events[-1])["type"] in ("response.completed", "response.incomplete")
+        events.append("[DONE]")
     assert events and events[-1] == "[DONE]", response.text[-300:]
     for data in events[:-1]:
         payload = json.loads(data)
-        assert "error" not in payload, data  # a generation failure mid-stream is a server error
+        assert "error" not in payload and payload.get("type") != "error", data  # a failure mid-stream
         chunk.validate(payload)
         assert not error.is_valid(payload)
 

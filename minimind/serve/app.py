@@ -6,6 +6,7 @@
     GET  /v1/models/{name}
     POST /v1/chat/completions    messages -> chat.completion, or SSE chat.completion.chunk ... [DONE]
     POST /v1/completions         prompt(s) -> text_completion, or SSE text_completion chunks ... [DONE]
+    POST /v1/responses           OpenAI's Responses API over the chat path (`serve/responses_api.py`)
     POST /tokenize, /detokenize  vLLM's token tools; GET /version; GET /metrics (Prometheus): `serve/operator.py`,
                                  `serve/metrics.py`
 
@@ -27,7 +28,6 @@ The `model` field only selects among the served names; nothing in a request can 
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
 
 from minimind.errors import UserError
 from minimind.infer.engine import StepOutput
+from minimind.infer.sampling import SamplingParams
+from minimind.serve.jobs import Choices, EventStream, Readers, collect_or_leave, shutting_down
 from minimind.serve.logprobs import LogprobFormatter, TextOffsets
 from minimind.serve.metrics import ServerMetrics
 from minimind.serve.openapi import install_openapi
@@ -58,9 +59,10 @@ from minimind.serve.protocol import (
     fit_to_context,
     parse_request,
 )
-from minimind.serve.reasoning import ReasoningSplitter, split_reply
+from minimind.serve.reasoning import ReasoningSplitter
 from minimind.serve.responses import Reply, sse
-from minimind.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
+from minimind.serve.responses_api import create_response
+from minimind.serve.scheduler import Scheduler, ShuttingDown
 from minimind.serve.tools import ToolCallReader
 from minimind.tokenizer.thinking import PromptThinking, prompt_ids_thinking
 
@@ -108,6 +110,7 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
     router.add_api_route("/models/{name:path}", api.get_model, methods=["GET"])
     router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"])
     router.add_api_route("/completions", api.completions, methods=["POST"])
+    router.add_api_route("/responses", api.responses, methods=["POST"])
     app.include_router(router)
     _add_operator_endpoints(app, api, metrics)
     install_openapi(app)
@@ -201,6 +204,16 @@ class _Api:
     async def chat_completions(self, request: Request) -> Response:
         body = parse_request(ChatCompletionRequest, await self._read_json(request))
         model = self._model_name(body.model)
+        prompt, reader, splitter = self.chat_job(body, self.config.split_reasoning)
+        return await self._generate(request, model, body, [prompt], echoes=None, tools=reader, reasoning=splitter)
+
+    async def responses(self, request: Request) -> Response:
+        return await create_response(self, request)
+
+    def chat_job(self, body: ChatCompletionRequest,
+                 split_reasoning: bool) -> tuple[list[int], ToolCallReader | None, ReasoningSplitter | None]:
+        """A checked chat request -> (prompt ids, the reader of its function calls, the splitter of its thinking
+        when `split_reasoning`); shared by /v1/chat/completions and /v1/responses."""
         tools = body.template_tools()
         if tools and not self.prompts.renders_tools:
             raise APIError(400, "this model's chat template does not show tools to the model (it predates "
@@ -219,12 +232,12 @@ class _Api:
         if body.calls_tools:
             reader = ToolCallReader(body.n, body.function_names, body.parallel_tool_calls is not False)
         splitter = None
-        if self.config.split_reasoning:
+        if split_reasoning:
             thinking = prompt_ids_thinking(self.prompts.tokenizer, prompt)
             if body.output_grammar() is not None:  # the grammar shapes the reply from its first token: all content
                 thinking = PromptThinking.CLOSED
             splitter = ReasoningSplitter(body.n, thinking)
-        return await self._generate(request, model, body, [prompt], echoes=None, tools=reader, reasoning=splitter)
+        return prompt, reader, splitter
 
     async def completions(self, request: Request) -> Response:
         body = parse_request(CompletionRequest, await self._read_json(request))
@@ -262,12 +275,10 @@ class _Api:
             raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
         return value
 
-    async def _generate(self, request: Request, model: str, body: ChatCompletionRequest | CompletionRequest,
-                        prompts: list[list[int]], echoes: list[str] | None, starts: list[int] | None = None,
-                        tools: ToolCallReader | None = None, reasoning: ReasoningSplitter | None = None) -> Response:
-        """Check every choice fits the context, submit one job per choice, and answer (streaming or not).
-        `starts`: per prompt, the first token of the echoed text (for the prompt's logprobs); `tools`: reads
-        each chat choice's reply for function calls; `reasoning`: splits its thinking off."""
+    def submit(self, body: ChatCompletionRequest | CompletionRequest,
+               prompts: list[list[int]]) -> tuple[SamplingParams, Choices, int]:
+        """Check every choice (n per prompt) fits the context and submit one job each; -> (the request's sampling
+        parameters, its choices, the prompt tokens of all prompts)."""
         params = base_params(body, self.config.sampling_defaults, self.prompts.vocab_size)
         defaults = self.config.sampling_defaults
         jobs_params = [
@@ -280,8 +291,17 @@ class _Api:
         prompt_tokens = sum(len(ids) for ids in prompts)
         timeout = self.config.request_timeout
         deadline = time.monotonic() + timeout if timeout > 0 else None
-        choices = _Choices(self.scheduler, [prompts[i // body.n] for i in range(len(jobs_params))], jobs_params,
+        choices = Choices(self.scheduler, [prompts[i // body.n] for i in range(len(jobs_params))], jobs_params,
                            deadline)
+        return params, choices, prompt_tokens
+
+    async def _generate(self, request: Request, model: str, body: ChatCompletionRequest | CompletionRequest,
+                        prompts: list[list[int]], echoes: list[str] | None, starts: list[int] | None = None,
+                        tools: ToolCallReader | None = None, reasoning: ReasoningSplitter | None = None) -> Response:
+        """Check every choice fits the context, submit one job per choice, and answer (streaming or not).
+        `starts`: per prompt, the first token of the echoed text (for the prompt's logprobs); `tools`: reads
+        each chat choice's reply for function calls; `reasoning`: splits its thinking off."""
+        params, choices, prompt_tokens = self.submit(body, prompts)
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         reply = Reply(model, chat=isinstance(body, ChatCompletionRequest), include_usage=include_usage)
         logprobs = None
@@ -292,36 +312,10 @@ class _Api:
             # (one entry per position: lm-evaluation-harness finds the continuation's tokens by position)
             ending = self.eos_ids if reply.chat and not params.ignore_eos else frozenset()
             logprobs = _ChoiceLogprobs(self.logprob_format, reply.chat, echoed, ending)
-        readers = _Readers(tools, reasoning)
+        readers = Readers(tools, reasoning)
         if body.stream:
-            return _EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n, logprobs, readers), choices)
+            return EventStream(_stream(reply, choices, prompt_tokens, echoes, body.n, logprobs, readers), choices)
         return await _respond(request, reply, choices, prompt_tokens, echoes, body.n, logprobs, readers)
-
-
-@dataclass
-class _Readers:
-    """What reads a chat choice's text before it goes out: thinking split off first, then function calls."""
-
-    tools: ToolCallReader | None = None
-    reasoning: ReasoningSplitter | None = None
-
-    def feed(self, index: int, text: str, final: bool) -> tuple[str, str]:
-        """-> (reasoning, content) of newly generated text that can be sent now."""
-        thinking = ""
-        if self.reasoning is not None:
-            thinking, text = self.reasoning.feed(index, text, final)
-        if self.tools is not None:
-            text = self.tools.feed(index, text)
-        return thinking, text
-
-    def whole(self, text: str) -> tuple[str | None, str | None, list[dict] | None]:
-        """-> (reasoning, content, calls) of a finished reply, for a non-streaming response."""
-        thinking = None
-        if self.reasoning is not None:
-            thinking, text = split_reply(text, prompt=self.reasoning.prompt)
-        if self.tools is None:
-            return thinking, text, None
-        return (thinking, *self.tools.message(text))
 
 
 class _ChoiceLogprobs:
@@ -352,60 +346,8 @@ class _ChoiceLogprobs:
         return self.formatter.completion(entries, self.offsets[index])
 
 
-class _Choices:
-    """The jobs of one request and the asyncio queue their outputs arrive on, as (choice index, event)."""
-
-    def __init__(self, scheduler: Scheduler, prompts: list[list[int]], params: list, deadline: float | None = None):
-        loop = asyncio.get_running_loop()
-        self.scheduler = scheduler
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-        def deliver_to(index: int):
-            return lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-
-        self.jobs = [Job(ids, p, deliver_to(i), deadline) for i, (ids, p) in enumerate(zip(prompts, params))]
-        try:
-            scheduler.submit(self.jobs)
-        except QueueFull as err:
-            if scheduler.draining:
-                raise _shutting_down() from None
-            raise APIError(429, f"{err}; retry shortly", None, "queue_full", kind="rate_limit_error") from None
-
-    async def events(self) -> AsyncIterator[tuple[int, StepOutput]]:
-        """Outputs in arrival order until every choice has finished; a job's error is raised."""
-        remaining = len(self.jobs)
-        while remaining:
-            index, event = await self.queue.get()
-            if isinstance(event, BaseException):
-                raise event
-            if event.finished:
-                remaining -= 1
-            yield index, event
-
-    def cancel(self) -> None:
-        self.scheduler.cancel(self.jobs)
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that releases its jobs however it ends: done, failed, or the client went away.
-
-    Starlette cancels the body when the client disconnects; releasing here rather than in the body's
-    generator also covers a disconnect before the generator ever started.
-    """
-
-    def __init__(self, chunks: AsyncIterator[str], choices: _Choices):
-        super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.choices = choices
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.choices.cancel()
-
-
-async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: list[str] | None,
-                  n: int, logprobs: _ChoiceLogprobs | None, readers: _Readers) -> AsyncIterator[str]:
+async def _stream(reply: Reply, choices: Choices, prompt_tokens: int, echoes: list[str] | None,
+                  n: int, logprobs: _ChoiceLogprobs | None, readers: Readers) -> AsyncIterator[str]:
     """SSE chunks: opening chunk per choice (chat role, or the echoed prompt), deltas, finish, usage, [DONE].
     With tools, a choice's text stops at the first sign of a call; the calls go out when it finishes."""
     completion_tokens = 0
@@ -437,7 +379,7 @@ async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: l
             yield reply.usage_chunk(prompt_tokens, completion_tokens)
         yield sse("[DONE]")
     except ShuttingDown:  # SIGTERM's deadline passed: a final event the client can act on, then [DONE]
-        yield sse(_shutting_down().body())
+        yield sse(shutting_down().body())
         yield sse("[DONE]")
     except Exception as err:  # headers are sent: report in-band, as OpenAI does
         log.exception("generation failed mid-stream", exc_info=err)
@@ -445,9 +387,9 @@ async def _stream(reply: Reply, choices: _Choices, prompt_tokens: int, echoes: l
         yield sse("[DONE]")
 
 
-async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tokens: int,
+async def _respond(request: Request, reply: Reply, choices: Choices, prompt_tokens: int,
                    echoes: list[str] | None, n: int, logprobs: _ChoiceLogprobs | None,
-                   readers: _Readers) -> Response:
+                   readers: Readers) -> Response:
     """Wait for every choice, or stop early (and release them) when the client disconnects."""
     texts = [[echoes[i // n]] if echoes is not None else [] for i in range(len(choices.jobs))]
     reasons: list[str] = [""] * len(choices.jobs)
@@ -463,36 +405,14 @@ async def _respond(request: Request, reply: Reply, choices: _Choices, prompt_tok
                 reasons[index] = out.finish_reason
                 completion_tokens += out.completion_tokens
 
-    work = asyncio.ensure_future(collect())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if work not in done:
-            work.cancel()
-            return Response(status_code=499)  # nobody is listening; the status is for the access log
-        work.result()
-    except ShuttingDown:
-        raise _shutting_down() from None
-    finally:
-        gone.cancel()
-        choices.cancel()
+    if not await collect_or_leave(request, choices, collect()):
+        return Response(status_code=499)  # nobody is listening; the status is for the access log
     per_choice = [logprobs.take(i, even_empty=True) for i in range(len(texts))] if logprobs is not None else None
     parts = [readers.whole("".join(t)) for t in texts]
     reasons = ["tool_calls" if calls else reason for reason, (_, _, calls) in zip(reasons, parts)]
     return JSONResponse(reply.body([content for _, content, _ in parts], reasons, prompt_tokens, completion_tokens,
                                    per_choice, [calls for _, _, calls in parts],
                                    [thinking for thinking, _, _ in parts] if readers.reasoning else None))
-
-
-def _shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down; retry on another server or after it restarts", None,
-                    "server_shutting_down", kind="server_error")
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read, so this only waits)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _no_constants(name: str):

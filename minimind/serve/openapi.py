@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from minimind.serve.protocol import ChatCompletionRequest, CompletionRequest
+from minimind.serve.responses_api import ResponseObject, ResponsesRequest, ResponseStreamEvent
 
 
 class ErrorDetail(BaseModel):
@@ -232,6 +233,7 @@ OPERATIONS: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel], tuple[
     "/v1/chat/completions": ("post", ChatCompletionRequest, ChatCompletion, (400, 401, 404, 413, 429, 503),
                              ChatCompletionChunk),
     "/v1/completions": ("post", CompletionRequest, Completion, (400, 401, 404, 413, 429, 503), CompletionChunk),
+    "/v1/responses": ("post", ResponsesRequest, ResponseObject, (400, 401, 404, 413, 429, 503), ResponseStreamEvent),
 }
 
 

@@ -107,6 +107,25 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def join_text_parts(value: Any, kinds: tuple[str, ...] = ("text",)) -> str:
+    """A string, or a list of text parts (whose "type" is one of `kinds`) joined: the text this model reads.
+    Raises ValueError (a field's 400) for any other form or part."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ValueError('a content part must be an object with a "type"')
+            if part["type"] not in kinds:
+                raise ValueError(f"content part type {part['type']!r} is not supported; this model reads text")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f'a "{part["type"]}" content part needs a string "text"')
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ValueError(f'expected a string or a list of {{"type": "{kinds[0]}", "text": ...}} parts')
+
+
 class _Body(BaseModel):
     """Strict types (no "0.5" for a number, no 1 for a string); unknown fields are ignored."""
 
@@ -161,20 +180,7 @@ class Message(_Body):
             if info.data.get("role") == "assistant" and info.data.get("tool_calls"):
                 return None
             raise ValueError("content is required (null only on an assistant turn with tool_calls)")
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list):
-            texts = []
-            for part in value:
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise ValueError('a content part must be an object with a "type"')
-                if part["type"] != "text":
-                    raise ValueError(f"content part type {part['type']!r} is not supported; this model reads text")
-                if not isinstance(part.get("text"), str):
-                    raise ValueError('a "text" content part needs a string "text"')
-                texts.append(part["text"])
-            return "".join(texts)
-        raise ValueError('expected a string or a list of {"type": "text", "text": ...} parts')
+        return join_text_parts(value)
 
 
 class _GenerationRequest(_Body):
