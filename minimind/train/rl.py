@@ -82,10 +82,10 @@ def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict
     g.add_argument("--clip-high", type=float, default=None,
                    help="ε_high of the upper bound (DAPO's clip-higher; default --clip; for --loss cispo the cap "
                         "1 + ε_high of the importance weight, default 4)")
-    g.add_argument("--updates-per-rollout", type=int, default=RLOptions.updates_per_rollout,
+    g.add_argument("--updates-per-rollout", type=int, default=RLOptions.updates_per_rollout, metavar="K",
                    help="passes over each rollout batch before sampling again (TRL's num_iterations); with "
                         "--minibatches M each pass is M optimizer steps")
-    g.add_argument("--minibatches", type=int, default=RLOptions.minibatches,
+    g.add_argument("--minibatches", type=int, default=RLOptions.minibatches, metavar="M",
                    help="optimizer steps per pass over a rollout batch, each on 1/M of its prompts (must divide "
                         "--batch-size); a rollout batch trains updates-per-rollout x minibatches steps")
     return g

@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vf-coef", type=float, default=PPOOptions.vf_coef, help="weight of the value loss")
     g.add_argument("--value-clip", type=float, default=PPOOptions.value_clip,
                    help="clip range ε_v of the value update (0: the plain squared error ½(V − R)²)")
-    g.add_argument("--ppo-epochs", type=int, dest="updates_per_rollout", default=PPOOptions.updates_per_rollout,
+    g.add_argument("--ppo-epochs", type=int, dest="updates_per_rollout", metavar="K",
+                   default=PPOOptions.updates_per_rollout,
                    help="PPO epochs: passes over each rollout batch (the same setting as --updates-per-rollout)")
 
 
