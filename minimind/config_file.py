@@ -84,7 +84,7 @@ def _flag_values(data: dict[str, Any]) -> dict[str, Any]:
         values["set"] = [f"{k}={json.dumps(v)}" for k, v in values.pop("overrides").items()]
     if "targets" in values and "target_modules" not in values:
         targets = values.pop("targets")
-        values["target_modules"] = ",".join(targets) if isinstance(targets, list) else targets
+        values["target_modules"] = targets
     return values
 
 
@@ -104,6 +104,9 @@ def apply_config(parser: argparse.ArgumentParser, path: str | Path, verb: str) -
             action.required = False
             if isinstance(action, argparse._StoreTrueAction) and not isinstance(value, bool):
                 raise UserError(f"{path}: {key} is an on/off option; expected true or false, got {value!r}")
+            if isinstance(value, list) and type(action) is argparse._StoreAction and action.nargs is None:
+                # a comma-separated option (--tracker-tags, distill's --tags) that a run records as a list
+                value = ",".join(str(v) for v in value)
             defaults[key] = value
         elif key in parser._defaults:  # set by the verb itself (e.g. the warmup cap a stage derives)
             continue

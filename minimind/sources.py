@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minimind.errors import UserError
+from minimind.errors import UserError, install_hint
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 DATA_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
 HF_PREFIX = "hf:"
 PARQUET_BATCH_ROWS = 1024
-EXTRA_HINT = "pip install 'minimind[data]'"
+EXTRA_HINT = install_hint("data")
 
 Item = tuple[str, int, Any]  # (file or hf: source, line or row number, raw line bytes or a decoded row)
 
@@ -162,7 +162,8 @@ def _open_lines(name: str) -> io.BufferedIOBase:
         try:
             import zstandard
         except ImportError:
-            raise UserError(f"{name}: reading .zst files needs the zstandard package: {EXTRA_HINT}") from None
+            raise UserError(f"{name}: reading .zst files needs the zstandard package (the data extra): {EXTRA_HINT}") \
+            from None
         handle = open(name, "rb")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(handle, closefd=True))
     return open(name, "rb")
@@ -172,7 +173,8 @@ def _parquet_rows(name: str) -> Iterator[Item]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UserError(f"{name}: reading Parquet files needs the pyarrow package: {EXTRA_HINT}") from None
+        raise UserError(f"{name}: reading Parquet files needs the pyarrow package (the data extra): {EXTRA_HINT}") \
+            from None
     try:
         parquet = pq.ParquetFile(name)
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError variants for a file that is not Parquet
@@ -189,7 +191,8 @@ def _hf_rows(name: str) -> Iterator[Item]:
     try:
         import datasets
     except ImportError:
-        raise UserError(f"{name}: hf: datasets need the datasets package: {EXTRA_HINT}") from None
+        raise UserError(f"{name}: hf: datasets need the datasets package (the data extra): {EXTRA_HINT}") \
+            from None
     try:
         dataset = datasets.load_dataset(source.name, source.config, data_files=source.data_files,
                                         split=source.split, streaming=True)

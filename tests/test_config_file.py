@@ -79,3 +79,29 @@ def test_train_config_json_replays_the_run(tmp_path, tokenizer_dir, corpus_file)
     b = json.loads((second / "train_config.json").read_text())
     assert {k: v for k, v in a.items() if k not in ("out", "command")} == \
         {k: v for k, v in b.items() if k not in ("out", "command")}
+
+
+def test_stage_options_a_run_records_read_back_as_their_flags(tmp_path):
+    from minimind.lora import parse_targets
+    from minimind.train.stages import parse_overrides
+    from minimind.train.stages.lora import LoRAOptions
+    from minimind.train.stages.pretrain import PretrainOptions
+
+    recorded = {"stage": "lora", "data": "d", "out": "o", "init": "m", "tracker_tags": ["a", "b"],
+                "adam_betas": [0.9, 0.999], "command": ["lora"], "hub_sources": {},
+                "extra": {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}}
+    _, args = parse_verb_args("lora", ["--config", write_config(tmp_path / "l.json", json.dumps(recorded))])
+    options = LoRAOptions.from_args(args, targets=parse_targets(args.target_modules))
+    assert (options.rank, options.alpha, options.targets, args.tracker_tags) == (4, 8, ["q_proj", "v_proj"], ["a", "b"])
+
+    recorded = {"stage": "distill", "data": "d", "out": "o", "init": "m",
+                "extra": {"tags": ["<think>", "</think>"]}}
+    _, args = parse_verb_args("distill", ["--config", write_config(tmp_path / "d.json", json.dumps(recorded))])
+    assert args.tags == "<think>,</think>"  # distill's comma-separated flag, as the run was given it
+    recorded = {"stage": "pretrain", "data": "d", "out": "o", "warmup_cap": 500, "warmup_fraction": 0.05,
+                "extra": {"tokenizer": "t", "preset": "tiny", "overrides": {"dim": 32, "dropout": 0.1}}}
+    _, args = parse_verb_args("pretrain", ["--config", write_config(tmp_path / "p.json", json.dumps(recorded))])
+    options = PretrainOptions.from_args(args, overrides=parse_overrides(args.set))
+    assert (options.tokenizer, options.preset, options.overrides) == ("t", "tiny", {"dim": 32, "dropout": 0.1})
+    with pytest.raises(UserError, match=r"p.json: unknown key 'min_lr_ratio'"):
+        parse_verb_args("pretrain", ["--config", write_config(tmp_path / "p.json", '{"min_lr_ratio": 0.5}')])

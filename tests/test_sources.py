@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -167,3 +168,11 @@ def test_training_reads_a_directory_and_parquet_eval_data(tmp_path, tokenizer_di
         in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in row for row in rows)
+
+
+def test_a_missing_optional_library_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    path = write(tmp_path / "d.jsonl.zst", [{"text": "x"}])
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if the data extra were not installed
+    with pytest.raises(UserError, match=r"d.jsonl.zst: reading .zst files needs the zstandard package \(the data "
+                                        r"extra\): pip install 'minimind-llm\[data\]'"):
+        list(read_records(path, "pretrain"))
