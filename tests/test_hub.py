@@ -193,3 +193,14 @@ def test_serve_names_a_hub_model_by_its_id(hf_cache, model_dir, monkeypatch):
     assert main(["serve", "--model", "org/tiny@main", "--port", "0", "--log-level", "warning"]) == 0
     with TestClient(started[0]) as client:
         assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["org/tiny@main"]
+
+
+def test_reward_models_take_hub_ids(hf_cache, model_dir):
+    from minimind.train.rewards import make_reward
+
+    snapshot = cache_repo(hf_cache, "org/scorer", model_dir)
+    combined = make_reward("exact,model:org/scorer@main@0.5", 32, 512)
+    (exact, scorer) = combined.terms
+    assert scorer.weight == 0.5 and scorer.reward.model.config.name_or_path == str(snapshot.resolve())
+    with pytest.raises(UserError, match="--reward org/none: not a local directory"):
+        make_reward("rm:org/none", 32, 512)
