@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, FastAPI
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.middleware.cors import CORSMiddleware
@@ -136,7 +136,7 @@ def token_router(prompts: PromptEncoder, model_name: Callable[[str | None], str]
     return router
 
 
-def add_cors(app, origins: list[str]) -> None:
+def add_cors(app: FastAPI, origins: list[str]) -> None:
     """Let browser pages from `origins` ("*" = any) call the API; preflight requests are answered here."""
     app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["*"], expose_headers=[REQUEST_ID], max_age=600)
