@@ -11,6 +11,7 @@ import uvicorn
 from conftest import tiny_model
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from thinking_helpers import with_thinking_template
 
 import minimind
 from minimind.cli import main
@@ -77,6 +78,23 @@ def test_tokenize_messages_with_the_chat_template(client, tokenizer):
     default = client.post("/tokenize", headers=AUTH, json={"messages": CHAT}).json()
     reply = client.post("/v1/chat/completions", headers=AUTH, json={"messages": CHAT, "max_tokens": 1}).json()
     assert default["count"] == reply["usage"]["prompt_tokens"]  # the generation prompt is on by default
+
+
+def test_tokenize_passes_chat_template_kwargs_as_a_chat_request_does(tokenizer):
+    switched = with_thinking_template(tokenizer)
+    with make_client(switched) as client:
+        for on in (True, False):
+            kwargs = {"open_thinking": on}
+            text = switched.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True, **kwargs)
+            body = client.post("/tokenize", headers=AUTH, json={"messages": CHAT, "chat_template_kwargs": kwargs})
+            assert body.json()["tokens"] == switched.encode(text, add_special_tokens=False)
+            assert text.endswith("<think>\n" if on else "</think>\n\n")
+            reply = client.post("/v1/chat/completions", headers=AUTH,
+                                json={"messages": CHAT, "max_tokens": 1, "chat_template_kwargs": kwargs}).json()
+            assert reply["usage"]["prompt_tokens"] == body.json()["count"]
+        for kwargs, status in (({"messages": []}, 400), ({"note": 5}, 400), ("on", 400)):
+            response = client.post("/tokenize", headers=AUTH, json={"messages": CHAT, "chat_template_kwargs": kwargs})
+            assert response.status_code == status and response.json()["error"]["param"] == "chat_template_kwargs"
 
 
 @pytest.mark.parametrize("path,body,status,param", [

@@ -8,7 +8,8 @@
 /tokenize counts what a request would feed the model: a `prompt` as /v1/completions encodes it
 (`add_special_tokens`, default true, puts <s> in front), `messages` rendered by the chat template as
 /v1/chat/completions does (`add_generation_prompt` default true, `add_special_tokens` default false: the template
-writes its own). Both token tools take the API key when the server has one, as /v1 does.
+writes its own; `chat_template_kwargs` as the chat request takes them). Both token tools take the API key when
+the server has one, as /v1 does.
 
 Every response carries `x-request-id`: the client's own when it sends a usable one (1-128 visible ASCII
 characters), else a new random id; the access log line (`minimind.serve.access`, one per response, written
@@ -24,7 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from jinja2 import TemplateError
@@ -34,7 +35,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minimind.serve.metrics import ServerMetrics
 from minimind.serve.openapi import ErrorResponse
-from minimind.serve.protocol import MESSAGE_SCHEMA, APIError
+from minimind.serve.protocol import (
+    MESSAGE_SCHEMA,
+    TEMPLATE_KWARGS_SCHEMA,
+    APIError,
+    ChatCompletionRequest,
+    parse_request,
+)
 from minimind.serve.protocol import Message as ChatMessage
 from minimind.serve.scheduler import PromptEncoder
 
@@ -56,6 +63,8 @@ class TokenizeRequest(_Body):
     prompt: str | None = None
     messages: list[Annotated[ChatMessage, WithJsonSchema(MESSAGE_SCHEMA)]] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True  # messages only: end with the assistant's opening, as a chat request does
+    # messages only: the chat request's extra template variables, e.g. {"open_thinking": true}
+    chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS_SCHEMA)] = None
     add_special_tokens: bool | None = None  # <s> in front; default true for a prompt, false for messages
     return_token_strs: bool = False
 
@@ -112,11 +121,21 @@ def token_router(prompts: PromptEncoder, model_name: Callable[[str | None], str]
             raise APIError(400, "send exactly one of prompt (text) and messages (a chat)",
                            "messages" if body.messages is not None else "prompt")
         if body.messages is not None:
+            # the chat endpoint's own checks of the messages and template variables, then its rendering
+            chat = parse_request(ChatCompletionRequest, {
+                "messages": [m.model_dump(exclude_none=True) for m in body.messages],
+                "chat_template_kwargs": body.chat_template_kwargs})
+            extra = chat.chat_template_kwargs or {}
             try:
-                text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
-                                                     add_generation_prompt=body.add_generation_prompt)
+                text = tokenizer.apply_chat_template(chat.conversation(), tokenize=False,
+                                                     add_generation_prompt=body.add_generation_prompt, **extra)
             except TemplateError as err:
                 raise APIError(400, f"the chat template rejected these messages: {err}", "messages") from None
+            except (TypeError, ValueError, LookupError, AttributeError) as err:  # a variable the template cannot use
+                if not extra:
+                    raise
+                raise APIError(400, f"the chat template cannot render with these chat_template_kwargs: {err}",
+                               "chat_template_kwargs") from None
             special = bool(body.add_special_tokens)
         else:
             text, special = body.prompt, body.add_special_tokens is not False
