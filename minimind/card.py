@@ -50,8 +50,8 @@ def _is_hub_repo(value: Any) -> bool:
 
 
 def _repo_of(value: str) -> str:
-    """`org/name` of a hub id with an optional @revision."""
-    return value.split("@", 1)[0]
+    """`org/name` of a hub id with an optional @revision (or, for data, `:config:split`)."""
+    return value.split("@", 1)[0].split(":", 1)[0]
 
 
 def front_matter(model_dir: Path, info: CardInfo) -> dict[str, Any]:

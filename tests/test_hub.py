@@ -144,7 +144,7 @@ def test_push_sends_the_model_files_and_a_card(tmp_path, model_dir, monkeypatch,
     (folder / "checkpoints" / "step-2" / "optimizer.pt").write_bytes(b"x")
     (folder / "summary.json").write_text(json.dumps({"stage": "sft", "steps": 4, "final train loss (last 5%)": 2.5}))
     (folder / "train_config.json").write_text(json.dumps({
-        "stage": "sft", "lr": 5e-4, "batch_size": 2, "command": ["sft", "--init", "org/base"], "eval_data": "hf:org/held",
+        "stage": "sft", "lr": 5e-4, "batch_size": 2, "command": ["sft", "--init", "org/base"], "eval_data": "hf:org/held:default:test",
         "hub_sources": {"init": "org/base@v2", "data": "org/chats"}}))
     (folder / "ceval.json").write_text(json.dumps({"task": "choice", "model": "x", "accuracy": 0.42}))
     assert main(["push", str(folder), "--repo", "me/tiny", "--private", "--revision", "dev",
