@@ -1,5 +1,6 @@
-"""GRPO and what it stands on: KV-cached rollouts with left padding, the rule and model rewards, the objective's
-pieces, exact resume, and a short run that raises held-out accuracy above the SFT starting point."""
+"""GRPO and what it stands on: KV-cached rollouts with left padding (more in test_rollout_engine.py), the rule
+and model rewards, the objective's pieces, exact resume, and a short run that raises held-out accuracy above the
+SFT starting point."""
 
 from __future__ import annotations
 
@@ -49,37 +50,6 @@ def test_rollout_logprobs_match_a_full_forward_and_greedy_matches_hf_generate():
     assert torch.equal(greedy.sequences, reference[:, : greedy.sequences.shape[1]])
 
 
-class Scripted(torch.nn.Module):
-    """A stand-in policy that emits a fixed token script per row (2 = eos), to check the rollout bookkeeping."""
-
-    def __init__(self, scripts: list[list[int]], vocab: int = 16):
-        super().__init__()
-        self.scripts, self.vocab, self.step = scripts, vocab, 0
-
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0):
-        logits = torch.zeros(len(self.scripts), 1, self.vocab)
-        for row, script in enumerate(self.scripts):
-            logits[row, 0, script[min(self.step, len(script) - 1)]] = 5.0
-        self.step += 1
-        return type("Out", (), {"logits": logits})
-
-
-def test_sampling_draws_from_the_tempered_top_k_distribution():
-    from minimind.train.rollout import _pick
-
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(60_000, 5).contiguous()
-    torch.manual_seed(0)
-    for temperature, top_k in [(1.0, 0), (0.5, 0), (2.0, 3)]:
-        expected = torch.softmax(logits[0] / temperature, -1)
-        if top_k:
-            expected = torch.where(expected >= expected.topk(top_k).values[-1], expected, 0.0)
-            expected /= expected.sum()
-        freq = torch.bincount(_pick(logits, temperature, top_k), minlength=5).float() / logits.shape[0]
-        torch.testing.assert_close(freq, expected, rtol=0, atol=0.01)
-        assert (freq[expected == 0] == 0).all()  # a filtered token is never drawn
-    assert _pick(logits[:3], 0.0, 0).tolist() == [0, 0, 0]
-
-
 def test_greedy_rollouts_agree_with_the_inference_engine(tokenizer):
     from minimind.infer.engine import Engine
 
@@ -90,18 +60,6 @@ def test_greedy_rollouts_agree_with_the_inference_engine(tokenizer):
     for row, completion in enumerate(theirs):
         n = int(ours.lengths()[row])
         assert ours.completion_ids[row, :n].tolist() == completion.token_ids
-
-
-def test_completion_mask_covers_tokens_up_to_eos_and_rows_stop_independently():
-    ids, mask = left_pad(PROMPTS, 0)
-    rollout = sample(Scripted([[2], [7, 2], [7, 8, 9, 10]]), ids, mask, 3, eos_id=2, temperature=0.0)
-    assert rollout.completion_ids.tolist() == [[2, 0, 0], [7, 2, 0], [7, 8, 9]]
-    assert rollout.completion_mask.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
-    assert rollout.finished.tolist() == [True, True, False] and rollout.lengths().tolist() == [1, 2, 3]
-    assert torch.equal(rollout.attention_mask, torch.cat([mask, rollout.completion_mask], 1))
-    assert rollout.logprobs[0, 1:].eq(0).all() and (rollout.logprobs[2] < 0).all()
-    stopped = sample(Scripted([[2], [2], [2]]), ids, mask, 8, eos_id=2, temperature=0.0)
-    assert stopped.sequences.shape[1] == ids.shape[1] + 1  # the loop ends once every row has stopped
 
 
 def test_answer_matching_normalises_and_respects_word_boundaries():

@@ -68,6 +68,10 @@ class SlotKVCache:
         self._row_index = self._row_numbers[: stop - start]  # (B, 1), broadcasts over T
         self._kv_len, self._past = kv_len, past
 
+    def clear(self) -> None:
+        """Drop every row and column, giving the memory back; the next `reserve` allocates afresh."""
+        self._alloc(0, 0)
+
     @property
     def scratch_column(self) -> int:
         """The column padding tokens write to; never attended."""

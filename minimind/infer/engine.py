@@ -121,15 +121,25 @@ class GenerationStats:
 
 
 @dataclass
+class TokenSamples:
+    """What `Engine.sample_ids` returns, one entry per prompt (in order)."""
+
+    token_ids: list[list[int]]  # sampled ids, a final stop token included
+    logprobs: list[list[float]]  # log p of each sampled id under the raw logits (temperature 1, no truncation)
+    finish_reasons: list[str]  # "stop" (a stop token) or "length"
+
+
+@dataclass
 class _Request:
     request_id: int
     prompt_ids: list[int]
     params: SamplingParams
     limit: int  # max_new_tokens capped to the context
-    stream: TextStream
+    stream: TextStream | None  # None: token ids only, never detokenized (`sample_ids`)
     generator: torch.Generator | None
     matcher: object | None = None  # llguidance.LLMatcher of a request with a grammar
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (token ids, biases) on the device
+    stop_ids: frozenset[int] | None = None  # tokens that end it; None: the engine's eos_ids
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0  # tokens of this request stored in its cache row
     row: int = -1
@@ -267,18 +277,13 @@ class Engine:
         logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in ids}
         prompt_logprobs: dict[int, list | None] = {i: None for i in ids}
         last: dict[int, StepOutput] = {}
-        try:
-            while len(last) < len(ids):
-                for out in self.step():
-                    texts[out.request_id].append(out.text)
-                    tokens[out.request_id] += out.token_ids
-                    logprobs[out.request_id] += out.logprobs or []
-                    prompt_logprobs[out.request_id] = prompt_logprobs[out.request_id] or out.prompt_logprobs
-                    if out.finished:
-                        last[out.request_id] = out
-        finally:
-            for request_id in ids:
-                self.release(request_id)
+        for out in self._drive(ids):
+            texts[out.request_id].append(out.text)
+            tokens[out.request_id] += out.token_ids
+            logprobs[out.request_id] += out.logprobs or []
+            prompt_logprobs[out.request_id] = prompt_logprobs[out.request_id] or out.prompt_logprobs
+            if out.finished:
+                last[out.request_id] = out
         wanted = params.logprobs is not None
         results = [
             Completion("".join(texts[i]), tokens[i], last[i].prompt_tokens, last[i].completion_tokens,
@@ -290,6 +295,47 @@ class Engine:
             [r.finish_reason for r in results], time.perf_counter() - start,
         )
         return results
+
+    def sample_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
+                   stop_ids: Sequence[int] | None = None, **sampling) -> TokenSamples:
+        """Sample from token-id prompts without detokenizing: ids, each one's raw log-probability, finish reasons.
+
+        What RL rollouts need: the same decode loop and sampler as `completions` (request i seeded seed + i, so
+        a seeded call repeats whatever the batch size), minus text. `stop_ids` (default: the engine's eos_ids)
+        end a request; stop strings need text and are refused. The log-probabilities are under the model's raw
+        distribution whatever the sampling temperature or top-k: the policy at temperature 1.
+        """
+        params = _params(params, sampling)
+        if params.stop:
+            raise UserError("sample_ids returns token ids only; stop strings need text (use completions)")
+        params = replace(params, logprobs=0)
+        self._require_idle()
+        stops = None if stop_ids is None else frozenset(int(i) for i in stop_ids)
+        ids = self._add_all(prompts, params, text=False, stop_ids=stops)
+        tokens: dict[int, list[int]] = {i: [] for i in ids}
+        logprobs: dict[int, list[float]] = {i: [] for i in ids}
+        reasons: dict[int, str] = {}
+        for out in self._drive(ids):
+            tokens[out.request_id] += out.token_ids
+            logprobs[out.request_id] += [entry.logprob for entry in out.logprobs]
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        return TokenSamples([tokens[i] for i in ids], [logprobs[i] for i in ids], [reasons[i] for i in ids])
+
+    def _drive(self, ids: list[int]) -> Iterator[StepOutput]:
+        """Step until the requests `ids` have all finished, yielding each output of theirs; releases them on exit
+        (an exception, or a consumer that stops early, frees their rows)."""
+        wanted, left = set(ids), set(ids)
+        try:
+            while left:
+                for out in self.step():
+                    if out.request_id in wanted:
+                        yield out
+                        if out.finished:
+                            left.discard(out.request_id)
+        finally:
+            for request_id in ids:
+                self.release(request_id)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> Iterator[str]:
         """Yield text pieces of one completion as soon as they are safe to show (see `TextStream`).
@@ -336,7 +382,11 @@ class Engine:
 
     def add(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> int:
         """Queue a request; -> its id. Raises UserError for an empty or too-long prompt or bad parameters."""
-        params = _params(params, sampling)
+        return self._enqueue(prompt, _params(params, sampling))
+
+    def _enqueue(self, prompt: Prompt, params: SamplingParams, text: bool = True,
+                 stop_ids: frozenset[int] | None = None) -> int:
+        """`add`; `text=False` skips detokenizing (no text deltas, no stop strings); `stop_ids` replaces eos_ids."""
         prompt_ids = self.encode(prompt)
         self._check_prompt(prompt_ids)
         generator = None
@@ -351,10 +401,11 @@ class Engine:
             prompt_ids=prompt_ids,
             params=params,
             limit=min(params.max_new_tokens, self.max_seq_len - len(prompt_ids)),
-            stream=TextStream(self.tokenizer, params.stop),
+            stream=TextStream(self.tokenizer, params.stop) if text else None,
             generator=generator,
             matcher=self._guide.matcher(params.grammar) if params.grammar is not None else None,
             bias=self._bias(params.logit_bias),
+            stop_ids=stop_ids,
         )
         self._next_id += 1
         self._requests[request.request_id] = request
@@ -385,6 +436,24 @@ class Engine:
         self._reserve(min(2, self.max_batch_size), 4)  # two cache rows: the row count compiles as a symbol
         self.completions([[self.pad_id] * 2], max_new_tokens=2, temperature=0.0, ignore_eos=True)
         return time.perf_counter() - start
+
+    def refresh_weights(self) -> None:
+        """Rebuild the weight copies the engine derives from the model's (CPU prepacked and transposed weights) at
+        their next use. They follow in-place updates by the weights' version counters, but not every in-place
+        update moves those: a fused optimizer step (`torch.optim.AdamW(fused=True)`) does not. A caller that
+        trains the model it samples from (RL rollouts) calls this after its optimizer steps."""
+        for module in self.model.modules():
+            if isinstance(module, PackedLinear):
+                module.refresh()
+        if self._head is not None:
+            self._head.refresh()
+
+    def free_cache(self) -> None:
+        """Give back the KV cache's memory while idle (between RL rollouts, say); the next request allocates a
+        cache sized for itself, as a fresh engine would, so what it computes does not depend on earlier calls."""
+        self._require_idle()
+        self.cache.clear()
+        self._alloc_rows()
 
     @property
     def num_running(self) -> int:
@@ -449,12 +518,13 @@ class Engine:
         if self.has_work:
             raise RuntimeError("the engine has step-level requests in flight; drive them with step()")
 
-    def _add_all(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[int]:
+    def _add_all(self, prompts: Sequence[Prompt], params: SamplingParams, **how) -> list[int]:
+        """Queue every prompt (request i seeded seed + i); `how`: `_enqueue`'s text / stop_ids."""
         ids: list[int] = []
         try:
             for i, prompt in enumerate(prompts):
                 seed = None if params.seed is None else params.seed + i
-                ids.append(self.add(prompt, replace(params, seed=seed)))
+                ids.append(self._enqueue(prompt, replace(params, seed=seed), **how))
         except BaseException:
             for request_id in ids:
                 self.release(request_id)
@@ -602,17 +672,27 @@ class Engine:
     def _advance(self, request: _Request, token: int, logprob: TokenLogprob | None = None) -> StepOutput:
         """Record one sampled token and decide whether the request is finished."""
         request.output_ids.append(token)
-        reason = None
-        if token in self.eos_ids and not request.params.ignore_eos:
-            text, reason = request.stream.finish(), "stop"
+        stream, text, reason = request.stream, "", None  # stream None: token ids only (`sample_ids`)
+        stop_ids = self.eos_ids if request.stop_ids is None else request.stop_ids
+        if token in stop_ids and not request.params.ignore_eos:
+            reason = "stop"
         else:
-            text, stopped = request.stream.push(token)
+            stopped = False
+            if stream is not None:
+                text, stopped = stream.push(token)
             if stopped:
-                reason = "stop"
-            elif request.matcher is not None and (request.matcher.is_stopped() or request.matcher.is_error()):
-                text, reason = text + request.stream.finish(), "stop"  # the grammar is complete (or broken)
+                return self._output(request, token, text, "stop", logprob)  # the stream cut the text at it
+            if request.matcher is not None and (request.matcher.is_stopped() or request.matcher.is_error()):
+                reason = "stop"  # the grammar is complete (or broken)
             elif len(request.output_ids) >= request.limit:
-                text, reason = text + request.stream.finish(), "length"
+                reason = "length"
+        if reason is not None and stream is not None:
+            text += stream.finish()
+        return self._output(request, token, text, reason, logprob)
+
+    @staticmethod
+    def _output(request: _Request, token: int, text: str, reason: str | None,
+                logprob: TokenLogprob | None) -> StepOutput:
         return StepOutput(
             request.request_id, [token], text, reason is not None, reason, len(request.prompt_ids),
             len(request.output_ids), None if logprob is None else [logprob],

@@ -83,6 +83,10 @@ class OutputHead:
         self._key: tuple[int, int] | None = None
         self._weight_t: torch.Tensor | None = None
 
+    def refresh(self) -> None:
+        """Rebuild the copy at the next call, whatever the version counter says (see `Engine.refresh_weights`)."""
+        self._key = None
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, dim) -> logits (B, vocab)."""
         if not self.copy:
@@ -142,6 +146,10 @@ class PackedLinear(nn.Linear):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
             self._packed_key = key
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+    def refresh(self) -> None:
+        """Re-pack at the next call, whatever the version counter says (see `Engine.refresh_weights`)."""
+        self._packed_key = None
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed copy behind (oneDNN tensors have no storage to copy)."""

@@ -151,25 +151,36 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, uniforms: torch.Tens
 
     uniforms: (B,) numbers in [0, 1), one per row from that row's generator. Rows with temperature 0 must be
     handled by the caller (their temperature is replaced by 1 here only to keep the arithmetic finite).
+    The draw walks the kept tokens in vocabulary order, so a row's token depends only on its own logits,
+    parameters and uniform. The vocabulary is sorted only when some row asks for top-p or min-p (the sort is
+    the costliest part of a step's sampling on a CPU); top-k is a threshold at the row's k-th probability
+    (tokens tied with it stay in).
     """
     temperature = params[:, 0:1]
     temperature = torch.where(temperature > 0, temperature.clamp(min=1e-5), 1.0)  # no overflow to inf
     probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
-    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    drop = torch.zeros_like(probs, dtype=torch.bool)
     top_k = params[:, 1:2]
-    drop = (top_k > 0) & (rank >= top_k)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    top_p = params[:, 2:3]
-    drop |= (top_p < 1) & (mass_before >= top_p)  # top-p: the head before this token already reaches p
-    drop |= sorted_probs < params[:, 3:4] * sorted_probs[:, :1]  # min-p, relative to the top token
-    drop[:, 0] = False  # the most likely token always survives
-    kept = sorted_probs.masked_fill(drop, 0.0)
+    widest = int(top_k.max())
+    if widest > 0:
+        top = probs.topk(min(widest, probs.shape[-1]), dim=-1).values  # (B, widest), descending
+        kth = top.gather(-1, (top_k.long() - 1).clamp(0, top.shape[-1] - 1))  # (B, 1)
+        drop |= (top_k > 0) & (probs < kth)
+    top_p, min_p = params[:, 2:3], params[:, 3:4]
+    if bool(((top_p < 1) | (min_p > 0)).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        cut = (top_p < 1) & (mass_before >= top_p)  # top-p: the head before this token already reaches p
+        cut |= sorted_probs < min_p * sorted_probs[:, :1]  # min-p, relative to the top token
+        cut[:, 0] = False  # the most likely token always survives
+        drop |= torch.zeros_like(cut).scatter_(-1, order, cut)  # back to vocabulary order
+    kept = probs.masked_fill(drop, 0.0)
     cdf = kept.cumsum(dim=-1)
     target = uniforms[:, None].to(cdf.dtype) * cdf[:, -1:]
-    index = torch.searchsorted(cdf, target, right=True)  # first position whose cdf exceeds the target
-    index = torch.minimum(index, (~drop).sum(dim=-1, keepdim=True) - 1)  # rounding never picks a dropped tail
-    return order.gather(-1, index).squeeze(-1)
+    # The first token whose cdf passes the target; a dropped token adds nothing to the cdf, so it is never the
+    # first to pass. A target rounded up to the total would run off the end: the row's likeliest token then.
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return torch.where(index < probs.shape[-1], index, probs.argmax(-1))
 
 
 def choose_tokens(

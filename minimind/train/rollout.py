@@ -1,23 +1,26 @@
-"""Rollouts for RL (GRPO, PPO): batched sampling with the KV cache, and the objective base that scores them.
+"""Rollouts for RL (GRPO, PPO): batched sampling through the inference Engine, and the objective base that
+scores them.
 
-Prompts are left-padded so every row's last prompt token sits in the same column; one prefill fills the cache,
-then each step feeds one new token per row (positions come from the attention mask, so padded rows count
-from 0). Rows stop at eos; the loop ends when all have stopped (on all ranks, for an FSDP-sharded model) or
-after `max_new_tokens`. The log-prob of each
-sampled token under the policy (temperature-1 softmax, whatever the sampling temperature) is recorded as it is
-drawn: these are the "old policy" log-probs of the clipped objectives.
+A rollout batch is left-padded prompts (the RL collate's form); `sample` hands their tokens to the policy's
+Engine (`policy_engine`), whose decode loop and sampler serve the CLI and the server too: a ragged KV cache
+row per completion, one forward per step for every unfinished row, rows leaving at eos. The log-prob of each
+sampled token under the policy (temperature-1 softmax, whatever the sampling temperature or top-k) is recorded
+as it is drawn: these are the "old policy" log-probs of the clipped objectives. The result comes back as a
+`Rollout`: prompt columns as given, completions padded after each row's eos.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
 import torch
-from transformers.cache_utils import DynamicCache
 
+from minimind.infer.engine import Engine
 from minimind.info import forward_flops, sampling_flops, training_flops
-from minimind.kernels.training import training_view
+from minimind.kernels.training import plain_model, training_view
+from minimind.model.modeling_minimind import MiniMindForCausalLM
 from minimind.train.objective import LossOutput, Objective
 from minimind.train.reference import completion_head_logprobs, unwrap
 from minimind.train.rewards import Reward, answer_correct
@@ -64,53 +67,124 @@ def prompt_batch(items: list[dict], pad_id: int = 0) -> dict:
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-           eos_id: int, pad_id: int = 0, temperature: float = 1.0, top_k: int = 0) -> Rollout:
-    """Sample one completion per row of left-padded prompts (temperature 0 = greedy), with a KV cache.
+           eos_id: int, pad_id: int = 0, temperature: float = 1.0, top_k: int = 0, seed: int | None = None) -> Rollout:
+    """Sample one completion per row of left-padded prompts (temperature 0 = greedy) with the policy's Engine
+    (`policy_engine`): its KV cache, decode loop and sampler.
 
-    `model(input_ids, attention_mask, past_key_values, use_cache, logits_to_keep)` must return `.logits`; the
-    model is put in eval mode for sampling and restored afterwards.
+    Row i draws from its own generator seeded `seed + i`; without a seed, one is drawn from the global torch RNG,
+    so a seeded run repeats, and so does a resumed one (checkpoints keep that RNG's state). Greedy draws nothing.
+    A row stops at `eos_id`, after `max_new_tokens` or at the model's context.
     """
-    was_training = model.training
-    model.eval()
-    n, prompt_len = input_ids.shape
-    cache = DynamicCache()
-    mask = attention_mask
-    logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
-    done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
-    tokens, logps, alive = [], [], []
-    for _ in range(max_new_tokens):
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-        token = _pick(logits.float(), temperature, top_k)
-        alive.append(~done)
-        tokens.append(torch.where(done, torch.full_like(token, pad_id), token))
-        logps.append(torch.where(done, torch.zeros(n, device=logits.device),
-                                 log_probs.gather(-1, token[:, None]).squeeze(-1)))
-        done = done | (token == eos_id)
-        if _everyone_done(model, done):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(input_ids=tokens[-1][:, None], attention_mask=mask, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
-    model.train(was_training)
-    completion = torch.stack(tokens, dim=1)  # (N, T)
-    completion_mask = torch.stack(alive, dim=1).long()
+    engine = policy_engine(model, eos_id, pad_id)
+    keep = attention_mask.bool().cpu()
+    prompts = [row[kept].tolist() for row, kept in zip(input_ids.cpu(), keep)]
+    if seed is None and temperature > 0:
+        seed = int(torch.randint(0, 2**62, ()))
+    engine.max_batch_size = max(engine.max_batch_size, len(prompts))  # every row decodes in the same steps
+    try:
+        out = engine.sample_ids(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                seed=seed, stop_ids=(eos_id,))
+    finally:  # no KV cache held while training; and a fresh one next time, so a resumed run computes the same
+        engine.free_cache()
+    width = max(len(ids) for ids in out.token_ids)
+    completion = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    logprobs = torch.zeros((len(prompts), width), dtype=torch.float32)
+    for row, (ids, logps) in enumerate(zip(out.token_ids, out.logprobs)):
+        completion[row, : len(ids)] = torch.tensor(ids)
+        logprobs[row, : len(ids)] = torch.tensor(logps)
+    lengths = torch.tensor([len(ids) for ids in out.token_ids])
+    completion_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (N, T): up to and with eos
+    device = input_ids.device
+    completion, completion_mask = completion.to(device), completion_mask.to(device)
     return Rollout(
         sequences=torch.cat([input_ids, completion], dim=1),
-        attention_mask=torch.cat([attention_mask, completion_mask], dim=1),
-        completion_mask=completion_mask, logprobs=torch.stack(logps, dim=1), finished=done, prompt_len=prompt_len,
+        attention_mask=torch.cat([attention_mask, completion_mask.to(attention_mask.dtype)], dim=1),
+        completion_mask=completion_mask, logprobs=logprobs.to(device),
+        finished=torch.tensor([r == "stop" for r in out.finish_reasons], device=device),
+        prompt_len=input_ids.shape[1],
     )
 
 
-def _everyone_done(model: torch.nn.Module, done: torch.Tensor) -> bool:
-    """Every row has stopped — on every rank when the model is FSDP-sharded, since each of its forward passes is
-    collective and all ranks must then run the same number of decode steps."""
-    finished = done.all()
-    if _sharded(model):
-        flag = finished.to(torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        finished = flag.bool()
-    return bool(finished)
+@dataclass
+class _Ids:
+    """What an engine over a bare policy needs of a tokenizer: its prompts are token ids, nothing is encoded."""
+
+    eos_token_id: int
+    pad_token_id: int
+    bos_token_id: None = None
+
+
+@dataclass
+class _PolicyEngine:
+    engine: Engine
+    weights: tuple[int, ...]  # data pointers of the policy's parameters the engine was built over
+    shadow: torch.nn.Module | None  # an FSDP policy's unsharded copy, refilled at every rollout
+
+
+# One engine per policy (and eos/pad pair), kept while the policy lives: built once, then every rollout reuses
+# its modules, KV cache and per-row state.
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0) -> Engine:
+    """The Engine that samples `model`'s rollouts: it sees the current weights and never changes the model.
+
+    Its modules are its own (eval mode, decode kernels, CPU prepacking) over the policy's weight storage
+    (`engine_copy`), so an optimizer step, which updates the weights in place, reaches it with no copy. On a CPU
+    it re-packs each weight for oneDNN at every rollout (a copy as large as the weights, kept between rollouts:
+    `engine.weight_copy_bytes`; re-packed every time because a fused optimizer step leaves no trace the engine
+    could check); on a GPU it holds no weight copy. A policy whose parameters
+    were replaced rather than updated (moved, re-assigned) gets a new engine. An FSDP-sharded policy is gathered
+    into an unsharded copy on every rank at each rollout (one all-gather per tensor, in the same order on all
+    ranks: a full copy of the weights per rank); decoding then needs no collective, so a rank whose rows are
+    done never waits on another's.
+    """
+    policy = unwrap(model)
+    sharded = _sharded(policy)
+    policy = plain_model(policy)
+    known = _ENGINES.setdefault(policy, {})
+    built = known.get((eos_id, pad_id))
+    weights = () if sharded else tuple(p.data_ptr() for p in policy.parameters())
+    if built is None or built.weights != weights:
+        device = next(policy.parameters()).device
+        # Building draws random numbers (a fresh model's init, the engine's kernel checks): from a forked RNG,
+        # so the run's own stream, which checkpoints save, is the same whether or not this rollout built one.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            shadow = _unsharded_copy(policy) if sharded else None
+            engine = Engine(shadow if sharded else _causal_lm(policy), _Ids(eos_id, pad_id))
+        built = known[(eos_id, pad_id)] = _PolicyEngine(engine, weights, shadow)
+    if sharded:
+        _gather_into(built.shadow, policy)
+    built.engine.refresh_weights()  # a fused optimizer step updates the weights without moving their versions
+    return built.engine
+
+
+def _causal_lm(policy: torch.nn.Module) -> torch.nn.Module:
+    """A MiniMind causal LM over the policy's own modules: the policy itself, or for a model holding the trunk and
+    head beside other parts (PPO's actor-critic) a causal LM sharing them."""
+    if isinstance(policy, MiniMindForCausalLM) or not (hasattr(policy, "model") and hasattr(policy, "lm_head")):
+        return policy
+    with torch.device("meta"):  # no throwaway weights: the modules are replaced at once
+        lm = MiniMindForCausalLM(policy.config)
+    lm.model, lm.lm_head = policy.model, policy.lm_head
+    return lm
+
+
+def _unsharded_copy(policy: torch.nn.Module) -> MiniMindForCausalLM:
+    """A causal LM of the FSDP policy's shapes, unsharded on this rank (its values come from `_gather_into`)."""
+    param = next(policy.parameters())
+    lm = MiniMindForCausalLM(policy.config).to(device=param.device, dtype=param.dtype).requires_grad_(False)
+    return lm.eval()
+
+
+@torch.no_grad()
+def _gather_into(shadow: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """Copy the sharded policy's current weights into `shadow`, tensor by tensor (collective: every rank runs the
+    same all-gathers in the same order, the shadow's)."""
+    sharded = policy.state_dict()
+    for name, param in shadow.named_parameters():
+        value = sharded[name]
+        param.copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 def _sharded(model: torch.nn.Module) -> bool:
@@ -119,25 +193,6 @@ def _sharded(model: torch.nn.Module) -> bool:
     except ImportError:  # a torch without FSDP2 cannot have sharded the model
         return False
     return isinstance(model, FSDPModule)
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """One token per row of (N, V) float32 logits: greedy at temperature 0, else drawn from softmax(logits / T)
-    restricted to the top k (0: all)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    # Inverse CDF: one uniform per row against the running sum. `torch.multinomial` draws an exponential
-    # per vocabulary entry instead, many times slower on CPU: a large share of a rollout (docs/performance.md).
-    probs = torch.softmax(logits, dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    target = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
-    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # first entry whose cdf passes the target
-    # A target rounded up to the total would run off the end: take the row's most likely token instead.
-    return torch.where(index < probs.shape[-1], index, probs.argmax(-1))
 
 
 @dataclass
