@@ -197,15 +197,12 @@ def test_agent_runs_the_bundled_example_and_resumes_exactly(tmp_path, model_dir)
     common = ["agent", "--data", data, "--init", str(model_dir), "--batch-size", "2", "--group-size", "2",
               "--max-new-tokens", "4", "--max-steps", "4", "--lr", "1e-3", "--max-seq-len", "64", "--device", "cpu",
               "--dtype", "fp32"]
-    assert main([*common, "--out", str(tmp_path / "a")]) == 0
-    assert main([*common, "--out", str(tmp_path / "b"), "--stop-after-steps", "2"]) == 0
-    assert main([*common, "--out", str(tmp_path / "b"), "--resume"]) == 0
-
-    def rows(run):
-        return [(r["step"], r["loss"], r["reward_mean"], r["turns"]) for r in
-                map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-    assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "a")) == 4
+    for out, extra in (("a", []), ("b", ["--stop-after-steps", "2"]), ("b", ["--resume"])):
+        assert main([*common, "--out", str(tmp_path / out), *extra]) == 0
+    logged = {out: [(r["step"], r["loss"], r["reward_mean"], r["turns"])
+                    for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+              for out in ("a", "b")}
+    assert logged["a"] == logged["b"] and len(logged["a"]) == 4
     assert "Agentic RL" in (tmp_path / "a" / "report.md").read_text()
 
 
