@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minimind"
 TIERS = [
     {"errors", "outputs", "device", "records", "help_format"},  # plain helpers
     {"hub", "card", "push"},  # hub ids -> local snapshots, model cards, uploads (huggingface_hub only)
-    {"model", "lora", "demo_data"},  # the plain model (HF remote code), LoRA layers and adapters, demo files
+    {"model", "lora", "demo_data", "examples"},  # the plain model (HF remote code), LoRA layers and adapters, demo and example files
     {"tokenizer"},
     {"data", "kernels", "modeldir"},  # datasets; fast kernels beside the model; model directories
     {"train", "infer", "info"},
