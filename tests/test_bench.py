@@ -22,6 +22,7 @@ RATIO = re.compile(r"^[\w .-]+: ratio=\d+\.\d\d \(ours [\d.]+( [\w /-]+)?, peer 
     ["prepare.py", "--quick"],
     ["memory.py", "--quick"],
     ["grammar.py", "--quick"],
+    ["rollout.py", "--quick"],
     ["decode.py", "--quick", "--gguf-types"],
     ["serve.py", "--preset", "tiny", "--clients", "2", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"],
     ["reference.py", "--quick"],

@@ -159,13 +159,13 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, uniforms: torch.Tens
     temperature = params[:, 0:1]
     temperature = torch.where(temperature > 0, temperature.clamp(min=1e-5), 1.0)  # no overflow to inf
     probs = torch.softmax(logits / temperature, dim=-1)
-    drop = torch.zeros_like(probs, dtype=torch.bool)
+    drop = None  # (B, V) bool: tokens filtered out, when any row filters
     top_k = params[:, 1:2]
     widest = int(top_k.max())
     if widest > 0:
         top = probs.topk(min(widest, probs.shape[-1]), dim=-1).values  # (B, widest), descending
         kth = top.gather(-1, (top_k.long() - 1).clamp(0, top.shape[-1] - 1))  # (B, 1)
-        drop |= (top_k > 0) & (probs < kth)
+        drop = (top_k > 0) & (probs < kth)
     top_p, min_p = params[:, 2:3], params[:, 3:4]
     if bool(((top_p < 1) | (min_p > 0)).any()):
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
@@ -173,8 +173,9 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, uniforms: torch.Tens
         cut = (top_p < 1) & (mass_before >= top_p)  # top-p: the head before this token already reaches p
         cut |= sorted_probs < min_p * sorted_probs[:, :1]  # min-p, relative to the top token
         cut[:, 0] = False  # the most likely token always survives
-        drop |= torch.zeros_like(cut).scatter_(-1, order, cut)  # back to vocabulary order
-    kept = probs.masked_fill(drop, 0.0)
+        cut = torch.zeros_like(cut).scatter_(-1, order, cut)  # back to vocabulary order
+        drop = cut if drop is None else drop | cut
+    kept = probs if drop is None else probs.masked_fill(drop, 0.0)
     cdf = kept.cumsum(dim=-1)
     target = uniforms[:, None].to(cdf.dtype) * cdf[:, -1:]
     # The first token whose cdf passes the target; a dropped token adds nothing to the cdf, so it is never the

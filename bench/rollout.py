@@ -1,0 +1,122 @@
+"""RL rollout speed: `rollout.sample` through the inference Engine against the decode loop it replaced.
+
+    python bench/rollout.py                          # preset tiny, random weights, batch 32, 64 new tokens
+    python bench/rollout.py --preset small --repeats 3
+    python bench/rollout.py --quick                  # tiny shapes, one repetition: does it run
+
+Both sides sample the same left-padded prompts (random token ids of 16-48 tokens, seed 0) from the same model in
+train mode, at temperature 1, and record each sampled token's temperature-1 log-prob; eos is an id never drawn,
+so every row produces exactly --new-tokens tokens. Ours is what GRPO/PPO run: `sample` on the policy
+(`policy_engine`: the Engine's ragged KV cache, its decode loop and sampler, the weights refreshed for the step
+and the cache given back after each rollout). The peer is the loop rollout.py ran before (kept here only): HF
+`DynamicCache`, the model's own forward with a growing attention mask, a log-softmax and an inverse-CDF draw
+over the whole batch each step. The sides alternate within each repetition; the best repetition counts.
+The last line: `rollout: ratio=<ours/peer> (ours <tok/s>, peer <tok/s>)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import add_bench_arguments, append_json, bench_parser, interleaved, machine_line, preset_model, ratio_line  # noqa: E402,I001
+from transformers.cache_utils import DynamicCache  # noqa: E402
+
+from minimind.train.rollout import left_pad, policy_engine, sample  # noqa: E402
+
+
+@torch.no_grad()
+def previous_sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 1.0,
+                    top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout loop rollout.py had before the Engine took over: (N, T) completion ids and their log-probs."""
+    was_training = model.training
+    model.eval()
+    n = input_ids.shape[0]
+    cache = DynamicCache()
+    mask = attention_mask
+    logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+    tokens, logps = [], []
+    for _ in range(max_new_tokens):
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+        token = previous_pick(logits.float(), temperature, top_k)
+        tokens.append(torch.where(done, torch.full_like(token, pad_id), token))
+        logps.append(torch.where(done, torch.zeros(n), log_probs.gather(-1, token[:, None]).squeeze(-1)))
+        done = done | (token == eos_id)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(input_ids=tokens[-1][:, None], attention_mask=mask, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+    model.train(was_training)
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+def previous_pick(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """Its sampler: greedy at temperature 0, else one uniform per row against the cumulative softmax(logits / T)
+    over the top k."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, torch.rand(probs.shape[0], 1) * cdf[:, -1:], right=True).squeeze(-1)
+    return torch.where(index < probs.shape[-1], index, probs.argmax(-1))
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--preset", default="tiny", help="model preset (random weights)")
+    parser.add_argument("--batch", type=int, default=32, help="rows per rollout (prompts x group size)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per row")
+    add_bench_arguments(parser, repeats=(3, "timed repetitions of each side"),
+                        quick="a small model, 4 rows, 8 tokens, one repetition", json=True)
+    args = parser.parse_args()
+    overrides = {}
+    if args.quick:
+        overrides = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
+        args.batch, args.new_tokens, args.repeats = 4, 8, 1
+    torch.set_grad_enabled(True)  # as in training: sampling turns gradients off itself
+    model = preset_model(args.preset, **overrides).train()
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(16, 49, (args.batch,), generator=generator).tolist()
+    prompts = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+    ids, mask = left_pad(prompts, 0)
+    never = -1  # an eos id no row draws: every row samples --new-tokens tokens on both sides
+
+    def ours() -> None:
+        out = sample(model, ids, mask, args.new_tokens, eos_id=never, seed=0)
+        assert out.completion_mask.all() and out.completion_ids.shape[1] == args.new_tokens
+
+    def peer() -> None:
+        tokens, _ = previous_sample(model, ids, mask, args.new_tokens, eos_id=never)
+        assert tokens.shape[1] == args.new_tokens
+
+    print(machine_line())
+    print(f"preset {args.preset}{' (quick)' if args.quick else ''}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters, fp32, batch {args.batch}, prompts 16-48 tokens, {args.new_tokens} new tokens per row")
+    times = interleaved({"ours": ours, "peer": peer}, args.repeats)
+    tokens = args.batch * args.new_tokens
+    rates = {name: tokens / min(seconds) for name, seconds in times.items()}
+    engine = policy_engine(model, never)
+    print(f"engine weight copies beside the policy's: {engine.weight_copy_bytes / 2**20:.1f} MiB "
+          f"(the policy's weights: {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.1f} MiB)")
+    for name, rate in rates.items():
+        print(f"{name:5s} {rate:8.1f} tok/s  (best of {len(times[name])}: {min(times[name]):.3f} s per rollout)")
+    append_json(args.json, {"bench": "rollout", "preset": args.preset, "batch": args.batch,
+                            "new_tokens": args.new_tokens, **{f"{k}_tok_s": v for k, v in rates.items()}})
+    print(ratio_line("rollout", rates["ours"], rates["peer"], "tok/s"))
+
+
+if __name__ == "__main__":
+    main()
