@@ -60,7 +60,7 @@ from minimind.serve.protocol import (
     parse_request,
 )
 from minimind.serve.reasoning import ReasoningSplitter
-from minimind.serve.responses import Reply, sse
+from minimind.serve.responses import Health, ModelCard, ModelList, Reply, sse
 from minimind.serve.responses_api import create_response
 from minimind.serve.scheduler import Scheduler, ShuttingDown
 from minimind.serve.tools import ToolCallReader
@@ -101,9 +101,9 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not scheduler.alive:
-            return JSONResponse({"status": "error", "active": scheduler.active}, status_code=503)
-        return JSONResponse({"status": "ok", "active": scheduler.active})
+        alive = scheduler.alive
+        health = Health(status="ok" if alive else "error", active=scheduler.active)
+        return JSONResponse(health.model_dump(), status_code=200 if alive else 503)
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(api.authorize)])
     router.add_api_route("/models", api.list_models, methods=["GET"])
@@ -182,15 +182,14 @@ class _Api:
         if not hmac.compare_digest(token.strip().encode(), self._key):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
-    def _model_card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "minimind",
-                "max_model_len": self.prompts.max_seq_len}
+    def _model_card(self, name: str) -> ModelCard:
+        return ModelCard(id=name, created=self.created, max_model_len=self.prompts.max_seq_len)
 
     async def list_models(self) -> dict:
-        return {"object": "list", "data": [self._model_card(n) for n in self.config.model_names]}
+        return ModelList(data=[self._model_card(n) for n in self.config.model_names]).model_dump()
 
     async def get_model(self, name: str) -> dict:
-        return self._model_card(self._model_name(name))
+        return self._model_card(self._model_name(name)).model_dump()
 
     def _model_name(self, name: str | None) -> str:
         if name is None:

@@ -3,219 +3,29 @@
 The /v1 handlers read the raw body themselves (size limit, strict types, OpenAI-style 400s), so FastAPI cannot
 see their request models; this module puts them in: each POST's request body is its pydantic model's JSON
 schema, every response the server can give is listed with its body, and FastAPI's default 422 (which the
-app never sends: schema errors are 400s) is dropped. The response models here only document; the handlers
-build their bodies in `responses.py`.
+app never sends: schema errors are 400s) is dropped. The response models are the ones the handlers build
+their bodies from (`responses.py`, `responses_api.py`, `protocol.ErrorResponse`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from minimind.serve.protocol import ChatCompletionRequest, CompletionRequest
+from minimind.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from minimind.serve.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    Health,
+    ModelCard,
+    ModelList,
+)
 from minimind.serve.responses_api import ResponseObject, ResponsesRequest, ResponseStreamEvent
-
-
-class ErrorDetail(BaseModel):
-    """The fields of an error: what went wrong, its kind, the request field at fault, a machine code."""
-
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error body."""
-
-    error: ErrorDetail
-
-
-class Health(BaseModel):
-    """GET /health: whether the scheduler thread runs, and the sequences in flight."""
-
-    status: Literal["ok", "error"]
-    active: int
-
-
-class ModelCard(BaseModel):
-    """One served model name, with its context length."""
-
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    """GET /v1/models."""
-
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class Usage(BaseModel):
-    """Token counts of a request."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class TopLogprob(BaseModel):
-    """A token with its log-probability and UTF-8 bytes."""
-
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprobs(TopLogprob):
-    """A sampled token's log-probability and the most likely alternatives (`top_logprobs`)."""
-
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    """`logprobs` of a chat choice (with `logprobs: true`)."""
-
-    content: list[TokenLogprobs]
-    refusal: None = None
-
-
-class CompletionLogprobs(BaseModel):
-    """`logprobs` of a text-completion choice (with `logprobs: k`)."""
-
-    tokens: list[str]
-    token_logprobs: list[float | None]  # None: an echoed prompt's first token
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CalledFunction(BaseModel):
-    """The function a call names and its arguments as JSON text."""
-
-    name: str
-    arguments: str
-
-
-class ToolCall(BaseModel):
-    """One function call of a chat choice (with `tools`)."""
-
-    id: str
-    type: Literal["function"]
-    function: CalledFunction
-
-
-class AssistantMessage(BaseModel):
-    """The answer of one chat choice: text, or the function calls it makes (content null when it says nothing
-    before them)."""
-
-    role: Literal["assistant"]
-    content: str | None
-    reasoning_content: str | None = None  # with --reasoning-parser think
-    tool_calls: list[ToolCall] | None = None
-
-
-class ChatChoice(BaseModel):
-    """One choice of a chat answer and why it ended."""
-
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length", "tool_calls"]
-
-
-class ChatCompletion(BaseModel):
-    """A non-streaming chat answer (`stream` false)."""
-
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionChoice(BaseModel):
-    """One choice of a text completion and why it ended."""
-
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length"]
-
-
-class Completion(BaseModel):
-    """A non-streaming text completion (`stream` false)."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class ToolCallDelta(ToolCall):
-    """A function call in a streamed chat answer, whole in one chunk, with its position among the calls."""
-
-    index: int
-
-
-class ChatDelta(BaseModel):
-    """What one chunk adds to a streamed chat answer (the first carries the role)."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None  # with --reasoning-parser think
-    tool_calls: list[ToolCallDelta] | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    """One choice's part of a streamed chat chunk; the last one carries the finish reason."""
-
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length", "tool_calls"] | None
-
-
-class ChatCompletionChunk(BaseModel):
-    """One SSE event of a streamed chat answer; the last one (with `stream_options.include_usage`) has
-    empty choices and the usage."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionChunkChoice(BaseModel):
-    """One choice's part of a streamed text-completion chunk."""
-
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class CompletionChunk(BaseModel):
-    """One SSE event of a streamed text completion."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
-
 
 ERRORS = {
     400: "bad body or parameters, prompt too long for the context",

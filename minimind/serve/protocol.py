@@ -104,7 +104,23 @@ class APIError(Exception):
 
     def body(self) -> dict:
         """OpenAI's error JSON."""
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=self.kind, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
+
+
+class ErrorDetail(BaseModel):
+    """The fields of an error: what went wrong, its kind, the request field at fault, a machine code."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body."""
+
+    error: ErrorDetail
 
 
 def join_text_parts(value: Any, kinds: tuple[str, ...] = ("text",)) -> str:
