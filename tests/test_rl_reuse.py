@@ -58,12 +58,13 @@ def test_grpo_reuses_each_rollout_for_k_passes_of_m_minibatches_and_resumes_mid_
 @pytest.mark.slow
 def test_ppo_epochs_move_the_ratio_clip_and_lower_the_value_loss(tmp_path, model_dir):
     rows = _rl_run(tmp_path, model_dir, "ppo", "ppo", "--ppo-epochs", "4", "--minibatches", "2", "--max-steps",
-                   "16", "--lr", "1e-2", "--vf-coef", "1", "--value-clip", "0.5")
-    assert len(rows) == 16
+                   "8", "--lr", "1e-2", "--vf-coef", "1", "--value-clip", "0.5")
+    assert len(rows) == 8
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["value_loss"]) for r in rows)
-    # Eight optimizer steps per rollout batch: the ratio leaves 1 and the clip binds within each.
+    # Eight optimizer steps on one rollout batch: the ratio leaves 1 and the clip binds.
     assert abs(rows[0]["ratio_mean"] - 1.0) < 1e-4
-    assert max(abs(r["ratio_mean"] - 1.0) for r in rows[1:8]) > 1e-3
+    assert max(abs(r["ratio_mean"] - 1.0) for r in rows[1:]) > 1e-3
     assert max(r["clip_fraction"] for r in rows) > 0
+    # The critic fits the batch's returns: the last epoch's value loss (both minibatches) is below the first's.
     values = [r["value_loss"] for r in rows]
-    assert sum(values[-4:]) / 4 < sum(values[:4]) / 4
+    assert sum(values[-2:]) < sum(values[:2])
