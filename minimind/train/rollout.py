@@ -129,11 +129,12 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0) -> Engine:
     """The Engine that samples `model`'s rollouts: it sees the current weights and never changes the model.
 
-    Its modules are its own (eval mode, decode kernels, CPU prepacking) over the policy's weight storage
-    (`engine_copy`), so an optimizer step, which updates the weights in place, reaches it with no copy. On a CPU
-    it re-packs each weight for oneDNN at every rollout (a copy as large as the weights, kept between rollouts:
-    `engine.weight_copy_bytes`; re-packed every time because a fused optimizer step leaves no trace the engine
-    could check); on a GPU it holds no weight copy. A policy whose parameters
+    Its modules are its own (eval mode, decode kernels) over the policy's weight storage (`engine_copy`), so an
+    optimizer step, which updates the weights in place, reaches it with no copy. It does not prepack the weights
+    for oneDNN: a fused optimizer step leaves no trace the engine could check, so each rollout would re-pack them
+    all (a copy as large as the weights), which cost more than it saved at RL batch sizes (bench/rollout.py). The
+    one copy on a CPU is the tied output head's transposed weight (vocab x dim, `engine.weight_copy_bytes`),
+    rebuilt at each rollout; on a GPU there is none. A policy whose parameters
     were replaced rather than updated (moved, re-assigned) gets a new engine. An FSDP-sharded policy is gathered
     into an unsharded copy on every rank at each rollout (one all-gather per tensor, in the same order on all
     ranks: a full copy of the weights per rank); decoding then needs no collective, so a rank whose rows are
@@ -151,7 +152,7 @@ def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0) -> Engin
         # so the run's own stream, which checkpoints save, is the same whether or not this rollout built one.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             shadow = _unsharded_copy(policy) if sharded else None
-            engine = Engine(shadow if sharded else _causal_lm(policy), _Ids(eos_id, pad_id))
+            engine = Engine(shadow if sharded else _causal_lm(policy), _Ids(eos_id, pad_id), prepack=False)
         built = known[(eos_id, pad_id)] = _PolicyEngine(engine, weights, shadow)
     if sharded:
         _gather_into(built.shadow, policy)
