@@ -13,14 +13,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minimind"
 
 # Bottom to top; a part may import parts of its own tier or lower ones. "__init__" is `minimind` itself.
 TIERS = [
-    {"errors", "outputs", "device", "records", "help_format"},  # plain helpers
+    {"errors", "outputs", "device", "records", "help_format", "sources"},  # plain helpers; where records come from
     {"hub", "card", "push"},  # hub ids -> local snapshots, model cards, uploads (huggingface_hub only)
     {"model", "lora", "demo_data", "examples"},  # the plain model (HF remote code), LoRA layers and adapters, demo and example files
     {"tokenizer"},
     {"data", "kernels", "modeldir"},  # datasets; fast kernels beside the model; model directories
     {"train", "infer", "info"},
     {"serve", "eval", "convert"},
-    {"demo", "cli", "completion", "__main__", "__init__"},
+    {"demo", "cli", "completion", "config_file", "__main__", "__init__"},  # config_file: --config for every verb
 ]
 TIER = {part: level for level, parts in enumerate(TIERS) for part in parts}
 # What the issue names outright: the model layer imports none of these.

@@ -181,7 +181,7 @@ def test_the_parser_reads_a_reply_inside_the_think_block_the_prompt_opened(token
         app = create_app(Scheduler(engine), ServeConfig(["m"], split_reasoning=split))
         with TestClient(app) as http:
             for on in (True, False):
-                body = {"messages": question, "max_tokens": 12, "temperature": 1, "seed": 3,
+                body = {"messages": question, "max_tokens": 12, "temperature": 1, "seed": 7,
                         "chat_template_kwargs": {"open_thinking": on}}
                 message = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
                 streamed = [json.loads(line[6:]) for line in http.post(
@@ -192,7 +192,7 @@ def test_the_parser_reads_a_reply_inside_the_think_block_the_prompt_opened(token
                                       "".join(d.get("reasoning_content") or "" for d in deltas) or None,
                                       "".join(d.get("content") or "" for d in deltas))
             # a grammar shapes the reply from its first token: all content
-            body = {"messages": question, "max_tokens": 12, "temperature": 1, "seed": 3,
+            body = {"messages": question, "max_tokens": 12, "temperature": 1, "seed": 7,
                     "chat_template_kwargs": {"open_thinking": True}, "response_format": {"type": "json_object"}}
             replies[split, "json"] = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
     assert replies[True, "json"].get("reasoning_content") is None
