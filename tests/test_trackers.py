@@ -155,7 +155,7 @@ def test_training_from_a_hub_id_logs_resumes_and_pushes(tmp_path, model_dir, off
     out = tmp_path / "run"
     common = ["sft", "--data", str(sft_data(tmp_path / "sft.jsonl")), "--init", "org/base@main", "--out", str(out),
               "--max-seq-len", "160", "--batch-size", "2", "--max-steps", "4", "--save-every", "2", "--device", "cpu",
-              "--dtype", "fp32", "--tensorboard", "--wandb", "--run-name", "tiny-sft", "--tracker-tags", "x,y",
+              "--dtype", "fp32", "--tensorboard", "--wandb", "--run-name", "tiny-sft", "--tags", "x,y",
               "--push-to-hub", "me/tiny-sft", "--push-every-checkpoint"]
     assert main([*common, "--stop-after-steps", "2"]) == 0
     assert [u["path_in_repo"] for u in hub.uploads] == ["checkpoints/step-2"]

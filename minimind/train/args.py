@@ -193,8 +193,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
     g.add_argument("--project", default=None,
                    help="tracker project (default: WANDB_PROJECT, SWANLAB_PROJECT or TRACKIO_PROJECT, else minimind)")
     g.add_argument("--run-name", default=None, help="tracker run name (default: the --out directory's name)")
-    g.add_argument("--tracker-tags", default=[], type=lambda s: [t for t in s.split(",") if t], metavar="A,B",
-                   help="comma-separated tags of the tracker run")
+    # --tags as trackers' users type it; distill's --tags already names its reasoning tags, so there only
+    # --tracker-tags (which every stage takes)
+    names = ["--tracker-tags"] if stage == "distill" else ["--tags", "--tracker-tags"]
+    g.add_argument(*names, dest="tracker_tags", default=[], type=lambda s: [t for t in s.split(",") if t],
+                   metavar="A,B", help="comma-separated tags of the tracker run")
     g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
                    help="upload the final model with a model card to this Hugging Face repo (needs a token)")
     g.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repo as private")
