@@ -180,7 +180,7 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
         save_final=lambda m, out: save_model_dir(m, tokenizer, out), eval_dataset=eval_dataset,
         final_numbers=held_out_numbers(objective, cfg, eval_dataset, collate, reference, info.device),
         notes=[f"GRPO: G = {options.group_size} completions per prompt (≤ {options.max_new_tokens} tokens, "
-               f"temperature {options.temperature:g}), reward {options.reward!r}, β = {options.beta:g} (k3 KL to "
+               f"temperature {options.temperature:g}), reward {options.reward!r}, β = {options.beta:g} (KL to "
                f"{cfg.init}), loss {options.loss} (clip ε = {options.clip:g}, ε_high = {options.resolved_clip_high():g}, "
                f"{options.importance_sampling}-level ratio, KL {options.kl_estimator}), {reuse_note(options)}. "
                "Held-out numbers: "
