@@ -128,16 +128,22 @@ def test_json_schema_output_parses(client):
     jsonschema.validate(json.loads(response.output_text), schema)  # a grammar reply: no reasoning item
 
 
+SEED = 1
+
+
 def test_reasoning_item_holds_the_think_block(client, http):
-    """Thinking on: the template opens the think block, and the untrained model never closes it, so its whole
-    reply is the reasoning item's text, streamed as reasoning_text deltas; thinking off: no reasoning item."""
-    on = client.responses.create(model="tiny", input="What is 2 plus 2?", reasoning={"effort": "high"}, max_output_tokens=10)
+    """Thinking on: the template opens the think block, and the untrained model (sampled with a seed where it does
+    not close it) writes only the reasoning item's text, streamed as reasoning_text deltas; thinking off: no
+    reasoning item."""
+    seeded = {"seed": SEED}
+    on = client.responses.create(model="tiny", input="What is 2 plus 2?", reasoning={"effort": "high"},
+                                 max_output_tokens=10, extra_body=seeded)
     assert on.output[0].type == "reasoning" and on.output[0].content[0].text.strip()
     assert on.output_text == "" and on.usage.output_tokens_details.reasoning_tokens >= 1
     off = client.responses.create(model="tiny", input="What is 2 plus 2?", reasoning={"effort": "none"}, max_output_tokens=10)
     assert [item.type for item in off.output] == ["message"]
     with client.responses.stream(model="tiny", input="What is 2 plus 2?", reasoning={"effort": "low"},
-                                 max_output_tokens=10) as stream:
+                                 max_output_tokens=10, extra_body=seeded) as stream:
         events = list(stream)
     kinds = [event.type for event in events]
     assert kinds[2] == "response.output_item.added" and events[2].item.type == "reasoning"
