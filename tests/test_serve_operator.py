@@ -4,6 +4,7 @@ and the warning for an exposed server without a key."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -309,3 +310,21 @@ def test_a_server_error_still_carries_the_request_id(tokenizer, monkeypatch):
         assert response.status_code == 500 and response.headers["x-request-id"] == "bug-1"
         assert response.json()["error"]["type"] == "server_error"
         assert sample(metrics(client), "minimind:http_requests_total", endpoint="/tokenize", status="500") == 1
+
+
+def test_the_body_limit_guards_every_post_and_any_content_type_is_read_as_json(tokenizer):
+    with make_client(tokenizer, max_body_bytes=300) as client:
+        body = json.dumps({"messages": CHAT, "max_tokens": 1}).encode()
+        for kind in ("text/plain", "application/x-www-form-urlencoded"):  # as `curl -d` sends it
+            assert client.post("/v1/chat/completions", headers={**AUTH, "Content-Type": kind},
+                               content=body).status_code == 200, kind
+        declared = client.post("/tokenize", headers=AUTH, json={"prompt": "x" * 400})
+        counted = client.post("/tokenize", headers=AUTH, content=iter([b'{"prompt": "', b"x" * 400, b'"}']))
+        for response in (declared, counted):  # Content-Length over the limit, or none and the bytes counted
+            error = response.json()["error"]
+            assert response.status_code == 413 and error["code"] == "request_too_large", response.text
+        assert declared.json()["error"]["message"].endswith("bytes; the limit is 300")
+        assert counted.json()["error"]["message"].endswith("over the limit of 300 bytes")  # nothing declared it
+        for bad in (b'{"prompt": NaN}', b"[1]", b""):
+            response = client.post("/detokenize", headers=AUTH, content=bad)
+            assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", bad

@@ -145,3 +145,32 @@ def test_logit_bias_keys_are_token_ids_of_the_model():
         with pytest.raises(APIError, match=re.escape(message)) as err:
             base_params(request, {}, 512)
         assert err.value.param == "logit_bias"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "assistant"}]}, "messages[0].content"),
+    ({"messages": [{"role": "tool", "content": [{"type": "text"}]}]}, "messages[0].content"),
+    ({"messages": [{"content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "system", "content": "x", "tool_calls": [CALL]}]}, "messages[0].tool_calls"),
+    ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+     "response_format.json_schema.name"),
+    ({"messages": HELLO, "response_format": {"type": "xml"}}, "response_format.type"),
+    ({"messages": HELLO, "chat_template_kwargs": {"tools": 1}}, "chat_template_kwargs"),
+])
+def test_errors_inside_a_role_or_type_union_name_the_field_without_the_tag(body, param):
+    with pytest.raises(APIError) as err:
+        parse_request(ChatCompletionRequest, body)
+    assert (err.value.status, err.value.param) == (400, param) and err.value.message.startswith(param + ": ")
+
+
+def test_each_role_has_its_model_and_the_template_reads_joined_text():
+    request = parse_request(ChatCompletionRequest, {"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+        {"role": "user", "content": "hi", "tool_calls": []},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "content": "18", "tool_call_id": "c1"}]})
+    assert [type(m).__name__ for m in request.messages] == ["SystemTurn", "UserTurn", "AssistantTurn", "ToolTurn"]
+    assert request.conversation() == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": CALL["function"]}]},
+        {"role": "tool", "content": "18"}]

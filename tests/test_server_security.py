@@ -93,11 +93,22 @@ def test_openapi_documents_bodies_and_statuses(client):
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     request = spec["components"]["schemas"]["ChatCompletionRequest"]
     assert request["required"] == ["messages"] and request["properties"]["n"]["maximum"] == 16
-    user, assistant = request["properties"]["messages"]["items"]["anyOf"]
+    messages = request["properties"]["messages"]["items"]  # one model per role, chosen by "role"
+    schemas = spec["components"]["schemas"]
+    turns = {role: schemas[ref.rsplit("/", 1)[1]] for role, ref in messages["discriminator"]["mapping"].items()}
+    assert messages["discriminator"]["propertyName"] == "role" and len(messages["oneOf"]) == 5
+    assert set(turns) == {"system", "developer", "user", "assistant", "tool"}
+    user, assistant = turns["user"], turns["assistant"]
     assert {"type": "string"} in user["properties"]["content"]["anyOf"] and "content" in user["required"]
+    assert "tool_calls" not in user["properties"]  # refused on every turn but the assistant's
     assert {"type": "null"} in assistant["properties"]["content"]["anyOf"] and "tool_calls" in assistant["properties"]
-    tool = spec["components"]["schemas"]["FunctionSpec"]["properties"]
-    assert tool["name"]["pattern"] and "tool_calls" in spec["components"]["schemas"]["AssistantMessage"]["properties"]
+    parts = next(form for form in user["properties"]["content"]["anyOf"] if form.get("type") == "array")
+    assert schemas[parts["items"]["$ref"].rsplit("/", 1)[1]]["properties"]["type"]["const"] == "text"
+    formats = request["properties"]["response_format"]["anyOf"][0]
+    assert formats["discriminator"]["propertyName"] == "type"
+    assert set(formats["discriminator"]["mapping"]) == {"text", "json_object", "json_schema"}
+    tool = schemas["FunctionSpec"]["properties"]
+    assert tool["name"]["pattern"] and "tool_calls" in schemas["AssistantMessage"]["properties"]
     assert "422" not in json.dumps(spec["paths"])  # schema errors are answered 400, as documented
 
 

@@ -10,8 +10,10 @@
     POST /tokenize, /detokenize  vLLM's token tools; GET /version; GET /metrics (Prometheus): `serve/operator.py`,
                                  `serve/metrics.py`
 
-Request handlers run on the event loop: they read and check the body (`protocol`), tokenize the prompt with
-the scheduler's `PromptEncoder`, check it fits the context, and submit one `Job` per choice. The scheduler
+`BodyLimit` (`serve/operator.py`) reads each POST body first (413 over `max_body_bytes`, 400 unless a JSON
+object); FastAPI validates it against the handler's typed body (`protocol.py`, `responses_api.py`), and a
+validation error becomes the 400 naming its field (`protocol.request_error`). Request handlers run on the event
+loop: they check what the types cannot (`check_supported`), tokenize the prompt with the scheduler's `PromptEncoder`, check it fits the context, and submit one `Job` per choice. The scheduler
 thread hands outputs back with `loop.call_soon_threadsafe` into an asyncio queue. A streaming response
 relays them as SSE chunks; if the client disconnects, Starlette cancels the response's generator and its
 `finally` cancels the jobs (their KV-cache rows are freed before the next step). A non-streaming handler
@@ -29,7 +31,6 @@ The `model` field only selects among the served names; nothing in a request can 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -48,20 +49,19 @@ from minimind.infer.sampling import SamplingParams
 from minimind.serve.jobs import Choices, EventStream, Readers, collect_or_leave, shutting_down
 from minimind.serve.logprobs import LogprobFormatter, TextOffsets
 from minimind.serve.metrics import ServerMetrics
-from minimind.serve.openapi import install_openapi
-from minimind.serve.operator import REQUEST_ID, RequestLog, add_cors, request_id, token_router
+from minimind.serve.openapi import GENERATION_ERRORS, documented, install_openapi
+from minimind.serve.operator import REQUEST_ID, BodyLimit, RequestLog, add_cors, request_id, token_router
 from minimind.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    _param_name,
     base_params,
     fit_to_context,
-    parse_request,
+    request_error,
 )
 from minimind.serve.reasoning import ReasoningSplitter
-from minimind.serve.responses import Health, ModelCard, ModelList, Reply, sse
-from minimind.serve.responses_api import create_response
+from minimind.serve.responses import ChatCompletion, Completion, Health, ModelCard, ModelList, Reply, sse
+from minimind.serve.responses_api import ResponseObject, ResponsesRequest, create_response
 from minimind.serve.scheduler import Scheduler, ShuttingDown
 from minimind.serve.tools import ToolCallReader
 from minimind.tokenizer.thinking import PromptThinking, prompt_ids_thinking
@@ -99,19 +99,25 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
     api = _Api(scheduler, config)
     metrics = ServerMetrics(scheduler, config.model_names[0])
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health, "description": "OK"},
+                                   503: {"model": Health, "description": "the scheduler thread is gone"}})
     async def health() -> JSONResponse:
         alive = scheduler.alive
         health = Health(status="ok" if alive else "error", active=scheduler.active)
         return JSONResponse(health.model_dump(), status_code=200 if alive else 503)
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(api.authorize)])
-    router.add_api_route("/models", api.list_models, methods=["GET"])
-    router.add_api_route("/models/{name:path}", api.get_model, methods=["GET"])
-    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"])
-    router.add_api_route("/completions", api.completions, methods=["POST"])
-    router.add_api_route("/responses", api.responses, methods=["POST"])
+    router.add_api_route("/models", api.list_models, methods=["GET"], responses=documented(ModelList, 401))
+    router.add_api_route("/models/{name:path}", api.get_model, methods=["GET"],
+                         responses=documented(ModelCard, 401, 404))
+    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"],
+                         responses=documented(ChatCompletion, *GENERATION_ERRORS))
+    router.add_api_route("/completions", api.completions, methods=["POST"],
+                         responses=documented(Completion, *GENERATION_ERRORS))
+    router.add_api_route("/responses", api.responses, methods=["POST"],
+                         responses=documented(ResponseObject, *GENERATION_ERRORS))
     app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)  # inside CORS and the request log
     _add_operator_endpoints(app, api, metrics)
     install_openapi(app)
     return app
@@ -139,13 +145,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
         """A typed body FastAPI refused: 400 naming the first field at fault, as `parse_request` does."""
         first = err.errors()[0]
-        if first["type"] == "json_invalid":
+        if first["type"] == "json_invalid":  # `BodyLimit` answers first; kept for an app without it
             return JSONResponse(APIError(400, "the request body is not valid JSON", None, "invalid_json").body(),
                                 status_code=400)
-        loc = tuple(first["loc"])
-        param = _param_name(loc[1:] if loc[:1] == ("body",) else loc) or None
-        message = first["msg"].removeprefix("Value error, ")
-        return JSONResponse(APIError(400, f"{param}: {message}" if param else message, param).body(), status_code=400)
+        return JSONResponse(request_error(err.errors()).body(), status_code=400)
 
     async def server_error(request: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=err)
@@ -200,14 +203,14 @@ class _Api:
                            "model_not_found")
         return name
 
-    async def chat_completions(self, request: Request) -> Response:
-        body = parse_request(ChatCompletionRequest, await self._read_json(request))
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        body.check_supported()
         model = self._model_name(body.model)
         prompt, reader, splitter = self.chat_job(body, self.config.split_reasoning)
         return await self._generate(request, model, body, [prompt], echoes=None, tools=reader, reasoning=splitter)
 
-    async def responses(self, request: Request) -> Response:
-        return await create_response(self, request)
+    async def responses(self, body: ResponsesRequest, request: Request) -> Response:
+        return await create_response(self, body, request)
 
     def chat_job(self, body: ChatCompletionRequest,
                  split_reasoning: bool) -> tuple[list[int], ToolCallReader | None, ReasoningSplitter | None]:
@@ -238,8 +241,8 @@ class _Api:
             splitter = ReasoningSplitter(body.n, thinking)
         return prompt, reader, splitter
 
-    async def completions(self, request: Request) -> Response:
-        body = parse_request(CompletionRequest, await self._read_json(request))
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        body.check_supported()
         model = self._model_name(body.model)
         try:
             prompts = [self.prompts.encode(p) for p in body.prompt]
@@ -252,27 +255,6 @@ class _Api:
         bos = self.prompts.tokenizer.bos_token_id
         starts = [int(isinstance(p, str) and bos is not None and ids[:1] == [bos]) for p, ids in zip(body.prompt, prompts)]
         return await self._generate(request, model, body, prompts, echoes, starts)
-
-    async def _read_json(self, request: Request) -> dict:
-        """The body as a JSON object; 413 past `max_body_bytes` (declared or streamed), 400 if not JSON."""
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", None,
-                           "request_too_large")
-        data = bytearray()
-        async for piece in request.stream():
-            data += piece
-            if len(data) > limit:
-                raise APIError(413, f"the request body is over the limit of {limit} bytes", None,
-                               "request_too_large")
-        try:
-            value = json.loads(data, parse_constant=_no_constants)
-        except (ValueError, RecursionError) as err:
-            raise APIError(400, f"the request body is not valid JSON: {err}", None, "invalid_json") from None
-        if not isinstance(value, dict):
-            raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
-        return value
 
     def submit(self, body: ChatCompletionRequest | CompletionRequest,
                prompts: list[list[int]]) -> tuple[SamplingParams, Choices, int]:
@@ -412,7 +394,3 @@ async def _respond(request: Request, reply: Reply, choices: Choices, prompt_toke
     return JSONResponse(reply.body([content for _, content, _ in parts], reasons, prompt_tokens, completion_tokens,
                                    per_choice, [calls for _, _, calls in parts],
                                    [thinking for thinking, _, _ in parts] if readers.reasoning else None))
-
-
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not valid JSON")

@@ -1,10 +1,11 @@
-"""The server's OpenAPI document, accurate enough for clients and schema-driven fuzzers (schemathesis).
+"""What the server's OpenAPI document needs beyond what FastAPI writes from the routes.
 
-The /v1 handlers read the raw body themselves (size limit, strict types, OpenAI-style 400s), so FastAPI cannot
-see their request models; this module puts them in: each POST's request body is its pydantic model's JSON
-schema, every response the server can give is listed with its body, and FastAPI's default 422 (which the
-app never sends: schema errors are 400s) is dropped. The response models are the ones the handlers build
-their bodies from (`responses.py`, `responses_api.py`, `protocol.ErrorResponse`).
+FastAPI generates the document: each POST's request body from the pydantic model its handler takes
+(`protocol.py`, `responses_api.py`, `operator.py`), and each route's responses from the `responses=` it declares
+with `documented` / `error_responses` here (the 200 body's model from `responses.py` or `responses_api.py`, the
+error body `protocol.ErrorResponse`). `install_openapi` adds the one thing a type cannot say: a streaming
+route's 200 is also `text/event-stream`, each event's data a chunk model (or an in-band error), then [DONE];
+and it drops FastAPI's 422, which this server never sends (schema errors are answered 400).
 """
 
 from __future__ import annotations
@@ -15,17 +16,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from minimind.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from minimind.serve.responses import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    Completion,
-    CompletionChunk,
-    Health,
-    ModelCard,
-    ModelList,
-)
-from minimind.serve.responses_api import ResponseObject, ResponsesRequest, ResponseStreamEvent
+from minimind.serve.protocol import ErrorResponse
+from minimind.serve.responses import ChatCompletionChunk, CompletionChunk
+from minimind.serve.responses_api import ResponseStreamEvent
 
 ERRORS = {
     400: "bad body or parameters, prompt too long for the context",
@@ -35,20 +28,25 @@ ERRORS = {
     429: "queue full; retry after the Retry-After seconds",
     503: "the server is shutting down (after SIGTERM); retry on another server or after it restarts",
 }
-# path -> (method, request body model or None, 200 response model, error statuses, streamed chunk model)
-OPERATIONS: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel], tuple[int, ...], type[BaseModel] | None]] = {
-    "/health": ("get", None, Health, (), None),
-    "/v1/models": ("get", None, ModelList, (401,), None),
-    "/v1/models/{name}": ("get", None, ModelCard, (401, 404), None),
-    "/v1/chat/completions": ("post", ChatCompletionRequest, ChatCompletion, (400, 401, 404, 413, 429, 503),
-                             ChatCompletionChunk),
-    "/v1/completions": ("post", CompletionRequest, Completion, (400, 401, 404, 413, 429, 503), CompletionChunk),
-    "/v1/responses": ("post", ResponsesRequest, ResponseObject, (400, 401, 404, 413, 429, 503), ResponseStreamEvent),
-}
+# what a generation route can answer besides 200
+GENERATION_ERRORS = (400, 401, 404, 413, 429, 503)
+# path -> the model of each SSE event's data when the request sets `stream`
+STREAMS: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatCompletionChunk,
+                                       "/v1/completions": CompletionChunk, "/v1/responses": ResponseStreamEvent}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` entries for these error statuses: OpenAI's error body, what each means."""
+    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
+
+
+def documented(ok: type[BaseModel], *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: its 200 body's model and its error statuses."""
+    return {200: {"model": ok, "description": "OK"}, **error_responses(*statuses)}
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Make `app.openapi()` (served at /openapi.json) describe the real bodies and statuses."""
+    """Make `app.openapi()` (served at /openapi.json) FastAPI's document plus the SSE bodies, less the 422s."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -63,31 +61,22 @@ def _document(app: FastAPI) -> dict[str, Any]:
     components = spec.setdefault("components", {}).setdefault("schemas", {})
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
-    for operations in spec["paths"].values():  # typed bodies (/tokenize, /detokenize) get FastAPI's 422 listed
+    for operations in spec["paths"].values():
         for operation in operations.values():
             operation.get("responses", {}).pop("422", None)
 
     def ref(model: type[BaseModel]) -> dict[str, str]:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(schema.pop("$defs", {}))
-        components[model.__name__] = schema
+        # serialization mode, as FastAPI writes response models: the definitions they share come out the same
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        for name, definition in schema.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components.setdefault(model.__name__, schema)
         return {"$ref": f"#/components/schemas/{model.__name__}"}
 
-    error = {"application/json": {"schema": ref(ErrorResponse)}}
-    for path, (method, request, reply, statuses, chunk) in OPERATIONS.items():
-        operation = spec["paths"][path][method]
-        if request is not None:
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(request)}}}
-        ok = {"application/json": {"schema": ref(reply)}}
-        if chunk is not None:  # `stream` true: each SSE event's data is a chunk (or an error), then [DONE]
-            data = {"anyOf": [{"const": "[DONE]"}, {"contentMediaType": "application/json",
-                                                    "contentSchema": {"anyOf": [ref(chunk), ref(ErrorResponse)]}}]}
-            ok["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
-                                                  "properties": {"data": data}}}
-        responses = {"200": {"description": "OK", "content": ok}}
-        responses.update({str(s): {"description": ERRORS[s], "content": error} for s in statuses})
-        if path == "/health":
-            responses["503"] = {"description": "the scheduler thread is gone",
-                                "content": {"application/json": {"schema": ref(Health)}}}
-        operation["responses"] = responses
+    for path, chunk in STREAMS.items():
+        data = {"anyOf": [{"const": "[DONE]"}, {"contentMediaType": "application/json",
+                                                "contentSchema": {"anyOf": [ref(chunk), ref(ErrorResponse)]}}]}
+        content = spec["paths"][path]["post"]["responses"]["200"]["content"]
+        content["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
+                                                   "properties": {"data": data}}}
     return spec

@@ -19,29 +19,25 @@ same middleware counts responses for `minimind:http_requests_total` (`serve/metr
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minimind.serve.metrics import ServerMetrics
-from minimind.serve.openapi import ErrorResponse
-from minimind.serve.protocol import (
-    MESSAGE_SCHEMA,
-    TEMPLATE_KWARGS_SCHEMA,
-    APIError,
-    ChatCompletionRequest,
-    parse_request,
-)
+from minimind.serve.openapi import error_responses
+from minimind.serve.protocol import APIError, ChatCompletionRequest, TemplateKwargs, parse_request
 from minimind.serve.protocol import Message as ChatMessage
 from minimind.serve.scheduler import PromptEncoder
 
@@ -61,10 +57,10 @@ class TokenizeRequest(_Body):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[Annotated[ChatMessage, WithJsonSchema(MESSAGE_SCHEMA)]] | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True  # messages only: end with the assistant's opening, as a chat request does
     # messages only: the chat request's extra template variables, e.g. {"open_thinking": true}
-    chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS_SCHEMA)] = None
+    chat_template_kwargs: TemplateKwargs = None
     add_special_tokens: bool | None = None  # <s> in front; default true for a prompt, false for messages
     return_token_strs: bool = False
 
@@ -97,10 +93,6 @@ class Version(BaseModel):
     version: str
 
 
-def _error_responses(*statuses: int) -> dict:
-    return {status: {"model": ErrorResponse} for status in statuses}
-
-
 def token_router(prompts: PromptEncoder, model_name: Callable[[str | None], str],
                  authorize: Callable[..., Awaitable[None]]) -> APIRouter:
     """/tokenize, /detokenize (behind `authorize`) and /version. `model_name` checks a request's `model`."""
@@ -114,7 +106,7 @@ def token_router(prompts: PromptEncoder, model_name: Callable[[str | None], str]
         return Version(version=sys.modules["minimind"].__version__)
 
     @router.post("/tokenize", dependencies=[Depends(authorize)], response_model_exclude_none=True,
-                 responses=_error_responses(400, 401, 404, 413))
+                 responses=error_responses(400, 401, 404, 413))
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         model_name(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -143,7 +135,7 @@ def token_router(prompts: PromptEncoder, model_name: Callable[[str | None], str]
         strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=prompts.max_seq_len, tokens=ids, token_strs=strs)
 
-    @router.post("/detokenize", dependencies=[Depends(authorize)], responses=_error_responses(400, 401, 404, 413))
+    @router.post("/detokenize", dependencies=[Depends(authorize)], responses=error_responses(400, 401, 404, 413))
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         model_name(body.model)
         for i, token in enumerate(body.tokens):
@@ -159,6 +151,70 @@ def add_cors(app: FastAPI, origins: list[str]) -> None:
     """Let browser pages from `origins` ("*" = any) call the API; preflight requests are answered here."""
     app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["*"], expose_headers=[REQUEST_ID], max_age=600)
+
+
+class BodyLimit:
+    """Reads a POST's body before any handler does: 413 past `max_bytes` (as its Content-Length declares it, or as
+    counted while it arrives), 400 unless it is a JSON object. Every body the API takes is JSON whatever its
+    Content-Type says (a plain `curl -d` works), so the handler is handed the body with Content-Type JSON, then
+    the client's later messages (its disconnect) as they come."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        data = bytearray()
+        refusal = self._declared_too_large(scope)
+        while refusal is None:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # nobody is left to answer
+            data += message.get("body", b"")
+            if len(data) > self.max_bytes:
+                refusal = APIError(413, f"the request body is over the limit of {self.max_bytes} bytes", None,
+                                   "request_too_large")
+            elif not message.get("more_body", False):
+                refusal = _not_a_json_object(data)
+                break
+        if refusal is not None:
+            await JSONResponse(refusal.body(), status_code=refusal.status)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(data), "more_body": False}
+
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        await self.app({**scope, "headers": [*headers, (b"content-type", b"application/json")]}, replay, send)
+
+    def _declared_too_large(self, scope: Scope) -> APIError | None:
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return APIError(413, f"the request body is {declared} bytes; the limit is {self.max_bytes}", None,
+                            "request_too_large")
+        return None
+
+
+def _not_a_json_object(data: bytes) -> APIError | None:
+    """None when `data` is a JSON object (NaN and Infinity are not JSON); else the 400 saying what it is."""
+    try:
+        value = json.loads(data, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as err:
+        return APIError(400, f"the request body is not valid JSON: {err}", None, "invalid_json")
+    if not isinstance(value, dict):
+        return APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    return None
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def request_id(scope: Scope) -> str | None:

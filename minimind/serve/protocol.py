@@ -1,5 +1,10 @@
 """OpenAI request bodies for the API server: schemas, validation, and the mapping to `SamplingParams`.
 
+These models are the one description of the request protocol: the handlers take them as typed bodies, and the
+OpenAPI document is generated from them. A chat turn is one model per role (chosen by "role"), its content a
+string or a list of content parts; `response_format` is one model per "type". A check no type can express
+(`check_supported`, run by each handler) refuses with the same 400 JSON.
+
 Validation follows OpenAI and vLLM: every client error becomes an `APIError` that the app turns into
 `{"error": {"message", "type", "param", "code"}}` with its HTTP status. Schema violations (wrong type, value
 out of range, missing field, wrong role) are 400 like OpenAI and vLLM answer them, not FastAPI's default 422.
@@ -31,12 +36,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
-    WithJsonSchema,
     field_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
@@ -55,29 +60,6 @@ MAX_CHOICES = 16  # n per prompt
 MAX_STOP_STRINGS = 16
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-# What the hand-written validators below accept, for the OpenAPI document (`serve/openapi.py`).
-TEXT_PART = {"type": "object", "required": ["type", "text"],
-             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]}
-CALL_SCHEMA = {"type": "object", "required": ["function"], "properties": {
-    "id": {"type": "string"}, "type": {"const": "function"},
-    "function": {"type": "object", "required": ["name", "arguments"],
-                 "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
-# A turn as `Message` accepts it, in the two shapes the roles take (pydantic's would allow a null content and
-# tool_calls on every role, which the validators refuse)
-MESSAGE_SCHEMA = {"anyOf": [
-    {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "tool"]}, "content": CONTENT_SCHEMA,
-        "tool_call_id": {"type": "string"}}},
-    {"type": "object", "required": ["role"], "properties": {
-        "role": {"const": "assistant"}, "content": {"anyOf": [*CONTENT_SCHEMA["anyOf"], {"type": "null"}]},
-        "tool_calls": {"type": "array", "items": CALL_SCHEMA}}},
-]}
-STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS},
-                         {"type": "null"}]}
-TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
-PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                           TOKEN_IDS, {"type": "array", "items": TOKEN_IDS, "minItems": 1}]}
 # Names a request's chat_template_kwargs may not set: apply_chat_template's own parameters and what it already
 # hands the template (the conversation, tools, special tokens, helper functions)
 RESERVED_TEMPLATE_NAMES = frozenset({
@@ -88,10 +70,6 @@ RESERVED_TEMPLATE_NAMES = frozenset({
     "raise_exception", "strftime_now",
 })
 MAX_TEMPLATE_KWARGS = 64
-TEMPLATE_KWARGS_SCHEMA = {"anyOf": [
-    {"type": "object", "maxProperties": MAX_TEMPLATE_KWARGS,
-     "propertyNames": {"not": {"enum": sorted(RESERVED_TEMPLATE_NAMES)}}},
-    {"type": "null"}]}
 
 
 class APIError(Exception):
@@ -123,25 +101,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def join_text_parts(value: Any, kinds: tuple[str, ...] = ("text",)) -> str:
-    """A string, or a list of text parts (whose "type" is one of `kinds`) joined: the text this model reads.
-    Raises ValueError (a field's 400) for any other form or part."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise ValueError('a content part must be an object with a "type"')
-            if part["type"] not in kinds:
-                raise ValueError(f"content part type {part['type']!r} is not supported; this model reads text")
-            if not isinstance(part.get("text"), str):
-                raise ValueError(f'a "{part["type"]}" content part needs a string "text"')
-            texts.append(part["text"])
-        return "".join(texts)
-    raise ValueError(f'expected a string or a list of {{"type": "{kinds[0]}", "text": ...}} parts')
-
-
 class _Body(BaseModel):
     """Strict types (no "0.5" for a number, no 1 for a string); unknown fields are ignored."""
 
@@ -165,38 +124,129 @@ class MessageToolCall(_Body):
     function: CalledFunction
 
 
-class Message(_Body):
-    """One chat turn; content is a string or OpenAI's list of text parts (joined). An assistant turn with
-    `tool_calls` may leave content null; a `tool` turn holds a function's result."""
+class TextPart(_Body):
+    """A content part holding text, the one kind this model reads. Another kind of part is a model like this
+    one with its own `type` literal, joined to this one in a union discriminated by "type"."""
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    tool_calls: list[MessageToolCall] | None = None  # before content: content's check reads it
-    content: Any = Field(None, validate_default=True)  # documented by MESSAGE_SCHEMA
-    tool_call_id: str | None = None
+    type: Literal["text"]
+    text: str
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _calls_from_the_assistant(cls, value: Any, info: ValidationInfo) -> Any:
-        if value and info.data.get("role") != "assistant":
-            raise ValueError("only an assistant turn can have tool_calls")
-        return value
+
+def text_parts(*kinds: str) -> BeforeValidator:
+    """Checks a content field before its type does: a string, or a list of parts whose "type" is one of `kinds`
+    (the first named in the message), each with a string "text"; anything else is refused with a message
+    saying what this model reads (pydantic's would name a member of the union)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            for part in value:
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ValueError('a content part must be an object with a "type"')
+                if part["type"] not in kinds:
+                    raise ValueError(f"content part type {part['type']!r} is not supported; this model reads text")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f'a "{part["type"]}" content part needs a string "text"')
+            return value
+        raise ValueError(f'expected a string or a list of {{"type": "{kinds[0]}", "text": ...}} parts')
+
+    return BeforeValidator(check)
+
+
+# a turn's content: a string, or OpenAI's list of content parts (joined by `joined`)
+Content = Annotated[str | list[TextPart], text_parts("text")]
+
+
+def joined(content: str | list) -> str:
+    """The text of a checked content field: the string, or its parts' texts joined."""
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
+class _Turn(_Body):
+    """What every chat turn has: a `role` and `content` (declared by each turn, in the order its checks read them)."""
 
     def for_template(self) -> dict:
         """The turn as the chat template reads it (OpenAI's "developer" role is the system role)."""
-        turn: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": "" if self.content is None else joined(self.content)}
+
+
+class _PlainTurn(_Turn):
+    """A turn that is not the assistant's: content required, no `tool_calls`."""
+
+    content: Content
+    tool_calls: SkipJsonSchema[None] = None
+
+    @field_validator("tool_calls", mode="before")
+    @classmethod
+    def _calls_from_the_assistant(cls, value: Any) -> None:
+        if value:
+            raise ValueError("only an assistant turn can have tool_calls")
+        return None
+
+
+class SystemTurn(_PlainTurn):
+    role: Literal["system"]
+
+
+class DeveloperTurn(_PlainTurn):
+    """OpenAI's newer name for the system turn."""
+
+    role: Literal["developer"]
+
+
+class UserTurn(_PlainTurn):
+    role: Literal["user"]
+
+
+class ToolTurn(_PlainTurn):
+    """A function's result, answering the call `tool_call_id` of the assistant turn before it."""
+
+    role: Literal["tool"]
+    tool_call_id: str | None = None
+
+
+class AssistantTurn(_Turn):
+    """An earlier reply; with `tool_calls` its content may be null."""
+
+    role: Literal["assistant"]
+    tool_calls: list[MessageToolCall] | None = None  # before content: content's check reads it
+    content: Content | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_or_calls(cls, value: str | list | None, info: ValidationInfo) -> str | list | None:
+        if value is None and not info.data.get("tool_calls"):
+            raise ValueError("content is required (null only on an assistant turn with tool_calls)")
+        return value
+
+    def for_template(self) -> dict:
+        turn = super().for_template()
         if self.tool_calls:
             turn["tool_calls"] = [{"type": "function", "function": call.function.model_dump()}
                                   for call in self.tool_calls]
         return turn
 
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, value: Any, info: ValidationInfo) -> str | None:
-        if value is None:
-            if info.data.get("role") == "assistant" and info.data.get("tool_calls"):
-                return None
-            raise ValueError("content is required (null only on an assistant turn with tool_calls)")
-        return join_text_parts(value)
+
+# one chat turn, its model chosen by "role"
+Message = Annotated[SystemTurn | DeveloperTurn | UserTurn | AssistantTurn | ToolTurn, Field(discriminator="role")]
+
+
+def _stop_strings(value: Any) -> list[str]:
+    """`stop` as the list of strings it names (null: none)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+        return value
+    raise ValueError("expected a string or a list of strings")
+
+
+StopInput = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
 
 
 class _GenerationRequest(_Body):
@@ -207,7 +257,9 @@ class _GenerationRequest(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stop: Annotated[Any, WithJsonSchema(STOP_SCHEMA)] = Field(default_factory=list)
+    # a string or up to MAX_STOP_STRINGS of them; held as the list
+    stop: Annotated[list[str], BeforeValidator(_stop_strings, json_schema_input_type=StopInput)] = Field(
+        default_factory=list)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -226,19 +278,6 @@ class _GenerationRequest(_Body):
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
     _grammar: str | None = PrivateAttr(None)  # set by check_supported
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_strings(cls, value: Any) -> list[str]:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(s, str) for s in value):
-            if len(value) > MAX_STOP_STRINGS:
-                raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
-            return value
-        raise ValueError("expected a string or a list of strings")
 
     def sampling_logprobs(self) -> int | None:
         """`SamplingParams.logprobs`: None (off) or how many alternatives each token reports."""
@@ -346,55 +385,49 @@ class JsonSchemaFormat(_Body):
     json_schema: JsonSchema
 
 
+# `response_format`: its model chosen by "type"
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+def _template_kwargs(value: Any) -> dict[str, Any] | None:
+    """An object of variables for the template only: none that apply_chat_template sets itself."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError('expected an object of chat template variables, e.g. {"open_thinking": true}')
+    if len(value) > MAX_TEMPLATE_KWARGS:
+        raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} template variables are allowed")
+    reserved = sorted(RESERVED_TEMPLATE_NAMES.intersection(value))
+    if reserved:
+        raise ValueError(f"{reserved[0]!r} is set by the server, not by a request; send only the template's "
+                         'own variables, e.g. {"open_thinking": true}')
+    return value
+
+
+# vLLM's `chat_template_kwargs`: extra variables for the chat template, e.g. {"open_thinking": true}
+TemplateKwargs = Annotated[
+    Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS, json_schema_extra={
+        "propertyNames": {"not": {"enum": sorted(RESERVED_TEMPLATE_NAMES)}}})] | None,
+    BeforeValidator(_template_kwargs)]
+
+
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
-    messages: list[Annotated[Message, WithJsonSchema(MESSAGE_SCHEMA)]] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[ToolSpec] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
+    response_format: ResponseFormat | None = None
     # vLLM's: extra variables for the chat template, e.g. {"open_thinking": true} or {"enable_thinking": false}
-    chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS_SCHEMA)] = None
+    chat_template_kwargs: TemplateKwargs = None
     # refused, not ignored; left out of the OpenAPI document (no request should send them)
     functions: SkipJsonSchema[Any] = None  # OpenAI's deprecated form of tools
     function_call: SkipJsonSchema[Any] = None
     modalities: SkipJsonSchema[Any] = None
-
-    @field_validator("response_format", mode="before")
-    @classmethod
-    def _response_format(cls, value: Any) -> Any:
-        """The format model its "type" names; one message naming the inner field at fault."""
-        kinds = {"text": TextFormat, "json_object": JsonObjectFormat, "json_schema": JsonSchemaFormat}
-        if value is None:
-            return None
-        if not isinstance(value, dict) or value.get("type") not in kinds:
-            raise ValueError('expected {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
-                             '"json_schema": {"name": ..., "schema": {...}}}')
-        try:
-            return kinds[value["type"]].model_validate(value)
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise ValueError(f"{_param_name(first['loc'])}: {first['msg']}") from None
-
-    @field_validator("chat_template_kwargs", mode="before")
-    @classmethod
-    def _template_kwargs(cls, value: Any) -> dict[str, Any] | None:
-        """An object of variables for the template only: none that apply_chat_template sets itself."""
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise ValueError('expected an object of chat template variables, e.g. {"open_thinking": true}')
-        if len(value) > MAX_TEMPLATE_KWARGS:
-            raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} template variables are allowed")
-        reserved = sorted(RESERVED_TEMPLATE_NAMES.intersection(value))
-        if reserved:
-            raise ValueError(f"{reserved[0]!r} is set by the server, not by a request; send only the template's "
-                             'own variables, e.g. {"open_thinking": true}')
-        return value
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -467,28 +500,32 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+def _prompts(value: Any) -> list[str | list[int]]:
+    """`prompt` as the list of prompts it holds (a text or a token-id list each)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(_is_int(t) for t in value):
+            return [value]
+        if all(isinstance(p, str) for p in value):
+            return value
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in value):
+            return value
+    raise ValueError("expected a string, a non-empty list of strings, or non-empty list(s) of token ids")
+
+
+TokenIds = Annotated[list[int], Field(min_length=1)]
+PromptInput = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+
+
 class CompletionRequest(_GenerationRequest):
     """POST /v1/completions; `prompt` is a string, a list of strings, a token-id list, or a list of those."""
 
-    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]
+    prompt: Annotated[list[str] | list[list[int]], BeforeValidator(_prompts, json_schema_input_type=PromptInput)]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: Any = None
     best_of: int | None = None
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _prompts(cls, value: Any) -> list[str | list[int]]:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and value:
-            if all(_is_int(t) for t in value):
-                return [value]
-            if all(isinstance(p, str) for p in value):
-                return value
-            if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in value):
-                return value
-        raise ValueError("expected a string, a non-empty list of strings, or non-empty list(s) of token ids")
 
     def sampling_logprobs(self) -> int | None:
         return self.logprobs
@@ -514,19 +551,41 @@ def parse_request(kind: type[_GenerationRequest], body: dict) -> _GenerationRequ
     try:
         request = kind.model_validate(body)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = _param_name(first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise APIError(400, f"{param}: {message}" if param else message, param or None) from None
+        raise request_error(err.errors()) from None
     request.check_supported()
     return request
 
 
+# The tags pydantic puts in an error's location after choosing a member of a discriminated union: a list item's
+# (a chat turn's role, a Responses input item's type) and a format's (`response_format`, the Responses `text.format`)
+ITEM_TAGS = frozenset({"system", "developer", "user", "assistant", "tool",
+                       "message", "function_call", "function_call_output", "reasoning"})
+FORMAT_TAGS, FORMAT_FIELDS = frozenset({"text", "json_object", "json_schema"}), frozenset({"response_format", "format"})
+
+
+def request_error(errors: list[dict]) -> APIError:
+    """Pydantic's (or FastAPI's) validation errors -> the 400 of the first, naming its field as `param`."""
+    first = errors[0]
+    loc = list(first["loc"])
+    if loc[:1] == ["body"]:  # FastAPI's prefix for a body field
+        loc = loc[1:]
+    if not loc and first["type"] in ("model_type", "model_attributes_type", "dict_type", "missing"):
+        return APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):  # the field the union is discriminated by
+        loc.append(first["ctx"]["discriminator"].strip("'"))
+    param = _param_name(tuple(loc)) or None
+    message = first["msg"].removeprefix("Value error, ")
+    return APIError(400, f"{param}: {message}" if param else message, param)
+
+
 def _param_name(loc: tuple) -> str:
-    """('messages', 0, 'content') -> 'messages[0].content'."""
-    name = ""
+    """('messages', 0, 'user', 'content') -> 'messages[0].content' (a union's tag left out)."""
+    name, previous = "", None
     for part in loc:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+        tags = ITEM_TAGS if isinstance(previous, int) else FORMAT_TAGS if previous in FORMAT_FIELDS else ()
+        if part not in tags:
+            name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+        previous = part
     return name
 
 

@@ -32,8 +32,6 @@ from pydantic import (
     Field,
     RootModel,
     Tag,
-    ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -46,9 +44,9 @@ from minimind.serve.protocol import (
     JsonSchema,
     TextFormat,
     _Body,
-    _param_name,
-    join_text_parts,
+    joined,
     parse_request,
+    text_parts,
 )
 from minimind.serve.scheduler import ShuttingDown
 
@@ -62,28 +60,15 @@ CHAT_FIELDS = {"messages": "input", "max_completion_tokens": "max_output_tokens"
 
 # ---- request ----
 
-def _text_of(value: Any) -> str:
-    return join_text_parts(value, ("input_text", "output_text", "text"))
+class InputTextPart(_Body):
+    """A text content part of an input item (OpenAI sends "input_text", and "output_text" in earlier replies)."""
+
+    type: Literal["input_text", "output_text", "text"]
+    text: str
 
 
-TEXT_PART = {"type": "object", "required": ["type", "text"],
-             "properties": {"type": {"enum": ["input_text", "output_text"]}, "text": {"type": "string"}}}
-
-
-def _also_text_parts(schema: dict) -> None:
-    """JSON schema of a field read by `_text_of`: a string or a list of text parts."""
-    schema.pop("type", None)
-    schema["anyOf"] = [{"type": "string"}, {"type": "array", "items": TEXT_PART}]
-
-
-def _also_a_string(schema: dict) -> None:
-    """JSON schema of `input`: a string (one user message) or the list of items."""
-    items = {k: schema.pop(k) for k in ("type", "items", "minItems") if k in schema}
-    schema["anyOf"] = [{"type": "string"}, items]
-
-
-# a string, or OpenAI's list of text parts (joined)
-Text = Annotated[str, BeforeValidator(_text_of), Field(json_schema_extra=_also_text_parts)]
+# a string, or OpenAI's list of text parts (joined by `protocol.joined`)
+Text = Annotated[str | list[InputTextPart], text_parts("input_text", "output_text", "text")]
 
 
 class MessageItem(_Body):
@@ -176,11 +161,21 @@ class ReasoningOptions(_Body):
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 
+def _one_user_message(value: Any) -> Any:
+    """`input` given as a string: the one user message it is."""
+    return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+
+InputForms = str | Annotated[list[InputItem], Field(min_length=1)]
+
+
 class ResponsesRequest(_Body):
     """POST /v1/responses, answered by `api` (the app's `_Api`: its body reader, chat prompt and job submission)."""
 
     model: str | None = None
-    input: list[InputItem] = Field(min_length=1, json_schema_extra=_also_a_string)
+    # a string (one user message) or the list of items
+    input: Annotated[list[InputItem], BeforeValidator(_one_user_message, json_schema_input_type=InputForms),
+                     Field(min_length=1)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -194,11 +189,6 @@ class ResponsesRequest(_Body):
     stream: bool = False
     store: bool | None = None  # accepted; nothing is stored
     previous_response_id: str | None = None
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _input(cls, value: Any) -> Any:
-        return [{"role": "user", "content": value}] if isinstance(value, str) else value
 
     def check_supported(self) -> None:
         """Refuse what this server cannot honour."""
@@ -217,7 +207,7 @@ class ResponsesRequest(_Body):
         messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
         for item in self.input:
             if isinstance(item, MessageItem):
-                messages.append({"role": item.role, "content": item.content})
+                messages.append({"role": item.role, "content": joined(item.content)})
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
@@ -229,7 +219,7 @@ class ResponsesRequest(_Body):
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif isinstance(item, FunctionCallOutputItem):
-                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": joined(item.output)})
         body: dict[str, Any] = {"messages": messages, "model": self.model, "temperature": self.temperature,
                                 "top_p": self.top_p, "seed": self.seed, "max_completion_tokens": self.max_output_tokens,
                                 "parallel_tool_calls": self.parallel_tool_calls}
@@ -252,32 +242,13 @@ class ResponsesRequest(_Body):
         return {k: v for k, v in body.items() if v is not None}
 
 
-def parse_responses_request(body: dict) -> tuple[ResponsesRequest, ChatCompletionRequest]:
-    """Validate a /v1/responses body and its chat equivalent; the first problem is a 400 naming its field."""
-    try:
-        request = ResponsesRequest.model_validate(body)
-    except ValidationError as err:
-        first = err.errors()[0]
-        param = _param_name(_without_tags(first["loc"]))
-        message = first["msg"].removeprefix("Value error, ")
-        raise APIError(400, f"{param}: {message}" if param else message, param or None) from None
+def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
+    """The checked chat equivalent of a /v1/responses body; a problem is a 400 naming this API's field."""
     request.check_supported()
     try:
-        chat = parse_request(ChatCompletionRequest, request.chat_body())
+        return parse_request(ChatCompletionRequest, request.chat_body())
     except APIError as err:
         raise _renamed(err) from None
-    return request, chat
-
-
-def _without_tags(loc: tuple) -> tuple:
-    """Drop the union tags pydantic puts in an error's location (after an item's index or `format`)."""
-    kept: list = []
-    for part in loc:
-        if kept and (isinstance(kept[-1], int) or kept[-1] == "format") and part in (*ITEM_TAGS, "text",
-                                                                                   "json_object", "json_schema"):
-            continue
-        kept.append(part)
-    return tuple(kept)
 
 
 def _renamed(err: APIError) -> APIError:
@@ -507,9 +478,9 @@ def _calls(calls: list[dict] | None, status: str) -> list[FunctionCall]:
                          arguments=call["function"]["arguments"], status=status) for call in calls or ()]
 
 
-async def create_response(api: Any, http: Request) -> Response:
-    """POST /v1/responses, answered by `api` (the app's `_Api`: its body reader, chat prompt and job submission)."""
-    request, chat = parse_responses_request(await api._read_json(http))
+async def create_response(api: Any, request: ResponsesRequest, http: Request) -> Response:
+    """POST /v1/responses, answered by `api` (the app's `_Api`: its chat prompt and job submission)."""
+    chat = chat_request(request)
     model = api._model_name(chat.model)
     try:
         prompt, reader, splitter = api.chat_job(chat, split_reasoning=True)
