@@ -9,6 +9,7 @@
     Engine.from_pretrained("runs/sft", quantize="int8")                         # CPU: int8 weights
     Engine.from_pretrained("runs/sft", compile=True)                            # compiled decode step
     Engine.from_pretrained("runs/sft", prepack=False)                           # CPU: no second weight copy
+    Engine.from_pretrained("runs/sft", prefix_cache_tokens=8192)                # reuse shared prompt prefixes
 
 The engine is separate from the model and works on token ids; the CLI, the server and the web UI share it.
 
@@ -30,6 +31,9 @@ prefilled together in one forward (left-padded among themselves, padding written
 logits of the last position only), which also gives their first token. When a request leaves, the last row
 moves into its place, so running rows are always the contiguous rows [0, n) and the cache is read through
 views. Memory: rows x the longest request's prompt + max_new_tokens (capped to the context).
+With `prefix_cache_tokens` > 0 (`prefix.py`), a leaving request's keys/values are kept, and a prompt sharing
+a prefix with one of them gets those columns copied into its row and prefills only the rest (at the same
+positions); `prefix_cache_stats` counts the tokens reused.
 
 Context policy: a prompt must leave room for at least one new token (prompt tokens < `max_seq_len`), else
 `UserError`; `max_new_tokens` is capped to what fits, and hitting that cap reports finish_reason "length".
@@ -64,6 +68,7 @@ from minimind.infer.layout import (
     pack_linears,
     tensor_bytes,
 )
+from minimind.infer.prefix import PrefixCache, PrefixStats
 from minimind.infer.quantize import check_quantize, quantize_int8
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from minimind.infer.text import TextStream
@@ -90,6 +95,7 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked for them
     # with SamplingParams.prompt_logprobs, on a request's first output: one per prompt token (None for the first)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0  # on a request's first output: prompt tokens taken from the prefix cache
 
 
 @dataclass
@@ -164,6 +170,7 @@ class Engine:
         quantize: str | None = None,
         compile: bool = False,
         prepack: bool = True,
+        prefix_cache_tokens: int = 0,
         *,
         _owned: bool = False,
     ):
@@ -204,6 +211,15 @@ class Engine:
         self.eos_ids = {tokenizer.eos_token_id} | _as_set(getattr(config, "eos_token_id", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.cache = SlotKVCache(config.n_layers, config.n_kv_heads, config.head_dim, self.dtype, self.device)
+        # 0: off. Off by default here, since a caller that trains the model must not reuse stale keys/values;
+        # the CLI and the server turn it on (`--prefix-cache-tokens`). int8 rounds each matmul's input with a
+        # scale of the whole call (quantize.py), so keys/values computed in another forward would differ from
+        # a fresh prefill's by more than rounding: no reuse there.
+        self.prefix_cache = None
+        if prefix_cache_tokens and self.quantize == "int8":
+            log.info("engine: no prefix cache with int8 weights (activations are rounded per forward)")
+        elif prefix_cache_tokens:
+            self.prefix_cache = PrefixCache.for_cache(prefix_cache_tokens, self.cache)
         self._guide = Guide(tokenizer)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # index = cache row
@@ -447,13 +463,22 @@ class Engine:
                 module.refresh()
         if self._head is not None:
             self._head.refresh()
+        if self.prefix_cache is not None:  # keys/values of the old weights
+            self.prefix_cache.clear()
 
     def free_cache(self) -> None:
         """Give back the KV cache's memory while idle (between RL rollouts, say); the next request allocates a
         cache sized for itself, as a fresh engine would, so what it computes does not depend on earlier calls."""
         self._require_idle()
         self.cache.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         self._alloc_rows()
+
+    @property
+    def prefix_cache_stats(self) -> PrefixStats | None:
+        """Prompt tokens queried and reused, entries and memory held (None when the prefix cache is off)."""
+        return None if self.prefix_cache is None else self.prefix_cache.stats
 
     @property
     def num_running(self) -> int:
@@ -570,19 +595,22 @@ class Engine:
         start, stop = len(self._running), len(self._running) + len(group)
         need = max(len(r.prompt_ids) + r.limit for r in self._running + group)
         self._reserve(stop, need)
-        width = max(len(r.prompt_ids) for r in group)
+        reused = [self._reuse_prefix(r, start + i) for i, r in enumerate(group)]  # columns [0, p) already filled
+        width = max(len(r.prompt_ids) - p for r, p in zip(group, reused))  # longest part left to prefill
+        longest = max(len(r.prompt_ids) for r in group)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
         write = torch.full((len(group), width), self.cache.scratch_column, dtype=torch.long)
         positions = torch.zeros((len(group), width), dtype=torch.long)  # pads: position 0, attend column 0
-        for i, request in enumerate(group):
-            n = len(request.prompt_ids)
-            ids[i, width - n :] = torch.tensor(request.prompt_ids)  # left-padded: last column = last token
-            write[i, width - n :] = positions[i, width - n :] = torch.arange(n)
+        for i, (request, p) in enumerate(zip(group, reused)):
+            n, new = len(request.prompt_ids), len(request.prompt_ids) - p
+            ids[i, width - new :] = torch.tensor(request.prompt_ids[p:])  # left-padded: last column = last token
+            write[i, width - new :] = positions[i, width - new :] = torch.arange(p, n)
             request.row, request.cached = start + i, n
         ids, write, positions = ids.to(self.device), write.to(self.device), positions.to(self.device)
-        same_length = all(len(r.prompt_ids) == width for r in group)
-        mask = None if same_length else self._columns[:width] <= positions[:, None, :, None]  # (B, 1, T, T)
-        self.cache.bind(start, stop, write, width, 0)
+        same_length = all(len(r.prompt_ids) == width for r in group)  # and so nothing reused
+        # (B, 1, T, longest): each new token sees its row's columns up to its own position, reused ones included
+        mask = None if same_length else self._columns[:longest] <= positions[:, None, :, None]
+        self.cache.bind(start, stop, write, longest, max(reused))
         scored, scores = [r.params.prompt_logprobs for r in group], None
         if all(k is None for k in scored):
             logits = self._forward(ids, mask, positions)
@@ -600,10 +628,22 @@ class Engine:
                 self._seen[request.row, torch.tensor(request.prompt_ids, device=self.device)] = True
                 self._counts[request.row] = 0
         outputs = self._sample(start, stop, logits)
+        for output, p in zip(outputs, reused):
+            output.cached_tokens = p
         if scores is not None:
             for output, score in zip(outputs, scores):
                 output.prompt_logprobs = score
         return outputs
+
+    def _reuse_prefix(self, request: _Request, row: int) -> int:
+        """Copy the longest cached prefix of the request's prompt into cache row `row`; -> its length (0: none).
+        A request scoring its prompt (prompt_logprobs) needs logits at every prompt position: nothing reused."""
+        if self.prefix_cache is None or request.params.prompt_logprobs is not None:
+            return 0
+        key, length = self.prefix_cache.match(request.prompt_ids)
+        if key is not None:
+            self.prefix_cache.load(key, length, self.cache, row)
+        return length
 
     def _decode(self) -> list[StepOutput]:
         n = len(self._running)
@@ -701,7 +741,10 @@ class Engine:
     def _free_rows(self, rows: list[int]) -> None:
         """Give rows back; the last running row moves into each hole so running rows stay [0, n)."""
         for row in sorted(rows, reverse=True):
-            self._running[row].row = -1
+            leaving = self._running[row]
+            if self.prefix_cache is not None:  # the row holds its prompt and all output but the last token
+                self.prefix_cache.store((leaving.prompt_ids + leaving.output_ids)[: leaving.cached], self.cache, row)
+            leaving.row = -1
             moved = self._running.pop()
             last = len(self._running)
             if row != last:

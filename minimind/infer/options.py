@@ -18,10 +18,31 @@ from minimind.infer.quantize import QUANTIZE_CHOICES
 from minimind.infer.sampling import SamplingParams
 from minimind.modeldir import adapter_source, read_json_object
 
+PREFIX_CACHE_TOKENS = 8192  # default bound of the prefix cache, in tokens
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=model_dir, help="model directory written by any stage")
     add_engine_arguments(parser)
+    add_prefix_cache_arguments(parser)
+
+
+def add_prefix_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--prefix-cache-tokens N` / `--no-prefix-cache` (generate, chat, serve, eval): reuse of shared prompt prefixes."""
+    parser.add_argument("--prefix-cache-tokens", type=_non_negative, default=PREFIX_CACHE_TOKENS, metavar="N",
+                        help="keep the keys/values of up to N tokens of finished requests, so a prompt that "
+                             "starts like one of them (a chat's history, a shared system prompt) prefills only "
+                             "the rest; least recently used first out; memory: N x 2 x layers x kv heads x "
+                             f"head_dim x dtype bytes (default: {PREFIX_CACHE_TOKENS}; 0 = off)")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache_tokens", action="store_const", const=0,
+                        help="turn the prefix cache off (the same as --prefix-cache-tokens 0)")
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, got {value}")
+    return value
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +124,8 @@ def load_engine(args: argparse.Namespace, warm_up: bool = False, **engine_kwargs
     engine = Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
                                     quantize=getattr(args, "quantize", None),
                                     compile=getattr(args, "compile", False),
-                                    prepack=not getattr(args, "no_prepack", False), **engine_kwargs)
+                                    prepack=not getattr(args, "no_prepack", False),
+                                    prefix_cache_tokens=getattr(args, "prefix_cache_tokens", 0), **engine_kwargs)
     if warm_up and getattr(args, "compile", False):
         print("compiling the decode step (--compile; 15-60 s on 2 CPU cores)...", file=sys.stderr, flush=True)
         print(f"compiled in {engine.warm_up():.1f} s", file=sys.stderr, flush=True)
