@@ -168,3 +168,36 @@ def test_engine_flags_turn_the_prefix_cache_on_by_default(tokenizer):
     assert parser.parse_args(["--prefix-cache-tokens", "100"]).prefix_cache_tokens == 100
     with pytest.raises(ValueError):
         PrefixCache(0, 8)
+
+
+def test_the_server_reuses_a_shared_system_prompt_and_counts_it_in_metrics(tokenizer):
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from minimind.serve.app import ServeConfig, create_app
+    from minimind.serve.scheduler import Scheduler
+
+    system = {"role": "system", "content": "You answer in one short sentence about the weather in 北京 today."}
+    asks = [[system, {"role": "user", "content": text}] for text in ("hi there", "hello again", "what now")]
+    model = random_model(10)
+
+    def answers_and_counters(prefix_cache_tokens: int) -> tuple[list[str], dict[str, float]]:
+        engine = Engine(model, tokenizer, max_batch_size=4, prefix_cache_tokens=prefix_cache_tokens)
+        with TestClient(create_app(Scheduler(engine), ServeConfig(["tiny"]))) as client:
+            answers = [client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6,
+                                                                  "temperature": 0}).json()
+                       for messages in asks]
+            text = client.get("/metrics").text
+        counters = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                    if s.name.startswith("minimind:prefix_cache")}
+        return [a["choices"][0]["message"]["content"] for a in answers], counters
+
+    plain, off = answers_and_counters(0)
+    cached, on = answers_and_counters(512)
+    assert cached == plain
+    assert off == {"minimind:prefix_cache_queries_total": 0.0, "minimind:prefix_cache_hits_total": 0.0}
+    system_tokens = len(tokenizer.encode(tokenizer.apply_chat_template([system], tokenize=False),
+                                         add_special_tokens=False))
+    assert system_tokens > 10
+    assert on["minimind:prefix_cache_hits_total"] >= 2 * (system_tokens - 1)
+    assert on["minimind:prefix_cache_queries_total"] > on["minimind:prefix_cache_hits_total"]
