@@ -211,3 +211,14 @@ def test_held_out_arithmetic_never_in_training() -> None:
         text = demo_file(name).read_text(encoding="utf-8")
         found = {frozenset((int(a), int(b))) for a, b in pair.findall(text)}
         assert not held & found, (name, sorted(map(sorted, held & found))[:5])
+
+
+def test_pretraining_asks_no_held_out_question() -> None:
+    # The quiz and dialogue paragraphs put questions and answers into pretraining, about training-side entities
+    # only: a held-out question reaches the model only as its fact in prose, never in question form.
+    text = "\n".join(r["text"] for r in _load("pretrain.jsonl"))
+    questions = {_user_text(r["conversations"][:-1]) for r in _load("sft_eval.jsonl")}
+    asked = [q for q in questions if any(f"{lead}{q}" in text for lead in ("Question: ", "问：", '"', "“"))]
+    assert not asked, asked[:5]
+    quiz = re.findall(r"^(?:Question: |问：)(.+)$", text, flags=re.M)
+    assert len(quiz) > 5_000  # the quiz share of the mix (mixed training) is a real part of pretraining
