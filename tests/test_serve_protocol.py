@@ -71,6 +71,7 @@ def test_seed_per_choice_and_context_checks():
     ({"messages": HELLO, "modalities": ["text", "audio"]}, "modalities"),
     ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "properties": {"a": {"$ref": "#/missing"}}}}}}, "response_format"),
+    ({"messages": HELLO, "guided_json": {"type": "integer", "maximum": 2**70}}, "guided_json"),  # past 64 bits
 ])
 def test_bad_chat_fields_name_their_param(body, param):
     with pytest.raises(APIError) as err:

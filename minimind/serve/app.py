@@ -49,7 +49,7 @@ from minimind.infer.sampling import SamplingParams
 from minimind.serve.jobs import Choices, EventStream, Readers, collect_or_leave, shutting_down
 from minimind.serve.logprobs import LogprobFormatter, TextOffsets
 from minimind.serve.metrics import ServerMetrics
-from minimind.serve.openapi import GENERATION_ERRORS, documented, install_openapi
+from minimind.serve.openapi import GENERATION_ERRORS, documented, error_responses, install_openapi
 from minimind.serve.operator import REQUEST_ID, BodyLimit, RequestLog, add_cors, request_id, token_router
 from minimind.serve.protocol import (
     APIError,
@@ -107,9 +107,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
         return JSONResponse(health.model_dump(), status_code=200 if alive else 503)
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(api.authorize)])
-    router.add_api_route("/models", api.list_models, methods=["GET"], responses=documented(ModelList, 401))
-    router.add_api_route("/models/{name:path}", api.get_model, methods=["GET"],
-                         responses=documented(ModelCard, 401, 404))
+    router.add_api_route("/models", api.list_models, methods=["GET"], responses=error_responses(401))
+    router.add_api_route("/models/{name:path}", api.get_model, methods=["GET"], responses=error_responses(401, 404))
     router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"],
                          responses=documented(ChatCompletion, *GENERATION_ERRORS))
     router.add_api_route("/completions", api.completions, methods=["POST"],
@@ -188,11 +187,11 @@ class _Api:
     def _model_card(self, name: str) -> ModelCard:
         return ModelCard(id=name, created=self.created, max_model_len=self.prompts.max_seq_len)
 
-    async def list_models(self) -> dict:
-        return ModelList(data=[self._model_card(n) for n in self.config.model_names]).model_dump()
+    async def list_models(self) -> ModelList:
+        return ModelList(data=[self._model_card(n) for n in self.config.model_names])
 
-    async def get_model(self, name: str) -> dict:
-        return self._model_card(self._model_name(name)).model_dump()
+    async def get_model(self, name: str) -> ModelCard:
+        return self._model_card(self._model_name(name))
 
     def _model_name(self, name: str | None) -> str:
         if name is None:

@@ -233,6 +233,15 @@ class AssistantTurn(_Turn):
 Message = Annotated[SystemTurn | DeveloperTurn | UserTurn | AssistantTurn | ToolTurn, Field(discriminator="role")]
 
 
+def _json_grammar(schema: dict | str, param: str) -> str:
+    """The grammar of JSON valid under a request's schema; one llguidance cannot take (a number past 64 bits)
+    is that field's 400."""
+    try:
+        return json_grammar(schema)
+    except ValueError as err:
+        raise APIError(400, f"{param}: the JSON schema cannot be used: {err}", param) from None
+
+
 def _stop_strings(value: Any) -> list[str]:
     """`stop` as the list of strings it names (null: none)."""
     if value is None:
@@ -311,7 +320,7 @@ class _GenerationRequest(_Body):
                     schema = json.loads(schema)
                 except ValueError:
                     raise APIError(400, "guided_json is a string but not a JSON schema", "guided_json") from None
-            found["guided_json"] = json_grammar(schema)
+            found["guided_json"] = _json_grammar(schema, "guided_json")
         if self.guided_regex is not None:
             found["guided_regex"] = regex_grammar(self.guided_regex)
         if self.guided_choice is not None:
@@ -490,7 +499,7 @@ class ChatCompletionRequest(_GenerationRequest):
             parallel = named is None and self.parallel_tool_calls is not False
             found["tools"] = tool_call_grammar(functions, parallel)
         if isinstance(self.response_format, JsonSchemaFormat):
-            found["response_format"] = json_grammar(self.response_format.json_schema.schema_)
+            found["response_format"] = _json_grammar(self.response_format.json_schema.schema_, "response_format")
         elif isinstance(self.response_format, JsonObjectFormat):
             found["response_format"] = json_grammar(None)
         return found
