@@ -12,6 +12,7 @@ import pytest
 
 from minimind.demo_data import DEMO_DIR, demo_file
 from minimind.demo_data.generate import FILES, generate
+from minimind.demo_data.records import FULL_REPLY_KINDS
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 ROLES = {"system", "user", "assistant"}
@@ -222,3 +223,14 @@ def test_pretraining_asks_no_held_out_question() -> None:
     assert not asked, asked[:5]
     quiz = re.findall(r"^(?:Question: |问：)(.+)$", text, flags=re.M)
     assert len(quiz) > 5_000  # the quiz share of the mix (mixed training) is a real part of pretraining
+
+
+def test_fact_replies_are_the_short_answer() -> None:
+    # Fact replies restate nothing from the question (no entity name for fine-tuning to push down); identity,
+    # small talk and arithmetic keep their sentences.
+    rows = _load("sft_eval.jsonl")
+    facts = [r for r in rows if r["kind"] not in FULL_REPLY_KINDS]
+    assert len(facts) > 150
+    for r in facts:
+        assert r["conversations"][-1]["content"] in (r["answer"] + ".", r["answer"] + "。", r["answer"]), r
+    assert any(len(r["conversations"][-1]["content"]) > len(r["answer"]) + 5 for r in rows if r["kind"] == "identity")

@@ -73,6 +73,27 @@ RL_EVAL_MIX: tuple[tuple[str, float], ...] = (
 )
 
 
+# Kinds whose replies restate nothing from the question: the reply is the short answer itself ("Paris.",
+# "亚洲。"). A reply that restates the entity ("The capital of France is Paris.") has the model write the
+# entity's name first; the held-out entities never occur in post-training, so fine-tuning pushes their names
+# down as outputs and the SFT model wrote a training-side country in their place ("The capital of the Czech
+# Republic is Prague."). Identity, small talk and arithmetic keep their sentences (no held-out names in them).
+FULL_REPLY_KINDS = frozenset({"identity", "small_talk", "arithmetic"})
+
+
+def brief(qa: QA) -> QA:
+    """`qa` with the short answer as its reply (and the wrong answer as its wrong reply), unless its kind
+    keeps full sentences."""
+    if qa.kind in FULL_REPLY_KINDS:
+        return qa
+    stop = "." if qa.lang == "en" else "。"
+
+    def reply(answer: str) -> str:
+        return answer if answer.endswith(stop) else answer + stop
+
+    return QA(qa.kind, qa.lang, qa.question, reply(qa.answer), qa.answer, reply(qa.wrong))
+
+
 def _msg(role: str, content: str) -> Message:
     return {"role": role, "content": content}
 
@@ -173,7 +194,7 @@ def sft(rng: random.Random, pools: Pools, n: int) -> list[dict]:
         else:
             turns = [draw(rng, lang, pools)]
         msgs = _system(rng, lang, 0.2)
-        for qa in turns:
+        for qa in map(brief, turns):
             msgs += [_msg("user", qa.question), _msg("assistant", qa.reply)]
         return {"conversations": msgs}
 
@@ -195,7 +216,7 @@ def sft_eval(rng: random.Random, pools: Pools, n: int) -> list[dict]:
 
     def make(i: int) -> dict:
         lang = lang_of(i)
-        qa = _eval_qa(rng, lang, pools, i, n_identity)
+        qa = brief(_eval_qa(rng, lang, pools, i, n_identity))
         msgs = _system(rng, lang, 0.2) + [_msg("user", qa.question), _msg("assistant", qa.reply)]
         return {"conversations": msgs, "answer": qa.answer, "kind": qa.kind}
 
@@ -215,9 +236,10 @@ def dpo(rng: random.Random, pools: Pools, n: int) -> list[dict]:
             qa = identity(rng, lang, pools) if rng.random() < 0.12 else draw(rng, lang, pools)
         else:
             qa = _eval_qa(rng, lang, pools, i, n_identity)
+        qa = brief(qa)
         prompt = _system(rng, lang, 0.2)
         if pools.train and rng.random() < 0.1:  # some context before the judged turn
-            prev = draw(rng, lang, pools)
+            prev = brief(draw(rng, lang, pools))
             prompt += [_msg("user", prev.question), _msg("assistant", prev.reply)]
         prompt.append(_msg("user", qa.question))
         roll = rng.random()
@@ -250,7 +272,7 @@ def rlaif(rng: random.Random, pools: Pools, n: int) -> list[dict]:
         lang = lang_of(i)
         msgs = _system(rng, lang, 0.2)
         if pools.train and rng.random() < 0.1:
-            prev = draw(rng, lang, pools)
+            prev = brief(draw(rng, lang, pools))
             msgs += [_msg("user", prev.question), _msg("assistant", prev.reply)]
         qa = draw(rng, lang, pools, RL_MIX if pools.train else RL_EVAL_MIX)
         msgs += [_msg("user", qa.question), _msg("assistant", qa.answer)]
