@@ -142,19 +142,18 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, device: torch.d
 
 def hf_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa", weights: bool = True):
     """The transformers model of the same shapes holding the same weights (our names are theirs): `LlamaForCausalLM`,
-    or for a QK-norm model (the minimind-3 presets) `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`.
+    for a QK-norm model (the minimind-3 presets) `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`, and for any other
+    MoE (the `moe` preset) `Qwen2MoeForCausalLM` (its exact rewrite of our shared experts, convert/qwen2_moe.py).
 
     `weights=False`: HF's own random init on the CPU instead, for a `model` on the meta device (a shape only).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     c = model.config
-    if c.qk_norm:
+    if c.qk_norm or c.use_moe:
         if weights:  # through a directory, so transformers maps per-expert weights onto its fused MoE layout
             return qwen3_directory_twin(model, attn_implementation)
-        from minimind.convert.qwen3 import qwen3_config
-
-        fields = qwen3_config(c)
+        fields = hf_config_and_state(model, torch.float32, state=False)[0]
         fields.pop("architectures"), fields.pop("torch_dtype", None)
         config = AutoConfig.for_model(fields.pop("model_type"), **fields, attn_implementation=attn_implementation)
         twin = AutoModelForCausalLM.from_config(config)
@@ -175,22 +174,33 @@ def hf_twin(model: MiniMindForCausalLM, attn_implementation: str = "sdpa", weigh
     return twin.to(param.device, param.dtype).train(model.training)
 
 
+def hf_config_and_state(model: MiniMindForCausalLM, dtype: torch.dtype, state: bool = True) -> tuple[dict, dict]:
+    """(config.json, state dict) of `model`'s Qwen3 / Qwen3-MoE form (QK-norm) or Qwen2-MoE form (other MoE), as
+    `minimind convert` writes them; `state=False`: the config only ({} for the weights)."""
+    if model.config.qk_norm:
+        from minimind.convert.llama import untied_state
+        from minimind.convert.qwen3 import qwen3_config
+
+        return qwen3_config(model.config, dtype), untied_state(model) if state else {}
+    from minimind.convert.qwen2_moe import qwen2_moe_config, qwen2_moe_state_dict
+
+    return qwen2_moe_config(model.config, dtype), qwen2_moe_state_dict(model) if state else {}
+
+
 def qwen3_directory_twin(model: MiniMindForCausalLM, attn_implementation: str):
-    """`Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` loaded from a scratch directory holding our weights under their
-    names, in `model`'s dtype, device and train/eval mode."""
+    """`Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` (or `Qwen2MoeForCausalLM` for an MoE without QK-norm) loaded
+    from a scratch directory holding our weights under their names, in `model`'s dtype, device and train/eval
+    mode."""
     import json
 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from minimind.convert.llama import untied_state
-    from minimind.convert.qwen3 import qwen3_config
-
     param = next(model.parameters())
+    config, state = hf_config_and_state(model, param.dtype)
     path = Path(scratch_dir("minimind-qwen3-twin-"))
-    (path / "config.json").write_text(json.dumps(qwen3_config(model.config, param.dtype)))
-    save_file({k: v.detach().cpu().contiguous() for k, v in untied_state(model).items()},
-              str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     twin = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype, attn_implementation=attn_implementation)
     return twin.to(param.device).train(model.training)
 

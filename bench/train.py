@@ -80,8 +80,11 @@ def gemm_ceiling(config, rows: int, device: torch.device, dtype: torch.dtype):
     return run, sum(2 * rows * k * n * c for (k, n), c in counts.items())
 
 
-def make_step(model, objective, batch: dict | None, device: torch.device, dtype: torch.dtype, hf: bool):
-    """`step(other_batch=None)`: one training step of `model` on `batch` (or another), as the trainer runs it."""
+def make_step(model, objective, batch: dict | None, device: torch.device, dtype: torch.dtype, hf: bool,
+              aux: bool = False):
+    """`step(other_batch=None)`: one training step of `model` on `batch` (or another), as the trainer runs it.
+    `aux`: an MoE's load-balancing loss joins the loss (ours: the objective's `aux_loss`, as the trainer adds it;
+    HF: `output_router_logits=True`, its own router loss)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -93,9 +96,11 @@ def make_step(model, objective, batch: dict | None, device: torch.device, dtype:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             if hf:
-                loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+                router = {"output_router_logits": True} if aux else {}
+                loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False, **router).loss
             else:
-                loss = objective(model, batch).loss_sum / count
+                out = objective(model, batch)
+                loss = out.loss_sum / count + (out.aux_loss if aux else 0.0)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -26,6 +26,7 @@ RATIO = re.compile(r"^[\w .-]+: ratio=\d+\.\d\d \(ours [\d.]+( [\w /-]+)?, peer 
     ["decode.py", "--quick", "--gguf-types"],
     ["serve.py", "--preset", "tiny", "--clients", "2", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"],
     ["reference.py", "--quick"],
+    ["moe.py", "--quick"],
     ["prefix.py", "--quick"],
 ], ids=lambda argv: argv[0])
 def test_bench_runs_and_prints_its_ratio_line(argv):
