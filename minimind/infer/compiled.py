@@ -5,7 +5,8 @@ loses on two counts: Python and one kernel launch per operation (~40 per layer),
 one-row matmul, which reads the weights slower than the memory allows. Inductor fuses the small operations
 into a few generated C++ loops and, with `decompose_mm_pass` (off by default; its size limit is raised here
 so the output head qualifies too), writes each one-row matmul as its own vectorised row-dot loop over the
-(out, in) weights; int8 weights (`Int8Linear`) become a row-dot that converts each byte as it reads it.
+(out, in) weights; int8 weights (`Int8Linear`) become a row-dot that converts each byte as it reads it, int4
+ones (`Int4Linear`) call PyTorch's packed int4 kernel inside the graph.
 The gain over the eager engine, float32 and int8, is in docs/performance.md. A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
 Attention of the one new token is written out as products and sums (`minimind.kernels.attention.one_query`), so
 the whole step (every layer, and an int8 output head) becomes one generated kernel instead of one SDPA call
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from minimind.infer.layout import OutputHead
-from minimind.infer.quantize import Int8Linear
+from minimind.infer.quantize import QUANTIZED_LINEARS
 from minimind.kernels import use_compiled_decode
 
 DECODE_COMPILE_OPTIONS = {
@@ -70,7 +71,7 @@ class CompiledDecoder:
 
     def __init__(self, body: nn.Module, output_head: OutputHead, device: torch.device):
         use_compiled_decode(body)
-        in_graph = isinstance(output_head.head, Int8Linear)
+        in_graph = isinstance(output_head.head, QUANTIZED_LINEARS)  # int8 or int4
         self.eager_head = None if in_graph else output_head
         options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
         # dynamic=None: the dimensions marked in __call__ are symbolic from the first compilation on.
@@ -87,4 +88,3 @@ class CompiledDecoder:
         torch._dynamo.maybe_mark_dynamic(mask, 3)
         out = self.step(ids, mask, positions, cache)
         return out if self.eager_head is None else self.eager_head(out)
-

@@ -6,7 +6,7 @@
     engine.generate(["a", "b"], temperature=0.8, top_p=0.9, seed=0)             # -> list[str], one batch
     for piece in engine.stream("Hello", stop=["\\n"]): print(piece, end="")      # text deltas
     engine.chat([{"role": "user", "content": "你好"}])                           # chat template applied
-    Engine.from_pretrained("runs/sft", quantize="int8")                         # CPU: int8 weights
+    Engine.from_pretrained("runs/sft", quantize="int8")                         # CPU: int8 (or "int4") weights
     Engine.from_pretrained("runs/sft", compile=True)                            # compiled decode step
     Engine.from_pretrained("runs/sft", prepack=False)                           # CPU: no second weight copy
     Engine.from_pretrained("runs/sft", prefix_cache_tokens=8192)                # reuse shared prompt prefixes
@@ -69,7 +69,7 @@ from minimind.infer.layout import (
     tensor_bytes,
 )
 from minimind.infer.prefix import PrefixCache, PrefixStats
-from minimind.infer.quantize import check_quantize, quantize_int8
+from minimind.infer.quantize import check_quantize, quantize_model
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from minimind.infer.text import TextStream
 from minimind.kernels import use_decode_kernels
@@ -182,8 +182,8 @@ class Engine:
             model = engine_copy(model)
         if device is not None:
             model = model.to(device)
-        if quantize == "int8":
-            model = quantize_int8(model)
+        if quantize is not None:
+            model = quantize_model(model, quantize)
         self.device = next(model.parameters()).device
         use_decode_kernels(model, self.device, next(model.parameters()).dtype)  # chosen once, here
         if compile and not isinstance(model, MiniMindForCausalLM):

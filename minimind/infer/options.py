@@ -51,8 +51,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, type=dtype_name, choices=["fp32", "bf16", "fp16"],
                         help="weights dtype (default: as saved; float32, bfloat16 and float16 are accepted too)")
     parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
-                        help="int8: int8 weights per output channel for CPU inference (about 4x fewer bytes "
-                             "per token; default: none)")
+                        help="CPU inference with fewer weight bytes per token: int8 (one scale per output "
+                             "channel, about 4x fewer) or int4 (llama.cpp's q4_0 groups of 32, about 7x fewer); "
+                             "default: none")
     parser.add_argument("--compile", action="store_true",
                         help="compile single-sequence decoding with torch.compile, once (15-60 s on 2 CPU "
                              "cores; chat, serve and web do it at start, generate and eval at the first "

@@ -1,4 +1,4 @@
-"""int8 weights for CPU inference: `Engine(model, tok, quantize="int8")`, `--quantize int8` on the CLI.
+"""int8 and int4 weights for CPU inference: `Engine(model, tok, quantize="int8")`, `--quantize int8|int4`.
 
 Every projection (attention q/k/v/o, the SwiGLU gate/up/down, MoE experts) and the output head keep their
 weights as int8, one symmetric scale per output channel (scale = max |w| / 127 over the row), a quarter of
@@ -16,6 +16,17 @@ uses so that CPUs without VNNI cannot saturate) a matmul's relative error is abo
 perplexity by well under 2% (tested in tests/test_quantize.py, measured on the demo model in the doc).
 These kernels live in PyTorch's legacy quantization API, which warns that it will move to torchao; the
 warnings are silenced here, and torchao's int8 linear is the replacement if a PyTorch release drops them.
+
+int4 (`Int4Linear`) is weight-only and uses llama.cpp's q4_0 scheme: groups of 32 consecutive input
+weights share one scale d (the group's value of largest magnitude is -8 d), each weight is a 4-bit code q
+and stands for (q - 8) d, an eighth of the fp32 bytes (plus one scale per 32 weights). The matmul is
+PyTorch's own CPU kernel for this format, `aten._weight_int4pack_mm_for_cpu` on weights packed once by
+`aten._convert_weight_to_int4pack_for_cpu`; it is vectorised for bf16 activations only (float32 ones take a
+scalar loop many times slower), so each call rounds its input to bf16 and its output comes back as bf16,
+an error far below the 4-bit rounding of the weights. Rows are computed independently, so a sequence's
+results do not depend on its batch neighbours. The kernel needs the output rows in multiples of 16 and
+the input length in multiples of the group: a layer that does not fit stays in float (llama.cpp's export
+likewise keeps such tensors in f16). The alternatives measured against it are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -27,7 +38,9 @@ from torch import nn
 
 from minimind.errors import UserError
 
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "int4")
+INT4_GROUP = 32  # input weights per scale, as in q4_0
+INT4_ROWS = 16  # the packed kernel takes output rows in multiples of this
 
 
 class Int8Linear(nn.Module):
@@ -76,21 +89,95 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace the model's projections and output head by `Int8Linear` in place; returns the model.
+class Int4Linear(nn.Module):
+    """A bias-free `nn.Linear` with q4_0 weights (see the module doc); input and output stay in the model dtype."""
 
-    Only linear layers whose name ends in `_proj` and the `lm_head` are converted (see the module doc).
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("Int4Linear takes bias-free linear layers")
+        if not int4_fits(linear, group):
+            raise ValueError(f"Int4Linear needs in_features % {group} == 0 and out_features % {INT4_ROWS} == 0, "
+                             f"got ({linear.out_features}, {linear.in_features})")
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        codes, scales = quantize_q4_0(linear.weight.detach().float().cpu(), group)  # (out, in), (out, in / group)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+        # (in / group, out, 2): each group's scale and an additive offset, which q4_0 does not have (zero)
+        scales_and_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out) in x's dtype."""
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group, self.scales_and_zeros)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The (out, in) float32 weights this layer multiplies by: (q - 8) * d, read back through the kernel."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)  # one-hot rows pick out single weights
+        unit = torch.zeros_like(self.scales_and_zeros)
+        unit[..., 0] = 1.0  # scale 1: the kernel returns q - 8, exact in bf16
+        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group, unit).float().t()
+        scales = self.scales_and_zeros[..., 0].float().t()  # (out, in / group)
+        return codes * scales.repeat_interleave(self.group, dim=1)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the packed 4-bit weights (the scales add 4 per group of `group` weights)."""
+        return self.in_features * self.out_features // 2
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 q4_0 groups of {self.group}"
+
+
+def int4_fits(linear: nn.Linear, group: int = INT4_GROUP) -> bool:
+    """Whether the packed int4 kernel takes this layer's shape (other layers stay in float)."""
+    return linear.in_features % group == 0 and linear.out_features % INT4_ROWS == 0
+
+
+def quantize_q4_0(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weights -> 4-bit codes (out, in) as uint8 in [0, 15] and scales (out, in / group).
+
+    llama.cpp's q4_0 rounding: d = (the group's value of largest magnitude) / -8, q = clamp(round(w / d) + 8,
+    0, 15), so w is about (q - 8) d. The scale is rounded to bf16 (what the kernel reads) before the codes are
+    chosen, so the codes make up for the scale's rounding.
+    """
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group, group)  # (out, G, group)
+    index = groups.abs().argmax(dim=-1, keepdim=True)
+    scales = (torch.gather(groups, -1, index) / -8.0).to(torch.bfloat16).float()  # (out, G, 1)
+    inverse = torch.where(scales == 0, torch.zeros_like(scales), 1.0 / scales)
+    codes = torch.floor(groups * inverse + 8.5).clamp(0, 15).to(torch.uint8)  # round half up, as q4_0 does
+    return codes.reshape(out_features, in_features), scales.reshape(out_features, -1)
+
+
+QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Replace the model's projections and output head by `Int8Linear` / `Int4Linear` in place; returns it.
+
+    Only linear layers whose name ends in `_proj` and the `lm_head` are converted (see the module doc); with
+    int4, layers whose shape the kernel does not take stay in float.
     """
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise UserError(f"--quantize int8 runs on the CPU only; the model is on {device}")
+        raise UserError(f"--quantize {mode} runs on the CPU only; the model is on {device}")
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and (name.endswith("_proj") or name == "lm_head")]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(getattr(parent, child)))
+        linear = getattr(parent, child)
+        if mode == "int8":
+            setattr(parent, child, Int8Linear(linear))
+        elif int4_fits(linear):
+            setattr(parent, child, Int4Linear(linear))
     return model
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace the model's projections and output head by `Int8Linear` in place; returns the model."""
+    return quantize_model(model, "int8")
 
 
 def check_quantize(value: str | None) -> str | None:
