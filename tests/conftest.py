@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,12 @@ from minimind.model import MiniMindConfig, MiniMindForCausalLM
 settings.register_profile("ci", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False, database=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The CLI compiles the decode step by default; tests that want it pass --compile (or compile=True), the rest
+# (and the servers they spawn, which inherit this) decode eagerly instead of paying a compilation each.
+os.environ.setdefault("MINIMIND_COMPILE", "0")
+# ... and what they compile is kept in a directory of this run's own, not the user's ~/.cache/minimind.
+os.environ["MINIMIND_CACHE"] = tempfile.mkdtemp(prefix="minimind-test-cache-")
 
 SAMPLE_TEXT = [
     "MiniMind is a small language model trained from scratch. 12 plus 30 equals 42.",

@@ -20,17 +20,25 @@ compiled as symbols, so one compilation serves every token and every cache: the 
 longer request or a larger batch arrives). Attending over the whole capacity instead, with fixed shapes, made a step's cost follow the
 request's `max_tokens` rather than its length, and a cache that once grew kept every later request several
 times slower per token (docs/performance.md).
-Compiling takes 15-60 s on two cores, which is why it is opt-in; prefill stays eager (prompt lengths vary).
+Compiling takes 15-60 s on two cores; with a cache directory (compile_cache.py, what the CLI uses) only the
+first start on a machine pays it. Prefill stays eager (prompt lengths vary).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from minimind.infer.compile_cache import compile_key, load_step, save_step
 from minimind.infer.layout import OutputHead
 from minimind.infer.quantize import QUANTIZED_LINEARS
 from minimind.kernels import use_compiled_decode
+
+log = logging.getLogger(__name__)
 
 DECODE_COMPILE_OPTIONS = {
     # M = 1 row only (batch-1 decoding); the other two dimensions up to this size (the head is vocab x dim).
@@ -67,24 +75,85 @@ class CompiledDecoder:
     `output_head` is how the engine calls the model's output layer eagerly. An int8 head joins the graph (its
     row-dot reads the bytes faster than fbgemm's one-row kernel); a float head stays outside, where the
     oneDNN prepacked matmul (layout.py) beats the generated row-dot.
+
+    With `cache_dir`, the step is compiled ahead of time at its first call and saved there, or loaded from
+    there when an earlier start saved it (compile_cache.py): no tracing at all on later starts. `loaded` says
+    which happened. If the saved step's guards ever refuse an input, or it cannot be built, the ordinary
+    `torch.compile` path below serves instead.
     """
 
-    def __init__(self, body: nn.Module, output_head: OutputHead, device: torch.device):
+    def __init__(self, body: nn.Module, output_head: OutputHead, device: torch.device,
+                 cache_dir: str | Path | None = None):
         use_compiled_decode(body)
         in_graph = isinstance(output_head.head, QUANTIZED_LINEARS)  # int8 or int4
         self.eager_head = None if in_graph else output_head
-        options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
+        self.options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
+        self.module = DecodeStep(body, output_head.head if in_graph else None)
         # dynamic=None: the dimensions marked in __call__ are symbolic from the first compilation on.
-        self.step = torch.compile(DecodeStep(body, output_head.head if in_graph else None), dynamic=None,
-                                  options=options)
+        self.step = torch.compile(self.module, dynamic=None, options=self.options)
         self._marked_keys: torch.Tensor | None = None
+        self.cache_path: Path | None = None
+        self._saved = None  # the ahead-of-time compiled step, called as _saved(module, ids, mask, positions, cache)
+        if cache_dir is not None:
+            config = body.config.to_dict() if hasattr(body.config, "to_dict") else vars(body.config)
+            # int8 and int4 steps differ in their weights' modules, not in the config
+            config = {**config, "quantized": sorted({type(m).__name__ for m in body.modules()
+                                                     if isinstance(m, QUANTIZED_LINEARS)})}
+            dtype = next(body.parameters()).dtype
+            self.cache_path = Path(cache_dir) / compile_key(config, device, dtype, in_graph, self.options).name
+            self._saved = load_step(self.cache_path, self.module)
+        self.loaded = self._saved is not None
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        if cache.keys[0] is not self._marked_keys:  # a new allocation (the cache grew): mark rows, columns
-            for tensor in cache.keys + cache.values:
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)  # stays fixed if it is 1 when first compiled
-                torch._dynamo.maybe_mark_dynamic(tensor, 2)
-            self._marked_keys = cache.keys[0]
-        torch._dynamo.maybe_mark_dynamic(mask, 3)
-        out = self.step(ids, mask, positions, cache)
+        if self.cache_path is not None and self._saved is None:
+            self._saved = self._compile_ahead(ids, mask, positions, cache)
+            self.cache_path = None  # compiled (or failed) once: no second attempt
+        out = None
+        if self._saved is not None:
+            try:
+                out = self._saved(self.module, ids, mask, positions, cache)
+            except RuntimeError as err:
+                if not str(err).startswith("GuardManager check failed"):
+                    raise
+                log.warning("compiled decode: the saved step refused this input (%s); compiling it again", err)
+                self._saved = None  # the step rewrites the same cache columns, so running it again is safe
+        if out is None:
+            out = self._compiled_call(ids, mask, positions, cache)
         return out if self.eager_head is None else self.eager_head(out)
+
+    def _compiled_call(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        if cache.keys[0] is not self._marked_keys:  # a new allocation (the cache grew): mark rows, columns
+            _mark_dynamic(cache, None)
+            self._marked_keys = cache.keys[0]
+        _mark_dynamic(None, mask)
+        return self.step(ids, mask, positions, cache)
+
+    def _compile_ahead(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
+        """Compile the step for inputs like these (rows, columns and width symbolic) and save it; None on failure.
+
+        The example cache and mask are copies: the dimension marks compilation needs stay off the engine's
+        own tensors, which a loaded step's guards would refuse (they were saved without marks).
+        """
+        example = copy.copy(cache)
+        example.keys = [t.clone() for t in cache.keys]
+        example.values = [t.clone() for t in cache.values]
+        example_mask = mask.clone()
+        _mark_dynamic(example, example_mask)
+        path = self.cache_path
+        try:
+            compiled = torch.compile(DecodeStep.forward, fullgraph=True, dynamic=None, options=self.options)
+            step = compiled.aot_compile(((self.module, ids, example_mask, positions, example), {}))
+        except Exception as err:  # e.g. a model torch cannot capture in one graph: the ordinary path still works
+            log.warning("compiled decode: ahead-of-time compilation failed (%s); compiling without the cache", err)
+            return None
+        save_step(step, path, self.module)
+        return step
+
+
+def _mark_dynamic(cache, mask: torch.Tensor | None) -> None:
+    """Mark the sizes that change between calls as symbolic: the cache's rows and capacity, the mask's width."""
+    for tensor in [] if cache is None else cache.keys + cache.values:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)  # stays fixed if it is 1 when first compiled
+        torch._dynamo.maybe_mark_dynamic(tensor, 2)
+    if mask is not None:
+        torch._dynamo.maybe_mark_dynamic(mask, 3)

@@ -8,6 +8,7 @@
     engine.chat([{"role": "user", "content": "你好"}])                           # chat template applied
     Engine.from_pretrained("runs/sft", quantize="int8")                         # CPU: int8 (or "int4") weights
     Engine.from_pretrained("runs/sft", compile=True)                            # compiled decode step
+    Engine.from_pretrained("runs/sft", compile=True, compile_cache=default_compile_cache())  # compiled once, kept
     Engine.from_pretrained("runs/sft", prepack=False)                           # CPU: no second weight copy
     Engine.from_pretrained("runs/sft", prefix_cache_tokens=8192)                # reuse shared prompt prefixes
 
@@ -171,6 +172,7 @@ class Engine:
         compile: bool = False,
         prepack: bool = True,
         prefix_cache_tokens: int = 0,
+        compile_cache: str | Path | None = None,
         *,
         _owned: bool = False,
     ):
@@ -197,7 +199,8 @@ class Engine:
         # MiniMind: run the body, then the head on the last positions only through `OutputHead`.
         self._body = model.model if isinstance(model, MiniMindForCausalLM) else None
         self._head = OutputHead(model.get_output_embeddings()) if self._body is not None else None
-        self._decode_step = CompiledDecoder(self._body, self._head, self.device) if compile else None
+        # compile_cache: a directory where the compiled step is saved and found again (compile_cache.py)
+        self._decode_step = CompiledDecoder(self._body, self._head, self.device, compile_cache) if compile else None
         self.model = model.eval()
         self.weight_copy_bytes = _weight_copy_bytes(model, given, self._head)
         log.info("engine: %.1f MiB of weight copies beside the model's own weights", self.weight_copy_bytes / 2**20)

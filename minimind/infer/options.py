@@ -8,8 +8,11 @@ any flag given on the command line wins. `--temperature 0` is greedy.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from minimind.device import dtype_name, resolve_device
 from minimind.errors import UserError
@@ -19,6 +22,7 @@ from minimind.infer.sampling import SamplingParams
 from minimind.modeldir import adapter_source, read_json_object
 
 PREFIX_CACHE_TOKENS = 8192  # default bound of the prefix cache, in tokens
+COMPILE_ENV = "MINIMIND_COMPILE"  # 0/off/false: eager decoding unless --compile is given
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +50,8 @@ def _non_negative(text: str) -> int:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """How the engine runs a model: `--device --dtype --quantize --compile --no-prepack` (also `minimind web`)."""
+    """How the engine runs a model: `--device --dtype --quantize --compile/--no-compile --compile-cache
+    --no-prepack` (also `minimind web`)."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (cuda if available)")
     parser.add_argument("--dtype", default=None, type=dtype_name, choices=["fp32", "bf16", "fp16"],
                         help="weights dtype (default: as saved; float32, bfloat16 and float16 are accepted too)")
@@ -54,11 +59,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU inference with fewer weight bytes per token: int8 (one scale per output "
                              "channel, about 4x fewer) or int4 (llama.cpp's q4_0 groups of 32, about 7x fewer); "
                              "default: none")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile single-sequence decoding with torch.compile, once (15-60 s on 2 CPU "
-                             "cores; chat, serve and web do it at start, generate and eval at the first "
-                             "answer); tokens then come 1.5-2x faster on CPU (batches of several sequences "
-                             "run as without it)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="compile single-sequence decoding (the default on CPU and CUDA; 1.5-2x the tokens/s "
+                             "of eager decoding on CPU). The first start on a machine compiles (15-60 s on 2 "
+                             "CPU cores, before the first answer); the result is kept in --compile-cache, so "
+                             "later starts of any model of the same shape load it in seconds. Batches of "
+                             "several sequences run as without it")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="decode eagerly: no compilation and nothing written to the compile cache "
+                             f"(also the default when the environment sets {COMPILE_ENV}=0)")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="where compiled decode steps are kept (default: $MINIMIND_CACHE/compile, else "
+                             "~/.cache/minimind/compile; delete it to compile afresh)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="CPU: skip the oneDNN copy of the float weights the engine keeps for faster "
                              "matmuls (half the weight memory, slower decoding)")
@@ -114,20 +126,65 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
     return chosen
 
 
+def compile_by_default(requested: bool | None, device: torch.device) -> bool:
+    """Whether to compile the decode step: as `--compile`/`--no-compile` say, else on for CPU and CUDA unless the
+    environment sets MINIMIND_COMPILE to 0, off or false (other devices decode eagerly)."""
+    if requested is not None:
+        return requested
+    if os.environ.get(COMPILE_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    return device.type in ("cpu", "cuda")
+
+
+def compile_cache_dir(args: argparse.Namespace) -> Path:
+    """`--compile-cache`, else the default compile cache directory."""
+    from minimind.infer.compile_cache import default_compile_cache
+
+    given = getattr(args, "compile_cache", None)
+    return Path(given).expanduser() if given else default_compile_cache()
+
+
 def load_engine(args: argparse.Namespace, warm_up: bool = False, **engine_kwargs):
     """The Engine for `--model` and the `add_engine_arguments` flags.
 
-    warm_up: with `--compile`, compile the decode step before returning (interactive commands and the server,
-    so that no answer waits on it), saying so on stderr.
+    When it compiles (`compile_by_default`), the decode step is compiled, or loaded from the compile cache,
+    before this returns, saying so on stderr. `warm_up` is kept for callers that ask for it; compiling always
+    happens here now, since a cached step costs little and the first compilation must see two cache rows.
+    A default (not asked for) compilation that fails leaves the engine decoding eagerly, with a note.
     """
     from minimind.infer.engine import Engine
 
-    engine = Engine.from_pretrained(args.model, device=str(resolve_device(args.device)), dtype=args.dtype,
-                                    quantize=getattr(args, "quantize", None),
-                                    compile=getattr(args, "compile", False),
+    device = resolve_device(args.device)
+    requested = getattr(args, "compile", None)
+    compile = compile_by_default(requested, device)
+    engine = Engine.from_pretrained(args.model, device=str(device), dtype=args.dtype,
+                                    quantize=getattr(args, "quantize", None), compile=compile,
+                                    compile_cache=compile_cache_dir(args) if compile else None,
                                     prepack=not getattr(args, "no_prepack", False),
                                     prefix_cache_tokens=getattr(args, "prefix_cache_tokens", 0), **engine_kwargs)
-    if warm_up and getattr(args, "compile", False):
-        print("compiling the decode step (--compile; 15-60 s on 2 CPU cores)...", file=sys.stderr, flush=True)
-        print(f"compiled in {engine.warm_up():.1f} s", file=sys.stderr, flush=True)
+    if compile:
+        warm_compiled(engine, explicit=requested is True)
     return engine
+
+
+def warm_compiled(engine, explicit: bool) -> None:
+    """Compile (or load) the engine's decode step now, reporting on stderr; an implicit one that fails is
+    turned off (eager decoding), an explicit `--compile` that fails raises."""
+    step = engine._decode_step
+    if step is None:
+        return
+    if step.loaded:
+        print(f"compiled decode step loaded from {step.cache_path.parent}", file=sys.stderr, flush=True)
+    else:
+        print("compiling the decode step, once for this model shape and machine (15-60 s on 2 CPU cores; "
+              "--no-compile skips it)...", file=sys.stderr, flush=True)
+    try:
+        seconds = engine.warm_up()
+    except Exception as err:
+        if explicit:
+            raise
+        engine._decode_step = None
+        print(f"compiling failed ({type(err).__name__}: {err}); decoding eagerly", file=sys.stderr, flush=True)
+        return
+    if not step.loaded:
+        print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)

@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         page_args += ["--dtype", args.dtype]
     if args.quantize:
         page_args += ["--quantize", args.quantize]
-    page_args += [flag for flag, on in (("--compile", args.compile), ("--no-prepack", args.no_prepack)) if on]
+    if args.compile is not None:  # unset: the page compiles by default, as the other verbs do
+        page_args.append("--compile" if args.compile else "--no-compile")
+    if args.no_prepack:
+        page_args.append("--no-prepack")
     command = [
         sys.executable, "-m", "streamlit", "run", str(PAGE),
         "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",

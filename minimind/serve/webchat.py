@@ -34,14 +34,19 @@ def find_models(models_dir: str | Path) -> list[Path]:
 
 
 def load_scheduler(model_dir: str, device: str = "auto", dtype: str | None = None, prepack: bool = True,
-                   quantize: str | None = None, compile: bool = False) -> Scheduler:
+                   quantize: str | None = None, compile: bool | None = False) -> Scheduler:
     """A started Scheduler over the model directory (all browser sessions share it and batch together); with
-    `compile`, the decode step is compiled before it starts (Engine.warm_up), not in the first answer."""
+    `compile`, the decode step is compiled (or loaded from the compile cache) before it starts
+    (Engine.warm_up), not in the first answer; None: the CLI's default (`compile_by_default`)."""
+    from minimind.infer.compile_cache import default_compile_cache
     from minimind.infer.engine import Engine
-    from minimind.infer.options import resolve_device
+    from minimind.infer.options import compile_by_default, resolve_device
 
-    engine = Engine.from_pretrained(model_dir, device=resolve_device(device), dtype=dtype, max_batch_size=8,
-                                    prepack=prepack, quantize=quantize, compile=compile)
+    resolved = resolve_device(device)
+    compiled = compile_by_default(compile, resolved)
+    engine = Engine.from_pretrained(model_dir, device=resolved, dtype=dtype, max_batch_size=8, prepack=prepack,
+                                    quantize=quantize, compile=compiled,
+                                    compile_cache=default_compile_cache() if compiled else None)
     engine.warm_up()
     return Scheduler(engine, max_queue=32).start()
 

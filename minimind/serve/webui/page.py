@@ -2,7 +2,7 @@
 
     minimind web --models-dir runs
     streamlit run minimind/serve/webui/page.py -- --models-dir runs [--device cpu] [--dtype bf16] [--quantize int8]
-        [--compile] [--no-prepack]
+        [--compile | --no-compile] [--no-prepack]
 
 The sidebar picks a model directory found under --models-dir and sets temperature, top-p, max new tokens,
 history turns, the system prompt, a seed and the thinking switch (for chat templates that have one: minimind-3's
@@ -39,9 +39,9 @@ def page_options() -> argparse.Namespace:
     return parser.parse_known_args(sys.argv[1:])[0]
 
 
-@st.cache_resource(show_spinner="Loading the model (with --compile: and compiling it, 15-60 s)…")
+@st.cache_resource(show_spinner="Loading the model (the first start on this machine also compiles it, 15-60 s)…")
 def cached_scheduler(model_dir: str, device: str, dtype: str | None, prepack: bool, quantize: str | None,
-                     compile: bool) -> Scheduler:
+                     compile: bool | None) -> Scheduler:
     return load_scheduler(model_dir, device, dtype, prepack, quantize, compile)
 
 

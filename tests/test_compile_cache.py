@@ -1,0 +1,83 @@
+"""The compiled decode step kept on disk (infer/compile_cache.py) and the CLI's compile-by-default choice."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from test_engine import prompts_of
+from test_perf_paths import run_two
+
+from minimind.infer import Engine
+from minimind.infer.compile_cache import compile_key, default_compile_cache
+from minimind.infer.options import COMPILE_ENV, add_engine_arguments, compile_by_default
+
+CPU = torch.device("cpu")
+
+
+def test_compile_key_names_a_file_per_shape_dtype_and_head():
+    config = tiny_config().to_dict()
+    key = compile_key(config, CPU, torch.float32, False, {"a": 1}).name
+    assert key == compile_key(dict(config), CPU, torch.float32, False, {"a": 1}).name  # deterministic
+    others = [compile_key(tiny_config(dim=32).to_dict(), CPU, torch.float32, False, {"a": 1}),
+              compile_key(config, CPU, torch.bfloat16, False, {"a": 1}),
+              compile_key(config, CPU, torch.float32, True, {"a": 1}),
+              compile_key(config, CPU, torch.float32, False, {"a": 2}),
+              compile_key(config, torch.device("meta"), torch.float32, False, {"a": 1})]
+    assert len({key, *(k.name for k in others)}) == 6
+    assert key.startswith("decode-") and key.endswith(".bin")
+    assert {"torch", "python", "machine", "sources"} <= set(others[0].fields)
+
+
+def test_default_compile_cache_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "mm"))
+    assert default_compile_cache() == tmp_path / "mm" / "compile"
+    monkeypatch.delenv("MINIMIND_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_compile_cache() == tmp_path / "xdg" / "minimind" / "compile"
+
+
+def test_the_cli_compiles_by_default_on_cpu_and_cuda_only(monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert parser.parse_args([]).compile is None
+    assert parser.parse_args(["--compile"]).compile is True
+    assert parser.parse_args(["--no-compile"]).compile is False
+    assert parser.parse_args(["--compile-cache", "d"]).compile_cache == "d"
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert compile_by_default(None, CPU) and compile_by_default(None, torch.device("cuda"))
+    assert not compile_by_default(None, torch.device("mps"))
+    assert not compile_by_default(False, CPU) and compile_by_default(True, torch.device("mps"))
+    for off in ("0", "off", "False"):
+        monkeypatch.setenv(COMPILE_ENV, off)
+        assert not compile_by_default(None, CPU) and compile_by_default(True, CPU)
+
+
+@pytest.mark.slow
+def test_a_saved_decode_step_is_loaded_by_the_next_engine_and_decodes_as_eager(tokenizer, tmp_path):
+    """The first engine compiles the step ahead of time and saves it; a second engine of the same shape (other
+    weights) loads that file, traces nothing, and both give the eager engine's tokens, across cache growth."""
+    from torch._dynamo.utils import counters
+
+    prompts = prompts_of((5, 9))
+    first = Engine(tiny_model(seed=1), tokenizer, compile=True, compile_cache=tmp_path)
+    assert not first._decode_step.loaded and not list(tmp_path.iterdir())
+    first.warm_up()
+    saved = list(tmp_path.iterdir())
+    assert len(saved) == 1 and saved[0].name.startswith("decode-") and saved[0].stat().st_size > 0
+    assert run_two(first, prompts) == run_two(Engine(tiny_model(seed=1), tokenizer), prompts)
+
+    frames = counters["stats"]["calls_captured"]
+    second = Engine(tiny_model(seed=2), tokenizer, compile=True, compile_cache=tmp_path)
+    assert second._decode_step.loaded
+    second.warm_up()
+    eager = Engine(tiny_model(seed=2), tokenizer)
+    assert run_two(second, prompts) == run_two(eager, prompts)
+    n = 4 * second.cache.capacity  # the cache grows: rows and columns are symbolic in the saved step too
+    long = second.completions([prompts[0]], max_new_tokens=n, ignore_eos=True)[0].token_ids
+    assert long == eager.completions([prompts[0]], max_new_tokens=n, ignore_eos=True)[0].token_ids
+    assert second._decode_step._saved is not None  # its guards accepted every call: no fallback
+    assert counters["stats"]["calls_captured"] == frames  # Dynamo traced nothing for the second engine
+    assert list(tmp_path.iterdir()) == saved
