@@ -157,8 +157,11 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, uniforms: torch.Tens
     (tokens tied with it stay in).
     """
     temperature = params[:, 0:1]
-    temperature = torch.where(temperature > 0, temperature.clamp(min=1e-5), 1.0)  # no overflow to inf
-    probs = torch.softmax(logits / temperature, dim=-1)
+    if bool((temperature == 1).all()):  # RL rollouts: x / 1 is x, so skip a (B, V) division
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        temperature = torch.where(temperature > 0, temperature.clamp(min=1e-5), 1.0)  # no overflow to inf
+        probs = torch.softmax(logits / temperature, dim=-1)
     drop = None  # (B, V) bool: tokens filtered out, when any row filters
     top_k = params[:, 1:2]
     widest = int(top_k.max())
@@ -181,7 +184,8 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, uniforms: torch.Tens
     # The first token whose cdf passes the target; a dropped token adds nothing to the cdf, so it is never the
     # first to pass. A target rounded up to the total would run off the end: the row's likeliest token then.
     index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return torch.where(index < probs.shape[-1], index, probs.argmax(-1))
+    past_end = index >= probs.shape[-1]  # (B,) rare: the (B, V) argmax only when some row needs it
+    return torch.where(past_end, probs.argmax(-1), index) if bool(past_end.any()) else index
 
 
 def choose_tokens(
@@ -200,11 +204,11 @@ def choose_tokens(
         logits = apply_penalties(logits, params, seen, counts)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    greedy = logits.argmax(dim=-1)
     if uniforms is None:
-        return greedy
+        return logits.argmax(dim=-1)
     sampled = sample_rows(logits, params, uniforms)
-    return torch.where(params[:, 0] > 0, sampled, greedy)
+    greedy_rows = params[:, 0] <= 0  # (B,) the (B, V) argmax only when some row is greedy
+    return torch.where(greedy_rows, logits.argmax(dim=-1), sampled) if bool(greedy_rows.any()) else sampled
 
 
 @dataclass
