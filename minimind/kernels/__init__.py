@@ -4,8 +4,9 @@
 body call an implementation stored on the module (`set_attention`, `set_document_attention` and `set_norm`
 install one by name). What each user selects:
 
-- training (`use_training_kernels`): the hand-written RMSNorm backward (rmsnorm.py); on a CPU also causal GEMM
-  blocks (causal_blocks.py) and per-document attention for packed rows (documents.py);
+- training (`use_training_kernels`): the hand-written RMSNorm backward (rmsnorm.py), MoE experts run on their
+  tokens sorted by expert (moe.py, eager steps); on a CPU also causal GEMM blocks (causal_blocks.py) and
+  per-document attention for packed rows (documents.py);
 - the Engine (`use_decode_kernels`): one-query attention as two matmuls for eager bf16/fp16 decoding on a CPU;
 - the compiled decode step (`use_compiled_decode`): one-query attention written out (infer/compiled.py).
 
@@ -26,10 +27,12 @@ from minimind.kernels.attention import (
     one_query_matmul_attention,
 )
 from minimind.kernels.documents import Documents
+from minimind.kernels.moe import sorted_dispatch
 from minimind.kernels.rmsnorm import hand_backward_rms_norm
 from minimind.model.documents import document_mask
 from minimind.model.layers import Attention, RMSNorm, eager_attention, rms_norm, sdpa_attention
 from minimind.model.modeling_minimind import MiniMindModel
+from minimind.model.moe import MoEFeedForward
 
 ATTENTION_IMPLEMENTATIONS: dict[str, Callable] = {
     "sdpa": sdpa_attention,
@@ -40,6 +43,8 @@ ATTENTION_IMPLEMENTATIONS: dict[str, Callable] = {
 }
 DOCUMENT_IMPLEMENTATIONS: dict[str, Callable] = {"mask": document_mask, "documents": Documents}
 NORM_IMPLEMENTATIONS: dict[str, Callable] = {"plain": rms_norm, "hand_backward": hand_backward_rms_norm}
+# None: the plain model's own dispatch (boolean selection in training, sorted without gradients in inference)
+MOE_IMPLEMENTATIONS: dict[str, Callable | None] = {"plain": None, "sorted": sorted_dispatch}
 
 
 def set_attention(model: torch.nn.Module, name: str) -> None:
@@ -65,11 +70,21 @@ def set_norm(model: torch.nn.Module, name: str) -> None:
             module.norm_function = NORM_IMPLEMENTATIONS[name]
 
 
+def set_moe_dispatch(model: torch.nn.Module, name: str) -> None:
+    """Install MoE expert dispatch `name` on every MoE layer of `model` (nothing for a dense model)."""
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            module.dispatch_function = MOE_IMPLEMENTATIONS[name]
+
+
 def use_training_kernels(model: torch.nn.Module, device: torch.device, compiled: bool = False) -> None:
-    """What a training run selects once, before wrapping the model for its strategy: the RMSNorm backward; on a
-    CPU also the causal GEMM blocks and, unless the step is compiled (torch.compile cannot trace the
-    data-dependent document layout), per-document attention for packed rows. GPUs keep SDPA and the mask."""
+    """What a training run selects once, before wrapping the model for its strategy: the RMSNorm backward and,
+    unless the step is compiled, MoE dispatch sorted by expert; on a CPU also the causal GEMM blocks and, unless
+    the step is compiled (torch.compile cannot trace the data-dependent document layout), per-document attention
+    for packed rows. GPUs keep SDPA and the mask."""
     set_norm(model, "hand_backward")
+    if not compiled:  # its per-expert row counts are data-dependent, as the document layout is
+        set_moe_dispatch(model, "sorted")
     if device.type != "cpu":
         return
     set_attention(model, "causal_blocks")

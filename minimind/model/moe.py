@@ -69,13 +69,17 @@ class MoEFeedForward(nn.Module):
         width = config.moe_intermediate_size
         self.experts = nn.ModuleList(FeedForward(config, width) for _ in range(config.n_routed_experts))
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
+        # (self, flat, ids, weights) -> routed output, in training and inference; minimind.kernels may install one
+        self.dispatch_function = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, dim) -> (output (B, T, dim), load-balancing loss)."""
         b, t, d = x.shape
         ids, weights, aux = self.gate(x)
         flat = x.reshape(-1, d)
-        if self.training:
+        if self.dispatch_function is not None:
+            routed = self.dispatch_function(self, flat, ids, weights)
+        elif self.training:
             routed = self.dispatch_masked(flat, ids, weights)
         else:
             routed = self.dispatch_grouped(flat, ids, weights)
