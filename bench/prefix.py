@@ -32,19 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    DTYPES,
-    add_bench_arguments,
-    append_json,
-    bench_parser,
-    bench_tokenizer,
-    interleaved,
-    machine_line,
-    preset_model,
-    ratio_line,
-    scratch_dir,
-    sync,
-)
+import common  # noqa: E402
 
 from minimind.device import resolve_device  # noqa: E402
 from minimind.infer import Engine  # noqa: E402
@@ -52,12 +40,12 @@ from minimind.infer import Engine  # noqa: E402
 
 def first_token_seconds(engine: Engine, prompt: list[int]) -> float:
     """Seconds from queuing `prompt` to its first token (the prefill step); the request is then released."""
-    sync(engine.device)
+    common.sync(engine.device)
     start = time.perf_counter()
     request = engine.add(prompt, max_new_tokens=1, ignore_eos=True)
     while not any(out.request_id == request for out in engine.step()):
         pass
-    sync(engine.device)
+    common.sync(engine.device)
     seconds = time.perf_counter() - start
     engine.release(request)
     return seconds
@@ -86,7 +74,7 @@ def llama_cpp_prefill(model, tokenizer, prompt: list[int]):
     from minimind.convert.gguf import export_gguf
     from minimind.modeldir import save_model_dir
 
-    work = Path(scratch_dir("bench-prefix-gguf-"))
+    work = Path(common.scratch_dir("bench-prefix-gguf-"))
     model_dir = save_model_dir(model.float().cpu(), tokenizer, work / "model")
     path = export_gguf(model_dir, work / "model-f32.gguf", "f32")
     threads = torch.get_num_threads()
@@ -102,7 +90,7 @@ def llama_cpp_prefill(model, tokenizer, prompt: list[int]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__)
+    parser = common.bench_parser(__doc__)
     parser.add_argument("--preset", default="small", help="model preset with random weights")
     parser.add_argument("--turns", type=int, default=10, help="the turn whose first token is timed")
     parser.add_argument("--user-tokens", type=int, default=150, help="tokens of each user turn")
@@ -112,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch (and llama.cpp) threads (default: torch's); 1 on a machine busier than its "
                              "cores, where every operator's thread barrier waits on the scheduler")
-    add_bench_arguments(parser, repeats=(3, "timed repetitions, each on a fresh conversation (best is kept)"),
+    common.add_bench_arguments(parser, repeats=(3, "timed repetitions, each on a fresh conversation (best is kept)"),
                         device="cpu", dtype=(None, "weights dtype"),
                         quick="tiny model, 3 turns of 24 tokens, one repetition (smoke test)", json=True)
     args = parser.parse_args(argv)
@@ -125,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     history = (args.turns - 1) * (args.user_tokens + args.answer_tokens)
-    model = preset_model(args.preset, max_seq_len=max(4096, 2 * (history + args.user_tokens))).eval()
-    model = model.to(device, DTYPES[args.dtype]) if args.dtype else model.to(device)
-    tokenizer, _ = bench_tokenizer(model.config.vocab_size)
-    print(machine_line())
+    model = common.preset_model(args.preset, max_seq_len=max(4096, 2 * (history + args.user_tokens))).eval()
+    model = model.to(device, common.DTYPES[args.dtype]) if args.dtype else model.to(device)
+    tokenizer, _ = common.bench_tokenizer(model.config.vocab_size)
+    print(common.machine_line())
     print(f"model: preset {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), device "
           f"{device}, dtype {next(model.parameters()).dtype}; turn {args.turns} after {history} tokens of history, "
           f"best of {args.repeats}")
@@ -151,18 +139,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{best['cached'] * 1e3:.1f} ms with the prefix cache, {best['uncached'] * 1e3:.1f} ms without")
     record = {"bench": "prefix", "device": str(device), "preset": args.preset, "prompt_tokens": len(prompt),
               "reused_tokens": reused, "ttft_cached_s": best["cached"], "ttft_uncached_s": best["uncached"],
-              "machine": machine_line()}
+              "machine": common.machine_line()}
     fresh = torch.randint(3, model.config.vocab_size, (args.prefill_tokens,),
                           generator=torch.Generator().manual_seed(1000)).tolist()
     peer = None if args.no_llamacpp or device.type != "cpu" else llama_cpp_prefill(model, tokenizer, fresh)
     if peer is not None:
-        times = interleaved({"ours": lambda: first_token_seconds(plain, fresh), "llama.cpp": peer}, args.repeats)
+        times = common.interleaved({"ours": lambda: first_token_seconds(plain, fresh), "llama.cpp": peer}, args.repeats)
         ours, theirs = min(times["ours"]), min(times["llama.cpp"])
         print(f"prefill {len(fresh)} tokens: first token {ours * 1e3:.1f} ms ours, {theirs * 1e3:.1f} ms llama.cpp f32")
         record.update(prefill_tokens=len(fresh), prefill_ours_s=ours, prefill_llamacpp_s=theirs)
-        print(ratio_line("prefill", len(fresh) / ours, len(fresh) / theirs, "tokens/s"))
-    append_json(args.json, record)
-    print(ratio_line("prefix", 1 / best["cached"], 1 / best["uncached"], "first tokens/s"))
+        print(common.ratio_line("prefill", len(fresh) / ours, len(fresh) / theirs, "tokens/s"))
+    common.append_json(args.json, record)
+    print(common.ratio_line("prefix", 1 / best["cached"], 1 / best["uncached"], "first tokens/s"))
     return 0
 
 
