@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         path = Path(args.data)
     items = load_items(args.task, path, args.max_samples)
-    engine = load_engine(args)
+    engine = load_engine(args, compile_default=False)  # batched scoring: compile only when asked (--compile)
     model, tokenizer = engine.model, engine.tokenizer
     with tqdm(total=len(items), desc=f"eval {args.task}", unit="item", leave=False, disable=None) as bar:
         if args.task == "ppl":

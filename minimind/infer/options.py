@@ -60,8 +60,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "channel, about 4x fewer) or int4 (llama.cpp's q4_0 groups of 32, about 7x fewer); "
                              "default: none")
     parser.add_argument("--compile", action="store_true", default=None,
-                        help="compile single-sequence decoding (the default on CPU and CUDA; 1.5-2x the tokens/s "
-                             "of eager decoding on CPU). The first start on a machine compiles (15-60 s on 2 "
+                        help="compile single-sequence decoding (the default of generate, chat, serve and web on CPU "
+                             "and CUDA; 1.5-2x the tokens/s of eager decoding on CPU). The first start on a machine compiles (15-60 s on 2 "
                              "CPU cores, before the first answer); the result is kept in --compile-cache, so "
                              "later starts of any model of the same shape load it in seconds. Batches of "
                              "several sequences run as without it")
@@ -144,10 +144,11 @@ def compile_cache_dir(args: argparse.Namespace) -> Path:
     return Path(given).expanduser() if given else default_compile_cache()
 
 
-def load_engine(args: argparse.Namespace, warm_up: bool = False, **engine_kwargs):
+def load_engine(args: argparse.Namespace, warm_up: bool = False, compile_default: bool = True, **engine_kwargs):
     """The Engine for `--model` and the `add_engine_arguments` flags.
 
-    When it compiles (`compile_by_default`), the decode step is compiled, or loaded from the compile cache,
+    When it compiles (`compile_by_default`; with `compile_default=False` only on `--compile`: `eval`, whose
+    scoring is batched prefill), the decode step is compiled, or loaded from the compile cache,
     before this returns, saying so on stderr. `warm_up` is kept for callers that ask for it; compiling always
     happens here now, since a cached step costs little and the first compilation must see two cache rows.
     A default (not asked for) compilation that fails leaves the engine decoding eagerly, with a note.
@@ -156,7 +157,7 @@ def load_engine(args: argparse.Namespace, warm_up: bool = False, **engine_kwargs
 
     device = resolve_device(args.device)
     requested = getattr(args, "compile", None)
-    compile = compile_by_default(requested, device)
+    compile = compile_by_default(requested, device) if compile_default else bool(requested)
     engine = Engine.from_pretrained(args.model, device=str(device), dtype=args.dtype,
                                     quantize=getattr(args, "quantize", None), compile=compile,
                                     compile_cache=compile_cache_dir(args) if compile else None,
