@@ -25,7 +25,7 @@ def read(path):
 def values_of(tensor) -> torch.Tensor:
     """A GGUF tensor as fp32 in our layout's row order (quantised ones dequantised)."""
     data = tensor.data
-    if tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+    if tensor.tensor_type in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
         data = gguf.quants.dequantize(data, tensor.tensor_type)
     return torch.from_numpy(np.array(data, dtype=np.float32))
 
@@ -46,7 +46,7 @@ def test_rope_permutations_are_inverse_and_pair_the_right_rows():
     assert torch.equal(inter[8 + 2], w[8 + 1]) and torch.equal(inter[8 + 3], w[8 + 1 + 4])
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0", "q4_0"])
 def test_tensors_read_back_equal_the_model_weights(tmp_path, tokenizer, dtype):
     source = random_model_dir(tmp_path / "src", tokenizer)
     out = export_gguf(source, tmp_path / "m.gguf", dtype)
@@ -55,7 +55,7 @@ def test_tensors_read_back_equal_the_model_weights(tmp_path, tokenizer, dtype):
     config, state = model.config, model.state_dict()
     names = gguf_tensor_names(config)
     assert set(tensors) == set(names.values())  # the tied output head is left to llama.cpp's fallback
-    assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
+    assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}[dtype]
     for key, name in names.items():
         tensor, weight = tensors[name], state[key]
         assert [int(n) for n in tensor.shape] == list(
@@ -67,6 +67,13 @@ def test_tensors_read_back_equal_the_model_weights(tmp_path, tokenizer, dtype):
             assert tensor.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(got, expected), name
         elif dtype == "f16":
             assert torch.equal(got, expected.half().float()), name
+        elif dtype == "q4_0":
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            # Q4_0: blocks of 32 share d = (value of largest magnitude) / -8 in f16 and codes run from -8 to 7,
+            # so a value is off by half a step d, one step at +8 d (clamped to 7 d)
+            step = expected.abs().view(-1, 32).amax(dim=1, keepdim=True) / 8
+            error = (got.view(-1, 32) - expected.view(-1, 32)).abs()
+            assert (error <= 1.01 * step).all() and (error.mean() < 0.3 * step.mean()), name
         else:
             assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
             # Q8_0: blocks of 32 share one scale d = max|x|/127 stored in f16, so each value is off by half a
@@ -146,3 +153,13 @@ def test_minimind2_tokenizer_embeds(tmp_path, minimind2_tokenizer_dir):
     assert fields["tokenizer.ggml.tokens"] == tok.convert_ids_to_tokens(list(range(6400)))
     merges = json.loads((minimind2_tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
     assert len(fields["tokenizer.ggml.merges"]) == len(merges) == 6141
+
+
+def test_q4_0_leaves_rows_that_are_not_whole_blocks_in_f16(tmp_path, tokenizer):
+    """dim 48: every matrix with rows of 48 values stays f16; the down projection (rows of 128) is q4_0."""
+    source = random_model_dir(tmp_path / "src", tokenizer, dim=48, hidden_dim=128)
+    _, tensors = read(export_gguf(source, tmp_path / "m.gguf", "q4_0"))
+    types = {name: tensor.tensor_type for name, tensor in tensors.items()}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32

@@ -3,7 +3,7 @@ minimind-3 `.pth` and transformers directories; LoRA merge.
 
     minimind convert DIR --to llama --out OUT
     minimind convert DIR --to qwen3 --out OUT                      QK-norm (minimind-3) models
-    minimind convert DIR --to gguf --out FILE.gguf [--dtype f32|f16|q8_0]
+    minimind convert DIR --to gguf --out FILE.gguf [--dtype f32|f16|q8_0|q4_0]
     minimind convert FILE.pth --from minimind2 --tokenizer TOKDIR [--preset small|base|moe] --out OUT
     minimind convert DIR --to minimind2 --out FILE.pth
     minimind convert HF_DIR --from minimind3 --out OUT              or FILE.pth --tokenizer TOKDIR

@@ -3,7 +3,7 @@ merge LoRA.
 
 minimind convert DIR --to llama --out OUT                      plain HF dir, no remote code (MoE: Qwen2-MoE)
 minimind convert DIR --to qwen3 --out OUT                      QK-norm models: plain Qwen3 / Qwen3-MoE dir
-minimind convert DIR --to gguf --out FILE.gguf [--dtype f32|f16|q8_0]
+minimind convert DIR --to gguf --out FILE.gguf [--dtype f32|f16|q8_0|q4_0]
 minimind convert FILE.pth --from minimind2 --tokenizer TOKDIR [--preset small|base|moe] --out OUT
 minimind convert HF_DIR --from minimind2 --out OUT              the reference project's transformers format
 minimind convert DIR --to minimind2 --out FILE.pth
@@ -25,7 +25,7 @@ from minimind.outputs import MODEL_DIR_FILES, model_code_files, refuse_or_clear,
 
 TARGETS = ("llama", "qwen3", "gguf", "minimind2", "minimind2-pth", "minimind3")
 SOURCES = ("minimind2", "minimind2-pth", "minimind3", "qwen3")
-GGUF_DTYPES = ("f32", "f16", "q8_0")
+GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
 # import flag -> the --from formats it applies to
 IMPORT_FLAGS = {
     "tokenizer": ("minimind2", "minimind3", "qwen3"),

@@ -1,6 +1,6 @@
 """Export a MiniMind model directory as one GGUF file for llama.cpp, with an Ollama Modelfile beside it.
 
-    minimind convert runs/sft --to gguf --out runs/sft.gguf --dtype q8_0
+    minimind convert runs/sft --to gguf --out runs/sft.gguf --dtype q8_0    # or f32, f16, q4_0
 
 The architecture follows the model: `llama` for our dense models, `qwen3` for dense QK-norm models (minimind-3)
 and `qwen3moe` for QK-norm models with routed experts only (minimind-3-moe). The file holds the weights, the
@@ -28,8 +28,8 @@ from minimind.errors import UserError, install_hint
 from minimind.model.configuration_minimind import MiniMindConfig
 from minimind.modeldir import load_model_dir
 
-GGUF_DTYPES = ("f32", "f16", "q8_0")
-Q8_BLOCK = 32  # Q8_0 quantises rows in blocks of 32 values; other rows fall back to f16
+GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
+QUANT_BLOCK = 32  # Q8_0 and Q4_0 quantise rows in blocks of 32 values; other rows fall back to f16
 
 # our parameter name inside a block -> llama.cpp's tensor (a `gguf.MODEL_TENSOR` member)
 BLOCK_TENSORS = {
@@ -122,9 +122,9 @@ def encode_tensor(values: np.ndarray, dtype: str, keep_f32: bool = False):
 
     if dtype == "f32" or values.ndim == 1 or keep_f32:
         return values.astype(np.float32), gguf.GGMLQuantizationType.F32
-    if dtype == "q8_0" and values.shape[-1] % Q8_BLOCK == 0:
-        q8 = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(values, q8), q8
+    if dtype in ("q8_0", "q4_0") and values.shape[-1] % QUANT_BLOCK == 0:
+        quant = gguf.GGMLQuantizationType[dtype.upper()]
+        return gguf.quants.quantize(values, quant), quant
     return values.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
@@ -169,7 +169,12 @@ def tokenizer_metadata(model_dir: Path, tokenizer, vocab_size: int) -> dict:
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16") -> Path:
-    """Write `model_dir` as a GGUF file (`dtype` f32, f16 or q8_0 for the matrices)."""
+    """Write `model_dir` as a GGUF file (`dtype` f32, f16, q8_0 or q4_0 for the matrices).
+
+    q4_0 quantises every matrix whose rows are a multiple of 32 long, the token embedding (which llama.cpp
+    also uses as the tied output head) included, like llama.cpp's `llama-quantize --pure`; its default
+    recipe would keep that tensor in q6_K.
+    """
     try:
         import gguf
     except ImportError:
@@ -203,9 +208,10 @@ def _write(writer, model, tokenizer, vocab: dict, model_dir: Path, dtype: str) -
             "f32": gguf.LlamaFileType.ALL_F32,
             "f16": gguf.LlamaFileType.MOSTLY_F16,
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         }[dtype]
     )
-    if dtype == "q8_0":
+    if dtype in ("q8_0", "q4_0"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_shape(writer, config)
     writer.add_tokenizer_model("gpt2")
