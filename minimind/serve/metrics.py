@@ -11,8 +11,8 @@
     minimind:e2e_request_latency_seconds   histogram  submit -> finished, per sequence
     minimind:http_requests_total           counter    HTTP responses by endpoint (the route, e.g. /v1/completions)
                                                       and status
-    minimind:prefix_cache_queries_total    counter    prompt tokens looked up in the prefix cache (0 when it is off)
-    minimind:prefix_cache_hits_total       counter    of those, tokens reused instead of prefilled
+    minimind:prefix_cache_queries_total    counter    prompt tokens of sequences prefilled (vLLM's prefix_cache_queries)
+    minimind:prefix_cache_hits_total       counter    of those, tokens the prefix cache gave instead of a prefill
 
 A sequence is one choice of a request (`n` > 1 makes several). Engine metrics carry a `model_name` label (the
 first served name), as vLLM's do, so its Grafana dashboards work after renaming the prefix. No label ever holds
@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
@@ -71,7 +70,10 @@ class ServerMetrics(SchedulerObserver):
                              registry=reg, buckets=E2E_BUCKETS).labels(model_name)
         self.http = Counter("minimind:http_requests", "HTTP responses by endpoint (route template) and status.",
                             ["endpoint", "status"], registry=reg)
-        reg.register(_PrefixCacheCounters(scheduler, model_name))
+        self.prefix_queries = Counter("minimind:prefix_cache_queries", "Prompt tokens of sequences prefilled.",
+                                      label, registry=reg).labels(model_name)
+        self.prefix_hits = Counter("minimind:prefix_cache_hits", "Prompt tokens reused from the prefix cache.",
+                                   label, registry=reg).labels(model_name)
         scheduler.observer = self
 
     def on_tokens(self, job: Job, new_tokens: int, first: bool) -> None:
@@ -79,6 +81,8 @@ class ServerMetrics(SchedulerObserver):
         if first:
             self.prompt_tokens.inc(len(job.prompt_ids))
             self.ttft.observe(job.first_token_at - job.submitted_at)
+            self.prefix_queries.inc(len(job.prompt_ids))
+            self.prefix_hits.inc(job.cached_tokens)
         if new_tokens > 0:
             self.generation_tokens.inc(new_tokens)
 
@@ -100,19 +104,3 @@ class ServerMetrics(SchedulerObserver):
         """The Prometheus text exposition of every metric."""
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
-
-class _PrefixCacheCounters:
-    """The engine's prefix-cache counters, read at each scrape (the engine counts; nothing to observe here)."""
-
-    def __init__(self, scheduler: Scheduler, model_name: str):
-        self.scheduler, self.model_name = scheduler, model_name
-
-    def collect(self):
-        """Yield the two counter families (vLLM's prefix_cache_queries / prefix_cache_hits, in tokens)."""
-        stats = self.scheduler.engine.prefix_cache_stats
-        queries, hits = (stats.query_tokens, stats.hit_tokens) if stats is not None else (0, 0)
-        for name, doc, value in (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries),
-                                 ("prefix_cache_hits", "Prompt tokens reused from the prefix cache.", hits)):
-            family = CounterMetricFamily(f"minimind:{name}", doc, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            yield family

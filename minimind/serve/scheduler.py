@@ -65,6 +65,7 @@ class Job:
     done: bool = field(default=False, init=False)  # finished, cancelled or failed; counted out of `active`
     submitted_at: float = field(default=0.0, init=False)  # time.monotonic() at `submit`
     first_token_at: float | None = field(default=None, init=False)  # time.monotonic() of its first output
+    cached_tokens: int = field(default=0, init=False)  # prompt tokens the engine's prefix cache gave (first output)
 
 
 class SchedulerObserver:
@@ -276,7 +277,7 @@ class Scheduler:
                 continue
             first = job.first_token_at is None
             if first:
-                job.first_token_at = now
+                job.first_token_at, job.cached_tokens = now, output.cached_tokens
             self.observer.on_tokens(job, output.completion_tokens - job.completion_tokens, first)
             job.completion_tokens = output.completion_tokens
             if output.finished:
