@@ -8,6 +8,8 @@
 Cases, all greedy from the same prompts (random token ids, all of one length) with eos ignored, so every
 side produces exactly --new-tokens tokens per row:
   engine       our Engine, the model's dtype            hf           HF `generate` (Llama; Qwen3 for QK-norm), same weights
+  engine-default  the Engine as `minimind generate/chat/serve` build it with no flags (compiled decode step
+               from the compile cache on CPU/CUDA, prefix cache on)
   engine-int8  Engine(quantize="int8") (CPU only)       engine-compile  Engine(compile=True) (--compile)
   engine-int8-compile  both (--compile, CPU only)
   llama.cpp-f32 / -f16 / -q8_0   llama-cpp-python on `minimind convert --to gguf` of the same weights,
@@ -16,7 +18,8 @@ side produces exactly --new-tokens tokens per row:
 Decode tokens/s = rows x (new_tokens - 1) / (time for new_tokens - time for 1 token): prefill and the
 first token cancel out. The engine's time includes detokenization and stop checks (what a user pays); HF's
 and llama.cpp's do not. Cases run interleaved within each repetition; the best repetition counts.
-The last line is the batch-1 fp32 engine against HF: `decode: ratio=<ours/peer> (ours <tok/s>, peer <tok/s>)`.
+The last line is the batch-1 fp32 engine against HF: `decode: ratio=<ours/peer> (ours <tok/s>, peer <tok/s>)`;
+`decode batch 1 engine-default vs llama.cpp-f32: ratio=…` is what a user meets with no flags.
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ def load(args: argparse.Namespace, device: torch.device):
         model.to(DTYPES[args.dtype])
     tokenizer, _ = bench_tokenizer(model.config.vocab_size)
     return model, tokenizer, None
+
+
+def default_engine(model, tokenizer, device: torch.device, cache_dir: str | None) -> Engine:
+    """The Engine `minimind generate/chat/serve` build with no flags (compile by default, its compile cache, the
+    prefix cache), warmed up as they are; the compile cache's default directory unless `cache_dir` is given."""
+    from minimind.infer.compile_cache import default_compile_cache
+    from minimind.infer.options import PREFIX_CACHE_TOKENS, compile_by_default
+
+    compiled = compile_by_default(None, device)
+    engine = Engine(model, tokenizer, compile=compiled, prefix_cache_tokens=PREFIX_CACHE_TOKENS,
+                    compile_cache=(cache_dir or default_compile_cache()) if compiled else None)
+    engine.warm_up()
+    return engine
 
 
 def engine_runner(engine: Engine, prompts: list[list[int]]):
@@ -133,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-int8", action="store_true", help="skip the Engine(quantize='int8') case")
     parser.add_argument("--no-hf", action="store_true", help="skip HF generate")
     parser.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
+    parser.add_argument("--no-default", action="store_true",
+                        help="skip engine-default (what generate/chat/serve run with no flags)")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="engine-default's compile cache (default: the CLI's, so only a first run compiles)")
     parser.add_argument("--gguf-types", nargs="*", default=["f32", "f16", "q8_0"],
                         help="llama.cpp cases at batch 1 (none: skip llama.cpp)")
     add_bench_arguments(parser, quick="tiny model, 8 tokens, one repetition (smoke test)", json=True)
@@ -151,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     peer = None if args.no_hf else hf_twin(model).eval()  # before the engines re-lay the weights out
     # Each engine gets its own copy: an engine may re-lay its model's weights out (see infer/layout.py).
     engines = {"engine": Engine(copy.deepcopy(model), tokenizer)}
+    if not args.no_default:
+        engines["engine-default"] = default_engine(copy.deepcopy(model), tokenizer, device, args.compile_cache)
     if not args.no_int8 and device.type == "cpu":
         engines["engine-int8"] = Engine(model, tokenizer, quantize="int8")
     if args.compile:
@@ -171,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
               + " tokens/s")
     append_json(args.json, {"bench": "decode", "device": str(device), "model": args.model or args.preset,
                             "results": results, "machine": machine_line()})
-    pairs = [("engine", "llama.cpp-f32"), ("engine-compile", "llama.cpp-f32"), ("engine-int8", "llama.cpp-f16"),
+    pairs = [("engine-default", "llama.cpp-f32"), ("engine-default", "engine"), ("engine", "llama.cpp-f32"), ("engine-compile", "llama.cpp-f32"), ("engine-int8", "llama.cpp-f16"),
              ("engine-int8-compile", "llama.cpp-f16"), ("engine-int8-compile", "llama.cpp-q8_0"),
              ("engine-compile", "engine"), ("engine-compile", "hf"), ("engine-int8", "hf"),
              ("engine-int8-compile", "hf"), ("engine", "hf")]

@@ -28,6 +28,7 @@ RATIO = re.compile(r"^[\w .-]+: ratio=\d+\.\d\d \(ours [\d.]+( [\w /-]+)?, peer 
     ["reference.py", "--quick"],
     ["moe.py", "--quick"],
     ["prefix.py", "--quick"],
+    ["startup.py", "--quick"],
 ], ids=lambda argv: argv[0])
 def test_bench_runs_and_prints_its_ratio_line(argv):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / argv[0]), *argv[1:]], cwd=ROOT,
