@@ -12,9 +12,12 @@ side produces exactly --new-tokens tokens per row:
                from the compile cache on CPU/CUDA, prefix cache on)
   engine-int8  Engine(quantize="int8") (CPU only)       engine-compile  Engine(compile=True) (--compile)
   engine-int8-compile  both (--compile, CPU only)
-  llama.cpp-f32 / -f16 / -q8_0   llama-cpp-python on `minimind convert --to gguf` of the same weights,
+  engine-int4  Engine(quantize="int4") (CPU only)       engine-int4-compile  both (--compile, CPU only)
+  llama.cpp-f32 / -f16 / -q8_0 / -q4_0   llama-cpp-python on `minimind convert --to gguf` of the same weights,
                batch 1, when `llama_cpp` is importable (its default f16 KV cache, same thread count as
-               torch; tokens drawn by its own greedy sampler through `Llama.generate`)
+               torch; tokens drawn by its own greedy sampler through `Llama.generate`). Loaded without
+               llama.cpp's repacked weight layouts unless --llama-repack: on CPUs with AMX (this machine's)
+               llama.cpp crashes in them for q8_0 and q4_0 files
 Decode tokens/s = rows x (new_tokens - 1) / (time for new_tokens - time for 1 token): prefill and the
 first token cancel out. The engine's time includes detokenization and stop checks (what a user pays); HF's
 and llama.cpp's do not. Cases run interleaved within each repetition; the best repetition counts.
@@ -46,6 +49,7 @@ from common import (  # noqa: E402
     scratch_dir,
 )
 
+from minimind.convert.gguf import GGUF_DTYPES  # noqa: E402
 from minimind.device import resolve_device  # noqa: E402
 from minimind.infer import Engine  # noqa: E402
 from minimind.model import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
@@ -98,13 +102,15 @@ def hf_runner(model: torch.nn.Module, ids: torch.Tensor):
 
 
 def llama_cpp_runners(model, tokenizer, model_dir: Path | None, prompt: list[int], max_tokens: int,
-                      gguf_types: list[str]) -> dict:
+                      gguf_types: list[str], repack: bool = False) -> dict:
     """name -> runner for each GGUF type, or {} when llama-cpp-python is not installed."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         print("llama.cpp: llama-cpp-python is not installed (pip install -e '.[llamacpp]'); skipped")
         return {}
+    from gguf_llamacpp import open_llama
+
     from minimind.convert.gguf import export_gguf
     from minimind.modeldir import save_model_dir
 
@@ -114,8 +120,8 @@ def llama_cpp_runners(model, tokenizer, model_dir: Path | None, prompt: list[int
     runners = {}
     for gguf_type in gguf_types:
         path = export_gguf(model_dir, work / f"model-{gguf_type}.gguf", gguf_type)
-        llm = Llama(model_path=str(path), n_ctx=len(prompt) + max_tokens + 8, n_threads=torch.get_num_threads(),
-                    n_threads_batch=torch.get_num_threads(), verbose=False)
+        llm = open_llama(path, repack, n_ctx=len(prompt) + max_tokens + 8, n_threads=torch.get_num_threads(),
+                         n_threads_batch=torch.get_num_threads(), verbose=False)
 
         def run(n: int, llm=llm) -> None:
             for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), start=1):
@@ -147,13 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     add_bench_arguments(parser, repeats=(3, "timed runs per figure (best is kept)"), device="auto",
                         dtype=(None, "weights dtype"))
     parser.add_argument("--no-int8", action="store_true", help="skip the Engine(quantize='int8') case")
+    parser.add_argument("--no-int4", action="store_true", help="skip the Engine(quantize='int4') case")
+    parser.add_argument("--llama-repack", action="store_true",
+                        help="let llama.cpp repack quantized weights into its faster layouts (crashes on CPUs "
+                             "with AMX, this machine's)")
     parser.add_argument("--no-hf", action="store_true", help="skip HF generate")
     parser.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
     parser.add_argument("--no-default", action="store_true",
                         help="skip engine-default (what generate/chat/serve run with no flags)")
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="engine-default's compile cache (default: the CLI's, so only a first run compiles)")
-    parser.add_argument("--gguf-types", nargs="*", default=["f32", "f16", "q8_0"],
+    parser.add_argument("--gguf-types", nargs="*", default=["f32", "f16", "q8_0", "q4_0"], choices=GGUF_DTYPES,
                         help="llama.cpp cases at batch 1 (none: skip llama.cpp)")
     add_bench_arguments(parser, quick="tiny model, 8 tokens, one repetition (smoke test)", json=True)
     args = parser.parse_args(argv)
@@ -179,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         engines["engine-compile"] = Engine(copy.deepcopy(model), tokenizer, compile=True)
         if not args.no_int8 and device.type == "cpu":
             engines["engine-int8-compile"] = Engine(model, tokenizer, quantize="int8", compile=True)
+    if not args.no_int4 and device.type == "cpu":
+        engines["engine-int4"] = Engine(model, tokenizer, quantize="int4")
+        if args.compile:
+            engines["engine-int4-compile"] = Engine(model, tokenizer, quantize="int4", compile=True)
     results: dict[int, dict[str, float]] = {}
     for rows in args.batch_sizes:
         prompts = torch.randint(3, len(tokenizer), (rows, args.prompt_tokens), generator=generator)
@@ -187,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             runners["hf"] = hf_runner(peer, prompts.to(device))
         if rows == 1 and args.gguf_types:
             runners.update(llama_cpp_runners(model, tokenizer, model_dir, prompts[0].tolist(),
-                                             args.prompt_tokens + args.new_tokens, args.gguf_types))
+                                             args.prompt_tokens + args.new_tokens, args.gguf_types,
+                                             args.llama_repack))
         results[rows] = rates(runners, rows, args.new_tokens, device, args.repeats)
         print(f"batch {rows}: " + ", ".join(f"{name} {rate:.1f}" for name, rate in results[rows].items())
               + " tokens/s")
@@ -197,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
              ("engine-int8-compile", "llama.cpp-f16"), ("engine-int8-compile", "llama.cpp-q8_0"),
              ("engine-compile", "engine"), ("engine-compile", "hf"), ("engine-int8", "hf"),
              ("engine-int8-compile", "hf"), ("engine", "hf")]
+    # the quantized modes against llama.cpp's of the same bits per weight, and against each other
+    pairs += [("engine-int8", "llama.cpp-q8_0"), ("engine-int4", "llama.cpp-q4_0"),
+              ("engine-int4-compile", "llama.cpp-q4_0"), ("engine-int4", "engine-int8"),
+              ("engine-int4-compile", "engine-int8-compile")]
     for rows, figures in results.items():
         for ours, peer in pairs:
             if ours in figures and peer in figures and (rows, ours, peer) != (1, "engine", "hf"):

@@ -7,6 +7,8 @@
 For each GGUF type it checks that llama.cpp tokenizes the prompt like our tokenizer, reports the largest
 logit difference over the prompt, compares the greedy continuations token by token, and prints decode
 speed (tokens/s) for both. Exit status 1 if the f32 file's greedy continuation differs from ours.
+Quantized files (q8_0, q4_0) load without llama.cpp's repacked weight layouts unless `--repack` is given:
+on this machine's CPU (AVX-512 with AMX) llama.cpp crashes with a segmentation fault in them.
 llama-cpp-python is not a dependency (it compiles llama.cpp, about 10 minutes on 2 cores); without it this
 prints how to install it and exits 0.
 """
@@ -14,6 +16,7 @@ prints how to install it and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -58,6 +61,33 @@ def demo_model_dir(out: Path, preset: str = "tiny") -> Path:
     return save_model_dir(model, load_tokenizer(out / "tokenizer"), out / "model")
 
 
+def open_llama(path: Path, repack: bool, **kwargs):
+    """`llama_cpp.Llama` over a GGUF file; repack=False loads it without llama.cpp's extra buffer types (the
+    repacked and AMX layouts it would otherwise choose for quantized weights), which the `Llama` class has no
+    argument for: its model parameters start from `llama_model_default_params`, wrapped here meanwhile."""
+    import llama_cpp
+
+    with _default_model_params(llama_cpp.llama_cpp, use_extra_bufts=repack):
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+
+
+@contextlib.contextmanager
+def _default_model_params(module, **fields):
+    real = module.llama_model_default_params
+
+    def params():
+        chosen = real()
+        for name, value in fields.items():
+            setattr(chosen, name, value)
+        return chosen
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = real
+
+
 def our_greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
     """Greedy continuation with the HF generate loop (KV cache); returns (new tokens, tokens/s)."""
     prompt = torch.tensor([ids])
@@ -92,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument("--repack", action="store_true",
+                        help="let llama.cpp repack quantized weights into its faster layouts (crashes on this "
+                             "machine's CPU)")
     args = parser.parse_args(argv)
     try:
-        from llama_cpp import GGML_TYPE_F32, Llama
+        from llama_cpp import GGML_TYPE_F32
     except ImportError:
         print(INSTALL_HINT)
         return 0
@@ -116,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for dtype in args.dtypes:
         path = export_gguf(model_dir, work / f"model-{dtype}.gguf", dtype)
-        llm = Llama(
-            model_path=str(path),
+        llm = open_llama(
+            path,
+            args.repack,
             n_ctx=len(ids) + args.new_tokens + 8,
             n_threads=args.threads,
             logits_all=True,
