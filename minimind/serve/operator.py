@@ -1,4 +1,5 @@
-"""What operators expect of a model server besides generation: request ids, an access log, CORS, token tools.
+"""What operators expect of a model server besides generation: request ids, an access log, CORS, token tools,
+and a limit on request bodies (`BodyLimit`).
 
     POST /tokenize      {"prompt": "..."} or {"messages": [...]} -> {"count", "max_model_len", "tokens"}
                         (+ "token_strs" with "return_token_strs": true); vLLM's shapes
@@ -29,7 +30,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
@@ -37,19 +38,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minimind.serve.metrics import ServerMetrics
 from minimind.serve.openapi import error_responses
-from minimind.serve.protocol import APIError, ChatCompletionRequest, TemplateKwargs, parse_request
+from minimind.serve.protocol import APIError, ChatCompletionRequest, TemplateKwargs, _Body, parse_request
 from minimind.serve.protocol import Message as ChatMessage
 from minimind.serve.scheduler import PromptEncoder
 
 access_log = logging.getLogger("minimind.serve.access")
 REQUEST_ID = "x-request-id"
 _USABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: safe in a header and on one log line
-
-
-class _Body(BaseModel):
-    """Strict types, unknown fields ignored (as the /v1 bodies)."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TokenizeRequest(_Body):

@@ -104,13 +104,13 @@ class ReasoningInputItem(_Body):
     id: str | None = None
 
 
-ITEM_TAGS = ("message", "function_call", "function_call_output", "reasoning")
+INPUT_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
 def _item_tag(value: Any) -> str | None:
     if isinstance(value, dict):
         kind = value.get("type", "message")
-        return kind if kind in ITEM_TAGS else None
+        return kind if kind in INPUT_ITEM_TYPES else None
     return getattr(value, "type", None)
 
 
