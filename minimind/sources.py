@@ -147,12 +147,51 @@ def _lines(name: str) -> Iterator[Item]:
         with _open_lines(name) as handle:
             for lineno, raw in enumerate(handle, start=1):
                 yield name, lineno, raw
-    except (OSError, EOFError, zlib.error) as err:
-        raise UserError(f"{name}:{lineno + 1}: the compressed stream is damaged ({err})") from None
-    except Exception as err:  # zstandard.ZstdError has no importable base worth naming here
-        if type(err).__name__ == "ZstdError":
-            raise UserError(f"{name}:{lineno + 1}: the compressed stream is damaged ({err})") from None
-        raise
+    except Exception as err:
+        _raise_damaged(name, lineno + 1, err)
+
+
+def is_line_file(name: str) -> bool:
+    """Whether one file of a source (an `expand` entry) is read as JSON lines (plain or compressed)."""
+    return not is_hf(name) and not name.endswith(PARQUET_SUFFIXES)
+
+
+def line_blocks(name: str, block_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """A JSON-lines file (plain, .gz or .zst) as (number of its first line, whole lines) blocks of about
+    `block_bytes`, streaming: `split_lines` of each block gives exactly the lines `iter_items` yields, so a
+    reader can hand blocks to worker processes instead of one object per line."""
+    lineno, tail = 1, b""
+    try:
+        with _open_lines(name) as handle:
+            while data := handle.read(block_bytes):
+                data = tail + data
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a block: keep reading until it ends
+                    tail = data
+                    continue
+                block, tail = data[:cut], data[cut:]
+                yield lineno, block
+                lineno += block.count(b"\n")
+    except Exception as err:
+        _raise_damaged(name, lineno, err)
+    if tail:
+        yield lineno, tail
+
+
+def split_lines(block: bytes) -> list[bytes]:
+    """A `line_blocks` block -> its lines, split on newlines only as a file is iterated (a `\\r` stays inside)."""
+    lines = block.split(b"\n")
+    if not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _raise_damaged(name: str, lineno: int, err: Exception) -> None:
+    """A read error of a (compressed) line file -> one line naming the file and line; anything else re-raised."""
+    # zstandard.ZstdError has no importable base worth naming here
+    if isinstance(err, (OSError, EOFError, zlib.error)) or type(err).__name__ == "ZstdError":
+        raise UserError(f"{name}:{lineno}: the compressed stream is damaged ({err})") from None
+    raise err
 
 
 def _open_lines(name: str) -> io.BufferedIOBase:

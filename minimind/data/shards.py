@@ -24,6 +24,11 @@ FORMAT_VERSION = 1
 SHARD_FILES = ("meta.json", "tokens.bin", "mask.bin", "index.bin", "extra.jsonl", "meta.json.tmp")
 
 
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """The dtype of tokens.bin for a vocabulary: uint16 where every id fits, uint32 past 65536."""
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
 class ShardWriter:
     """Append samples to a prepared directory; `close()` writes meta.json last (its presence = complete)."""
 
@@ -32,7 +37,7 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "meta.json").unlink(missing_ok=True)
         self.kind = kind
-        self.dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+        self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
         self.tokens = open(self.dir / "tokens.bin", "wb")
         self.mask = open(self.dir / "mask.bin", "wb") if with_mask else None
@@ -48,6 +53,19 @@ class ShardWriter:
             self.extra.write(json.dumps(extra, ensure_ascii=False) + "\n")
         self.n_tokens += len(ids)
         self.offsets.append(self.n_tokens)
+
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None,
+                 extras: list | None = None) -> None:
+        """Append samples given back to back: `tokens` (n_tokens,) of this writer's dtype, `lengths` (n_samples,)
+        summing to n_tokens, `mask` (n_tokens,) uint8 where the writer keeps one, `extras` one per sample where it
+        keeps them. The files end up byte for byte as `add` called sample by sample leaves them."""
+        self.tokens.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        if self.mask is not None:
+            self.mask.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+        if self.extra is not None:
+            self.extra.writelines(json.dumps(extra, ensure_ascii=False) + "\n" for extra in extras)
+        self.offsets.extend((self.n_tokens + np.cumsum(lengths, dtype=np.int64)).tolist())
+        self.n_tokens += int(np.sum(lengths, dtype=np.int64))
 
     def close(self, **meta: Any) -> dict:
         for handle in (self.tokens, self.mask, self.extra):

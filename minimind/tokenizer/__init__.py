@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from minimind.errors import UserError
@@ -15,7 +16,7 @@ from minimind.tokenizer.template import (
 )
 
 __all__ = ["CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPT", "MINIMIND3_CHAT_TEMPLATE", "MINIMIND3_SPECIAL_TOKENS",
-           "SPECIAL_TOKENS", "load_tokenizer"]
+           "SPECIAL_TOKENS", "TextEncoder", "encode_texts", "load_tokenizer"]
 
 
 def load_tokenizer(path: str | Path):
@@ -41,6 +42,44 @@ def load_tokenizer(path: str | Path):
     if not tokenizer.chat_template or _digest(tokenizer.chat_template) in _EARLIER_TEMPLATES:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """What encodes plain text exactly as `tokenizer(text, add_special_tokens=False)["input_ids"]` of a fast HF
+    tokenizer does, without transformers: its `tokenizers` backend (after transformers' loading touches) as JSON,
+    and the one setting the JSON leaves out. Small and picklable, so worker processes start in milliseconds."""
+
+    backend_json: str
+    split_special_tokens: bool = False
+
+    @classmethod
+    def of(cls, tokenizer) -> TextEncoder | None:
+        """The encoder of a loaded HF tokenizer; None for a slow (Python) one, which has no backend."""
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if backend is None:
+            return None
+        return cls(backend.to_str(), bool(getattr(tokenizer, "split_special_tokens", False)))
+
+    def load(self):
+        """The backend `tokenizers.Tokenizer`, set as transformers sets it before encoding without padding or
+        truncation."""
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(self.backend_json)
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = self.split_special_tokens
+        # Without special tokens a post-processor leaves one sequence's ids as they are (it adds specials and
+        # sets type ids and offsets), so it is skipped rather than run on every document.
+        backend.post_processor = None
+        return backend
+
+
+def encode_texts(backend, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text from one batched call of a `TextEncoder.load()` backend (no offsets computed)."""
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: tokenizers >= 0.21
+    return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
 
 # sha256 of the chat templates earlier versions saved. They render every chat without tools exactly as the
