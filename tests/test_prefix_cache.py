@@ -160,12 +160,21 @@ def test_prompt_logprobs_and_weight_refresh_reuse_nothing(tokenizer):
     assert Engine(model, tokenizer).prefix_cache_stats is None  # off unless asked for
 
 
-def test_engine_flags_turn_the_prefix_cache_on_by_default(tokenizer):
+def test_engine_flags_turn_the_prefix_cache_on_by_default(model_dir, cli_engines, capsys):
+    from minimind.cli import main
+
     parser = argparse.ArgumentParser()
     add_prefix_cache_arguments(parser)
     assert parser.parse_args([]).prefix_cache_tokens > 0
     assert parser.parse_args(["--no-prefix-cache"]).prefix_cache_tokens == 0
     assert parser.parse_args(["--prefix-cache-tokens", "100"]).prefix_cache_tokens == 100
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prefix-cache-tokens", "-1"])
+    for flags in ([], ["--prefix-cache-tokens", "64"], ["--no-prefix-cache"]):
+        assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "2",
+                     "--temperature", "0", "--device", "cpu", *flags]) == 0
+    bounds = [None if e.prefix_cache is None else e.prefix_cache.max_tokens for e in cli_engines]
+    assert bounds == [parser.parse_args([]).prefix_cache_tokens, 64, None]
     with pytest.raises(ValueError):
         PrefixCache(0, 8)
 
