@@ -16,6 +16,7 @@ objective (`MaskedLM`); HF its own `labels=` loss. Useful tokens/s = batch x seq
 
 Decode (per preset): --decode-batch rows (8) of random prompts, greedy, eos ignored, --new-tokens each; our
 Engine against HF `generate`, decode tokens/s = rows x (new - 1) / (time of new - time of 1) (bench/decode.py).
+On a CPU also `Engine(quantize="int8")` (int8 experts and projections) against the same HF, unless --no-int8.
 
 Cases alternate within every repetition and the best repetition counts. Prints `moe-train-<preset>: ratio=...`
 and `moe-decode-<preset>: ratio=...` lines, then `moe: ratio=...` last: the training ratio of `moe` (of the
@@ -65,10 +66,12 @@ def decode_rates(preset: str, args: argparse.Namespace, device: torch.device, ov
         model.to(common.DTYPES[args.dtype])
     tokenizer, _ = common.bench_tokenizer(model.config.vocab_size)
     peer = common.hf_twin(model).eval()  # before the Engine re-lays its copy's weights out
-    engine = Engine(copy.deepcopy(model), tokenizer)
     prompts = torch.randint(3, len(tokenizer), (args.decode_batch, args.prompt_tokens),
                             generator=torch.Generator().manual_seed(0))
-    runners = {"engine": engine_runner(engine, prompts.tolist()), "hf": hf_runner(peer, prompts.to(device))}
+    runners = {"engine": engine_runner(Engine(copy.deepcopy(model), tokenizer), prompts.tolist()),
+               "hf": hf_runner(peer, prompts.to(device))}
+    if device.type == "cpu" and not args.no_int8:
+        runners["engine-int8"] = engine_runner(Engine(model, tokenizer, quantize="int8"), prompts.tolist())
     return rates(runners, args.decode_batch, args.new_tokens, device, args.repeats)
 
 
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="decode tokens generated per row")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="decode prompt length per row")
     parser.add_argument("--no-decode", action="store_true", help="time the training step only")
+    parser.add_argument("--no-int8", action="store_true", help="skip the Engine(quantize='int8') decode case")
     common.add_bench_arguments(parser, repeats=(3, "timed repetitions per case (best counts)"), device="cpu",
                         dtype=("fp32", "training autocast dtype and decode weights dtype"),
                         quick="narrow 2-layer models, short rows, one repetition (smoke test)", json=True)
@@ -100,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{preset} train: ours {train[preset]['ours']:.1f}, hf {train[preset]['hf']:.1f} tokens/s")
         if not args.no_decode:
             decode[preset] = decode_rates(preset, args, device, overrides)
-            print(f"{preset} decode batch {args.decode_batch}: engine {decode[preset]['engine']:.1f}, "
-                  f"hf {decode[preset]['hf']:.1f} tokens/s")
+            print(f"{preset} decode batch {args.decode_batch}: "
+                  + ", ".join(f"{name} {rate:.1f}" for name, rate in decode[preset].items()) + " tokens/s")
     common.append_json(args.json, {"bench": "moe", "device": str(device), "dtype": args.dtype,
                                    "batch": args.batch_size, "seq_len": args.seq_len, "train": train,
                                    "decode_batch": args.decode_batch, "decode": decode,
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(common.ratio_line(f"moe-train-{preset}", train[preset]["ours"], train[preset]["hf"], "tokens/s"))
         if preset in decode:
             print(common.ratio_line(f"moe-decode-{preset}", decode[preset]["engine"], decode[preset]["hf"], "tokens/s"))
+            if "engine-int8" in decode[preset]:
+                print(common.ratio_line(f"moe-decode-int8-{preset}", decode[preset]["engine-int8"],
+                                        decode[preset]["hf"], "tokens/s"))
     headline = "moe" if "moe" in train else args.preset[0]
     print(common.ratio_line("moe", train[headline]["ours"], train[headline]["hf"], "tokens/s"))
     return 0
