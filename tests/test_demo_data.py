@@ -222,7 +222,7 @@ def test_pretraining_asks_no_held_out_question() -> None:
     asked = [q for q in questions if any(f"{lead}{q}" in text for lead in ("Question: ", "问：", '"', "“"))]
     assert not asked, asked[:5]
     quiz = re.findall(r"^(?:Question: |问：)(.+)$", text, flags=re.M)
-    assert len(quiz) > 5_000  # the quiz share of the mix (mixed training) is a real part of pretraining
+    assert len(quiz) > 3_000  # question/answer lines are a real part of pretraining, not a stray few
 
 
 def test_fact_replies_are_the_short_answer() -> None:

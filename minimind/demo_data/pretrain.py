@@ -568,31 +568,9 @@ def dialogue(rng: random.Random, lang: Lang, pools: Pools) -> str:
     return "".join(out)
 
 
-# The quiz paragraphs' question mix: the fact kinds the held-out questions ask about, on training-side entities.
-# Reading questions answered from facts it also reads as prose teaches the model, during pretraining, to
-# pull a stored fact out for a question (mixed training, as in "Physics of Language Models 3.1"); the held-out
-# entities then need only their prose. Arithmetic keeps a small share (its questions are not the point here).
-QUIZ_MIX: tuple[tuple[str, float], ...] = (
-    ("capital", 12),
-    ("continent", 6),
-    ("symbol", 6),
-    ("atomic_number", 3),
-    ("element_by_symbol", 3),
-    ("state", 2),
-    ("animal", 8),
-    ("string", 8),
-    ("identity", 3),
-    ("arithmetic", 5),
-    ("planet", 2),
-    ("unit", 2),
-    ("calendar", 2),
-    ("word", 2),
-)
-
-
 def quiz(rng: random.Random, lang: Lang, pools: Pools) -> str:
     """Question/answer lines, the bridge between prose and the chat format (training side only)."""
-    qas = [draw(rng, lang, pools, QUIZ_MIX) for _ in range(rng.randint(3, 6))]
+    qas = [draw(rng, lang, pools) for _ in range(rng.randint(2, 4))]
     if lang == "en":
         return "\n".join(f"Question: {qa.question}\nAnswer: {qa.reply}" for qa in qas)
     return "\n".join(f"问：{qa.question}\n答：{qa.reply}" for qa in qas)
@@ -609,12 +587,12 @@ TOPICS: tuple[tuple[Paragraph, float], ...] = (
     (units, 2),
     (calendar, 3),
     (words, 8),
-    (arithmetic, 8),
+    (arithmetic, 10),
     (strings, 8),
     (identity, 4),
     (story, 4),
     (dialogue, 4),
-    (quiz, 24),
+    (quiz, 10),
 )
 
 
