@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="training sequence length")
     parser.add_argument("--batch-size", type=int, default=BATCH, help="training batch size")
     parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak learning rate of pretraining")
-    parser.add_argument("--sft-lr", type=float, default=1e-3, help="peak learning rate of SFT")
+    # SFT at 3e-4, not 1e-3: fine-tuning never shows the held-out answers' names, and the higher rate pushed them
+    # down further (after "The capital of France is" the 1e-3 model named a held-out capital 0 times in 10, 4 at 3e-4).
+    parser.add_argument("--sft-lr", type=float, default=3e-4, help="peak learning rate of SFT")
     parser.add_argument("--grpo-seeds", type=int, default=GRPO_SEEDS,
                         help="GRPO runs from the same SFT model with different seeds (the report gives the held-out "
                              "gain as mean ± standard deviation over them)")
