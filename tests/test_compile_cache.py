@@ -21,6 +21,8 @@ def test_compile_key_names_a_file_per_shape_dtype_and_head():
     config = tiny_config().to_dict()
     key = compile_key(config, CPU, torch.float32, False, {"a": 1}).name
     assert key == compile_key(dict(config), CPU, torch.float32, False, {"a": 1}).name  # deterministic
+    moved = {**config, "_name_or_path": "/elsewhere"}  # the same shape loaded from another directory
+    assert key == compile_key(moved, CPU, torch.float32, False, {"a": 1}).name
     others = [compile_key(tiny_config(dim=32).to_dict(), CPU, torch.float32, False, {"a": 1}),
               compile_key(config, CPU, torch.bfloat16, False, {"a": 1}),
               compile_key(config, CPU, torch.float32, True, {"a": 1}),

@@ -90,9 +90,10 @@ class CompileKey:
 
 def compile_key(config: dict, device: torch.device, dtype: torch.dtype, int8_head: bool, options: dict | None) -> CompileKey:
     """The key of a decode step: model config (shapes), device type, dtype, int8 head, options, machine, versions."""
+    shape = {k: v for k, v in config.items() if not k.startswith("_")}  # not `_name_or_path`: where it was loaded
     return CompileKey({
         "torch": torch.__version__, "python": sys.version.split()[0], "machine": _machine(),
-        "config": config, "device": device.type, "dtype": str(dtype), "int8_head": int8_head,
+        "config": shape, "device": device.type, "dtype": str(dtype), "int8_head": int8_head,
         "options": options, "sources": _source_digest(),
     })
 
