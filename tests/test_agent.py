@@ -206,7 +206,9 @@ def test_agent_runs_the_bundled_example_and_resumes_exactly(tmp_path, model_dir)
     assert "Agentic RL" in (tmp_path / "a" / "report.md").read_text()
 
 
-CALCULATOR = load_tools(DEFAULT_TOOLS)["calculator"].schema
+# The bundled calculator's schema without its description: a shorter prompt, the same checks.
+CALCULATOR = {"type": "function", "function": {"name": "calculator", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
 SYSTEM = "calc"
 
 
@@ -223,12 +225,17 @@ def sum_conversation(a: int, b: int, tool: bool, guess: int) -> dict:
 
 
 def sum_task(root: Path, renderer) -> Path:
-    """A tokenizer and a tiny model SFT-trained on sums a + b (10 ≤ a, b < 50) answered through the calculator
-    in 30% of the conversations and guessed in the rest, so it calls the tool sometimes but not by default;
-    then agent_rl data (train and held-out sums, with gt). The tokenizer is trained on the conversations as
-    `renderer` (a tokenizer with our chat template) renders them. Built once per session under `root`."""
+    """A tokenizer and a small model (dim 128, 2 layers) SFT-trained on sums a + b (10 ≤ a, b < 50) answered
+    through the calculator in half the conversations and guessed in the rest, so it calls the tool in about half
+    its sampled episodes and, when it does, mostly copies the operands into the call and the result into its
+    answer; then agent_rl data (train and 64 held-out sums, with gt). The tokenizer is trained on the conversations as `renderer` (a tokenizer with our
+    chat template) renders them, every number cut to its first digit: it learns no merge of two digits, so a
+    number is one token per digit and copying it is the same few steps whatever its value. Built once per
+    session under `root`."""
     if (root / "sft" / "model.safetensors").is_file():
         return root
+    import re
+
     from minimind.data.chat import render
     from minimind.tokenizer import load_tokenizer
     from minimind.tokenizer.train import save_tokenizer, train_tokenizer
@@ -237,13 +244,13 @@ def sum_task(root: Path, renderer) -> Path:
     rng = random.Random(0)
     pairs = [(a, b) for a in range(10, 50) for b in range(10, 50)]
     rng.shuffle(pairs)
-    train, held_out = pairs[:1200], pairs[1200:1232]
-    chat = [sum_conversation(a, b, rng.random() < 0.3, rng.randint(20, 98)) for a, b in train]
+    train, held_out = pairs[:1200], pairs[1200:1264]
+    chat = [sum_conversation(a, b, rng.random() < 0.5, rng.randint(20, 98)) for a, b in train]
     write_jsonl(root / "sft.jsonl", chat)
-    texts = [render(renderer, c["conversations"]) for c in chat[:300]]  # the chat template's text of each
-    save_tokenizer(train_tokenizer(texts, vocab_size=600, show_progress=False), root / "tokenizer")
+    texts = [re.sub(r"\d+", lambda m: m.group()[0], render(renderer, c["conversations"])) for c in chat[:300]]
+    save_tokenizer(train_tokenizer(texts, vocab_size=400, show_progress=False), root / "tokenizer")
     tokenizer = load_tokenizer(root / "tokenizer")
-    save_model_dir(tiny_model(0, vocab_size=len(tokenizer), max_seq_len=512), tokenizer, root / "init")
+    save_model_dir(tiny_model(0, vocab_size=len(tokenizer), max_seq_len=512, dim=128), tokenizer, root / "init")
     for name, subset in (("rl.jsonl", train), ("rl_eval.jsonl", held_out)):
         write_jsonl(root / name, [{"conversations": [{"role": "system", "content": SYSTEM, "tools": [CALCULATOR]},
                                                      {"role": "user", "content": f"{a}+{b}"}], "gt": [a + b]}
@@ -268,21 +275,22 @@ def test_agent_rl_raises_held_out_accuracy_on_sums_only_the_calculator_can_do(tm
                  "--max-new-tokens", "40", "--max-turns", "2", "--max-seq-len", "256", "--max-steps", "30",
                  "--lr", "5e-4", "--eval-every", "0", "--device", "cpu", "--dtype", "fp32"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    before = summary["held-out accuracy (greedy): --init"]
-    after = summary["held-out accuracy (greedy): trained"]
+    greedy = [summary[f"held-out accuracy (greedy): {m}"] for m in ("--init", "trained")]
+    sampled = [summary[f"held-out accuracy (sampled T=1): {m}"] for m in ("--init", "trained")]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     first, last = train_rows[:5], train_rows[-5:]
-    print(f"\nagent held-out greedy accuracy {before:.3f} -> {after:.3f}; sampled "
-          f"{summary['held-out accuracy (sampled T=1): --init']:.3f} -> "
-          f"{summary['held-out accuracy (sampled T=1): trained']:.3f}; training accuracy (first/last 5 steps) "
+    calls = [sum(r["tool_calls"] for r in first) / 5, sum(r["tool_calls"] for r in last) / 5]
+    print(f"\nagent held-out accuracy, 8 sampled episodes per prompt at T=1: {sampled[0]:.3f} -> {sampled[1]:.3f}; "
+          f"greedy {greedy[0]:.3f} -> {greedy[1]:.3f}; training accuracy (first/last 5 steps) "
           f"{sum(r['accuracy'] for r in first) / 5:.3f} -> {sum(r['accuracy'] for r in last) / 5:.3f}; "
-          f"tool calls per episode {sum(r['tool_calls'] for r in first) / 5:.2f} -> "
-          f"{sum(r['tool_calls'] for r in last) / 5:.2f}")
-    # Measured with these settings: tool calls per episode 0.27 -> 0.68 and held-out greedy accuracy 0.000 -> 0.031;
-    # more tool use is what RL reliably buys here, the accuracy gain is within noise (see docs/rl.md).
-    assert sum(r["tool_calls"] for r in last) > sum(r["tool_calls"] for r in first)
-    assert after >= before
+          f"tool calls per episode {calls[0]:.2f} -> {calls[1]:.2f}")
+    # The SFT model calls the calculator in about half its sampled episodes and is then mostly right; RL makes it
+    # call every time. 64 held-out prompts x 8 episodes: a binomial standard error of at most 0.022 per figure,
+    # so a rise of 0.2 is many times the sampling noise (measured figures in docs/rl.md).
+    assert sampled[1] - sampled[0] >= 0.2
+    assert calls[1] - calls[0] >= 0.2
+    assert greedy[1] >= greedy[0]
     for key in ("reward_answer", "reward_tool", "reward_format", "reward_unfinished", "tool_calls", "failed",
                 "unfinished", "kl"):
         assert key in train_rows[0]
