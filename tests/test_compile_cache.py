@@ -30,7 +30,7 @@ def test_compile_key_names_a_file_per_shape_dtype_and_head():
               compile_key(config, torch.device("meta"), torch.float32, False, {"a": 1})]
     assert len({key, *(k.name for k in others)}) == 6
     assert key.startswith("decode-") and key.endswith(".bin")
-    assert {"torch", "python", "machine", "sources"} <= set(others[0].fields)
+    assert {"torch", "python", "machine", "threads", "sources"} <= set(others[0].fields)
 
 
 def test_default_compile_cache_follows_the_environment(monkeypatch, tmp_path):

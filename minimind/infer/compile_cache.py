@@ -7,7 +7,7 @@ bytecode with its guards and the generated kernels, is saved to one file; a late
 calls it without tracing anything.
 
 The file name is a hash of everything the compiled code depends on: the torch and Python versions, the CPU
-(its model name and instruction-set flags) or GPU, the model's config (shapes only: the weights are inputs of
+(its model name and instruction-set flags) or GPU, torch's thread count (the saved guards check it), the model's config (shapes only: the weights are inputs of
 the compiled step, so models of one shape share a file), the dtype, whether an int8 head is inside the graph,
 the compile options, and the source of the modules the step traces (a changed model file is a new key). The
 loaded step still checks its guards at every call; if they ever refuse an input, the decoder falls back to
@@ -89,10 +89,12 @@ class CompileKey:
 
 
 def compile_key(config: dict, device: torch.device, dtype: torch.dtype, int8_head: bool, options: dict | None) -> CompileKey:
-    """The key of a decode step: model config (shapes), device type, dtype, int8 head, options, machine, versions."""
+    """The key of a decode step: model config (shapes), device type, dtype, int8 head, options, machine, threads,
+    versions."""
     shape = {k: v for k, v in config.items() if not k.startswith("_")}  # not `_name_or_path`: where it was loaded
     return CompileKey({
         "torch": torch.__version__, "python": sys.version.split()[0], "machine": _machine(),
+        "threads": torch.get_num_threads(),  # the saved step's guards check it (global state)
         "config": shape, "device": device.type, "dtype": str(dtype), "int8_head": int8_head,
         "options": options, "sources": _source_digest(),
     })
