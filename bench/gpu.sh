@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run of the performance benches on a lent GPU machine (issue 9 §3), under 10 minutes:
+# One prepared run of the performance benches on a lent GPU machine, under 10 minutes:
 #   bf16 + torch.compile training of `small`, ours against HF LlamaForCausalLM, with MFU against the bf16
 #   GEMM ceiling measured on the spot (and the datasheet peak); the CLI's pretrain (compiled), sft and eval
 #   on the GPU, as a user runs them; decode throughput; the same training bench for `base`;
