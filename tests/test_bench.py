@@ -26,7 +26,6 @@ RATIO = re.compile(r"^[\w .-]+: ratio=\d+\.\d\d \(ours [\d.]+( [\w /-]+)?, peer 
     ["rollout.py", "--quick"],
     ["decode.py", "--quick", "--gguf-types"],
     ["int4_kernels.py", "--quick"],
-    ["int4_kernels.py", "--quick"],
     ["serve.py", "--preset", "tiny", "--clients", "2", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"],
     ["reference.py", "--quick"],
     ["moe.py", "--quick"],
