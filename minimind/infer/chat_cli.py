@@ -81,7 +81,7 @@ def thinking_switch(tokenizer, on: bool | None, warn: TextIO) -> bool | None:
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     SamplingParams(**sampling)  # bad flags fail now, not at the first message
-    engine = load_engine(args, warm_up=True)
+    engine = load_engine(args)
     think = thinking_switch(engine.tokenizer, args.think, sys.stderr)
     return chat_loop(engine, input, sys.stdout, args.system, args.history_turns, sampling, args.hide_thinking,
                      think)

@@ -8,7 +8,7 @@ calls it without tracing anything.
 
 The file name is a hash of everything the compiled code depends on: the torch and Python versions, the CPU
 (its model name and instruction-set flags) or GPU, torch's thread count (the saved guards check it), the model's config (shapes only: the weights are inputs of
-the compiled step, so models of one shape share a file), the dtype, whether an int8 head is inside the graph,
+the compiled step, so models of one shape share a file), the dtype, whether a quantized head is inside the graph,
 the compile options, and the source of the modules the step traces (a changed model file is a new key). The
 loaded step still checks its guards at every call; if they ever refuse an input, the decoder falls back to
 an ordinary `torch.compile` (compiled.py).
@@ -88,14 +88,15 @@ class CompileKey:
         return f"decode-{hashlib.sha256(text.encode()).hexdigest()[:24]}.bin"
 
 
-def compile_key(config: dict, device: torch.device, dtype: torch.dtype, int8_head: bool, options: dict | None) -> CompileKey:
-    """The key of a decode step: model config (shapes), device type, dtype, int8 head, options, machine, threads,
-    versions."""
+def compile_key(config: dict, device: torch.device, dtype: torch.dtype, head_in_graph: bool,
+                options: dict | None) -> CompileKey:
+    """The key of a decode step: model config (shapes), device type, dtype, whether the (int8 or int4) head is in
+    the graph, options, machine, threads, versions."""
     shape = {k: v for k, v in config.items() if not k.startswith("_")}  # not `_name_or_path`: where it was loaded
     return CompileKey({
         "torch": torch.__version__, "python": sys.version.split()[0], "machine": _machine(),
         "threads": torch.get_num_threads(),  # the saved step's guards check it (global state)
-        "config": shape, "device": device.type, "dtype": str(dtype), "int8_head": int8_head,
+        "config": shape, "device": device.type, "dtype": str(dtype), "head_in_graph": head_in_graph,
         "options": options, "sources": _source_digest(),
     })
 
@@ -119,7 +120,9 @@ def save_step(compiled, path: Path, module: torch.nn.Module) -> bool:
     """Write a compiled step to `path` (atomically); False, with a warning, when it cannot be saved."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        compiled.save_compiled_function(str(path), external_data={"step": module})
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # another start never reads half a file
+        compiled.save_compiled_function(str(partial), external_data={"step": module})
+        os.replace(partial, path)
         return True
     except Exception as err:  # a read-only cache or a step torch cannot serialise: it still runs
         log.warning("compile cache: could not save %s (%s)", path, err)

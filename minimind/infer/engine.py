@@ -610,7 +610,7 @@ class Engine:
             write[i, width - new :] = positions[i, width - new :] = torch.arange(p, n)
             request.row, request.cached = start + i, n
         ids, write, positions = ids.to(self.device), write.to(self.device), positions.to(self.device)
-        same_length = all(len(r.prompt_ids) == width for r in group)  # and so nothing reused
+        same_length = all(len(r.prompt_ids) == width for r in group)  # every position is its column: causal
         # (B, 1, T, longest): each new token sees its row's columns up to its own position, reused ones included
         mask = None if same_length else self._columns[:longest] <= positions[:, None, :, None]
         self.cache.bind(start, stop, write, longest, max(reused))

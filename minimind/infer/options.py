@@ -144,13 +144,12 @@ def compile_cache_dir(args: argparse.Namespace) -> Path:
     return Path(given).expanduser() if given else default_compile_cache()
 
 
-def load_engine(args: argparse.Namespace, warm_up: bool = False, compile_default: bool = True, **engine_kwargs):
+def load_engine(args: argparse.Namespace, compile_default: bool = True, **engine_kwargs):
     """The Engine for `--model` and the `add_engine_arguments` flags.
 
     When it compiles (`compile_by_default`; with `compile_default=False` only on `--compile`: `eval`, whose
     scoring is batched prefill), the decode step is compiled, or loaded from the compile cache,
-    before this returns, saying so on stderr. `warm_up` is kept for callers that ask for it; compiling always
-    happens here now, since a cached step costs little and the first compilation must see two cache rows.
+    before this returns, saying so on stderr, so that no answer waits on it.
     A default (not asked for) compilation that fails leaves the engine decoding eagerly, with a note.
     """
     from minimind.infer.engine import Engine

@@ -157,11 +157,8 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, uniforms: torch.Tens
     (tokens tied with it stay in).
     """
     temperature = params[:, 0:1]
-    if bool((temperature == 1).all()):  # RL rollouts: x / 1 is x, so skip a (B, V) division
-        probs = torch.softmax(logits, dim=-1)
-    else:
-        temperature = torch.where(temperature > 0, temperature.clamp(min=1e-5), 1.0)  # no overflow to inf
-        probs = torch.softmax(logits / temperature, dim=-1)
+    temperature = torch.where(temperature > 0, temperature.clamp(min=1e-5), 1.0)  # no overflow to inf
+    probs = torch.softmax(logits / temperature, dim=-1)
     drop = None  # (B, V) bool: tokens filtered out, when any row filters
     top_k = params[:, 1:2]
     widest = int(top_k.max())
