@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import gguf
 import numpy as np
@@ -102,6 +103,7 @@ def test_metadata_describes_the_model_and_embeds_the_tokenizer(tmp_path, tokeniz
         "llama.rope.scaling.type": "yarn",
         "llama.rope.scaling.factor": 4.0,
         "llama.rope.scaling.original_context_length": 32,
+        "llama.rope.scaling.attn_factor": 1.0,  # llama.cpp's own 0.1·ln(factor) + 1 is our default recipe
     }
     assert {k: fields[k] for k in expected} == expected
     assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config.norm_eps)
@@ -115,6 +117,17 @@ def test_metadata_describes_the_model_and_embeds_the_tokenizer(tmp_path, tokeniz
     assert ids == {"bos": 1, "eos": 2, "unknown": 0, "padding": 0}
     assert fields["tokenizer.ggml.add_bos_token"] is False
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+
+
+def test_a_set_yarn_attention_factor_is_written_relative_to_llama_cpps_own(tmp_path, tokenizer):
+    # minimind-3 sets attention_factor 1.0: llama.cpp multiplies attn_factor by 0.1·ln(4) + 1, so it gets 1/that
+    source = random_model_dir(tmp_path / "src", tokenizer, qk_norm=True, max_seq_len=128, yarn_factor=4.0,
+                              yarn_original_max_seq_len=32, yarn_attention_factor=1.0)
+    fields, _ = read(export_gguf(source, tmp_path / "m.gguf", "f32"))
+    assert fields["qwen3.rope.scaling.attn_factor"] == pytest.approx(1 / (0.1 * math.log(4.0) + 1), rel=1e-6)
+    plain = random_model_dir(tmp_path / "plain", tokenizer)
+    fields, _ = read(export_gguf(plain, tmp_path / "plain.gguf", "f32"))
+    assert not [k for k in fields if ".rope.scaling." in k]  # no YaRN: no scaling keys at all
 
 
 def test_vocabulary_rows_beyond_the_tokenizer_are_padded(tmp_path, tokenizer):

@@ -68,3 +68,22 @@ def test_llama_cpp_runs_our_gguf_like_our_model(tmp_path, tokenizer, dtype, atol
     np.testing.assert_allclose(logits, ours, atol=atol, rtol=0)
     if dtype == "f32":
         assert new == greedy
+
+
+# YaRN as our default recipe (cos/sin x 0.1·ln(factor) + 1), with a set attention factor, and as minimind-3 has
+# it (qwen3, attention factor 1.0): the prompt reaches past the original context of 8 positions.
+YARN = dict(max_seq_len=64, yarn_factor=4.0, yarn_original_max_seq_len=8)
+
+
+@pytest.mark.parametrize("shape", [YARN, {**YARN, "yarn_attention_factor": 0.7},
+                                   {**SHAPES["qwen3"], **YARN, "yarn_attention_factor": 1.0}],
+                         ids=["llama-default", "llama-factor-0.7", "qwen3-factor-1"])
+def test_llama_cpp_runs_our_yarn_gguf_like_our_model(tmp_path, tokenizer, shape):
+    model_dir = random_model_dir(tmp_path / "model", tokenizer, **shape)
+    model, tok = load_model_dir(model_dir)
+    ids = tok(PROMPT).input_ids
+    assert len(ids) > YARN["yarn_original_max_seq_len"]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    _, logits, _ = llama_cpp_run(export_gguf(model_dir, tmp_path / "m.gguf", "f32"), ids)
+    np.testing.assert_allclose(logits, ours, atol=1e-3, rtol=0)

@@ -16,6 +16,7 @@ are. The output head is tied to the embedding and omitted: llama.cpp falls back 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from minimind.convert.layout import rotate_half_to_interleaved
 from minimind.convert.ollama import write_modelfile
 from minimind.errors import UserError, install_hint
 from minimind.model.configuration_minimind import MiniMindConfig
+from minimind.model.layers import rope_frequencies
 from minimind.modeldir import load_model_dir
 
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -245,8 +247,9 @@ def _write(writer, model, tokenizer, vocab: dict, model_dir: Path, dtype: str) -
 
 
 def _add_shape(writer, config: MiniMindConfig) -> None:
-    """Hyperparameters under the architecture's prefix (`llama.`, `qwen3.`, `qwen3moe.`), YaRN included when the
-    model uses it, the head size when it is not dim / n_heads, the experts for qwen3moe."""
+    """Hyperparameters under the architecture's prefix (`llama.`, `qwen3.`, `qwen3moe.`), YaRN (with its
+    attention factor) included when the model uses it, the head size when it is not dim / n_heads, the experts
+    for qwen3moe."""
     import gguf
 
     writer.add_context_length(config.max_seq_len)
@@ -272,3 +275,12 @@ def _add_shape(writer, config: MiniMindConfig) -> None:
         writer.add_rope_scaling_orig_ctx_len(config.yarn_original_max_seq_len or config.max_seq_len)
         writer.add_rope_scaling_yarn_beta_fast(config.yarn_beta_fast)
         writer.add_rope_scaling_yarn_beta_slow(config.yarn_beta_slow)
+        writer.add_rope_scaling_attn_factors(yarn_attn_factor(config))
+
+
+def yarn_attn_factor(config: MiniMindConfig) -> float:
+    """`<arch>.rope.scaling.attn_factor` for a YaRN model: llama.cpp scales cos/sin by this times its own
+    0.1·ln(factor) + 1, so our scale (that recipe, or `yarn_attention_factor` when set: 1.0 for minimind-3) is
+    divided by it; 1.0 for the default recipe."""
+    _, scale = rope_frequencies(config)
+    return scale / (0.1 * math.log(config.yarn_factor) + 1.0)
