@@ -14,7 +14,7 @@ from minimind.serve.protocol import (
     fit_to_context,
     parse_request,
 )
-from minimind.serve.responses import Reply
+from minimind.serve.responses import Reply, usage
 
 HELLO = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -94,14 +94,15 @@ def test_prompt_forms_and_content_parts():
 
 def test_reply_shapes():
     reply = Reply("m", chat=True, include_usage=True)
-    body = reply.body(["x", "y"], ["stop", "length"], 3, 4)
+    body = reply.body(["x", "y"], ["stop", "length"], usage(3, 4, cached_tokens=2))
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"][1] == {"index": 1, "message": {"role": "assistant", "content": "y"}, "logprobs": None,
                                   "finish_reason": "length"}
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": 2}}
     assert reply.chunk(0, role=True).startswith("data: {") and reply.chunk(0, "z").endswith("}\n\n")
     text = Reply("m", chat=False)
-    assert text.body(["x"], ["stop"], 1, 1)["object"] == "text_completion" and text.id.startswith("cmpl-")
+    assert text.body(["x"], ["stop"], usage(1, 1))["object"] == "text_completion" and text.id.startswith("cmpl-")
 
 
 def test_serve_flags_fail_in_one_line_before_loading(model_dir, capsys):

@@ -60,7 +60,16 @@ from minimind.serve.protocol import (
     request_error,
 )
 from minimind.serve.reasoning import ReasoningSplitter
-from minimind.serve.responses import ChatCompletion, Completion, Health, ModelCard, ModelList, Reply, sse
+from minimind.serve.responses import (
+    ChatCompletion,
+    Completion,
+    Health,
+    ModelCard,
+    ModelList,
+    Reply,
+    sse,
+    usage,
+)
 from minimind.serve.responses_api import ResponseObject, ResponsesRequest, create_response
 from minimind.serve.scheduler import Scheduler, ShuttingDown
 from minimind.serve.tools import ToolCallReader
@@ -356,7 +365,7 @@ async def _stream(reply: Reply, choices: Choices, prompt_tokens: int, echoes: li
                         reason = "tool_calls"
                 yield reply.chunk(index, finish_reason=reason, logprobs=logprobs and logprobs.take(index))
         if reply.include_usage:
-            yield reply.usage_chunk(prompt_tokens, completion_tokens)
+            yield reply.usage_chunk(usage(prompt_tokens, completion_tokens, choices.cached_tokens(n)))
         yield sse("[DONE]")
     except ShuttingDown:  # SIGTERM's deadline passed: a final event the client can act on, then [DONE]
         yield sse(shutting_down().body())
@@ -390,6 +399,7 @@ async def _respond(request: Request, reply: Reply, choices: Choices, prompt_toke
     per_choice = [logprobs.take(i, even_empty=True) for i in range(len(texts))] if logprobs is not None else None
     parts = [readers.whole("".join(t)) for t in texts]
     reasons = ["tool_calls" if calls else reason for reason, (_, _, calls) in zip(reasons, parts)]
-    return JSONResponse(reply.body([content for _, content, _ in parts], reasons, prompt_tokens, completion_tokens,
+    tokens = usage(prompt_tokens, completion_tokens, choices.cached_tokens(n))
+    return JSONResponse(reply.body([content for _, content, _ in parts], reasons, tokens,
                                    per_choice, [calls for _, _, calls in parts],
                                    [thinking for thinking, _, _ in parts] if readers.reasoning else None))

@@ -77,6 +77,12 @@ class Choices:
     def cancel(self) -> None:
         self.scheduler.cancel(self.jobs)
 
+    def cached_tokens(self, n: int = 1) -> int:
+        """Prompt tokens the prefix cache served, once the choices have started: per prompt (each `n` consecutive
+        jobs share one), the fewest that any of its choices reused, summed over the prompts (as `prompt_tokens`
+        counts each prompt once)."""
+        return sum(min(job.cached_tokens for job in self.jobs[i : i + n]) for i in range(0, len(self.jobs), n))
+
 
 class EventStream(StreamingResponse):
     """An SSE response that releases its jobs however it ends: done, failed, or the client went away.

@@ -39,12 +39,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(BaseModel):
+    """Of the prompt tokens, those the prefix cache served (their keys and values were reused, not prefilled)."""
+
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     """Token counts of a request."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class TopLogprob(BaseModel):
@@ -191,10 +198,11 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    """OpenAI's `usage` object."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    """OpenAI's `usage` object; `cached_tokens`: of the prompt tokens, those the prefix cache served."""
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def body_of(model: BaseModel) -> dict:
@@ -233,11 +241,12 @@ class Reply:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def body(self, texts: list[str | None], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int,
+    def body(self, texts: list[str | None], finish_reasons: list[str], tokens: Usage,
              logprobs: list[dict | None] | None = None, tool_calls: list[list[dict] | None] | None = None,
              reasoning: list[str | None] | None = None) -> dict:
         """The whole non-streaming response, one choice per text (with its `logprobs` object, if asked, a chat
-        choice's `tool_calls`, if it made any, and its `reasoning_content` when thinking is split off)."""
+        choice's `tool_calls`, if it made any, and its `reasoning_content` when thinking is split off), and
+        `tokens` as its usage."""
         logprobs = logprobs or [None] * len(texts)
         tool_calls = tool_calls or [None] * len(texts)
         if self.chat:
@@ -250,13 +259,12 @@ class Reply:
                     message["tool_calls"] = calls
                 choices.append(ChatChoice(index=i, message=AssistantMessage(**message), logprobs=lp,
                                           finish_reason=reason))
-            reply: BaseModel = ChatCompletion(**self._head(False), choices=choices,
-                                              usage=usage(prompt_tokens, completion_tokens))
+            reply: BaseModel = ChatCompletion(**self._head(False), choices=choices, usage=tokens)
         else:
             reply = Completion(**self._head(False), choices=[
                 CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=reason)
                 for i, (text, reason, lp) in enumerate(zip(texts, finish_reasons, logprobs))],
-                usage=usage(prompt_tokens, completion_tokens))
+                usage=tokens)
         return body_of(reply)
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
@@ -280,7 +288,7 @@ class Reply:
         choice = CompletionChunkChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish_reason)
         return sse(CompletionChunk(**self._head(True), choices=[choice], **extra))
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage_chunk(self, tokens: Usage) -> str:
         """The last chunk before [DONE] when `stream_options.include_usage` is set."""
         kind = ChatCompletionChunk if self.chat else CompletionChunk
-        return sse(kind(**self._head(True), choices=[], usage=usage(prompt_tokens, completion_tokens)))
+        return sse(kind(**self._head(True), choices=[], usage=tokens))

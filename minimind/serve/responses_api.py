@@ -264,6 +264,8 @@ def _renamed(err: APIError) -> APIError:
 # ---- response ----
 
 class InputTokensDetails(BaseModel):
+    """Of the input tokens, those the prefix cache served."""
+
     cached_tokens: int = 0
 
 
@@ -440,13 +442,17 @@ class _Builder:
         self.items: list[OutputMessage | ReasoningItem | FunctionCall] = []
         self.sequence = 0
 
-    def response(self, status: str, output_tokens: int | None = None, finish_reason: str | None = None) -> ResponseObject:
+    def response(self, status: str, output_tokens: int | None = None, finish_reason: str | None = None,
+                 cached_tokens: int = 0) -> ResponseObject:
+        """The response object so far; with `output_tokens` (once finished) its usage, `cached_tokens` of the
+        input served by the prefix cache."""
         req = self.request
         usage = None
         if output_tokens is not None:
             thinking = "".join(part.text for item in self.items if isinstance(item, ReasoningItem)
                                for part in item.content)
             usage = ResponseUsage(input_tokens=self.prompt_tokens, output_tokens=output_tokens,
+                                  input_tokens_details=InputTokensDetails(cached_tokens=cached_tokens),
                                   output_tokens_details=OutputTokensDetails(
                                       reasoning_tokens=min(self.count_tokens(thinking), output_tokens)),
                                   total_tokens=self.prompt_tokens + output_tokens)
@@ -515,7 +521,8 @@ async def create_response(api: Any, request: ResponsesRequest, http: Request) ->
     if content or not calls:
         build.items.append(OutputMessage(id=_new_id("msg"), status=status, content=[OutputText(text=content or "")]))
     build.items += _calls(calls, status)
-    return JSONResponse(build.response(status, out.completion_tokens, out.finish_reason).model_dump(mode="json"))
+    return JSONResponse(build.response(status, out.completion_tokens, out.finish_reason,
+                                       choices.cached_tokens()).model_dump(mode="json"))
 
 
 async def _stream(build: _Builder, choices: Choices, readers: Readers) -> AsyncIterator[str]:
@@ -601,7 +608,7 @@ async def _stream(build: _Builder, choices: Choices, readers: Readers) -> AsyncI
                 yield ev(OutputItemEvent, type="response.output_item.done", output_index=index, item=call)
             final = "response.incomplete" if status == "incomplete" else "response.completed"
             yield ev(LifecycleEvent, type=final, response=build.response(status, out.completion_tokens,
-                                                                          out.finish_reason))
+                                                                          out.finish_reason, choices.cached_tokens()))
     except ShuttingDown:  # SIGTERM's deadline passed: a final event the client can act on
         err = shutting_down()
         yield ev(ErrorEvent, type="error", code=err.code, message=err.message, param=None)
