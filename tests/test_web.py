@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 
@@ -12,6 +13,7 @@ from thinking_helpers import save_thinking_template
 
 from minimind.cli import main
 from minimind.infer import Engine
+from minimind.infer.options import PREFIX_CACHE_TOKENS
 from minimind.serve.web_cli import PAGE
 from minimind.serve.webchat import find_models, history_pairs, split_thinking
 from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT
@@ -162,10 +164,38 @@ def test_web_passes_the_engine_flags_to_the_page(runs, monkeypatch):
     commands = []
     monkeypatch.setattr(os, "execve", lambda path, command, env: commands.append(command))
     assert main(["web", "--models-dir", str(runs), "--device", "cpu", "--dtype", "fp32", "--quantize", "int8",
-                 "--compile", "--no-prepack"]) == 0
+                 "--compile", "--no-prepack", "--no-prefix-cache"]) == 0
     page_args = commands[0][commands[0].index("--") + 1:]
     assert page_args == ["--models-dir", str(runs.resolve()), "--device", "cpu", "--dtype", "fp32",
-                         "--quantize", "int8", "--compile", "--no-prepack"]
+                         "--quantize", "int8", "--compile", "--no-prepack", "--prefix-cache-tokens", "0"]
+    assert main(["web", "--models-dir", str(runs), "--prefix-cache-tokens", "64"]) == 0
+    assert commands[1][-2:] == ["--prefix-cache-tokens", "64"]
+    assert main(["web", "--models-dir", str(runs)]) == 0  # the default bound is the page's own default too
+    assert "--prefix-cache-tokens" not in commands[2]
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-prefix-cache"]])
+def test_the_page_reuses_the_conversation_through_the_prefix_cache(runs, monkeypatch, flags):
+    from minimind.serve import webchat
+
+    bounds = []
+    real = webchat.load_scheduler
+    monkeypatch.setattr(webchat, "load_scheduler", lambda *args: bounds.append(args[-1]) or real(*args))
+    monkeypatch.setattr(sys, "argv", ["page.py", "--models-dir", str(runs / "chat"), "--device", "cpu",
+                                      "--dtype", "fp32", *flags])  # its own scheduler: nothing cached before
+    page = AppTest.from_file(str(PAGE), default_timeout=120).run()
+    page.number_input[0].set_value(SEED).run()
+    next(s for s in page.slider if s.label == "Max new tokens").set_value(6).run()
+    page.chat_input[0].set_value("hello").run()
+    page.chat_input[0].set_value("more").run()
+    assert not page.exception and bounds == [0 if flags else PREFIX_CACHE_TOKENS]
+    first, second = (page.session_state["messages"][i]["stats"] for i in (1, 3))
+    assert "prefix cache" not in first
+    reused = re.search(r"(\d+) of (\d+) prompt tokens from the prefix cache", second)
+    if flags:
+        assert reused is None
+    else:  # the second turn's prompt starts with the first turn's: that much is not prefilled again
+        assert 10 < int(reused[1]) < int(reused[2])
 
 
 @pytest.mark.slow
@@ -193,7 +223,7 @@ def test_engine_flags_reach_the_web_page(runs, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["page.py", "--models-dir", str(runs / "other"), "--device", "cpu",
                                       "--no-prepack", "--quantize", "int8", "--compile"])
     app = AppTest.from_file(str(PAGE), default_timeout=120).run()
-    assert not app.exception and calls and calls[-1][-3:] == (False, "int8", True)
+    assert not app.exception and calls and calls[-1][-4:] == (False, "int8", True, PREFIX_CACHE_TOKENS)
 
 
 def test_find_models_and_history(runs):

@@ -2,6 +2,7 @@
 
     minimind web                                   # models under runs/, http://127.0.0.1:8501
     minimind web --models-dir runs --port 8600 --host 0.0.0.0
+    minimind web --no-prefix-cache                 # every turn prefills its whole history again
 
 Replaces itself with `streamlit run` on `minimind/serve/webui/page.py` (headless: open the printed address yourself).
 A model directory is any folder holding config.json + model.safetensors, e.g. the output of any stage, or a LoRA
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from minimind.errors import UserError, install_hint
-from minimind.infer.options import add_engine_arguments
+from minimind.infer.options import PREFIX_CACHE_TOKENS, add_engine_arguments, add_prefix_cache_arguments
 from minimind.serve.webchat import find_models
 
 PAGE = Path(__file__).with_name("webui") / "page.py"
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = every interface)")
     parser.add_argument("--port", type=int, default=8501, help="TCP port")
     add_engine_arguments(parser)
+    add_prefix_cache_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         page_args.append("--compile" if args.compile else "--no-compile")
     if args.no_prepack:
         page_args.append("--no-prepack")
+    if args.prefix_cache_tokens != PREFIX_CACHE_TOKENS:
+        page_args += ["--prefix-cache-tokens", str(args.prefix_cache_tokens)]
     command = [
         sys.executable, "-m", "streamlit", "run", str(PAGE),
         "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minimind.infer.chat_cli import build_prompt
+from minimind.infer.options import PREFIX_CACHE_TOKENS
 from minimind.serve.scheduler import Scheduler
 from minimind.tokenizer.thinking import THINK_CLOSE, THINK_OPEN, PromptThinking, prompt_ids_thinking
 
@@ -34,10 +35,13 @@ def find_models(models_dir: str | Path) -> list[Path]:
 
 
 def load_scheduler(model_dir: str, device: str = "auto", dtype: str | None = None, prepack: bool = True,
-                   quantize: str | None = None, compile: bool | None = False) -> Scheduler:
+                   quantize: str | None = None, compile: bool | None = False,
+                   prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> Scheduler:
     """A started Scheduler over the model directory (all browser sessions share it and batch together); with
     `compile`, the decode step is compiled (or loaded from the compile cache) before it starts
-    (Engine.warm_up), not in the first answer; None: the CLI's default (`compile_by_default`)."""
+    (Engine.warm_up), not in the first answer; None: the CLI's default (`compile_by_default`).
+    `prefix_cache_tokens`: the engine's prefix cache bound (0 = off), so a conversation's next turn prefills only
+    what its history does not already hold."""
     from minimind.infer.compile_cache import default_compile_cache
     from minimind.infer.engine import Engine
     from minimind.infer.options import compile_by_default, resolve_device
@@ -46,7 +50,8 @@ def load_scheduler(model_dir: str, device: str = "auto", dtype: str | None = Non
     compiled = compile_by_default(compile, resolved)
     engine = Engine.from_pretrained(model_dir, device=resolved, dtype=dtype, max_batch_size=8, prepack=prepack,
                                     quantize=quantize, compile=compiled,
-                                    compile_cache=default_compile_cache() if compiled else None)
+                                    compile_cache=default_compile_cache() if compiled else None,
+                                    prefix_cache_tokens=prefix_cache_tokens)
     engine.warm_up()
     return Scheduler(engine, max_queue=32).start()
 

@@ -2,14 +2,16 @@
 
     minimind web --models-dir runs
     streamlit run minimind/serve/webui/page.py -- --models-dir runs [--device cpu] [--dtype bf16] [--quantize int8]
-        [--compile | --no-compile] [--no-prepack]
+        [--compile | --no-compile] [--no-prepack] [--prefix-cache-tokens N | --no-prefix-cache]
 
 The sidebar picks a model directory found under --models-dir and sets temperature, top-p, max new tokens,
 history turns, the system prompt, a seed and the thinking switch (for chat templates that have one: minimind-3's
 `open_thinking`, Qwen3's `enable_thinking`; off leaves the template's default); Clear forgets the conversation, Regenerate answers the last message
 again. Answers stream in as they are generated, with tokens/s under each; a `<think>` block is folded into
 an expander. One Scheduler per model directory is cached for the process (`st.cache_resource`), so all
-browser sessions share the weights and their requests are decoded together.
+browser sessions share the weights and their requests are decoded together; its engine keeps a prefix cache
+(as `chat` and `serve` do), so a next turn prefills only what its history does not already hold, and the stats
+under an answer say how many prompt tokens came from it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import streamlit as st
 
 from minimind.errors import UserError
-from minimind.infer.options import add_engine_arguments, generation_defaults
+from minimind.infer.options import add_engine_arguments, add_prefix_cache_arguments, generation_defaults
 from minimind.infer.sampling import SamplingParams
 from minimind.serve.scheduler import QueueFull, Scheduler
 from minimind.serve.webchat import chat_prompt, find_models, load_scheduler, reply_start, split_thinking
@@ -36,13 +38,14 @@ def page_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="page.py")
     parser.add_argument("--models-dir", default="runs")
     add_engine_arguments(parser)
+    add_prefix_cache_arguments(parser)
     return parser.parse_known_args(sys.argv[1:])[0]
 
 
 @st.cache_resource(show_spinner="Loading the model (the first start on this machine also compiles it, 15-60 s)…")
 def cached_scheduler(model_dir: str, device: str, dtype: str | None, prepack: bool, quantize: str | None,
-                     compile: bool | None) -> Scheduler:
-    return load_scheduler(model_dir, device, dtype, prepack, quantize, compile)
+                     compile: bool | None, prefix_cache_tokens: int) -> Scheduler:
+    return load_scheduler(model_dir, device, dtype, prepack, quantize, compile, prefix_cache_tokens)
 
 
 def clear() -> None:
@@ -71,7 +74,7 @@ def sidebar(options: argparse.Namespace) -> tuple[Scheduler, dict]:
         try:
             defaults = generation_defaults(model_dir)
             scheduler = cached_scheduler(str(model_dir), options.device, options.dtype, not options.no_prepack,
-                                         options.quantize, options.compile)
+                                         options.quantize, options.compile, options.prefix_cache_tokens)
         except UserError as err:
             st.error(str(err))
             st.stop()
@@ -125,10 +128,12 @@ def respond(scheduler: Scheduler, settings: dict, messages: list[dict]) -> None:
         params = SamplingParams(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                                 top_p=settings["top_p"], seed=None if settings["seed"] < 0 else int(settings["seed"]))
         box = st.empty()
-        text, drawn, last = reply_start(scheduler, ids), 0.0, None
+        text, drawn, last, cached = reply_start(scheduler, ids), 0.0, None, 0
         start = time.perf_counter()
         try:
             for out in scheduler.stream(ids, params):
+                if last is None:  # the first output says how much of the prompt the prefix cache gave
+                    cached = out.cached_tokens
                 text, last = text + out.text, out
                 if out.finished or time.perf_counter() - drawn > REDRAW_SECONDS:
                     with box.container():
@@ -141,6 +146,8 @@ def respond(scheduler: Scheduler, settings: dict, messages: list[dict]) -> None:
         seconds = time.perf_counter() - start
         stats = (f"{last.completion_tokens} tokens · {last.completion_tokens / seconds:.1f} tokens/s · "
                  f"{last.finish_reason}")
+        if cached:
+            stats += f" · {cached} of {last.prompt_tokens} prompt tokens from the prefix cache"
         st.caption(stats)
     messages.append({"role": "assistant", "content": text, "stats": stats})
 
