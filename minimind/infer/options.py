@@ -32,7 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_prefix_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--prefix-cache-tokens N` / `--no-prefix-cache` (generate, chat, serve, eval): reuse of shared prompt prefixes."""
+    """`--prefix-cache-tokens N` / `--no-prefix-cache` (generate, chat, serve, eval, web): reuse of shared prompt
+    prefixes."""
     parser.add_argument("--prefix-cache-tokens", type=_non_negative, default=PREFIX_CACHE_TOKENS, metavar="N",
                         help="keep the keys/values of up to N tokens of finished requests, so a prompt that "
                              "starts like one of them (a chat's history, a shared system prompt) prefills only "
