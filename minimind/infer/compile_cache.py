@@ -33,7 +33,8 @@ import torch
 log = logging.getLogger(__name__)
 
 # The modules whose code the compiled step runs: the model, its kernels, the cache and the int8 linear.
-_TRACED_SOURCES = ("model", "kernels", "infer/cache.py", "infer/compiled.py", "infer/quantize.py")
+_TRACED_SOURCES = ("model", "kernels", "kernels/int_gemv.cpp", "infer/cache.py", "infer/compiled.py",
+                   "infer/quantize.py")
 
 
 def default_compile_cache() -> Path:

@@ -5,8 +5,9 @@ loses on two counts: Python and one kernel launch per operation (~40 per layer),
 one-row matmul, which reads the weights slower than the memory allows. Inductor fuses the small operations
 into a few generated C++ loops and, with `decompose_mm_pass` (off by default; its size limit is raised here
 so the output head qualifies too), writes each one-row matmul as its own vectorised row-dot loop over the
-(out, in) weights; int8 weights (`Int8Linear`) become a row-dot that converts each byte as it reads it, int4
-ones (`Int4Linear`) call PyTorch's packed int4 kernel inside the graph.
+(out, in) weights; int8 and int4 weights (`Int8Linear`, `Int4Linear`) call the VNNI kernels of
+kernels/int_gemv.py inside the graph (where the CPU lacks them: a row-dot converting each int8 byte as it reads
+it, PyTorch's packed int4 kernel).
 The gain over the eager engine, float32 and int8, is in docs/performance.md. A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
 Attention of the one new token is written out as products and sums (`minimind.kernels.attention.one_query`), so
 the whole step (every layer, and an int8 output head) becomes one generated kernel instead of one SDPA call
@@ -97,8 +98,9 @@ class CompiledDecoder:
         if cache_dir is not None:
             config = body.config.to_dict() if hasattr(body.config, "to_dict") else vars(body.config)
             # int8 and int4 steps differ in their weights' modules, not in the config
-            config = {**config, "quantized": sorted({type(m).__name__ for m in body.modules()
-                                                     if isinstance(m, QUANTIZED_LINEARS)})}
+            # (and in whether they run the VNNI kernels, kernels/int_gemv.py)
+            config = {**config, "quantized": sorted({type(m).__name__ + ("-vnni" if m.vnni else "")
+                                                     for m in body.modules() if isinstance(m, QUANTIZED_LINEARS)})}
             dtype = next(body.parameters()).dtype
             self.cache_path = Path(cache_dir) / compile_key(config, device, dtype, in_graph, self.options).name
             self._saved = load_step(self.cache_path, self.module)

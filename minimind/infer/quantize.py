@@ -37,10 +37,12 @@ import torch
 from torch import nn
 
 from minimind.errors import UserError
+from minimind.kernels import int_gemv
 
 QUANTIZE_CHOICES = ("int8", "int4")
 INT4_GROUP = 32  # input weights per scale, as in q4_0
 INT4_ROWS = 16  # the packed kernel takes output rows in multiples of this
+GEMV_ROWS = 4  # up to this many rows the VNNI kernels (int_gemv.py) run; more rows are a GEMM for fbgemm / aten
 
 
 class Int8Linear(nn.Module):
@@ -61,25 +63,38 @@ class Int8Linear(nn.Module):
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
         self.register_buffer("qweight", torch.round(weight / scales[:, None]).to(torch.int8))  # (out, in)
         self.register_buffer("scales", scales)
+        # the VNNI kernel's blocked copy of the weights (int_gemv.py) replaces the (out, in) one where it runs
+        self.vnni = int_gemv.int8_fits(self.out_features, self.in_features) and int_gemv.available()
+        if self.vnni:
+            packed, wsum = int_gemv.pack_int8(self.qweight)
+            del self.qweight
+            self.register_buffer("packed", packed)
+            self.register_buffer("wsum", wsum)
         with warnings.catch_warnings():  # the quantized-tensor API warns of its future move to torchao
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             qweight = torch._make_per_channel_quantized_tensor(
-                self.qweight, scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0
+                self.int8_weight(), scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0
             )
             self._packed = torch.ops.quantized.linear_prepack(qweight, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype."""
         rows = x.reshape(-1, self.in_features).float()  # (M, in)
-        if torch.compiler.is_compiling():
+        if self.vnni and rows.shape[0] <= GEMV_ROWS:  # decoding a few rows: int_gemv.py
+            out = int_gemv.int8_gemv(rows.contiguous(), self.packed, self.wsum, self.scales)
+        elif torch.compiler.is_compiling():
             if rows.shape[0] <= 8:  # decoding: (M, 1, in) * (out, in) summed over in -> (M, out)
-                out = (rows[:, None, :] * self.qweight.float()).sum(-1) * self.scales
+                out = (rows[:, None, :] * self.int8_weight().float()).sum(-1) * self.scales
             else:
-                out = torch.nn.functional.linear(rows, self.qweight.float()) * self.scales
+                out = torch.nn.functional.linear(rows, self.int8_weight().float()) * self.scales
         else:
             out = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def int8_weight(self) -> torch.Tensor:
+        """The (out, in) int8 weights (a copy where the VNNI kernel keeps them blocked)."""
+        return int_gemv.unpack_int8(self.packed) if self.vnni else self.qweight
 
     def weight_bytes(self) -> int:
         """Bytes of the int8 weight matrix (the scales add 8 per output channel)."""
@@ -105,11 +120,21 @@ class Int4Linear(nn.Module):
         # (in / group, out, 2): each group's scale and an additive offset, which q4_0 does not have (zero)
         scales_and_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
+        # decoding's few rows go to the VNNI kernel (int_gemv.py), on its own copy of the codes and scales
+        self.vnni = group == int_gemv.GROUP and int_gemv.available()
+        if self.vnni:
+            vnni_codes, vnni_scales = int_gemv.pack_q4(codes, scales)
+            self.register_buffer("vnni_codes", vnni_codes)
+            self.register_buffer("vnni_scales", vnni_scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype."""
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group, self.scales_and_zeros)
+        rows = x.reshape(-1, self.in_features)  # (M, in)
+        if self.vnni and rows.shape[0] <= GEMV_ROWS:
+            out = int_gemv.q4_gemv(rows.float().contiguous(), self.vnni_codes, self.vnni_scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.qweight, self.group,
+                                                             self.scales_and_zeros)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:

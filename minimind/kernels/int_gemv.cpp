@@ -1,0 +1,240 @@
+// int8 and 4-bit weight matmuls for a few rows (decoding) on CPUs with AVX-512 VNNI, built by int_gemv.py.
+//
+// Both multiply int8 activations by integer weights with vpdpbusd (64 u8 x s8 products summed into 16 int32
+// lanes per instruction), so a weight byte costs a fraction of a cycle and the loop runs at the speed the
+// weights stream from memory. Weights are stored in blocks of 16 output rows, 4 consecutive inputs per row
+// per 64-byte line, so one broadcast 4-byte slice of the activations meets 16 rows at once and no horizontal
+// sums are needed.
+//
+// int8_gemv: per-output-channel int8 weights; activations rounded to int8 with one scale per row (offset by
+//   128 to be unsigned; the offset is removed with the weights' row sums).
+// q4_gemv: llama.cpp q4_0 weights (groups of 32 inputs, codes 0..15 standing for (q - 8) d, d in bf16), codes
+//   packed two per byte; activations rounded to int8 with one scale per group of 32 (as llama.cpp's q8_0).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 16;  // output rows per block
+
+// ---- activations ----
+
+// One row of K floats -> K unsigned bytes round(x / s) + 128, s = max|x| / 127 (0 for an all-zero row).
+float quantize_row_u8(const float* x, int64_t K, uint8_t* out) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(x[k] * inverse)) + 128);
+  return scale;
+}
+
+// One row of K floats -> K int8 with a scale per group of 32 inputs, and each group's sum of codes.
+void quantize_row_q8_0(const float* x, int64_t K, int8_t* out, float* scales, int32_t* sums) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    const float* xg = x + 32 * g;
+    float amax = 0.f;
+    for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xg[k]));
+    float inverse = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int k = 0; k < 32; ++k) {
+      int q = static_cast<int>(std::nearbyint(xg[k] * inverse));
+      out[32 * g + k] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    scales[g] = amax / 127.f;
+    sums[g] = sum;
+  }
+}
+
+// ---- int8 x int8 ----
+
+// MR rows times NB blocks of 16 outputs: acc[r][j] lanes = sum_k xu[r][k] * w[j][row][k].
+template <int MR, int NB>
+inline void int8_tile(const int8_t* w, int64_t block_bytes, const uint8_t* xu, int64_t K, int32_t* out) {
+  __m512i acc[MR][NB];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K / 4; ++k) {
+    __m512i xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(xu + r * K)[k]);
+    for (int j = 0; j < NB; ++j) {
+      __m512i wv = _mm512_loadu_si512(w + j * block_bytes + 64 * k);
+      for (int r = 0; r < MR; ++r) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], xv[r], wv);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_si512(out + (r * NB + j) * kRows, acc[r][j]);
+}
+
+template <int MR>
+void int8_rows(const int8_t* w, int64_t K, int64_t b0, int64_t b1, const uint8_t* xu, const float* xs,
+               const int32_t* wsum, const float* wscale, float* out, int64_t N) {
+  const int64_t block_bytes = K * kRows;
+  alignas(64) int32_t acc[MR * 4 * kRows];
+  for (int64_t b = b0; b < b1;) {
+    const int nb = b + 4 <= b1 ? 4 : 1;
+    if (nb == 4) int8_tile<MR, 4>(w + b * block_bytes, block_bytes, xu, K, acc);
+    else int8_tile<MR, 1>(w + b * block_bytes, block_bytes, xu, K, acc);
+    for (int r = 0; r < MR; ++r) {
+      for (int j = 0; j < nb; ++j) {
+        const int64_t n = (b + j) * kRows;
+        __m512i a = _mm512_loadu_si512(acc + (r * nb + j) * kRows);
+        a = _mm512_sub_epi32(a, _mm512_slli_epi32(_mm512_loadu_si512(wsum + n), 7));  // the +128 offset
+        __m512 scale = _mm512_mul_ps(_mm512_set1_ps(xs[r]), _mm512_loadu_ps(wscale + n));
+        _mm512_storeu_ps(out + r * N + n, _mm512_mul_ps(_mm512_cvtepi32_ps(a), scale));
+      }
+    }
+    b += nb;
+  }
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& wsum, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "int8_gemv: x must be (M, K) float32");
+  const int64_t M = x.size(0), K = x.size(1), N = scales.size(0);
+  TORCH_CHECK(packed.numel() == N * K && K % 4 == 0 && N % kRows == 0, "int8_gemv: packed weights do not match x");
+  at::Tensor out = at::empty({M, N}, x.options());
+  std::vector<uint8_t> xu(M * K);
+  std::vector<float> xs(M);
+  for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row_u8(x.data_ptr<float>() + m * K, K, xu.data() + m * K);
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const int32_t* ws = wsum.data_ptr<int32_t>();
+  const float* sc = scales.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t tiles = (N / kRows + 3) / 4;  // 4 blocks of 16 rows per task
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t b0 = t0 * 4, b1 = std::min(t1 * 4, N / kRows);
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t mr = std::min<int64_t>(4, M - m);
+      const uint8_t* xr = xu.data() + m * K;
+      float* om = o + m * N;
+      switch (mr) {
+        case 1: int8_rows<1>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, N); break;
+        case 2: int8_rows<2>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, N); break;
+        case 3: int8_rows<3>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, N); break;
+        default: int8_rows<4>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, N); break;
+      }
+    }
+  });
+  return out;
+}
+
+// ---- q4_0 x q8_0 ----
+
+inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// MR rows times NB blocks of 16 outputs over every group; p: codes (block, K / 8, 64 bytes), d: bf16 scales
+// (block, K / 32, 16).
+template <int MR, int NB>
+inline void q4_tile(const uint8_t* p, int64_t block_bytes, const uint16_t* d, int64_t block_scales,
+                    const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K, float* out) {
+  const int64_t G = K / 32;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[MR][NB];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i lo_acc[MR][NB], hi_acc[MR][NB];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) {
+        lo_acc[r][j] = _mm512_set1_epi32(-8 * xsum[r * G + g]);  // the codes' offset of 8
+        hi_acc[r][j] = _mm512_setzero_si512();
+      }
+    for (int h = 0; h < 4; ++h) {  // 8 inputs per step: 4 in the low nibbles, the next 4 in the high ones
+      __m512i xlo[MR], xhi[MR];
+      for (int r = 0; r < MR; ++r) {
+        const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * K + 32 * g + 8 * h);
+        xlo[r] = _mm512_set1_epi32(xr[0]);
+        xhi[r] = _mm512_set1_epi32(xr[1]);
+      }
+      for (int j = 0; j < NB; ++j) {
+        __m512i v = _mm512_loadu_si512(p + j * block_bytes + 256 * g + 64 * h);
+        __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int r = 0; r < MR; ++r) {
+          lo_acc[r][j] = _mm512_dpbusd_epi32(lo_acc[r][j], lo, xlo[r]);
+          hi_acc[r][j] = _mm512_dpbusd_epi32(hi_acc[r][j], hi, xhi[r]);
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      __m512 dj = load_bf16(d + j * block_scales + kRows * g);
+      for (int r = 0; r < MR; ++r) {
+        __m512 dots = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[r][j], hi_acc[r][j]));
+        acc[r][j] = _mm512_fmadd_ps(dots, _mm512_mul_ps(dj, _mm512_set1_ps(xs[r * G + g])), acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(out + (r * NB + j) * kRows, acc[r][j]);
+}
+
+template <int MR>
+void q4_rows(const uint8_t* p, const uint16_t* d, int64_t K, int64_t b0, int64_t b1, const int8_t* xq,
+             const float* xs, const int32_t* xsum, float* out, int64_t N) {
+  const int64_t block_bytes = K * kRows / 2, block_scales = K / 32 * kRows;
+  constexpr int NB = MR <= 2 ? 4 : 2;
+  alignas(64) float acc[MR * NB * kRows];
+  for (int64_t b = b0; b < b1;) {
+    const int nb = b + NB <= b1 ? NB : 1;
+    if (nb == NB) q4_tile<MR, NB>(p + b * block_bytes, block_bytes, d + b * block_scales, block_scales, xq, xs, xsum, K, acc);
+    else q4_tile<MR, 1>(p + b * block_bytes, block_bytes, d + b * block_scales, block_scales, xq, xs, xsum, K, acc);
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < nb; ++j)
+        _mm512_storeu_ps(out + r * N + (b + j) * kRows, _mm512_loadu_ps(acc + (r * nb + j) * kRows));
+    b += nb;
+  }
+}
+
+at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "q4_gemv: x must be (M, K) float32");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kRows;
+  TORCH_CHECK(K % 32 == 0 && packed.numel() * 2 == N * K && scales.numel() * 32 == N * K, "q4_gemv: packed weights do not match x");
+  at::Tensor out = at::empty({M, N}, x.options());
+  const int64_t G = K / 32;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M * G);
+  std::vector<int32_t> xsum(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row_q8_0(x.data_ptr<float>() + m * K, K, xq.data() + m * K, xs.data() + m * G, xsum.data() + m * G);
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const uint16_t* d = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  float* o = out.data_ptr<float>();
+  const int64_t tiles = (N / kRows + 3) / 4;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t b0 = t0 * 4, b1 = std::min(t1 * 4, N / kRows);
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t mr = std::min<int64_t>(4, M - m);
+      const int8_t* xr = xq.data() + m * K;
+      const float* sr = xs.data() + m * G;
+      const int32_t* ur = xsum.data() + m * G;
+      float* om = o + m * N;
+      switch (mr) {
+        case 1: q4_rows<1>(p, d, K, b0, b1, xr, sr, ur, om, N); break;
+        case 2: q4_rows<2>(p, d, K, b0, b1, xr, sr, ur, om, N); break;
+        case 3: q4_rows<3>(p, d, K, b0, b1, xr, sr, ur, om, N); break;
+        default: q4_rows<4>(p, d, K, b0, b1, xr, sr, ur, om, N); break;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(minimind, m) {
+  m.def("int8_gemv(Tensor x, Tensor packed, Tensor wsum, Tensor scales) -> Tensor");
+  m.def("q4_gemv(Tensor x, Tensor packed, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minimind, CPU, m) {
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("q4_gemv", &q4_gemv);
+}

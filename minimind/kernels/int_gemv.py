@@ -1,0 +1,116 @@
+"""int8 and 4-bit weight matmuls for decoding on CPUs with AVX-512 VNNI (`int_gemv.cpp`), built on first use.
+
+Decoding multiplies one activation row (or a few) by every weight matrix once per token. PyTorch's kernels for
+that shape either convert each weight to float before multiplying (Inductor's generated row-dot, the packed
+int4 kernel with bf16 activations) or are built for larger matrices (fbgemm). These round the activations to
+int8 as well (one scale per row for int8 weights; one per 32 inputs for 4-bit ones, as llama.cpp's q8_0 does)
+and multiply integers with the CPU's VNNI dot-product instruction, so the weights stream at memory speed.
+Both are registered as torch operators (`torch.ops.minimind.int8_gemv` / `q4_gemv`, with shape functions for
+torch.compile), so the compiled decode step calls them from inside its graph.
+
+The C++ source is compiled once per machine with the C++ compiler torch.compile uses, into torch's extension
+cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later starts load the library. Where the CPU
+lacks AVX-512 VNNI, the build fails, or `MINIMIND_INT_KERNELS=0` is set, `available()` is False and
+`minimind.infer.quantize` keeps PyTorch's own kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int_gemv.cpp")
+ROWS = 16  # output rows per weight block (int_gemv.cpp's kRows)
+GROUP = 32  # inputs per 4-bit scale (q4_0)
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags.split())
+
+
+@cache
+def available() -> bool:
+    """Whether the VNNI kernels are built and loaded (builds them on the first call; False where they cannot run)."""
+    if os.environ.get("MINIMIND_INT_KERNELS", "1") == "0" or not _cpu_has_vnni():
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        # the torch version in the name: a library built against another torch is never loaded
+        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+        name = "minimind_int_gemv_" + re.sub(r"\W", "_", torch.__version__) + "_" + digest
+        load(name, [str(SOURCE)], extra_cflags=_FLAGS, is_python_module=False, verbose=False)
+    except Exception as err:  # no compiler, an unexpected toolchain: PyTorch's own kernels serve instead
+        log.warning("int8/int4 VNNI kernels unavailable (%s); using PyTorch's kernels", err)
+        return False
+    _register_shapes()
+    return True
+
+
+def _register_shapes() -> None:
+    """Output shapes for torch.compile's tracing: (M, K) rows -> (M, N) float32."""
+
+    @torch.library.register_fake("minimind::int8_gemv")
+    def _int8(x, packed, wsum, scales):
+        return x.new_empty(x.shape[0], scales.shape[0])
+
+    @torch.library.register_fake("minimind::q4_gemv")
+    def _q4(x, packed, scales):
+        return x.new_empty(x.shape[0], packed.shape[0] * ROWS)
+
+
+def int8_fits(out_features: int, in_features: int) -> bool:
+    """Whether int8_gemv takes an (out, in) weight: whole blocks of 16 rows, inputs in fours."""
+    return out_features % ROWS == 0 and in_features % 4 == 0
+
+
+def pack_int8(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) int8 -> (the blocked layout (out / 16, in / 4, 64), each row's sum as int32 (out,))."""
+    out_features, in_features = qweight.shape
+    blocks = qweight.reshape(out_features // ROWS, ROWS, in_features // 4, 4).permute(0, 2, 1, 3)
+    packed = blocks.reshape(out_features // ROWS, in_features // 4, 4 * ROWS).contiguous()
+    return packed, qweight.int().sum(dim=1, dtype=torch.int32)
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The blocked layout back to (out, in) int8."""
+    blocks, quads, _ = packed.shape
+    return packed.reshape(blocks, quads, ROWS, 4).permute(0, 2, 1, 3).reshape(blocks * ROWS, quads * 4)
+
+
+def pack_q4(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_0 codes (out, in) uint8 in 0..15 and scales (out, in / 32) -> the kernel's layout.
+
+    Codes: (out / 16, in / 8, 64) bytes; byte 4 r + j of step s of a block holds row r's input 8 s + j in its
+    low nibble and input 8 s + 4 + j in its high one. Scales: bf16 (out / 16, in / 32, 16).
+    """
+    out_features, in_features = codes.shape
+    steps = codes.reshape(out_features // ROWS, ROWS, in_features // 8, 2, 4)  # (block, row, step, half, j)
+    packed = (steps[:, :, :, 0] | (steps[:, :, :, 1] << 4)).permute(0, 2, 1, 3)  # (block, step, row, j)
+    blocked = scales.reshape(out_features // ROWS, ROWS, -1).permute(0, 2, 1)  # (block, group, row)
+    return (packed.reshape(out_features // ROWS, in_features // 8, 4 * ROWS).contiguous(),
+            blocked.to(torch.bfloat16).contiguous())
+
+
+def int8_gemv(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(M, in) float32 rows times int8 weights (`pack_int8`) and their per-row scales -> (M, out) float32."""
+    return torch.ops.minimind.int8_gemv(x, packed, wsum, scales)
+
+
+def q4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(M, in) float32 rows times q4_0 weights (`pack_q4`) -> (M, out) float32."""
+    return torch.ops.minimind.q4_gemv(x, packed, scales)

@@ -1,0 +1,70 @@
+"""The VNNI int8 / q4_0 decode kernels (minimind/kernels/int_gemv.py) against integer arithmetic in torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minimind.infer.quantize import Int4Linear, Int8Linear, quantize_q4_0
+from minimind.kernels import int_gemv
+
+pytestmark = pytest.mark.skipif(not int_gemv._cpu_has_vnni(), reason="the CPU has no AVX-512 VNNI")
+
+
+def int8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rows rounded to int8 with one scale each, integer dot products, then both scales."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    xq = torch.round(x * (127.0 / amax))
+    dots = (xq.long() @ q.long().T).float()  # exact: |dot| < 2^24 here
+    return dots * ((amax / 127.0) * scales)
+
+
+def q4_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rows rounded to int8 per group of 32 (llama.cpp's q8_0), integer dots per group, scaled and summed."""
+    groups = x.reshape(x.shape[0], -1, 32)  # (M, G, 32)
+    amax = groups.abs().amax(dim=-1, keepdim=True)
+    xq = torch.round(groups * (127.0 / amax)).long()
+    weights = (codes.long() - 8).reshape(codes.shape[0], -1, 32)  # (N, G, 32)
+    dots = torch.einsum("mgk,ngk->mng", xq, weights).float()  # (M, N, G)
+    return (dots * (scales[None] * (amax[..., 0] / 127.0)[:, None, :])).sum(-1)
+
+
+def test_the_kernels_are_built_and_used_here():
+    assert int_gemv.available()
+    assert Int8Linear(torch.nn.Linear(64, 32, bias=False)).vnni and Int4Linear(torch.nn.Linear(64, 32, bias=False)).vnni
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_int8_gemv_is_the_integer_product(rows):
+    torch.manual_seed(0)
+    weight, x = torch.randn(80, 96), torch.randn(rows, 96)  # 5 blocks of 16 rows: a tile of 4 and one alone
+    scales = weight.abs().amax(dim=1) / 127
+    q = torch.round(weight / scales[:, None]).to(torch.int8)
+    packed, wsum = int_gemv.pack_int8(q)
+    assert torch.equal(int_gemv.unpack_int8(packed), q)
+    got = int_gemv.int8_gemv(x, packed, wsum, scales)
+    torch.testing.assert_close(got, int8_reference(x, q, scales), rtol=1e-5, atol=1e-5)
+    exact = x @ (q.float() * scales[:, None]).T
+    assert (got - exact).norm() / exact.norm() < 0.02  # the activations' int8 rounding
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_q4_gemv_is_q4_0_times_q8_0(rows):
+    torch.manual_seed(1)
+    weight, x = torch.randn(112, 128), torch.randn(rows, 128)  # 7 blocks of 16 rows, 4 groups of 32
+    codes, scales = quantize_q4_0(weight)
+    packed, blocked = int_gemv.pack_q4(codes, scales)
+    got = int_gemv.q4_gemv(x, packed, blocked)
+    torch.testing.assert_close(got, q4_reference(x, codes, scales), rtol=1e-4, atol=1e-4)
+
+
+def test_linears_take_the_kernel_for_few_rows_and_agree_with_many():
+    """Up to GEMV_ROWS rows run the kernel; a larger batch runs PyTorch's kernels; the two stay close."""
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(128, 64, bias=False)
+    x = torch.randn(8, 128)
+    for layer in (Int8Linear(linear), Int4Linear(linear)):
+        batch, single = layer(x), torch.cat([layer(row[None]) for row in x])
+        assert (single - batch).norm() / batch.norm() < 0.02
+    int8 = Int8Linear(linear)
+    torch.testing.assert_close(int8(x[:1]), int8_reference(x[:1], int8.int8_weight(), int8.scales))
