@@ -75,13 +75,18 @@ def decode_rates(preset: str, args: argparse.Namespace, device: torch.device, ov
     return rates(runners, args.decode_batch, args.new_tokens, device, args.repeats)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = common.bench_parser(__doc__)
+def add_shape_arguments(parser: argparse.ArgumentParser, batch_size: int, new_tokens: int) -> None:
+    """The presets, training batch and decode batch flags this bench and bench/moe_bound.py share."""
     parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=PRESETS, help="MoE presets to time")
-    parser.add_argument("--batch-size", type=int, default=4, help="training rows per step")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="training rows per step")
     parser.add_argument("--seq-len", type=int, default=256, help="training tokens per row")
     parser.add_argument("--decode-batch", type=int, default=8, help="decode rows")
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode tokens generated per row")
+    parser.add_argument("--new-tokens", type=int, default=new_tokens, help="decode tokens generated per row")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.bench_parser(__doc__)
+    add_shape_arguments(parser, batch_size=4, new_tokens=32)
     parser.add_argument("--prompt-tokens", type=int, default=32, help="decode prompt length per row")
     parser.add_argument("--no-decode", action="store_true", help="time the training step only")
     parser.add_argument("--no-int8", action="store_true", help="skip the Engine(quantize='int8') decode case")

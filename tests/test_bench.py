@@ -29,6 +29,7 @@ RATIO = re.compile(r"^[\w .-]+: ratio=\d+\.\d\d \(ours [\d.]+( [\w /-]+)?, peer 
     ["serve.py", "--preset", "tiny", "--clients", "2", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"],
     ["reference.py", "--quick"],
     ["moe.py", "--quick"],
+    ["moe_bound.py", "--quick", "--preset", "moe"],
     ["prefix.py", "--quick"],
     ["startup.py", "--quick"],
 ], ids=lambda argv: argv[0])
