@@ -12,8 +12,9 @@ could print here.
 
 Decode floor (batch --decode-batch): each projection of a decode step run bare on its rows (prepacked oneDNN,
 as the Engine runs them; routed experts on their expected rows), every expert once, the routed experts'
-part scaled by the share of experts the batch is expected to touch: the weight reads alone. HF `generate`'s
-step (bench/decode.py's measure) / floor is the largest decode ratio.
+part scaled by the share of experts the batch is expected to touch: the weight reads alone, at the speed of
+the matmul the Engine uses. HF `generate`'s step (bench/decode.py's measure) / floor is the largest decode
+ratio an Engine on that matmul could show (a kernel reading weights faster lowers the floor).
 
 With one torch thread the clock is the process's CPU time, so other jobs on the machine change the figures
 little; with more threads it is wall time. Prints `moe-bound-train-<preset>` and `moe-bound-decode-<preset>`
