@@ -27,6 +27,12 @@ an error far below the 4-bit rounding of the weights. Rows are computed independ
 results do not depend on its batch neighbours. The kernel needs the output rows in multiples of 16 and
 the input length in multiples of the group: a layer that does not fit stays in float (llama.cpp's export
 likewise keeps such tensors in f16). The alternatives measured against it are in docs/performance.md.
+
+Decoding (up to GEMV_ROWS rows, eager or inside the compiled step) runs neither where the CPU has AVX-512
+VNNI: the kernels of minimind/kernels/int_gemv.py round the activations to int8 as well (one scale per row for
+int8 weights; one per 32 inputs for int4, llama.cpp's q4_0 x q8_0 dot) and multiply integers, reading the
+weights at memory speed (the weights are kept a second time in their blocked layout; for int8 that copy
+replaces the (out, in) one). Larger batches and prompts keep the kernels above.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ GEMV_ROWS = 4  # up to this many rows the VNNI kernels (int_gemv.py) run; more r
 class Int8Linear(nn.Module):
     """A bias-free `nn.Linear` with int8 per-output-channel weights; input and output stay in the model dtype.
 
-    Eager calls run fbgemm's dynamic-quantized kernel. Under torch.compile (`Engine(compile=True)`), which
+    Up to GEMV_ROWS rows run the VNNI kernel (int_gemv.py) where the CPU has it, eagerly and compiled. Otherwise
+    eager calls run fbgemm's dynamic-quantized kernel; under torch.compile (`Engine(compile=True)`), which
     cannot trace that kernel, the same int8 weights are used weight-only: out = (x . q_row) * scale, written
     as a broadcast multiply and row sum for a few rows, so inductor fuses the int8-to-float conversion into
     its row-dot loop and reads one byte per weight (activations are not rounded on this path).
