@@ -21,7 +21,7 @@ from minimind.modeldir import save_model_dir
 from minimind.train.objective import token_nll
 from minimind.train.rewards import ModelReward, RuleReward, answer_correct, make_reward, repetition
 from minimind.train.rollout import Rollout, left_pad, sample
-from minimind.train.stages.grpo import GRPO, clipped_surrogate, group_advantages, k3_kl
+from minimind.train.stages.grpo import GRPO, GRPOOptions, clipped_surrogate, group_advantages, k3_kl
 
 PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50, 51], [1, 60, 61, 62, 63]]
 
@@ -124,7 +124,7 @@ def test_policy_and_reference_log_probs_come_from_hidden_states_as_from_logits(t
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 16 * 4 * 512)
     monkeypatch.setattr(head_loss, "MIN_CHUNK_ROWS", 1)
     policy, reference = tiny_model(3), tiny_model(4)
-    objective = GRPO(reference, tokenizer, RuleReward(8), group_size=2, max_new_tokens=8)
+    objective = GRPO(reference, tokenizer, RuleReward(8), GRPOOptions(group_size=2, max_new_tokens=8))
     ids, mask = left_pad(PROMPTS, 0)
     batch = {"input_ids": ids, "attention_mask": mask, "answer": ["a", "b", "c"], "prompt": ["", "", ""]}
     saved = []
@@ -170,6 +170,24 @@ def test_grpo_pieces_on_hand_numbers():
 
     lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
     torch.testing.assert_close(k3_kl(lp, ref), torch.tensor([math.exp(-0.5) + 0.5 - 1, 0.0]))
+
+
+def test_the_rl_objectives_are_built_from_their_options():
+    from minimind.train.stages.ppo import PPO, PPOOptions
+
+    reference = tiny_model()
+    options = GRPOOptions(group_size=3, max_new_tokens=5, beta=0.1, clip=0.3, temperature=0.7, top_k=5, loss="cispo",
+                          importance_sampling="sequence", kl_estimator="k2", updates_per_rollout=2, minibatches=2)
+    grpo = GRPO(reference, None, None, options)
+    assert (grpo.group_size, grpo.max_new_tokens, grpo.temperature, grpo.top_k) == (3, 5, 0.7, 5)
+    assert (grpo.beta, grpo.clip, grpo.loss, grpo.importance_sampling, grpo.kl_estimator) == (
+        0.1, 0.3, "cispo", "sequence", "k2")
+    assert grpo.clip_high == 4.0 and grpo.steps_per_batch == 4  # cispo's default cap, as `minimind grpo` sets it
+    assert GRPO(reference, None, None).clip_high == GRPOOptions.clip  # no options: the flags' defaults
+    ppo = PPO(reference, None, None, PPOOptions(group_size=2, kl_coef=0.2, gamma=0.9, lam=0.8, vf_coef=0.3,
+                                                value_clip=0.0, clip_high=0.5))
+    assert (ppo.group_size, ppo.kl_coef, ppo.gamma, ppo.lam, ppo.vf_coef, ppo.value_clip, ppo.clip, ppo.clip_high) \
+        == (2, 0.2, 0.9, 0.8, 0.3, 0.0, PPOOptions.clip, 0.5)
 
 
 ANSWERS = ["A", "B", "C"]

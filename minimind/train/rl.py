@@ -37,6 +37,7 @@ class RLOptions(StageOptions):
     clip_high: float | None = None  # ε_high of the upper clip bound 1 + ε_high; None: the stage's default
     updates_per_rollout: int = 1  # passes over each rollout batch (K; TRL's num_iterations, PPO's epochs)
     minibatches: int = 1  # optimizer steps per pass, each on 1/M of the rollout batch's prompts
+    compile_rollouts: bool = False  # decode rollout steps of 2+ rows through a compiled step (infer/batched.py)
 
     @classmethod
     def from_args(cls: type[OptionsT], args: argparse.Namespace, **parsed: Any) -> OptionsT:
@@ -52,6 +53,13 @@ class RLOptions(StageOptions):
         if args.clip_high is not None and args.clip_high < 0:
             raise UserError(f"--clip-high must be at least 0, got {args.clip_high}")
         return super().from_args(args, **parsed)
+
+    def objective_settings(self) -> dict[str, Any]:
+        """The `RLObjective` keyword arguments these options set: rollout size, sampling and rollout reuse."""
+        return {"group_size": self.group_size, "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "top_k": self.top_k,
+                "updates_per_rollout": self.updates_per_rollout, "minibatches": self.minibatches,
+                "compile_rollouts": self.compile_rollouts}
 
 
 class _AddReward(argparse.Action):
@@ -88,6 +96,13 @@ def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict
     g.add_argument("--minibatches", type=int, default=RLOptions.minibatches, metavar="M",
                    help="optimizer steps per pass over a rollout batch, each on 1/M of its prompts (must divide "
                         "--batch-size); a rollout batch trains updates-per-rollout x minibatches steps")
+    g.add_argument("--compile-rollouts", action="store_true",
+                   help="decode rollouts through a compiled batched step (compiled once per run: 30-60 s on 2 CPU "
+                        "cores; same tokens and log-probs). Off by default: at the demo's sizes the compilation "
+                        "costs more than it saves (docs/rl.md); worth it for long runs. "
+                        "MINIMIND_COMPILE=0 keeps it off")
+    g.add_argument("--no-compile-rollouts", dest="compile_rollouts", action="store_false",
+                   help="decode rollouts eagerly (the default)")
     return g
 
 

@@ -97,10 +97,7 @@ class AgentGRPO(GRPO):
 
     def __init__(self, reference: torch.nn.Module, tokenizer, tools: dict[str, Tool], runner: ToolRunner,
                  options: AgentOptions, weights: AgentRewardWeights | None = None):
-        super().__init__(reference, tokenizer, None, options.group_size, options.max_new_tokens, options.beta,
-                         options.clip, options.temperature, options.top_k, options.loss, options.resolved_clip_high(),
-                         options.importance_sampling, options.kl_estimator, options.updates_per_rollout,
-                         options.minibatches)
+        super().__init__(reference, tokenizer, None, options)
         self.tools, self.runner, self.max_turns = tools, runner, options.max_turns
         self.weights = weights or AgentRewardWeights()
 

@@ -125,14 +125,13 @@ class GRPO(RLObjective):
     """GRPO-family loss over rollouts, each reused for `updates_per_rollout` passes of `minibatches` steps; see
     the module docstring and `policy_loss.py` for the formulas and averaging."""
 
-    def __init__(self, reference: torch.nn.Module, tokenizer, reward, group_size: int = 4, max_new_tokens: int = 32,
-                 beta: float = 0.04, clip: float = 0.2, temperature: float = 1.0, top_k: int = 0,
-                 loss: str = "grpo", clip_high: float | None = None, importance_sampling: str = "token",
-                 kl_estimator: str = "k3", updates_per_rollout: int = 1, minibatches: int = 1):
-        super().__init__(reference, tokenizer, reward, group_size, max_new_tokens, temperature, top_k,
-                         updates_per_rollout, minibatches)
-        self.beta, self.clip, self.clip_high = beta, clip, clip if clip_high is None else clip_high
-        self.loss, self.importance_sampling, self.kl_estimator = loss, importance_sampling, kl_estimator
+    def __init__(self, reference: torch.nn.Module, tokenizer, reward, options: GRPOOptions | None = None):
+        """`options`: the rollout, loss and reuse settings (`minimind grpo`'s flags; None: their defaults)."""
+        options = options or GRPOOptions()
+        super().__init__(reference, tokenizer, reward, **options.objective_settings())
+        self.beta, self.clip, self.clip_high = options.beta, options.clip, options.resolved_clip_high()
+        self.loss, self.importance_sampling = options.loss, options.importance_sampling
+        self.kl_estimator = options.kl_estimator
 
     def count(self, batch: dict) -> torch.Tensor:
         """Prompts of the minibatch; for dapo and cispo its completion tokens (the trainer sums them over the
@@ -171,10 +170,7 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
     reference = load_frozen(cfg.init, info.device)
     reward = make_reward(options.reward, options.max_new_tokens, model.config.vocab_size, info.device)
     dataset, eval_dataset, collate = rl_data(cfg, info, tokenizer, options.reward)
-    objective = GRPO(reference, tokenizer, reward, options.group_size, options.max_new_tokens, options.beta,
-                     options.clip, options.temperature, options.top_k, options.loss, options.resolved_clip_high(),
-                     options.importance_sampling, options.kl_estimator, options.updates_per_rollout,
-                     options.minibatches)
+    objective = GRPO(reference, tokenizer, reward, options)
     return StageRun(
         model=model.train(), objective=objective, dataset=dataset, collate=collate,
         save_final=lambda m, out: save_model_dir(m, tokenizer, out), eval_dataset=eval_dataset,

@@ -163,15 +163,13 @@ class PPO(RLObjective):
     """PPO loss over rollouts of an ActorCritic, each reused for `updates_per_rollout` epochs of `minibatches`
     steps; see the module docstring."""
 
-    def __init__(self, reference: torch.nn.Module, tokenizer, reward, group_size: int = 4, max_new_tokens: int = 32,
-                 kl_coef: float = 0.05, gamma: float = 1.0, lam: float = 0.95, vf_coef: float = 0.1,
-                 clip: float = 0.2, value_clip: float = 0.2, temperature: float = 1.0, top_k: int = 0,
-                 clip_high: float | None = None, updates_per_rollout: int = 1, minibatches: int = 1):
-        super().__init__(reference, tokenizer, reward, group_size, max_new_tokens, temperature, top_k,
-                         updates_per_rollout, minibatches)
-        self.kl_coef, self.gamma, self.lam = kl_coef, gamma, lam
-        self.vf_coef, self.clip, self.value_clip = vf_coef, clip, value_clip
-        self.clip_high = clip if clip_high is None else clip_high
+    def __init__(self, reference: torch.nn.Module, tokenizer, reward, options: PPOOptions | None = None):
+        """`options`: the rollout, loss and reuse settings (`minimind ppo`'s flags; None: their defaults)."""
+        options = options or PPOOptions()
+        super().__init__(reference, tokenizer, reward, **options.objective_settings())
+        self.kl_coef, self.gamma, self.lam = options.kl_coef, options.gamma, options.lam
+        self.vf_coef, self.clip, self.value_clip = options.vf_coef, options.clip, options.value_clip
+        self.clip_high = options.clip if options.clip_high is None else options.clip_high
 
     def annotate(self, model: torch.nn.Module, experience) -> None:
         """With reuse: the critic's values at sampling time (one forward without grad), then GAE advantages and
@@ -230,10 +228,7 @@ def build(cfg: TrainConfig, info: DistInfo) -> StageRun:
     reference = load_frozen(cfg.init, info.device)
     reward = make_reward(options.reward, options.max_new_tokens, policy.config.vocab_size, info.device)
     dataset, eval_dataset, collate = rl.rl_data(cfg, info, tokenizer, options.reward)
-    objective = PPO(reference, tokenizer, reward, options.group_size, options.max_new_tokens, options.kl_coef,
-                    options.gamma, options.lam, options.vf_coef, options.clip, options.value_clip,
-                    options.temperature, options.top_k, options.clip_high, options.updates_per_rollout,
-                    options.minibatches)
+    objective = PPO(reference, tokenizer, reward, options)
 
     def save_final(trained: ActorCritic, out: Path) -> None:
         save_model_dir(trained.policy(), tokenizer, out)
