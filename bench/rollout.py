@@ -3,6 +3,7 @@
     python bench/rollout.py                          # preset tiny, random weights, batch 32, 64 new tokens
     python bench/rollout.py --preset small --repeats 3
     python bench/rollout.py --quick                  # tiny shapes, one repetition: does it run
+    python bench/rollout.py --no-compile             # ours eager only (no compilation)
 
 Both sides sample the same left-padded prompts (random token ids of 16-48 tokens, seed 0) from the same model in
 train mode, at temperature 1, and record each sampled token's temperature-1 log-prob; eos is an id never drawn,
@@ -11,12 +12,16 @@ so every row produces exactly --new-tokens tokens. Ours is what GRPO/PPO run: `s
 and the cache given back after each rollout). The peer is the loop rollout.py ran before (kept here only): HF
 `DynamicCache`, the model's own forward with a growing attention mask, a log-softmax and an inverse-CDF draw
 over the whole batch each step. The sides alternate within each repetition; the best repetition counts.
-The last line: `rollout: ratio=<ours/peer> (ours <tok/s>, peer <tok/s>)`.
+Ours is timed twice: with the compiled batched decode step (`sample(compile=True)`, what `--compile-rollouts`
+runs; compiled once before timing, its one-time cost printed) and eager (`eager`, the RL stages' default).
+The last line: `rollout: ratio=<ours/peer> (ours <tok/s>, peer <tok/s>)`, ours compiled (eager with --no-compile);
+the line before it gives eager's ratio.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_bench_arguments, append_json, bench_parser, interleaved, machine_line, preset_model, ratio_line  # noqa: E402,I001
 from transformers.cache_utils import DynamicCache  # noqa: E402
 
+from minimind.infer.batched import compile_allowed  # noqa: E402
 from minimind.train.rollout import left_pad, policy_engine, sample  # noqa: E402
 
 
@@ -78,9 +84,11 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="model preset (random weights)")
     parser.add_argument("--batch", type=int, default=32, help="rows per rollout (prompts x group size)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per row")
+    parser.add_argument("--no-compile", action="store_true", help="ours eager only (the RL stages' default)")
     add_bench_arguments(parser, repeats=(3, "timed repetitions of each side"),
                         quick="a small model, 4 rows, 8 tokens, one repetition", json=True)
     args = parser.parse_args()
+    args.no_compile = args.no_compile or not compile_allowed()  # MINIMIND_COMPILE=0 (the tests) as well
     overrides = {}
     if args.quick:
         overrides = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -94,9 +102,12 @@ def main() -> None:
     ids, mask = left_pad(prompts, 0)
     never = -1  # an eos id no row draws: every row samples --new-tokens tokens on both sides
 
-    def ours() -> None:
-        out = sample(model, ids, mask, args.new_tokens, eos_id=never, seed=0)
+    def ours(compile: bool = not args.no_compile) -> None:
+        out = sample(model, ids, mask, args.new_tokens, eos_id=never, seed=0, compile=compile)
         assert out.completion_mask.all() and out.completion_ids.shape[1] == args.new_tokens
+
+    def eager() -> None:
+        ours(compile=False)
 
     def peer() -> None:
         tokens, _ = previous_sample(model, ids, mask, args.new_tokens, eos_id=never)
@@ -105,16 +116,25 @@ def main() -> None:
     print(machine_line())
     print(f"preset {args.preset}{' (quick)' if args.quick else ''}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters, fp32, batch {args.batch}, prompts 16-48 tokens, {args.new_tokens} new tokens per row")
-    times = interleaved({"ours": ours, "peer": peer}, args.repeats)
+    sides = {"ours": ours, "peer": peer}
+    if not args.no_compile:
+        start = time.perf_counter()
+        ours()
+        print(f"compiling the batched decode step (once per process): {time.perf_counter() - start:.1f} s")
+        sides["eager"] = eager
+    times = interleaved(sides, args.repeats)
     tokens = args.batch * args.new_tokens
     rates = {name: tokens / min(seconds) for name, seconds in times.items()}
-    engine = policy_engine(model, never)
+    engine = policy_engine(model, never, compile=not args.no_compile)
     print(f"engine weight copies beside the policy's: {engine.weight_copy_bytes / 2**20:.1f} MiB "
           f"(the policy's weights: {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.1f} MiB)")
     for name, rate in rates.items():
         print(f"{name:5s} {rate:8.1f} tok/s  (best of {len(times[name])}: {min(times[name]):.3f} s per rollout)")
     append_json(args.json, {"bench": "rollout", "preset": args.preset, "batch": args.batch,
                             "new_tokens": args.new_tokens, **{f"{k}_tok_s": v for k, v in rates.items()}})
+    if "eager" in rates:
+        print(f"eager: ratio={rates['eager'] / rates['peer']:.2f} (eager {rates['eager']:.1f} tok/s, peer "
+              f"{rates['peer']:.1f} tok/s)")
     print(ratio_line("rollout", rates["ours"], rates["peer"], "tok/s"))
 
 

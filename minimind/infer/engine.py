@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from minimind.errors import UserError
+from minimind.infer.batched import BatchedDecoder
 from minimind.infer.cache import SlotKVCache
 from minimind.infer.compiled import CompiledDecoder
 from minimind.infer.grammar import Guide
@@ -173,6 +174,7 @@ class Engine:
         prepack: bool = True,
         prefix_cache_tokens: int = 0,
         compile_cache: str | Path | None = None,
+        compile_batched: bool = False,
         *,
         _owned: bool = False,
     ):
@@ -201,8 +203,13 @@ class Engine:
         self._head = OutputHead(model.get_output_embeddings()) if self._body is not None else None
         # compile_cache: a directory where the compiled step is saved and found again (compile_cache.py)
         self._decode_step = CompiledDecoder(self._body, self._head, self.device, compile_cache) if compile else None
+        # compile_batched: steps of 2+ rows compiled too (batched.py; RL rollouts), for a float MiniMind model
+        batched = compile_batched and self._body is not None and quantize is None
+        self._batched_step = BatchedDecoder(self._body, self.device) if batched else None
         self.model = model.eval()
         self.weight_copy_bytes = _weight_copy_bytes(model, given, self._head)
+        if self._batched_step is not None:  # its transposed copies of the body's projections
+            self.weight_copy_bytes += tensor_bytes(copy for _, copy in self._batched_step.copies)
         log.info("engine: %.1f MiB of weight copies beside the model's own weights", self.weight_copy_bytes / 2**20)
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
@@ -466,6 +473,8 @@ class Engine:
                 module.refresh()
         if self._head is not None:
             self._head.refresh()
+        if self._batched_step is not None:
+            self._batched_step.refresh()
         if self.prefix_cache is not None:  # keys/values of the old weights
             self.prefix_cache.clear()
 
@@ -657,6 +666,9 @@ class Engine:
             mask = self._columns[: longest + 1] <= positions[:, None, :, None]  # (1, 1, 1, longest + 1)
             self.cache.bind(0, n, positions, None, longest)
             logits = self._decode_step(self._next_tokens[:n, None], mask, positions, self.cache)
+        elif self._batched_step is not None and n > 1:  # batched.py: the same, for several rows
+            mask = self._columns[: longest + 1] <= positions[:, None, :, None]  # (B, 1, 1, longest + 1)
+            logits = self._head(self._batched_step(self._next_tokens[:n, None], mask, positions, self.cache))
         else:
             mask = None if shortest == longest else self._columns[: longest + 1] <= positions[:, None, :, None]
             self.cache.bind(0, n, positions, longest + 1, longest)

@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 
+from minimind.infer.batched import compile_allowed
 from minimind.infer.engine import Engine
 from minimind.info import forward_flops, sampling_flops, training_flops
 from minimind.kernels.training import plain_model, training_view
@@ -67,15 +68,18 @@ def prompt_batch(items: list[dict], pad_id: int = 0) -> dict:
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-           eos_id: int, pad_id: int = 0, temperature: float = 1.0, top_k: int = 0, seed: int | None = None) -> Rollout:
+           eos_id: int, pad_id: int = 0, temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
+           compile: bool = False) -> Rollout:
     """Sample one completion per row of left-padded prompts (temperature 0 = greedy) with the policy's Engine
     (`policy_engine`): its KV cache, decode loop and sampler.
 
     Row i draws from its own generator seeded `seed + i`; without a seed, one is drawn from the global torch RNG,
     so a seeded run repeats, and so does a resumed one (checkpoints keep that RNG's state). Greedy draws nothing.
-    A row stops at `eos_id`, after `max_new_tokens` or at the model's context.
+    A row stops at `eos_id`, after `max_new_tokens` or at the model's context. `compile`: decode steps of
+    several rows through a compiled step (`Engine(compile_batched=True)`, compiled once per policy); the same
+    tokens and log-probs as eager decoding, up to float rounding.
     """
-    engine = policy_engine(model, eos_id, pad_id)
+    engine = policy_engine(model, eos_id, pad_id, compile)
     keep = attention_mask.bool().cpu()
     prompts = [row[kept].tolist() for row, kept in zip(input_ids.cpu(), keep)]
     if seed is None and temperature > 0:
@@ -121,12 +125,12 @@ class _PolicyEngine:
     shadow: torch.nn.Module | None  # an FSDP policy's unsharded copy, refilled at every rollout
 
 
-# One engine per policy (and eos/pad pair), kept while the policy lives: built once, then every rollout reuses
-# its modules, KV cache and per-row state.
+# One engine per policy (and eos/pad pair, compiled or not), kept while the policy lives: built once, then every
+# rollout reuses its modules, KV cache and per-row state.
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0) -> Engine:
+def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0, compile: bool = False) -> Engine:
     """The Engine that samples `model`'s rollouts: it sees the current weights and never changes the model.
 
     Its modules are its own (eval mode, decode kernels) over the policy's weight storage (`engine_copy`), so an
@@ -138,13 +142,14 @@ def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0) -> Engin
     were replaced rather than updated (moved, re-assigned) gets a new engine. An FSDP-sharded policy is gathered
     into an unsharded copy on every rank at each rollout (one all-gather per tensor, in the same order on all
     ranks: a full copy of the weights per rank); decoding then needs no collective, so a rank whose rows are
-    done never waits on another's.
+    done never waits on another's. With `compile`, steps of several rows run compiled (`infer/batched.py`, over
+    a transposed copy of the body's projections, copied again at every rollout).
     """
     policy = unwrap(model)
     sharded = _sharded(policy)
     policy = plain_model(policy)
     known = _ENGINES.setdefault(policy, {})
-    built = known.get((eos_id, pad_id))
+    built = known.get((eos_id, pad_id, compile))
     weights = () if sharded else tuple(p.data_ptr() for p in policy.parameters())
     if built is None or built.weights != weights:
         device = next(policy.parameters()).device
@@ -152,8 +157,9 @@ def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0) -> Engin
         # so the run's own stream, which checkpoints save, is the same whether or not this rollout built one.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             shadow = _unsharded_copy(policy) if sharded else None
-            engine = Engine(shadow if sharded else _causal_lm(policy), _Ids(eos_id, pad_id), prepack=False)
-        built = known[(eos_id, pad_id)] = _PolicyEngine(engine, weights, shadow)
+            engine = Engine(shadow if sharded else _causal_lm(policy), _Ids(eos_id, pad_id), prepack=False,
+                            compile_batched=compile)
+        built = known[(eos_id, pad_id, compile)] = _PolicyEngine(engine, weights, shadow)
     if sharded:
         _gather_into(built.shadow, policy)
     built.engine.refresh_weights()  # a fused optimizer step updates the weights without moving their versions
@@ -259,11 +265,13 @@ class RLObjective(Objective):
     """
 
     def __init__(self, reference: torch.nn.Module, tokenizer, reward: Reward, group_size: int, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: int = 0, updates_per_rollout: int = 1, minibatches: int = 1):
+                 temperature: float = 1.0, top_k: int = 0, updates_per_rollout: int = 1, minibatches: int = 1,
+                 compile_rollouts: bool = False):
         self.reference, self.tokenizer, self.reward = training_view(reference), tokenizer, reward
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
         self.updates_per_rollout, self.minibatches = updates_per_rollout, minibatches
+        self.compile_rollouts = compile_rollouts and compile_allowed()  # MINIMIND_COMPILE=0 keeps rollouts eager
         self.steps_per_batch = updates_per_rollout * minibatches
         self.buffer: list[Experience] = []  # this rank's micro-batches' experiences, in micro-batch order
         self.phase = 0
@@ -324,7 +332,8 @@ class RLObjective(Objective):
         mask = batch["attention_mask"].repeat_interleave(group_size, dim=0)
         answers = [a for a in batch["answer"] for _ in range(group_size)]
         rollout = sample(unwrap(model), ids, mask, self.max_new_tokens, self.tokenizer.eos_token_id,
-                         self.tokenizer.pad_token_id, temperature, self.top_k)
+                         self.tokenizer.pad_token_id, temperature, self.top_k,
+                         compile=self.compile_rollouts)
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         prompts = [p for p in batch["prompt"] for _ in range(group_size)]
         rewards = self.reward(rollout, texts, answers, prompts).to(ids.device, torch.float32)
