@@ -71,8 +71,11 @@ def sync(device: torch.device | str) -> None:
 
 
 def interleaved(cases: dict[str, Callable[[], object]], repeats: int, device: torch.device | str = "cpu",
-                warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each call of each case, cases alternating within every repetition (after `warmup` rounds)."""
+                warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of each call of each case, cases alternating within every repetition (after `warmup` rounds).
+
+    `clock` is wall time; `time.thread_time` counts only the calling thread's CPU time (what a one-thread run
+    computes, without the time a loaded machine's other processes hold the core)."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
@@ -80,10 +83,10 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int, device: to
     for _ in range(repeats):
         for name, fn in cases.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

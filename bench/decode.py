@@ -19,7 +19,8 @@ side produces exactly --new-tokens tokens per row:
                llama.cpp's repacked weight layouts unless --llama-repack: on CPUs with AMX (this machine's)
                llama.cpp crashes in them for q8_0 and q4_0 files
 Decode tokens/s = rows x (new_tokens - 1) / (time for new_tokens - time for 1 token): prefill and the
-first token cancel out. The engine's time includes detokenization and stop checks (what a user pays); HF's
+first token cancel out. Time is wall time; with OMP_NUM_THREADS=1 --cpu-time counts the calling thread's CPU
+time instead (every side computes on that thread), for a machine other jobs load. The engine's time includes detokenization and stop checks (what a user pays); HF's
 and llama.cpp's do not. Cases run interleaved within each repetition; the best repetition counts.
 The last line is the batch-1 fp32 engine against HF: `decode: ratio=<ours/peer> (ours <tok/s>, peer <tok/s>)`;
 `decode batch 1 engine-default vs llama.cpp-f32: ratio=…` is what a user meets with no flags.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -132,13 +134,13 @@ def llama_cpp_runners(model, tokenizer, model_dir: Path | None, prompt: list[int
     return runners
 
 
-def rates(runners: dict, rows: int, new_tokens: int, device, repeats: int) -> dict[str, float]:
+def rates(runners: dict, rows: int, new_tokens: int, device, repeats: int, cpu_time: bool = False) -> dict[str, float]:
     """Decode tokens/s of each runner: the time of new_tokens minus the time of 1, interleaved."""
     cases = {}
     for name, run in runners.items():
         cases[f"{name}:full"] = lambda run=run: run(new_tokens)
         cases[f"{name}:first"] = lambda run=run: run(1)
-    times = interleaved(cases, repeats, device)
+    times = interleaved(cases, repeats, device, clock=time.thread_time if cpu_time else time.perf_counter)
     return {name: rows * (new_tokens - 1) / max(min(times[f"{name}:full"]) - min(times[f"{name}:first"]), 1e-9)
             for name in runners}
 
@@ -158,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="let llama.cpp repack quantized weights into its faster layouts (crashes on CPUs "
                              "with AMX, this machine's)")
     parser.add_argument("--no-hf", action="store_true", help="skip HF generate")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the calling thread's CPU time instead of wall time: with OMP_NUM_THREADS=1 "
+                             "every side computes on that thread, so on a loaded machine the time other processes "
+                             "hold the core is not counted (cache and memory contention still is)")
     parser.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
     parser.add_argument("--no-default", action="store_true",
                         help="skip engine-default (what generate/chat/serve run with no flags)")
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         args.preset, args.new_tokens, args.repeats = "tiny", 8, 1
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2")
+    if args.cpu_time and torch.get_num_threads() != 1:
+        parser.error("--cpu-time needs one thread (OMP_NUM_THREADS=1)")
     device = resolve_device(args.device)
     model, tokenizer, model_dir = load(args, device)
     generator = torch.Generator().manual_seed(0)
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             runners.update(llama_cpp_runners(model, tokenizer, model_dir, prompts[0].tolist(),
                                              args.prompt_tokens + args.new_tokens, args.gguf_types,
                                              args.llama_repack))
-        results[rows] = rates(runners, rows, args.new_tokens, device, args.repeats)
+        results[rows] = rates(runners, rows, args.new_tokens, device, args.repeats, args.cpu_time)
         print(f"batch {rows}: " + ", ".join(f"{name} {rate:.1f}" for name, rate in results[rows].items())
               + " tokens/s")
     append_json(args.json, {"bench": "decode", "device": str(device), "model": args.model or args.preset,
