@@ -9,9 +9,11 @@ import torch
 from conftest import tiny_model
 from test_engine import hf_greedy, prompts_of, random_model
 from test_model import llama_twin, randomize
+from torch._inductor.utils import run_and_get_code
 
 from minimind.errors import UserError
 from minimind.infer import Engine
+from minimind.infer.cache import SlotKVCache
 from minimind.infer.layout import OutputHead, gemv_layout
 from minimind.model.layers import rotate_qk, signed_sin
 from minimind.modeldir import load_model
@@ -215,3 +217,31 @@ def test_bf16_linears_are_prepacked_where_onednn_has_bf16():
         torch.testing.assert_close(out.float(), x.float() @ layer.weight.float().t(), rtol=0.02, atol=0.02)
         if supported:
             assert type(layer) is PackedLinear and layer._packed is not None and layer._packed.is_mkldnn
+
+
+def test_cache_stores_new_keys_in_place_at_the_bound_rows():
+    """`SlotKVCache.update` writes each new token into the cache's own tensors at (absolute row, position) and
+    returns views of the bound rows; under torch.compile a store made into the whole tensor stays in place
+    (a store into a row slice was made on a copy of the whole cache)."""
+    cache = SlotKVCache(n_layers=1, n_kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
+    cache.reserve(3, 6, max_rows=8, max_columns=16)
+    keys, values = cache.keys[0], cache.values[0]
+    cache.bind(1, 3, torch.tensor([[2], [4]]), None, 4)  # rows 1 and 2 write columns 2 and 4
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    seen_k, seen_v = cache.update(k, v, 0)
+    assert cache.keys[0] is keys and cache.values[0] is values
+    torch.testing.assert_close(keys[1, :, 2], k[0, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(values[2, :, 4], v[1, :, 0], rtol=0, atol=0)
+    assert keys[0].abs().sum() == 0 and keys[1, :, 4].abs().sum() == 0  # nothing else written
+    assert seen_k.shape == (2, 2, 7, 4) and seen_k.data_ptr() == keys[1].data_ptr()
+    assert seen_v.data_ptr() == values[1].data_ptr()
+
+    def store(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        seen_k, seen_v = cache.update(k, v, 0)
+        return seen_k.sum() + seen_v.sum()
+
+    k = torch.randn(2, 2, 1, 4)
+    _, code = run_and_get_code(torch.compile(store, fullgraph=True), k, v)
+    torch.testing.assert_close(keys[1, :, 2], k[0, :, 0], rtol=0, atol=0)
+    # no buffer the size of the bound rows' cache (2, 2, 7, 4): nothing is copied out and back in
+    assert "empty_strided_cpu((2, 2, 7, 4)" not in "\n".join(code)

@@ -65,7 +65,7 @@ class SlotKVCache:
         """
         self._start, self._stop = start, stop
         self._write_positions = write_positions
-        self._row_index = self._row_numbers[: stop - start]  # (B, 1), broadcasts over T
+        self._row_index = self._row_numbers[start:stop]  # (B, 1) absolute row numbers, broadcast over T
         self._kv_len, self._past = kv_len, past
 
     def clear(self) -> None:
@@ -79,11 +79,13 @@ class SlotKVCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store (B, n_kv_heads, T, head_dim) new keys/values; return (B, n_kv_heads, kv_len, head_dim) views."""
+        # Advanced indices on dims 0 and 2 put the (B, T) index dims first: the target is (B, T, H, D). The store
+        # goes into the whole tensor, not a row slice: under torch.compile a store into a view of an input is
+        # made on a copy of the whole cache that is then copied back, every layer of every step.
+        self.keys[layer_idx][self._row_index, :, self._write_positions] = key.transpose(1, 2)
+        self.values[layer_idx][self._row_index, :, self._write_positions] = value.transpose(1, 2)
         keys = self.keys[layer_idx][self._start:self._stop]
         values = self.values[layer_idx][self._start:self._stop]
-        # Advanced indices on dims 0 and 2 put the (B, T) index dims first: the target is (B, T, H, D).
-        keys[self._row_index, :, self._write_positions] = key.transpose(1, 2)
-        values[self._row_index, :, self._write_positions] = value.transpose(1, 2)
         if self._kv_len is None:
             return keys, values
         return keys[:, :, : self._kv_len], values[:, :, : self._kv_len]

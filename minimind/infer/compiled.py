@@ -11,7 +11,12 @@ it, PyTorch's packed int4 kernel).
 The gain over the eager engine, float32 and int8, is in docs/performance.md. A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
 Attention of the one new token is written out as products and sums (`minimind.kernels.attention.one_query`), so
 the whole step (every layer, and an int8 output head) becomes one generated kernel instead of one SDPA call
-per layer between kernels.
+per layer between kernels. The new token's keys and values are stored into the cache tensors in place
+(infer/cache.py writes into the whole per-layer tensor, not a row slice of it: a store into a view of a graph
+input made Inductor copy the whole cache out and back in every layer of every step, so a step's cost grew with
+the cache's capacity). What a step is made of, by share of its time, is in docs/performance.md: the weights'
+reads in the generated kernel and the float head's oneDNN matmul, then the Python around them (Dynamo's
+guards, the wrapper's buffer allocations, the engine's sampling and detokenizing).
 
 Only steps with one running sequence take this path: with several rows a matmul is a real GEMM, where the
 eager oneDNN (prepacked weights, layout.py) / fbgemm kernels are as fast or faster, and compiling for every
