@@ -28,28 +28,33 @@ constexpr int64_t kRows = 16;  // output rows per block
 
 // One row of K floats -> K unsigned bytes round(x / s) + 128, s = max|x| / 127 (0 for an all-zero row).
 float quantize_row_u8(const float* x, int64_t K, uint8_t* out) {
-  float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-  float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
-  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(x[k] * inverse)) + 128);
-  return scale;
+  const int64_t K16 = K / 16 * 16;
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float amax = _mm512_reduce_max_ps(vmax);
+  for (int64_t k = K16; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+  const __m512 vinv = _mm512_set1_ps(inverse);
+  const __m512i offset = _mm512_set1_epi32(128);
+  for (int64_t k = 0; k < K16; k += 16) {  // cvtps rounds to nearest even, as nearbyint does
+    __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv)), offset);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(q));
+  }
+  for (int64_t k = K16; k < K; ++k) out[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(x[k] * inverse)) + 128);
+  return amax / 127.f;
 }
 
-// One row of K floats -> K int8 with a scale per group of 32 inputs, and each group's sum of codes.
+// One row of K floats (K a multiple of 32) -> K int8 with a scale per group of 32 inputs, and each group's sum.
 void quantize_row_q8_0(const float* x, int64_t K, int8_t* out, float* scales, int32_t* sums) {
   for (int64_t g = 0; g < K / 32; ++g) {
-    const float* xg = x + 32 * g;
-    float amax = 0.f;
-    for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xg[k]));
-    float inverse = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0;
-    for (int k = 0; k < 32; ++k) {
-      int q = static_cast<int>(std::nearbyint(xg[k] * inverse));
-      out[32 * g + k] = static_cast<int8_t>(q);
-      sum += q;
-    }
+    const __m512 a = _mm512_loadu_ps(x + 32 * g), b = _mm512_loadu_ps(x + 32 * g + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const __m512 vinv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, vinv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, vinv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * g), _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * g + 16), _mm512_cvtepi32_epi8(qb));
     scales[g] = amax / 127.f;
-    sums[g] = sum;
+    sums[g] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
   }
 }
 
