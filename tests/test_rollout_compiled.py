@@ -5,6 +5,8 @@ turns it on for the RL stages (MINIMIND_COMPILE=0 keeps it off)."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -62,9 +64,15 @@ def test_a_compiled_rollout_after_a_fused_optimizer_step_uses_the_new_weights(po
 
 
 def test_the_rl_flag_turns_compiled_rollouts_on_unless_minimind_compile_is_0(monkeypatch):
-    from minimind.train.rl import RLOptions
+    from minimind.train.rl import RL_DEFAULTS, RLOptions, add_rl_arguments
 
-    assert RLOptions.compile_rollouts is False  # off by default
+    parser = argparse.ArgumentParser()
+    add_rl_arguments(parser, "grpo", RL_DEFAULTS)
+    paths = ["--data", "d.jsonl", "--init", "model", "--out", "out"]
+    assert parser.parse_args(paths).compile_rollouts is False  # off by default
+    assert parser.parse_args([*paths, "--compile-rollouts"]).compile_rollouts is True
+    assert parser.parse_args([*paths, "--compile-rollouts", "--no-compile-rollouts"]).compile_rollouts is False
+    assert RLOptions.compile_rollouts is False
     model = tiny_model(1)
     monkeypatch.setenv("MINIMIND_COMPILE", "1")
     assert RLObjective(model, None, None, 2, 4, compile_rollouts=True).compile_rollouts

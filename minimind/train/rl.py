@@ -97,10 +97,10 @@ def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict
                    help="optimizer steps per pass over a rollout batch, each on 1/M of its prompts (must divide "
                         "--batch-size); a rollout batch trains updates-per-rollout x minibatches steps")
     g.add_argument("--compile-rollouts", action="store_true",
-                   help="decode rollouts through a compiled batched step (compiled once per run: 30-60 s on 2 CPU "
-                        "cores; same tokens and log-probs). Off by default: at the demo's sizes the compilation "
-                        "costs more than it saves (docs/rl.md); worth it for long runs. "
-                        "MINIMIND_COMPILE=0 keeps it off")
+                   help="decode rollouts through a compiled batched step (compiled once per run: 10-110 s on 2 "
+                        "CPU cores; the same tokens and log-probs up to float rounding). Off by default: at the "
+                        "demo's sizes the compilation costs more than it saves (docs/rl.md); it can pay for long "
+                        "runs with long completions. MINIMIND_COMPILE=0 keeps it off")
     g.add_argument("--no-compile-rollouts", dest="compile_rollouts", action="store_false",
                    help="decode rollouts eagerly (the default)")
     return g
