@@ -6,12 +6,15 @@
 
 Candidates, each over the same weights (q4_0 codes and scales, quantize.py's `quantize_q4_0`):
   fp32              F.linear on the float weights (the baseline bytes: 4 per weight)
-  int8              `Int8Linear` eagerly (fbgemm's dynamic-quantized kernel), what --quantize int8 runs
+  int8              fbgemm's dynamic-quantized kernel (`Int8Linear` for more than 4 rows)
   int4-aten-fp32    aten._weight_int4pack_mm_for_cpu with float32 activations
-  int4-aten-bf16    the same kernel with bf16 activations: `Int4Linear`, what --quantize int4 runs
+  int4-aten-bf16    the same kernel with bf16 activations (`Int4Linear` for more than 4 rows)
+  int8-vnni / int4-vnni   `Int8Linear` / `Int4Linear` as decoding calls them: the VNNI kernels of
+                    minimind/kernels/int_gemv.py where the CPU has them (else the two kernels above)
   int4-own          (--compile) our own 4-bit kernel: two codes per byte, unpacked, scaled per group and
                     summed in one torch.compile'd graph
-  int8-compile / int4-aten-bf16-compile   (--compile) the int8 row-dot and `Int4Linear` inside torch.compile
+  int8-compile / int4-aten-bf16-compile   (--compile) the int8 weight-only row-dot and the aten int4 kernel
+                    inside torch.compile (what the compiled step ran before the VNNI kernels)
 The last line: `int4_kernels: ratio=<int4-aten-bf16 / int8 steps per s>` (both eager).
 """
 
@@ -43,10 +46,37 @@ def projection_shapes(config: MiniMindConfig) -> list[tuple[int, int]]:
 
 
 class AtenInt4Fp32(Int4Linear):
-    """`Int4Linear`'s kernel called with float32 activations (and scales)."""
+    """`Int4Linear`'s aten kernel called with float32 activations (and scales)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scales_and_zeros.float())
+
+
+class AtenInt4Bf16(Int4Linear):
+    """`Int4Linear`'s aten kernel with bf16 activations, whatever the row count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.qweight, self.group,
+                                                         self.scales_and_zeros)
+        return out.float()
+
+
+class RowDotInt8(Int8Linear):
+    """`Int8Linear`'s weight-only row-dot, which Inductor generates where the CPU has no VNNI kernel."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        self.register_buffer("rows", self.int8_weight().contiguous())  # (out, in), as the compiled step read it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, None, :] * self.rows.float()).sum(-1) * self.scales
+
+
+class Fbgemm(Int8Linear):
+    """`Int8Linear`'s fbgemm kernel, whatever the row count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
 
 
 class OwnInt4(nn.Module):
@@ -105,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     linears = [nn.Linear(n_in, n_out, bias=False) for n_out, n_in in shapes]
     rows = {n_in: torch.randn(1, n_in) for _, n_in in shapes}
-    kinds = {"fp32": Float, "int8": Int8Linear, "int4-aten-fp32": AtenInt4Fp32, "int4-aten-bf16": Int4Linear}
+    kinds = {"fp32": Float, "int8": Fbgemm, "int4-aten-fp32": AtenInt4Fp32, "int4-aten-bf16": AtenInt4Bf16,
+             "int8-vnni": Int8Linear, "int4-vnni": Int4Linear}
     steps = {name: Step([kind(linear) for linear in linears], shapes) for name, kind in kinds.items()}
     if args.compile:
-        for name, kind in (("int4-own", OwnInt4), ("int8-compile", Int8Linear), ("int4-aten-bf16-compile", Int4Linear)):
+        for name, kind in (("int4-own", OwnInt4), ("int8-compile", RowDotInt8), ("int4-aten-bf16-compile", AtenInt4Bf16)):
             steps[name] = torch.compile(Step([kind(linear) for linear in linears], shapes), dynamic=False,
                                         options=DECODE_COMPILE_OPTIONS)
     print(machine_line())
@@ -128,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if "int8-compile" in rates:
         print(ratio_line("int4 kernel compiled", rates["int4-aten-bf16-compile"], rates["int8-compile"], "steps/s"))
         print(ratio_line("int4 own kernel vs aten", rates["int4-own"], rates["int4-aten-bf16-compile"], "steps/s"))
+    print(ratio_line("int8 vnni vs fbgemm", rates["int8-vnni"], rates["int8"], "steps/s"))
+    print(ratio_line("int4 vnni vs aten bf16", rates["int4-vnni"], rates["int4-aten-bf16"], "steps/s"))
     print(ratio_line("int4_kernels", rates["int4-aten-bf16"], rates["int8"], "steps/s"))
     return 0
 
