@@ -12,10 +12,11 @@ from conftest import tiny_model
 
 from minimind.eval import evaluate_choice, evaluate_exact, evaluate_ppl
 from minimind.eval.choice import CONTEXT, CONTINUATION
-from minimind.eval.exact import normalize
+from minimind.eval.exact import normalize, words
 from minimind.eval.ppl import text_windows
 from minimind.infer import Engine
 from minimind.records import BadRecord
+from minimind.train.rewards import contains_word
 
 NAMES = ["Zorb", "Quill", "Mabo", "Tiven", "Rusk", "Pelo", "Vana", "Dorn", "Kife", "Luma", "Nesh", "Orix", "Bram",
          "Cyla", "Fenn", "Gusk", "Hale", "Ixo", "Jarl", "Wex", "Yorn", "Sift", "Tams", "Ulo", "Pim", "Rho"]
@@ -200,7 +201,8 @@ def test_exact_normalisation_and_scoring():
     assert normalize("４２！") == "42"
 
     class FakeEngine:
-        replies = ["The answer is 42.", "<think>maybe Paris</think>It is London", "北京。"]
+        replies = ["The answer is 42.", "<think>maybe Paris</think>It is London", "北京。",
+                   "The chemical symbol of potassium is K.", "It is 162.", "The symbol is Al."]
 
         def chat_prompt(self, messages):
             return [1, 2, 3]
@@ -214,10 +216,12 @@ def test_exact_normalisation_and_scoring():
                                   {"role": "assistant", "content": reference}]}
         return data if answer is None else {**data, "answer": answer}
 
-    items = [record("6*7?", "It is 42", "42"), record("Capital?", "Paris", "Paris"), record("首都?", "北京")]
+    items = [record("6*7?", "It is 42", "42"), record("Capital?", "Paris", "Paris"), record("首都?", "北京"),
+             record("Symbol of aluminium?", "Al", "Al"), record("100+62?", "62", "62"), record("Symbol?", "Al", "Al")]
     result = evaluate_exact(FakeEngine(), items)
-    assert [s["correct"] for s in result["samples"]] == [True, False, True]  # thinking does not count
-    assert result["n"] == 3 and result["accuracy"] == pytest.approx(2 / 3)
+    # thinking does not count; an answer glued inside a longer word or number ("chemical", "162") does not either
+    assert [s["correct"] for s in result["samples"]] == [True, False, True, False, False, True]
+    assert result["n"] == 6 and result["accuracy"] == pytest.approx(3 / 6)
     with pytest.raises(BadRecord, match="item 0"):
         evaluate_exact(FakeEngine(), [record("q", "...")])
 
@@ -228,6 +232,6 @@ def test_exact_end_to_end_on_a_model_dir(model_dir):
     result = evaluate_exact(engine, items, max_new_tokens=4, batch_size=2)
     reply = engine.chat(items[0]["conversations"][:1], max_new_tokens=4)
     assert [s["reply"] for s in result["samples"]] == [reply] * 3  # batched greedy = alone
-    right = normalize(reply) == normalize("你好！")
+    right = contains_word(words(reply), words("你好！"))
     assert [s["correct"] for s in result["samples"]] == [right] * 3
     assert result["n"] == 3 and result["accuracy"] == float(right)

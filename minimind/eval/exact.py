@@ -2,10 +2,11 @@
 
 Record (SFT shape): {"conversations": [..., {"role": "assistant", "content": reference}], "answer"?: "42"}.
 The prompt is every message before the last assistant turn; the model answers greedily with the chat
-template. The answer counts as correct when the normalised `answer` (or, without one, the whole reference)
-is contained in the normalised reply. Normalising = Unicode NFKC, case-folding, and dropping whitespace and
-punctuation, so "Paris." matches "paris" and "４２" matches "42". A reply's `<think>…</think>` part is
-ignored (only what follows it counts).
+template. The answer counts as correct when the `answer` (or, without one, the whole reference) occurs in the reply
+as whole words: both are compared after Unicode NFKC, case-folding, and punctuation turned into spaces, so
+"Paris." matches "paris" and "４２" matches "42", while "Al" is not found inside "chemical" nor "62" inside
+"162" (letters and digits glued to either end of a match refuse it; CJK text has no spaces, so its
+characters do not). A reply's `<think>…</think>` part is ignored (only what follows it counts).
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from minimind.records import BadRecord, validate_rlaif
+from minimind.train.rewards import contains_word
 
 
 def normalize(text: str) -> str:
     """NFKC + casefold, without whitespace or punctuation."""
     text = unicodedata.normalize("NFKC", text).casefold()
     return "".join(c for c in text if not c.isspace() and not unicodedata.category(c).startswith("P"))
+
+
+def words(text: str) -> str:
+    """NFKC + casefold, punctuation as spaces, runs of whitespace as one space: the form answers are matched in."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+    return " ".join(text.split())
 
 
 def final_answer(reply: str) -> str:
@@ -61,7 +70,7 @@ def evaluate_exact(engine, items: Sequence[dict], max_new_tokens: int = 128, bat
     samples, correct = [], 0
     for item, reply in zip(clean, replies):
         expected = item["answer"] if item["answer"] is not None else item["reference"]
-        hit = normalize(expected) in normalize(final_answer(reply))
+        hit = contains_word(words(final_answer(reply)), words(expected))
         correct += hit
         samples.append({"expected": expected, "reply": reply, "correct": hit})
     return {

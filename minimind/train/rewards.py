@@ -80,16 +80,22 @@ def _word_char(c: str) -> bool:
 
 def answer_correct(completion: str, reference: str) -> bool:
     """True if the normalised reference occurs in the normalised answer part of the completion, as a whole word."""
-    answer, ref = normalize(split_thinking(completion)[1]), normalize(reference)
+    return contains_word(normalize(split_thinking(completion)[1]), normalize(reference))
+
+
+def contains_word(text: str, ref: str) -> bool:
+    """True if `ref` occurs in `text` with no ASCII letter or digit glued to either end of it ("4" is in
+    "is 4." but not in "42"; "al" is not in "chemical"). Characters of other scripts (CJK) count as boundaries,
+    since those scripts write no spaces between words."""
     if not ref:
         return False
-    start = answer.find(ref)
+    start = text.find(ref)
     while start >= 0:
-        before = answer[start - 1] if start > 0 else ""
-        after = answer[start + len(ref)] if start + len(ref) < len(answer) else ""
+        before = text[start - 1] if start > 0 else ""
+        after = text[start + len(ref)] if start + len(ref) < len(text) else ""
         if not (_word_char(ref[0]) and _word_char(before)) and not (_word_char(ref[-1]) and _word_char(after)):
             return True
-        start = answer.find(ref, start + 1)
+        start = text.find(ref, start + 1)
     return False
 
 
