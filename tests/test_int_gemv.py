@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -29,9 +31,25 @@ def q4_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
     return (dots * (scales[None] * (amax[..., 0] / 127.0)[:, None, :])).sum(-1)
 
 
+@contextmanager
+def threads(n: int):
+    """torch's thread count set to n inside the block (int8 layers choose their kernel by it when built)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_kernels_are_built_and_used_here():
     assert int_gemv.available()
-    assert Int8Linear(torch.nn.Linear(64, 32, bias=False)).vnni and Int4Linear(torch.nn.Linear(64, 32, bias=False)).vnni
+    linear = torch.nn.Linear(64, 32, bias=False)
+    assert Int4Linear(linear).vnni
+    with threads(1):
+        assert Int8Linear(linear).vnni
+    with threads(2):  # int8 keeps PyTorch's kernels and the compiled row-dot with several threads
+        assert not Int8Linear(linear).vnni
 
 
 @pytest.mark.parametrize("rows", [1, 3, 6])
@@ -63,8 +81,9 @@ def test_linears_take_the_kernel_for_few_rows_and_agree_with_many():
     torch.manual_seed(2)
     linear = torch.nn.Linear(128, 64, bias=False)
     x = torch.randn(8, 128)
-    for layer in (Int8Linear(linear), Int4Linear(linear)):
+    with threads(1):
+        int8 = Int8Linear(linear)
+    for layer in (int8, Int4Linear(linear)):
         batch, single = layer(x), torch.cat([layer(row[None]) for row in x])
         assert (single - batch).norm() / batch.norm() < 0.02
-    int8 = Int8Linear(linear)
     torch.testing.assert_close(int8(x[:1]), int8_reference(x[:1], int8.int8_weight(), int8.scales))

@@ -54,14 +54,14 @@ def test_int8_perplexity_within_two_percent_and_greedy_mostly_agrees(trained, to
 
 @pytest.mark.slow
 def test_int8_linear_under_compile():
-    """Compiled, one row runs the VNNI kernel where the CPU has it and torch runs one thread (what eager runs),
-    else the float row-dot; more rows multiply float activations by the int8 weights: exactly x @ (q * scale).T."""
+    """Compiled, one row runs what eager runs (the VNNI kernel where the CPU has it and torch runs one thread,
+    else the float row-dot); more rows multiply float activations by the int8 weights: exactly x @ (q * scale).T."""
     torch.manual_seed(0)
     quantized = Int8Linear(torch.nn.Linear(32, 48, bias=False))
     dequantized = quantized.int8_weight().float() * quantized.scales[:, None]
     compiled = torch.compile(quantized, dynamic=False, fullgraph=True)  # a graph break would split the decode step
     one = torch.randn(1, 32)
-    want = quantized(one) if quantized.vnni_compiled else one @ dequantized.T
+    want = quantized(one) if quantized.vnni else one @ dequantized.T
     torch.testing.assert_close(compiled(one), want, rtol=1e-5, atol=1e-5)
     x = torch.randn(12, 32)
     torch.testing.assert_close(compiled(x), x @ dequantized.T, rtol=1e-5, atol=1e-5)

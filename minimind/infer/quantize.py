@@ -31,9 +31,9 @@ likewise keeps such tensors in f16). The alternatives measured against it are in
 Decoding (up to GEMV_ROWS rows, eager or inside the compiled step) runs neither where the CPU has AVX-512
 VNNI: the kernels of minimind/kernels/int_gemv.py round the activations to int8 as well (one scale per row for
 int8 weights; one per 32 inputs for int4, llama.cpp's q4_0 x q8_0 dot) and multiply integers, reading the
-weights at memory speed (the weights are kept a second time in their blocked layout). A compiled int8 step
-with several threads keeps its generated row-dot instead (see `Int8Linear`). Larger batches and prompts keep
-the kernels above.
+weights at memory speed (the weights are kept a second time in their blocked layout; for int8 that copy
+replaces the (out, in) one, and int8 takes this path only when torch runs one thread: see `Int8Linear`).
+Larger batches and prompts keep the kernels above.
 """
 
 from __future__ import annotations
@@ -55,16 +55,17 @@ GEMV_ROWS = 4  # up to this many rows the VNNI kernels (int_gemv.py) run; more r
 class Int8Linear(nn.Module):
     """A bias-free `nn.Linear` with int8 per-output-channel weights; input and output stay in the model dtype.
 
-    Up to GEMV_ROWS rows run the VNNI kernel (int_gemv.py) where the CPU has it: eagerly always, and inside a
-    compiled step when torch runs one thread. Otherwise eager calls run fbgemm's dynamic-quantized kernel;
-    under torch.compile (`Engine(compile=True)`), which cannot trace that kernel, the same int8 weights are
-    used weight-only: out = (x . q_row) * scale, written as a broadcast multiply and row sum for a few rows,
-    so inductor fuses the int8-to-float conversion into its row-dot loop and reads one byte per weight
-    (activations are not rounded on this path). With several threads the compiled step takes that row-dot
-    even where VNNI exists: the whole step is then one generated kernel with one parallel region, while the
-    VNNI operator is a separate parallel region per matmul, and at two threads the meetings between them cost
-    more than the integer dot products save (docs/performance.md, "int8 and int4 on VNNI kernels"). The thread
-    count is read when the layer is built (the compile cache's key holds the count a saved step was built for).
+    Up to GEMV_ROWS rows run the VNNI kernel (int_gemv.py) where the CPU has it and torch runs one thread,
+    eagerly and compiled. Otherwise eager calls run fbgemm's dynamic-quantized kernel; under torch.compile
+    (`Engine(compile=True)`), which cannot trace that kernel, the same int8 weights are used weight-only:
+    out = (x . q_row) * scale, written as a broadcast multiply and row sum for a few rows, so inductor fuses the
+    int8-to-float conversion into its row-dot loop and reads one byte per weight (activations are not rounded
+    on this path). With several threads that row-dot is the faster compiled step: the whole step is one
+    generated kernel with one parallel region, while the VNNI operator is a parallel region per matmul, and at
+    two threads their meetings cost more than the integer dot products save (docs/performance.md, "Quiet
+    reruns at the end of the session"). Keeping both layouts for eager calls would double the int8 bytes, so
+    the choice is made once, from the thread count when the layer is built (a compiled graph cannot ask torch
+    for it; the compile cache's key holds the count a saved step was built for).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -76,16 +77,14 @@ class Int8Linear(nn.Module):
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
         self.register_buffer("qweight", torch.round(weight / scales[:, None]).to(torch.int8))  # (out, in)
         self.register_buffer("scales", scales)
-        # the VNNI kernel's blocked copy of the weights (int_gemv.py), beside the (out, in) one that the compiled
-        # row-dot reads with several threads
-        self.vnni = int_gemv.int8_fits(self.out_features, self.in_features) and int_gemv.available()
+        # the VNNI kernel's blocked copy of the weights (int_gemv.py) replaces the (out, in) one where it runs
+        self.vnni = (int_gemv.int8_fits(self.out_features, self.in_features) and torch.get_num_threads() == 1
+                     and int_gemv.available())
         if self.vnni:
             packed, wsum = int_gemv.pack_int8(self.qweight)
+            del self.qweight
             self.register_buffer("packed", packed)
             self.register_buffer("wsum", wsum)
-        # whether a compiled step calls the kernel too: only with one thread (see the class doc); read here,
-        # since a compiled graph cannot ask torch for its thread count
-        self.vnni_compiled = self.vnni and torch.get_num_threads() == 1
         with warnings.catch_warnings():  # the quantized-tensor API warns of its future move to torchao
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -97,21 +96,20 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype."""
         rows = x.reshape(-1, self.in_features).float()  # (M, in)
-        compiling = torch.compiler.is_compiling()
-        if rows.shape[0] <= GEMV_ROWS and (self.vnni_compiled if compiling else self.vnni):  # decoding a few rows
+        if self.vnni and rows.shape[0] <= GEMV_ROWS:  # decoding a few rows: int_gemv.py
             out = int_gemv.int8_gemv(rows.contiguous(), self.packed, self.wsum, self.scales)
-        elif compiling:
+        elif torch.compiler.is_compiling():
             if rows.shape[0] <= 8:  # decoding: (M, 1, in) * (out, in) summed over in -> (M, out)
-                out = (rows[:, None, :] * self.qweight.float()).sum(-1) * self.scales
+                out = (rows[:, None, :] * self.int8_weight().float()).sum(-1) * self.scales
             else:
-                out = torch.nn.functional.linear(rows, self.qweight.float()) * self.scales
+                out = torch.nn.functional.linear(rows, self.int8_weight().float()) * self.scales
         else:
             out = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def int8_weight(self) -> torch.Tensor:
-        """The (out, in) int8 weights."""
-        return self.qweight
+        """The (out, in) int8 weights (a copy where the VNNI kernel keeps them blocked)."""
+        return int_gemv.unpack_int8(self.packed) if self.vnni else self.qweight
 
     def weight_bytes(self) -> int:
         """Bytes of the int8 weight matrix (the scales add 8 per output channel)."""
