@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_bench_arguments, append_json, bench_parser, interleaved, machine_line, preset_model, ratio_line  # noqa: E402,I001
 from transformers.cache_utils import DynamicCache  # noqa: E402
 
-from minimind.infer.batched import compile_allowed  # noqa: E402
+from minimind.infer.options import compile_allowed  # noqa: E402
 from minimind.train.rollout import left_pad, policy_engine, sample  # noqa: E402
 
 

@@ -23,8 +23,6 @@ outside the graph (a plain matmul on the Engine's transposed copy).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -122,11 +120,6 @@ class BatchedDecoder:
             torch._dynamo.maybe_mark_dynamic(tensor, 2)
         self.compiled_calls += 1
         return self.step(ids, mask, positions, bound)
-
-
-def compile_allowed() -> bool:
-    """False when the environment sets MINIMIND_COMPILE to 0, off, false or no (eager decoding everywhere)."""
-    return os.environ.get("MINIMIND_COMPILE", "").strip().lower() not in ("0", "off", "false", "no")
 
 
 def _projection(module: nn.Module) -> bool:

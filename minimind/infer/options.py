@@ -132,9 +132,12 @@ def compile_by_default(requested: bool | None, device: torch.device) -> bool:
     environment sets MINIMIND_COMPILE to 0, off or false (other devices decode eagerly)."""
     if requested is not None:
         return requested
-    if os.environ.get(COMPILE_ENV, "").strip().lower() in ("0", "off", "false", "no"):
-        return False
-    return device.type in ("cpu", "cuda")
+    return compile_allowed() and device.type in ("cpu", "cuda")
+
+
+def compile_allowed() -> bool:
+    """False when the environment sets MINIMIND_COMPILE to 0, off, false or no (eager decoding everywhere)."""
+    return os.environ.get(COMPILE_ENV, "").strip().lower() not in ("0", "off", "false", "no")
 
 
 def compile_cache_dir(args: argparse.Namespace) -> Path:

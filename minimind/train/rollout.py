@@ -17,8 +17,8 @@ from functools import partial
 
 import torch
 
-from minimind.infer.batched import compile_allowed
 from minimind.infer.engine import Engine
+from minimind.infer.options import compile_allowed
 from minimind.info import forward_flops, sampling_flops, training_flops
 from minimind.kernels.training import plain_model, training_view
 from minimind.model.modeling_minimind import MiniMindForCausalLM
