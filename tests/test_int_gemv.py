@@ -46,10 +46,17 @@ def test_the_kernels_are_built_and_used_here():
     assert int_gemv.available()
     linear = torch.nn.Linear(64, 32, bias=False)
     assert Int4Linear(linear).vnni
-    with threads(1):
-        assert Int8Linear(linear).vnni
-    with threads(2):  # int8 keeps PyTorch's kernels and the compiled row-dot with several threads
-        assert not Int8Linear(linear).vnni
+    for n in (1, 2):  # the kernels split their rows across torch's threads (built with OpenMP)
+        with threads(n):
+            assert Int8Linear(linear).vnni
+
+
+def test_the_kernels_are_built_with_openmp():
+    """at::parallel_for only splits work across threads in code compiled with OpenMP: the library must call
+    libgomp (built without -fopenmp, every call ran on one thread whatever torch's thread count)."""
+    assert int_gemv.available()
+    library = int_gemv.library_path()
+    assert library is not None and b"GOMP_parallel" in library.read_bytes()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 6])

@@ -55,17 +55,12 @@ GEMV_ROWS = 4  # up to this many rows the VNNI kernels (int_gemv.py) run; more r
 class Int8Linear(nn.Module):
     """A bias-free `nn.Linear` with int8 per-output-channel weights; input and output stay in the model dtype.
 
-    Up to GEMV_ROWS rows run the VNNI kernel (int_gemv.py) where the CPU has it and torch runs one thread,
-    eagerly and compiled. Otherwise eager calls run fbgemm's dynamic-quantized kernel; under torch.compile
-    (`Engine(compile=True)`), which cannot trace that kernel, the same int8 weights are used weight-only:
-    out = (x . q_row) * scale, written as a broadcast multiply and row sum for a few rows, so inductor fuses the
-    int8-to-float conversion into its row-dot loop and reads one byte per weight (activations are not rounded
-    on this path). With several threads that row-dot is the faster compiled step: the whole step is one
-    generated kernel with one parallel region, while the VNNI operator is a parallel region per matmul, and at
-    two threads their meetings cost more than the integer dot products save (docs/performance.md, "Quiet
-    reruns at the end of the session"). Keeping both layouts for eager calls would double the int8 bytes, so
-    the choice is made once, from the thread count when the layer is built (a compiled graph cannot ask torch
-    for it; the compile cache's key holds the count a saved step was built for).
+    Up to GEMV_ROWS rows run the VNNI kernel (int_gemv.py) where the CPU has it, eagerly and compiled (the
+    compiled step calls it from its graph). Otherwise eager calls run fbgemm's dynamic-quantized kernel; under
+    torch.compile (`Engine(compile=True)`), which cannot trace that kernel, the same int8 weights are used
+    weight-only: out = (x . q_row) * scale, written as a broadcast multiply and row sum for a few rows, so
+    inductor fuses the int8-to-float conversion into its row-dot loop and reads one byte per weight
+    (activations are not rounded on this path).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -78,8 +73,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(weight / scales[:, None]).to(torch.int8))  # (out, in)
         self.register_buffer("scales", scales)
         # the VNNI kernel's blocked copy of the weights (int_gemv.py) replaces the (out, in) one where it runs
-        self.vnni = (int_gemv.int8_fits(self.out_features, self.in_features) and torch.get_num_threads() == 1
-                     and int_gemv.available())
+        self.vnni = int_gemv.int8_fits(self.out_features, self.in_features) and int_gemv.available()
         if self.vnni:
             packed, wsum = int_gemv.pack_int8(self.qweight)
             del self.qweight

@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("int_gemv.cpp")
 ROWS = 16  # output rows per weight block (int_gemv.cpp's kRows)
 GROUP = 32  # inputs per 4-bit scale (q4_0)
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
+# -fopenmp: at::parallel_for only splits work across torch's threads when the code including it is compiled
+# with OpenMP (torch's own build is; cpp_extension adds no such flag). Without it every call ran on one thread.
+# The library links the libgomp.so.1 torch has already loaded, so both share one thread pool.
+_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
 
 
 def _cpu_has_vnni() -> bool:
@@ -50,15 +53,29 @@ def available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        # the torch version in the name: a library built against another torch is never loaded
-        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
-        name = "minimind_int_gemv_" + re.sub(r"\W", "_", torch.__version__) + "_" + digest
-        load(name, [str(SOURCE)], extra_cflags=_FLAGS, is_python_module=False, verbose=False)
+        load(_library_name(), [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=False)
     except Exception as err:  # no compiler, an unexpected toolchain: PyTorch's own kernels serve instead
         log.warning("int8/int4 VNNI kernels unavailable (%s); using PyTorch's kernels", err)
         return False
     _register_shapes()
     return True
+
+
+def _library_name() -> str:
+    # the torch version in the name: a library built against another torch is never loaded
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    return "minimind_int_gemv_" + re.sub(r"\W", "_", torch.__version__) + "_" + digest
+
+
+def library_path() -> Path | None:
+    """Where the loaded kernel library lives (from the process's memory map); None before `available()` loads it."""
+    try:
+        with open("/proc/self/maps") as handle:
+            paths = {line.split()[-1] for line in handle if _library_name() in line}
+    except OSError:
+        return None
+    return Path(paths.pop()) if paths else None
 
 
 def _register_shapes() -> None:
