@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from minimind.infer.quantize import Int4Linear, Int8Linear, quantize_q4_0
 from minimind.kernels import int_gemv
@@ -94,3 +95,60 @@ def test_linears_take_the_kernel_for_few_rows_and_agree_with_many():
         batch, single = layer(x), torch.cat([layer(row[None]) for row in x])
         assert (single - batch).norm() / batch.norm() < 0.02
     torch.testing.assert_close(int8(x[:1]), int8_reference(x[:1], int8.int8_weight(), int8.scales))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_products_of_one_input_with_several_matrices_in_one_call(rows):
+    """int8_gemv_cat / q4_gemv_cat put each matrix's product side by side, the same numbers as one call each
+    (matrices of 3, 5 and 1 blocks of 16 rows: tasks split across matrix ends)."""
+    torch.manual_seed(3)
+    x = torch.randn(rows, 128)
+    weights = [torch.randn(n, 128) for n in (48, 80, 16)]
+    int8 = []
+    for weight in weights:
+        scales = weight.abs().amax(dim=1) / 127
+        int8.append((*int_gemv.pack_int8(torch.round(weight / scales[:, None]).to(torch.int8)), scales))
+    apart = torch.cat([torch.ops.minimind.int8_gemv(x, *parts) for parts in int8], dim=1)
+    together = torch.ops.minimind.int8_gemv_cat(x, *[list(column) for column in zip(*int8)])
+    assert torch.equal(together, apart)
+    q4 = [int_gemv.pack_q4(*quantize_q4_0(weight)) for weight in weights]
+    apart = torch.cat([torch.ops.minimind.q4_gemv(x, *parts) for parts in q4], dim=1)
+    together = torch.ops.minimind.q4_gemv_cat(x, *[list(column) for column in zip(*q4)])
+    assert torch.equal(together, apart)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_compiled_step_makes_one_call_per_shared_input(mode, tokenizer):
+    """The compiled decode step's graph pass merges the q/k/v and gate/up products (2 calls per layer instead
+    of 5, then o and down, and the head); the step's logits are the eager model's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from minimind.infer.compiled import CompiledDecoder
+    from minimind.infer.engine import Engine
+
+    model = tiny_model(4, dim=128)  # every projection in whole blocks of 16 rows and groups of 32 inputs
+    config = model.config
+    engine = Engine(model, tokenizer, quantize=mode)
+    prompt = list(range(5, 17))
+    eager = engine.sample_ids([prompt], max_new_tokens=4, temperature=0, ignore_eos=True)
+    calls = []
+    original = CompiledDecoder._compiled_call
+
+    def traced(self, *args):
+        out, code = run_and_get_code(original, self, *args)
+        calls.extend(code)
+        return out
+
+    CompiledDecoder._compiled_call = traced
+    try:
+        compiled = Engine(model, tokenizer, quantize=mode, compile=True)
+        got = compiled.sample_ids([prompt], max_new_tokens=4, temperature=0, ignore_eos=True)
+    finally:
+        CompiledDecoder._compiled_call = original
+    name = "int8_gemv" if mode == "int8" else "q4_gemv"
+    code = next(c for c in calls if name in c)  # the step's code (each later call reports it again)
+    assert code.count(f"minimind.{name}_cat.default(") == 2 * config.n_layers
+    assert code.count(f"minimind.{name}.default(") == 2 * config.n_layers + 1  # o, down and the head
+    assert got.token_ids == eager.token_ids
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(eager.logprobs), rtol=1e-4, atol=1e-4)

@@ -6,8 +6,9 @@ one-row matmul, which reads the weights slower than the memory allows. Inductor 
 into a few generated C++ loops and, with `decompose_mm_pass` (off by default; its size limit is raised here
 so the output head qualifies too), writes each one-row matmul as its own vectorised row-dot loop over the
 (out, in) weights; int8 and int4 weights (`Int8Linear`, `Int4Linear`) call the VNNI kernels of
-kernels/int_gemv.py inside the graph (where the CPU lacks them: a row-dot converting each int8 byte as it reads
-it, PyTorch's packed int4 kernel).
+kernels/int_gemv.py inside the graph, a layer's q/k/v and gate/up products merged into one call each by a graph
+pass (where the CPU lacks them: a row-dot converting each int8 byte as it reads it, PyTorch's packed int4
+kernel).
 The gain over the eager engine, float32 and int8, is in docs/performance.md. A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
 Attention of the one new token is written out as products and sums (`minimind.kernels.attention.one_query`), so
 the whole step (every layer, and an int8 output head) becomes one generated kernel instead of one SDPA call
@@ -43,6 +44,7 @@ from minimind.infer.compile_cache import compile_key, load_step, save_step
 from minimind.infer.layout import OutputHead
 from minimind.infer.quantize import QUANTIZED_LINEARS
 from minimind.kernels import use_compiled_decode
+from minimind.kernels.int_gemv import FuseSharedInput
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ DECODE_COMPILE_OPTIONS = {
     # Dynamo's guards already check every input tensor's sizes and strides before the graph runs; Inductor's
     # own per-call asserts repeat that for ~150 inputs (parameters included), a visible share of a decode step.
     "size_asserts": False,
+    # int8/int4 steps: one VNNI call for the products of one input with several matrices (q, k, v; gate, up)
+    "post_grad_custom_post_pass": FuseSharedInput(),
 }
 
 

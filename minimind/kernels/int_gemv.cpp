@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -100,34 +101,82 @@ void int8_rows(const int8_t* w, int64_t K, int64_t b0, int64_t b1, const uint8_t
   }
 }
 
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& wsum, const at::Tensor& scales) {
+// Where each weight matrix's outputs go in a product with several matrices (one output row of N_total
+// columns, matrix i's at columns offset[i]...), and the tasks of 4 blocks of 16 rows each cover.
+struct Layout {
+  std::vector<int64_t> offset;      // first output column of each matrix
+  std::vector<int64_t> first_task;  // first task of each matrix; the last entry is the task count
+  int64_t columns = 0;
+};
+
+Layout layout(const std::vector<int64_t>& outputs) {
+  Layout l;
+  int64_t tasks = 0;
+  for (int64_t n : outputs) {
+    l.offset.push_back(l.columns);
+    l.first_task.push_back(tasks);
+    l.columns += n;
+    tasks += (n / kRows + 3) / 4;
+  }
+  l.first_task.push_back(tasks);
+  return l;
+}
+
+// Calls body(matrix, first block, end block) for the tasks [t0, t1), each task 4 blocks of one matrix.
+template <typename F>
+void for_blocks(const Layout& l, const std::vector<int64_t>& outputs, int64_t t0, int64_t t1, const F& body) {
+  size_t i = std::upper_bound(l.first_task.begin(), l.first_task.end(), t0) - l.first_task.begin() - 1;
+  for (int64_t t = t0; t < t1;) {
+    while (t >= l.first_task[i + 1]) ++i;
+    const int64_t stop = std::min(t1, l.first_task[i + 1]);  // this matrix's tasks in the range
+    const int64_t b0 = (t - l.first_task[i]) * 4, b1 = std::min((stop - l.first_task[i]) * 4, outputs[i] / kRows);
+    body(i, b0, b1);
+    t = stop;
+  }
+}
+
+// x (M, K) times each int8 matrix i (N_i rows) -> (M, sum N_i): the matrices' outputs side by side. One
+// rounding of the activations and one parallel region for all of them (a layer's q, k and v projections).
+at::Tensor int8_gemv_cat(const at::Tensor& x, at::TensorList packed, at::TensorList wsum, at::TensorList scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "int8_gemv: x must be (M, K) float32");
-  const int64_t M = x.size(0), K = x.size(1), N = scales.size(0);
-  TORCH_CHECK(packed.numel() == N * K && K % 4 == 0 && N % kRows == 0, "int8_gemv: packed weights do not match x");
-  at::Tensor out = at::empty({M, N}, x.options());
+  TORCH_CHECK(packed.size() == wsum.size() && packed.size() == scales.size() && !packed.empty(),
+              "int8_gemv: one wsum and one scales tensor per weight matrix");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> outputs;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t N = scales[i].size(0);
+    TORCH_CHECK(packed[i].numel() == N * K && K % 4 == 0 && N % kRows == 0, "int8_gemv: packed weights do not match x");
+    outputs.push_back(N);
+  }
+  const Layout l = layout(outputs);
+  at::Tensor out = at::empty({M, l.columns}, x.options());
   std::vector<uint8_t> xu(M * K);
   std::vector<float> xs(M);
   for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row_u8(x.data_ptr<float>() + m * K, K, xu.data() + m * K);
-  const int8_t* w = packed.data_ptr<int8_t>();
-  const int32_t* ws = wsum.data_ptr<int32_t>();
-  const float* sc = scales.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const int64_t tiles = (N / kRows + 3) / 4;  // 4 blocks of 16 rows per task
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t b0 = t0 * 4, b1 = std::min(t1 * 4, N / kRows);
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m);
-      const uint8_t* xr = xu.data() + m * K;
-      float* om = o + m * N;
-      switch (mr) {
-        case 1: int8_rows<1>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, N); break;
-        case 2: int8_rows<2>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, N); break;
-        case 3: int8_rows<3>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, N); break;
-        default: int8_rows<4>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, N); break;
+  at::parallel_for(0, l.first_task.back(), 1, [&](int64_t t0, int64_t t1) {
+    for_blocks(l, outputs, t0, t1, [&](size_t i, int64_t b0, int64_t b1) {
+      const int8_t* w = packed[i].data_ptr<int8_t>();
+      const int32_t* ws = wsum[i].data_ptr<int32_t>();
+      const float* sc = scales[i].data_ptr<float>();
+      for (int64_t m = 0; m < M; m += 4) {
+        const int64_t mr = std::min<int64_t>(4, M - m);
+        const uint8_t* xr = xu.data() + m * K;
+        float* om = o + m * l.columns + l.offset[i];
+        switch (mr) {
+          case 1: int8_rows<1>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, l.columns); break;
+          case 2: int8_rows<2>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, l.columns); break;
+          case 3: int8_rows<3>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, l.columns); break;
+          default: int8_rows<4>(w, K, b0, b1, xr, xs.data() + m, ws, sc, om, l.columns); break;
+        }
       }
-    }
+    });
   });
   return out;
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& wsum, const at::Tensor& scales) {
+  return int8_gemv_cat(x, {packed}, {wsum}, {scales});
 }
 
 // ---- q4_0 x q8_0 ----
@@ -198,38 +247,51 @@ void q4_rows(const uint8_t* p, const uint16_t* d, int64_t K, int64_t b0, int64_t
   }
 }
 
-at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+// x (M, K) times each q4_0 matrix i -> (M, sum N_i), as int8_gemv_cat.
+at::Tensor q4_gemv_cat(const at::Tensor& x, at::TensorList packed, at::TensorList scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "q4_gemv: x must be (M, K) float32");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kRows;
-  TORCH_CHECK(K % 32 == 0 && packed.numel() * 2 == N * K && scales.numel() * 32 == N * K, "q4_gemv: packed weights do not match x");
-  at::Tensor out = at::empty({M, N}, x.options());
+  TORCH_CHECK(packed.size() == scales.size() && !packed.empty(), "q4_gemv: one scales tensor per weight matrix");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> outputs;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t N = packed[i].size(0) * kRows;
+    TORCH_CHECK(K % 32 == 0 && packed[i].numel() * 2 == N * K && scales[i].numel() * 32 == N * K,
+                "q4_gemv: packed weights do not match x");
+    outputs.push_back(N);
+  }
+  const Layout l = layout(outputs);
+  at::Tensor out = at::empty({M, l.columns}, x.options());
   const int64_t G = K / 32;
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M * G);
   std::vector<int32_t> xsum(M * G);
   for (int64_t m = 0; m < M; ++m)
     quantize_row_q8_0(x.data_ptr<float>() + m * K, K, xq.data() + m * K, xs.data() + m * G, xsum.data() + m * G);
-  const uint8_t* p = packed.data_ptr<uint8_t>();
-  const uint16_t* d = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   float* o = out.data_ptr<float>();
-  const int64_t tiles = (N / kRows + 3) / 4;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t b0 = t0 * 4, b1 = std::min(t1 * 4, N / kRows);
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m);
-      const int8_t* xr = xq.data() + m * K;
-      const float* sr = xs.data() + m * G;
-      const int32_t* ur = xsum.data() + m * G;
-      float* om = o + m * N;
-      switch (mr) {
-        case 1: q4_rows<1>(p, d, K, b0, b1, xr, sr, ur, om, N); break;
-        case 2: q4_rows<2>(p, d, K, b0, b1, xr, sr, ur, om, N); break;
-        case 3: q4_rows<3>(p, d, K, b0, b1, xr, sr, ur, om, N); break;
-        default: q4_rows<4>(p, d, K, b0, b1, xr, sr, ur, om, N); break;
+  at::parallel_for(0, l.first_task.back(), 1, [&](int64_t t0, int64_t t1) {
+    for_blocks(l, outputs, t0, t1, [&](size_t i, int64_t b0, int64_t b1) {
+      const uint8_t* p = packed[i].data_ptr<uint8_t>();
+      const uint16_t* d = reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>());
+      for (int64_t m = 0; m < M; m += 4) {
+        const int64_t mr = std::min<int64_t>(4, M - m);
+        const int8_t* xr = xq.data() + m * K;
+        const float* sr = xs.data() + m * G;
+        const int32_t* ur = xsum.data() + m * G;
+        float* om = o + m * l.columns + l.offset[i];
+        switch (mr) {
+          case 1: q4_rows<1>(p, d, K, b0, b1, xr, sr, ur, om, l.columns); break;
+          case 2: q4_rows<2>(p, d, K, b0, b1, xr, sr, ur, om, l.columns); break;
+          case 3: q4_rows<3>(p, d, K, b0, b1, xr, sr, ur, om, l.columns); break;
+          default: q4_rows<4>(p, d, K, b0, b1, xr, sr, ur, om, l.columns); break;
+        }
       }
-    }
+    });
   });
   return out;
+}
+
+at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  return q4_gemv_cat(x, {packed}, {scales});
 }
 
 }  // namespace
@@ -237,9 +299,13 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 TORCH_LIBRARY(minimind, m) {
   m.def("int8_gemv(Tensor x, Tensor packed, Tensor wsum, Tensor scales) -> Tensor");
   m.def("q4_gemv(Tensor x, Tensor packed, Tensor scales) -> Tensor");
+  m.def("int8_gemv_cat(Tensor x, Tensor[] packed, Tensor[] wsum, Tensor[] scales) -> Tensor");
+  m.def("q4_gemv_cat(Tensor x, Tensor[] packed, Tensor[] scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minimind, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("q4_gemv", &q4_gemv);
+  m.impl("int8_gemv_cat", &int8_gemv_cat);
+  m.impl("q4_gemv_cat", &q4_gemv_cat);
 }

@@ -6,7 +6,9 @@ int4 kernel with bf16 activations) or are built for larger matrices (fbgemm). Th
 int8 as well (one scale per row for int8 weights; one per 32 inputs for 4-bit ones, as llama.cpp's q8_0 does)
 and multiply integers with the CPU's VNNI dot-product instruction, so the weights stream at memory speed.
 Both are registered as torch operators (`torch.ops.minimind.int8_gemv` / `q4_gemv`, with shape functions for
-torch.compile), so the compiled decode step calls them from inside its graph.
+torch.compile), so the compiled decode step calls them from inside its graph. `int8_gemv_cat` / `q4_gemv_cat`
+multiply one input by several matrices in one call (outputs side by side); the compiled step's graph pass
+`FuseSharedInput` puts a layer's q, k and v products (and its gate and up ones) into one such call.
 
 The C++ source is compiled once per machine with the C++ compiler torch.compile uses, into torch's extension
 cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later starts load the library. Where the CPU
@@ -24,6 +26,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,14 @@ def _register_shapes() -> None:
     def _q4(x, packed, scales):
         return x.new_empty(x.shape[0], packed.shape[0] * ROWS)
 
+    @torch.library.register_fake("minimind::int8_gemv_cat")
+    def _int8_cat(x, packed, wsum, scales):
+        return x.new_empty(x.shape[0], sum(s.shape[0] for s in scales))
+
+    @torch.library.register_fake("minimind::q4_gemv_cat")
+    def _q4_cat(x, packed, scales):
+        return x.new_empty(x.shape[0], sum(p.shape[0] for p in packed) * ROWS)
+
 
 def int8_fits(out_features: int, in_features: int) -> bool:
     """Whether int8_gemv takes an (out, in) weight: whole blocks of 16 rows, inputs in fours."""
@@ -131,3 +142,63 @@ def int8_gemv(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scales:
 def q4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(M, in) float32 rows times q4_0 weights (`pack_q4`) -> (M, out) float32."""
     return torch.ops.minimind.q4_gemv(x, packed, scales)
+
+
+class FuseSharedInput(CustomGraphPass):
+    """A post-grad graph pass for the compiled decode step: the int8 (or int4) products of one input with several
+    weight matrices (a layer's q, k and v projections; its gate and up ones) become one `int8_gemv_cat`
+    (`q4_gemv_cat`) call whose output columns the old users slice. The products are the same numbers; what goes
+    is a call, an activation rounding and a parallel region per matrix, and the wrapper's Python around them.
+    """
+
+    OPS = {  # single-matrix op -> (its multi-matrix op, how many weight tensors each matrix passes)
+        "int8_gemv": ("int8_gemv_cat", 3),
+        "q4_gemv": ("q4_gemv_cat", 2),
+    }
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for name, (cat_name, per_matrix) in self.OPS.items():
+            groups: dict[object, list[torch.fx.Node]] = {}
+            for node in graph.nodes:  # by name: a float model's step never loads the kernels' library
+                if isinstance(node.target, torch._ops.OpOverload) and node.target.name() == f"minimind::{name}":
+                    groups.setdefault(_same_value(node.args[0]), []).append(node)
+            for calls in groups.values():
+                if len(calls) > 1:  # the first call's input is computed before any of them
+                    _fuse(graph, calls[0].args[0], calls, getattr(torch.ops.minimind, cat_name).default, per_matrix)
+
+    def uuid(self) -> str:
+        return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+    def __repr__(self) -> str:  # the compile cache's key holds the options, this pass among them
+        return f"minimind.kernels.int_gemv.FuseSharedInput({self.uuid()[:12]})"
+
+
+_VIEWS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
+
+
+def _same_value(node: torch.fx.Node) -> object:
+    """A key equal for nodes holding the same values: each projection reshapes the layer's input itself, so
+    q, k and v receive three reshape nodes of one tensor."""
+    if node.op == "call_function" and node.target in _VIEWS:
+        return (node.target, _same_value(node.args[0]), str(node.args[1:]))
+    return node
+
+
+def _fuse(graph: torch.fx.Graph, x: torch.fx.Node, calls: list[torch.fx.Node], cat, per_matrix: int) -> None:
+    """Replace `calls` (products of `x` with one matrix each) by one `cat` call and a column slice per call."""
+    weights = [[call.args[1 + j] for call in calls] for j in range(per_matrix)]  # per argument: one per matrix
+    with graph.inserting_before(calls[0]):
+        fused = graph.call_function(cat, (x, *weights))
+    values = [call.meta["val"] for call in calls]
+    with values[0].fake_mode:
+        fused.meta["val"] = cat(x.meta["val"], *[[w.meta["val"] for w in ws] for ws in weights])
+    start = 0
+    for call, value in zip(calls, values):
+        end = start + value.shape[1]
+        with graph.inserting_before(call):
+            part = graph.call_function(torch.ops.aten.slice.Tensor, (fused, 1, start, end))
+        with value.fake_mode:
+            part.meta["val"] = fused.meta["val"][:, start:end]
+        call.replace_all_uses_with(part)
+        graph.erase_node(call)
+        start = end
