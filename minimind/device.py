@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+from dataclasses import dataclass
+from functools import cache
+
 import torch
 
 from minimind.errors import UserError
@@ -38,3 +42,30 @@ def dtype_name(value: str) -> str:
     """
     return DTYPE_ALIASES.get(value.lower(), value.lower())
 
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """The CPU as /proc/cpuinfo names it: model string and instruction-set flags (x86 `flags`, Arm `Features`)."""
+
+    model: str
+    flags: frozenset[str]
+
+
+@cache
+def cpu_info() -> CpuInfo:
+    """This machine's CPU, read once; where /proc/cpuinfo is missing (not Linux), `platform.processor()` and no
+    flags, so code that needs a flag takes its portable path."""
+    model, flags = "", None
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                name = name.strip()
+                if name == "model name" and not model:
+                    model = value.strip()
+                elif name in ("flags", "Features") and flags is None:
+                    flags = frozenset(value.split())
+    except OSError:
+        model = platform.processor()
+    return CpuInfo(model, flags or frozenset())

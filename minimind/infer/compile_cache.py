@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from minimind.device import cpu_info
+
 log = logging.getLogger(__name__)
 
 # The modules whose code the compiled step runs: the model, its kernels, the cache and the int8 linear.
@@ -48,18 +50,8 @@ def default_compile_cache() -> Path:
 
 def _machine() -> dict:
     """What generated code depends on about this machine: CPU model and flags, or the GPU."""
-    cpu = {"machine": platform.machine(), "model": "", "flags": ""}
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                name, _, value = line.partition(":")
-                name = name.strip()
-                if name == "model name" and not cpu["model"]:
-                    cpu["model"] = value.strip()
-                elif name in ("flags", "Features") and not cpu["flags"]:
-                    cpu["flags"] = " ".join(sorted(value.split()))
-    except OSError:  # not Linux: the processor string is what there is
-        cpu["model"] = platform.processor()
+    info = cpu_info()
+    cpu = {"machine": platform.machine(), "model": info.model, "flags": " ".join(sorted(info.flags))}
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "gpu": gpu}
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from minimind.device import cpu_info
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int_gemv.cpp")
@@ -40,12 +42,7 @@ _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512v
 
 
 def _cpu_has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags.split())
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_info().flags
 
 
 @cache
