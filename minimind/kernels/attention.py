@@ -70,7 +70,9 @@ def one_query(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 def inline_one_query_attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
     """The compiled decode step's attention (infer/compiled.py): `one_query` inside the compiled one-token step;
-    the same layers run eagerly for prompts, where SDPA serves."""
-    if q.shape[2] == 1 and mask is not None and torch.compiler.is_compiling():
+    the same layers run eagerly for prompts, where SDPA serves. A part of the step Dynamo leaves eager (an MoE
+    layer's data-dependent routing breaks the graph, and past its recompile limit a frame runs uncompiled) still
+    receives the whole cache and a narrower mask, so a mask narrower than the keys takes `one_query` too."""
+    if q.shape[2] == 1 and mask is not None and (torch.compiler.is_compiling() or mask.shape[-1] < k.shape[2]):
         return one_query(module, q, k, v, mask)
     return sdpa_attention(module, q, k, v, mask, dropout)
