@@ -83,3 +83,17 @@ def test_a_saved_decode_step_is_loaded_by_the_next_engine_and_decodes_as_eager(t
     assert second._decode_step._saved is not None  # its guards accepted every call: no fallback
     assert counters["stats"]["calls_captured"] == frames  # Dynamo traced nothing for the second engine
     assert list(tmp_path.iterdir()) == saved
+
+
+def test_an_moe_step_is_not_cached_and_decodes_as_eager(tokenizer, tmp_path, caplog):
+    """MoE routing breaks the step's graph, so ahead-of-time compilation (what the cache saves) cannot succeed:
+    the step is compiled as usual, nothing is written, no failed attempt is logged, and the tokens are eager's."""
+    config = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+    engine = Engine(tiny_model(seed=3, **config), tokenizer, compile=True, compile_cache=tmp_path)
+    assert not engine._decode_step.cacheable and engine._decode_step.cache_path is None
+    with caplog.at_level("WARNING"):
+        engine.warm_up()
+        prompts = prompts_of((5, 9))
+        assert run_two(engine, prompts) == run_two(Engine(tiny_model(seed=3, **config), tokenizer), prompts)
+    assert not list(tmp_path.iterdir()) and "ahead-of-time" not in caplog.text
+    assert Engine(tiny_model(seed=3), tokenizer, compile=True, compile_cache=tmp_path)._decode_step.cacheable

@@ -28,7 +28,7 @@ longer request or a larger batch arrives). Attending over the whole capacity ins
 request's `max_tokens` rather than its length, and a cache that once grew kept every later request several
 times slower per token (docs/performance.md).
 Compiling takes 15-60 s on two cores; with a cache directory (compile_cache.py, what the CLI uses) only the
-first start on a machine pays it. Prefill stays eager (prompt lengths vary).
+first start on a machine pays it (not for MoE models, whose routing breaks the graph: they compile at every start). Prefill stays eager (prompt lengths vary).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from minimind.infer.layout import OutputHead
 from minimind.infer.quantize import QUANTIZED_LINEARS
 from minimind.kernels import use_compiled_decode
 from minimind.kernels.int_gemv import FuseSharedInput
+from minimind.model.moe import MoEFeedForward
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ class CompiledDecoder:
         self._marked_keys: torch.Tensor | None = None
         self.cache_path: Path | None = None
         self._saved = None  # the ahead-of-time compiled step, called as _saved(module, ids, mask, positions, cache)
-        if cache_dir is not None:
+        # An MoE layer's routing turns its per-expert token counts into Python numbers, which breaks the graph: such
+        # a step cannot be compiled ahead of time in one piece, so it is not cached and compiles at every start.
+        self.cacheable = not any(isinstance(m, MoEFeedForward) for m in body.modules())
+        if cache_dir is not None and self.cacheable:
             config = body.config.to_dict() if hasattr(body.config, "to_dict") else vars(body.config)
             # int8 and int4 steps differ in their weights' modules, not in the config
             # (and in whether they run the VNNI kernels, kernels/int_gemv.py)

@@ -180,8 +180,10 @@ def warm_compiled(engine, explicit: bool) -> None:
     if step.loaded:
         print(f"compiled decode step loaded from {step.cache_path.parent}", file=sys.stderr, flush=True)
     else:
-        print("compiling the decode step, once for this model shape and machine (15-60 s on 2 CPU cores; "
-              "--no-compile skips it)...", file=sys.stderr, flush=True)
+        when = ("once for this model shape and machine" if step.cacheable else
+                "at every start: an MoE model's routing depends on the data, so its step is not cached")
+        print(f"compiling the decode step, {when} (15-60 s on 2 CPU cores; --no-compile skips it)...",
+              file=sys.stderr, flush=True)
     try:
         seconds = engine.warm_up()
     except Exception as err:
