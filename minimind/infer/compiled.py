@@ -28,7 +28,8 @@ longer request or a larger batch arrives). Attending over the whole capacity ins
 request's `max_tokens` rather than its length, and a cache that once grew kept every later request several
 times slower per token (docs/performance.md).
 Compiling takes 15-60 s on two cores; with a cache directory (compile_cache.py, what the CLI uses) only the
-first start on a machine pays it (not for MoE models, whose routing breaks the graph: they compile at every start). Prefill stays eager (prompt lengths vary).
+first start on a machine pays it (not for MoE models, whose routing breaks the graph: they compile at every
+start). Prefill stays eager (prompt lengths vary).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class CompiledDecoder:
     row-dot reads the bytes faster than fbgemm's one-row kernel); a float head stays outside, where the
     oneDNN prepacked matmul (layout.py) beats the generated row-dot.
 
-    With `cache_dir`, the step is compiled ahead of time at its first call and saved there, or loaded from
+    With `cache_dir` (ignored for MoE models: `cacheable`), the step is compiled ahead of time at its first call and saved there, or loaded from
     there when an earlier start saved it (compile_cache.py): no tracing at all on later starts. `loaded` says
     which happened. If the saved step's guards ever refuse an input, or it cannot be built, the ordinary
     `torch.compile` path below serves instead.

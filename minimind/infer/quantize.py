@@ -32,7 +32,8 @@ Decoding (up to GEMV_ROWS rows, eager or inside the compiled step) runs neither 
 VNNI: the kernels of minimind/kernels/int_gemv.py round the activations to int8 as well (one scale per row for
 int8 weights; one per 32 inputs for int4, llama.cpp's q4_0 x q8_0 dot) and multiply integers, reading the
 weights at memory speed (the weights are kept a second time in their blocked layout; for int8 that copy
-replaces the (out, in) one, and int8 takes this path only when torch runs one thread: see `Int8Linear`).
+replaces the (out, in) one). In the compiled step a layer's q/k/v and gate/up products are one call each
+(`int_gemv.FuseSharedInput`).
 Larger batches and prompts keep the kernels above.
 """
 

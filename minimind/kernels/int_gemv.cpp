@@ -105,6 +105,7 @@ void int8_rows(const int8_t* w, int64_t K, int64_t b0, int64_t b1, const uint8_t
 // columns, matrix i's at columns offset[i]...), and the tasks of 4 blocks of 16 rows each cover.
 struct Layout {
   std::vector<int64_t> offset;      // first output column of each matrix
+  std::vector<int64_t> blocks;      // blocks of 16 rows of each matrix
   std::vector<int64_t> first_task;  // first task of each matrix; the last entry is the task count
   int64_t columns = 0;
 };
@@ -114,6 +115,7 @@ Layout layout(const std::vector<int64_t>& outputs) {
   int64_t tasks = 0;
   for (int64_t n : outputs) {
     l.offset.push_back(l.columns);
+    l.blocks.push_back(n / kRows);
     l.first_task.push_back(tasks);
     l.columns += n;
     tasks += (n / kRows + 3) / 4;
@@ -124,12 +126,12 @@ Layout layout(const std::vector<int64_t>& outputs) {
 
 // Calls body(matrix, first block, end block) for the tasks [t0, t1), each task 4 blocks of one matrix.
 template <typename F>
-void for_blocks(const Layout& l, const std::vector<int64_t>& outputs, int64_t t0, int64_t t1, const F& body) {
+void for_blocks(const Layout& l, int64_t t0, int64_t t1, const F& body) {
   size_t i = std::upper_bound(l.first_task.begin(), l.first_task.end(), t0) - l.first_task.begin() - 1;
   for (int64_t t = t0; t < t1;) {
     while (t >= l.first_task[i + 1]) ++i;
     const int64_t stop = std::min(t1, l.first_task[i + 1]);  // this matrix's tasks in the range
-    const int64_t b0 = (t - l.first_task[i]) * 4, b1 = std::min((stop - l.first_task[i]) * 4, outputs[i] / kRows);
+    const int64_t b0 = (t - l.first_task[i]) * 4, b1 = std::min((stop - l.first_task[i]) * 4, l.blocks[i]);
     body(i, b0, b1);
     t = stop;
   }
@@ -155,7 +157,7 @@ at::Tensor int8_gemv_cat(const at::Tensor& x, at::TensorList packed, at::TensorL
   for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row_u8(x.data_ptr<float>() + m * K, K, xu.data() + m * K);
   float* o = out.data_ptr<float>();
   at::parallel_for(0, l.first_task.back(), 1, [&](int64_t t0, int64_t t1) {
-    for_blocks(l, outputs, t0, t1, [&](size_t i, int64_t b0, int64_t b1) {
+    for_blocks(l, t0, t1, [&](size_t i, int64_t b0, int64_t b1) {
       const int8_t* w = packed[i].data_ptr<int8_t>();
       const int32_t* ws = wsum[i].data_ptr<int32_t>();
       const float* sc = scales[i].data_ptr<float>();
@@ -269,7 +271,7 @@ at::Tensor q4_gemv_cat(const at::Tensor& x, at::TensorList packed, at::TensorLis
     quantize_row_q8_0(x.data_ptr<float>() + m * K, K, xq.data() + m * K, xs.data() + m * G, xsum.data() + m * G);
   float* o = out.data_ptr<float>();
   at::parallel_for(0, l.first_task.back(), 1, [&](int64_t t0, int64_t t1) {
-    for_blocks(l, outputs, t0, t1, [&](size_t i, int64_t b0, int64_t b1) {
+    for_blocks(l, t0, t1, [&](size_t i, int64_t b0, int64_t b1) {
       const uint8_t* p = packed[i].data_ptr<uint8_t>();
       const uint16_t* d = reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>());
       for (int64_t m = 0; m < M; m += 4) {
