@@ -76,7 +76,7 @@ class Fbgemm(Int8Linear):
     """`Int8Linear`'s fbgemm kernel, whatever the row count."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        return torch.ops.quantized.linear_dynamic(x, self._fbgemm.packed, True)
 
 
 class OwnInt4(nn.Module):

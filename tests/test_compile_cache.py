@@ -29,7 +29,7 @@ def test_compile_key_names_a_file_per_shape_dtype_and_head():
               compile_key(config, CPU, torch.float32, False, {"a": 2}),
               compile_key(config, torch.device("meta"), torch.float32, False, {"a": 1})]
     assert len({key, *(k.name for k in others)}) == 6
-    assert key.startswith("decode-") and key.endswith(".bin")
+    assert key.startswith("decode-") and key.endswith(".pt2")
     assert {"torch", "python", "machine", "threads", "sources"} <= set(others[0].fields)
 
 
@@ -59,8 +59,9 @@ def test_the_cli_compiles_by_default_on_cpu_and_cuda_only(monkeypatch):
 
 @pytest.mark.slow
 def test_a_saved_decode_step_is_loaded_by_the_next_engine_and_decodes_as_eager(tokenizer, tmp_path):
-    """The first engine compiles the step ahead of time and saves it; a second engine of the same shape (other
-    weights) loads that file, traces nothing, and both give the eager engine's tokens, across cache growth."""
+    """The first engine packages the step (torch.export + AOTInductor) and saves it; a second engine of the same
+    shape (other weights) loads that file, traces nothing, and both give the eager engine's tokens, across cache
+    growth."""
     from torch._dynamo.utils import counters
 
     prompts = prompts_of((5, 9))
@@ -80,14 +81,14 @@ def test_a_saved_decode_step_is_loaded_by_the_next_engine_and_decodes_as_eager(t
     n = 4 * second.cache.capacity  # the cache grows: rows and columns are symbolic in the saved step too
     long = second.completions([prompts[0]], max_new_tokens=n, ignore_eos=True)[0].token_ids
     assert long == eager.completions([prompts[0]], max_new_tokens=n, ignore_eos=True)[0].token_ids
-    assert second._decode_step._saved is not None  # its guards accepted every call: no fallback
+    assert second._decode_step._run is not None  # the package served every call: no fallback
     assert counters["stats"]["calls_captured"] == frames  # Dynamo traced nothing for the second engine
     assert list(tmp_path.iterdir()) == saved
 
 
 def test_an_moe_step_is_not_cached_and_decodes_as_eager(tokenizer, tmp_path, caplog):
-    """MoE routing breaks the step's graph, so ahead-of-time compilation (what the cache saves) cannot succeed:
-    the step is compiled as usual, nothing is written, no failed attempt is logged, and the tokens are eager's."""
+    """MoE routing breaks the step's graph, so it cannot be exported and packaged (what the cache saves): the step
+    is compiled by torch.compile, nothing is written, no failed attempt is logged, and the tokens are eager's."""
     config = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
     engine = Engine(tiny_model(seed=3, **config), tokenizer, compile=True, compile_cache=tmp_path)
     assert not engine._decode_step.cacheable and engine._decode_step.cache_path is None
@@ -95,5 +96,24 @@ def test_an_moe_step_is_not_cached_and_decodes_as_eager(tokenizer, tmp_path, cap
         engine.warm_up()
         prompts = prompts_of((5, 9))
         assert run_two(engine, prompts) == run_two(Engine(tiny_model(seed=3, **config), tokenizer), prompts)
-    assert not list(tmp_path.iterdir()) and "ahead-of-time" not in caplog.text
+    assert not engine._decode_step.packaged
+    assert not list(tmp_path.iterdir()) and "packaging" not in caplog.text
     assert Engine(tiny_model(seed=3), tokenizer, compile=True, compile_cache=tmp_path)._decode_step.cacheable
+
+
+@pytest.mark.slow
+def test_the_packaged_step_reads_the_models_own_weights(tokenizer, tmp_path):
+    """The package holds no copy of the weights: an in-place change to the model's weights changes what the loaded
+    step decodes, exactly as it changes the eager engine's tokens."""
+    prompts = prompts_of((5, 9))
+    model = tiny_model(seed=4)
+    engine = Engine(model, tokenizer, compile=True, compile_cache=tmp_path)
+    engine.warm_up()
+    before = run_two(engine, prompts)
+    assert engine._decode_step._run is not None
+    flip = tiny_model(seed=4)
+    for weights in (model, flip):  # the final norm's sign flipped: other logits, other tokens
+        with torch.no_grad():
+            weights.model.norm.weight.neg_()
+    after = run_two(engine, prompts)
+    assert after != before and after == run_two(Engine(flip, tokenizer), prompts)

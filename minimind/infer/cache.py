@@ -43,6 +43,22 @@ class SlotKVCache:
         self.rows, self.capacity = rows, capacity
         self._row_numbers = torch.arange(rows, device=self.device)[:, None]  # (rows, 1)
 
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor,
+             past: int) -> SlotKVCache:
+        """A cache over the given per-layer tensors, bound to row 0: writes at `positions` (1, T), reads every
+        column (the caller's mask says how many). How the packaged decode step (compiled.py) sees the cache
+        tensors it is handed; the tensors are used, not copied."""
+        cache = cls.__new__(cls)
+        rows, n_kv_heads, columns, head_dim = keys[0].shape
+        cache.n_layers, cache.n_kv_heads, cache.head_dim = len(keys), n_kv_heads, head_dim
+        cache.dtype, cache.device = keys[0].dtype, keys[0].device
+        cache.rows, cache.capacity = rows, columns - 1
+        cache.keys, cache.values = list(keys), list(values)
+        cache._row_numbers = torch.zeros((1, 1), dtype=torch.long, device=cache.device)  # row 0 only
+        cache.bind(0, 1, positions, None, past)
+        return cache
+
     def reserve(self, rows: int, columns: int, max_rows: int, max_columns: int) -> None:
         """Make room for `rows` sequences of up to `columns` tokens, keeping what is stored.
 

@@ -1,17 +1,14 @@
 """The compiled decode step kept on disk, so that only the first start on a machine pays for compiling it.
 
-`torch.compile` traces the step with Dynamo and generates its C++ with Inductor at every start; Inductor's own
-caches skip the C++ compiler on a second start but not the tracing, which costs about as much again. Here the
-step is compiled ahead of time (`torch.compile(...).aot_compile`, fullgraph) and the result, the traced
-bytecode with its guards and the generated kernels, is saved to one file; a later start loads that file and
-calls it without tracing anything.
+The decode step (compiled.py) is exported with torch.export and compiled by AOTInductor into a package: a
+shared library of the generated code, a few MB, without the weights (the loaded step reads the model's own
+tensors). A later start loads that file in milliseconds: nothing is traced or compiled again.
 
-The file name is a hash of everything the compiled code depends on: the torch and Python versions, the CPU
-(its model name and instruction-set flags) or GPU, torch's thread count (the saved guards check it), the model's config (shapes only: the weights are inputs of
-the compiled step, so models of one shape share a file), the dtype, whether a quantized head is inside the graph,
-the compile options, and the source of the modules the step traces (a changed model file is a new key). The
-loaded step still checks its guards at every call; if they ever refuse an input, the decoder falls back to
-an ordinary `torch.compile` (compiled.py).
+The file name is a hash of everything the generated code depends on: the torch and Python versions, the CPU
+(its model name and instruction-set flags) or GPU, torch's thread count (the generated loops are written for
+it), the model's config (shapes only: the weights are not in the package, so models of one shape share a
+file), the dtype, whether a quantized head is inside the graph, the compile options, and the source of the
+modules the step traces (a changed model file is a new key). A file that cannot be loaded is compiled again.
 
 Where: `$MINIMIND_CACHE/compile`, else `$XDG_CACHE_HOME/minimind/compile`, else `~/.cache/minimind/compile`.
 Delete the directory to start afresh; nothing else reads it.
@@ -76,9 +73,9 @@ class CompileKey:
 
     @property
     def name(self) -> str:
-        """`decode-<hash>.bin`: the hash of every field."""
+        """`decode-<hash>.pt2`: the hash of every field."""
         text = json.dumps(self.fields, sort_keys=True, default=str)
-        return f"decode-{hashlib.sha256(text.encode()).hexdigest()[:24]}.bin"
+        return f"decode-{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt2"
 
 
 def compile_key(config: dict, device: torch.device, dtype: torch.dtype, head_in_graph: bool,
@@ -94,29 +91,38 @@ def compile_key(config: dict, device: torch.device, dtype: torch.dtype, head_in_
     })
 
 
-def load_step(path: Path, module: torch.nn.Module):
-    """The compiled step saved at `path`, called as step(module, ...); None when the file is missing or unreadable."""
+# The package holds the generated code only: the weights stay the model's own tensors, handed to the loaded step
+# (so models of one shape share a file, and a package is a few MB instead of a copy of the weights).
+PACKAGE_OPTIONS = {"aot_inductor.package_constants_in_so": False}
+
+
+def save_package(program: torch.export.ExportedProgram, path: Path, options: dict) -> bool:
+    """Compile an exported step with AOTInductor into a package at `path` (written atomically); False, with a
+    warning, when it cannot be written (the compiling itself raises)."""
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")  # another start never reads half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a read-only cache: the step is built and used in a temporary place instead
+        log.warning("compile cache: could not write to %s (%s)", path.parent, err)
+        return False
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return True
+
+
+def load_package(path: Path, constants: dict[str, torch.Tensor]):
+    """The packaged step at `path`, reading its weights from `constants` (name -> tensor, used in place, kept alive
+    by the caller) -> a callable run([inputs]) -> [outputs]; None when the file is missing or unusable."""
     if not path.is_file():
         return None
-    # The first start validated the vector instruction set on this machine (the key holds its CPU flags):
-    # Inductor would otherwise probe each one again by compiling and loading a test library in a subprocess.
-    torch._inductor.config.cpp.vec_isa_ok = True
-    try:  # under inference mode, where the engine calls it: the guards rebuilt here expect its tensors
-        with open(path, "rb") as handle, torch.inference_mode():
-            return torch.compiler.load_compiled_function(handle, external_data={"step": module})
+    try:
+        package = torch._inductor.aoti_load_package(str(path))
+        package.load_constants({name: constants[name] for name in package.get_constant_fqns()},
+                               check_full_update=True, user_managed=True)
     except Exception as err:  # a file from an interrupted write or another torch: compile again
         log.warning("compile cache: could not load %s (%s); compiling again", path, err)
         return None
-
-
-def save_step(compiled, path: Path, module: torch.nn.Module) -> bool:
-    """Write a compiled step to `path` (atomically); False, with a warning, when it cannot be saved."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # another start never reads half a file
-        compiled.save_compiled_function(str(partial), external_data={"step": module})
-        os.replace(partial, path)
-        return True
-    except Exception as err:  # a read-only cache or a step torch cannot serialise: it still runs
-        log.warning("compile cache: could not save %s (%s)", path, err)
-        return False
+    return package.loader.run

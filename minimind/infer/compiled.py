@@ -1,4 +1,4 @@
-"""`Engine(compile=True)`: single-sequence decode steps through torch.compile, compiled once.
+"""`Engine(compile=True)`: single-sequence decode steps compiled once, into one C++ function.
 
 Decoding one sequence reads every weight once per token and does little arithmetic, so eager PyTorch
 loses on two counts: Python and one kernel launch per operation (~40 per layer), and the BLAS call for a
@@ -8,40 +8,46 @@ so the output head qualifies too), writes each one-row matmul as its own vectori
 (out, in) weights; int8 and int4 weights (`Int8Linear`, `Int4Linear`) call the VNNI kernels of
 kernels/int_gemv.py inside the graph, a layer's q/k/v and gate/up products merged into one call each by a graph
 pass (where the CPU lacks them: a row-dot converting each int8 byte as it reads it, PyTorch's packed int4
-kernel).
-The gain over the eager engine, float32 and int8, is in docs/performance.md. A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
+kernel). A compiled model keeps the weights' standard layout (`gemv_layout` is not applied).
 Attention of the one new token is written out as products and sums (`minimind.kernels.attention.one_query`), so
 the whole step (every layer, and an int8 output head) becomes one generated kernel instead of one SDPA call
 per layer between kernels. The new token's keys and values are stored into the cache tensors in place
 (infer/cache.py writes into the whole per-layer tensor, not a row slice of it: a store into a view of a graph
 input made Inductor copy the whole cache out and back in every layer of every step, so a step's cost grew with
-the cache's capacity). What a step is made of, by share of its time, is in docs/performance.md: the weights'
-reads in the generated kernel and the float head's oneDNN matmul, then the Python around them (Dynamo's
-guards, the wrapper's buffer allocations, the engine's sampling and detokenizing).
+the cache's capacity).
+
+The step is exported (torch.export) and compiled by AOTInductor into a shared library whose one entry point
+takes the tensors and runs every kernel: no Dynamo guards, no Python wrapper around the kernels. Those cost
+0.3-0.6 ms a token under `torch.compile`, as much as the int8 weights' reads themselves; the gain, float32,
+int8 and int4, is in docs/performance.md. MoE models are the exception: their routing turns per-expert token
+counts into Python numbers, which no single graph holds, so their step goes through `torch.compile`.
 
 Only steps with one running sequence take this path: with several rows a matmul is a real GEMM, where the
 eager oneDNN (prepacked weights, layout.py) / fbgemm kernels are as fast or faster, and compiling for every
 batch size would recompile whenever a server's batch changes. The sizes that change between calls are
 compiled as symbols, so one compilation serves every token and every cache: the number of columns attended
 (the mask's width, the tokens so far) and the cache's capacity and rows (they grow geometrically when a
-longer request or a larger batch arrives). Attending over the whole capacity instead, with fixed shapes, made a step's cost follow the
-request's `max_tokens` rather than its length, and a cache that once grew kept every later request several
-times slower per token (docs/performance.md).
+longer request or a larger batch arrives). Attending over the whole capacity instead, with fixed shapes, made a
+step's cost follow the request's `max_tokens` rather than its length, and a cache that once grew kept every later
+request several times slower per token (docs/performance.md).
 Compiling takes 15-60 s on two cores; with a cache directory (compile_cache.py, what the CLI uses) only the
-first start on a machine pays it (not for MoE models, whose routing breaks the graph: they compile at every
-start). Prefill stays eager (prompt lengths vary).
+first start on a machine pays it, later ones load the package in milliseconds (not MoE models: they compile at
+every start). Prefill stays eager (prompt lengths vary).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.export import Dim
 
-from minimind.infer.compile_cache import compile_key, load_step, save_step
+from minimind.infer.cache import SlotKVCache
+from minimind.infer.compile_cache import PACKAGE_OPTIONS, compile_key, load_package, save_package
 from minimind.infer.layout import OutputHead
 from minimind.infer.quantize import QUANTIZED_LINEARS
 from minimind.kernels import use_compiled_decode
@@ -78,20 +84,41 @@ class DecodeStep(nn.Module):
         return hidden if self.head is None else self.head(hidden)
 
 
+class FlatDecodeStep(nn.Module):
+    """The decode step over plain tensors, as torch.export takes it: (ids, mask, positions, keys, values) with the
+    cache's per-layer key and value tensors as two lists; the new token's keys and values are stored into them."""
+
+    def __init__(self, step: DecodeStep):
+        super().__init__()
+        self.step = step
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor]) -> torch.Tensor:
+        for tensor in keys + values:  # the mask never reaches past the cache's columns (the engine's invariant)
+            torch._check(mask.shape[-1] <= tensor.shape[2])
+        cache = SlotKVCache.over(keys, values, positions, past=mask.shape[-1] - 1)
+        return self.step(ids, mask, positions, cache)
+
+
 class CompiledDecoder:
     """step(ids, mask, positions, cache) -> logits (B, vocab): the body (and an int8 head) compiled.
 
     The cache is bound with `kv_len=None` (every column) and `mask` (B, 1, 1, S) says which of the first S
-    columns to attend; S and the cache's capacity and rows are symbolic in the compiled graph (rows only if
-    there were at least 2 when it compiled: PyTorch specialises sizes of 1, hence `Engine.warm_up`).
+    columns to attend; S and the cache's capacity and rows are symbolic in the compiled code.
     `output_head` is how the engine calls the model's output layer eagerly. An int8 head joins the graph (its
     row-dot reads the bytes faster than fbgemm's one-row kernel); a float head stays outside, where the
     oneDNN prepacked matmul (layout.py) beats the generated row-dot.
 
-    With `cache_dir` (ignored for MoE models: `cacheable`), the step is compiled ahead of time at its first call and saved there, or loaded from
-    there when an earlier start saved it (compile_cache.py): no tracing at all on later starts. `loaded` says
-    which happened. If the saved step's guards ever refuse an input, or it cannot be built, the ordinary
-    `torch.compile` path below serves instead.
+    How it is compiled (`packaged` says which):
+    - packaged (every model but MoE ones): exported with torch.export and compiled by AOTInductor into a shared
+      library, loaded with the model's own weights and buffers (not copies: updated in place, they are seen).
+      A call is one C++ function over a flat list of tensors: no guards, no Python wrapper, which is most of what
+      a one-token step costs beside the weights' reads. With `cache_dir` the package is saved there and loaded
+      by later starts (compile_cache.py; `loaded` says it was), else built in a temporary directory.
+    - `torch.compile` (MoE models: their routing turns per-expert token counts into Python numbers, which no
+      single graph can hold; and any model whose export or packaging fails, with a warning): Dynamo traces at
+      the first call of every start (rows only symbolic if there were at least 2 then: PyTorch specialises sizes
+      of 1, hence `Engine.warm_up`).
     """
 
     def __init__(self, body: nn.Module, output_head: OutputHead, device: torch.device,
@@ -101,15 +128,17 @@ class CompiledDecoder:
         self.eager_head = None if in_graph else output_head
         self.options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
         self.module = DecodeStep(body, output_head.head if in_graph else None)
+        self.flat = FlatDecodeStep(self.module)
         # dynamic=None: the dimensions marked in __call__ are symbolic from the first compilation on.
         self.step = torch.compile(self.module, dynamic=None, options=self.options)
         self._marked_keys: torch.Tensor | None = None
+        self.packaged = not any(isinstance(m, MoEFeedForward) for m in body.modules())
+        self.cacheable = self.packaged  # kept on disk (with a cache_dir): packaged steps only
         self.cache_path: Path | None = None
-        self._saved = None  # the ahead-of-time compiled step, called as _saved(module, ids, mask, positions, cache)
-        # An MoE layer's routing turns its per-expert token counts into Python numbers, which breaks the graph: such
-        # a step cannot be compiled ahead of time in one piece, so it is not cached and compiles at every start.
-        self.cacheable = not any(isinstance(m, MoEFeedForward) for m in body.modules())
-        if cache_dir is not None and self.cacheable:
+        self._run = None  # the packaged step: run([ids, mask, positions, *keys, *values]) -> [out]
+        # what the packaged step reads as its weights: the model's own tensors, by name (kept alive here)
+        self._weights = {name: tensor.detach() for name, tensor in self.flat.state_dict(keep_vars=True).items()}
+        if cache_dir is not None and self.packaged:
             config = body.config.to_dict() if hasattr(body.config, "to_dict") else vars(body.config)
             # int8 and int4 steps differ in their weights' modules, not in the config
             # (and in whether they run the VNNI kernels, kernels/int_gemv.py)
@@ -117,23 +146,16 @@ class CompiledDecoder:
                                                      for m in body.modules() if isinstance(m, QUANTIZED_LINEARS)})}
             dtype = next(body.parameters()).dtype
             self.cache_path = Path(cache_dir) / compile_key(config, device, dtype, in_graph, self.options).name
-            self._saved = load_step(self.cache_path, self.module)
-        self.loaded = self._saved is not None
+            self._run = load_package(self.cache_path, self._weights)
+        self.loaded = self._run is not None
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        if self.cache_path is not None and self._saved is None:
-            self._saved = self._compile_ahead(ids, mask, positions, cache)
-            self.cache_path = None  # compiled (or failed) once: no second attempt
-        out = None
-        if self._saved is not None:
-            try:
-                out = self._saved(self.module, ids, mask, positions, cache)
-            except RuntimeError as err:
-                if not str(err).startswith("GuardManager check failed"):
-                    raise
-                log.warning("compiled decode: the saved step refused this input (%s); compiling it again", err)
-                self._saved = None  # the step rewrites the same cache columns, so running it again is safe
-        if out is None:
+        if self.packaged and self._run is None:
+            self._run = self._package(cache)
+            self.packaged = self._run is not None
+        if self._run is not None:
+            out = self._run([ids, mask, positions, *cache.keys, *cache.values])[0]
+        else:
             out = self._compiled_call(ids, mask, positions, cache)
         return out if self.eager_head is None else self.eager_head(out)
 
@@ -144,26 +166,39 @@ class CompiledDecoder:
         _mark_dynamic(None, mask)
         return self.step(ids, mask, positions, cache)
 
-    def _compile_ahead(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-        """Compile the step for inputs like these (rows, columns and width symbolic) and save it; None on failure.
+    def _package(self, cache):
+        """Export the step and compile it with AOTInductor (saved to `cache_path` when there is one), then load it;
+        None, with a warning, when that fails (the `torch.compile` path serves instead).
 
-        The example cache and mask are copies: the dimension marks compilation needs stay off the engine's
-        own tensors, which a loaded step's guards would refuse (they were saved without marks).
+        The example inputs are fresh tensors shaped like the cache's (2 rows, 64 columns, a mask of 8): rows,
+        columns and the mask's width are compiled as symbols, so one package serves every cache and length.
         """
-        example = copy.copy(cache)
-        example.keys = [t.clone() for t in cache.keys]
-        example.values = [t.clone() for t in cache.values]
-        example_mask = mask.clone()
-        _mark_dynamic(example, example_mask)
-        path = self.cache_path
+        device, dtype = cache.keys[0].device, cache.keys[0].dtype
+        _, n_kv_heads, _, head_dim = cache.keys[0].shape
+        layers = cache.n_layers
+        rows, columns, width = Dim("rows", min=1), Dim("columns", min=3), Dim("width", min=2)
+        per_layer = [{0: rows, 2: columns}] * layers
         try:
-            compiled = torch.compile(DecodeStep.forward, fullgraph=True, dynamic=None, options=self.options)
-            step = compiled.aot_compile(((self.module, ids, example_mask, positions, example), {}))
-        except Exception as err:  # e.g. a model torch cannot capture in one graph: the ordinary path still works
-            log.warning("compiled decode: ahead-of-time compilation failed (%s); compiling without the cache", err)
+            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                # the engine runs under inference mode; torch's export warns of its own deprecations
+                warnings.simplefilter("ignore", FutureWarning)
+                kv = [torch.zeros(2, n_kv_heads, 65, head_dim, dtype=dtype, device=device) for _ in range(2 * layers)]
+                ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+                mask = torch.ones(1, 1, 1, 8, dtype=torch.bool, device=device)
+                positions = torch.full((1, 1), 7, dtype=torch.long, device=device)
+                program = torch.export.export(self.flat, (ids, mask, positions, kv[:layers], kv[layers:]),
+                                              dynamic_shapes=(None, {3: width}, None, per_layer, per_layer),
+                                              strict=False)
+            with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                path = self.cache_path or Path(scratch) / "decode.pt2"
+                if not save_package(program, path, {**(self.options or {}), **PACKAGE_OPTIONS}):
+                    path = Path(scratch) / "decode.pt2"  # the cache cannot be written: build it here instead
+                    save_package(program, path, {**(self.options or {}), **PACKAGE_OPTIONS})
+                return load_package(path, self._weights)
+        except Exception as err:  # a model torch cannot export in one graph: the torch.compile path still works
+            log.warning("compiled decode: packaging the step failed (%s); compiling it with torch.compile", err)
             return None
-        save_step(step, path, self.module)
-        return step
 
 
 def _mark_dynamic(cache, mask: torch.Tensor | None) -> None:

@@ -40,6 +40,7 @@ Larger batches and prompts keep the kernels above.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,6 +52,14 @@ QUANTIZE_CHOICES = ("int8", "int4")
 INT4_GROUP = 32  # input weights per scale, as in q4_0
 INT4_ROWS = 16  # the packed kernel takes output rows in multiples of this
 GEMV_ROWS = 4  # up to this many rows the VNNI kernels (int_gemv.py) run; more rows are a GEMM for fbgemm / aten
+
+
+@dataclass(frozen=True)
+class FbgemmWeights:
+    """fbgemm's prepacked copy of an int8 matrix, for eager calls of many rows. Kept in a plain object rather than
+    as a module attribute: torch.export (the packaged decode step, compiled.py) would otherwise try to trace it."""
+
+    packed: torch.ScriptObject
 
 
 class Int8Linear(nn.Module):
@@ -86,7 +95,7 @@ class Int8Linear(nn.Module):
             qweight = torch._make_per_channel_quantized_tensor(
                 self.int8_weight(), scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0
             )
-            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+            self._fbgemm = FbgemmWeights(torch.ops.quantized.linear_prepack(qweight, None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype."""
@@ -99,7 +108,7 @@ class Int8Linear(nn.Module):
             else:
                 out = torch.nn.functional.linear(rows, self.int8_weight().float()) * self.scales
         else:
-            out = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
+            out = torch.ops.quantized.linear_dynamic(rows, self._fbgemm.packed, True)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def int8_weight(self) -> torch.Tensor:
