@@ -117,3 +117,18 @@ def test_the_packaged_step_reads_the_models_own_weights(tokenizer, tmp_path):
             weights.model.norm.weight.neg_()
     after = run_two(engine, prompts)
     assert after != before and after == run_two(Engine(flip, tokenizer), prompts)
+
+
+@pytest.mark.slow
+def test_without_the_kernels_the_float_step_is_inductors_and_decodes_as_eager(tokenizer, monkeypatch):
+    """Where the CPU kernels are unavailable (no AVX-512 VNNI, MINIMIND_INT_KERNELS=0), a float32 step is still
+    packaged, from Inductor's own row-dot loops, with the output head outside it: the eager engine's tokens."""
+    from minimind.kernels import int_gemv
+
+    monkeypatch.setattr(int_gemv, "available", lambda: False)
+    prompts = prompts_of((5, 9))
+    engine = Engine(tiny_model(seed=6), tokenizer, compile=True)
+    step = engine._decode_step
+    assert not step.float_kernels and step.eager_head is not None
+    assert run_two(engine, prompts) == run_two(Engine(tiny_model(seed=6), tokenizer), prompts)
+    assert step._run is not None

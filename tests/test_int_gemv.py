@@ -120,11 +120,28 @@ def test_products_of_one_input_with_several_matrices_in_one_call(rows):
     assert torch.equal(together, apart)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_f32_gemv_is_the_float_product(rows):
+    """f32_gemv multiplies rows by the model's own (out, in) float32 weights, any row count (here 100, 16 and 7:
+    whole blocks of 4 rows and single ones, tasks split across matrix ends); f32_gemv_cat puts them side by side."""
+    torch.manual_seed(5)
+    x = torch.randn(rows, 96)
+    weights = [torch.randn(n, 96) for n in (100, 16, 7)]
+    for weight in weights:
+        torch.testing.assert_close(torch.ops.minimind.f32_gemv(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
+    apart = torch.cat([torch.ops.minimind.f32_gemv(x, weight) for weight in weights], dim=1)
+    assert torch.equal(torch.ops.minimind.f32_gemv_cat(x, weights), apart)
+    assert torch.equal(torch.ops.minimind.f32_gemv(x.T.contiguous().T, weights[0]), apart[:, :100])  # any strides
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.minimind.f32_gemv(torch.randn(1, 40), torch.randn(8, 40))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", None])
 def test_the_compiled_step_makes_one_call_per_shared_input(mode, tokenizer, tmp_path):
     """The compiled decode step's graph pass merges the q/k/v and gate/up products (2 calls per layer instead
-    of 5, then o and down, and the head); the step's logits are the eager model's. The calls are counted in
+    of 5, then o and down, and the head), int8, int4 and float32 (whose products `FloatGemv` turned into
+    kernel calls first); the step's logits are the eager model's. The calls are counted in
     the package's list of the operators it calls outside its generated code."""
     from minimind.infer.engine import Engine
 
@@ -140,7 +157,7 @@ def test_the_compiled_step_makes_one_call_per_shared_input(mode, tokenizer, tmp_
     with zipfile.ZipFile(package) as archive:
         (listing,) = [name for name in archive.namelist() if name.endswith(".wrapper.json")]
         calls = Counter(node["node"]["target"] for node in json.loads(archive.read(listing))["nodes"])
-    name = "int8_gemv" if mode == "int8" else "q4_gemv"
+    name = {"int8": "int8_gemv", "int4": "q4_gemv", None: "f32_gemv"}[mode]  # float32: the head joins the graph
     assert calls[f"minimind::{name}_cat"] == 2 * config.n_layers
     assert calls[f"minimind::{name}"] == 2 * config.n_layers + 1  # o, down and the head
     assert got.token_ids == eager.token_ids

@@ -50,8 +50,8 @@ from minimind.infer.cache import SlotKVCache
 from minimind.infer.compile_cache import PACKAGE_OPTIONS, compile_key, load_package, save_package
 from minimind.infer.layout import OutputHead
 from minimind.infer.quantize import QUANTIZED_LINEARS
-from minimind.kernels import use_compiled_decode
-from minimind.kernels.int_gemv import FuseSharedInput
+from minimind.kernels import int_gemv, use_compiled_decode
+from minimind.kernels.int_gemv import FloatGemv, FuseSharedInput
 from minimind.model.moe import MoEFeedForward
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ DECODE_COMPILE_OPTIONS = {
     # Dynamo's guards already check every input tensor's sizes and strides before the graph runs; Inductor's
     # own per-call asserts repeat that for ~150 inputs (parameters included), a visible share of a decode step.
     "size_asserts": False,
-    # int8/int4 steps: one VNNI call for the products of one input with several matrices (q, k, v; gate, up)
+    # float32 steps: the products of one row with a weight matrix through the kernel of kernels/int_gemv.py
+    "post_grad_custom_pre_pass": FloatGemv(),
+    # one kernel call for the products of one input with several matrices (q, k, v; gate, up)
     "post_grad_custom_post_pass": FuseSharedInput(),
 }
 
@@ -124,7 +126,12 @@ class CompiledDecoder:
     def __init__(self, body: nn.Module, output_head: OutputHead, device: torch.device,
                  cache_dir: str | Path | None = None):
         use_compiled_decode(body)
-        in_graph = isinstance(output_head.head, QUANTIZED_LINEARS)  # int8 or int4
+        dtype = next(body.parameters()).dtype
+        # float32 on a CPU with the kernels: every product, the head's too, through kernels/int_gemv.py's f32_gemv
+        # (the library is loaded before a saved package that calls it)
+        self.float_kernels = device.type == "cpu" and dtype == torch.float32 and int_gemv.available()
+        # int8 or int4 heads, and float32 ones where the kernel reads them
+        in_graph = isinstance(output_head.head, QUANTIZED_LINEARS) or self.float_kernels
         self.eager_head = None if in_graph else output_head
         self.options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
         self.module = DecodeStep(body, output_head.head if in_graph else None)
@@ -143,8 +150,8 @@ class CompiledDecoder:
             # int8 and int4 steps differ in their weights' modules, not in the config
             # (and in whether they run the VNNI kernels, kernels/int_gemv.py)
             config = {**config, "quantized": sorted({type(m).__name__ + ("-vnni" if m.vnni else "")
-                                                     for m in body.modules() if isinstance(m, QUANTIZED_LINEARS)})}
-            dtype = next(body.parameters()).dtype
+                                                     for m in body.modules() if isinstance(m, QUANTIZED_LINEARS)}),
+                      "float_kernels": self.float_kernels}
             self.cache_path = Path(cache_dir) / compile_key(config, device, dtype, in_graph, self.options).name
             self._run = load_package(self.cache_path, self._weights)
         self.loaded = self._run is not None

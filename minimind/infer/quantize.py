@@ -51,7 +51,7 @@ from minimind.kernels import int_gemv
 QUANTIZE_CHOICES = ("int8", "int4")
 INT4_GROUP = 32  # input weights per scale, as in q4_0
 INT4_ROWS = 16  # the packed kernel takes output rows in multiples of this
-GEMV_ROWS = 4  # up to this many rows the VNNI kernels (int_gemv.py) run; more rows are a GEMM for fbgemm / aten
+GEMV_ROWS = int_gemv.GEMV_ROWS  # up to this many rows the VNNI kernels run; more rows are a GEMM for fbgemm / aten
 
 
 @dataclass(frozen=True)

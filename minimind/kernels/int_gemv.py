@@ -1,4 +1,4 @@
-"""int8 and 4-bit weight matmuls for decoding on CPUs with AVX-512 VNNI (`int_gemv.cpp`), built on first use.
+"""int8, 4-bit and float32 weight matmuls for decoding on CPUs with AVX-512 VNNI (`int_gemv.cpp`), built on first use.
 
 Decoding multiplies one activation row (or a few) by every weight matrix once per token. PyTorch's kernels for
 that shape either convert each weight to float before multiplying (Inductor's generated row-dot, the packed
@@ -9,6 +9,8 @@ Both are registered as torch operators (`torch.ops.minimind.int8_gemv` / `q4_gem
 torch.compile), so the compiled decode step calls them from inside its graph. `int8_gemv_cat` / `q4_gemv_cat`
 multiply one input by several matrices in one call (outputs side by side); the compiled step's graph pass
 `FuseSharedInput` puts a layer's q, k and v products (and its gate and up ones) into one such call.
+`f32_gemv` / `f32_gemv_cat` do the same for float32 models on their own weights (FMA row dots that prefetch the
+next rows); the graph pass `FloatGemv` turns the compiled float32 step's one-row products into them.
 
 The C++ source is compiled once per machine with the C++ compiler torch.compile uses, into torch's extension
 cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later starts load the library. Where the CPU
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int_gemv.cpp")
 ROWS = 16  # output rows per weight block (int_gemv.cpp's kRows)
+GEMV_ROWS = 4  # products of up to this many rows take the float32 kernel (decoding one or a few sequences)
 GROUP = 32  # inputs per 4-bit scale (q4_0)
 # -fopenmp: at::parallel_for only splits work across torch's threads when the code including it is compiled
 # with OpenMP (torch's own build is; cpp_extension adds no such flag). Without it every call ran on one thread.
@@ -97,6 +100,14 @@ def _register_shapes() -> None:
     def _q4_cat(x, packed, scales):
         return x.new_empty(x.shape[0], sum(p.shape[0] for p in packed) * ROWS)
 
+    @torch.library.register_fake("minimind::f32_gemv")
+    def _f32(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("minimind::f32_gemv_cat")
+    def _f32_cat(x, weights):
+        return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
 
 def int8_fits(out_features: int, in_features: int) -> bool:
     """Whether int8_gemv takes an (out, in) weight: whole blocks of 16 rows, inputs in fours."""
@@ -151,6 +162,7 @@ class FuseSharedInput(CustomGraphPass):
     OPS = {  # single-matrix op -> (its multi-matrix op, how many weight tensors each matrix passes)
         "int8_gemv": ("int8_gemv_cat", 3),
         "q4_gemv": ("q4_gemv_cat", 2),
+        "f32_gemv": ("f32_gemv_cat", 1),
     }
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -168,6 +180,55 @@ class FuseSharedInput(CustomGraphPass):
 
     def __repr__(self) -> str:  # the compile cache's key holds the options, this pass among them
         return f"minimind.kernels.int_gemv.FuseSharedInput({self.uuid()[:12]})"
+
+
+class FloatGemv(CustomGraphPass):
+    """A post-grad graph pass for the compiled decode step, run before Inductor's own: each float32 product of a
+    few rows with a weight matrix (`x @ W.T`, W the model's contiguous (out, in) weight) becomes an `f32_gemv`
+    call, where the kernels are available (`FuseSharedInput` then merges the ones sharing an input).
+
+    Inductor would otherwise generate a row-dot loop per product (`decompose_mm_pass`); the kernel reads the
+    weights at the same instructions but prefetches the rows ahead, so the short rows of these matrices do not
+    start cold at every call (docs/performance.md).
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if not available():
+            return
+        for node in list(graph.nodes):
+            weight = _gemv_weight(node)
+            if weight is not None:
+                with graph.inserting_before(node):
+                    call = graph.call_function(torch.ops.minimind.f32_gemv.default, (node.args[0], weight))
+                with node.meta["val"].fake_mode:
+                    call.meta["val"] = torch.ops.minimind.f32_gemv.default(node.args[0].meta["val"], weight.meta["val"])
+                node.replace_all_uses_with(call)
+                graph.erase_node(node)
+
+    def uuid(self) -> str:
+        return hashlib.sha256(Path(__file__).read_bytes() + SOURCE.read_bytes()).hexdigest()
+
+    def __repr__(self) -> str:  # the compile cache's key holds the options, this pass among them
+        return f"minimind.kernels.int_gemv.FloatGemv({self.uuid()[:12]})"
+
+
+def _gemv_weight(node: torch.fx.Node) -> torch.fx.Node | None:
+    """W when `node` is mm(x, permute(W, [1, 0])) with x (M <= GEMV_ROWS, K) float32, K a multiple of 16 and
+    W a contiguous float32 (N, K) matrix; else None."""
+    if node.op != "call_function" or node.target != torch.ops.aten.mm.default:
+        return None
+    x, transposed = node.args
+    if not (isinstance(transposed, torch.fx.Node) and transposed.target == torch.ops.aten.permute.default
+            and list(transposed.args[1]) == [1, 0]):
+        return None
+    weight = transposed.args[0]
+    x_val, w_val = x.meta.get("val"), weight.meta.get("val")
+    if x_val is None or w_val is None or x_val.dtype != torch.float32 or w_val.dtype != torch.float32:
+        return None
+    rows, k = x_val.shape
+    if not (isinstance(rows, int) and rows <= GEMV_ROWS and isinstance(k, int) and k % 16 == 0):
+        return None
+    return weight if w_val.dim() == 2 and w_val.is_contiguous() else None
 
 
 _VIEWS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
