@@ -584,6 +584,8 @@ class Engine:
         self._seen = grow(self._seen, (rows, self.vocab_size), torch.bool)  # tokens in prompt + output
         self._counts = grow(self._counts, (rows, self.vocab_size), torch.int32)  # tokens in output
         self._columns = torch.arange(self.cache.capacity, device=device)
+        # one row attends every column it has: its mask is a prefix of this (no comparison per token)
+        self._every_column = torch.ones((1, 1, 1, self.cache.capacity), dtype=torch.bool, device=device)
 
     def _reserve(self, rows: int, columns: int) -> None:
         before = (self.cache.rows, self.cache.capacity)
@@ -663,7 +665,7 @@ class Engine:
         shortest = min(r.cached for r in self._running)
         positions = self._lengths[:n, None]  # (B, 1): each row writes its new token at its own length
         if self._decode_step is not None and n == 1:  # compiled.py: the whole cache in, the mask says how much
-            mask = self._columns[: longest + 1] <= positions[:, None, :, None]  # (1, 1, 1, longest + 1)
+            mask = self._every_column[..., : longest + 1]  # (1, 1, 1, longest + 1): the row's own columns
             self.cache.bind(0, n, positions, None, longest)
             logits = self._decode_step(self._next_tokens[:n, None], mask, positions, self.cache)
         elif self._batched_step is not None and n > 1:  # batched.py: the same, for several rows
