@@ -136,22 +136,6 @@ def test_f32_gemv_is_the_float_product(rows):
         torch.ops.minimind.f32_gemv(torch.randn(1, 40), torch.randn(8, 40))
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 2, 64, 65, 40), (3, 8, 4, 96, 100, 77), (2, 4, 4, 16, 20, 1)])
-def test_one_query_attention_is_sdpa_over_the_masked_columns(shape):
-    """The kernel's attention of one new token per row: SDPA's over the first S cache columns the mask allows
-    (query heads sharing key/value heads, head sizes 16-96, a cache wider than the mask, one column)."""
-    rows, heads, kv_heads, head_dim, columns, width = shape
-    torch.manual_seed(6)
-    q = torch.randn(rows, heads, 1, head_dim)
-    k, v = torch.randn(rows, kv_heads, columns, head_dim), torch.randn(rows, kv_heads, columns, head_dim)
-    mask = torch.rand(rows, 1, 1, width) > 0.3
-    mask[..., 0] = True
-    repeat = heads // kv_heads
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q, k[:, :, :width].repeat_interleave(repeat, 1), v[:, :, :width].repeat_interleave(repeat, 1), attn_mask=mask)
-    torch.testing.assert_close(torch.ops.minimind.one_query_attention(q, k, v, mask), want, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4", None])
 def test_the_compiled_step_makes_one_call_per_shared_input(mode, tokenizer, tmp_path):
@@ -176,6 +160,5 @@ def test_the_compiled_step_makes_one_call_per_shared_input(mode, tokenizer, tmp_
     name = {"int8": "int8_gemv", "int4": "q4_gemv", None: "f32_gemv"}[mode]  # float32: the head joins the graph
     assert calls[f"minimind::{name}_cat"] == 2 * config.n_layers
     assert calls[f"minimind::{name}"] == 2 * config.n_layers + 1  # o, down and the head
-    assert calls["minimind::one_query_attention"] == config.n_layers
     assert got.token_ids == eager.token_ids
     torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(eager.logprobs), rtol=1e-4, atol=1e-4)

@@ -125,11 +125,11 @@ class CompiledDecoder:
 
     def __init__(self, body: nn.Module, output_head: OutputHead, device: torch.device,
                  cache_dir: str | Path | None = None):
+        use_compiled_decode(body)
         dtype = next(body.parameters()).dtype
-        # float32 on a CPU with the kernels: every product, the head's too, through kernels/int_gemv.py's f32_gemv,
-        # and attention through its one-query kernel (the library is loaded before a saved package that calls it)
+        # float32 on a CPU with the kernels: every product, the head's too, through kernels/int_gemv.py's f32_gemv
+        # (the library is loaded before a saved package that calls it)
         self.float_kernels = device.type == "cpu" and dtype == torch.float32 and int_gemv.available()
-        use_compiled_decode(body, kernels=self.float_kernels)  # int8/int4 models compute in float32 too
         # int8 or int4 heads, and float32 ones where the kernel reads them
         in_graph = isinstance(output_head.head, QUANTIZED_LINEARS) or self.float_kernels
         self.eager_head = None if in_graph else output_head

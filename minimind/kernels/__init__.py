@@ -8,8 +8,7 @@ install one by name). What each user selects:
   tokens sorted by expert (moe.py, eager steps); on a CPU also causal GEMM blocks (causal_blocks.py) and
   per-document attention for packed rows (documents.py);
 - the Engine (`use_decode_kernels`): one-query attention as two matmuls for eager bf16/fp16 decoding on a CPU;
-- the compiled decode step (`use_compiled_decode`): one-query attention written out, or the CPU kernel
-  (infer/compiled.py).
+- the compiled decode step (`use_compiled_decode`): one-query attention written out (infer/compiled.py).
 
 Every implementation
 computes what the plain one computes (tests/test_causal_blocks.py, test_documents.py, test_perf_paths.py,
@@ -25,7 +24,6 @@ import torch
 from minimind.kernels.attention import (
     causal_blocks_attention,
     inline_one_query_attention,
-    kernel_one_query_attention,
     one_query_matmul_attention,
 )
 from minimind.kernels.documents import Documents
@@ -42,7 +40,6 @@ ATTENTION_IMPLEMENTATIONS: dict[str, Callable] = {
     "causal_blocks": causal_blocks_attention,
     "one_query_matmul": one_query_matmul_attention,
     "one_query_inline": inline_one_query_attention,
-    "one_query_kernel": kernel_one_query_attention,
 }
 DOCUMENT_IMPLEMENTATIONS: dict[str, Callable] = {"mask": document_mask, "documents": Documents}
 NORM_IMPLEMENTATIONS: dict[str, Callable] = {"plain": rms_norm, "hand_backward": hand_backward_rms_norm}
@@ -103,9 +100,6 @@ def use_decode_kernels(model: torch.nn.Module, device: torch.device, dtype: torc
         set_attention(model, "one_query_matmul")
 
 
-def use_compiled_decode(model: torch.nn.Module, kernels: bool = False) -> None:
-    """The attention of a compiled one-token step: with `kernels` (float32 on a CPU where kernels/int_gemv.py is
-    built) the hand-written one-query kernel where the head size allows it, else `one_query` written out so it
-    fuses into the step."""
-    head_dim = getattr(getattr(model, "config", None), "head_dim", 0)
-    set_attention(model, "one_query_kernel" if kernels and head_dim % 16 == 0 else "one_query_inline")
+def use_compiled_decode(model: torch.nn.Module) -> None:
+    """The attention of a compiled one-token step: `one_query` written out so it fuses into the step."""
+    set_attention(model, "one_query_inline")

@@ -76,14 +76,3 @@ def inline_one_query_attention(module: Attention, q: torch.Tensor, k: torch.Tens
     if q.shape[2] == 1 and mask is not None and (torch.compiler.is_compiling() or mask.shape[-1] < k.shape[2]):
         return one_query(module, q, k, v, mask)
     return sdpa_attention(module, q, k, v, mask, dropout)
-
-
-def kernel_one_query_attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
-    """`inline_one_query_attention` with the CPU kernel (`torch.ops.minimind.one_query_attention`,
-    kernels/int_gemv.cpp) in place of the written-out products: Inductor's loops for those take a horizontal sum
-    per cached column and a single-threaded softmax, so a step's cost grew with the context (docs/performance.md).
-    For float32 models whose head size is a multiple of 16, where the kernels are built (`use_compiled_decode`)."""
-    if q.shape[2] == 1 and mask is not None and (torch.compiler.is_compiling() or mask.shape[-1] < k.shape[2]):
-        return torch.ops.minimind.one_query_attention(q, k, v, mask)
-    return sdpa_attention(module, q, k, v, mask, dropout)

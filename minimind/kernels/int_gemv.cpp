@@ -11,7 +11,6 @@
 // q4_gemv: llama.cpp q4_0 weights (groups of 32 inputs, codes 0..15 standing for (q - 8) d, d in bf16), codes
 //   packed two per byte; activations rounded to int8 with one scale per group of 32 (as llama.cpp's q8_0).
 // f32_gemv: the model's own float32 (N, K) weights, FMA row dots, the next rows prefetched.
-// one_query_attention: one new token per row attending over the KV cache (decoding), float32.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -354,89 +353,6 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& weight) {
   return f32_gemv_cat(x, {weight});
 }
 
-// ---- one-query attention ----
-
-// exp(x) for 16 floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial (relative error about
-// 2e-7), times 2^n. Inputs below -87 give exp(-87), not 0: callers zero masked lanes themselves.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// The new token's attention over the cache: q (B, H, 1, D) float32, k and v (B, H_kv, C, D) with unit stride in D
-// (the cache's rows), mask (B, 1, 1, S) bool, S <= C: the first S columns, those the mask allows -> (B, H, 1, D).
-// Query heads h share key/value head h / (H / H_kv). One task per (row, query head): scores, softmax, weighted sum.
-at::Tensor one_query_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_in) {
-  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && q_in.scalar_type() == at::kFloat, "one_query_attention: q must be (B, H, 1, D) float32");
-  const at::Tensor q = q_in.contiguous(), mask = mask_in.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), H_kv = k.size(1), S = mask.size(3);
-  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.sizes() == v.sizes() && k.size(0) == B &&
-              k.size(3) == D && H % H_kv == 0 && D % 16 == 0 && S <= k.size(2) && k.stride(3) == 1 && v.stride(3) == 1,
-              "one_query_attention: k, v must be (B, H_kv, C >= S, D) float32, D a multiple of 16");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(0) == B, "one_query_attention: mask must be (B, 1, 1, S) bool");
-  const int64_t rep = H / H_kv;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  at::Tensor out = at::empty({B, H, 1, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const bool* mp = mask.data_ptr<bool>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores((S + 15) / 16 * 16);
-    std::vector<__m512> acc(D / 16);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H;
-      const float* qh = qp + t * D;
-      const float* kh = kp + b * k.stride(0) + (h / rep) * k.stride(1);
-      const float* vh = vp + b * v.stride(0) + (h / rep) * v.stride(1);
-      const bool* mb = mp + b * S;
-      float top = -INFINITY;
-      for (int64_t j = 0; j < S; ++j) {
-        float score = -INFINITY;
-        if (mb[j]) {
-          const float* kj = kh + j * k.stride(2);
-          __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
-          for (int64_t d = 16; d < D; d += 16) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kj + d), dot);
-          score = _mm512_reduce_add_ps(dot) * scale;
-        }
-        scores[j] = score;
-        top = std::max(top, score);
-      }
-      for (int64_t j = S; j < static_cast<int64_t>(scores.size()); ++j) scores[j] = -INFINITY;
-      const __m512 vtop = _mm512_set1_ps(top), ninf = _mm512_set1_ps(-INFINITY);
-      __m512 vsum = _mm512_setzero_ps();
-      for (size_t j = 0; j < scores.size(); j += 16) {
-        const __m512 s = _mm512_loadu_ps(scores.data() + j);
-        const __mmask16 live = _mm512_cmp_ps_mask(s, ninf, _CMP_NEQ_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, vtop)));
-        _mm512_storeu_ps(scores.data() + j, e);
-        vsum = _mm512_add_ps(vsum, e);
-      }
-      const float total = _mm512_reduce_add_ps(vsum);
-      for (int64_t d = 0; d < D / 16; ++d) acc[d] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < S; ++j) {
-        if (scores[j] == 0.f) continue;
-        const __m512 w = _mm512_set1_ps(scores[j]);
-        const float* vj = vh + j * v.stride(2);
-        for (int64_t d = 0; d < D / 16; ++d) acc[d] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * d), acc[d]);
-      }
-      const __m512 inverse = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);
-      for (int64_t d = 0; d < D / 16; ++d) _mm512_storeu_ps(op + t * D + 16 * d, _mm512_mul_ps(acc[d], inverse));
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(minimind, m) {
@@ -446,7 +362,6 @@ TORCH_LIBRARY(minimind, m) {
   m.def("q4_gemv_cat(Tensor x, Tensor[] packed, Tensor[] scales) -> Tensor");
   m.def("f32_gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("f32_gemv_cat(Tensor x, Tensor[] weights) -> Tensor");
-  m.def("one_query_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minimind, CPU, m) {
@@ -456,5 +371,4 @@ TORCH_LIBRARY_IMPL(minimind, CPU, m) {
   m.impl("q4_gemv_cat", &q4_gemv_cat);
   m.impl("f32_gemv", &f32_gemv);
   m.impl("f32_gemv_cat", &f32_gemv_cat);
-  m.impl("one_query_attention", &one_query_attention);
 }

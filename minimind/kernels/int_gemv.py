@@ -108,10 +108,6 @@ def _register_shapes() -> None:
     def _f32_cat(x, weights):
         return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
-    @torch.library.register_fake("minimind::one_query_attention")
-    def _attention(q, k, v, mask):
-        return q.new_empty(q.shape)
-
 
 def int8_fits(out_features: int, in_features: int) -> bool:
     """Whether int8_gemv takes an (out, in) weight: whole blocks of 16 rows, inputs in fours."""
