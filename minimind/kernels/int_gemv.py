@@ -54,10 +54,13 @@ def available() -> bool:
     if os.environ.get("MINIMIND_INT_KERNELS", "1") == "0" or not _cpu_has_vnni():
         return False
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        load(_library_name(), [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
-             verbose=False)
+        name = _library_name()
+        if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+            log.warning("building the CPU kernels (%s) once for this machine and torch version; about a minute",
+                        SOURCE.name)
+        load(name, [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as err:  # no compiler, an unexpected toolchain: PyTorch's own kernels serve instead
         log.warning("int8/int4 VNNI kernels unavailable (%s); using PyTorch's kernels", err)
         return False
