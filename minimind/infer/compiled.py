@@ -62,8 +62,8 @@ DECODE_COMPILE_OPTIONS = {
     # Store small pointwise results instead of recomputing them inside the loops that read them: without
     # this the one-query attention recomputes each query's RoPE (pow, cos, a gather) for every cached column.
     "realize_cpu_opcount_threshold": 8,
-    # Dynamo's guards already check every input tensor's sizes and strides before the graph runs; Inductor's
-    # own per-call asserts repeat that for ~150 inputs (parameters included), a visible share of a decode step.
+    # no per-call asserts of the ~150 inputs' sizes and strides (parameters included), a visible share of a step:
+    # the engine hands the step the same cache tensors every call (and under torch.compile, Dynamo's guards check)
     "size_asserts": False,
     # float32 steps: the products of one row with a weight matrix through the kernel of kernels/int_gemv.py
     "post_grad_custom_pre_pass": FloatGemv(),
@@ -107,9 +107,10 @@ class CompiledDecoder:
 
     The cache is bound with `kv_len=None` (every column) and `mask` (B, 1, 1, S) says which of the first S
     columns to attend; S and the cache's capacity and rows are symbolic in the compiled code.
-    `output_head` is how the engine calls the model's output layer eagerly. An int8 head joins the graph (its
-    row-dot reads the bytes faster than fbgemm's one-row kernel); a float head stays outside, where the
-    oneDNN prepacked matmul (layout.py) beats the generated row-dot.
+    `output_head` is how the engine calls the model's output layer eagerly. An int8/int4 head joins the graph (its
+    kernel reads the bytes faster than fbgemm's one-row kernel), and so does a float32 one where `f32_gemv` reads
+    it (`float_kernels`); otherwise a float head stays outside, where the oneDNN prepacked matmul (layout.py)
+    beats Inductor's generated row-dot.
 
     How it is compiled (`packaged` says which):
     - packaged (every model but MoE ones): exported with torch.export and compiled by AOTInductor into a shared
@@ -196,12 +197,13 @@ class CompiledDecoder:
                 program = torch.export.export(self.flat, (ids, mask, positions, kv[:layers], kv[layers:]),
                                               dynamic_shapes=(None, {3: width}, None, per_layer, per_layer),
                                               strict=False)
+            options = {**(self.options or {}), **PACKAGE_OPTIONS}
             with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                path = self.cache_path or Path(scratch) / "decode.pt2"
-                if not save_package(program, path, {**(self.options or {}), **PACKAGE_OPTIONS}):
-                    path = Path(scratch) / "decode.pt2"  # the cache cannot be written: build it here instead
-                    save_package(program, path, {**(self.options or {}), **PACKAGE_OPTIONS})
+                path = self.cache_path
+                if path is None or not save_package(program, path, options):  # no cache, or it cannot be written
+                    path = Path(scratch) / "decode.pt2"
+                    save_package(program, path, options)
                 return load_package(path, self._weights)
         except Exception as err:  # a model torch cannot export in one graph: the torch.compile path still works
             log.warning("compiled decode: packaging the step failed (%s); compiling it with torch.compile", err)

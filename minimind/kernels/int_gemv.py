@@ -62,7 +62,7 @@ def available() -> bool:
                         SOURCE.name)
         load(name, [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as err:  # no compiler, an unexpected toolchain: PyTorch's own kernels serve instead
-        log.warning("int8/int4 VNNI kernels unavailable (%s); using PyTorch's kernels", err)
+        log.warning("CPU kernels (int8, int4, float32 decoding) unavailable (%s); using PyTorch's", err)
         return False
     _register_shapes()
     return True
@@ -155,10 +155,21 @@ def q4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torc
     return torch.ops.minimind.q4_gemv(x, packed, scales)
 
 
-class FuseSharedInput(CustomGraphPass):
-    """A post-grad graph pass for the compiled decode step: the int8 (or int4) products of one input with several
-    weight matrices (a layer's q, k and v projections; its gate and up ones) become one `int8_gemv_cat`
-    (`q4_gemv_cat`) call whose output columns the old users slice. The products are the same numbers; what goes
+class StepPass(CustomGraphPass):
+    """A graph pass of the compiled decode step, identified by this module's and the kernels' source: Inductor's
+    caches key on `uuid`, the compile cache's key on `repr` (it holds the options, these passes among them)."""
+
+    def uuid(self) -> str:
+        return hashlib.sha256(Path(__file__).read_bytes() + SOURCE.read_bytes()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"minimind.kernels.int_gemv.{type(self).__name__}({self.uuid()[:12]})"
+
+
+class FuseSharedInput(StepPass):
+    """A post-grad graph pass for the compiled decode step: the int8, int4 or float32 kernel products of one input
+    with several weight matrices (a layer's q, k and v projections; its gate and up ones) become one `int8_gemv_cat`
+    (`q4_gemv_cat`, `f32_gemv_cat`) call whose output columns the old users slice. The products are the same numbers; what goes
     is a call, an activation rounding and a parallel region per matrix, and the wrapper's Python around them.
     """
 
@@ -171,21 +182,15 @@ class FuseSharedInput(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         for name, (cat_name, per_matrix) in self.OPS.items():
             groups: dict[object, list[torch.fx.Node]] = {}
-            for node in graph.nodes:  # by name: a float model's step never loads the kernels' library
+            for node in graph.nodes:  # by name: a step without kernel calls never loads the library
                 if isinstance(node.target, torch._ops.OpOverload) and node.target.name() == f"minimind::{name}":
                     groups.setdefault(_same_value(node.args[0]), []).append(node)
             for calls in groups.values():
                 if len(calls) > 1:  # the first call's input is computed before any of them
                     _fuse(graph, calls[0].args[0], calls, getattr(torch.ops.minimind, cat_name).default, per_matrix)
 
-    def uuid(self) -> str:
-        return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
-    def __repr__(self) -> str:  # the compile cache's key holds the options, this pass among them
-        return f"minimind.kernels.int_gemv.FuseSharedInput({self.uuid()[:12]})"
-
-
-class FloatGemv(CustomGraphPass):
+class FloatGemv(StepPass):
     """A post-grad graph pass for the compiled decode step, run before Inductor's own: each float32 product of a
     few rows with a weight matrix (`x @ W.T`, W the model's contiguous (out, in) weight) becomes an `f32_gemv`
     call, where the kernels are available (`FuseSharedInput` then merges the ones sharing an input).
@@ -208,11 +213,6 @@ class FloatGemv(CustomGraphPass):
                 node.replace_all_uses_with(call)
                 graph.erase_node(node)
 
-    def uuid(self) -> str:
-        return hashlib.sha256(Path(__file__).read_bytes() + SOURCE.read_bytes()).hexdigest()
-
-    def __repr__(self) -> str:  # the compile cache's key holds the options, this pass among them
-        return f"minimind.kernels.int_gemv.FloatGemv({self.uuid()[:12]})"
 
 
 def _gemv_weight(node: torch.fx.Node) -> torch.fx.Node | None:
