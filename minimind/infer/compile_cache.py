@@ -119,10 +119,14 @@ def load_package(path: Path, constants: dict[str, torch.Tensor]):
     if not path.is_file():
         return None
     try:
-        package = torch._inductor.aoti_load_package(str(path))
-        package.load_constants({name: constants[name] for name in package.get_constant_fqns()},
-                               check_full_update=True, user_managed=True)
+        # The loader itself rather than torch._inductor.aoti_load_package: that one first compares the package's
+        # CPU instruction set with this machine's, which spawns about ten Python processes to probe it (1.4 s of
+        # a 2 s start here). The key of a cached package already names this machine's CPU (compile_key).
+        # Arguments: the package's model name, not single-threaded, one runner, the CPU (device index -1).
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        loader.load_constants({name: constants[name] for name in loader.get_constant_fqns()},
+                              False, True, True, False)  # the active buffer, every constant, user-managed, no copy
     except Exception as err:  # a file from an interrupted write or another torch: compile again
         log.warning("compile cache: could not load %s (%s); compiling again", path, err)
         return None
-    return package.loader.run
+    return loader.run

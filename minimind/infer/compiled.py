@@ -137,8 +137,7 @@ class CompiledDecoder:
         self.options = DECODE_COMPILE_OPTIONS if device.type == "cpu" else None
         self.module = DecodeStep(body, output_head.head if in_graph else None)
         self.flat = FlatDecodeStep(self.module)
-        # dynamic=None: the dimensions marked in __call__ are symbolic from the first compilation on.
-        self.step = torch.compile(self.module, dynamic=None, options=self.options)
+        self._compiled = None  # the torch.compile path, built at its first use (importing Dynamo takes a second)
         self._marked_keys: torch.Tensor | None = None
         self.packaged = not any(isinstance(m, MoEFeedForward) for m in body.modules())
         self.cacheable = self.packaged  # kept on disk (with a cache_dir): packaged steps only
@@ -172,7 +171,9 @@ class CompiledDecoder:
             _mark_dynamic(cache, None)
             self._marked_keys = cache.keys[0]
         _mark_dynamic(None, mask)
-        return self.step(ids, mask, positions, cache)
+        if self._compiled is None:  # dynamic=None: the dimensions marked above are symbolic from the first compilation
+            self._compiled = torch.compile(self.module, dynamic=None, options=self.options)
+        return self._compiled(ids, mask, positions, cache)
 
     def _package(self, cache):
         """Export the step and compile it with AOTInductor (saved to `cache_path` when there is one), then load it;
