@@ -174,6 +174,34 @@ def test_packed_linears_compute_what_linear_does_and_stay_plain_linears(tmp_path
     assert all(torch.equal(before[k], v) for k, v in reloaded.state_dict().items())
 
 
+def test_a_few_float_rows_go_through_the_row_kernel_on_the_weight_itself():
+    """Decoding up to FLOAT_ROWS sequences: PackedLinear and OutputHead multiply by the weight itself through
+    f32_gemv (no oneDNN copy is made), equal to F.linear, and an in-place weight change is seen at once."""
+    from minimind.infer.layout import PackedLinear, few_rows_kernel, pack_linears
+    from minimind.kernels import int_gemv
+
+    model = tiny_model()
+    randomize(model)
+    head = OutputHead(model.lm_head)  # on the plain head (an engine's prepacked head is a PackedLinear)
+    pack_linears(model)
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer) is PackedLinear
+    kernels = int_gemv.available()
+    assert layer.use_f32_gemv == head.kernel == kernels == few_rows_kernel(layer.weight)
+    with torch.no_grad():
+        for rows in (1, 3, int_gemv.FLOAT_ROWS):
+            x = torch.randn(rows, 1, layer.in_features)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+            hidden = torch.randn(rows, head.head.in_features)
+            torch.testing.assert_close(head(hidden), hidden @ head.head.weight.t(), rtol=1e-5, atol=1e-5)
+        assert (layer._packed is None and head._weight_t is None) == kernels  # the kernel ran, not a copy
+        layer.weight.mul_(-2.0)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        more = torch.randn(int_gemv.FLOAT_ROWS + 1, layer.in_features)  # more rows: oneDNN on its packed copy
+        torch.testing.assert_close(layer(more), torch.nn.functional.linear(more, layer.weight), rtol=1e-5, atol=1e-5)
+        assert layer._packed is not None
+
+
 def test_engine_without_prepack_keeps_one_copy_of_the_weights(tokenizer, model_dir, capsys, cli_engines):
     from minimind.cli import main
     from minimind.infer.layout import PackedLinear

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimind.kernels import int_gemv
+
 
 def engine_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` whose modules the Engine may rewrite (swap classes, replace layers, restride or move
@@ -66,13 +68,28 @@ def gemv_layout(model: nn.Module) -> int:
     return changed
 
 
+def few_rows_kernel(weight: torch.Tensor) -> bool:
+    """Whether products with `weight` of up to FLOAT_ROWS rows can go through kernels/int_gemv.py's f32_gemv: a
+    contiguous float32 CPU matrix whose rows are a multiple of 16 long, on a CPU where the kernels are built."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.is_contiguous() and weight.shape[1] % 16 == 0 and int_gemv.available())
+
+
+def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T is a decode-sized float32 product (up to FLOAT_ROWS rows) that needs no gradient."""
+    return (x.numel() <= int_gemv.FLOAT_ROWS * x.shape[-1] and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
 class OutputHead:
     """logits = hidden @ W.T for the output head, with W.T stored contiguous on CPU.
 
     The copy is refreshed whenever the head's weight changes (its version counter moves with every
     in-place update, e.g. an optimizer step on a model that an RL stage also decodes with, and its
-    storage changes when it is replaced), so it never serves stale weights. Heads that are not a plain
-    float `nn.Linear` on CPU (int8, GPU) are called as they are.
+    storage changes when it is replaced), so it never serves stale weights. Up to FLOAT_ROWS rows (decoding)
+    of a float32 head go through `f32_gemv` on the weight itself instead, where the kernels run (no copy is
+    made unless more rows come). Heads that are not a plain float `nn.Linear` on CPU (int8, GPU) are called as
+    they are.
     """
 
     def __init__(self, head: nn.Module):
@@ -80,6 +97,7 @@ class OutputHead:
         weight = getattr(head, "weight", None)
         self.copy = (type(head) is nn.Linear and head.bias is None and weight.device.type == "cpu"
                      and weight.is_floating_point())
+        self.kernel = self.copy and few_rows_kernel(weight)
         self._key: tuple[int, int] | None = None
         self._weight_t: torch.Tensor | None = None
 
@@ -92,6 +110,8 @@ class OutputHead:
         if not self.copy:
             return self.head(hidden)
         weight = self.head.weight
+        if self.kernel and few_rows(hidden, weight):
+            return torch.ops.minimind.f32_gemv(hidden, weight.detach())
         key = (weight.data_ptr(), weight._version)
         if key != self._key:
             with torch.no_grad():
@@ -128,11 +148,14 @@ class PackedLinear(nn.Linear):
     `state_dict`, saving and training see a plain `nn.Linear`; the packed copy (as many bytes as the weight)
     is rebuilt whenever the weight changes (version counter or storage, as in `OutputHead`). Calls that need a
     gradient, other dtypes or devices, autocast, sharded weights (FSDP's DTensor) and calls under torch.compile
-    take the plain path.
+    take the plain path. Up to FLOAT_ROWS rows in float32 (decoding a few sequences) go through
+    kernels/int_gemv.py's `f32_gemv` on the weight itself where `pack_linears` found the kernels (`use_f32_gemv`):
+    it reads each weight row once for all the rows, 2-3x faster than oneDNN there (docs/performance.md).
     """
 
     _packed: torch.Tensor | None = None
     _packed_key: tuple[int, int] | None = None
+    use_f32_gemv: bool = False  # set by pack_linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
@@ -141,6 +164,10 @@ class PackedLinear(nn.Linear):
                 or type(weight) not in (nn.Parameter, torch.Tensor)  # a tensor subclass, e.g. FSDP's DTensor
                 or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
             return F.linear(x, weight, self.bias)
+        if self.use_f32_gemv and few_rows(x, weight) and weight.is_contiguous():
+            out = torch.ops.minimind.f32_gemv(x.reshape(-1, x.shape[-1]), weight.detach())
+            out = out.view(*x.shape[:-1], out.shape[-1])
+            return out if self.bias is None else out + self.bias
         key = (weight.data_ptr(), weight._version)
         if key != self._packed_key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
@@ -168,5 +195,6 @@ def pack_linears(model: nn.Module) -> int:
         if (type(module) is nn.Linear and weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES
                 and _onednn_linear_works(weight.dtype)):
             module.__class__ = PackedLinear
+            module.use_f32_gemv = few_rows_kernel(weight)
             changed += 1
     return changed

@@ -300,25 +300,47 @@ at::Tensor q4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 
 // ---- float32 ----
 
-// R rows of a row-major (N, K) float32 matrix times one row x: out[r] = sum_k w[r][k] x[k]. While it reads
-// these rows it prefetches the next R: the rows of a decode-sized matrix are short (2-6 KB), and without the
-// hint every call started its streams cold (all of `small`'s products: 2.5 ms without, 2.1 ms with).
-template <int R>
-inline void f32_rows_dot(const float* w, int64_t K, const float* x, float* out) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+// R rows of a row-major (N, K) float32 matrix times MB rows of x (row stride K): out[m * ldo + r] =
+// sum_k w[r][k] x[m][k]. Each weight vector is loaded once for the MB inputs (R x MB accumulators, at most 16).
+// While it reads these rows it prefetches the next R: the rows of a decode-sized matrix are short (2-6 KB), and
+// without the hint every call started its streams cold (all of `small`'s one-row products: 2.5 ms without, 2.1
+// ms with).
+template <int R, int MB>
+inline void f32_tile(const float* w, int64_t K, const float* x, float* out, int64_t ldo) {
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
+    __m512 wv[R];
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
-      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + k), xv, acc[r]);
+      wv[r] = _mm512_loadu_ps(w + r * K + k);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) out[m * ldo + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// R weight rows times all M inputs, four inputs at a time (the rows stay in L1 between the passes).
+template <int R>
+inline void f32_rows(const float* w, int64_t K, const float* x, int64_t M, float* out, int64_t ldo) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f32_tile<R, 4>(w, K, x + m * K, out + m * ldo, ldo);
+  switch (M - m) {
+    case 3: f32_tile<R, 3>(w, K, x + m * K, out + m * ldo, ldo); break;
+    case 2: f32_tile<R, 2>(w, K, x + m * K, out + m * ldo, ldo); break;
+    case 1: f32_tile<R, 1>(w, K, x + m * K, out + m * ldo, ldo); break;
+    default: break;
+  }
 }
 
 // x (M, K) times each float32 matrix i (N_i, K), the model's own row-major weights -> (M, sum N_i), as
-// int8_gemv_cat: one parallel region for all of them.
+// int8_gemv_cat: one parallel region for all of them. Every weight row is read from memory once whatever M
+// (decoding a few sequences: M up to about 8, where the products are bound by the weights' reads).
 at::Tensor f32_gemv_cat(const at::Tensor& x_in, at::TensorList weights) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "f32_gemv: x must be (M, K) float32");
   TORCH_CHECK(!weights.empty(), "f32_gemv: no weight matrix");
@@ -338,12 +360,10 @@ at::Tensor f32_gemv_cat(const at::Tensor& x_in, at::TensorList weights) {
     for_blocks(l, t0, t1, [&](size_t i, int64_t b0, int64_t b1) {
       const float* w = weights[i].data_ptr<float>();
       const int64_t stop = std::min(b1 * kRows, outputs[i]);
-      for (int64_t m = 0; m < M; ++m) {
-        float* om = o + m * l.columns + l.offset[i];
-        int64_t n = b0 * kRows;
-        for (; n + 4 <= stop; n += 4) f32_rows_dot<4>(w + n * K, K, xp + m * K, om + n);
-        for (; n < stop; ++n) f32_rows_dot<1>(w + n * K, K, xp + m * K, om + n);
-      }
+      float* oi = o + l.offset[i];
+      int64_t n = b0 * kRows;
+      for (; n + 4 <= stop; n += 4) f32_rows<4>(w + n * K, K, xp, M, oi + n, l.columns);
+      for (; n < stop; ++n) f32_rows<1>(w + n * K, K, xp, M, oi + n, l.columns);
     });
   });
   return out;
