@@ -340,7 +340,7 @@ inline void f32_rows(const float* w, int64_t K, const float* x, int64_t M, float
 
 // x (M, K) times each float32 matrix i (N_i, K), the model's own row-major weights -> (M, sum N_i), as
 // int8_gemv_cat: one parallel region for all of them. Every weight row is read from memory once whatever M
-// (decoding a few sequences: M up to about 8, where the products are bound by the weights' reads).
+// (decoding a few sequences: M up to int_gemv.py's FLOAT_ROWS, where the weights' reads dominate).
 at::Tensor f32_gemv_cat(const at::Tensor& x_in, at::TensorList weights) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "f32_gemv: x must be (M, K) float32");
   TORCH_CHECK(!weights.empty(), "f32_gemv: no weight matrix");

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("int_gemv.cpp")
 ROWS = 16  # output rows per weight block (int_gemv.cpp's kRows)
 GEMV_ROWS = 4  # products of up to this many rows take the int8/int4 kernels (decoding one or a few sequences)
-FLOAT_ROWS = 8  # float32 products of up to this many rows take f32_gemv (each weight row is read once for all)
+FLOAT_ROWS = 16  # float32 products of up to this many rows take f32_gemv (each weight row is read once for all)
 GROUP = 32  # inputs per 4-bit scale (q4_0)
 # -fopenmp: at::parallel_for only splits work across torch's threads when the code including it is compiled
 # with OpenMP (torch's own build is; cpp_extension adds no such flag). Without it every call ran on one thread.
