@@ -217,7 +217,7 @@ class FloatGemv(StepPass):
 
 
 def _gemv_weight(node: torch.fx.Node) -> torch.fx.Node | None:
-    """W when `node` is mm(x, permute(W, [1, 0])) with x (M <= GEMV_ROWS, K) float32, K a multiple of 16 and
+    """W when `node` is mm(x, permute(W, [1, 0])) with x (M <= FLOAT_ROWS, K) float32, K a multiple of 16 and
     W a contiguous float32 (N, K) matrix; else None."""
     if node.op != "call_function" or node.target != torch.ops.aten.mm.default:
         return None
@@ -230,7 +230,7 @@ def _gemv_weight(node: torch.fx.Node) -> torch.fx.Node | None:
     if x_val is None or w_val is None or x_val.dtype != torch.float32 or w_val.dtype != torch.float32:
         return None
     rows, k = x_val.shape
-    if not (isinstance(rows, int) and rows <= GEMV_ROWS and isinstance(k, int) and k % 16 == 0):
+    if not (isinstance(rows, int) and rows <= FLOAT_ROWS and isinstance(k, int) and k % 16 == 0):
         return None
     return weight if w_val.dim() == 2 and w_val.is_contiguous() else None
 
