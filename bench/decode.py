@@ -79,7 +79,7 @@ def default_engine(model, tokenizer, device: torch.device, cache_dir: str | None
     compiled = compile_by_default(None, device)
     engine = Engine(model, tokenizer, compile=compiled, prefix_cache_tokens=PREFIX_CACHE_TOKENS,
                     compile_cache=(cache_dir or default_compile_cache()) if compiled else None)
-    engine.warm_up()
+    engine.warm_up(batches=True)
     return engine
 
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [("engine-default", "llama.cpp-f32"), ("engine-default", "engine"), ("engine", "llama.cpp-f32"), ("engine-compile", "llama.cpp-f32"), ("engine-int8", "llama.cpp-f16"),
              ("engine-int8-compile", "llama.cpp-f16"), ("engine-int8-compile", "llama.cpp-q8_0"),
              ("engine-compile", "engine"), ("engine-compile", "hf"), ("engine-int8", "hf"),
-             ("engine-int8-compile", "hf"), ("engine", "hf")]
+             ("engine-int8-compile", "hf"), ("engine", "hf"), ("engine-default", "hf")]
     # the quantized modes against llama.cpp's of the same bits per weight, and against each other
     pairs += [("engine-int8", "llama.cpp-q8_0"), ("engine-int4", "llama.cpp-q4_0"),
               ("engine-int4-compile", "llama.cpp-q4_0"), ("engine-int4", "engine-int8"),

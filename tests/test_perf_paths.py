@@ -111,7 +111,8 @@ def test_compile_needs_a_minimind_model(tokenizer):
 
 
 def run_two(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
-    """Two requests of 3 and 12 new tokens: two rows decode eagerly, then the survivor alone (compiled)."""
+    """Two requests of 3 and 12 new tokens: two rows decode together (compiled: the batched package where the
+    engine has one, else eagerly), then the survivor alone (compiled)."""
     ids = [engine.add(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, (3, 12))]
     tokens: dict[int, list[int]] = {i: [] for i in ids}
     while engine.has_work:

@@ -46,17 +46,18 @@ class SlotKVCache:
     @classmethod
     def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor,
              past: int) -> SlotKVCache:
-        """A cache over the given per-layer tensors, bound to row 0: writes at `positions` (1, T), reads every
-        column (the caller's mask says how many). How the packaged decode step (compiled.py) sees the cache
-        tensors it is handed; the tensors are used, not copied."""
+        """A cache over the given per-layer tensors, bound to rows [0, B): row b writes at `positions[b]` (B, T),
+        and every column is read (the caller's mask says how many). How the packaged decode steps (compiled.py)
+        see the cache tensors they are handed; the tensors are used, not copied."""
         cache = cls.__new__(cls)
         rows, n_kv_heads, columns, head_dim = keys[0].shape
         cache.n_layers, cache.n_kv_heads, cache.head_dim = len(keys), n_kv_heads, head_dim
         cache.dtype, cache.device = keys[0].dtype, keys[0].device
         cache.rows, cache.capacity = rows, columns - 1
         cache.keys, cache.values = list(keys), list(values)
-        cache._row_numbers = torch.zeros((1, 1), dtype=torch.long, device=cache.device)  # row 0 only
-        cache.bind(0, 1, positions, None, past)
+        batch = positions.shape[0]
+        cache._row_numbers = torch.arange(batch, device=cache.device)[:, None]  # (B, 1)
+        cache.bind(0, batch, positions, None, past)
         return cache
 
     def reserve(self, rows: int, columns: int, max_rows: int, max_columns: int) -> None:

@@ -96,8 +96,9 @@ class FlatDecodeStep(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor]) -> torch.Tensor:
-        for tensor in keys + values:  # the mask never reaches past the cache's columns (the engine's invariant)
+        for tensor in keys + values:  # the mask never reaches past the cache's columns, nor the batch its rows
             torch._check(mask.shape[-1] <= tensor.shape[2])
+            torch._check(ids.shape[0] <= tensor.shape[0])
         cache = SlotKVCache.over(keys, values, positions, past=mask.shape[-1] - 1)
         return self.step(ids, mask, positions, cache)
 
@@ -143,6 +144,13 @@ class CompiledDecoder:
         self.cacheable = self.packaged  # kept on disk (with a cache_dir): packaged steps only
         self.cache_path: Path | None = None
         self._run = None  # the packaged step: run([ids, mask, positions, *keys, *values]) -> [out]
+        # float32 with the kernels: a second package for 2 to FLOAT_ROWS rows (several sequences at once), built
+        # at its first use (`ready_for`), whose products read each weight row once for all rows (f32_gemv). Not
+        # for int8/int4 weights: their layers choose a kernel by the row count, which a symbolic count cannot.
+        self.batched = (self.packaged and self.float_kernels
+                        and not any(isinstance(m, QUANTIZED_LINEARS) for m in body.modules()))
+        self.rows_cache_path: Path | None = None
+        self._run_rows = None
         # what the packaged step reads as its weights: the model's own tensors, by name (kept alive here)
         self._weights = {name: tensor.detach() for name, tensor in self.flat.state_dict(keep_vars=True).items()}
         if cache_dir is not None and self.packaged:
@@ -154,11 +162,31 @@ class CompiledDecoder:
                       "float_kernels": self.float_kernels}
             self.cache_path = Path(cache_dir) / compile_key(config, device, dtype, in_graph, self.options).name
             self._run = load_package(self.cache_path, self._weights)
+            if self.batched:
+                rows_key = compile_key({**config, "rows": f"1-{int_gemv.FLOAT_ROWS}"}, device, dtype, in_graph,
+                                       self.options)
+                self.rows_cache_path = Path(cache_dir) / rows_key.name
+                self._run_rows = load_package(self.rows_cache_path, self._weights)
         self.loaded = self._run is not None
 
+    def ready_for(self, rows: int, cache) -> bool:
+        """Whether a step of `rows` rows runs compiled: one row always; 2 to FLOAT_ROWS rows where `batched`, once
+        their package is built (here, the first time: it is compiled, or loaded from the cache) and works."""
+        if rows == 1:
+            return True
+        if not self.batched or rows > int_gemv.FLOAT_ROWS:
+            return False
+        if self._run_rows is None:
+            self._run_rows = self._package(cache, self.rows_cache_path, batch=True)
+            self.batched = self._run_rows is not None
+        return self.batched
+
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """ids, positions (B, 1), mask (B, 1, 1, S) -> logits (B, vocab); B > 1 only where `ready_for(B)`."""
+        if ids.shape[0] > 1:
+            return self._run_rows([ids, mask, positions, *cache.keys, *cache.values])[0]
         if self.packaged and self._run is None:
-            self._run = self._package(cache)
+            self._run = self._package(cache, self.cache_path)
             self.packaged = self._run is not None
         if self._run is not None:
             out = self._run([ids, mask, positions, *cache.keys, *cache.values])[0]
@@ -175,39 +203,46 @@ class CompiledDecoder:
             self._compiled = torch.compile(self.module, dynamic=None, options=self.options)
         return self._compiled(ids, mask, positions, cache)
 
-    def _package(self, cache):
-        """Export the step and compile it with AOTInductor (saved to `cache_path` when there is one), then load it;
-        None, with a warning, when that fails (the `torch.compile` path serves instead).
+    def _package(self, cache, path: Path | None, batch: bool = False):
+        """Export the step and compile it with AOTInductor (saved to `path` when there is one), then load it;
+        None, with a warning, when that fails (the `torch.compile` path serves one row instead; batches decode
+        eagerly).
 
-        The example inputs are fresh tensors shaped like the cache's (2 rows, 64 columns, a mask of 8): rows,
-        columns and the mask's width are compiled as symbols, so one package serves every cache and length.
+        The example inputs are fresh tensors shaped like the cache's (3 rows, 64 columns, a mask of 8): rows,
+        columns and the mask's width are compiled as symbols, so one package serves every cache and length; with
+        `batch` the step's own row count is a symbol too (1 to FLOAT_ROWS; the one-row package is the other).
         """
         device, dtype = cache.keys[0].device, cache.keys[0].dtype
         _, n_kv_heads, _, head_dim = cache.keys[0].shape
         layers = cache.n_layers
         rows, columns, width = Dim("rows", min=1), Dim("columns", min=3), Dim("width", min=2)
         per_layer = [{0: rows, 2: columns}] * layers
+        step_rows = Dim("batch", min=1, max=int_gemv.FLOAT_ROWS) if batch else None
+        b = 2 if batch else 1
         try:
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 # the engine runs under inference mode; torch's export warns of its own deprecations
                 warnings.simplefilter("ignore", FutureWarning)
-                kv = [torch.zeros(2, n_kv_heads, 65, head_dim, dtype=dtype, device=device) for _ in range(2 * layers)]
-                ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-                mask = torch.ones(1, 1, 1, 8, dtype=torch.bool, device=device)
-                positions = torch.full((1, 1), 7, dtype=torch.long, device=device)
-                program = torch.export.export(self.flat, (ids, mask, positions, kv[:layers], kv[layers:]),
-                                              dynamic_shapes=(None, {3: width}, None, per_layer, per_layer),
-                                              strict=False)
+                kv = [torch.zeros(3, n_kv_heads, 65, head_dim, dtype=dtype, device=device) for _ in range(2 * layers)]
+                ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+                mask = torch.ones(b, 1, 1, 8, dtype=torch.bool, device=device)
+                positions = torch.full((b, 1), 7, dtype=torch.long, device=device)
+                per_row = {0: step_rows} if batch else None
+                program = torch.export.export(
+                    self.flat, (ids, mask, positions, kv[:layers], kv[layers:]),
+                    dynamic_shapes=(per_row, {0: step_rows, 3: width} if batch else {3: width}, per_row, per_layer,
+                                    per_layer),
+                    strict=False)
             options = {**(self.options or {}), **PACKAGE_OPTIONS}
             with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                path = self.cache_path
                 if path is None or not save_package(program, path, options):  # no cache, or it cannot be written
                     path = Path(scratch) / "decode.pt2"
                     save_package(program, path, options)
                 return load_package(path, self._weights)
         except Exception as err:  # a model torch cannot export in one graph: the torch.compile path still works
-            log.warning("compiled decode: packaging the step failed (%s); compiling it with torch.compile", err)
+            log.warning("compiled decode: packaging the %s step failed (%s); %s", "batched" if batch else "one-row",
+                        err, "batches decode eagerly" if batch else "compiling it with torch.compile")
             return None
 
 

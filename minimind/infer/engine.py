@@ -450,17 +450,21 @@ class Engine:
             self._free_rows([request.row])
 
     @torch.inference_mode()  # as `step` runs: the state it allocates must be inference tensors too
-    def warm_up(self) -> float:
+    def warm_up(self, batches: bool = False) -> float:
         """Compile the decode step now rather than during the first answer (`compile=True`; else nothing).
 
         One short greedy generation; the step is compiled once for every later length and cache size
-        (compiled.py), so a server that warms up never stalls a request on compilation. Returns seconds.
+        (compiled.py), so a server that warms up never stalls a request on compilation. With `batches`, also the
+        step of several rows where the engine compiles one (float32 on a CPU with the kernels), by decoding two
+        rows. Returns seconds.
         """
         if self._decode_step is None:
             return 0.0
         start = time.perf_counter()
         self._reserve(min(2, self.max_batch_size), 4)  # two cache rows: the row count compiles as a symbol
         self.completions([[self.pad_id] * 2], max_new_tokens=2, temperature=0.0, ignore_eos=True)
+        if batches and self._decode_step.batched and self.max_batch_size > 1:
+            self.completions([[self.pad_id] * 2] * 2, max_new_tokens=2, temperature=0.0, ignore_eos=True)
         return time.perf_counter() - start
 
     def refresh_weights(self) -> None:
@@ -664,8 +668,10 @@ class Engine:
         longest = max(r.cached for r in self._running)
         shortest = min(r.cached for r in self._running)
         positions = self._lengths[:n, None]  # (B, 1): each row writes its new token at its own length
-        if self._decode_step is not None and n == 1:  # compiled.py: the whole cache in, the mask says how much
-            mask = self._every_column[..., : longest + 1]  # (1, 1, 1, longest + 1): the row's own columns
+        if self._decode_step is not None and self._decode_step.ready_for(n, self.cache):
+            # compiled.py: the whole cache in, the mask says how much (one row: all its columns)
+            mask = (self._every_column[..., : longest + 1] if n == 1
+                    else self._columns[: longest + 1] <= positions[:, None, :, None])  # (B, 1, 1, longest + 1)
             self.cache.bind(0, n, positions, None, longest)
             logits = self._decode_step(self._next_tokens[:n, None], mask, positions, self.cache)
         elif self._batched_step is not None and n > 1:  # batched.py: the same, for several rows

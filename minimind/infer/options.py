@@ -148,13 +148,14 @@ def compile_cache_dir(args: argparse.Namespace) -> Path:
     return Path(given).expanduser() if given else default_compile_cache()
 
 
-def load_engine(args: argparse.Namespace, compile_default: bool = True, **engine_kwargs):
+def load_engine(args: argparse.Namespace, compile_default: bool = True, batches: bool = False, **engine_kwargs):
     """The Engine for `--model` and the `add_engine_arguments` flags.
 
     When it compiles (`compile_by_default`; with `compile_default=False` only on `--compile`: `eval`, whose
     scoring is batched prefill), the decode step is compiled, or loaded from the compile cache,
     before this returns, saying so on stderr, so that no answer waits on it.
     A default (not asked for) compilation that fails leaves the engine decoding eagerly, with a note.
+    `batches` (the server, the web chat): the step of several rows too, where the engine compiles one.
     """
     from minimind.infer.engine import Engine
 
@@ -167,17 +168,18 @@ def load_engine(args: argparse.Namespace, compile_default: bool = True, **engine
                                     prepack=not getattr(args, "no_prepack", False),
                                     prefix_cache_tokens=getattr(args, "prefix_cache_tokens", 0), **engine_kwargs)
     if compile:
-        warm_compiled(engine, explicit=requested is True)
+        warm_compiled(engine, explicit=requested is True, batches=batches)
     return engine
 
 
-def warm_compiled(engine, explicit: bool) -> None:
-    """Compile (or load) the engine's decode step now, reporting on stderr; an implicit one that fails is
-    turned off (eager decoding), an explicit `--compile` that fails raises."""
+def warm_compiled(engine, explicit: bool, batches: bool = False) -> None:
+    """Compile (or load) the engine's decode step now (with `batches`, its step of several rows too: a server),
+    reporting on stderr; an implicit one that fails is turned off (eager decoding), an explicit `--compile` that
+    fails raises."""
     step = engine._decode_step
     if step is None:
         return
-    if step.loaded:
+    if step.loaded and (step._run_rows is not None or not (batches and step.batched)):
         print(f"compiled decode step loaded from {step.cache_path.parent}", file=sys.stderr, flush=True)
     else:
         when = ("once for this model shape and machine" if step.cacheable else
@@ -185,7 +187,7 @@ def warm_compiled(engine, explicit: bool) -> None:
         print(f"compiling the decode step, {when} (15-60 s on 2 CPU cores; --no-compile skips it)...",
               file=sys.stderr, flush=True)
     try:
-        seconds = engine.warm_up()
+        seconds = engine.warm_up(batches=batches)
     except Exception as err:
         if explicit:
             raise

@@ -230,9 +230,19 @@ def _gemv_weight(node: torch.fx.Node) -> torch.fx.Node | None:
     if x_val is None or w_val is None or x_val.dtype != torch.float32 or w_val.dtype != torch.float32:
         return None
     rows, k = x_val.shape
-    if not (isinstance(rows, int) and rows <= FLOAT_ROWS and isinstance(k, int) and k % 16 == 0):
+    if not (_at_most(rows, FLOAT_ROWS) and isinstance(k, int) and k % 16 == 0):
         return None
     return weight if w_val.dim() == 2 and w_val.is_contiguous() else None
+
+
+def _at_most(size, limit: int) -> bool:
+    """Whether a size, a number or a symbol (a step compiled for a range of rows), is never above `limit`."""
+    if isinstance(size, int):
+        return size <= limit
+    try:
+        return int(size.node.shape_env.bound_sympy(size.node.expr).upper) <= limit
+    except (AttributeError, TypeError, ValueError, OverflowError):  # no known bound
+        return False
 
 
 _VIEWS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     origins = cors_origins(args.cors_origins)
     _check_port_free(args.host, args.port)
     defaults = generation_defaults(args.model)
-    engine = load_engine(args, max_batch_size=args.max_batch_size)
+    engine = load_engine(args, batches=True, max_batch_size=args.max_batch_size)
     config = ServeConfig(names, args.api_key or os.environ.get("MINIMIND_API_KEY") or None, args.max_body_bytes,
                          defaults, split_reasoning=args.reasoning_parser == "think",
                          request_timeout=args.request_timeout, cors_origins=origins,

@@ -52,7 +52,7 @@ def load_scheduler(model_dir: str, device: str = "auto", dtype: str | None = Non
                                     quantize=quantize, compile=compiled,
                                     compile_cache=default_compile_cache() if compiled else None,
                                     prefix_cache_tokens=prefix_cache_tokens)
-    engine.warm_up()
+    engine.warm_up(batches=True)
     return Scheduler(engine, max_queue=32).start()
 
 
