@@ -22,10 +22,11 @@ takes the tensors and runs every kernel: no Dynamo guards, no Python wrapper aro
 int8 and int4, is in docs/performance.md. MoE models are the exception: their routing turns per-expert token
 counts into Python numbers, which no single graph holds, so their step goes through `torch.compile`.
 
-Only steps with one running sequence take this path: with several rows a matmul is a real GEMM, where the
-eager oneDNN (prepacked weights, layout.py) / fbgemm kernels are as fast or faster, and compiling for every
-batch size would recompile whenever a server's batch changes. The sizes that change between calls are
-compiled as symbols, so one compilation serves every token and every cache: the number of columns attended
+Steps of one running sequence take this path; so do steps of 2 to FLOAT_ROWS rows of a float32 model where
+the kernels run, through a second package whose row count is a symbol (`ready_for`; its products read each
+weight row once for all rows). Other batches (more rows, int8/int4, no kernels) run eagerly, where a matmul of
+many rows is a real GEMM for the oneDNN (prepacked weights, layout.py) / fbgemm kernels. The sizes that change
+between calls are compiled as symbols, so one compilation serves every token and every cache: the number of columns attended
 (the mask's width, the tokens so far) and the cache's capacity and rows (they grow geometrically when a
 longer request or a larger batch arrives). Attending over the whole capacity instead, with fixed shapes, made a
 step's cost follow the request's `max_tokens` rather than its length, and a cache that once grew kept every later
@@ -217,7 +218,7 @@ class CompiledDecoder:
         layers = cache.n_layers
         rows, columns, width = Dim("rows", min=1), Dim("columns", min=3), Dim("width", min=2)
         per_layer = [{0: rows, 2: columns}] * layers
-        step_rows = Dim("batch", min=1, max=int_gemv.FLOAT_ROWS) if batch else None
+        per_row = {0: Dim("batch", min=1, max=int_gemv.FLOAT_ROWS)} if batch else None  # the step's own rows
         b = 2 if batch else 1
         try:
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -227,12 +228,9 @@ class CompiledDecoder:
                 ids = torch.zeros(b, 1, dtype=torch.long, device=device)
                 mask = torch.ones(b, 1, 1, 8, dtype=torch.bool, device=device)
                 positions = torch.full((b, 1), 7, dtype=torch.long, device=device)
-                per_row = {0: step_rows} if batch else None
                 program = torch.export.export(
                     self.flat, (ids, mask, positions, kv[:layers], kv[layers:]),
-                    dynamic_shapes=(per_row, {0: step_rows, 3: width} if batch else {3: width}, per_row, per_layer,
-                                    per_layer),
-                    strict=False)
+                    dynamic_shapes=(per_row, {**(per_row or {}), 3: width}, per_row, per_layer, per_layer), strict=False)
             options = {**(self.options or {}), **PACKAGE_OPTIONS}
             with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
