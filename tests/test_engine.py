@@ -61,6 +61,32 @@ def test_batched_greedy_equals_each_alone_with_small_batches_and_prefill_budget(
         assert [c.token_ids for c in together] == alone
 
 
+def test_a_group_of_mixed_lengths_is_prefilled_in_chunks_of_similar_lengths(tokenizer):
+    """`prefill_chunks` keeps one forward where padding is cheap and splits rows of sorted widths where it saves
+    more padded tokens than a forward costs; the engine's prefill then runs one forward per chunk, and every
+    output is what one forward for the whole group (no chunking) gives."""
+    from minimind.infer.engine import prefill_chunks
+
+    assert prefill_chunks([7], 32) == [(0, 1)]
+    assert prefill_chunks([10, 10, 12], 32) == [(0, 3)]  # 6 padded tokens < a forward
+    assert prefill_chunks([3, 3, 3, 3, 90, 90], 32) == [(0, 4), (4, 6)]  # 348 padded tokens > a forward
+    chunks = prefill_chunks(sorted([16, 20, 30, 48, 47, 46, 18, 33] * 4), 32)
+    assert chunks[0][0] == 0 and chunks[-1][1] == 32 and all(b == c for (_, b), (c, _) in zip(chunks, chunks[1:]))
+    assert 1 < len(chunks) < 8
+    model = random_model(3)
+    prompts = prompts_of((40, 3, 2, 41, 4, 39, 3, 1), seed=4)
+    forwards = []
+    engine = Engine(model, tokenizer)
+    forward = engine._forward
+    engine._forward = lambda ids, *args, **kwargs: forwards.append(tuple(ids.shape)) or forward(ids, *args, **kwargs)
+    chunked = engine.completions(prompts, max_new_tokens=6, ignore_eos=True, temperature=0.9, seed=3)
+    assert forwards[:2] == [(5, 4), (3, 41)]  # the five short prompts, then the three long ones
+    whole = Engine(model, tokenizer)
+    whole.prefill_forward_tokens = 10**9  # one forward, padded to the longest
+    together = whole.completions(prompts, max_new_tokens=6, ignore_eos=True, temperature=0.9, seed=3)
+    assert [c.token_ids for c in chunked] == [c.token_ids for c in together]
+
+
 def test_text_prompt_gets_bos_and_batch_returns_list(tokenizer):
     engine = Engine(random_model(), tokenizer)
     assert engine.encode("hello")[0] == tokenizer.bos_token_id

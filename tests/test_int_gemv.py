@@ -137,6 +137,38 @@ def test_f32_gemv_is_the_float_product(rows):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 128])
+def test_one_query_attention_is_sdpa_over_the_attended_columns(head_dim):
+    """`one_query_attention`: softmax(q k^T / sqrt(D)) v of one query per row over a strided cache view, query heads
+    sharing K/V heads (GQA), a column mask (unattended columns never read, even NaN), none (every column), and
+    a row that attends nothing (zeros); equal to SDPA at lengths across the 16-key blocks."""
+    import torch.nn.functional as F
+
+    assert int_gemv.available()
+    torch.manual_seed(0)
+    for columns in (1, 15, 16, 33, 200):
+        q_and_k = torch.randn(3, 10, 1, head_dim)  # q a non-contiguous view, as after RoPE
+        q = q_and_k[:, :8]
+        cache_k, cache_v = torch.randn(2, 3, 2, columns + 5, head_dim).unbind(0)
+        cache_k[:, :, columns:] = cache_v[:, :, columns:] = float("nan")  # past the mask's width: never read
+        k, v = cache_k.transpose(0, 1).contiguous().transpose(0, 1), cache_v  # any row / head strides
+        mask = torch.rand(3, 1, 1, columns) < 0.7
+        mask[0, ..., 0] = True
+        mask[1] = False  # a row that attends nothing
+        k[2, :, :columns][:, ~mask[2, 0, 0]] = float("nan")  # an unattended column inside the width
+        got = torch.ops.minimind.one_query_attention(q, k, v, mask)
+        for row in (0, 2):
+            want = F.scaled_dot_product_attention(q[row : row + 1], k[row : row + 1, :, :columns].nan_to_num(),
+                                                  v[row : row + 1, :, :columns], attn_mask=mask[row : row + 1],
+                                                  enable_gqa=True)
+            torch.testing.assert_close(got[row : row + 1], want, rtol=1e-5, atol=2e-6)
+        assert torch.equal(got[1], torch.zeros_like(got[1]))
+        whole_k, whole_v = (t[:, :, :columns].nan_to_num() for t in (k, v))
+        want = F.scaled_dot_product_attention(q, whole_k, whole_v, enable_gqa=True)
+        torch.testing.assert_close(torch.ops.minimind.one_query_attention(q, whole_k, whole_v, None), want,
+                                   rtol=1e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4", None])
 def test_the_compiled_step_makes_one_call_per_shared_input(mode, tokenizer, tmp_path):
     """The compiled decode step's graph pass merges the q/k/v and gate/up products (2 calls per layer instead

@@ -33,7 +33,7 @@ def test_rotate_qk_is_the_textbook_rotate_half_rope():
     torch.testing.assert_close(k_rot, textbook(k), rtol=0, atol=1e-6)
 
 
-def test_one_query_attention_is_sdpa_over_the_cached_columns():
+def test_one_query_attention_is_sdpa_over_the_cached_columns(tokenizer):
     """The written-out attention of compiled decode steps: SDPA's result with GQA and a column mask."""
     from minimind.kernels.attention import inline_one_query_attention, one_query, one_query_matmul_attention
     from minimind.model.layers import Attention, sdpa_attention
@@ -63,6 +63,19 @@ def test_one_query_attention_is_sdpa_over_the_cached_columns():
     # the whole cache with a narrower mask: the columns past it are not attended.
     got = inline_one_query_attention(attention, q, k_cache, v_cache, mask, 0.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # Eager float32 decoding on a CPU with the row kernels: `one_query_attention`, which an Engine installs.
+    from minimind.kernels import int_gemv
+    from minimind.kernels.attention import one_query_kernel_attention
+
+    if int_gemv.available():
+        engine_attention = Engine(tiny_model(), tokenizer).model.model.layers[0].self_attn.attention_function
+        assert engine_attention is one_query_kernel_attention
+        for m, k_in, v_in in ((mask, k_cache, v_cache), (None, k, v)):
+            torch.testing.assert_close(one_query_kernel_attention(attention, q, k_in, v_in, m, 0.0),
+                                       sdpa_attention(attention, q, k, v, m, 0.0), rtol=1e-5, atol=1e-6)
+    prompt_q = torch.randn(b, attention.n_heads, s, d)  # several new tokens (a prompt): SDPA's causal attention
+    assert torch.equal(one_query_kernel_attention(attention, prompt_q, k, v, None, 0.0),
+                       sdpa_attention(attention, prompt_q, k, v, None, 0.0))
 
 
 def test_gemv_layout_keeps_values_names_and_hf_equality_and_saves(tmp_path):

@@ -28,8 +28,9 @@ How a step works: every running request owns one row of a preallocated KV cache 
 own length. First every running row decodes one token in one forward, with explicit per-row `position_ids`
 and a (B, 1, 1, S) bool mask (skipped when all rows have the same length); finished rows are freed. Then
 waiting requests take free rows (up to `max_batch_size`, and `prefill_token_budget` padded tokens) and are
-prefilled together in one forward (left-padded among themselves, padding written to a scratch column,
-logits of the last position only), which also gives their first token. When a request leaves, the last row
+prefilled, which also gives their first token: their rows ordered by prompt length, in as few forwards as
+keep the padding small (`prefill_chunks`; left-padded among themselves, padding written to a scratch column,
+logits of the last position only). When a request leaves, the last row
 moves into its place, so running rows are always the contiguous rows [0, n) and the cache is read through
 views. Memory: rows x the longest request's prompt + max_new_tokens (capped to the context).
 With `prefix_cache_tokens` > 0 (`prefix.py`), a leaving request's keys/values are kept, and a prompt sharing
@@ -137,6 +138,11 @@ class TokenSamples:
     finish_reasons: list[str]  # "stop" (a stop token) or "length"
 
 
+# A prefill forward's fixed cost, in padded prompt tokens, by device type (a CPU computes every padded token; a
+# GPU's forward is mostly launch overhead at these sizes); others: 1024.
+PREFILL_FORWARD_TOKENS = {"cpu": 32, "cuda": 1024}
+
+
 @dataclass
 class _Request:
     request_id: int
@@ -218,6 +224,8 @@ class Engine:
         self.vocab_size: int = config.vocab_size
         self.max_batch_size = max_batch_size
         self.prefill_token_budget = prefill_token_budget
+        # a prefill forward's fixed cost in padded tokens: what splitting a group of mixed lengths must save
+        self.prefill_forward_tokens = PREFILL_FORWARD_TOKENS.get(self.device.type, 1024)
         self.eos_ids = {tokenizer.eos_token_id} | _as_set(getattr(config, "eos_token_id", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.cache = SlotKVCache(config.n_layers, config.n_kv_heads, config.head_dim, self.dtype, self.device)
@@ -609,11 +617,44 @@ class Engine:
             width = longest
         return group
 
-    def _prefill(self, group: list[_Request]) -> list[StepOutput]:
-        start, stop = len(self._running), len(self._running) + len(group)
+    def _prefill(self, admitted: list[_Request]) -> list[StepOutput]:
+        """Prefill the admitted requests in new rows and sample their first tokens; outputs in admitted order.
+
+        The rows are ordered by prompt length and prefilled in chunks of similar lengths (`prefill_chunks`), so a
+        group of mixed lengths is not padded to its longest."""
+        group = sorted(admitted, key=lambda r: len(r.prompt_ids))
+        start, stop = len(self._running), len(self._running) + len(admitted)
         need = max(len(r.prompt_ids) + r.limit for r in self._running + group)
         self._reserve(stop, need)
         reused = [self._reuse_prefix(r, start + i) for i, r in enumerate(group)]  # columns [0, p) already filled
+        for i, request in enumerate(group):
+            request.row, request.cached = start + i, len(request.prompt_ids)
+        widths = [len(r.prompt_ids) - p for r, p in zip(group, reused)]
+        logits, scores = [], []
+        for a, b in prefill_chunks(widths, self.prefill_forward_tokens):
+            chunk_logits, chunk_scores = self._prefill_rows(start + a, group[a:b], reused[a:b])
+            logits.append(chunk_logits)
+            scores += chunk_scores
+        self._running.extend(group)
+        self._lengths[start:stop] = torch.tensor([len(r.prompt_ids) for r in group], device=self.device)
+        self._row_params[start:stop] = torch.tensor([r.params.row() for r in group], device=self.device)
+        for request in group:
+            if request.params.penalized:
+                self._seen[request.row] = False
+                self._seen[request.row, torch.tensor(request.prompt_ids, device=self.device)] = True
+                self._counts[request.row] = 0
+        outputs = self._sample(start, stop, torch.cat(logits))
+        for output, p, score in zip(outputs, reused, scores):
+            output.cached_tokens = p
+            output.prompt_logprobs = score
+        by_request = {output.request_id: output for output in outputs}
+        return [by_request[r.request_id] for r in admitted]
+
+    def _prefill_rows(self, first: int, group: list[_Request], reused: list[int]
+                      ) -> tuple[torch.Tensor, list[list[TokenLogprob | None] | None]]:
+        """One forward over the prompts of rows [first, first + len(group)), left-padded among themselves (the
+        first reused[i] tokens of each already in its row): -> logits (rows, V) of their last tokens, and the
+        prompt log-probs of the requests that ask for them (None for the others)."""
         width = max(len(r.prompt_ids) - p for r, p in zip(group, reused))  # longest part left to prefill
         longest = max(len(r.prompt_ids) for r in group)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
@@ -623,35 +664,18 @@ class Engine:
             n, new = len(request.prompt_ids), len(request.prompt_ids) - p
             ids[i, width - new :] = torch.tensor(request.prompt_ids[p:])  # left-padded: last column = last token
             write[i, width - new :] = positions[i, width - new :] = torch.arange(p, n)
-            request.row, request.cached = start + i, n
         ids, write, positions = ids.to(self.device), write.to(self.device), positions.to(self.device)
         same_length = all(len(r.prompt_ids) == width for r in group)  # every position is its column: causal
         # (B, 1, T, longest): each new token sees its row's columns up to its own position, reused ones included
         mask = None if same_length else self._columns[:longest] <= positions[:, None, :, None]
-        self.cache.bind(start, stop, write, longest, max(reused))
-        scored, scores = [r.params.prompt_logprobs for r in group], None
+        self.cache.bind(first, first + len(group), write, longest, max(reused))
+        scored = [r.params.prompt_logprobs for r in group]
         if all(k is None for k in scored):
-            logits = self._forward(ids, mask, positions)
-        else:  # some prompt is scored: logits at every position (their rows only are read)
-            every = self._forward(ids, mask, positions, every_position=True)
-            logits = every[:, -1]
-            scores = [None if k is None else _prompt_logprobs(every[i, width - len(r.prompt_ids) :], r.prompt_ids, k)
-                      for i, (r, k) in enumerate(zip(group, scored))]
-        self._running.extend(group)
-        self._lengths[start:stop] = torch.tensor([len(r.prompt_ids) for r in group], device=self.device)
-        self._row_params[start:stop] = torch.tensor([r.params.row() for r in group], device=self.device)
-        for request in group:
-            if request.params.penalized:
-                self._seen[request.row] = False
-                self._seen[request.row, torch.tensor(request.prompt_ids, device=self.device)] = True
-                self._counts[request.row] = 0
-        outputs = self._sample(start, stop, logits)
-        for output, p in zip(outputs, reused):
-            output.cached_tokens = p
-        if scores is not None:
-            for output, score in zip(outputs, scores):
-                output.prompt_logprobs = score
-        return outputs
+            return self._forward(ids, mask, positions), [None] * len(group)
+        every = self._forward(ids, mask, positions, every_position=True)  # some prompt is scored: every position
+        scores = [None if k is None else _prompt_logprobs(every[i, width - len(r.prompt_ids) :], r.prompt_ids, k)
+                  for i, (r, k) in enumerate(zip(group, scored))]
+        return every[:, -1], scores
 
     def _reuse_prefix(self, request: _Request, row: int) -> int:
         """Copy the longest cached prefix of the request's prompt into cache row `row`; -> its length (0: none).
@@ -776,6 +800,27 @@ class Engine:
                     state[row] = state[last]
                 self._running[row] = moved
                 moved.row = row
+
+
+def prefill_chunks(widths: Sequence[int], forward_tokens: int) -> list[tuple[int, int]]:
+    """Split rows of prompt widths (in their order) into contiguous chunks [a, b), one forward each, that minimise
+    the padded tokens (each chunk's rows x its widest) plus `forward_tokens` per forward. Widths in ascending
+    order make chunks of similar lengths; one width, or widths close together, stay one chunk."""
+    n = len(widths)
+    cost = [0] + [None] * n  # cost[b]: the best split of rows [0, b)
+    cut = [0] * (n + 1)  # where the last chunk of that split starts
+    for b in range(1, n + 1):
+        widest = 0
+        for a in range(b - 1, -1, -1):
+            widest = max(widest, widths[a])
+            total = cost[a] + (b - a) * widest + forward_tokens
+            if cost[b] is None or total < cost[b]:
+                cost[b], cut[b] = total, a
+    chunks, b = [], n
+    while b > 0:
+        chunks.append((cut[b], b))
+        b = cut[b]
+    return chunks[::-1]
 
 
 def _weight_copy_bytes(model: torch.nn.Module, given: torch.nn.Module | None, head: OutputHead | None) -> int:

@@ -21,9 +21,11 @@ from collections.abc import Callable
 
 import torch
 
+from minimind.kernels import int_gemv
 from minimind.kernels.attention import (
     causal_blocks_attention,
     inline_one_query_attention,
+    one_query_kernel_attention,
     one_query_matmul_attention,
 )
 from minimind.kernels.documents import Documents
@@ -40,6 +42,7 @@ ATTENTION_IMPLEMENTATIONS: dict[str, Callable] = {
     "causal_blocks": causal_blocks_attention,
     "one_query_matmul": one_query_matmul_attention,
     "one_query_inline": inline_one_query_attention,
+    "one_query_kernel": one_query_kernel_attention,
 }
 DOCUMENT_IMPLEMENTATIONS: dict[str, Callable] = {"mask": document_mask, "documents": Documents}
 NORM_IMPLEMENTATIONS: dict[str, Callable] = {"plain": rms_norm, "hand_backward": hand_backward_rms_norm}
@@ -94,10 +97,13 @@ def use_training_kernels(model: torch.nn.Module, device: torch.device, compiled:
 
 
 def use_decode_kernels(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """What the Engine selects once for its model: one-query attention as two matmuls for eager bf16/fp16
-    decoding on a CPU (SDPA elsewhere). The compiled decode step installs its own (`use_compiled_decode`)."""
+    """What the Engine selects once for its model: on a CPU, one-query attention as two matmuls for eager
+    bf16/fp16 decoding, and through the `one_query_attention` kernel for float32 where the row kernels are
+    built (int_gemv.py); SDPA elsewhere. The compiled decode step installs its own (`use_compiled_decode`)."""
     if device.type == "cpu" and dtype != torch.float32:
         set_attention(model, "one_query_matmul")
+    elif device.type == "cpu" and int_gemv.available():
+        set_attention(model, "one_query_kernel")
 
 
 def use_compiled_decode(model: torch.nn.Module) -> None:

@@ -50,6 +50,20 @@ def one_query_matmul_attention(module: Attention, q: torch.Tensor, k: torch.Tens
     return (probs @ v).view(b, module.n_heads, 1, d)
 
 
+def one_query_kernel_attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """Float32 decoding on a CPU with the row kernels (int_gemv.py): one new token per row attends over its cache
+    through `one_query_attention`, which reads each key and value once for the query heads sharing it (PyTorch's
+    SDPA at one query costs several times its arithmetic; docs/performance.md, rollout section); SDPA for
+    several tokens (prompts), other dtypes, head sizes the kernel does not take, and any other mask.
+    mask: None (every column of k) or bool (B, 1, 1, S) over the first S columns of k.
+    """
+    if (q.shape[2] == 1 and dropout == 0 and q.dtype == torch.float32 and module.head_dim % 16 == 0
+            and module.head_dim <= 256 and (mask is None or (mask.dtype == torch.bool and mask.shape[:3] == (q.shape[0], 1, 1)))):
+        return torch.ops.minimind.one_query_attention(q, k, v, mask)
+    return sdpa_attention(module, q, k, v, mask, dropout)
+
+
 def one_query(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor) -> torch.Tensor:
     """Attention of one new token per row over the cache (B, n_kv_heads, S, D), as products and sums.

@@ -11,6 +11,7 @@
 // q4_gemv: llama.cpp q4_0 weights (groups of 32 inputs, codes 0..15 standing for (q - 8) d, d in bf16), codes
 //   packed two per byte; activations rounded to int8 with one scale per group of 32 (as llama.cpp's q8_0).
 // f32_gemv: the model's own float32 (N, K) weights, FMA row dots, the next rows prefetched.
+// one_query_attention: float32 attention of one new token per row over its KV cache (eager and batched decoding).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -373,6 +375,179 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& weight) {
   return f32_gemv_cat(x, {weight});
 }
 
+
+// ---- attention of one new token per row ----
+
+// e^x for 16 floats (x <= 88): 2^(x log2 e) as 2^n times a degree-7 polynomial of the fraction (relative error
+// about 1e-7); -inf gives 0.
+inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));  // |f| <= ln2 / 2
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Sixteen vectors -> one: lane i holds the sum of v[i]'s lanes (a transpose and add, three steps per output).
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)  // lanes (4 per 128 bits) alternate v[2i], v[2i + 1]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // each 128 bits: partial sums of v[4i .. 4i + 3]
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes pairwise added: u[2i] then u[2i + 1], two lanes each
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
+// One query head (DC x 16 values) against S keys (row stride ks) -> scores[s] = q . k_s * scale, sixteen keys per
+// reduction.
+template <int DC>
+inline void head_scores(const float* q, const float* keys, int64_t ks, int64_t S, float scale, float* scores) {
+  __m512 qv[DC];
+  for (int c = 0; c < DC; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) {
+    __m512 dots[16];
+    for (int j = 0; j < 16; ++j) {
+      const float* k = keys + (s + j) * ks;
+      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+      for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc);
+      dots[j] = acc;
+    }
+    _mm512_storeu_ps(scores + s, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
+  }
+  for (; s < S; ++s) {
+    const float* k = keys + s * ks;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+    for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc);
+    scores[s] = _mm512_reduce_add_ps(acc) * scale;
+  }
+}
+
+// scores (S) -> unnormalised probabilities e^(score - max) (0 where not attended); returns their sum.
+inline float exp_scores(float* scores, const bool* seen, int64_t S) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < S; ++s)
+    if (!seen || seen[s]) top = std::max(top, scores[s]);
+  if (top == -INFINITY) {  // nothing attended
+    std::fill(scores, scores + S, 0.f);
+    return 0.f;
+  }
+  const __m512 vtop = _mm512_set1_ps(top);
+  __m512 total = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + s), vtop));
+    if (seen) {
+      const __mmask16 keep = _mm512_cmpneq_epi32_mask(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(seen + s))), _mm512_setzero_si512());
+      e = _mm512_maskz_mov_ps(keep, e);
+    }
+    _mm512_storeu_ps(scores + s, e);
+    total = _mm512_add_ps(total, e);
+  }
+  float sum = _mm512_reduce_add_ps(total);
+  for (; s < S; ++s) {
+    scores[s] = (!seen || seen[s]) ? std::exp(scores[s] - top) : 0.f;
+    sum += scores[s];
+  }
+  return sum;
+}
+
+// out (DC x 16) = sum over attended s of p[s] v_s / total.
+template <int DC>
+inline void head_values(const float* p, const bool* seen, const float* values, int64_t vs, int64_t S, float total,
+                        float* out) {
+  __m512 acc[DC];
+  for (int c = 0; c < DC; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    if (seen && !seen[s]) continue;  // never read: an unattended column may hold anything
+    const __m512 ps = _mm512_set1_ps(p[s]);
+    const float* v = values + s * vs;
+    for (int c = 0; c < DC; ++c) acc[c] = _mm512_fmadd_ps(ps, _mm512_loadu_ps(v + 16 * c), acc[c]);
+  }
+  const __m512 inverse = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);
+  for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inverse));
+}
+
+template <int DC>
+void one_query_heads(const float* q, int64_t qh, const float* keys, int64_t ks, const float* values, int64_t vs,
+                     const bool* seen, int64_t R, int64_t S, float scale, float* scores, float* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = scores + r * S;
+    head_scores<DC>(q + r * qh, keys, ks, S, scale, sr);
+    const float total = exp_scores(sr, seen, S);
+    head_values<DC>(sr, seen, values, vs, S, total, out + r * DC * 16);
+  }
+}
+
+using HeadsFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, int64_t, const bool*, int64_t,
+                         int64_t, float, float*, float*);
+constexpr HeadsFn kHeads[16] = {one_query_heads<1>,  one_query_heads<2>,  one_query_heads<3>,  one_query_heads<4>,
+                                one_query_heads<5>,  one_query_heads<6>,  one_query_heads<7>,  one_query_heads<8>,
+                                one_query_heads<9>,  one_query_heads<10>, one_query_heads<11>, one_query_heads<12>,
+                                one_query_heads<13>, one_query_heads<14>, one_query_heads<15>, one_query_heads<16>};
+
+// q (B, H, 1, D) float32, D a multiple of 16 up to 256; k and v (B, H_kv, >= S, D) float32 with unit stride along D
+// (views of a KV cache); mask (B, 1, 1, S) bool, true where a column is attended, or none (all S = k.size(2)
+// columns). Query head h reads K/V head h / (H / H_kv). -> (B, H, 1, D): softmax(q k^T / sqrt(D)) v over the
+// attended columns (zeros for a row that attends none). One task per (row, K/V head), so its keys and values
+// stay in L1 for the query heads that share them. PyTorch's SDPA kernel spends most of its time at one query
+// setting up blocks (docs/performance.md, rollout section).
+at::Tensor one_query_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& mask_in) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && q_in.scalar_type() == at::kFloat,
+              "one_query_attention: q must be (B, H, 1, D) float32");
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();  // rows and heads at any stride
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat && k.stride(3) == 1 && v.stride(3) == 1,
+              "one_query_attention: k and v must be (B, H_kv, S, D) float32 with unit stride along D");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), G = k.size(1);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && G > 0 && H % G == 0, "one_query_attention: shapes disagree");
+  TORCH_CHECK(D % 16 == 0 && D <= 256, "one_query_attention: head size must be a multiple of 16 up to 256");
+  const int64_t S = mask_in.has_value() ? mask_in->size(-1) : k.size(2);
+  TORCH_CHECK(S <= k.size(2), "one_query_attention: the mask is wider than the keys");
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    TORCH_CHECK(mask_in->scalar_type() == at::kBool && mask_in->numel() == B * S,
+                "one_query_attention: mask must be (B, 1, 1, S) bool");
+    mask = mask_in->contiguous();
+  }
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t R = H / G;  // query heads per K/V head
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qb = q.stride(0), qh = q.stride(1), kb = k.stride(0), kg = k.stride(1), ks = k.stride(2),
+                vb = v.stride(0), vg = v.stride(1), vs = v.stride(2);
+  at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(R * S);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / G, g = t % G;
+      const float* qg = qp + b * qb + g * R * qh;
+      const float* keys = kp + b * kb + g * kg;
+      const float* values = vp + b * vb + g * vg;
+      const bool* seen = mp ? mp + b * S : nullptr;
+      kHeads[D / 16 - 1](qg, qh, keys, ks, values, vs, seen, R, S, scale, scores.data(), op + (b * H + g * R) * D);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(minimind, m) {
@@ -382,6 +557,7 @@ TORCH_LIBRARY(minimind, m) {
   m.def("q4_gemv_cat(Tensor x, Tensor[] packed, Tensor[] scales) -> Tensor");
   m.def("f32_gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("f32_gemv_cat(Tensor x, Tensor[] weights) -> Tensor");
+  m.def("one_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minimind, CPU, m) {
@@ -391,4 +567,5 @@ TORCH_LIBRARY_IMPL(minimind, CPU, m) {
   m.impl("q4_gemv_cat", &q4_gemv_cat);
   m.impl("f32_gemv", &f32_gemv);
   m.impl("f32_gemv_cat", &f32_gemv_cat);
+  m.impl("one_query_attention", &one_query_attention);
 }

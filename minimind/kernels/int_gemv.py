@@ -11,6 +11,8 @@ multiply one input by several matrices in one call (outputs side by side); the c
 `FuseSharedInput` puts a layer's q, k and v products (and its gate and up ones) into one such call.
 `f32_gemv` / `f32_gemv_cat` do the same for float32 models on their own weights (FMA row dots that prefetch the
 next rows); the graph pass `FloatGemv` turns the compiled float32 step's one-row products into them.
+`one_query_attention` is float32 attention of one new token per row over its KV cache (GQA, a column mask), for
+eager and batched decoding (`minimind.kernels.attention.one_query_kernel_attention`).
 
 The C++ source is compiled once per machine with the C++ compiler torch.compile uses, into torch's extension
 cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later starts load the library. Where the CPU
@@ -111,6 +113,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("minimind::f32_gemv_cat")
     def _f32_cat(x, weights):
         return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
+    @torch.library.register_fake("minimind::one_query_attention")
+    def _one_query(q, k, v, mask):
+        return q.new_empty(q.shape)
 
 
 def int8_fits(out_features: int, in_features: int) -> bool:
