@@ -58,7 +58,7 @@ def test_the_cli_compiles_by_default_on_cpu_and_cuda_only(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_saved_decode_step_is_loaded_by_the_next_engine_and_decodes_as_eager(tokenizer, tmp_path):
+def test_a_saved_decode_step_is_loaded_by_the_next_engine_and_decodes_as_eager(tokenizer, tmp_path, caplog):
     """The first engine packages the step (torch.export + AOTInductor) and saves it; a second engine of the same
     shape (other weights) loads that file, traces nothing, and both give the eager engine's tokens, across cache
     growth."""
@@ -70,9 +70,13 @@ def test_a_saved_decode_step_is_loaded_by_the_next_engine_and_decodes_as_eager(t
     first.warm_up()
     saved = list(tmp_path.iterdir())
     assert len(saved) == 1 and saved[0].name.startswith("decode-") and saved[0].stat().st_size > 0
-    assert run_two(first, prompts) == run_two(Engine(tiny_model(seed=1), tokenizer), prompts)
-    # two rows at once: the batched package (float32 with the kernels) is built at its first use, and saved too
+    with caplog.at_level("WARNING"):
+        assert run_two(first, prompts) == run_two(Engine(tiny_model(seed=1), tokenizer), prompts)
+    # two rows at once: the batched package (float32 with the kernels) is built at its first use, saying so, and
+    # saved too
     assert first._decode_step._run_rows is not None or not first._decode_step.batched
+    assert ("compiling the step of 2-16 rows, once" in caplog.text) == first._decode_step.batched
+    caplog.clear()
     saved = sorted(tmp_path.iterdir())
     assert len(saved) == 1 + first._decode_step.batched
 
@@ -88,6 +92,7 @@ def test_a_saved_decode_step_is_loaded_by_the_next_engine_and_decodes_as_eager(t
     assert second._decode_step._run is not None  # the package served every call: no fallback
     assert counters["stats"]["calls_captured"] == frames  # Dynamo traced nothing for the second engine
     assert sorted(tmp_path.iterdir()) == saved
+    assert "compiling the step" not in caplog.text  # loaded, not compiled: nothing said
 
 
 def test_an_moe_step_is_not_cached_and_decodes_as_eager(tokenizer, tmp_path, caplog):

@@ -185,6 +185,13 @@ def test_temperature_zero_is_deterministic_and_seeds_reproduce(tokenizer):
     batch = engine.completions([prompt, "北京", prompt], seed=7, **sample)
     assert batch[0].token_ids == first
     assert batch[2].token_ids == engine.completions([prompt], seed=9, **sample)[0].token_ids
+    # a request's random numbers are its generator's, in order, however many it draws at once
+    from minimind.infer.engine import UNIFORM_BLOCK, _Request
+
+    request = _Request(0, [1], SamplingParams(), 1, None, torch.Generator().manual_seed(3))
+    single = torch.Generator().manual_seed(3)
+    assert [request.uniform() for _ in range(UNIFORM_BLOCK + 5)] == [
+        float(torch.rand((), generator=single)) for _ in range(UNIFORM_BLOCK + 5)]
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(tokenizer):

@@ -178,6 +178,10 @@ class CompiledDecoder:
         if not self.batched or rows > int_gemv.FLOAT_ROWS:
             return False
         if self._run_rows is None:
+            if self.rows_cache_path is None or not self.rows_cache_path.exists():  # no silent pause on first use
+                log.warning("compiled decode: compiling the step of 2-%d rows%s (about as long as the one-row step)",
+                            int_gemv.FLOAT_ROWS, "" if self.rows_cache_path is None
+                            else ", once for this model shape and machine")
             self._run_rows = self._package(cache, self.rows_cache_path, batch=True)
             self.batched = self._run_rows is not None
         return self.batched

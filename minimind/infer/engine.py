@@ -141,6 +141,7 @@ class TokenSamples:
 # A prefill forward's fixed cost, in padded prompt tokens, by device type (a CPU computes every padded token; a
 # GPU's forward is mostly launch overhead at these sizes); others: 1024.
 PREFILL_FORWARD_TOKENS = {"cpu": 32, "cuda": 1024}
+UNIFORM_BLOCK = 64  # random numbers a sampled request draws from its generator at once
 
 
 @dataclass
@@ -157,12 +158,18 @@ class _Request:
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0  # tokens of this request stored in its cache row
     row: int = -1
+    uniforms: list[float] = field(default_factory=list)  # drawn ahead from the generator, next one last
 
     def uniform(self) -> float:
-        """This request's next random number in [0, 1) (0 for greedy requests, which draw nothing)."""
+        """This request's next random number in [0, 1) (0 for greedy requests, which draw nothing).
+
+        The generator's numbers in order, drawn UNIFORM_BLOCK at a time (a tensor of n draws holds the n
+        numbers n single draws give; one call per token cost more than the draw)."""
         if self.generator is None:
             return 0.0
-        return float(torch.rand((), generator=self.generator))
+        if not self.uniforms:
+            self.uniforms = torch.rand(UNIFORM_BLOCK, generator=self.generator).tolist()[::-1]
+        return self.uniforms.pop()
 
 
 class Engine:
