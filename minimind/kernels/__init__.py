@@ -7,12 +7,13 @@ install one by name). What each user selects:
 - training (`use_training_kernels`): the hand-written RMSNorm backward (rmsnorm.py), MoE experts run on their
   tokens sorted by expert (moe.py, eager steps); on a CPU also causal GEMM blocks (causal_blocks.py) and
   per-document attention for packed rows (documents.py);
-- the Engine (`use_decode_kernels`): one-query attention as two matmuls for eager bf16/fp16 decoding on a CPU;
+- the Engine (`use_decode_kernels`): on a CPU, one-query attention as two matmuls for eager bf16/fp16 decoding,
+  through the `one_query_attention` kernel (int_gemv.py) for float32;
 - the compiled decode step (`use_compiled_decode`): one-query attention written out (infer/compiled.py).
 
 Every implementation
 computes what the plain one computes (tests/test_causal_blocks.py, test_documents.py, test_perf_paths.py,
-test_model.py).
+test_model.py, test_int_gemv.py).
 """
 
 from __future__ import annotations
