@@ -87,6 +87,26 @@ def test_concurrent_requests_sharing_a_system_prompt(tokenizer):
     assert all(reused[i] >= len(system) for i in ids)
 
 
+def test_a_group_mixing_reused_and_fresh_prompts_is_prefilled_by_what_is_left(tokenizer):
+    """Prompts admitted together, some with most of their tokens in the prefix cache: the rows are ordered by the
+    tokens left to prefill, so the reused ones share a short forward and the fresh ones a long one, with the tokens
+    of an engine without the cache."""
+    model = random_model(5)
+    system = prompts_of((40,), seed=60)[0]
+    fresh = prompts_of((41, 43), seed=61)
+    reusing = [system + q for q in prompts_of((2, 3), seed=62)]
+    group = [fresh[0], reusing[0], fresh[1], reusing[1]]  # alternating, as requests may arrive
+    alone = Engine(model, tokenizer).completions(group, max_new_tokens=6, ignore_eos=True)
+    engine = Engine(model, tokenizer, prefix_cache_tokens=1024)
+    engine.completions([system + [7]], max_new_tokens=1, ignore_eos=True)  # the system prompt in the cache
+    forwards = []
+    forward = engine._forward
+    engine._forward = lambda ids, *args, **kwargs: forwards.append(tuple(ids.shape)) or forward(ids, *args, **kwargs)
+    together = engine.completions(group, max_new_tokens=6, ignore_eos=True)
+    assert forwards[:2] == [(2, 3), (2, 43)]  # what is left of the two reusing prompts, then the two fresh ones
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 

@@ -28,10 +28,9 @@ How a step works: every running request owns one row of a preallocated KV cache 
 own length. First every running row decodes one token in one forward, with explicit per-row `position_ids`
 and a (B, 1, 1, S) bool mask (skipped when all rows have the same length); finished rows are freed. Then
 waiting requests take free rows (up to `max_batch_size`, and `prefill_token_budget` padded tokens) and are
-prefilled, which also gives their first token: their rows ordered by prompt length, in as few forwards as
-keep the padding small (`prefill_chunks`; left-padded among themselves, padding written to a scratch column,
-logits of the last position only). When a request leaves, the last row
-moves into its place, so running rows are always the contiguous rows [0, n) and the cache is read through
+prefilled, which also gives their first token: their rows ordered by the prompt tokens left to prefill, in as
+few forwards as keep the padding small (`prefill_chunks`; left-padded among themselves, padding written to a
+scratch column, logits of the last position only). When a request leaves, the last row moves into its place, so running rows are always the contiguous rows [0, n) and the cache is read through
 views. Memory: rows x the longest request's prompt + max_new_tokens (capped to the context).
 With `prefix_cache_tokens` > 0 (`prefix.py`), a leaving request's keys/values are kept, and a prompt sharing
 a prefix with one of them gets those columns copied into its row and prefills only the rest (at the same
@@ -627,13 +626,20 @@ class Engine:
     def _prefill(self, admitted: list[_Request]) -> list[StepOutput]:
         """Prefill the admitted requests in new rows and sample their first tokens; outputs in admitted order.
 
-        The rows are ordered by prompt length and prefilled in chunks of similar lengths (`prefill_chunks`), so a
-        group of mixed lengths is not padded to its longest."""
-        group = sorted(admitted, key=lambda r: len(r.prompt_ids))
+        The rows are ordered by the prompt tokens left to prefill (after what the prefix cache gives) and prefilled
+        in chunks of similar lengths (`prefill_chunks`), so a group of mixed lengths is not padded to its longest."""
+        matches = [self._prefix_match(r) for r in admitted]  # (prefix cache entry, tokens it gives) each
+        order = sorted(range(len(admitted)), key=lambda i: len(admitted[i].prompt_ids) - matches[i][1])
+        group = [admitted[i] for i in order]  # by the tokens left to prefill
         start, stop = len(self._running), len(self._running) + len(admitted)
         need = max(len(r.prompt_ids) + r.limit for r in self._running + group)
         self._reserve(stop, need)
-        reused = [self._reuse_prefix(r, start + i) for i, r in enumerate(group)]  # columns [0, p) already filled
+        reused = []  # per row: columns [0, p) filled from the prefix cache
+        for row, i in enumerate(order, start):
+            key, length = matches[i]
+            if key is not None:
+                self.prefix_cache.load(key, length, self.cache, row)
+            reused.append(length)
         for i, request in enumerate(group):
             request.row, request.cached = start + i, len(request.prompt_ids)
         widths = [len(r.prompt_ids) - p for r, p in zip(group, reused)]
@@ -684,15 +690,12 @@ class Engine:
                   for i, (r, k) in enumerate(zip(group, scored))]
         return every[:, -1], scores
 
-    def _reuse_prefix(self, request: _Request, row: int) -> int:
-        """Copy the longest cached prefix of the request's prompt into cache row `row`; -> its length (0: none).
-        A request scoring its prompt (prompt_logprobs) needs logits at every prompt position: nothing reused."""
+    def _prefix_match(self, request: _Request) -> tuple[int | None, int]:
+        """(prefix cache entry, tokens of it the request's prompt reuses); (None, 0) for none. A request scoring
+        its prompt (prompt_logprobs) needs logits at every prompt position: nothing reused."""
         if self.prefix_cache is None or request.params.prompt_logprobs is not None:
-            return 0
-        key, length = self.prefix_cache.match(request.prompt_ids)
-        if key is not None:
-            self.prefix_cache.load(key, length, self.cache, row)
-        return length
+            return None, 0
+        return self.prefix_cache.match(request.prompt_ids)
 
     def _decode(self) -> list[StepOutput]:
         n = len(self._running)
