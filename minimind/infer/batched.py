@@ -76,7 +76,8 @@ class BatchedDecoder:
     """step(ids, mask, positions, cache) -> hidden (B, dim) of the new tokens: the body compiled for B >= 2 rows.
 
     The body is a copy over the same weights (`engine_copy`: new modules, shared parameters) whose attention is
-    `FirstColumns` of the Engine's eager one (SDPA, or the float32 kernel), so the Engine's own modules (and the one-row compiled step's attention) stay as they were.
+    `FirstColumns` of the Engine's eager one (SDPA, or the float32 kernel), so the Engine's own modules (and the
+    one-row compiled step's attention) stay as they were.
     """
 
     def __init__(self, body: nn.Module, device: torch.device):

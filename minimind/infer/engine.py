@@ -30,8 +30,9 @@ and a (B, 1, 1, S) bool mask (skipped when all rows have the same length); finis
 waiting requests take free rows (up to `max_batch_size`, and `prefill_token_budget` padded tokens) and are
 prefilled, which also gives their first token: their rows ordered by the prompt tokens left to prefill, in as
 few forwards as keep the padding small (`prefill_chunks`; left-padded among themselves, padding written to a
-scratch column, logits of the last position only). When a request leaves, the last row moves into its place, so running rows are always the contiguous rows [0, n) and the cache is read through
-views. Memory: rows x the longest request's prompt + max_new_tokens (capped to the context).
+scratch column, logits of the last position only). When a request leaves, the last row moves into its place,
+so running rows are always the contiguous rows [0, n) and the cache is read through views. Memory: rows x the
+longest request's prompt + max_new_tokens (capped to the context).
 With `prefix_cache_tokens` > 0 (`prefix.py`), a leaving request's keys/values are kept, and a prompt sharing
 a prefix with one of them gets those columns copied into its row and prefills only the rest (at the same
 positions); `prefix_cache_stats` counts the tokens reused.
@@ -628,20 +629,18 @@ class Engine:
 
         The rows are ordered by the prompt tokens left to prefill (after what the prefix cache gives) and prefilled
         in chunks of similar lengths (`prefill_chunks`), so a group of mixed lengths is not padded to its longest."""
-        matches = [self._prefix_match(r) for r in admitted]  # (prefix cache entry, tokens it gives) each
-        order = sorted(range(len(admitted)), key=lambda i: len(admitted[i].prompt_ids) - matches[i][1])
-        group = [admitted[i] for i in order]  # by the tokens left to prefill
+        # (request, (prefix cache entry, tokens it gives)), by the tokens left to prefill
+        matched = sorted(((r, self._prefix_match(r)) for r in admitted), key=lambda m: len(m[0].prompt_ids) - m[1][1])
+        group = [request for request, _ in matched]
         start, stop = len(self._running), len(self._running) + len(admitted)
         need = max(len(r.prompt_ids) + r.limit for r in self._running + group)
         self._reserve(stop, need)
         reused = []  # per row: columns [0, p) filled from the prefix cache
-        for row, i in enumerate(order, start):
-            key, length = matches[i]
+        for row, (request, (key, length)) in enumerate(matched, start):
             if key is not None:
                 self.prefix_cache.load(key, length, self.cache, row)
+            request.row, request.cached = row, len(request.prompt_ids)
             reused.append(length)
-        for i, request in enumerate(group):
-            request.row, request.cached = start + i, len(request.prompt_ids)
         widths = [len(r.prompt_ids) - p for r, p in zip(group, reused)]
         logits, scores = [], []
         for a, b in prefill_chunks(widths, self.prefill_forward_tokens):

@@ -375,7 +375,6 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& weight) {
   return f32_gemv_cat(x, {weight});
 }
 
-
 // ---- attention of one new token per row ----
 
 // e^x for 16 floats (x <= 88): 2^(x log2 e) as 2^n times a degree-7 polynomial of the fraction (relative error
@@ -410,6 +409,14 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
+// q . k as 16 partial sums (q held in DC registers).
+template <int DC>
+inline __m512 key_dot(const __m512* qv, const float* k) {
+  __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+  for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc);
+  return acc;
+}
+
 // One query head (DC x 16 values) against S keys (row stride ks) -> scores[s] = q . k_s * scale, sixteen keys per
 // reduction.
 template <int DC>
@@ -419,20 +426,10 @@ inline void head_scores(const float* q, const float* keys, int64_t ks, int64_t S
   int64_t s = 0;
   for (; s + 16 <= S; s += 16) {
     __m512 dots[16];
-    for (int j = 0; j < 16; ++j) {
-      const float* k = keys + (s + j) * ks;
-      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-      for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc);
-      dots[j] = acc;
-    }
+    for (int j = 0; j < 16; ++j) dots[j] = key_dot<DC>(qv, keys + (s + j) * ks);
     _mm512_storeu_ps(scores + s, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
   }
-  for (; s < S; ++s) {
-    const float* k = keys + s * ks;
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-    for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc);
-    scores[s] = _mm512_reduce_add_ps(acc) * scale;
-  }
+  for (; s < S; ++s) scores[s] = _mm512_reduce_add_ps(key_dot<DC>(qv, keys + s * ks)) * scale;
 }
 
 // scores (S) -> unnormalised probabilities e^(score - max) (0 where not attended); returns their sum.
