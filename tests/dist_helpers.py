@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,7 +34,8 @@ def start_torchrun(nproc: int, args: list[str]) -> subprocess.Popen:
 
     `--standalone` makes torchrun host its own rendezvous on a free port, so parallel runs never collide.
     """
-    env = {**os.environ, "MINIMIND_NO_PROGRESS": "1"}
+    # faulthandler: a worker sent SIGABRT prints every thread's Python stack (what `torchrun` does on a hang).
+    env = {**os.environ, "MINIMIND_NO_PROGRESS": "1", "PYTHONFAULTHANDLER": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "minimind", *args]
     return spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -45,9 +48,29 @@ def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.Co
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        workers = _children(proc.pid)
+        for pid in workers or [proc.pid]:  # each prints where it is stuck, then dies; torchrun then stops the rest
+            os.kill(pid, signal.SIGABRT)
+        time.sleep(3)
         stop(proc)
-        raise
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"torchrun ran past {timeout} s; its workers then: {workers or 'none (torchrun itself)'}"
+                             f"\n{stdout[-3000:]}\n{stderr[-12000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state is the parent's pid
+                found.append(int(entry.name))
+    return found
 
 
 def run_ok(nproc: int, args: list[str]) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -112,3 +114,26 @@ def test_sigterm_to_torchrun_reaches_every_rank_which_checkpoint_and_exit_zero(t
     assert (latest / "rng-rank1.pt").is_file()  # rank 1 got the signal too and wrote its part
     assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output
     assert "exitcode" not in output, output[-3000:]  # torchrun reports a worker that failed or was killed
+
+
+def test_a_rank_stuck_leaving_the_group_exits_with_its_code_after_the_timeout():
+    """`cleanup`'s guard: a `destroy_process_group` that never returns ends the process with the exit code the
+    run had, one line on stderr, after `LEAVE_TIMEOUT_S`; one that returns leaves the process running on."""
+    program = (
+        "import sys, time\n"
+        "from minimind.train.distributed import leave_within\n"
+        "leave_within(lambda: None, 0.5, 7, 'rank 0')\n"
+        "time.sleep(1.0)\n"  # the first guard was cancelled: it must not end the process now
+        "print('still here', flush=True)\n"
+        "leave_within(lambda: time.sleep(600), 0.5, int(sys.argv[1]), 'rank 1')\n"
+        "print('never printed')\n"
+    )
+    for code in (0, 2):
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-c", program, str(code)], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == code, result.stderr
+        assert result.stdout == "still here\n"
+        assert result.stderr.splitlines()[-1] == ("minimind: rank 1: leaving the process group took over 0.5 s; "
+                                                  "exiting without it")
+        assert time.monotonic() - started < 60

@@ -13,6 +13,8 @@ all ranks then raise the same `SharedError`. Rank 0 prints it; the others exit w
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +30,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Ranks other than 0 wait on this group while rank 0 tokenizes a large JSONL (`main_first`); the NCCL group's
 # own timeout (minutes) would cut that short, so set-up talk goes over a gloo group with a long one.
 SETUP_TIMEOUT = timedelta(hours=12)
+# Leaving the group (`destroy_process_group`) can, rarely, never return on a rank whose run is over (one of our CI
+# runs sat there four minutes after "done"); past this many seconds the rank exits without it.
+LEAVE_TIMEOUT_S = 60.0
 T = TypeVar("T")
 
 
@@ -95,14 +100,35 @@ def init_distributed(device_name: str, need_group: bool = False) -> DistInfo:
     return DistInfo(rank=0, local_rank=local_rank, world_size=1, device=device)
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, exit_code: int = 0) -> None:
     """Leave torchrun's process group (also after an error, so torchrun sees a clean exit).
+
+    Should leaving take over `LEAVE_TIMEOUT_S`, the process says so on stderr and exits at once with `exit_code`
+    (what it would have exited with), so a finished job never hangs at its end.
 
     A one-process group (fsdp/zero2 without torchrun) is kept for the life of the process: it costs nothing,
     and DeepSpeed caches groups made from it, so a second run in the same process (a test, a notebook) reuses it.
     """
     if info.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        leave_within(dist.destroy_process_group, LEAVE_TIMEOUT_S, exit_code, f"rank {info.rank}")
+
+
+def leave_within(leave: Callable[[], object], seconds: float, exit_code: int, who: str) -> None:
+    """Call `leave`; if it has not returned after `seconds`, print one line and end the process with `exit_code`
+    (`os._exit`: the call that hangs holds no lock Python needs, but it never returns either)."""
+    def give_up() -> None:
+        print(f"minimind: {who}: leaving the process group took over {seconds:g} s; exiting without it",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(exit_code)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        leave()
+    finally:
+        timer.cancel()
 
 
 def barrier(info: DistInfo) -> None:

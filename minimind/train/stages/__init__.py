@@ -40,6 +40,7 @@ def run_stage(cfg: TrainConfig, build: Callable[[TrainConfig, DistInfo], StageRu
     """
     info = init_distributed(cfg.device, need_group=cfg.strategy in SHARDED)
     lock = None
+    code = 1  # what this process exits with, should leaving the process group hang (`cleanup`)
     try:
         # rank 0 locks --out for the whole job before anything is written; the others wait for its verdict
         lock = collective(info, lambda: open_run_dir(cfg.out, cfg.resume, cfg.overwrite) if info.is_main else None)
@@ -48,15 +49,20 @@ def run_stage(cfg: TrainConfig, build: Callable[[TrainConfig, DistInfo], StageRu
         summary = _hinted(cfg, trainer.fit)
         if info.is_main and summary.get("finished"):
             print(f"{cfg.stage}: done at step {summary['step']}; model and report in {cfg.out}", flush=True)
+        code = 0
         return 0
     except SharedError:
+        code = 2
         if not info.is_main:
             raise SystemExit(2) from None
+        raise
+    except UserError:
+        code = 2
         raise
     finally:
         if lock is not None:
             lock.release()
-        cleanup(info)
+        cleanup(info, exit_code=code)
 
 
 def _hinted(cfg: TrainConfig, fn: Callable[[], T]) -> T:
