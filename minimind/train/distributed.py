@@ -30,8 +30,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Ranks other than 0 wait on this group while rank 0 tokenizes a large JSONL (`main_first`); the NCCL group's
 # own timeout (minutes) would cut that short, so set-up talk goes over a gloo group with a long one.
 SETUP_TIMEOUT = timedelta(hours=12)
-# Leaving the group (`destroy_process_group`) can, rarely, never return on a rank whose run is over (one of our CI
-# runs sat there four minutes after "done"); past this many seconds the rank exits without it.
+# Leaving the group (`destroy_process_group`) is where a rank whose run is over can still wait on the others (a CI
+# run once sat four minutes after "done"); past this many seconds the rank exits without it.
 LEAVE_TIMEOUT_S = 60.0
 T = TypeVar("T")
 
