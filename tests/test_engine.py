@@ -293,3 +293,37 @@ def test_logprobs_are_the_models_raw_log_softmax_and_change_no_token(tokenizer):
     outputs = engine.step()
     assert outputs[0].logprobs is not None and outputs[0].logprobs[0].top == []
     assert outputs[1].logprobs is None
+
+
+def test_unfiltered_sampling_is_drawn_in_one_pass_and_filtered_sampling_is_not(tokenizer):
+    """Sampled requests with no top-k/top-p/min-p, penalty or bias go through the one-pass draw
+    (`kernels.token_sampler`, where the CPU kernels are built), which gives each token's temperature-1 logprob;
+    filtered ones take the general sampler."""
+    from minimind.kernels import int_gemv
+
+    model = random_model(3)
+    engine = Engine(model, tokenizer)
+    if engine._draw is None:  # a CPU without the kernels: the general sampler only
+        assert not int_gemv.available()
+        return
+    draws = []
+    kernel = engine._draw
+    engine._draw = lambda *args: draws.append(args[0].shape[0]) or kernel(*args)
+    prompts = prompts_of([5, 9, 3])
+    plain = engine.completions(prompts, max_new_tokens=6, temperature=0.8, seed=1, logprobs=0, ignore_eos=True)
+    assert sum(draws) == 3 * 6  # every token of every row
+    for prompt, completion in zip(prompts, plain):
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1)
+        got = torch.tensor([entry.logprob for entry in completion.logprobs])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        assert all(entry.top == [] for entry in completion.logprobs)
+    again = engine.completions(prompts, max_new_tokens=6, temperature=0.8, seed=1, ignore_eos=True)
+    assert [c.token_ids for c in again] == [c.token_ids for c in plain]  # the same seed, the same tokens
+    draws.clear()
+    for filtered in ({"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}, {"repetition_penalty": 1.2},
+                     {"logit_bias": {7: 5.0}}):
+        engine.completions(prompts, max_new_tokens=3, temperature=0.8, seed=1, **filtered)
+    assert draws == []

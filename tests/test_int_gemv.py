@@ -194,3 +194,37 @@ def test_the_compiled_step_makes_one_call_per_shared_input(mode, tokenizer, tmp_
     assert calls[f"minimind::{name}"] == 2 * config.n_layers + 1  # o, down and the head
     assert got.token_ids == eager.token_ids
     torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(eager.logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_sample_tokens_draws_the_inverse_cdf_token_and_its_temperature_one_logprob():
+    """`sample_tokens` (the Engine's unfiltered draw): the token whose cumulative softmax(l / T) passes the
+    uniform, the same token `sample_rows` draws but where rounding puts the uniform at a token boundary, and the
+    raw logits' log-softmax there; vocabularies across the 16- and 256-token blocks, u = 0, u near 1."""
+    from minimind.infer.sampling import PARAM_COLUMNS, sample_rows
+
+    assert int_gemv.available()
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (5, 16, 50, 257, 6400, 6401):
+        rows = 300
+        logits = torch.randn(rows, vocab, generator=generator) * 3
+        logits[7, vocab // 2] = 60.0  # one token holds all the mass
+        temperature = torch.tensor([0.5, 1.0, 1.7])[torch.arange(rows) % 3]
+        uniforms = torch.rand(rows, generator=generator)
+        uniforms[:3], uniforms[3:6] = 0.0, 1 - 2**-24
+        tokens, logprobs = int_gemv.sample_tokens(logits, temperature, uniforms)
+        assert tokens.dtype == torch.long and tokens.shape == logprobs.shape == (rows,)
+        cdf = torch.softmax(logits.double() / temperature.double()[:, None], -1).cumsum(-1)  # exact enough
+        below = torch.where(tokens > 0, cdf.gather(-1, (tokens - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+        upto = cdf.gather(-1, tokens[:, None]).squeeze(-1)
+        u = uniforms.double()
+        lands = (below <= u + 1e-5) & (upto >= u - 1e-5)  # the token the uniform lands on
+        assert (lands | ((u > 1 - 1e-6) & (tokens == logits.argmax(-1)))).all(), vocab  # or: u * total rounded up
+        assert tokens[7] == vocab // 2
+        params = torch.zeros(rows, len(PARAM_COLUMNS))
+        params[:, 0], params[:, 2], params[:, 4] = temperature, 1.0, 1.0
+        same = (sample_rows(logits, params, uniforms) == tokens).float().mean()
+        assert same >= 0.98, (vocab, same)  # the rest: boundaries the two summation orders round apart
+        expected = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="one float32 temperature and uniform per row"):
+        torch.ops.minimind.sample_tokens(torch.randn(2, 8), torch.ones(3), torch.rand(2))

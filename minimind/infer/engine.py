@@ -75,7 +75,7 @@ from minimind.infer.prefix import PrefixCache, PrefixStats
 from minimind.infer.quantize import check_quantize, quantize_model
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from minimind.infer.text import TextStream
-from minimind.kernels import use_decode_kernels
+from minimind.kernels import token_sampler, use_decode_kernels
 from minimind.model.modeling_minimind import MiniMindForCausalLM
 
 Prompt = str | Sequence[int]
@@ -159,6 +159,7 @@ class _Request:
     cached: int = 0  # tokens of this request stored in its cache row
     row: int = -1
     uniforms: list[float] = field(default_factory=list)  # drawn ahead from the generator, next one last
+    plain: bool = False  # sampled without filter, penalty, grammar or bias: the engine's one-pass draw may take it
 
     def uniform(self) -> float:
         """This request's next random number in [0, 1) (0 for greedy requests, which draw nothing).
@@ -203,6 +204,7 @@ class Engine:
             model = quantize_model(model, quantize)
         self.device = next(model.parameters()).device
         use_decode_kernels(model, self.device, next(model.parameters()).dtype)  # chosen once, here
+        self._draw = token_sampler(self.device)  # unfiltered samples in one pass (a CPU kernel), or None
         if compile and not isinstance(model, MiniMindForCausalLM):
             raise UserError(f"compile=True needs a MiniMind model, got {type(model).__name__}")
         # CPU: oneDNN on prepacked weights for every matmul outside compiled steps (values unchanged, see
@@ -447,6 +449,7 @@ class Engine:
             matcher=self._guide.matcher(params.grammar) if params.grammar is not None else None,
             bias=self._bias(params.logit_bias),
             stop_ids=stop_ids,
+            plain=params.unfiltered and params.grammar is None and not params.logit_bias,
         )
         self._next_id += 1
         self._requests[request.request_id] = request
@@ -735,9 +738,14 @@ class Engine:
 
     def _sample(self, start: int, stop: int, logits: torch.Tensor) -> list[StepOutput]:
         requests = self._running[start:stop]
+        penalized = any(r.params.penalized for r in self._running)
+        if self._draw is not None and not penalized and all(r.plain for r in requests):
+            uniforms = torch.tensor([r.uniform() for r in requests], device=self.device)
+            tokens, logprobs = self._draw(logits, self._row_params[start:stop, 0], uniforms)
+            self._next_tokens[start:stop] = tokens
+            return self._record(requests, tokens, tokens.tolist(), logits, logprobs)
         sampling = any(not r.params.greedy for r in requests)
         uniforms = torch.tensor([r.uniform() for r in requests], device=self.device) if sampling else None
-        penalized = any(r.params.penalized for r in self._running)
         seen, counts = (self._seen[start:stop], self._counts[start:stop]) if penalized else (None, None)
         biased = logits  # what sampling sees; the raw logits stay for logprobs
         if any(r.bias is not None for r in requests):
@@ -759,10 +767,20 @@ class Engine:
             rows = torch.arange(stop - start, device=self.device)
             self._seen[start:stop][rows, tokens] = True
             self._counts[start:stop][rows, tokens] += 1
+        return self._record(requests, tokens, chosen, logits)
+
+    def _record(self, requests: list[_Request], tokens: torch.Tensor, chosen: list[int], logits: torch.Tensor,
+                drawn_logprobs: torch.Tensor | None = None) -> list[StepOutput]:
+        """Each request's new token, with its logprob where asked: `drawn_logprobs` (the one-pass draw's) when no
+        request wants top alternatives, else from the logits."""
         wanted = [r.params.logprobs for r in requests]
         if all(k is None for k in wanted):
             return [self._advance(r, t) for r, t in zip(requests, chosen)]
-        entries = token_logprobs(logits, tokens, wanted)
+        if drawn_logprobs is not None and not any(wanted):
+            entries = [None if k is None else TokenLogprob(t, lp, [])
+                       for k, t, lp in zip(wanted, chosen, drawn_logprobs.tolist())]
+        else:
+            entries = token_logprobs(logits, tokens, wanted)
         return [self._advance(r, t, e) for r, t, e in zip(requests, chosen, entries)]
 
     def _advance(self, request: _Request, token: int, logprob: TokenLogprob | None = None) -> StepOutput:

@@ -124,6 +124,12 @@ class SamplingParams:
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
+    @property
+    def unfiltered(self) -> bool:
+        """Sampled from softmax(logits / temperature) itself: no top-k, top-p, min-p or penalty."""
+        return (self.temperature > 0 and self.top_k == 0 and self.top_p >= 1 and self.min_p <= 0
+                and not self.penalized)
+
     def row(self) -> list[float]:
         """This request's values in PARAM_COLUMNS order."""
         return [float(getattr(self, name)) for name in PARAM_COLUMNS]

@@ -107,6 +107,13 @@ def use_decode_kernels(model: torch.nn.Module, device: torch.device, dtype: torc
         set_attention(model, "one_query_kernel")
 
 
+def token_sampler(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                      tuple[torch.Tensor, torch.Tensor]] | None:
+    """What the Engine draws unfiltered samples with, chosen once for its device: the one-pass `sample_tokens`
+    kernel on a CPU where the kernels are built (int_gemv.py); None elsewhere (`sampling.choose_tokens`)."""
+    return int_gemv.sample_tokens if device.type == "cpu" and int_gemv.available() else None
+
+
 def use_compiled_decode(model: torch.nn.Module) -> None:
     """The attention of a compiled one-token step: `one_query` written out so it fuses into the step."""
     set_attention(model, "one_query_inline")

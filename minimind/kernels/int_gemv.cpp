@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -545,6 +546,97 @@ at::Tensor one_query_attention(const at::Tensor& q_in, const at::Tensor& k, cons
   return out;
 }
 
+
+// ---- one sampled token per row ----
+
+// logits (B, V) float32 with unit stride along V; temperature (B,) > 0 and uniforms (B,) in [0, 1), float32 ->
+// (tokens (B,) int64, logprobs (B,) float32). A row's token is the first whose running sum of e^((l - max) / T)
+// passes u times the row's total (the inverse CDF in vocabulary order, as `sampling.sample_rows` draws when no
+// filter is set; the row's likeliest token if u times the total rounds up to the total); its logprob is
+// the log-softmax of the raw logits (temperature 1) there, what RL records. The running sum adds sixteen-token
+// blocks in order, the same sums for the total and for the walk, so the walk skips whole blocks.
+std::tuple<at::Tensor, at::Tensor> sample_tokens(const at::Tensor& logits, const at::Tensor& temperature_in,
+                                                 const at::Tensor& uniforms_in) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
+              "sample_tokens: logits must be (B, V) float32 with unit stride along V");
+  const int64_t B = logits.size(0), V = logits.size(1), ls = logits.stride(0);
+  TORCH_CHECK(V > 0, "sample_tokens: an empty vocabulary");
+  TORCH_CHECK(temperature_in.scalar_type() == at::kFloat && uniforms_in.scalar_type() == at::kFloat &&
+              temperature_in.numel() == B && uniforms_in.numel() == B,
+              "sample_tokens: one float32 temperature and uniform per row");
+  const at::Tensor temperature = temperature_in.contiguous(), uniforms = uniforms_in.contiguous();
+  at::Tensor tokens = at::empty({B}, logits.options().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({B}, logits.options());
+  const float* lp = logits.data_ptr<float>();
+  const float* tp = temperature.data_ptr<float>();
+  const float* up = uniforms.data_ptr<float>();
+  int64_t* out_tokens = tokens.data_ptr<int64_t>();
+  float* out_logprobs = logprobs.data_ptr<float>();
+  const int64_t blocks = (V + 15) / 16, full = V / 16, rest = V % 16, groups = (blocks + 15) / 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << rest) - 1);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> e(groups * 256), block_sums(groups * 16);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* l = lp + b * ls;
+      __m512 vmax = _mm512_set1_ps(-INFINITY);
+      for (int64_t i = 0; i < full; ++i) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(l + 16 * i));
+      if (rest) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, l + 16 * full));
+      const float top = _mm512_reduce_max_ps(vmax);
+      const bool scaled = tp[b] != 1.f;
+      const __m512 vscale = _mm512_set1_ps(1.f / tp[b]), vtop = _mm512_set1_ps(top);
+      __m512 raw = _mm512_setzero_ps();  // e^(l - max) summed, for the temperature-1 logprob
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 p[16];
+        for (int64_t j = 0; j < 16; ++j) {
+          const int64_t i = 16 * g + j;
+          if (i >= blocks) {
+            p[j] = _mm512_setzero_ps();
+            continue;
+          }
+          const __m512 x = _mm512_sub_ps(
+              i < full ? _mm512_loadu_ps(l + 16 * i) : _mm512_mask_loadu_ps(vtop, tail, l + 16 * i), vtop);
+          p[j] = exp16(scaled ? _mm512_mul_ps(x, vscale) : x);
+          if (i == full) p[j] = _mm512_maskz_mov_ps(tail, p[j]);
+          _mm512_storeu_ps(e.data() + 16 * i, p[j]);
+          if (scaled) {
+            const __m512 q = exp16(x);
+            raw = _mm512_add_ps(raw, i == full ? _mm512_maskz_mov_ps(tail, q) : q);
+          } else {
+            raw = _mm512_add_ps(raw, p[j]);
+          }
+        }
+        _mm512_storeu_ps(block_sums.data() + 16 * g, sum16(p));
+      }
+      float total = 0.f;
+      for (int64_t i = 0; i < blocks; ++i) total += block_sums[i];
+      const float target = up[b] * total;
+      int64_t token = -1;
+      float running = 0.f;
+      for (int64_t i = 0; i < blocks; ++i) {
+        if (running + block_sums[i] <= target) {
+          running += block_sums[i];
+          continue;
+        }
+        // The block holds the target; should its own sum in this order fall short, its last token that can be
+        // drawn (the walk's limit as u approaches the block's end).
+        for (int64_t j = 16 * i; j < std::min(16 * i + 16, V); ++j) {
+          running += e[j];
+          if (e[j] > 0.f) token = j;
+          if (running > target) break;
+        }
+        break;
+      }
+      if (token < 0) {  // u times the total rounded up to the total (or nothing can be drawn): the likeliest token
+        token = 0;
+        while (l[token] != top && token + 1 < V) ++token;
+      }
+      out_tokens[b] = token;
+      out_logprobs[b] = (l[token] - top) - std::log(_mm512_reduce_add_ps(raw));
+    }
+  });
+  return {tokens, logprobs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(minimind, m) {
@@ -555,6 +647,7 @@ TORCH_LIBRARY(minimind, m) {
   m.def("f32_gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("f32_gemv_cat(Tensor x, Tensor[] weights) -> Tensor");
   m.def("one_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
+  m.def("sample_tokens(Tensor logits, Tensor temperature, Tensor uniforms) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minimind, CPU, m) {
@@ -565,4 +658,5 @@ TORCH_LIBRARY_IMPL(minimind, CPU, m) {
   m.impl("f32_gemv", &f32_gemv);
   m.impl("f32_gemv_cat", &f32_gemv_cat);
   m.impl("one_query_attention", &one_query_attention);
+  m.impl("sample_tokens", &sample_tokens);
 }

@@ -12,7 +12,9 @@ multiply one input by several matrices in one call (outputs side by side); the c
 `f32_gemv` / `f32_gemv_cat` do the same for float32 models on their own weights (FMA row dots that prefetch the
 next rows); the graph pass `FloatGemv` turns the compiled float32 step's one-row products into them.
 `one_query_attention` is float32 attention of one new token per row over its KV cache (GQA, a column mask), for
-eager and batched decoding (`minimind.kernels.attention.one_query_kernel_attention`).
+eager and batched decoding (`minimind.kernels.attention.one_query_kernel_attention`). `sample_tokens` draws one
+token per row from logits at a temperature, with its log-probability, in one pass (the Engine's sampler when no
+top-k/top-p/min-p, penalty, bias or grammar is set).
 
 The C++ source is compiled once per machine with the C++ compiler torch.compile uses, into torch's extension
 cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later starts load the library. Where the CPU
@@ -118,6 +120,11 @@ def _register_shapes() -> None:
     def _one_query(q, k, v, mask):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("minimind::sample_tokens")
+    def _sample(logits, temperature, uniforms):
+        rows = logits.shape[0]
+        return logits.new_empty(rows, dtype=torch.long), logits.new_empty(rows)
+
 
 def int8_fits(out_features: int, in_features: int) -> bool:
     """Whether int8_gemv takes an (out, in) weight: whole blocks of 16 rows, inputs in fours."""
@@ -160,6 +167,16 @@ def int8_gemv(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scales:
 def q4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(M, in) float32 rows times q4_0 weights (`pack_q4`) -> (M, out) float32."""
     return torch.ops.minimind.q4_gemv(x, packed, scales)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor,
+                  uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of (B, V) logits at temperature (B,) > 0 for uniforms (B,) in [0, 1), as
+    `minimind.infer.sampling.sample_rows` draws with no filter set, and its temperature-1 log-probability:
+    ((B,) int64, (B,) float32), in one pass over each row instead of a softmax, a cumulative sum, a search and a
+    log-softmax over the whole batch."""
+    return torch.ops.minimind.sample_tokens(logits.float().contiguous(), temperature.float().clamp(min=1e-5),
+                                            uniforms.float())
 
 
 class StepPass(CustomGraphPass):
