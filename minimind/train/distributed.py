@@ -115,7 +115,7 @@ def cleanup(info: DistInfo, exit_code: int = 0) -> None:
 
 def leave_within(leave: Callable[[], object], seconds: float, exit_code: int, who: str) -> None:
     """Call `leave`; if it has not returned after `seconds`, print one line and end the process with `exit_code`
-    (`os._exit`: the call that hangs holds no lock Python needs, but it never returns either)."""
+    (through `os._exit`, from a timer thread: the stuck call never returns to let the process end otherwise)."""
     def give_up() -> None:
         print(f"minimind: {who}: leaving the process group took over {seconds:g} s; exiting without it",
               file=sys.stderr, flush=True)
