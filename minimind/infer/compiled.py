@@ -170,6 +170,11 @@ class CompiledDecoder:
                 self._run_rows = load_package(self.rows_cache_path, self._weights)
         self.loaded = self._run is not None
 
+    def loaded_for(self, batches: bool) -> bool:
+        """Whether what `Engine.warm_up(batches)` builds came from the compile cache: the one-row step and, with
+        `batches`, the step of several rows where there is one."""
+        return self.loaded and (self._run_rows is not None or not (batches and self.batched))
+
     def ready_for(self, rows: int, cache) -> bool:
         """Whether a step of `rows` rows runs compiled: one row always; 2 to FLOAT_ROWS rows where `batched`, once
         their package is built (here, the first time: it is compiled, or loaded from the cache) and works."""

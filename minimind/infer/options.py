@@ -179,7 +179,7 @@ def warm_compiled(engine, explicit: bool, batches: bool = False) -> None:
     step = engine._decode_step
     if step is None:
         return
-    if step.loaded and (step._run_rows is not None or not (batches and step.batched)):
+    if step.loaded_for(batches):
         print(f"compiled decode step loaded from {step.cache_path.parent}", file=sys.stderr, flush=True)
     else:
         when = ("once for this model shape and machine" if step.cacheable else
