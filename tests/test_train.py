@@ -73,6 +73,26 @@ def test_pretrain_resume_is_bit_exact(tmp_path, corpus_file, tokenizer_dir, pret
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_pretrain_init_continues_the_given_model(tmp_path, corpus_file, pretrained, capsys):
+    common = ["pretrain", "--data", str(corpus_file), "--init", str(pretrained), "--max-seq-len", "32",
+              "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "0", "--device", "cpu", "--dtype", "fp32",
+              "--log-every", "1"]
+    # At learning rate 0 the weights stay those of --init: they were loaded, not drawn afresh.
+    assert main([*common, "--out", str(tmp_path / "still"), "--lr", "0"]) == 0
+    before, still = weights(pretrained), weights(tmp_path / "still")
+    assert all(torch.equal(before[k], still[k]) for k in before)
+    # Training on from there starts below a fresh model's first loss, and moves the weights.
+    assert main([*common, "--out", str(tmp_path / "more")]) == 0
+    assert losses(tmp_path / "more")[0][1] < losses(pretrained)[0][1] - 0.3
+    assert not all(torch.equal(before[k], v) for k, v in weights(tmp_path / "more").items())
+    assert json.loads((tmp_path / "more" / "config.json").read_text())["dim"] == 64  # --init's own shape
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "both"), "--preset", "tiny"]) == 2
+    assert "--init continues a model with its own tokenizer and shape" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(corpus_file), "--out", str(tmp_path / "none")]) == 2
+    assert "give --tokenizer DIR (a new model) or --init DIR" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sft_resume_is_bit_exact_with_dropout_and_workers(tmp_path, pretrained):
     data = tmp_path / "sft.jsonl"
