@@ -26,6 +26,7 @@ from dist_helpers import (
     torchrun,
 )
 
+from minimind.errors import UserError
 from minimind.train.checkpoint import CheckpointDir
 
 # fp32 on both sides; the only difference is the order of the gradient sum (all-reduce vs one batch), which
@@ -137,3 +138,20 @@ def test_a_rank_stuck_leaving_the_group_exits_with_its_code_after_the_timeout():
         assert result.stderr.splitlines()[-1] == ("minimind: rank 1: leaving the process group took over 0.5 s; "
                                                   "exiting without it")
         assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("raised, code", [(KeyboardInterrupt, 130), (UserError, 2), (RuntimeError, 1)])
+def test_run_stage_leaves_the_group_with_the_code_the_run_ends_with(tmp_path, monkeypatch, raised, code):
+    """The code `cleanup`'s guard exits with, should leaving hang: 130 after Ctrl-C, as the CLI returns it."""
+    import minimind.train.stages as stages
+    from minimind.train.args import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(stages, "cleanup", lambda info, exit_code: seen.append(exit_code))
+
+    def build(cfg, info):
+        raise raised("stopped")
+
+    with pytest.raises(raised):
+        stages.run_stage(TrainConfig(stage="test", data="-", out=str(tmp_path / "run"), device="cpu"), build)
+    assert seen == [code]

@@ -59,6 +59,9 @@ def run_stage(cfg: TrainConfig, build: Callable[[TrainConfig, DistInfo], StageRu
     except UserError:
         code = 2
         raise
+    except KeyboardInterrupt:
+        code = 130  # the shell's code for Ctrl-C, as the CLI returns it
+        raise
     finally:
         if lock is not None:
             lock.release()
