@@ -223,6 +223,8 @@ def sample_answers(model_dir: Path, items: list[dict], limit: int = 8) -> list[t
     print("\n== 7. answers to held-out questions (greedy, after SFT)")
     for question, expected, reply in rows:
         print(f"   Q: {question}\n   A: {reply}\n      (expected: {expected})")
+    print("   (the tiny model answers what it can guess; facts about entities fine-tuning never showed stay out of "
+          "reach at this scale: report.md says why)")
     return rows
 
 
@@ -234,6 +236,11 @@ METRIC_NOTES = [
     "questions about facts the pretraining prose states (countries, elements, animals, words, identity), and "
     "sums and differences of operand pairs held out of pretraining too (numbers are whole tokens in the demo's "
     "6400-token BPE, so an unseen sum is a lookup the model never saw).",
+    "- Why answers about held-out countries, elements and animals come out wrong: after 600 pretraining steps the "
+    "tiny model cannot yet copy a word from its context forward (that ability arrives later in training, in a "
+    "sudden jump), so it cannot bind an answer to the entity a question names; it answers the kinds it can guess "
+    "(continents, states, legs, letter counts) and names facts of training-side entities. `docs/demo.md` has "
+    "the measurements.",
     "- DPO reward margin: β·((log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)) on held-out pairs, 0 at "
     "the start by construction; pairs preferred = share with a positive margin.",
     "- GRPO accuracy: the reference answer in the reply, on the held-out prompts of `rlaif_eval.jsonl`; greedy = "
