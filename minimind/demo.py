@@ -19,6 +19,7 @@ from minimind.data.datasets import PackedSFTDataset, stack_collate
 from minimind.data.prepare import prepare
 from minimind.data.shards import Shard
 from minimind.demo_data import demo_file
+from minimind.device import cpu_info
 from minimind.errors import UserError
 from minimind.eval import evaluate_exact
 from minimind.infer.engine import Engine
@@ -250,6 +251,11 @@ METRIC_NOTES = [
 ]
 
 
+def machine() -> str:
+    """The CPU and thread count the demo ran on, e.g. 'AMD EPYC, 2 threads, torch 2.13.0+cpu'."""
+    return f"{cpu_info().model or 'unknown CPU'}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def write_demo_report(out: Path, results: dict, times: dict, answers: list[tuple[str, str, str]]) -> None:
     lines = ["# MiniMind demo run", "", "| measurement | value |", "|---|---|"]
     lines += [f"| {k} | {show(v)} |" for k, v in results.items() if isinstance(v, (float, str))]
@@ -257,6 +263,9 @@ def write_demo_report(out: Path, results: dict, times: dict, answers: list[tuple
     lines += ["", "| held-out question | expected | answer after SFT |", "|---|---|---|"]
     lines += [f"| {q} | {e} | {a.replace(chr(10), ' ')} |" for q, e, a in answers]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    lines += ["", f"Machine: {machine()}. Times scale with the CPU, and the scores move a little with it too: "
+              "another CPU (or thread count) sums floating-point numbers in another order, so training takes other "
+              "roundings and, at temperature 1, other draws."]
     stages = [path.name for path in (out / "pretrain", out / "sft", out / "dpo", *sorted(out.glob("grpo*")))
               if (path / "report.md").is_file()]
     lines += ["", "Stage reports: " + ", ".join(f"[{name}]({name}/report.md)" for name in stages), ""]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from minimind.cli import main as cli
 from minimind.demo import mean_sd
+from minimind.device import cpu_info
 
 
 @pytest.mark.slow
@@ -32,6 +34,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     answers = 2 * json.loads((out / "grpo" / "train_config.json").read_text())["batch_size"]  # --eval-batches 2
     assert accuracy * answers == pytest.approx(round(accuracy * answers))  # a count of right answers out of them
     assert f"| GRPO held-out accuracy (greedy), after GRPO | {accuracy:.3f} |" in report  # the number reported
+    assert f"Machine: {cpu_info().model or 'unknown CPU'}, {torch.get_num_threads()} threads" in report
     printed = capsys.readouterr().out
     assert "$ minimind pretrain" in printed and "$ minimind grpo" in printed and "demo finished" in printed
 
