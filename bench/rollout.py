@@ -4,8 +4,10 @@
     python bench/rollout.py --preset small --repeats 3
     python bench/rollout.py --quick                  # tiny shapes, one repetition: does it run
     python bench/rollout.py --no-compile             # ours eager only (no compilation)
+    python bench/rollout.py --group-size 4           # 8 prompts x 4 rows each, as GRPO samples them
 
-Both sides sample the same left-padded prompts (random token ids of 16-48 tokens, seed 0) from the same model in
+Both sides sample the same left-padded prompts (random token ids of 16-48 tokens, seed 0; with --group-size G each
+prompt fills G rows in a row, as in a GRPO batch, which the Engine prefills once per prompt) from the same model in
 train mode, at temperature 1, and record each sampled token's temperature-1 log-prob; eos is an id never drawn,
 so every row produces exactly --new-tokens tokens. Ours is what GRPO/PPO run: `sample` on the policy
 (`policy_engine`: the Engine's ragged KV cache, its decode loop and sampler, the weights refreshed for the step
@@ -84,6 +86,8 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="model preset (random weights)")
     parser.add_argument("--batch", type=int, default=32, help="rows per rollout (prompts x group size)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per row")
+    parser.add_argument("--group-size", type=int, default=1,
+                        help="rows per prompt (GRPO's --group-size; 1: every row its own prompt)")
     parser.add_argument("--no-compile", action="store_true", help="ours eager only (the RL stages' default)")
     add_bench_arguments(parser, repeats=(3, "timed repetitions of each side"),
                         quick="a small model, 4 rows, 8 tokens, one repetition", json=True)
@@ -93,12 +97,15 @@ def main() -> None:
     if args.quick:
         overrides = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
         args.batch, args.new_tokens, args.repeats = 4, 8, 1
+    if args.group_size < 1 or args.batch % args.group_size:
+        parser.error(f"--group-size {args.group_size} must divide --batch {args.batch}")
     torch.set_grad_enabled(True)  # as in training: sampling turns gradients off itself
     model = preset_model(args.preset, **overrides).train()
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(16, 49, (args.batch,), generator=generator).tolist()
+    lengths = torch.randint(16, 49, (args.batch // args.group_size,), generator=generator).tolist()
     prompts = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+    prompts = [prompt for prompt in prompts for _ in range(args.group_size)]  # each prompt's group, as GRPO lays it out
     ids, mask = left_pad(prompts, 0)
     never = -1  # an eos id no row draws: every row samples --new-tokens tokens on both sides
 

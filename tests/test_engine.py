@@ -87,6 +87,31 @@ def test_a_group_of_mixed_lengths_is_prefilled_in_chunks_of_similar_lengths(toke
     assert [c.token_ids for c in chunked] == [c.token_ids for c in together]
 
 
+def test_a_prompt_admitted_several_times_is_prefilled_once(tokenizer):
+    """An RL group (or n samples of one prompt): identical prompts admitted together are prefilled in one row; the
+    other rows copy its keys/values and first-token logits, and each row samples what it samples alone (row i
+    seeded seed + i: the same draws, and the same log-probs up to float rounding)."""
+    model = random_model(5)
+    p, q = prompts_of((9, 14), seed=5)
+    prompts = [p, q, p, p, q, p]
+    forwards = []
+    engine = Engine(model, tokenizer)
+    forward = engine._forward
+    engine._forward = lambda ids, *args, **kwargs: forwards.append(tuple(ids.shape)) or forward(ids, *args, **kwargs)
+    grouped = engine.sample_ids(prompts, max_new_tokens=8, temperature=1.0, seed=11, stop_ids=())
+    assert forwards[0] == (2, 14) and all(width == 1 for _, width in forwards[1:])  # p and q, once each
+    assert [len(ids) for ids in grouped.token_ids] == [8] * 6
+    for i, prompt in enumerate(prompts):
+        alone = Engine(model, tokenizer).sample_ids([prompt], max_new_tokens=8, temperature=1.0, seed=11 + i,
+                                                    stop_ids=())
+        assert grouped.token_ids[i] == alone.token_ids[0]
+        assert grouped.logprobs[i] == pytest.approx(alone.logprobs[0], abs=1e-4)
+    greedy = engine.completions([p] * 3, max_new_tokens=8, ignore_eos=True)
+    assert all(c.token_ids == greedy[0].token_ids for c in greedy)
+    scored = engine.completions([p, p], max_new_tokens=2, ignore_eos=True, prompt_logprobs=0)  # every position
+    assert all(c.prompt_logprobs is not None and len(c.prompt_logprobs) == len(p) for c in scored)
+
+
 def test_text_prompt_gets_bos_and_batch_returns_list(tokenizer):
     engine = Engine(random_model(), tokenizer)
     assert engine.encode("hello")[0] == tokenizer.bos_token_id

@@ -631,25 +631,46 @@ class Engine:
         """Prefill the admitted requests in new rows and sample their first tokens; outputs in admitted order.
 
         The rows are ordered by the prompt tokens left to prefill (after what the prefix cache gives) and prefilled
-        in chunks of similar lengths (`prefill_chunks`), so a group of mixed lengths is not padded to its longest."""
+        in chunks of similar lengths (`prefill_chunks`), so a group of mixed lengths is not padded to its longest.
+        A prompt admitted several times at once (an RL group, n samples of one prompt) is prefilled once: its other
+        rows, placed after the prefilled ones, get a copy of that row's keys/values and of its last logits."""
         # (request, (prefix cache entry, tokens it gives)), by the tokens left to prefill
         matched = sorted(((r, self._prefix_match(r)) for r in admitted), key=lambda m: len(m[0].prompt_ids) - m[1][1])
-        group = [request for request, _ in matched]
+        first_of: dict[tuple[int, ...], int] = {}  # prompt -> index in `prefilled` of its first request
+        prefilled, copies = [], []  # copies: (request, prefix match, index in `prefilled` of its twin)
+        for request, match in matched:
+            twin = first_of.get(tuple(request.prompt_ids)) if request.params.prompt_logprobs is None else None
+            if twin is None:
+                if request.params.prompt_logprobs is None:
+                    first_of[tuple(request.prompt_ids)] = len(prefilled)
+                prefilled.append((request, match))
+            else:
+                copies.append((request, match, twin))
+        group = [request for request, _ in prefilled] + [request for request, _, _ in copies]
         start, stop = len(self._running), len(self._running) + len(admitted)
         need = max(len(r.prompt_ids) + r.limit for r in self._running + group)
         self._reserve(stop, need)
         reused = []  # per row: columns [0, p) filled from the prefix cache
-        for row, (request, (key, length)) in enumerate(matched, start):
+        for row, (request, (key, length)) in enumerate(prefilled, start):
             if key is not None:
                 self.prefix_cache.load(key, length, self.cache, row)
             request.row, request.cached = row, len(request.prompt_ids)
             reused.append(length)
-        widths = [len(r.prompt_ids) - p for r, p in zip(group, reused)]
+        widths = [len(r.prompt_ids) - p for r, p in zip(group, reused)]  # the prefilled rows only
         logits, scores = [], []
         for a, b in prefill_chunks(widths, self.prefill_forward_tokens):
             chunk_logits, chunk_scores = self._prefill_rows(start + a, group[a:b], reused[a:b])
             logits.append(chunk_logits)
             scores += chunk_scores
+        twins = [twin for _, _, twin in copies]
+        for row, (request, (_, length), twin) in enumerate(copies, start + len(prefilled)):
+            self.cache.copy_row(start + twin, row, len(request.prompt_ids))
+            request.row, request.cached = row, len(request.prompt_ids)
+            reused.append(length)
+        logits = torch.cat(logits)
+        if twins:
+            logits = torch.cat([logits, logits[twins]])
+        scores += [None] * len(copies)
         self._running.extend(group)
         self._lengths[start:stop] = torch.tensor([len(r.prompt_ids) for r in group], device=self.device)
         self._row_params[start:stop] = torch.tensor([r.params.row() for r in group], device=self.device)
@@ -658,7 +679,7 @@ class Engine:
                 self._seen[request.row] = False
                 self._seen[request.row, torch.tensor(request.prompt_ids, device=self.device)] = True
                 self._counts[request.row] = 0
-        outputs = self._sample(start, stop, torch.cat(logits))
+        outputs = self._sample(start, stop, logits)
         for output, p, score in zip(outputs, reused, scores):
             output.cached_tokens = p
             output.prompt_logprobs = score
