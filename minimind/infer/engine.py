@@ -639,13 +639,13 @@ class Engine:
         first_of: dict[tuple[int, ...], int] = {}  # prompt -> index in `prefilled` of its first request
         prefilled, copies = [], []  # copies: (request, prefix match, index in `prefilled` of its twin)
         for request, match in matched:
-            twin = first_of.get(tuple(request.prompt_ids)) if request.params.prompt_logprobs is None else None
-            if twin is None:
-                if request.params.prompt_logprobs is None:
-                    first_of[tuple(request.prompt_ids)] = len(prefilled)
-                prefilled.append((request, match))
-            else:
-                copies.append((request, match, twin))
+            prompt = tuple(request.prompt_ids) if request.params.prompt_logprobs is None else None  # None: scored
+            if prompt in first_of:
+                copies.append((request, match, first_of[prompt]))
+                continue
+            if prompt is not None:
+                first_of[prompt] = len(prefilled)
+            prefilled.append((request, match))
         group = [request for request, _ in prefilled] + [request for request, _, _ in copies]
         start, stop = len(self._running), len(self._running) + len(admitted)
         need = max(len(r.prompt_ids) + r.limit for r in self._running + group)
@@ -656,7 +656,7 @@ class Engine:
                 self.prefix_cache.load(key, length, self.cache, row)
             request.row, request.cached = row, len(request.prompt_ids)
             reused.append(length)
-        widths = [len(r.prompt_ids) - p for r, p in zip(group, reused)]  # the prefilled rows only
+        widths = [len(r.prompt_ids) - p for (r, _), p in zip(prefilled, reused)]
         logits, scores = [], []
         for a, b in prefill_chunks(widths, self.prefill_forward_tokens):
             chunk_logits, chunk_scores = self._prefill_rows(start + a, group[a:b], reused[a:b])
