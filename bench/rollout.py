@@ -5,6 +5,7 @@
     python bench/rollout.py --quick                  # tiny shapes, one repetition: does it run
     python bench/rollout.py --no-compile             # ours eager only (no compilation)
     python bench/rollout.py --group-size 4           # 8 prompts x 4 rows each, as GRPO samples them
+    python bench/rollout.py --rollout-dtype bf16     # ours through a bf16 copy, as `--rollout-dtype bf16` samples
 
 Both sides sample the same left-padded prompts (random token ids of 16-48 tokens, seed 0; with --group-size G each
 prompt fills G rows in a row, as in a GRPO batch, which the Engine prefills once per prompt) from the same model in
@@ -16,8 +17,15 @@ and the cache given back after each rollout). The peer is the loop rollout.py ra
 over the whole batch each step. The sides alternate within each repetition; the best repetition counts.
 Ours is timed twice: with the compiled batched decode step (`sample(compile=True)`, what `--compile-rollouts`
 runs; compiled once before timing, its one-time cost printed) and eager (`eager`, the RL stages' default).
+With `--rollout-dtype bf16` ours samples as `minimind grpo|ppo --rollout-dtype bf16` does: through a bf16 copy of
+the fp32 policy's weights, refilled every rollout (timed with ours). The old-policy log-probs the loss compares
+against then come from the policy's own fp32 forward: with one optimizer step per rollout batch (the stages'
+default) the loss's forward, which runs anyway, so nothing more is timed; a run reusing rollouts
+(--updates-per-rollout or --minibatches above 1) adds one forward without grad per rollout, timed apart and
+printed. The peer stays the old loop on the fp32 policy, as the stages ran it, and a third side, `peer-bf16`, runs
+the old loop on a bf16 copy of the model (the same arithmetic as ours, the old loop's way).
 The last line: `rollout: ratio=<ours/peer> (ours <tok/s>, peer <tok/s>)`, ours compiled (eager with --no-compile);
-the line before it gives eager's ratio.
+the lines before it give eager's ratio and, with --rollout-dtype bf16, ours against `peer-bf16`.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from common import add_bench_arguments, append_json, bench_parser, interleaved, 
 from transformers.cache_utils import DynamicCache  # noqa: E402
 
 from minimind.infer.options import compile_allowed  # noqa: E402
-from minimind.train.rollout import left_pad, policy_engine, sample  # noqa: E402
+from minimind.train.distributed import DTYPES  # noqa: E402
+from minimind.train.rollout import left_pad, policy_engine, policy_logprobs, sample  # noqa: E402
 
 
 @torch.no_grad()
@@ -81,6 +90,19 @@ def previous_pick(logits: torch.Tensor, temperature: float, top_k: int) -> torch
     return torch.where(index < probs.shape[-1], index, probs.argmax(-1))
 
 
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def copy_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `model` in `dtype`, for the old loop to sample from."""
+    copied = type(model)(model.config).to(dtype)
+    copied.load_state_dict(model.state_dict())
+    return copied.train(model.training)
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--preset", default="tiny", help="model preset (random weights)")
@@ -89,6 +111,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=1,
                         help="rows per prompt (GRPO's --group-size; 1: every row its own prompt)")
     parser.add_argument("--no-compile", action="store_true", help="ours eager only (the RL stages' default)")
+    parser.add_argument("--rollout-dtype", choices=list(DTYPES), default="fp32",
+                        help="the dtype ours samples in (the policy stays fp32; its forward rescoring the rollout "
+                             "is timed with ours when this differs)")
     add_bench_arguments(parser, repeats=(3, "timed repetitions of each side"),
                         quick="a small model, 4 rows, 8 tokens, one repetition", json=True)
     args = parser.parse_args()
@@ -108,22 +133,28 @@ def main() -> None:
     prompts = [prompt for prompt in prompts for _ in range(args.group_size)]  # each prompt's group, as GRPO lays it out
     ids, mask = left_pad(prompts, 0)
     never = -1  # an eos id no row draws: every row samples --new-tokens tokens on both sides
+    dtype = DTYPES[args.rollout_dtype]
+    rescored = dtype != torch.float32
 
     def ours(compile: bool = not args.no_compile) -> None:
-        out = sample(model, ids, mask, args.new_tokens, eos_id=never, seed=0, compile=compile)
+        out = sample(model, ids, mask, args.new_tokens, eos_id=never, seed=0, compile=compile, dtype=dtype)
         assert out.completion_mask.all() and out.completion_ids.shape[1] == args.new_tokens
 
     def eager() -> None:
         ours(compile=False)
 
-    def peer() -> None:
-        tokens, _ = previous_sample(model, ids, mask, args.new_tokens, eos_id=never)
+    def peer(on: torch.nn.Module = model) -> None:
+        tokens, _ = previous_sample(on, ids, mask, args.new_tokens, eos_id=never)
         assert tokens.shape[1] == args.new_tokens
 
     print(machine_line())
     print(f"preset {args.preset}{' (quick)' if args.quick else ''}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, fp32, batch {args.batch}, prompts 16-48 tokens, {args.new_tokens} new tokens per row")
+          f"parameters, fp32 policy, ours sampling in {args.rollout_dtype}, batch {args.batch}, prompts 16-48 tokens, "
+          f"{args.new_tokens} new tokens per row")
     sides = {"ours": ours, "peer": peer}
+    if rescored:
+        copy = copy_in(model, dtype)
+        sides["peer-bf16" if dtype == torch.bfloat16 else f"peer-{args.rollout_dtype}"] = lambda: peer(copy)
     if not args.no_compile:
         start = time.perf_counter()
         ours()
@@ -132,16 +163,24 @@ def main() -> None:
     times = interleaved(sides, args.repeats)
     tokens = args.batch * args.new_tokens
     rates = {name: tokens / min(seconds) for name, seconds in times.items()}
-    engine = policy_engine(model, never, compile=not args.no_compile)
-    print(f"engine weight copies beside the policy's: {engine.weight_copy_bytes / 2**20:.1f} MiB "
+    engine = policy_engine(model, never, compile=not args.no_compile, dtype=dtype)
+    copied = sum(p.numel() for p in model.parameters()) * dtype.itemsize if rescored else 0  # the shadow's weights
+    print(f"engine weight copies beside the policy's: {(engine.weight_copy_bytes + copied) / 2**20:.1f} MiB "
           f"(the policy's weights: {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.1f} MiB)")
+    if rescored:
+        out = sample(model, ids, mask, args.new_tokens, eos_id=never, seed=0, dtype=dtype)
+        seconds = min(timed(lambda: policy_logprobs(model, out)) for _ in range(args.repeats))
+        print(f"the fp32 policy's forward over a rollout (old log-probs of reused rollouts only): {seconds:.3f} s")
     for name, rate in rates.items():
         print(f"{name:5s} {rate:8.1f} tok/s  (best of {len(times[name])}: {min(times[name]):.3f} s per rollout)")
-    append_json(args.json, {"bench": "rollout", "preset": args.preset, "batch": args.batch,
+    append_json(args.json, {"bench": "rollout", "preset": args.preset, "batch": args.batch, "dtype": args.rollout_dtype,
                             "new_tokens": args.new_tokens, **{f"{k}_tok_s": v for k, v in rates.items()}})
     if "eager" in rates:
         print(f"eager: ratio={rates['eager'] / rates['peer']:.2f} (eager {rates['eager']:.1f} tok/s, peer "
               f"{rates['peer']:.1f} tok/s)")
+    for name in [n for n in rates if n.startswith("peer-")]:
+        print(f"same-dtype: ratio={rates['ours'] / rates[name]:.2f} (ours {rates['ours']:.1f} tok/s, {name} "
+              f"{rates[name]:.1f} tok/s)")
     print(ratio_line("rollout", rates["ours"], rates["peer"], "tok/s"))
 
 

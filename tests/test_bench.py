@@ -23,7 +23,7 @@ RATIO = re.compile(r"^[\w .-]+: ratio=\d+\.\d\d \(ours [\d.]+( [\w /-]+)?, peer 
     ["prepare_scale.py", "--quick"],
     ["memory.py", "--quick"],
     ["grammar.py", "--quick"],
-    ["rollout.py", "--quick"],
+    ["rollout.py", "--quick", "--rollout-dtype", "bf16"],
     ["decode.py", "--quick", "--gguf-types"],
     ["int4_kernels.py", "--quick"],
     ["serve.py", "--preset", "tiny", "--clients", "2", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"],

@@ -80,11 +80,32 @@ def test_a_group_of_mixed_lengths_is_prefilled_in_chunks_of_similar_lengths(toke
     forward = engine._forward
     engine._forward = lambda ids, *args, **kwargs: forwards.append(tuple(ids.shape)) or forward(ids, *args, **kwargs)
     chunked = engine.completions(prompts, max_new_tokens=6, ignore_eos=True, temperature=0.9, seed=3)
-    assert forwards[:2] == [(5, 4), (3, 41)]  # the five short prompts, then the three long ones
+    assert forwards[:2] == [(5, 4), (3, 48)]  # the five short prompts, then the three long ones (width rounded)
     whole = Engine(model, tokenizer)
     whole.prefill_forward_tokens = 10**9  # one forward, padded to the longest
     together = whole.completions(prompts, max_new_tokens=6, ignore_eos=True, temperature=0.9, seed=3)
     assert [c.token_ids for c in chunked] == [c.token_ids for c in together]
+
+
+def test_prefill_widths_come_in_few_shapes_on_a_cpu(tokenizer):
+    """A CPU engine whose matmuls run through oneDNN (prepacked weights, the default) rounds each prefill forward's
+    width above 16 up to a multiple of 16: oneDNN keeps memory for every input shape it meets, so the lengths 17-60
+    make three shapes, not 44; what each prompt samples is unchanged."""
+    model = random_model(6)
+    engine = Engine(model, tokenizer)
+    assert engine.prefill_width_multiple == 16
+    shapes = []
+    forward = engine._forward
+    engine._forward = lambda ids, *args, **kwargs: shapes.append(tuple(ids.shape)) or forward(ids, *args, **kwargs)
+    prompts = prompts_of(tuple(range(17, 61)), seed=2)
+    rounded = [engine.completions([p], max_new_tokens=3, temperature=0.0)[0].token_ids for p in prompts]
+    prefills = {shape for shape in shapes if shape[1] > 1}
+    assert {width for _, width in prefills} == {32, 48, 64}
+    exact = Engine(model, tokenizer)
+    exact.prefill_width_multiple = 1
+    assert [exact.completions([p], max_new_tokens=3, temperature=0.0)[0].token_ids for p in prompts] == rounded
+    # Float32 on plain weights (MKL, as RL rollouts run) keeps nothing per shape: no rounding.
+    assert Engine(model, tokenizer, prepack=False).prefill_width_multiple == 1
 
 
 def test_a_prompt_admitted_several_times_is_prefilled_once(tokenizer):

@@ -103,7 +103,8 @@ def test_a_group_mixing_reused_and_fresh_prompts_is_prefilled_by_what_is_left(to
     forward = engine._forward
     engine._forward = lambda ids, *args, **kwargs: forwards.append(tuple(ids.shape)) or forward(ids, *args, **kwargs)
     together = engine.completions(group, max_new_tokens=6, ignore_eos=True)
-    assert forwards[:2] == [(2, 3), (2, 43)]  # what is left of the two reusing prompts, then the two fresh ones
+    assert forwards[:2] == [(2, 3), (2, 48)]  # what is left of the two reusing prompts, then the two fresh ones (43
+    # tokens, the width rounded up to a multiple of 16)
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
 
 

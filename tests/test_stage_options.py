@@ -14,10 +14,10 @@ from minimind.train.stages.sft import SFTOptions
 
 COMMON = ["--data", "d.jsonl", "--out", "run"]
 RL = {"group_size": 3, "max_new_tokens": 8, "temperature": 0.7, "top_k": 5, "reward": "exact", "clip": 0.3,
-      "clip_high": 0.28, "updates_per_rollout": 2, "minibatches": 4, "compile_rollouts": True}
+      "clip_high": 0.28, "updates_per_rollout": 2, "minibatches": 4, "compile_rollouts": True, "rollout_dtype": "bf16"}
 RL_FLAGS = ["--init", "m", "--group-size", "3", "--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "5",
             "--reward", "exact", "--clip", "0.3", "--clip-high", "0.28", "--updates-per-rollout", "2",
-            "--minibatches", "4", "--compile-rollouts"]
+            "--minibatches", "4", "--compile-rollouts", "--rollout-dtype", "bfloat16"]
 
 # verb -> (its own flags, the "extra" object train_config.json has always held for them)
 CASES = {

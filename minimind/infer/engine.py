@@ -75,7 +75,7 @@ from minimind.infer.prefix import PrefixCache, PrefixStats
 from minimind.infer.quantize import check_quantize, quantize_model
 from minimind.infer.sampling import PARAM_COLUMNS, SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from minimind.infer.text import TextStream
-from minimind.kernels import token_sampler, use_decode_kernels
+from minimind.kernels import decode_key_multiple, token_sampler, use_decode_kernels
 from minimind.model.modeling_minimind import MiniMindForCausalLM
 
 Prompt = str | Sequence[int]
@@ -141,6 +141,13 @@ class TokenSamples:
 # A prefill forward's fixed cost, in padded prompt tokens, by device type (a CPU computes every padded token; a
 # GPU's forward is mostly launch overhead at these sizes); others: 1024.
 PREFILL_FORWARD_TOKENS = {"cpu": 32, "cuda": 1024}
+# Prefill widths above this are rounded up to a multiple of it, by device type (others: 1), where the matmuls run
+# through oneDNN (a CPU engine's prepacked weights, bf16/fp16 ones): oneDNN keeps what it builds for each input
+# shape it meets, memory proportional to that shape's rows included, until ~1,000 shapes are cached, so one shape
+# per prompt length let a server's memory grow with every new length. Rounded, prompts of up to 512 tokens make
+# at most 31 shapes beyond the 16 shortest widths (small, and what a prefix-cache hit usually leaves to prefill).
+# Float32 matmuls on plain weights (MKL) keep nothing per shape and are not rounded.
+PREFILL_WIDTH_MULTIPLE = {"cpu": 16}
 UNIFORM_BLOCK = 64  # random numbers a sampled request draws from its generator at once
 
 
@@ -211,7 +218,8 @@ class Engine:
         # layout.py; a second copy of every weight). Where this build lacks oneDNN, the column-major layout for
         # faster single-row matmuls instead: free on a model the engine loaded itself, a second copy of the
         # projections on a caller's model, so prepack=False (no second copy) leaves a caller's layout alone.
-        if not (prepack and pack_linears(model)) and not compile and (prepack or given is None):
+        packed = prepack and pack_linears(model)
+        if not packed and not compile and (prepack or given is None):
             gemv_layout(model)
         # MiniMind: run the body, then the head on the last positions only through `OutputHead`.
         self._body = model.model if isinstance(model, MiniMindForCausalLM) else None
@@ -235,6 +243,9 @@ class Engine:
         self.prefill_token_budget = prefill_token_budget
         # a prefill forward's fixed cost in padded tokens: what splitting a group of mixed lengths must save
         self.prefill_forward_tokens = PREFILL_FORWARD_TOKENS.get(self.device.type, 1024)
+        onednn = packed or self.dtype != torch.float32  # CPU matmuls through oneDNN (on a GPU, no rounding)
+        self.prefill_width_multiple = PREFILL_WIDTH_MULTIPLE.get(self.device.type, 1) if onednn else 1
+        self.decode_key_multiple = decode_key_multiple(self.device, self.dtype)  # columns eager decode steps read
         self.eos_ids = {tokenizer.eos_token_id} | _as_set(getattr(config, "eos_token_id", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.cache = SlotKVCache(config.n_layers, config.n_kv_heads, config.head_dim, self.dtype, self.device)
@@ -611,6 +622,8 @@ class Engine:
 
     def _reserve(self, rows: int, columns: int) -> None:
         before = (self.cache.rows, self.cache.capacity)
+        multiple = self.decode_key_multiple  # the capacity too, so the decode widths it caps stay multiples
+        columns = max(columns, min(-(-columns // multiple) * multiple, self.max_seq_len))
         self.cache.reserve(rows, columns, self.max_batch_size, self.max_seq_len)
         if (self.cache.rows, self.cache.capacity) != before:
             self._alloc_rows()
@@ -692,6 +705,8 @@ class Engine:
         first reused[i] tokens of each already in its row): -> logits (rows, V) of their last tokens, and the
         prompt log-probs of the requests that ask for them (None for the others)."""
         width = max(len(r.prompt_ids) - p for r, p in zip(group, reused))  # longest part left to prefill
+        if width > self.prefill_width_multiple:  # few shapes (oneDNN); short ones, cheap to keep, as they are
+            width = -(-width // self.prefill_width_multiple) * self.prefill_width_multiple
         longest = max(len(r.prompt_ids) for r in group)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
         write = torch.full((len(group), width), self.cache.scratch_column, dtype=torch.long)
@@ -734,9 +749,11 @@ class Engine:
         elif self._batched_step is not None and n > 1:  # batched.py: the same, for several rows
             mask = self._columns[: longest + 1] <= positions[:, None, :, None]  # (B, 1, 1, longest + 1)
             logits = self._head(self._batched_step(self._next_tokens[:n, None], mask, positions, self.cache))
-        else:
-            mask = None if shortest == longest else self._columns[: longest + 1] <= positions[:, None, :, None]
-            self.cache.bind(0, n, positions, longest + 1, longest)
+        else:  # read a multiple of decode_key_multiple columns where that keeps oneDNN's shapes few
+            width = min(-(-(longest + 1) // self.decode_key_multiple) * self.decode_key_multiple, self.cache.capacity)
+            mask = None if shortest == longest and width == longest + 1 else \
+                self._columns[:width] <= positions[:, None, :, None]
+            self.cache.bind(0, n, positions, width, longest)
             logits = self._forward(self._next_tokens[:n, None], mask, positions)
         self._lengths[:n] += 1
         for request in self._running:

@@ -107,6 +107,14 @@ def use_decode_kernels(model: torch.nn.Module, device: torch.device, dtype: torc
         set_attention(model, "one_query_kernel")
 
 
+def decode_key_multiple(device: torch.device, dtype: torch.dtype) -> int:
+    """How many cache columns the Engine's eager decode steps read, as a multiple (the mask hides the extra
+    ones): 16 where `use_decode_kernels` chose the one-query matmuls (bf16/fp16 on a CPU), whose oneDNN matmuls
+    keep memory for every shape they meet, so a width growing by one column a step would add a shape every step;
+    1 elsewhere."""
+    return 16 if device.type == "cpu" and dtype != torch.float32 else 1
+
+
 def token_sampler(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                                                       tuple[torch.Tensor, torch.Tensor]] | None:
     """What the Engine draws unfiltered samples with, chosen once for its device: the one-pass `sample_tokens`

@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from minimind.data.datasets import PromptDataset
+from minimind.device import dtype_name
 from minimind.errors import UserError
 from minimind.train.args import OptionsT, StageOptions, TrainConfig, add_common_arguments
-from minimind.train.distributed import DistInfo
+from minimind.train.distributed import DTYPES, DistInfo
 from minimind.train.rollout import RLObjective, prompt_batch
 from minimind.train.stages import stage_data
 
@@ -38,6 +39,7 @@ class RLOptions(StageOptions):
     updates_per_rollout: int = 1  # passes over each rollout batch (K; TRL's num_iterations, PPO's epochs)
     minibatches: int = 1  # optimizer steps per pass, each on 1/M of the rollout batch's prompts
     compile_rollouts: bool = False  # decode rollout steps of 2+ rows through a compiled step (infer/batched.py)
+    rollout_dtype: str | None = None  # fp32 | bf16 | fp16: sample through a copy of the weights in it; None: the policy's
 
     @classmethod
     def from_args(cls: type[OptionsT], args: argparse.Namespace, **parsed: Any) -> OptionsT:
@@ -59,7 +61,8 @@ class RLOptions(StageOptions):
         return {"group_size": self.group_size, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_k": self.top_k,
                 "updates_per_rollout": self.updates_per_rollout, "minibatches": self.minibatches,
-                "compile_rollouts": self.compile_rollouts}
+                "compile_rollouts": self.compile_rollouts,
+                "rollout_dtype": None if self.rollout_dtype is None else DTYPES[self.rollout_dtype]}
 
 
 class _AddReward(argparse.Action):
@@ -103,6 +106,11 @@ def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict
                         "runs with long completions. MINIMIND_COMPILE=0 keeps it off")
     g.add_argument("--no-compile-rollouts", dest="compile_rollouts", action="store_false",
                    help="decode rollouts eagerly (the default)")
+    g.add_argument("--rollout-dtype", type=dtype_name, choices=list(DTYPES), default=None,
+                   help="sample rollouts through a copy of the weights in this dtype, refreshed every rollout "
+                        "(default: the policy's own); the old-policy log-probs are then computed again by the "
+                        "policy in its own dtype (one more forward per rollout). bf16 samples faster where the "
+                        "CPU has AVX-512 BF16 or AMX (docs/rl.md)")
     return g
 
 

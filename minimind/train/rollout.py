@@ -7,12 +7,20 @@ row per completion, one forward per step for every unfinished row, rows leaving 
 sampled token under the policy (temperature-1 softmax, whatever the sampling temperature or top-k) is recorded
 as it is drawn: these are the "old policy" log-probs of the clipped objectives. The result comes back as a
 `Rollout`: prompt columns as given, completions padded after each row's eos.
+
+Rollouts may run in another dtype than the policy trains in (`--rollout-dtype bf16`: an fp32 policy sampled
+through a bf16 copy of its weights, refreshed at every rollout), as RL systems with a separate inference engine
+do. The sampled tokens then come from the bf16 copy, and the old-policy log-probs from the policy itself, so
+the first update's importance ratio is exactly 1 and the clip sees only what the updates changed, not the
+rounding between dtypes: with one optimizer step per rollout batch they are the loss's own forward, detached (no
+extra cost); when a rollout batch is reused, one forward without grad over it when it is sampled
+(`RLObjective.experience`), as TRL computes them.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -69,7 +77,7 @@ def prompt_batch(items: list[dict], pad_id: int = 0) -> dict:
 @torch.no_grad()
 def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            eos_id: int, pad_id: int = 0, temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
-           compile: bool = False) -> Rollout:
+           compile: bool = False, dtype: torch.dtype | None = None) -> Rollout:
     """Sample one completion per row of left-padded prompts (temperature 0 = greedy) with the policy's Engine
     (`policy_engine`): its KV cache, decode loop and sampler.
 
@@ -77,9 +85,10 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     so a seeded run repeats, and so does a resumed one (checkpoints keep that RNG's state). Greedy draws nothing.
     A row stops at `eos_id`, after `max_new_tokens` or at the model's context. `compile`: decode steps of
     several rows through a compiled step (`Engine(compile_batched=True)`, compiled once per policy); the same
-    tokens and log-probs as eager decoding, up to float rounding.
+    tokens and log-probs as eager decoding, up to float rounding. `dtype`: sample through a copy of the weights in
+    that dtype (None: the policy's own); the log-probs are then that copy's.
     """
-    engine = policy_engine(model, eos_id, pad_id, compile)
+    engine = policy_engine(model, eos_id, pad_id, compile, dtype)
     keep = attention_mask.bool().cpu()
     prompts = [row[kept].tolist() for row, kept in zip(input_ids.cpu(), keep)]
     if seed is None and temperature > 0:
@@ -122,7 +131,8 @@ class _Ids:
 class _PolicyEngine:
     engine: Engine
     weights: tuple[int, ...]  # data pointers of the policy's parameters the engine was built over
-    shadow: torch.nn.Module | None  # an FSDP policy's unsharded copy, refilled at every rollout
+    shadow: torch.nn.Module | None  # an FSDP policy's unsharded copy, or a copy in the rollout dtype: refilled at
+    # every rollout
 
 
 # One engine per policy (and eos/pad pair, compiled or not), kept while the policy lives: built once, then every
@@ -130,7 +140,8 @@ class _PolicyEngine:
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0, compile: bool = False) -> Engine:
+def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0, compile: bool = False,
+                  dtype: torch.dtype | None = None) -> Engine:
     """The Engine that samples `model`'s rollouts: it sees the current weights and never changes the model.
 
     Its modules are its own (eval mode, decode kernels) over the policy's weight storage (`engine_copy`), so an
@@ -143,24 +154,29 @@ def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0, compile:
     into an unsharded copy on every rank at each rollout (one all-gather per tensor, in the same order on all
     ranks: a full copy of the weights per rank); decoding then needs no collective, so a rank whose rows are
     done never waits on another's. With `compile`, steps of several rows run compiled (`infer/batched.py`, over
-    a transposed copy of the body's projections, copied again at every rollout).
+    a transposed copy of the body's projections, copied again at every rollout). With a `dtype` other than the
+    policy's, the engine runs over a copy of the weights in that dtype, filled again at every rollout (gathered
+    into it, for a sharded policy).
     """
     policy = unwrap(model)
     sharded = _sharded(policy)
     policy = plain_model(policy)
+    param = next(policy.parameters())
+    dtype = param.dtype if dtype is None else dtype
+    copied = sharded or dtype != param.dtype
     known = _ENGINES.setdefault(policy, {})
-    built = known.get((eos_id, pad_id, compile))
+    key = (eos_id, pad_id, compile, dtype)
+    built = known.get(key)
     weights = () if sharded else tuple(p.data_ptr() for p in policy.parameters())
     if built is None or built.weights != weights:
-        device = next(policy.parameters()).device
         # Building draws random numbers (a fresh model's init, the engine's kernel checks): from a forked RNG,
         # so the run's own stream, which checkpoints save, is the same whether or not this rollout built one.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            shadow = _unsharded_copy(policy) if sharded else None
-            engine = Engine(shadow if sharded else _causal_lm(policy), _Ids(eos_id, pad_id), prepack=False,
+        with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else []):
+            shadow = _unsharded_copy(policy, dtype) if copied else None
+            engine = Engine(shadow if copied else _causal_lm(policy), _Ids(eos_id, pad_id), prepack=False,
                             compile_batched=compile)
-        built = known[(eos_id, pad_id, compile)] = _PolicyEngine(engine, weights, shadow)
-    if sharded:
+        built = known[key] = _PolicyEngine(engine, weights, shadow)
+    if copied:
         _gather_into(built.shadow, policy)
     built.engine.refresh_weights()  # a fused optimizer step updates the weights without moving their versions
     return built.engine
@@ -177,17 +193,18 @@ def _causal_lm(policy: torch.nn.Module) -> torch.nn.Module:
     return lm
 
 
-def _unsharded_copy(policy: torch.nn.Module) -> MiniMindForCausalLM:
-    """A causal LM of the FSDP policy's shapes, unsharded on this rank (its values come from `_gather_into`)."""
+def _unsharded_copy(policy: torch.nn.Module, dtype: torch.dtype) -> MiniMindForCausalLM:
+    """A causal LM of the policy's shapes in `dtype`, unsharded on this rank (its values come from
+    `_gather_into`)."""
     param = next(policy.parameters())
-    lm = MiniMindForCausalLM(policy.config).to(device=param.device, dtype=param.dtype).requires_grad_(False)
+    lm = MiniMindForCausalLM(policy.config).to(device=param.device, dtype=dtype).requires_grad_(False)
     return lm.eval()
 
 
 @torch.no_grad()
 def _gather_into(shadow: torch.nn.Module, policy: torch.nn.Module) -> None:
-    """Copy the sharded policy's current weights into `shadow`, tensor by tensor (collective: every rank runs the
-    same all-gathers in the same order, the shadow's)."""
+    """Copy the policy's current weights into `shadow`, tensor by tensor, in the shadow's dtype (for a sharded
+    policy a collective: every rank runs the same all-gathers in the same order, the shadow's)."""
     sharded = policy.state_dict()
     for name, param in shadow.named_parameters():
         value = sharded[name]
@@ -200,6 +217,22 @@ def _sharded(model: torch.nn.Module) -> bool:
     except ImportError:  # a torch without FSDP2 cannot have sharded the model
         return False
     return isinstance(model, FSDPModule)
+
+
+def policy_inputs(rollout: Rollout) -> dict:
+    """The forward's keywords over a rollout's sequences: the log-probs come straight from the final hidden states
+    (`head_loss_fn`, as the forward's `loss`), no (N, T, vocab) logits."""
+    return {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
+            "logits_to_keep": rollout.completion_ids.shape[1] + 1,
+            "head_loss_fn": partial(completion_head_logprobs, completion_ids=rollout.completion_ids)}
+
+
+@torch.no_grad()
+def policy_logprobs(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """(N, T) log π(token) of each completion token under `model` in its own dtype (one forward, no grad; 0 where
+    masked): the old-policy log-probs of a rollout sampled through a copy in another dtype."""
+    logp = training_view(model)(**policy_inputs(rollout)).loss
+    return logp.float() * rollout.completion_mask
 
 
 @dataclass
@@ -266,12 +299,13 @@ class RLObjective(Objective):
 
     def __init__(self, reference: torch.nn.Module, tokenizer, reward: Reward, group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, updates_per_rollout: int = 1, minibatches: int = 1,
-                 compile_rollouts: bool = False):
+                 compile_rollouts: bool = False, rollout_dtype: torch.dtype | None = None):
         self.reference, self.tokenizer, self.reward = training_view(reference), tokenizer, reward
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
         self.updates_per_rollout, self.minibatches = updates_per_rollout, minibatches
         self.compile_rollouts = compile_rollouts and compile_allowed()  # MINIMIND_COMPILE=0 keeps rollouts eager
+        self.rollout_dtype = rollout_dtype  # None: sample in the policy's own dtype
         self.steps_per_batch = updates_per_rollout * minibatches
         self.buffer: list[Experience] = []  # this rank's micro-batches' experiences, in micro-batch order
         self.phase = 0
@@ -292,14 +326,24 @@ class RLObjective(Objective):
         """Roll out one micro-batch, score it and run the frozen reference over it; `annotate` adds the stage's
         own tensors (advantages...)."""
         scored = self.roll_out(model, batch, self.group_size, self.temperature)
+        rollout = scored.rollout
         with torch.no_grad():
-            ref_logp = self.reference(**self.policy_inputs(scored.rollout)).loss
-        found = Experience(scored.rollout, scored.rewards, ref_logp, self.rollout_metrics(scored), {})
+            if self.rescores(model) and self.steps_per_batch > 1:  # sampled through a copy in another dtype and
+                # trained on after updates: log π_old from the policy itself, now (one step per rollout batch
+                # takes it from the loss's own forward instead: `on_policy_pass`)
+                rollout = replace(rollout, logprobs=policy_logprobs(model, rollout))
+            ref_logp = self.reference(**self.policy_inputs(rollout)).loss
+        found = Experience(rollout, scored.rewards, ref_logp, self.rollout_metrics(scored), {})
         self.annotate(model, found)
         return found
 
     def annotate(self, model: torch.nn.Module, experience: Experience) -> None:
         """Add the stage's per-row tensors to a fresh experience (in place). Nothing by default."""
+
+    def rescores(self, model: torch.nn.Module) -> bool:
+        """Whether rollouts are sampled in another dtype than the policy's, so their old-policy log-probs are
+        computed again by the policy."""
+        return self.rollout_dtype is not None and self.rollout_dtype != next(unwrap(model).parameters()).dtype
 
     def experience_for(self, model: torch.nn.Module, batch: dict) -> tuple[Experience, bool]:
         """This call's minibatch of the prepared experience of `batch` (or a fresh one, when called outside the
@@ -320,11 +364,8 @@ class RLObjective(Objective):
         self.buffer = [Experience.from_state(e, device) for e in state.get("buffer", [])]
 
     def policy_inputs(self, rollout: Rollout) -> dict:
-        """The forward's keywords over a rollout's sequences: the log-probs come straight from the final hidden
-        states (`head_loss_fn`), no (N, T, vocab) logits."""
-        return {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "use_cache": False,
-                "logits_to_keep": rollout.completion_ids.shape[1] + 1,
-                "head_loss_fn": partial(completion_head_logprobs, completion_ids=rollout.completion_ids)}
+        """The forward's keywords over a rollout's sequences (`policy_inputs`)."""
+        return policy_inputs(rollout)
 
     def roll_out(self, model: torch.nn.Module, batch: dict, group_size: int, temperature: float) -> Scored:
         """Sample `group_size` completions per prompt (a prompt's group in consecutive rows), decode, score."""
@@ -333,7 +374,7 @@ class RLObjective(Objective):
         answers = [a for a in batch["answer"] for _ in range(group_size)]
         rollout = sample(unwrap(model), ids, mask, self.max_new_tokens, self.tokenizer.eos_token_id,
                          self.tokenizer.pad_token_id, temperature, self.top_k,
-                         compile=self.compile_rollouts)
+                         compile=self.compile_rollouts, dtype=self.rollout_dtype)
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         prompts = [p for p in batch["prompt"] for _ in range(group_size)]
         rewards = self.reward(rollout, texts, answers, prompts).to(ids.device, torch.float32)
@@ -349,6 +390,9 @@ class RLObjective(Objective):
         """
         found, fresh = self.experience_for(model, batch)
         out = training_view(model)(**self.policy_inputs(found.rollout))
+        if self.rescores(model) and self.steps_per_batch == 1:  # on-policy: log π_old is this forward's, detached
+            rollout = replace(found.rollout, logprobs=out.loss.detach().float() * found.rollout.completion_mask)
+            found = replace(found, rollout=rollout)
         return found, out, out.loss, found.ref_logprobs, fresh
 
     @torch.no_grad()
@@ -362,8 +406,8 @@ class RLObjective(Objective):
     def rollout_counts(self, model: torch.nn.Module, rollout: Rollout, sampled: bool = True) -> dict[str, float]:
         """`LossOutput` fields: the policy trains on the sampled sequences (prompt + completion), not the prompts;
         the FLOPs are its training on them and, when they were `sampled` for this step (not reused), the
-        reference's forward over them, the sampling that made them and a scoring model's forward when the reward
-        runs one (from the shapes alone: no device sync), for all M minibatches of the rollout batch. A PPO
+        reference's forward over them, the sampling that made them, a scoring model's forward when the reward
+        runs one and the policy's own forward when it scores rollouts sampled in another dtype (from the shapes alone: no device sync), for all M minibatches of the rollout batch. A PPO
         value head's 6·dim FLOPs per token are left out (under 10⁻⁴ of the policy's)."""
         n, width = rollout.sequences.shape
         new = width - rollout.prompt_len
@@ -376,6 +420,8 @@ class RLObjective(Objective):
                                                                                             rollout.prompt_len, new)
             if scoring is not None:
                 rollout_flops += scoring(counts)
+            if self.rescores(model) and self.steps_per_batch > 1:  # the policy's forward for the old log-probs
+                rollout_flops += forward_flops(config, *counts)
             flops += self.minibatches * rollout_flops
         return {"tokens": rollout.sequences.numel(), "useful_tokens": int(rollout.attention_mask.sum()),
                 "flops": flops}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -104,7 +105,8 @@ class AgentGRPO(GRPO):
     def roll_out(self, model: torch.nn.Module, batch: dict, group_size: int, temperature: float) -> AgentScored:
         """`group_size` episodes per prompt, scored by the agent reward terms."""
         return roll_out_episodes(unwrap(model), self.tokenizer, batch, self.tools, self.runner, group_size,
-                                 self.max_turns, self.max_new_tokens, temperature, self.top_k, self.weights, sample)
+                                 self.max_turns, self.max_new_tokens, temperature, self.top_k, self.weights,
+                                 partial(sample, compile=self.compile_rollouts, dtype=self.rollout_dtype))
 
     def rollout_metrics(self, scored: AgentScored) -> dict[str, float]:
         """GRPO's rollout numbers plus each reward term and the tool-use counts, averaged over episodes."""
