@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_model
 from test_rl_reuse import _rl_run
 
+from minimind.infer.options import compile_allowed
 from minimind.kernels.training import TrainingLM
 from minimind.train.rollout import left_pad, policy_engine, sample
 
@@ -68,3 +69,18 @@ def test_grpo_with_bf16_rollouts_takes_its_old_log_probs_from_the_fp32_policy(tm
     assert max(abs(r["ratio_mean"] - 1.0) for r in (rows[1], rows[3])) > 1e-3  # the update moved it
     saved = json.loads((tmp_path / "reused" / "train_config.json").read_text())
     assert saved["extra"]["rollout_dtype"] == "bf16"
+
+
+@pytest.mark.slow
+def test_ppo_and_the_agent_take_the_rollout_dtype_too(tmp_path, model_dir, monkeypatch):
+    rows = _rl_run(tmp_path, model_dir, "ppo", "ppo", "--max-steps", "2", "--lr", "1e-2", "--rollout-dtype", "bf16")
+    assert all(abs(r["ratio_mean"] - 1.0) < 1e-6 and abs(r["ratio_max"] - 1.0) < 1e-6 for r in rows)
+    # The agent's turns are sampled with the stage's rollout settings.
+    from minimind.train.stages import agent
+
+    taken = {}
+    monkeypatch.setattr(agent, "roll_out_episodes", lambda *args: taken.setdefault("sample_fn", args[-1]))
+    options = agent.AgentOptions(rollout_dtype="bf16", compile_rollouts=True)
+    agent.AgentGRPO(tiny_model(3), None, {}, None, options).roll_out(tiny_model(3), {}, 2, 1.0)
+    assert taken["sample_fn"].func is sample
+    assert taken["sample_fn"].keywords == {"compile": compile_allowed(), "dtype": torch.bfloat16}
