@@ -108,9 +108,10 @@ def add_rl_arguments(parser: argparse.ArgumentParser, stage: str, defaults: dict
                    help="decode rollouts eagerly (the default)")
     g.add_argument("--rollout-dtype", type=dtype_name, choices=list(DTYPES), default=None,
                    help="sample rollouts through a copy of the weights in this dtype, refreshed every rollout "
-                        "(default: the policy's own); the old-policy log-probs are then computed again by the "
-                        "policy in its own dtype (one more forward per rollout). bf16 samples faster where the "
-                        "CPU has AVX-512 BF16 or AMX (docs/rl.md)")
+                        "(default: the policy's own); the old-policy log-probs then come from the policy in its "
+                        "own dtype: the loss's own forward, or one more forward per rollout batch when rollouts "
+                        "are reused. For an fp32 run on a CPU with bf16 instructions (AVX-512 BF16, AMX), bf16 "
+                        "samples faster (docs/rl.md); under --dtype bf16 rollouts already run in autocast")
     return g
 
 
