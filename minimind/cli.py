@@ -64,6 +64,29 @@ def parse_verb_args(verb: str, argv: list[str]) -> tuple[argparse.ArgumentParser
     return parser, args
 
 
+TRAINING_STAGES = "minimind.train.stages."
+DATA_FLAGS = ("--data", "--eval-data")
+
+
+def _check_data_flags(argv: list[str]) -> None:
+    """The data sources a training command names on its command line exist (the last of each flag counts, as in
+    argparse); a `--config` file's are checked when the stage opens them. Nothing is checked for `--help`."""
+    if "-h" in argv or "--help" in argv:
+        return
+    from minimind.sources import check_source
+
+    given = {}
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in DATA_FLAGS:
+            if eq:
+                given[flag] = value
+            elif i + 1 < len(argv):
+                given[flag] = argv[i + 1]
+    for value in given.values():
+        check_source(value)
+
+
 def version() -> str:
     """The installed MiniMind's version, as `minimind --version` prints it."""
     from minimind import __version__
@@ -92,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"minimind: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
     try:
+        if VERBS[verb][0].startswith(TRAINING_STAGES):
+            _check_data_flags(argv[1:])  # before the stage's imports (seconds): a mistyped path fails at once
+        module = importlib.import_module(VERBS[verb][0])
         parser, args = parse_verb_args(verb, argv[1:])
     except UserError as err:
         print(f"minimind {verb}: error: {err}", file=sys.stderr)

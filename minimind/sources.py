@@ -71,6 +71,12 @@ class HFSource:
         return cls(parts[0], config=config, split=split)
 
 
+def check_source(source: str | Path) -> None:
+    """Raise UserError unless `source` can name data: an existing file or directory, a glob, or hf:org/name."""
+    if not is_hf(source) and not Path(source).exists() and not glob.has_magic(str(source)):
+        raise UserError(f"{source}: no such file or prepared directory")
+
+
 def is_hf(source: str | Path) -> bool:
     """Whether `source` names a Hugging Face dataset rather than local files."""
     return str(source).startswith(HF_PREFIX)

@@ -211,6 +211,27 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tokenizer_dir):
     assert result.returncode == 2 and 'bad.jsonl:2: missing field "text"' in result.stderr
 
 
+def test_a_missing_data_source_fails_before_the_stage_loads_torch(tmp_path):
+    """A training verb checks the data paths on its command line before importing its stage (torch, transformers:
+    seconds), so a mistyped path is one line at once; --help is not held up by it."""
+    real = tmp_path / "real.jsonl"
+    real.write_text('{"text": "x"}\n')
+    script = ("import sys; from minimind.cli import main; code = main(sys.argv[1:]); "
+              "print(code, 'torch' in sys.modules)")
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True)
+
+    for argv, named in ((["grpo", f"--data={tmp_path}/nope.jsonl", "--init", "m", "--out", "o"], "nope.jsonl"),
+                        (["sft", "--data", str(real), "--eval-data", str(tmp_path / "gone.jsonl"), "--init", "m",
+                          "--out", "o"], "gone.jsonl")):
+        result = run(*argv)
+        assert result.stdout.split() == ["2", "False"], result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"minimind {argv[0]}: error: {tmp_path / named}: no such file or prepared directory"]
+    assert run("grpo", "--data", str(tmp_path / "nope.jsonl"), "--help").returncode == 0
+
+
 def test_mfu_counts_the_flops_a_batch_needs():
     """Full rows with every position in the loss: tokens x flops_per_token. Packed SFT rows: the head only at
     loss positions and attention per document, so skipping that work never shows as MFU above 100%."""

@@ -12,7 +12,6 @@ same code into `<out>/prepared/` and reuse it on resume.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import itertools
 import multiprocessing as mp
@@ -31,7 +30,16 @@ from minimind.errors import UserError
 from minimind.hub import model_dir
 from minimind.outputs import WriteFailed, refuse_or_clear, remove_products, writing, writing_product
 from minimind.records import BadRecord, ReadStats, parse_item
-from minimind.sources import Item, is_hf, is_line, is_line_file, iter_items, line_blocks, split_lines
+from minimind.sources import (
+    Item,
+    check_source,
+    is_hf,
+    is_line,
+    is_line_file,
+    iter_items,
+    line_blocks,
+    split_lines,
+)
 from minimind.sources import expand as expand_source
 from minimind.sources import fingerprint as source_fingerprint
 from minimind.sources import stem as source_stem
@@ -278,8 +286,7 @@ def open_dataset(
         if shard.kind != kind:
             raise UserError(f"{data}: prepared as {shard.kind!r} data, but this stage needs {kind!r}")
         return shard
-    if not is_hf(data) and not Path(data).exists() and not glob.has_magic(str(data)):
-        raise UserError(f"{data}: no such file or prepared directory")
+    check_source(data)
     tok_file = Path(tokenizer_dir) / "tokenizer.json"
     tok_files = [tok_file] if tok_file.is_file() else []
     if Path(data).is_file():
