@@ -147,8 +147,9 @@ def test_ratios_outside_zero_one_are_refused(ratios):
 
 
 def test_sft_verb_refuses_a_bad_ratio_before_anything_is_written(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["sft", "--data", "x.jsonl", "--init", "m", "--out", str(out), "--empty-think-ratio", "2"]) == 2
+    out, data = tmp_path / "run", tmp_path / "x.jsonl"
+    data.write_text("")  # present: a missing file would be refused first, before the stage is imported
+    assert main(["sft", "--data", str(data), "--init", "m", "--out", str(out), "--empty-think-ratio", "2"]) == 2
     assert "--empty-think-ratio must be between 0 and 1, got 2.0" in capsys.readouterr().err
     assert not out.exists()
 
