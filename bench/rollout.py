@@ -112,8 +112,8 @@ def main() -> None:
                         help="rows per prompt (GRPO's --group-size; 1: every row its own prompt)")
     parser.add_argument("--no-compile", action="store_true", help="ours eager only (the RL stages' default)")
     parser.add_argument("--rollout-dtype", choices=list(DTYPES), default="fp32",
-                        help="the dtype ours samples in (the policy stays fp32; its forward rescoring the rollout "
-                             "is timed with ours when this differs)")
+                        help="the dtype ours samples in (the policy stays fp32; the policy's forward a reused "
+                             "rollout needs for its old log-probs is timed apart when this differs)")
     add_bench_arguments(parser, repeats=(3, "timed repetitions of each side"),
                         quick="a small model, 4 rows, 8 tokens, one repetition", json=True)
     args = parser.parse_args()
@@ -154,7 +154,7 @@ def main() -> None:
     sides = {"ours": ours, "peer": peer}
     if rescored:
         copy = copy_in(model, dtype)
-        sides["peer-bf16" if dtype == torch.bfloat16 else f"peer-{args.rollout_dtype}"] = lambda: peer(copy)
+        sides[f"peer-{args.rollout_dtype}"] = lambda: peer(copy)
     if not args.no_compile:
         start = time.perf_counter()
         ours()

@@ -623,7 +623,7 @@ class Engine:
     def _reserve(self, rows: int, columns: int) -> None:
         before = (self.cache.rows, self.cache.capacity)
         multiple = self.decode_key_multiple  # the capacity too, so the decode widths it caps stay multiples
-        columns = max(columns, min(-(-columns // multiple) * multiple, self.max_seq_len))
+        columns = max(columns, min(_round_up(columns, multiple), self.max_seq_len))
         self.cache.reserve(rows, columns, self.max_batch_size, self.max_seq_len)
         if (self.cache.rows, self.cache.capacity) != before:
             self._alloc_rows()
@@ -706,7 +706,7 @@ class Engine:
         prompt log-probs of the requests that ask for them (None for the others)."""
         width = max(len(r.prompt_ids) - p for r, p in zip(group, reused))  # longest part left to prefill
         if width > self.prefill_width_multiple:  # few shapes (oneDNN); short ones, cheap to keep, as they are
-            width = -(-width // self.prefill_width_multiple) * self.prefill_width_multiple
+            width = _round_up(width, self.prefill_width_multiple)
         longest = max(len(r.prompt_ids) for r in group)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
         write = torch.full((len(group), width), self.cache.scratch_column, dtype=torch.long)
@@ -750,7 +750,7 @@ class Engine:
             mask = self._columns[: longest + 1] <= positions[:, None, :, None]  # (B, 1, 1, longest + 1)
             logits = self._head(self._batched_step(self._next_tokens[:n, None], mask, positions, self.cache))
         else:  # read a multiple of decode_key_multiple columns where that keeps oneDNN's shapes few
-            width = min(-(-(longest + 1) // self.decode_key_multiple) * self.decode_key_multiple, self.cache.capacity)
+            width = min(_round_up(longest + 1, self.decode_key_multiple), self.cache.capacity)
             mask = None if shortest == longest and width == longest + 1 else \
                 self._columns[:width] <= positions[:, None, :, None]
             self.cache.bind(0, n, positions, width, longest)
@@ -910,6 +910,11 @@ def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> lis
         return [None]
     targets = torch.tensor(prompt_ids[1:], device=logits.device, dtype=torch.long)
     return [None, *token_logprobs(logits[:-1], targets, [k] * len(targets))]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` at or above `value`."""
+    return -(-value // multiple) * multiple
 
 
 def _as_set(value) -> set[int]:

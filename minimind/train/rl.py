@@ -39,7 +39,7 @@ class RLOptions(StageOptions):
     updates_per_rollout: int = 1  # passes over each rollout batch (K; TRL's num_iterations, PPO's epochs)
     minibatches: int = 1  # optimizer steps per pass, each on 1/M of the rollout batch's prompts
     compile_rollouts: bool = False  # decode rollout steps of 2+ rows through a compiled step (infer/batched.py)
-    rollout_dtype: str | None = None  # fp32 | bf16 | fp16: sample through a copy of the weights in it; None: the policy's
+    rollout_dtype: str | None = None  # fp32 | bf16 | fp16: sample through a weight copy in it; None: the policy's
 
     @classmethod
     def from_args(cls: type[OptionsT], args: argparse.Namespace, **parsed: Any) -> OptionsT:

@@ -131,11 +131,10 @@ class _Ids:
 class _PolicyEngine:
     engine: Engine
     weights: tuple[int, ...]  # data pointers of the policy's parameters the engine was built over
-    shadow: torch.nn.Module | None  # an FSDP policy's unsharded copy, or a copy in the rollout dtype: refilled at
-    # every rollout
+    shadow: torch.nn.Module | None  # a sharded policy's or another dtype's copy, refilled at every rollout
 
 
-# One engine per policy (and eos/pad pair, compiled or not), kept while the policy lives: built once, then every
+# One engine per policy (and eos/pad pair, compiled or not, rollout dtype), kept while the policy lives: built once, then every
 # rollout reuses its modules, KV cache and per-row state.
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -229,10 +228,13 @@ def policy_inputs(rollout: Rollout) -> dict:
 
 @torch.no_grad()
 def policy_logprobs(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """(N, T) log π(token) of each completion token under `model` in its own dtype (one forward, no grad; 0 where
-    masked): the old-policy log-probs of a rollout sampled through a copy in another dtype."""
-    logp = training_view(model)(**policy_inputs(rollout)).loss
-    return logp.float() * rollout.completion_mask
+    """(N, T) log π(token) of each completion token under `model` in its own dtype (one forward, no grad)."""
+    return training_view(model)(**policy_inputs(rollout)).loss
+
+
+def with_old_logprobs(rollout: Rollout, logp: torch.Tensor) -> Rollout:
+    """The rollout with `logp` (N, T) as its old-policy log-probs: detached, float32, 0 where masked."""
+    return replace(rollout, logprobs=logp.detach().float() * rollout.completion_mask)
 
 
 @dataclass
@@ -328,10 +330,8 @@ class RLObjective(Objective):
         scored = self.roll_out(model, batch, self.group_size, self.temperature)
         rollout = scored.rollout
         with torch.no_grad():
-            if self.rescores(model) and self.steps_per_batch > 1:  # sampled through a copy in another dtype and
-                # trained on after updates: log π_old from the policy itself, now (one step per rollout batch
-                # takes it from the loss's own forward instead: `on_policy_pass`)
-                rollout = replace(rollout, logprobs=policy_logprobs(model, rollout))
+            if self.rescored_by(model) == "sampling":
+                rollout = with_old_logprobs(rollout, policy_logprobs(model, rollout))
             ref_logp = self.reference(**self.policy_inputs(rollout)).loss
         found = Experience(rollout, scored.rewards, ref_logp, self.rollout_metrics(scored), {})
         self.annotate(model, found)
@@ -340,10 +340,13 @@ class RLObjective(Objective):
     def annotate(self, model: torch.nn.Module, experience: Experience) -> None:
         """Add the stage's per-row tensors to a fresh experience (in place). Nothing by default."""
 
-    def rescores(self, model: torch.nn.Module) -> bool:
-        """Whether rollouts are sampled in another dtype than the policy's, so their old-policy log-probs are
-        computed again by the policy."""
-        return self.rollout_dtype is not None and self.rollout_dtype != next(unwrap(model).parameters()).dtype
+    def rescored_by(self, model: torch.nn.Module) -> str | None:
+        """Where the old-policy log-probs come from when rollouts are sampled in another dtype than the policy's:
+        "sampling", a forward of the policy when the batch is sampled (it is trained on after updates too), or
+        "loss", the loss's own forward (one step per rollout batch: on-policy); None: the sampler's own."""
+        if self.rollout_dtype is None or self.rollout_dtype == next(unwrap(model).parameters()).dtype:
+            return None
+        return "sampling" if self.steps_per_batch > 1 else "loss"
 
     def experience_for(self, model: torch.nn.Module, batch: dict) -> tuple[Experience, bool]:
         """This call's minibatch of the prepared experience of `batch` (or a fresh one, when called outside the
@@ -390,9 +393,8 @@ class RLObjective(Objective):
         """
         found, fresh = self.experience_for(model, batch)
         out = training_view(model)(**self.policy_inputs(found.rollout))
-        if self.rescores(model) and self.steps_per_batch == 1:  # on-policy: log π_old is this forward's, detached
-            rollout = replace(found.rollout, logprobs=out.loss.detach().float() * found.rollout.completion_mask)
-            found = replace(found, rollout=rollout)
+        if self.rescored_by(model) == "loss":
+            found = replace(found, rollout=with_old_logprobs(found.rollout, out.loss))
         return found, out, out.loss, found.ref_logprobs, fresh
 
     @torch.no_grad()
@@ -407,8 +409,9 @@ class RLObjective(Objective):
         """`LossOutput` fields: the policy trains on the sampled sequences (prompt + completion), not the prompts;
         the FLOPs are its training on them and, when they were `sampled` for this step (not reused), the
         reference's forward over them, the sampling that made them, a scoring model's forward when the reward
-        runs one and the policy's own forward when it scores rollouts sampled in another dtype (from the shapes alone: no device sync), for all M minibatches of the rollout batch. A PPO
-        value head's 6·dim FLOPs per token are left out (under 10⁻⁴ of the policy's)."""
+        runs one and the policy's own when it rescores them (`rescored_by`) (from the shapes alone: no device
+        sync), for all M minibatches of the rollout batch. A PPO value head's 6·dim FLOPs per token are left out
+        (under 10⁻⁴ of the policy's)."""
         n, width = rollout.sequences.shape
         new = width - rollout.prompt_len
         config = unwrap(model).config
@@ -420,7 +423,7 @@ class RLObjective(Objective):
                                                                                             rollout.prompt_len, new)
             if scoring is not None:
                 rollout_flops += scoring(counts)
-            if self.rescores(model) and self.steps_per_batch > 1:  # the policy's forward for the old log-probs
+            if self.rescored_by(model) == "sampling":
                 rollout_flops += forward_flops(config, *counts)
             flops += self.minibatches * rollout_flops
         return {"tokens": rollout.sequences.numel(), "useful_tokens": int(rollout.attention_mask.sum()),
