@@ -55,7 +55,8 @@ def tools_client(tokenizer):
 def test_text_response_with_usage_and_instructions(client):
     response = client.responses.create(model="tiny", input="hello", instructions="Answer briefly.",
                                        max_output_tokens=8, temperature=0.7, top_p=0.9,
-                                       reasoning={"effort": "none"})
+                                       reasoning={"effort": "none"}, extra_body={"seed": 0})
+    # seeded: an unseeded draw that ends with eos as its 8th token is "completed" with 8 tokens (seen once in CI)
     assert response.object == "response" and response.model == "tiny" and response.id.startswith("resp_")
     assert response.status in ("completed", "incomplete")
     (message,) = response.output
