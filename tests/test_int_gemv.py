@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from collections import Counter
 from contextlib import contextmanager
@@ -14,7 +17,7 @@ from conftest import tiny_model
 from minimind.infer.quantize import Int4Linear, Int8Linear, quantize_q4_0
 from minimind.kernels import int_gemv
 
-pytestmark = pytest.mark.skipif(not int_gemv._cpu_has_vnni(), reason="the CPU has no AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(int_gemv.isa() is None, reason="the CPU has neither AVX-512 VNNI nor AVX2")
 
 
 def int8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -48,6 +51,7 @@ def threads(n: int):
 
 def test_the_kernels_are_built_and_used_here():
     assert int_gemv.available()
+    assert f"minimind_int_gemv_{int_gemv.isa()}_" in str(int_gemv.library_path())  # built for this instruction set
     linear = torch.nn.Linear(64, 32, bias=False)
     assert Int4Linear(linear).vnni
     for n in (1, 2):  # the kernels split their rows across torch's threads (built with OpenMP)
@@ -228,3 +232,17 @@ def test_sample_tokens_draws_the_inverse_cdf_token_and_its_temperature_one_logpr
         torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-5)
     with pytest.raises(RuntimeError, match="one float32 temperature and uniform per row"):
         torch.ops.minimind.sample_tokens(torch.randn(2, 8), torch.ones(3), torch.rand(2))
+
+
+@pytest.mark.skipif(int_gemv.isa() != "avx512" or "avx2" not in int_gemv.cpu_info().flags,
+                    reason="on an AVX2 machine the tests above are the AVX2 build's tests")
+def test_the_avx2_build_passes_the_kernel_tests_too():
+    """int_gemv.cpp holds an AVX-512 and an AVX2 section; on an AVX-512 machine the AVX2 one is built as well
+    (`MINIMIND_KERNEL_ISA=avx2`, in a subprocess: one build of the library per process) and must pass the kernel
+    tests above, so that neither section goes untested wherever the suite runs."""
+    env = {**os.environ, "MINIMIND_KERNEL_ISA": "avx2"}
+    tests = "kernels_are_built or int8_gemv_is or q4_gemv_is or f32_gemv_is or several or attention or sample_tokens"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]

@@ -1,10 +1,12 @@
-"""int8, 4-bit and float32 weight matmuls for decoding on CPUs with AVX-512 VNNI (`int_gemv.cpp`), built on first use.
+"""int8, 4-bit and float32 weight matmuls for decoding on CPUs with AVX-512 VNNI or AVX2 (`int_gemv.cpp`), built on
+first use.
 
 Decoding multiplies one activation row (or a few) by every weight matrix once per token. PyTorch's kernels for
 that shape either convert each weight to float before multiplying (Inductor's generated row-dot, the packed
 int4 kernel with bf16 activations) or are built for larger matrices (fbgemm). These round the activations to
 int8 as well (one scale per row for int8 weights; one per 32 inputs for 4-bit ones, as llama.cpp's q8_0 does)
-and multiply integers with the CPU's VNNI dot-product instruction, so the weights stream at memory speed.
+and multiply integers with the CPU's dot-product instructions (VNNI's `vpdpbusd`; AVX2's `vpmaddubsw`), so the
+weights stream at memory speed.
 Both are registered as torch operators (`torch.ops.minimind.int8_gemv` / `q4_gemv`, with shape functions for
 torch.compile), so the compiled decode step calls them from inside its graph. `int8_gemv_cat` / `q4_gemv_cat`
 multiply one input by several matrices in one call (outputs side by side); the compiled step's graph pass
@@ -16,10 +18,11 @@ eager and batched decoding (`minimind.kernels.attention.one_query_kernel_attenti
 token per row from logits at a temperature, with its log-probability, in one pass (the Engine's sampler when no
 top-k/top-p/min-p, penalty, bias or grammar is set).
 
-The C++ source is compiled once per machine with the C++ compiler torch.compile uses, into torch's extension
-cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later starts load the library. Where the CPU
-lacks AVX-512 VNNI, the build fails, or `MINIMIND_INT_KERNELS=0` is set, `available()` is False and
-`minimind.infer.quantize` keeps PyTorch's own kernels.
+The C++ source is compiled once per machine with the C++ compiler torch.compile uses, for the best instruction set
+the CPU has (`isa()`: AVX-512 with VNNI, else AVX2 with FMA; one source, the vector code of each in its own
+section), into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later starts
+load the library. Where the CPU has neither, the build fails, or `MINIMIND_INT_KERNELS=0` is set, `available()` is
+False and the Engine keeps PyTorch's own kernels.
 """
 
 from __future__ import annotations
@@ -46,26 +49,42 @@ GROUP = 32  # inputs per 4-bit scale (q4_0)
 # -fopenmp: at::parallel_for only splits work across torch's threads when the code including it is compiled
 # with OpenMP (torch's own build is; cpp_extension adds no such flag). Without it every call ran on one thread.
 # The library links the libgomp.so.1 torch has already loaded, so both share one thread pool.
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
+_COMMON_FLAGS = ["-O3", "-fopenmp", "-mfma", "-mf16c"]
+# The instruction sets the source is written for, best first: (name, CPU flags it needs, compiler flags).
+ISAS = (("avx512", {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]),
+        ("avx2", {"avx2", "fma", "f16c"}, ["-mavx2"]))
 
 
-def _cpu_has_vnni() -> bool:
-    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_info().flags
+def isa() -> str | None:
+    """The instruction set the kernels are built for here: "avx512" (with VNNI), "avx2" (with FMA), or None where
+    the CPU has neither. `MINIMIND_KERNEL_ISA=avx2` builds the AVX2 kernels on an AVX-512 CPU (to test them)."""
+    flags = cpu_info().flags
+    usable = [name for name, needs, _ in ISAS if needs <= flags]
+    wanted = os.environ.get("MINIMIND_KERNEL_ISA")
+    if wanted:
+        return wanted if wanted in usable else None
+    return usable[0] if usable else None
+
+
+def _flags() -> list[str]:
+    return _COMMON_FLAGS + next(cflags for name, _, cflags in ISAS if name == isa())
 
 
 @cache
 def available() -> bool:
-    """Whether the VNNI kernels are built and loaded (builds them on the first call; False where they cannot run)."""
-    if os.environ.get("MINIMIND_INT_KERNELS", "1") == "0" or not _cpu_has_vnni():
+    """Whether the kernels are built and loaded (builds them on the first call; False where they cannot run)."""
+    if os.environ.get("MINIMIND_INT_KERNELS", "1") == "0" or isa() is None:
         return False
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
         name = _library_name()
         if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-            log.warning("building the CPU kernels (%s) once for this machine and torch version; about a minute",
-                        SOURCE.name)
-        load(name, [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            log.warning("building the CPU kernels (%s, %s) once for this machine and torch version; about a minute",
+                        SOURCE.name, isa())
+        load(name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=False)
     except Exception as err:  # no compiler, an unexpected toolchain: PyTorch's own kernels serve instead
         log.warning("CPU kernels (int8, int4, float32 decoding) unavailable (%s); using PyTorch's", err)
         return False
@@ -75,8 +94,8 @@ def available() -> bool:
 
 def _library_name() -> str:
     # the torch version in the name: a library built against another torch is never loaded
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
-    return "minimind_int_gemv_" + re.sub(r"\W", "_", torch.__version__) + "_" + digest
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:12]
+    return f"minimind_int_gemv_{isa()}_" + re.sub(r"\W", "_", torch.__version__) + "_" + digest
 
 
 def library_path() -> Path | None:
