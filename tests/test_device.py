@@ -43,3 +43,23 @@ def test_cpu_info_without_proc_has_no_flags(monkeypatch):
         assert device.cpu_info().flags == frozenset()
     finally:
         device.cpu_info.cache_clear()
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_of(monkeypatch, caplog):
+    """`--dtype bf16` (and `--rollout-dtype bf16`) on a CPU without AVX-512 BF16 or AMX runs every matmul through
+    float32 conversions: the run goes on, with one warning saying so; with the instructions, no warning."""
+    import logging
+
+    from minimind.train.distributed import resolve_dtype
+
+    cpu = torch.device("cpu")
+    for flags, warned in ((frozenset({"avx2", "fma"}), True), (frozenset({"avx2", "avx512_bf16"}), False)):
+        monkeypatch.setattr(device, "cpu_info", lambda flags=flags: device.CpuInfo("test", flags))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="minimind.device"):
+            assert resolve_dtype("bf16", cpu) == torch.bfloat16
+            assert resolve_dtype("fp32", cpu) == torch.float32
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == warned, messages
+        if warned:
+            assert messages[0].startswith("--dtype bf16: this CPU has no bf16 instructions")

@@ -47,9 +47,17 @@ def test_int8_perplexity_within_two_percent_and_greedy_mostly_agrees(trained, to
     assert abs(quant - base) / base < 0.02
     prompts = ["MiniMind is", "北京是", "The capital of", "def add("]
     want = [c.token_ids for c in fp32.completions(prompts, max_new_tokens=16, ignore_eos=True)]
-    got = [c.token_ids for c in int8.completions(prompts, max_new_tokens=16, ignore_eos=True)]
-    agree = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
-    assert agree >= 0.8 * 16 * len(prompts)
+    # Teacher-forced: the int8 model's likeliest token at every position of the float model's greedy text. Run
+    # freely, one flipped near-tie changes every later token (this trained model has one at the second token
+    # after "MiniMind is": 0.056 nats between its two likeliest tokens in float32).
+    agree = 0
+    for prompt, tokens in zip(prompts, want):
+        with torch.no_grad():
+            logits = int8.model(input_ids=torch.tensor([fp32.encode(prompt) + tokens])).logits[0]
+        agree += (logits[-len(tokens) - 1 : -1].argmax(-1) == torch.tensor(tokens)).sum().item()
+    assert agree >= 0.9 * 16 * len(prompts)
+    got = int8.completions(prompts, max_new_tokens=16, ignore_eos=True)  # freely: the first tokens agree
+    assert [c.token_ids[0] for c in got] == [w[0] for w in want]
 
 
 @pytest.mark.slow
@@ -68,13 +76,13 @@ def test_int8_linear_under_compile():
 
 
 @pytest.mark.slow
-def test_compiled_int8_engine_follows_the_float_model(trained, tokenizer):
+def test_compiled_int8_engine_follows_the_eager_one(trained, tokenizer):
     prompts = ["MiniMind is", "北京是"]
-    want = [Engine(trained, tokenizer).completions([p], max_new_tokens=12, ignore_eos=True)[0].token_ids
-            for p in prompts]
+    eager = Engine(trained, tokenizer, quantize="int8")
+    want = [eager.completions([p], max_new_tokens=12, ignore_eos=True)[0].token_ids for p in prompts]
     engine = Engine(trained, tokenizer, quantize="int8", compile=True)
     got = [engine.completions([p], max_new_tokens=12, ignore_eos=True)[0].token_ids for p in prompts]
-    assert sum(a == b for w, g in zip(want, got) for a, b in zip(w, g)) >= 0.8 * 24
+    assert sum(a == b for w, g in zip(want, got) for a, b in zip(w, g)) >= 0.9 * 24
 
 
 def test_quantize_leaves_the_callers_model_alone_and_converts_projections(tokenizer):

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from minimind.device import resolve_device
+from minimind.device import resolve_device, warn_if_slow_on_cpu
 from minimind.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,6 +70,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise UserError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     if name == "fp16" and device.type == "cpu":
         raise UserError("--dtype fp16 needs a GPU; use fp32 or bf16 on CPU")
+    warn_if_slow_on_cpu(DTYPES[name], device, f"--dtype {name}")
     return DTYPES[name]
 
 

@@ -25,6 +25,7 @@ from functools import partial
 
 import torch
 
+from minimind.device import warn_if_slow_on_cpu
 from minimind.infer.engine import Engine
 from minimind.infer.options import compile_allowed
 from minimind.info import forward_flops, sampling_flops, training_flops
@@ -168,6 +169,8 @@ def policy_engine(model: torch.nn.Module, eos_id: int, pad_id: int = 0, compile:
     built = known.get(key)
     weights = () if sharded else tuple(p.data_ptr() for p in policy.parameters())
     if built is None or built.weights != weights:
+        if built is None and dtype != param.dtype:
+            warn_if_slow_on_cpu(dtype, param.device, "--rollout-dtype")
         # Building draws random numbers (a fresh model's init, the engine's kernel checks): from a forked RNG,
         # so the run's own stream, which checkpoints save, is the same whether or not this rollout built one.
         with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else []):
