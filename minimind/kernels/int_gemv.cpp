@@ -31,6 +31,55 @@ namespace {
 
 constexpr int64_t kRows = 16;  // output rows per block
 
+// ---- scalar parts both sections share ----
+
+// The sampler's walk over a row's e^((l - max) / T) (e, V tokens) and their sums per 16-token block: the first
+// token whose running sum passes u times the total, the block sums skipping whole blocks.
+int64_t draw_token(const float* l, int64_t V, float top, float u, const float* e, const float* block_sums) {
+  const int64_t blocks = (V + 15) / 16;
+  float total = 0.f;
+  for (int64_t i = 0; i < blocks; ++i) total += block_sums[i];
+  const float target = u * total;
+  int64_t token = -1;
+  float running = 0.f;
+  for (int64_t i = 0; i < blocks; ++i) {
+    if (running + block_sums[i] <= target) {
+      running += block_sums[i];
+      continue;
+    }
+    // The block holds the target; should its own sum in this order fall short, its last token that can be
+    // drawn (the walk's limit as u approaches the block's end).
+    for (int64_t j = 16 * i; j < std::min(16 * i + 16, V); ++j) {
+      running += e[j];
+      if (e[j] > 0.f) token = j;
+      if (running > target) break;
+    }
+    break;
+  }
+  if (token < 0) {  // u times the total rounded up to the total (or nothing can be drawn): the likeliest token
+    token = 0;
+    while (l[token] != top && token + 1 < V) ++token;
+  }
+  return token;
+}
+
+// The largest attended score (-inf where no column is attended).
+inline float attended_max(const float* scores, const bool* seen, int64_t S) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < S; ++s)
+    if (!seen || seen[s]) top = std::max(top, scores[s]);
+  return top;
+}
+
+// scores[from, S) -> e^(score - top), 0 where not attended; returns sum plus theirs (the vector loops' tail).
+inline float exp_tail(float* scores, const bool* seen, int64_t from, int64_t S, float top, float sum) {
+  for (int64_t s = from; s < S; ++s) {
+    scores[s] = (!seen || seen[s]) ? std::exp(scores[s] - top) : 0.f;
+    sum += scores[s];
+  }
+  return sum;
+}
+
 #if defined(__AVX512F__)  // ---------------------------------------- AVX-512 ----------------------------------------
 
 // ---- activations ----
@@ -276,9 +325,7 @@ inline void head_scores(const float* q, const float* keys, int64_t ks, int64_t S
 
 // scores (S) -> unnormalised probabilities e^(score - max) (0 where not attended); returns their sum.
 inline float exp_scores(float* scores, const bool* seen, int64_t S) {
-  float top = -INFINITY;
-  for (int64_t s = 0; s < S; ++s)
-    if (!seen || seen[s]) top = std::max(top, scores[s]);
+  const float top = attended_max(scores, seen, S);
   if (top == -INFINITY) {  // nothing attended
     std::fill(scores, scores + S, 0.f);
     return 0.f;
@@ -296,12 +343,7 @@ inline float exp_scores(float* scores, const bool* seen, int64_t S) {
     _mm512_storeu_ps(scores + s, e);
     total = _mm512_add_ps(total, e);
   }
-  float sum = _mm512_reduce_add_ps(total);
-  for (; s < S; ++s) {
-    scores[s] = (!seen || seen[s]) ? std::exp(scores[s] - top) : 0.f;
-    sum += scores[s];
-  }
-  return sum;
+  return exp_tail(scores, seen, s, S, top, _mm512_reduce_add_ps(total));
 }
 
 // out (DC x 16) = sum over attended s of p[s] v_s / total.
@@ -358,29 +400,7 @@ void sample_row(const float* l, int64_t V, float temperature, float u, float* e,
     }
     _mm512_storeu_ps(block_sums + 16 * g, sum16(p));
   }
-  float total = 0.f;
-  for (int64_t i = 0; i < blocks; ++i) total += block_sums[i];
-  const float target = u * total;
-  int64_t token = -1;
-  float running = 0.f;
-  for (int64_t i = 0; i < blocks; ++i) {
-    if (running + block_sums[i] <= target) {
-      running += block_sums[i];
-      continue;
-    }
-    // The block holds the target; should its own sum in this order fall short, its last token that can be
-    // drawn (the walk's limit as u approaches the block's end).
-    for (int64_t j = 16 * i; j < std::min(16 * i + 16, V); ++j) {
-      running += e[j];
-      if (e[j] > 0.f) token = j;
-      if (running > target) break;
-    }
-    break;
-  }
-  if (token < 0) {  // u times the total rounded up to the total (or nothing can be drawn): the likeliest token
-    token = 0;
-    while (l[token] != top && token + 1 < V) ++token;
-  }
+  const int64_t token = draw_token(l, V, top, u, e, block_sums);
   *token_out = token;
   *logprob_out = (l[token] - top) - std::log(_mm512_reduce_add_ps(raw));
 }
@@ -654,9 +674,7 @@ inline void head_scores(const float* q, const float* keys, int64_t ks, int64_t S
 
 // scores (S) -> unnormalised probabilities e^(score - max) (0 where not attended); returns their sum.
 inline float exp_scores(float* scores, const bool* seen, int64_t S) {
-  float top = -INFINITY;
-  for (int64_t s = 0; s < S; ++s)
-    if (!seen || seen[s]) top = std::max(top, scores[s]);
+  const float top = attended_max(scores, seen, S);
   if (top == -INFINITY) {  // nothing attended
     std::fill(scores, scores + S, 0.f);
     return 0.f;
@@ -673,12 +691,7 @@ inline float exp_scores(float* scores, const bool* seen, int64_t S) {
     _mm256_storeu_ps(scores + s, e);
     total = _mm256_add_ps(total, e);
   }
-  float sum = hsum8(total);
-  for (; s < S; ++s) {
-    scores[s] = (!seen || seen[s]) ? std::exp(scores[s] - top) : 0.f;
-    sum += scores[s];
-  }
-  return sum;
+  return exp_tail(scores, seen, s, S, top, hsum8(total));
 }
 
 // out (DC x 16) = sum over attended s of p[s] v_s / total.
@@ -736,27 +749,7 @@ void sample_row(const float* l, int64_t V, float temperature, float u, float* e,
     }
     block_sums[i] = hsum8(sum);
   }
-  float total = 0.f;
-  for (int64_t i = 0; i < blocks; ++i) total += block_sums[i];
-  const float target = u * total;
-  int64_t token = -1;
-  float running = 0.f;
-  for (int64_t i = 0; i < blocks; ++i) {
-    if (running + block_sums[i] <= target) {
-      running += block_sums[i];
-      continue;
-    }
-    for (int64_t j = 16 * i; j < std::min(16 * i + 16, V); ++j) {
-      running += e[j];
-      if (e[j] > 0.f) token = j;
-      if (running > target) break;
-    }
-    break;
-  }
-  if (token < 0) {  // u times the total rounded up to the total (or nothing can be drawn): the likeliest token
-    token = 0;
-    while (l[token] != top && token + 1 < V) ++token;
-  }
+  const int64_t token = draw_token(l, V, top, u, e, block_sums);
   *token_out = token;
   *logprob_out = (l[token] - top) - std::log(hsum8(raw));
 }
