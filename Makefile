@@ -36,12 +36,16 @@ browser:
 demo: setup
 	$(BIN)/minimind demo --out runs/demo --overwrite
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; each gets its share of the cores, tests/conftest.py), a
+# test handed to whichever is free (worksteal); TEST_WORKERS=0 runs it in this one process.
 # --durations=20: the 20 slowest tests, so the suite's budget stays visible
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 test: setup browser
-	$(BIN)/python -m pytest -q --durations=20
+	$(PYTEST) --durations=20
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # GGUF exports run in llama.cpp (the llamacpp extra compiles it, ~10 minutes on 2 cores); the interop tests
 # must run here, so a skip (llama_cpp missing) fails the target

@@ -28,6 +28,15 @@ os.environ.setdefault("MINIMIND_COMPILE", "0")
 # ... and what they compile is kept in a directory of this run's own, not the user's ~/.cache/minimind.
 os.environ["MINIMIND_CACHE"] = tempfile.mkdtemp(prefix="minimind-test-cache-")
 
+# `make test` runs the suite in parallel processes (pytest-xdist). Each worker gets its share of the cores, and
+# the processes its tests start inherit that share through OMP_NUM_THREADS, so the workers do not fight over
+# cores (oversubscribed OpenMP threads spin and wait on each other, which costs more than one thread each).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
 SAMPLE_TEXT = [
     "MiniMind is a small language model trained from scratch. 12 plus 30 equals 42.",
     "我是MiniMind，一个从零训练的小型语言模型。北京是中国的首都。",

@@ -21,6 +21,15 @@ from minimind.tokenizer.template import DEFAULT_SYSTEM_PROMPT
 SEED = 7
 
 
+@pytest.fixture(autouse=True)
+def _main_module_put_back():
+    """AppTest runs the page as `__main__` and leaves it in `sys.modules`; a later test in this process that
+    starts processes with multiprocessing's spawn (which re-runs `__main__` in each child) would run the page."""
+    main_module = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main_module
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, model_dir, tokenizer):
     """runs/chat (the tiny model), runs/other/checkpoint (a second one, nested), runs/empty (not a model)."""
