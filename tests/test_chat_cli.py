@@ -209,3 +209,32 @@ def test_chat_and_generate_take_think(model_dir, tmp_path, monkeypatch, capsys):
     assert main(["generate", "--model", str(switched), *generate[3:], "--chat"]) == 0
     printed = capsys.readouterr()
     assert printed.out.startswith("<think>") and NO_SWITCH not in printed.err  # the reply starts inside the block
+
+
+def test_unknown_commands_and_bytes_that_are_not_utf8_are_refused_and_the_chat_goes_on(engine):
+    out = io.StringIO()
+    lines = ["/bogus", "/think on", "hi \udcff there", "/etc/hosts is a file", "/exit"]  # \udcff: byte 0xff as read
+    assert chat_loop(engine, scripted_input(lines), out, sampling=SAMPLING) == 0
+    reply = engine.chat([{"role": "user", "content": "/etc/hosts is a file"}], **SAMPLING)
+    assert out.getvalue() == (f"{BANNER}\n(unknown command: /bogus; /help lists the commands)\n"
+                              "(unknown command: /think on; /help lists the commands)\n"
+                              "(the message is not UTF-8 text (byte 0xff at character 3); nothing sent)\n"
+                              f"{MODEL_PROMPT}{reply}\n")
+
+
+def test_generate_and_chat_refuse_text_that_is_not_utf8_and_flags_that_do_not_apply(model_dir, monkeypatch, capsys):
+    from minimind.cli import main
+
+    base = ["--model", str(model_dir), "--max-new-tokens", "2", "--device", "cpu"]
+    for argv, message in ((["generate", *base, "--prompt", "a\udcffb"], "--prompt is not UTF-8 text (byte 0xff at "
+                                                                         "character 1)"),
+                          (["generate", *base, "--prompt", "hi", "--system", "S"], "--system is the chat template's "
+                                                                                    "system prompt; it needs --chat"),
+                          (["chat", *base, "--history-turns", "-5"], "--history-turns is -5"),
+                          (["chat", *base, "--system", "\udce9t\udce9"], "--system is not UTF-8 text (byte 0xe9")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi \udcff"))
+    assert main(["generate", *base, "--prompt", "-"]) == 2
+    assert "the prompt on stdin is not UTF-8 text (byte 0xff at character 3)" in capsys.readouterr().err

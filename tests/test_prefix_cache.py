@@ -1,6 +1,6 @@
 """The Engine's prefix cache: the same tokens and log-probabilities with and without it (multi-turn chats,
 concurrent requests sharing a system prompt, a prompt equal to a cached prefix, eviction under a tiny bound,
-QK-norm + YaRN; int8 reuses nothing), what it counts, and the CLI flags."""
+QK-norm + YaRN; int8 and int4 reuse nothing), what it counts, and the CLI flags."""
 
 from __future__ import annotations
 
@@ -149,17 +149,17 @@ def test_eviction_keeps_the_bound_and_the_most_recent_sequences(tokenizer):
     assert engine.prefix_cache_stats.hit_tokens - before == 30
 
 
-@pytest.mark.parametrize("variant", ["minimind3-yarn", "int8"])
-def test_qk_norm_yarn_and_int8_models_give_the_same_outputs(tokenizer, variant):
+@pytest.mark.parametrize("variant", ["minimind3-yarn", "int8", "int4"])
+def test_qk_norm_yarn_and_quantized_models_give_the_same_outputs(tokenizer, variant):
     overrides = {"minimind3-yarn": dict(qk_norm=True, rope_theta=1e6, head_dim=24, yarn_factor=4.0,
                                         yarn_original_max_seq_len=64)}.get(variant, {})
-    kwargs = {"quantize": "int8"} if variant == "int8" else {}
+    kwargs = {"quantize": variant} if variant in ("int8", "int4") else {}
     model = random_model(8, **overrides)
     turns = prompts_of((30, 20, 25), seed=8)
     plain, _ = run_turns(Engine(model, tokenizer, **kwargs), turns, max_new_tokens=5, ignore_eos=True, logprobs=0)
     cached, reused = run_turns(Engine(model, tokenizer, prefix_cache_tokens=512, **kwargs), turns,
                                max_new_tokens=5, ignore_eos=True, logprobs=0)
-    if variant == "int8":  # activations rounded per forward: reuse would change the numbers, so none
+    if kwargs:  # activations rounded by the forward's size: reuse would change the numbers, so none
         assert reused == [0, 0, 0]
     else:
         assert reused[1] > 30 and reused[2] > reused[1]

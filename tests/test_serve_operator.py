@@ -282,6 +282,9 @@ def test_serve_flags_aliases_cors_metrics_auth_and_the_exposed_host_warning(mode
     for bad in (["--cors-origins", "app.example"], ["--served-model-name", "a", "a"]):
         assert main(["serve", "--model", str(model_dir), "--port", "0", *bad]) == 2
         assert bad[0] in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # not bound modulo 65536 to another port
+        main(["serve", "--model", str(model_dir), "--port", "99999"])
+    assert exit_.value.code == 2 and "expected a TCP port from 0 to 65535, got 99999" in capsys.readouterr().err
 
 
 def test_openapi_documents_the_new_endpoints(client):

@@ -142,7 +142,8 @@ def test_logit_bias_keys_are_token_ids_of_the_model():
     request = parse_request(CompletionRequest, {"prompt": "a", "logit_bias": {"7": 100, "11": -100.0}})
     assert base_params(request, {}, 512).logit_bias == {7: 100, 11: -100.0}
     for bias, message in (({"512": 1}, "not a token id of this model (0 to 511)"), ({"x": 1}, "not a token id"),
-                          ({"-1": 1}, "not a token id"), ({"7": 101}, "expected a number in [-100, 100]")):
+                          ({"-1": 1}, "not a token id"), ({"7": 101}, "expected a number in [-100, 100]"),
+                          ({"²": 1}, "not a token id"), ({"٣": 1}, "not a token id")):  # digits to str.isdigit
         request = parse_request(CompletionRequest, {"prompt": "a", "logit_bias": bias})
         with pytest.raises(APIError, match=re.escape(message)) as err:
             base_params(request, {}, 512)

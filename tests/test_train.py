@@ -153,7 +153,7 @@ def synthetic_run(objective, n_rows=64, seq=16) -> StageRun:
 
 def test_nan_steps_are_skipped_then_training_stops_with_a_checkpoint(tmp_path):
     cfg = TrainConfig(stage="test", data="-", out=str(tmp_path), max_steps=20, batch_size=4, lr=1e-3,
-                      device="cpu", dtype="fp32", nan_tolerance=3, seed=0)
+                      device="cpu", dtype="fp32", nan_tolerance=3, seed=0, log_every=1)  # skipped steps shown too
     run = synthetic_run(NaNAfter(bad_from=5))
     trainer = Trainer(cfg, run, DistInfo())
     before = {k: v.clone() for k, v in run.model.state_dict().items()}

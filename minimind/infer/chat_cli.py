@@ -3,7 +3,8 @@
     minimind chat --model runs/sft [--system "You are ..."] [--history-turns 4] [--temperature 0.7]
 
 Type a message and press Enter. `/reset` forgets the conversation, `/think` turns thinking on or off, `/help`
-lists the commands, `/exit` (or Ctrl-D, Ctrl-C) quits.
+lists the commands, `/exit` (or Ctrl-D, Ctrl-C) quits; another `/word` is refused as an unknown command (a
+message that starts with a path such as `/etc/hosts` is sent).
 `--hide-thinking` prints only the answer of a reasoning model's `<think>…</think><answer>…</answer>` replies
 (a note shows while it thinks) and keeps only the answers in the history.
 `--think` (or `/think`) turns on the thinking switch of templates that have one (minimind-3's `open_thinking`,
@@ -17,15 +18,18 @@ leave less than `max_new_tokens` (at most half the context) of room for the answ
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from minimind.errors import UserError
 from minimind.infer.options import (
     add_model_arguments,
     add_sampling_arguments,
     load_engine,
     sampling_from_args,
+    utf8_text,
 )
 from minimind.infer.sampling import SamplingParams
 from minimind.tokenizer.template import split_thinking
@@ -44,6 +48,8 @@ HELP = ("/think    turn thinking on or off (templates with a thinking switch)\n"
         "/exit     quit (also /quit, Ctrl-D, Ctrl-C)\n")
 NO_SWITCH = ("warning: this model's chat template has no thinking switch (open_thinking / enable_thinking); "
              "thinking on changes nothing")
+# `/word` that is not one of the commands above (a path such as /etc/hosts is a message)
+UNKNOWN_COMMAND = re.compile(r"/[A-Za-z]+")
 USER_PROMPT = "you> "
 MODEL_PROMPT = "minimind> "
 THINKING_NOTE = "(thinking…) "
@@ -79,6 +85,10 @@ def thinking_switch(tokenizer, on: bool | None, warn: TextIO) -> bool | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.history_turns < -1:
+        raise UserError(f"--history-turns is {args.history_turns}; expected -1 (all that fit) or a number >= 0")
+    if args.system is not None:
+        utf8_text(args.system, "--system")
     sampling = sampling_from_args(args)
     SamplingParams(**sampling)  # bad flags fail now, not at the first message
     engine = load_engine(args)
@@ -174,6 +184,9 @@ def chat_loop(
         except (EOFError, KeyboardInterrupt):
             out.write("\n")
             return 0
+        except UnicodeDecodeError as err:  # a terminal that decodes strictly
+            out.write(f"(the message is not UTF-8 text: byte 0x{err.object[err.start]:02x}; nothing sent)\n")
+            continue
         if not message:
             continue
         if message in ("/exit", "/quit"):
@@ -188,6 +201,14 @@ def chat_loop(
         if message == "/think":
             think = thinking_switch(engine.tokenizer, not think, out)
             out.write(f"(thinking {'on' if think else 'off'})\n")
+            continue
+        if UNKNOWN_COMMAND.fullmatch(message.split()[0]):
+            out.write(f"(unknown command: {message}; /help lists the commands)\n")
+            continue
+        try:
+            utf8_text(message, "the message")
+        except UserError as err:
+            out.write(f"({err}; nothing sent)\n")
             continue
         ids = build_prompt(engine, system, history, message, history_turns, sampling.get("max_new_tokens", 256),
                            think)

@@ -250,12 +250,15 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.cache = SlotKVCache(config.n_layers, config.n_kv_heads, config.head_dim, self.dtype, self.device)
         # 0: off. Off by default here, since a caller that trains the model must not reuse stale keys/values;
-        # the CLI and the server turn it on (`--prefix-cache-tokens`). int8 rounds each matmul's input with a
-        # scale of the whole call (quantize.py), so keys/values computed in another forward would differ from
-        # a fresh prefill's by more than rounding: no reuse there.
+        # the CLI and the server turn it on (`--prefix-cache-tokens`). Quantized weights take other arithmetic
+        # by the size of a forward (quantize.py: int8 rounds each matmul's input with a scale of the whole call;
+        # int8 and int4 products of up to GEMV_ROWS rows round activations to int8 in the kernels, larger ones
+        # do not), so the keys/values of a prompt's tail prefilled alone would differ from a whole prefill's by
+        # more than float rounding, and so would the output: no reuse there.
         self.prefix_cache = None
-        if prefix_cache_tokens and self.quantize == "int8":
-            log.info("engine: no prefix cache with int8 weights (activations are rounded per forward)")
+        if prefix_cache_tokens and self.quantize is not None:
+            log.info("engine: no prefix cache with %s weights (their arithmetic depends on a forward's rows)",
+                     self.quantize)
         elif prefix_cache_tokens:
             self.prefix_cache = PrefixCache.for_cache(prefix_cache_tokens, self.cache)
         self._guide = Guide(tokenizer)

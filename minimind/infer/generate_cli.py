@@ -26,6 +26,7 @@ from minimind.infer.options import (
     add_sampling_arguments,
     load_engine,
     sampling_from_args,
+    utf8_text,
 )
 from minimind.infer.sampling import SamplingParams
 from minimind.tokenizer.thinking import THINK_OPEN, PromptThinking, prompt_ids_thinking, thinking_kwargs
@@ -63,10 +64,25 @@ def output_grammar(args: argparse.Namespace) -> str | None:
     return regex_grammar(args.regex) if args.regex is not None else None
 
 
+def read_prompt(flag: str) -> str:
+    """The text of `--prompt` (stdin for "-"); UserError where it is not UTF-8."""
+    if flag != "-":
+        return utf8_text(flag, "--prompt")
+    try:
+        return utf8_text(sys.stdin.read(), "the prompt on stdin")
+    except UnicodeDecodeError as err:  # a stdin that decodes strictly
+        raise UserError(f"the prompt on stdin is not UTF-8 text (byte 0x{err.object[err.start]:02x} at byte "
+                        f"{err.start})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.think and not args.chat:
         raise UserError("--think turns on the chat template's thinking switch; it needs --chat")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.system is not None and not args.chat:
+        raise UserError("--system is the chat template's system prompt; it needs --chat")
+    prompt = read_prompt(args.prompt)
+    if args.system is not None:
+        utf8_text(args.system, "--system")
     sampling = sampling_from_args(args)
     grammar = output_grammar(args)
     if grammar is not None:

@@ -50,6 +50,18 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def utf8_text(text: str, what: str) -> str:
+    """`text` as read from the command line or stdin; UserError naming `what` where it is not UTF-8 (Python keeps
+    such bytes as lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        found = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise UserError(f"{what} is not UTF-8 text ({found} at character {err.start})") from None
+    return text
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """How the engine runs a model: `--device --dtype --quantize --compile/--no-compile --compile-cache
     --no-prepack` (also `minimind web`)."""

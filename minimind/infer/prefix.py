@@ -16,8 +16,9 @@ Entries are whole sequences, one per finished request; an entry that is a prefix
 the least recently used entries are evicted first, and a sequence longer than the bound keeps its first
 `max_tokens` tokens. The reused values are the ones the earlier request computed (in its prefill and its
 decode steps), so they can differ from a fresh prefill's in the last floating-point bits: greedy tokens match,
-log-probabilities agree to rounding. An engine with int8 weights keeps no prefix cache (its matmuls round their
-input with one scale per call, so values from another forward differ by more than that), nor does a request
+log-probabilities agree to rounding. An engine with int8 or int4 weights keeps no prefix cache (their matmuls
+round activations one way for a few rows and another for many, int8 with one scale per call, so values from
+another forward differ by more than that), nor does a request
 that scores its prompt (`prompt_logprobs` needs the logits of every prompt position).
 """
 

@@ -23,8 +23,9 @@ and stands for (q - 8) d, an eighth of the fp32 bytes (plus one scale per 32 wei
 PyTorch's own CPU kernel for this format, `aten._weight_int4pack_mm_for_cpu` on weights packed once by
 `aten._convert_weight_to_int4pack_for_cpu`; it is vectorised for bf16 activations only (float32 ones take a
 scalar loop many times slower), so each call rounds its input to bf16 and its output comes back as bf16,
-an error far below the 4-bit rounding of the weights. Rows are computed independently, so a sequence's
-results do not depend on its batch neighbours. The kernel needs the output rows in multiples of 16 and
+an error far below the 4-bit rounding of the weights. Rows are computed independently within a call, but
+which kernel a call takes depends on its row count (below), so a sequence decoded beside others can round
+differently from the same sequence alone: greedy text rarely changes, sampled text at a fixed seed may. The kernel needs the output rows in multiples of 16 and
 the input length in multiples of the group: a layer that does not fit stays in float (llama.cpp's export
 likewise keeps such tensors in f16). The alternatives measured against it are in docs/performance.md.
 

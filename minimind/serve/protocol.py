@@ -302,7 +302,7 @@ class _GenerationRequest(_Body):
             return None
         biases = {}
         for key, bias in self.logit_bias.items():
-            if not key.isdigit() or int(key) >= vocab_size:
+            if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:  # "²".isdigit(), "٣" too
                 raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0 to {vocab_size - 1})",
                                "logit_bias")
             if not -100 <= bias <= 100:

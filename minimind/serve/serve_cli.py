@@ -33,10 +33,18 @@ from minimind.errors import UserError, install_hint
 from minimind.infer.options import add_model_arguments, generation_defaults, load_engine
 
 
+def tcp_port(text: str) -> int:
+    """`--port`'s type: 0 to 65535 (the socket layer would take a larger number modulo 65536)."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 0 to 65535, got {port}")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = every interface)")
-    parser.add_argument("--port", type=int, default=8998, help="TCP port")
+    parser.add_argument("--port", type=tcp_port, default=8998, help="TCP port (0: any free one)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1; if not given, $MINIMIND_API_KEY; "
                         "neither = no key")
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise UserError(f"minimind serve needs the serve extra ({err.name} is missing): {install_hint('serve')}") from None
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
-                             ("--max-body-bytes", args.max_body_bytes, 1024), ("--port", args.port, 0)):
+                             ("--max-body-bytes", args.max_body_bytes, 1024)):
         if value < low:
             raise UserError(f"{flag} is {value}; expected at least {low}")
     for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from minimind.errors import UserError, install_hint
 from minimind.infer.options import PREFIX_CACHE_TOKENS, add_engine_arguments, add_prefix_cache_arguments
+from minimind.serve.serve_cli import tcp_port
 from minimind.serve.webchat import find_models
 
 PAGE = Path(__file__).with_name("webui") / "page.py"
@@ -26,7 +27,7 @@ PAGE = Path(__file__).with_name("webui") / "page.py"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", default="runs", help="folder searched (recursively) for model directories")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = every interface)")
-    parser.add_argument("--port", type=int, default=8501, help="TCP port")
+    parser.add_argument("--port", type=tcp_port, default=8501, help="TCP port")
     add_engine_arguments(parser)
     add_prefix_cache_arguments(parser)
 

@@ -72,8 +72,8 @@ class Monitor:
             self.file.flush()
         self.bar.update(step - self.bar.n)
         if step % self.log_every == 0 or step == self.bar.total:
-            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record.get('lr', 0):.2e}",
-                                 tok_s=f"{record.get('tokens_per_sec', 0):,.0f}", refresh=False)
+            self.bar.set_postfix(loss=_shown(record.get("loss", "nan"), ".4f"), lr=_shown(record.get("lr", 0), ".2e"),
+                                 tok_s=_shown(record.get("tokens_per_sec", 0), ",.0f"), refresh=False)
         for tracker in self.trackers:
             tracker(step, record)
 
@@ -95,6 +95,11 @@ def _step_of(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (json.JSONDecodeError, AttributeError, ValueError):
         return 1 << 62  # an unreadable (half-written) line is dropped
+
+
+def _shown(value: Any, spec: str) -> str:
+    """A logged number in the progress bar's format; a non-finite one as `_plain` logged it ("nan")."""
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
 def _plain(value: Any) -> Any:
