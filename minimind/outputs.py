@@ -1,8 +1,10 @@
 """What every verb that writes files shares: no product is overwritten silently, and a failed write is one line.
 
 A verb's output (a run directory, prepared shards, a tokenizer, an export) that already holds that verb's own
-kind of product is refused unless `--overwrite` is given; `--overwrite` then deletes exactly those products
-(never unrelated files) before anything new is written. A write that fails for lack of space or an I/O error
+kind of product is refused unless `--overwrite` is given; `--overwrite` then replaces exactly those products
+(never unrelated files). Prepared shards, tokenizers and exports are written aside and moved in only when
+complete (`replacing_product`), so bad input or a failure halfway leaves the earlier product as it was; a training
+run's `--overwrite` deletes the earlier run when it starts. A write that fails for lack of space or an I/O error
 becomes a `WriteFailed`: one line saying what could not be written and why, in plain words.
 """
 
@@ -102,14 +104,46 @@ def refuse_or_clear(out: str | Path, names: Iterable[str], what: str, overwrite:
     The one line says what is there and offers `--overwrite`; the caller's own check (a run directory's
     `--resume`) comes first where there is more to say.
     """
+    found = refuse_products(out, names, what, overwrite)
+    remove_products(out, found)
+
+
+def refuse_products(out: str | Path, names: Iterable[str], what: str, overwrite: bool) -> list[str]:
+    """Which of the products `names` `out` holds; UserError if any unless `overwrite` (nothing is deleted)."""
     found = existing_products(out, names)
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise UserError(f"--out {out}: already holds {what} ({listed}); choose another --out, or add --overwrite "
-                        "to delete those files and write new ones")
-    remove_products(out, found)
+                        "to replace those files")
+    return found
+
+
+@contextmanager
+def replacing_product(out: str | Path, names: Iterable[str], what: str, overwrite: bool) -> Iterator[Path]:
+    """A verb's whole output, written aside and moved in when complete: `out` is refused if it holds any of the
+    products `names` (it is a `what`) unless `overwrite`; the block writes into the folder it is given (a staging
+    folder inside `out`). When the block ends well the earlier products are deleted and the new ones renamed into
+    place; when it fails (bad input, a full disk) the staging folder goes and `out` keeps what it had (an `out`
+    the block created is removed again). A failed write becomes one line."""
+    out, names = Path(out), list(names)
+    found = refuse_products(out, names, what, overwrite)
+    created = not out.exists()
+    staging = out / f".partial-{os.getpid()}"
+    try:
+        with writing(staging):
+            staging.mkdir(parents=True, exist_ok=True)
+            yield staging
+            remove_products(out, found)
+            for name in existing_products(staging, names):
+                os.replace(staging / name, out / name)
+    except WriteFailed as err:
+        where = out / err.path.relative_to(staging) if err.path.is_relative_to(staging) else err.path
+        raise UserError(f"{WriteFailed(where, err.reason)}; the partial files were removed; free space, then run "
+                        "the same command again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 @contextmanager

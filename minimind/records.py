@@ -82,7 +82,7 @@ def validate_messages(messages: Any, name: str = "conversations", need_assistant
             turn["tool_calls"] = calls
         for key in ("functions", "tools"):  # MiniMind's SFT data says functions, its agentic data tools
             if role == "system" and message.get(key):
-                turn["functions"] = _tools(message[key], f"{where}.{key}")
+                turn["functions"] = offered_functions(message[key], f"{where}.{key}")
         reasoning = message.get("reasoning_content")
         if reasoning is not None:
             if role != "assistant" or not isinstance(reasoning, str):
@@ -129,7 +129,7 @@ def _tool_calls(calls: Any, where: str) -> list[dict] | None:
     return clean
 
 
-def _tools(tools: Any, where: str) -> list[dict]:
+def offered_functions(tools: Any, where: str) -> list[dict]:
     """The functions offered: a list (or its JSON text, as MiniMind's and HF's tool data write it) of objects,
     each a function schema or {"type": "function", "function": ...}."""
     tools = _from_json_text(tools, where)
@@ -156,7 +156,7 @@ def _conversations(obj: Any) -> Any:
 def _with_tools(obj: dict, messages: Messages) -> Messages:
     """A record's top-level "tools" ride on its first turn as "functions", where `chat.render` finds them."""
     if obj.get("tools"):
-        messages[0]["functions"] = _tools(obj["tools"], "tools")
+        messages[0]["functions"] = offered_functions(obj["tools"], "tools")
     return messages
 
 

@@ -15,6 +15,7 @@ from conftest import tiny_model
 from minimind.cli import main
 from minimind.errors import UserError
 from minimind.modeldir import save_model_dir
+from minimind.records import ReadStats
 from minimind.train.agent import (
     AgentRewardWeights,
     Episode,
@@ -111,6 +112,30 @@ def test_bad_tools_file_and_bad_data_lines_are_one_line_errors(tmp_path, model_d
                    f"minimind agent: error: {data}:2: expected 'gt': a non-empty list of reference answers "
                    "(strings or numbers)"]
     assert not out.exists()  # nothing written
+
+
+def test_bad_tools_lists_and_schemas_are_one_line_errors_and_skipped_lines_are_counted(tmp_path):
+    for text, message in (("TOOLS = 5\n", "TOOLS must be a list"),
+                          ("TOOLS = [{'function': lambda: 1, 'schema': {'x': 1}}]\n", r"TOOLS\[0\]\['schema'\] names no "
+                                                                                      "function")):
+        tools = tmp_path / "tools.py"
+        tools.write_text(text)
+        with pytest.raises(UserError, match=rf"{tools}: {message}"):
+            load_tools(tools)
+    tools.write_text("def add(a: int, b: int):\n    return a + b\n\n"  # the inner schema form is taken too
+                     "TOOLS = [{'function': add, 'schema': {'name': 'plus', 'parameters': {'type': 'object'}}}]\n")
+    assert load_tools(tools)["plus"].schema == {"type": "function", "function": {"name": "plus", "parameters": {
+        "type": "object"}}}
+    data = tmp_path / "agent.jsonl"
+    good = {"conversations": [{"role": "user", "content": "1+1"}], "gt": ["2"]}
+    bad = {"conversations": [{"role": "system", "content": "s", "tools": [1, 2]}, {"role": "user", "content": "q"}],
+           "gt": ["1"]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(UserError, match=rf"{data}:2: the system turn's 'tools' must be a list of function objects"):
+        read_agent_data(data)
+    stats = ReadStats()
+    assert len(read_agent_data(data, skip_bad_lines=True, stats=stats)) == 1
+    assert (stats.good, stats.skipped) == (1, 1) and "1 bad lines skipped" in stats.summary(data)
 
 
 def test_bundled_agent_rl_example_is_in_the_reference_shape():

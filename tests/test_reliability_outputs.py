@@ -304,9 +304,60 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_partial_shards(tmp_pat
     assert main(args) == 2
     assert one_error_line(capsys) == (f"minimind prepare: error: could not write {out}: no space left on device; "
                                       "the partial files were removed; free space, then run the same command again")
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the folder it made is gone again
     monkeypatch.undo()
     assert main(args) == 0
+
+
+def test_prepare_and_tokenizer_keep_the_earlier_output_when_the_new_input_is_bad(tmp_path, corpus_file,
+                                                                                  tokenizer_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    for verb, flags, out in (("prepare", ["--tokenizer", str(tokenizer_dir), "--workers", "0"], tmp_path / "prep"),
+                             ("tokenizer", ["--vocab-size", "300"], tmp_path / "tok")):
+        assert main([verb, "--data", str(corpus_file), "--out", str(out), *flags]) == 0
+        (out / "notes.txt").write_text("mine")
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        capsys.readouterr()
+        assert main([verb, "--data", str(bad), "--out", str(out), *flags, "--overwrite"]) == 2
+        assert f"{bad}:2" in one_error_line(capsys)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost, no partial files
+    fresh = tmp_path / "fresh"  # a failed first run leaves nothing that refuses the corrected one
+    assert main(["prepare", "--data", str(bad), "--out", str(fresh), "--tokenizer", str(tokenizer_dir)]) == 2
+    assert not fresh.exists()
+    assert main(["prepare", "--data", str(corpus_file), "--out", str(fresh), "--tokenizer", str(tokenizer_dir),
+                 "--workers", "0"]) == 0
+
+
+def test_convert_overwrite_replaces_a_model_only_when_the_new_one_is_complete(tmp_path, model_dir, capsys):
+    out = tmp_path / "plain"
+    assert main(["convert", str(model_dir), "--to", "llama", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    assert main(["convert", str(not_a_model), "--to", "llama", "--out", str(out), "--overwrite"]) == 2
+    one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "plain"]  # the earlier model came back
+    (out / "notes.txt").write_text("mine")  # not only a model: refused before anything is touched
+    assert main(["convert", str(model_dir), "--to", "llama", "--out", str(out), "--overwrite"]) == 2
+    assert "holds other files besides a model (notes.txt)" in one_error_line(capsys)
+    (out / "notes.txt").unlink()
+    assert main(["convert", str(model_dir), "--to", "llama", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "plain"]
+
+
+def test_a_gguf_export_keeps_another_exports_modelfile(tmp_path, model_dir, capsys):
+    (tmp_path / "Modelfile").write_text("FROM ./mine.gguf\n")
+    args = ["convert", str(model_dir), "--to", "gguf", "--dtype", "f32", "--out", str(tmp_path / "new.gguf")]
+    assert main(args) == 2
+    assert f"{tmp_path / 'Modelfile'} is there for another GGUF" in one_error_line(capsys)
+    assert (tmp_path / "Modelfile").read_text() == "FROM ./mine.gguf\n" and not (tmp_path / "new.gguf").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./new.gguf\n")
+    (tmp_path / "new.gguf").unlink()
+    assert main(args) == 0  # its own Modelfile is no obstacle
 
 
 def test_convert_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, model_dir, capsys, monkeypatch):

@@ -42,6 +42,10 @@ def nan(prompts, completions, answers, **kwargs):
 
 def short(prompts, completions, answers, **kwargs):
     return [0.0]
+
+def leave(prompts, completions, answers, **kwargs):
+    import sys
+    sys.exit(3)
 '''
 
 
@@ -58,6 +62,9 @@ def test_reward_specs_split_into_weighted_terms():
         ("exact", 1.0), ("my.py:brevity", 0.5), ("rm:org/rm@main", 1.0)]  # '@main' is a revision, not a weight
     with pytest.raises(UserError, match="empty reward"):
         split_specs("exact,,rule")
+    for weight in ("nan", "inf", "-inf"):
+        with pytest.raises(UserError, match=f"'my.py:f@{weight}': the weight after '@' must be a finite number"):
+            split_specs(f"my.py:f@{weight}")
 
 
 def test_function_rewards_get_prompts_completions_answers_and_combine_with_weights(rewards_file):
@@ -82,7 +89,7 @@ def test_function_rewards_get_prompts_completions_answers_and_combine_with_weigh
 def test_misbehaving_rewards_are_one_clear_line(rewards_file, tmp_path):
     rollout = fake_rollout([[5], [6]], [True, True])
     for name, message in (("boom", "raised KeyError: 'no such column'"), ("nan", "returned nan for completion 0"),
-                          ("short", "returned 1 values for 2 completions")):
+                          ("short", "returned 1 values for 2 completions"), ("leave", r"called sys.exit\(3\)")):
         with pytest.raises(RewardError, match=message):
             FunctionReward(f"{rewards_file}:{name}")(rollout, ["a", "b"], ["", ""], [[], []])
     for spec, message in ((f"{rewards_file}:missing", "has no function 'missing'"),
@@ -139,6 +146,14 @@ def test_a_reward_model_must_be_a_classifier(tmp_path, model_dir):
         make_reward(f"rm:{model_dir}", 8, 512)  # a causal LM
     with pytest.raises(UserError, match="not a model directory"):
         make_reward(f"rm:{tmp_path}", 8, 512)
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    bare = tmp_path / "bare"  # a classifier saved without its tokenizer
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                               pad_token_id=0)).save_pretrained(bare)
+    with pytest.raises(UserError, match=f"rm:{bare}: no tokenizer transformers can load there"):
+        make_reward(f"rm:{bare}", 8, 512)
 
 
 def test_bradley_terry_loss_and_whole_rows():

@@ -17,11 +17,13 @@ minimind convert BASE --merge-lora ADAPTER --out OUT
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 from minimind.errors import UserError
 from minimind.hub import model_dir
-from minimind.outputs import MODEL_DIR_FILES, model_code_files, refuse_or_clear, writing_product
+from minimind.outputs import MODEL_DIR_FILES, model_code_files, refuse_products, writing_product
 
 TARGETS = ("llama", "qwen3", "gguf", "minimind2", "minimind2-pth", "minimind3")
 SOURCES = ("minimind2", "minimind2-pth", "minimind3", "qwen3")
@@ -68,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an earlier output at --out: a file is replaced once the new one is complete; a directory's "
-        "model files are deleted first (other files still make it refused)",
+        help="replace an earlier output at --out once the new one is complete (a failed conversion leaves it as "
+        "it was): a file, a GGUF's Modelfile, or a directory holding a model and nothing else",
     )
     parser.add_argument(
         "--dtype",
@@ -120,20 +122,54 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')} applies only to --from {names}")
 
 
-def _check_output(out: str, overwrite: bool) -> None:
-    """An --out that already holds an export or a model directory is refused unless --overwrite."""
-    path = Path(out)
-    if path.is_file() and not overwrite:
-        raise UserError(f"--out {out}: already exists; choose another --out, or add --overwrite to replace it")
-    if path.is_dir():
-        refuse_or_clear(path, [*MODEL_DIR_FILES, *model_code_files()], "a model directory", overwrite)
+# the formats --to writes as one file (the others, and every import, write a model directory)
+FILE_TARGETS = ("gguf", "minimind2", "minimind2-pth", "minimind3")
+
+
+def _check_output(args: argparse.Namespace) -> bool:
+    """An --out that already holds an export or a model directory is refused unless --overwrite, and so is a
+    GGUF's folder whose Modelfile is another export's; a directory that holds other files too is refused
+    either way. -> whether --out is a model directory to replace."""
+    path = Path(args.out)
+    if path.is_file() and not args.overwrite:
+        raise UserError(f"--out {path}: already exists; choose another --out, or add --overwrite to replace it")
+    modelfile = path.with_name("Modelfile")
+    if args.to == "gguf" and modelfile.is_file() and not args.overwrite \
+            and modelfile.read_text(encoding="utf-8", errors="replace").partition("\n")[0] != f"FROM ./{path.name}":
+        raise UserError(f"--out {path}: {modelfile} is there for another GGUF; choose another folder, or add "
+                        "--overwrite to replace it")
+    if not path.is_dir():
+        return False
+    if args.to in FILE_TARGETS:
+        raise UserError(f"--out {path}: is a directory; --to {args.to} writes one file: give its path")
+    products = [*MODEL_DIR_FILES, *model_code_files()]
+    found = refuse_products(path, products, "a model directory", args.overwrite)
+    others = sorted(p.name for p in path.iterdir() if p.name not in products)
+    if found and others:
+        raise UserError(f"--out {path}: holds other files besides a model ({', '.join(others[:3])}); --overwrite "
+                        "replaces a model directory only: move them, or choose another --out")
+    return bool(found)
 
 
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
-    _check_output(args.out, args.overwrite)
+    replace = _check_output(args)
     with writing_product(args.out, ()):  # each converter removes its own partial file or staging folder
-        return _convert(args)
+        if not replace:
+            return _convert(args)
+        # the earlier model steps aside (one rename) and comes back if the conversion fails
+        out = Path(args.out)
+        earlier = out.with_name(f".{out.name}.earlier-{os.getpid()}")
+        os.replace(out, earlier)
+        try:
+            code = _convert(args)
+        except BaseException:
+            if out.exists():  # (a converter leaves no partial output; this is a guard)
+                shutil.rmtree(out)
+            os.replace(earlier, out)
+            raise
+        shutil.rmtree(earlier)
+        return code
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from minimind.data.chat import ChatAugment, encode_conversation, encode_prompt
 from minimind.data.shards import SHARD_FILES, Shard, ShardWriter, token_dtype
 from minimind.errors import UserError
 from minimind.hub import model_dir
-from minimind.outputs import WriteFailed, refuse_or_clear, remove_products, writing, writing_product
+from minimind.outputs import WriteFailed, remove_products, replacing_product, writing
 from minimind.records import BadRecord, ReadStats, parse_item
 from minimind.sources import (
     Item,
@@ -325,9 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    refuse_or_clear(args.out, SHARD_FILES, "a prepared dataset", args.overwrite)
-    with writing_product(args.out, SHARD_FILES):
-        meta = prepare(args.data, args.tokenizer, args.kind, args.out, args.workers, args.skip_bad_lines)
+    with replacing_product(args.out, SHARD_FILES, "a prepared dataset", args.overwrite) as staging:
+        meta = prepare(args.data, args.tokenizer, args.kind, staging, args.workers, args.skip_bad_lines)
     print(f"prepared {meta['n_samples']} samples, {meta['n_tokens']:,} tokens in {meta['seconds']:.1f}s "
           f"({meta['tokens_per_second']:,} tokens/s) -> {args.out}")
     if meta["skipped_lines"]:

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from minimind.errors import UserError
-from minimind.outputs import refuse_or_clear, writing_product
+from minimind.outputs import refuse_products, replacing_product
 from minimind.records import ReadStats, read_records
 from minimind.sources import is_line, iter_items
 from minimind.tokenizer.template import FORMATS, TokenizerFormat
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     _sniff_kind(args.data)  # a missing or empty --data is reported before anything about --out
-    refuse_or_clear(args.out, TOKENIZER_FILES, "a tokenizer", args.overwrite)
+    refuse_products(args.out, TOKENIZER_FILES, "a tokenizer", args.overwrite)  # before the training, not after
     started = time.perf_counter()
     stats = ReadStats()
     texts: Iterable[str] = texts_from_jsonl(args.data, args.skip_bad_lines, stats)
@@ -223,10 +223,10 @@ def run(args: argparse.Namespace) -> int:
         size = sum(len(text.encode("utf-8")) for text in texts)
         sampled = f" (a sample of {len(texts)}, {size / 1e6:.1f} MB, seed {args.seed})"
     tokenizer = train_tokenizer(texts, args.vocab_size, template=args.template)
-    with writing_product(args.out, TOKENIZER_FILES):
-        out = save_tokenizer(tokenizer, args.out, template=args.template)
+    with replacing_product(args.out, TOKENIZER_FILES, "a tokenizer", args.overwrite) as staging:
+        save_tokenizer(tokenizer, staging, template=args.template)
     if stats.skipped:
         print(stats.summary(args.data))
-    print(f"tokenizer: {tokenizer.get_vocab_size()} tokens from {stats.good} records{sampled} -> {out}")
+    print(f"tokenizer: {tokenizer.get_vocab_size()} tokens from {stats.good} records{sampled} -> {args.out}")
     print(f"took {time.perf_counter() - started:.1f}s, peak memory {peak_memory_mb():,.0f} MB")
     return 0

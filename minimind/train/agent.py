@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from minimind.errors import UserError
+from minimind.records import ReadStats, offered_functions
 from minimind.sources import is_line, iter_items, location
 from minimind.tokenizer.template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from minimind.tokenizer.tool_calls import parse_tool_calls
@@ -68,22 +69,27 @@ class Episode:
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
 
 
-def read_agent_data(path: str | Path, skip_bad_lines: bool = False) -> list[dict]:
+def read_agent_data(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats | None = None) -> list[dict]:
     """agent_rl JSONL -> [{"messages", "tools", "gt"}]: a line is {"conversations": [{"role", "content"}, ...],
     "gt": [answers]} (the reference project's shape); tools come from the system turn's "tools" (JSON text or a
-    list), the last assistant turn (the reference reply) is dropped. A bad line is one error naming file:line."""
-    records = []
+    list), the last assistant turn (the reference reply) is dropped. A bad line is one error naming file:line, or
+    with `skip_bad_lines` is counted in `stats`."""
+    records, stats = [], stats if stats is not None else ReadStats()
     for where, number, payload in iter_items(path):  # JSONL (.gz, .zst), Parquet, a directory, glob or hf:
         if is_line(payload) and not payload.strip():
             continue
         try:
             records.append(_agent_record(payload))
+            stats.good += 1
         except (ValueError, UnicodeDecodeError) as err:
-            if skip_bad_lines:
-                continue
-            raise UserError(f"{location(where, number, payload)}: {err}") from None
+            if not skip_bad_lines:
+                raise UserError(f"{location(where, number, payload)}: {err}") from None
+            stats.skipped += 1
+            if len(stats.examples) < 3:
+                stats.examples.append(f"{location(where, number, payload)}: {err}")
     if not records:
-        raise UserError(f"{path}: no agent_rl records (expected JSON lines with 'conversations' and 'gt')")
+        raise UserError(f"{path}: no agent_rl records (expected JSON lines with 'conversations' and 'gt')"
+                        + (f" ({stats.skipped} bad lines skipped)" if stats.skipped else ""))
     return records
 
 
@@ -99,9 +105,7 @@ def _agent_record(line: bytes | dict) -> dict:
         turn = dict(turn)
         if turn["role"] == "system" and turn.get("tools"):
             tools = turn.pop("tools")
-            tools = json.loads(tools) if isinstance(tools, str) else tools
-            if not isinstance(tools, list):
-                raise ValueError("the system turn's 'tools' must be a list of function schemas (or its JSON text)")
+            tools = offered_functions(tools, "the system turn's 'tools'")  # a list of schemas, or its JSON text
         messages.append(turn)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]  # the reference reply: the policy writes its own

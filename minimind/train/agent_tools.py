@@ -106,13 +106,23 @@ def load_tools(path: str | Path) -> dict[str, Tool]:
     if entries is None:
         entries = [f for n, f in vars(module).items() if inspect.isfunction(f) and not n.startswith("_")
                    and f.__module__ == module.__name__]
+    if not isinstance(entries, (list, tuple)):
+        raise UserError(f"{path}: TOOLS must be a list of functions or {{'function': f, 'schema': {{...}}}} dicts")
     tools = {}
     for i, entry in enumerate(entries):
         function, schema = (entry.get("function"), entry.get("schema")) if isinstance(entry, dict) else (entry, None)
         if not callable(function):
             raise UserError(f"{path}: TOOLS[{i}] is not a function or a {{'function': f, 'schema': {{...}}}} dict")
-        name = schema["function"]["name"] if schema else function.__name__
-        tools[name] = Tool(name, function, schema or schema_from_signature(name, function))
+        if schema is None:
+            name, schema = function.__name__, schema_from_signature(function.__name__, function)
+        else:
+            inner = schema.get("function", schema) if isinstance(schema, dict) else None
+            name = inner.get("name") if isinstance(inner, dict) else None
+            if not isinstance(name, str) or not name:
+                raise UserError(f"{path}: TOOLS[{i}]['schema'] names no function (expected {{'type': 'function', "
+                                "'function': {'name': ..., 'parameters': {...}}} or the inner object)")
+            schema = {"type": "function", "function": inner}
+        tools[name] = Tool(name, function, schema)
     if not tools:
         raise UserError(f"{path}: defines no tools (public functions, or a TOOLS list)")
     return tools
@@ -133,7 +143,8 @@ if entries is None:
 functions = {}
 for entry in entries:
     if isinstance(entry, dict):
-        functions[entry["schema"]["function"]["name"] if entry.get("schema") else entry["function"].__name__] = entry["function"]
+        schema = entry.get("schema")
+        functions[schema.get("function", schema)["name"] if schema else entry["function"].__name__] = entry["function"]
     else:
         functions[getattr(entry, "__name__", "")] = entry
 answers.write("ready\n"); answers.flush()

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import re
 import sys
 import unicodedata
@@ -199,6 +200,8 @@ class FunctionReward:
                                    answers=list(answers))
         except Exception as e:  # the user's code failed: one line naming it, then the trainer saves and stops
             raise RewardError(f"reward {self.spec} raised {type(e).__name__}: {e}") from None
+        except SystemExit as e:  # sys.exit() in a reward ends the reward, not the run
+            raise RewardError(f"reward {self.spec} called sys.exit({e.code!r})") from None
         return _checked(values, len(texts), self.spec)
 
 
@@ -230,7 +233,11 @@ class ClassifierReward:
         if getattr(config, "num_labels", 1) != 1:
             raise UserError(f"--reward rm:{path}: the classifier has {config.num_labels} labels; a reward model "
                             "has one (its score)")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"--reward rm:{path}: no tokenizer transformers can load there (a reward model brings its "
+                            f"own): {str(e).splitlines()[0]}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"
@@ -297,10 +304,14 @@ def split_specs(value: str) -> list[tuple[str, float]]:
         name, at, weight = part.rpartition("@")
         if at and name:
             try:
-                specs.append((name, float(weight)))
-                continue
+                number = float(weight)
             except ValueError:
-                pass  # an '@' that is part of a path or a revision, not a weight
+                number = None  # an '@' that is part of a path or a revision, not a weight
+            if number is not None:
+                if not math.isfinite(number):
+                    raise UserError(f"--reward {part!r}: the weight after '@' must be a finite number")
+                specs.append((name, number))
+                continue
         specs.append((part, 1.0))
     return specs
 

@@ -30,6 +30,7 @@ import torch
 
 from minimind.errors import UserError
 from minimind.modeldir import load_model_dir, save_model_dir
+from minimind.records import ReadStats
 from minimind.train.agent import (
     AgentDataset,
     AgentRewardWeights,
@@ -86,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--reward {args.reward}: minimind agent scores episodes with its own reward terms (answer, "
                         "tool use, format, unfinished); leave --reward out")
     load_tools(args.tools)  # a tools file that does not import is reported before anything is written
-    read_agent_data(args.data, args.skip_bad_lines)
-    if args.eval_data:
-        read_agent_data(args.eval_data, args.skip_bad_lines)
+    for path in filter(None, (args.data, args.eval_data)):
+        stats = ReadStats()
+        read_agent_data(path, args.skip_bad_lines, stats)
+        if stats.skipped:
+            print(stats.summary(path))
     return run_stage(config_from_args(args, "agent", AgentOptions.from_args(args)), build)
 
 
