@@ -60,7 +60,7 @@ def front_matter(model_dir: Path, info: CardInfo) -> dict[str, Any]:
     train = _read_json(model_dir / "train_config.json")
     sources = train.get("hub_sources") or {}
     meta: dict[str, Any] = {"license": info.license}
-    base = sources.get("init")
+    base = sources.get("init") or _read_json(model_dir / "adapter_config.json").get("base_model_name_or_path")
     if _is_hub_repo(base):
         meta["base_model"] = _repo_of(base)
     datasets = [_repo_of(v) for k, v in sources.items() if k in ("data", "eval_data") and _is_hub_repo(v)]
@@ -71,7 +71,7 @@ def front_matter(model_dir: Path, info: CardInfo) -> dict[str, Any]:
         meta["datasets"] = sorted(set(datasets))
     meta["pipeline_tag"] = "text-generation"
     meta["library_name"] = "transformers"
-    tags = ["minimind", "custom_code"]
+    tags = ["minimind", "custom_code"] if _remote_code(model_dir) else ["minimind"]
     if train.get("stage"):
         tags.append(str(train["stage"]))
     if (model_dir / "adapter_config.json").is_file():
@@ -107,14 +107,27 @@ def _eval_results(model_dir: Path) -> list[tuple[str, Any]]:
     return rows
 
 
+def _remote_code(model_dir: Path) -> bool:
+    """Whether transformers loads the directory through code shipped in it (config.json's auto_map): a MiniMind
+    model directory does, its `--to llama` / `--to qwen3` exports and LoRA adapters do not."""
+    return "auto_map" in _read_json(model_dir / "config.json")
+
+
 def _model_line(model_dir: Path) -> str:
     config = _read_json(model_dir / "config.json")
     if not config:
-        return "A MiniMind LoRA adapter (PEFT format)." if (model_dir / "adapter_config.json").is_file() else ""
+        if not (model_dir / "adapter_config.json").is_file():
+            return ""
+        base = _read_json(model_dir / "adapter_config.json").get("base_model_name_or_path")
+        if base and not _is_hub_repo(base):
+            return (f"A MiniMind LoRA adapter (PEFT format). Its base model is a local directory ({base}): set "
+                    "base_model_name_or_path in adapter_config.json to the base's Hub id so others can load it.")
+        return "A MiniMind LoRA adapter (PEFT format)."
     parts = [f"{config.get(k)} {name}" for k, name in (("hidden_size", "hidden size"), ("num_hidden_layers",
              "layers"), ("vocab_size", "vocab")) if config.get(k) is not None]
-    moe = " mixture-of-experts" if config.get("use_moe") else ""
-    return f"A MiniMind{moe} causal language model ({', '.join(parts)})." if parts else ""
+    moe = " mixture-of-experts" if config.get("use_moe") or config.get("num_experts") else ""
+    form = "" if _remote_code(model_dir) else f", as transformers' {(config.get('architectures') or ['?'])[0]}"
+    return f"A MiniMind{moe} causal language model ({', '.join(parts)}{form})." if parts else ""
 
 
 def card_text(model_dir: str | Path, info: CardInfo) -> str:
@@ -125,9 +138,9 @@ def card_text(model_dir: str | Path, info: CardInfo) -> str:
     summary = _read_json(model_dir / "summary.json")
     train = _read_json(model_dir / "train_config.json")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", GENERATED_MARK, "",
-             f"# {name}", "", _model_line(model_dir) + " Trained with MiniMind (`minimind` on PyPI as "
-             "`minimind-llm`)" + (f" from [{meta['base_model']}](https://huggingface.co/{meta['base_model']})."
-                                  if "base_model" in meta else "."), ""]
+             f"# {name}", "", _model_line(model_dir) + " Trained with MiniMind (the `minimind` command of the "
+             "`minimind-llm` package)" + (f" from [{meta['base_model']}](https://huggingface.co/{meta['base_model']})."
+                                           if "base_model" in meta else "."), ""]
     if summary:
         lines += ["## Results of the training run", ""]
         lines += _table([(k, v) for k, v in summary.items() if isinstance(v, (int, float, str))], ("", "value"))
@@ -140,26 +153,36 @@ def card_text(model_dir: str | Path, info: CardInfo) -> str:
         if isinstance(train.get("command"), list):
             rows.append(("command", "`minimind " + " ".join(map(str, train["command"])) + "`"))
         lines += _table(rows, ("setting", "value"))
-    lines += _usage(info.repo)
+    lines += _usage(info.repo, _remote_code(model_dir), (model_dir / "adapter_config.json").is_file())
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _usage(repo: str) -> list[str]:
+def _usage(repo: str, remote_code: bool, adapter: bool) -> list[str]:
     gguf = repo.split("/")[-1].lower() + ".gguf"
+    if adapter:  # PEFT loads the base named in adapter_config.json, then the adapter
+        how, loader = ("With PEFT (it loads the base model adapter_config.json names; a MiniMind base runs its own "
+                       "code, hence `trust_remote_code=True`):"), \
+            ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+             f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+             f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)']
+    else:
+        how = ("With transformers (the model's code ships in the repo, hence `trust_remote_code=True`):" if remote_code
+               else "With transformers (a standard architecture: no remote code):")
+        loader = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo}"'
+                  + (", trust_remote_code=True)" if remote_code else ")")]
     return [
         "## How to use", "",
-        "With transformers (the model's code ships in the repo, hence `trust_remote_code=True`):", "",
+        how, "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
+        *loader,
         'messages = [{"role": "user", "content": "Hello, who are you?"}]',
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
         "output = model.generate(inputs, max_new_tokens=128)",
         "print(tokenizer.decode(output[0][inputs.shape[1]:], skip_special_tokens=True))",
         "```", "",
-        "With MiniMind (`pip install minimind-llm`):", "",
+        "With MiniMind (the `minimind-llm` package):", "",
         "```bash",
         f"minimind chat --model {repo}",
         f"minimind serve --model {repo}     # OpenAI-compatible API on port 8998",

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from minimind.device import dtype_name
+from minimind.errors import UserError
 from minimind.hub import model_dir
 from minimind.kernels.head_loss import chunk_rows
 from minimind.model.configuration_minimind import PRESETS, MiniMindConfig
@@ -151,10 +153,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     if args.model:
-        from minimind.modeldir import load_config
+        from minimind.modeldir import adapter_source, load_config
 
-        config, name = load_config(args.model), args.model
+        # an adapter's shape is its base's
+        config, name = load_config(adapter_source(Path(args.model), ("config.json",))), args.model
     else:
         config, name = MiniMindConfig.from_preset(args.preset), args.preset
     print(report(config, args.batch_size, args.seq_len, args.dtype, name))

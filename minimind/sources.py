@@ -147,12 +147,16 @@ def iter_items(source: str | Path) -> Iterator[Item]:
             yield from _lines(name)
 
 
+# The UTF-8 byte-order mark Windows editors put before a file's first line: not part of the first record.
+BOM = b"\xef\xbb\xbf"
+
+
 def _lines(name: str) -> Iterator[Item]:
     lineno = 0
     try:
         with _open_lines(name) as handle:
             for lineno, raw in enumerate(handle, start=1):
-                yield name, lineno, raw
+                yield name, lineno, raw[len(BOM):] if lineno == 1 and raw.startswith(BOM) else raw
     except Exception as err:
         _raise_damaged(name, lineno + 1, err)
 
@@ -176,12 +180,12 @@ def line_blocks(name: str, block_bytes: int) -> Iterator[tuple[int, bytes]]:
                     tail = data
                     continue
                 block, tail = data[:cut], data[cut:]
-                yield lineno, block
+                yield lineno, block[len(BOM):] if lineno == 1 and block.startswith(BOM) else block
                 lineno += block.count(b"\n")
     except Exception as err:
         _raise_damaged(name, lineno, err)
     if tail:
-        yield lineno, tail
+        yield lineno, tail[len(BOM):] if lineno == 1 and tail.startswith(BOM) else tail
 
 
 def split_lines(block: bytes) -> list[bytes]:

@@ -350,3 +350,16 @@ def test_import_with_a_minimind2_style_tokenizer(tmp_path, minimind2_tokenizer_d
     ids = torch.tensor([tokenizer(prompt).input_ids])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference_logits(state, ids, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_an_moe_whose_routed_and_shared_widths_differ_is_refused_on_export(tmp_path, tokenizer):
+    from conftest import tiny_model
+
+    from minimind.modeldir import save_model_dir
+
+    model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, hidden_dim=128,
+                       moe_intermediate_size=64)
+    save_model_dir(model, tokenizer, tmp_path / "moe")
+    with pytest.raises(UserError, match="routed experts are 64 wide and the shared ones 128"):
+        export_minimind2(tmp_path / "moe", tmp_path / "moe.pth")
+    assert not (tmp_path / "moe.pth").exists()

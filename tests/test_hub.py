@@ -171,6 +171,24 @@ def test_push_sends_the_model_files_and_a_card(tmp_path, model_dir, monkeypatch,
     assert hub.uploads[-1]["revision"] is None and hub.repos[-1][1]["private"] is False
 
 
+def test_cards_of_exports_and_adapters_say_how_they_load(tmp_path, model_dir):
+    from minimind.card import CardInfo, card_text
+
+    plain = tmp_path / "plain"
+    assert main(["convert", str(model_dir), "--to", "llama", "--out", str(plain)]) == 0
+    text = card_text(plain, CardInfo(repo="me/plain"))
+    assert "trust_remote_code" not in text and "custom_code" not in text and "as transformers' LlamaForCausalLM" in text
+    assert 'AutoModelForCausalLM.from_pretrained("me/plain")' in text
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for base, hub in (("/home/me/runs/sft", False), ("org/base", True)):
+        (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base, "r": 8}))
+        text = card_text(adapter, CardInfo(repo="me/lora"))
+        assert 'AutoPeftModelForCausalLM.from_pretrained("me/lora", trust_remote_code=True)' in text
+        assert ("base_model: org/base" in text) == hub and ("is a local directory (/home/me/runs/sft)" in text) != hub
+    assert "on PyPI" not in text and "pip install minimind-llm" not in text
+
+
 def test_push_refuses_what_it_cannot_send(tmp_path, monkeypatch, capsys):
     HubRecorder(monkeypatch)
     assert main(["push", str(tmp_path), "--repo", "me/tiny"]) == 2

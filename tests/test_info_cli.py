@@ -25,6 +25,21 @@ def test_info_prints_counts_flops_and_memory():
         assert row in out
 
 
+def test_info_reads_an_adapters_base_and_refuses_empty_shapes(tmp_path, model_dir, capsys):
+    import json
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model_dir), "r": 4}))
+    assert main(["info", "--model", str(model_dir)]) == 0
+    base = capsys.readouterr().out
+    assert main(["info", "--model", str(adapter)]) == 0
+    assert capsys.readouterr().out == base.replace(str(model_dir), str(adapter))
+    for flag in ("--seq-len", "--batch-size"):
+        assert main(["info", flag, "0"]) == 2
+        assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_flops_and_memory_scale_sensibly():
     config = MiniMindConfig.from_preset("small")
     n = count_parameters(config).matmul_active

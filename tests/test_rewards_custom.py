@@ -146,6 +146,9 @@ def test_a_reward_model_must_be_a_classifier(tmp_path, model_dir):
         make_reward(f"rm:{model_dir}", 8, 512)  # a causal LM
     with pytest.raises(UserError, match="not a model directory"):
         make_reward(f"rm:{tmp_path}", 8, 512)
+    for prefix in ("rm:", "model:"):  # not tried as a Hub name (which retries for a minute offline)
+        with pytest.raises(UserError, match=f"--reward {prefix}rm_missing: no such directory"):
+            make_reward(f"{prefix}rm_missing", 8, 512)
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     bare = tmp_path / "bare"  # a classifier saved without its tokenizer

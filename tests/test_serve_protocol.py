@@ -177,3 +177,23 @@ def test_each_role_has_its_model_and_the_template_reads_joined_text():
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": CALL["function"]}]},
         {"role": "tool", "content": "18"}]
+
+
+@pytest.mark.parametrize("parameters,problem", [
+    ({"type": "nonsense"}, "type 'nonsense' is not one of"),
+    ({"type": "object", "properties": {"city": {"type": "text"}}}, "properties.city.type 'text' is not one of"),
+    ({"type": "object", "required": "city"}, "required must be a list of property names"),
+    ({"type": "array", "items": {"enum": "a"}}, "items.enum must be a list"),
+])
+def test_a_tool_with_an_invalid_schema_is_refused_whatever_the_tool_choice(parameters, problem):
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    for choice in (None, "auto", "none", "required"):
+        body = {"messages": HELLO, "tools": [tool], **({"tool_choice": choice} if choice else {})}
+        with pytest.raises(APIError) as err:
+            parse_request(ChatCompletionRequest, body)
+        assert (err.value.status, err.value.param) == (400, "tools[0].function.parameters")
+        assert problem in err.value.message
+    fine = {"type": "object", "properties": {"city": {"type": ["string", "null"], "enum": ["a", None]}},
+            "required": ["city"]}
+    parse_request(ChatCompletionRequest, {"messages": HELLO, "tools": [{**tool, "function": {"name": "f",
+                                                                                            "parameters": fine}}]})

@@ -176,3 +176,12 @@ def test_a_missing_optional_library_is_one_line_naming_the_extra(tmp_path, monke
     with pytest.raises(UserError, match=r"d.jsonl.zst: reading .zst files needs the zstandard package \(the data "
                                         r"extra\): pip install 'minimind-llm\[data\]'"):
         list(read_records(path, "pretrain"))
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_the_record(tmp_path, tokenizer_dir):
+    path = tmp_path / "bom.jsonl"  # as Windows editors save UTF-8
+    path.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes([{"text": t} for t in TEXTS[:3]]))
+    assert list(read_records(path, "pretrain")) == TEXTS[:3]
+    out = tmp_path / "prepared"  # the block reader of `prepare` too
+    assert main(["prepare", "--data", str(path), "--tokenizer", str(tokenizer_dir), "--out", str(out)]) == 0
+    assert Shard(out).meta["n_samples"] == 3

@@ -392,6 +392,10 @@ def export_minimind2(model_dir: str | Path, out_file: str | Path) -> Path:
     if model.config.qk_norm:
         raise UserError(f"{model_dir}: config field 'qk_norm' is true (a minimind-3 model), which MiniMind2 cannot "
                         "hold; use --to minimind3")
+    config = model.config
+    if config.use_moe and config.moe_intermediate_size != config.hidden_dim:
+        raise UserError(f"{model_dir}: the routed experts are {config.moe_intermediate_size} wide and the shared "
+                        f"ones {config.hidden_dim}; MiniMind2's MoE has one width for both")
     return write_pth(to_minimind2_state(model), out_file)
 
 

@@ -23,8 +23,8 @@ Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`: 400 
 (schema errors too, as OpenAI and vLLM answer them, not FastAPI's 422), 401 missing/wrong API key, 404
 unknown model or route, 405 wrong method, 413 body over `max_body_bytes`, 429 queue full (with Retry-After),
 503 shutting down. A request still generating after `request_timeout` seconds ends with finish_reason "length"
-(with what it has); on SIGTERM new requests get 503 and a stream still running at the shutdown deadline ends
-with an error event (code "server_shutting_down") and `[DONE]`.
+(with what it has); on SIGTERM uvicorn stops accepting connections, a request that still arrives gets 503, and a
+stream still running at the shutdown deadline ends with an error event (code "server_shutting_down") and `[DONE]`.
 The `model` field only selects among the served names; nothing in a request can make the server load a path.
 """
 

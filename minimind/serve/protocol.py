@@ -345,6 +345,39 @@ class _GenerationRequest(_Body):
             self._grammar = grammar
 
 
+JSON_TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", "null"))
+
+
+def schema_problem(schema: Any, where: str = "") -> str | None:
+    """What makes `schema` no JSON schema, in its shape (types, properties, items, required, enum); None if
+    nothing. The grammar compiler checks the rest where decoding follows the schema."""
+    if isinstance(schema, bool):
+        return None
+    if not isinstance(schema, dict):
+        return f"{where or 'the schema'} is {type(schema).__name__}, not an object"
+    at = f"{where}." if where else ""
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
+    if not all(isinstance(k, str) and k in JSON_TYPES for k in kinds):
+        return f"{at}type {kind!r} is not one of {', '.join(sorted(JSON_TYPES))}"
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        return f"{at}properties must be an object"
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        return f"{at}required must be a list of property names"
+    if "enum" in schema and not isinstance(schema["enum"], list):
+        return f"{at}enum must be a list"
+    items = schema.get("items")
+    parts = [(f"{at}properties.{name}", sub) for name, sub in properties.items()]
+    parts += [(f"{at}items", items)] if isinstance(items, dict) else []
+    for path, sub in parts:
+        problem = schema_problem(sub, path)
+        if problem:
+            return problem
+    return None
+
+
 class FunctionSpec(_Body):
     """A function the model may call: its name, what it does, and its arguments' JSON schema."""
 
@@ -463,6 +496,12 @@ class ChatCompletionRequest(_GenerationRequest):
             raise APIError(400, 'this model answers in text only: modalities may only be ["text"]', "modalities")
         if self.tool_choice is not None and not self.tools:
             raise APIError(400, "tool_choice is only allowed when tools are given", "tool_choice")
+        for i, tool in enumerate(self.tools or ()):  # a bad schema is refused whether or not decoding follows it
+            problem = schema_problem(tool.function.parameters or {})
+            if problem:
+                param = f"tools[{i}].function.parameters"
+                raise APIError(400, f"{param}: invalid JSON schema for function {tool.function.name!r}: {problem}",
+                               param)
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in self.function_names:
             raise APIError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not among the "
                            "tools", "tool_choice")

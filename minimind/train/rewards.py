@@ -325,20 +325,29 @@ def make_reward(spec: str, max_new_tokens: int, vocab_size: int, device: torch.d
     return CombinedReward(terms)
 
 
+def _reward_dir(spec: str, prefix: str) -> str:
+    """The local directory of a `model:` / `rm:` spec (a Hub id's snapshot); a path that is not there is refused
+    here rather than tried as a Hub name by transformers."""
+    path = resolve_model_dir(spec[len(prefix) :], "--reward")
+    if not Path(path).is_dir():
+        raise UserError(f"--reward {spec}: no such directory (a Hub model is named ORG/NAME)")
+    return path
+
+
 def _one_reward(spec: str, max_new_tokens: int, vocab_size: int, device: torch.device | str) -> Reward:
     if spec == "rule":
         return RuleReward(max_new_tokens)
     if spec == "exact":  # correctness alone: a group of all-wrong answers then carries no advantage at all
         return RuleReward(max_new_tokens, format_weight=0.0, repetition_weight=0.0, length_weight=0.0)
     if spec.startswith("model:") and len(spec) > len("model:"):
-        reward = ModelReward(resolve_model_dir(spec[len("model:") :], "--reward"), device)
+        reward = ModelReward(_reward_dir(spec, "model:"), device)
         if reward.model.config.vocab_size != vocab_size:
             raise UserError(f"--reward {spec}: the scoring model's vocab_size is {reward.model.config.vocab_size}, "
                             f"the policy's is {vocab_size}; they must share a tokenizer (or use rm:DIR, a reward "
                             "model with its own tokenizer)")
         return reward
     if spec.startswith("rm:") and len(spec) > len("rm:"):
-        return ClassifierReward(resolve_model_dir(spec[len("rm:") :], "--reward"), device)
+        return ClassifierReward(_reward_dir(spec, "rm:"), device)
     if ":" in spec and not spec.startswith(("model:", "rm:")):
         return FunctionReward(spec)
     raise UserError(f"--reward must be 'rule', 'exact', 'model:DIR', 'rm:DIR' or 'FILE.py:FUNCTION' (several "
