@@ -97,17 +97,6 @@ def existing_products(out: str | Path, names: Iterable[str]) -> list[str]:
     return [name for name in names if (out / name).exists() or (out / name).is_symlink()]
 
 
-def refuse_or_clear(out: str | Path, names: Iterable[str], what: str, overwrite: bool) -> None:
-    """Refuse `out` if it already holds any of the products `names` (it is a `what`), unless `overwrite`,
-    which deletes those products and nothing else.
-
-    The one line says what is there and offers `--overwrite`; the caller's own check (a run directory's
-    `--resume`) comes first where there is more to say.
-    """
-    found = refuse_products(out, names, what, overwrite)
-    remove_products(out, found)
-
-
 def refuse_products(out: str | Path, names: Iterable[str], what: str, overwrite: bool) -> list[str]:
     """Which of the products `names` `out` holds; UserError if any unless `overwrite` (nothing is deleted)."""
     found = existing_products(out, names)
