@@ -107,6 +107,17 @@ def refuse_products(out: str | Path, names: Iterable[str], what: str, overwrite:
     return found
 
 
+def _alive(pid: str) -> bool:
+    """Whether the process numbered `pid` (text) runs on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def replacing_product(out: str | Path, names: Iterable[str], what: str, overwrite: bool) -> Iterator[Path]:
     """A verb's whole output, written aside and moved in when complete: `out` is refused if it holds any of the
@@ -117,6 +128,9 @@ def replacing_product(out: str | Path, names: Iterable[str], what: str, overwrit
     out, names = Path(out), list(names)
     found = refuse_products(out, names, what, overwrite)
     created = not out.exists()
+    for stale in out.glob(".partial-*") if not created else ():  # left by a run that was killed
+        if not _alive(stale.name.removeprefix(".partial-")):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = out / f".partial-{os.getpid()}"
     try:
         with writing(staging):

@@ -103,7 +103,7 @@ def test_help_formatter_appends_only_what_the_help_does_not_say(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "TCP port (default: 8998)" in text  # a real default is shown once
+    assert "TCP port (0: any free one) (default: 8998)" in text  # a real default is shown once
     assert "weights dtype (default: as saved;" in text and "as saved; float32, bfloat16 and float16 are accepted too)" \
         " (default" not in text  # the help already says it: nothing appended
     from minimind.demo_data import generate  # the demo-data generator's own command uses the same formatter

@@ -211,7 +211,8 @@ def test_signal_checkpoints_exits_zero_and_resumes_to_the_same_weights(tmp_path,
 @pytest.mark.parametrize("moment", ["rows", "meta"])
 def test_prepare_killed_mid_way_leaves_nothing_usable(tmp_path, corpus_file, tokenizer_dir, moment):
     """docs/reliability.md: a `prepare` killed while writing samples, or with its meta.json staged but not yet
-    renamed into place, leaves a directory no reader takes for a dataset; running it again gives the whole one."""
+    renamed into place, leaves nothing a reader takes for a dataset (its files are in a staging folder, which the
+    next run removes); running it again gives the whole one."""
     out = tmp_path / "prepared"
     args = ["prepare", "--data", str(corpus_file), "--tokenizer", str(tokenizer_dir), "--out", str(out),
             "--kind", "pretrain", "--workers", "0"]
@@ -219,10 +220,12 @@ def test_prepare_killed_mid_way_leaves_nothing_usable(tmp_path, corpus_file, tok
     assert wait_stopped(proc), finish(proc)
     proc.send_signal(signal.SIGKILL)
     finish(proc)
-    assert (out / "tokens.bin").is_file() and not (out / "meta.json").exists()
+    assert not (out / "tokens.bin").exists() and not (out / "meta.json").exists()
+    assert [p.name for p in out.glob(".partial-*/tokens.bin")] == ["tokens.bin"]
     with pytest.raises(UserError, match="not a prepared dataset \\(meta.json is missing"):
         Shard(out)
-    assert main([*args, "--overwrite"]) == 0
+    assert main(args) == 0  # nothing earlier to refuse
+    assert not list(out.glob(".partial-*"))  # the killed run's staging folder is gone
     clean = tmp_path / "clean"
     assert main([arg if arg != str(out) else str(clean) for arg in args]) == 0
     assert (out / "tokens.bin").read_bytes() == (clean / "tokens.bin").read_bytes()
