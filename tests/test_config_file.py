@@ -103,5 +103,8 @@ def test_stage_options_a_run_records_read_back_as_their_flags(tmp_path):
     _, args = parse_verb_args("pretrain", ["--config", write_config(tmp_path / "p.json", json.dumps(recorded))])
     options = PretrainOptions.from_args(args, overrides=parse_overrides(args.set))
     assert (options.tokenizer, options.preset, options.overrides) == ("t", "tiny", {"dim": 32, "dropout": 0.1})
+    assert parse_overrides(["intermediate_size=64"]) == {"intermediate_size": 64}  # the HF name of hidden_dim
+    with pytest.raises(UserError, match="--set n_layer=2: 'n_layer' is not a model config field"):
+        parse_overrides(["n_layer=2"])  # a typo is refused, not written into config.json
     with pytest.raises(UserError, match=r"p.json: unknown key 'min_lr_ratio'"):
         parse_verb_args("pretrain", ["--config", write_config(tmp_path / "p.json", '{"min_lr_ratio": 0.5}')])

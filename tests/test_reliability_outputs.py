@@ -375,3 +375,16 @@ def test_demo_refuses_an_earlier_demo_before_running_anything(tmp_path, capsys):
     assert one_error_line(capsys).endswith(f"--out {tmp_path} already holds an earlier demo (pretrain); choose "
                                            "another --out, or add --overwrite to replace it")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]
+
+
+def test_an_out_that_is_the_init_directory_is_refused_before_anything_is_deleted(tmp_path, model_dir, capsys):
+    import shutil
+
+    start = tmp_path / "start"
+    shutil.copytree(model_dir, start)
+    before = sorted(p.name for p in start.iterdir())
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    assert main(["sft", "--data", str(data), "--init", str(start), "--out", str(start), "--overwrite"]) == 2
+    assert "is the --init directory" in one_error_line(capsys)
+    assert sorted(p.name for p in start.iterdir()) == before

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 from minimind.device import dtype_name
@@ -207,6 +208,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, stage: str, defaults: 
 
 def config_from_args(args: argparse.Namespace, stage: str, options: StageOptions | None = None) -> TrainConfig:
     """Build the TrainConfig from parsed flags and the stage's options (built from its own flags)."""
+    init, out = getattr(args, "init", None), getattr(args, "out", None)
+    if init and out and Path(init).resolve() == Path(out).resolve():  # before --overwrite can delete the start
+        raise UserError(f"--out {out} is the --init directory: a run writes its checkpoints and model into --out "
+                        "(and --overwrite would delete the model it starts from); choose another --out")
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
     trackers = [t for t in TRACKER_HELP if getattr(args, t, False)]

@@ -5,6 +5,7 @@ A stage module exposes `add_arguments(parser)` and `run(args)` (a CLI verb) and 
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from minimind.data.chat import ChatAugment
 from minimind.data.prepare import open_dataset
 from minimind.data.shards import Shard
 from minimind.errors import UserError
+from minimind.model import MiniMindConfig
 from minimind.outputs import WriteFailed
 from minimind.train.args import TrainConfig
 from minimind.train.checkpoint import CheckpointDir
@@ -87,6 +89,13 @@ def stage_data(cfg: TrainConfig, info: DistInfo, path: str, tokenizer_dir: str |
         augment=augment))
 
 
+def _config_fields() -> set[str]:
+    """The names `--set` may give: MiniMindConfig's parameters and their Hugging Face names."""
+    params = inspect.signature(MiniMindConfig.__init__).parameters
+    return {n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD} \
+        | set(MiniMindConfig.attribute_map)
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """`--set field=value` pairs -> a dict; values are JSON when they parse (4, 0.1, true), else strings."""
     overrides = {}
@@ -94,6 +103,9 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise UserError(f"--set expects FIELD=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
+        if key.strip() not in _config_fields():
+            raise UserError(f"--set {pair}: {key.strip()!r} is not a model config field (fields: "
+                            f"{', '.join(sorted(f for f in _config_fields() if f not in MiniMindConfig.attribute_map))})")
         try:
             overrides[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
