@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -28,9 +26,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # (and the servers they spawn, which inherit this) decode eagerly instead of paying a compilation each.
 os.environ.setdefault("MINIMIND_COMPILE", "0")
 # ... and what they compile is kept in a directory of this run's own, not the user's ~/.cache/minimind.
-# (removed when the process ends: every pytest process, each xdist worker among them, makes one).
 os.environ["MINIMIND_CACHE"] = tempfile.mkdtemp(prefix="minimind-test-cache-")
-atexit.register(shutil.rmtree, os.environ["MINIMIND_CACHE"], ignore_errors=True)
 
 # `make test` runs the suite in parallel processes (pytest-xdist). Each worker gets its share of the cores, and
 # the processes its tests start inherit that share through OMP_NUM_THREADS, so the workers do not fight over
