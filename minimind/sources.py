@@ -151,12 +151,17 @@ def iter_items(source: str | Path) -> Iterator[Item]:
 BOM = b"\xef\xbb\xbf"
 
 
+def _without_bom(lineno: int, data: bytes) -> bytes:
+    """`data` (starting at line `lineno`) without the byte-order mark a file's first line may carry."""
+    return data[len(BOM):] if lineno == 1 and data.startswith(BOM) else data
+
+
 def _lines(name: str) -> Iterator[Item]:
     lineno = 0
     try:
         with _open_lines(name) as handle:
             for lineno, raw in enumerate(handle, start=1):
-                yield name, lineno, raw[len(BOM):] if lineno == 1 and raw.startswith(BOM) else raw
+                yield name, lineno, _without_bom(lineno, raw)
     except Exception as err:
         _raise_damaged(name, lineno + 1, err)
 
@@ -180,12 +185,12 @@ def line_blocks(name: str, block_bytes: int) -> Iterator[tuple[int, bytes]]:
                     tail = data
                     continue
                 block, tail = data[:cut], data[cut:]
-                yield lineno, block[len(BOM):] if lineno == 1 and block.startswith(BOM) else block
+                yield lineno, _without_bom(lineno, block)
                 lineno += block.count(b"\n")
     except Exception as err:
         _raise_damaged(name, lineno, err)
     if tail:
-        yield lineno, tail[len(BOM):] if lineno == 1 and tail.startswith(BOM) else tail
+        yield lineno, _without_bom(lineno, tail)
 
 
 def split_lines(block: bytes) -> list[bytes]:

@@ -28,6 +28,7 @@ from minimind.infer.options import (
     add_model_arguments,
     add_sampling_arguments,
     load_engine,
+    not_utf8,
     sampling_from_args,
     utf8_text,
 )
@@ -185,7 +186,7 @@ def chat_loop(
             out.write("\n")
             return 0
         except UnicodeDecodeError as err:  # a terminal that decodes strictly
-            out.write(f"(the message is not UTF-8 text: byte 0x{err.object[err.start]:02x}; nothing sent)\n")
+            out.write(f"({not_utf8(err, 'the message')}; nothing sent)\n")
             continue
         if not message:
             continue

@@ -25,6 +25,7 @@ from minimind.infer.options import (
     add_model_arguments,
     add_sampling_arguments,
     load_engine,
+    not_utf8,
     sampling_from_args,
     utf8_text,
 )
@@ -71,8 +72,7 @@ def read_prompt(flag: str) -> str:
     try:
         return utf8_text(sys.stdin.read(), "the prompt on stdin")
     except UnicodeDecodeError as err:  # a stdin that decodes strictly
-        raise UserError(f"the prompt on stdin is not UTF-8 text (byte 0x{err.object[err.start]:02x} at byte "
-                        f"{err.start})") from None
+        raise not_utf8(err, "the prompt on stdin") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,6 +62,11 @@ def utf8_text(text: str, what: str) -> str:
     return text
 
 
+def not_utf8(err: UnicodeDecodeError, what: str) -> UserError:
+    """The one line for input that a strictly decoding stdin or terminal could not read as UTF-8."""
+    return UserError(f"{what} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at byte {err.start})")
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """How the engine runs a model: `--device --dtype --quantize --compile/--no-compile --compile-cache
     --no-prepack` (also `minimind web`)."""

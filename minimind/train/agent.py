@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from minimind.errors import UserError
 from minimind.records import ReadStats, offered_functions
-from minimind.sources import is_line, iter_items, location
+from minimind.sources import is_line, iter_items
 from minimind.tokenizer.template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from minimind.tokenizer.tool_calls import parse_tool_calls
 from minimind.train.agent_tools import Tool, ToolRunner
@@ -82,11 +82,7 @@ def read_agent_data(path: str | Path, skip_bad_lines: bool = False, stats: ReadS
             records.append(_agent_record(payload))
             stats.good += 1
         except (ValueError, UnicodeDecodeError) as err:
-            if not skip_bad_lines:
-                raise UserError(f"{location(where, number, payload)}: {err}") from None
-            stats.skipped += 1
-            if len(stats.examples) < 3:
-                stats.examples.append(f"{location(where, number, payload)}: {err}")
+            stats.reject(where, number, str(err), skip_bad_lines, unit="line" if is_line(payload) else "row")
     if not records:
         raise UserError(f"{path}: no agent_rl records (expected JSON lines with 'conversations' and 'gt')"
                         + (f" ({stats.skipped} bad lines skipped)" if stats.skipped else ""))

@@ -98,14 +98,14 @@ def _config_fields() -> set[str]:
 
 def parse_overrides(pairs: list[str]) -> dict:
     """`--set field=value` pairs -> a dict; values are JSON when they parse (4, 0.1, true), else strings."""
-    overrides = {}
+    overrides, fields = {}, _config_fields()
     for pair in pairs:
         if "=" not in pair:
             raise UserError(f"--set expects FIELD=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        if key.strip() not in _config_fields():
+        if key.strip() not in fields:
             raise UserError(f"--set {pair}: {key.strip()!r} is not a model config field (fields: "
-                            f"{', '.join(sorted(f for f in _config_fields() if f not in MiniMindConfig.attribute_map))})")
+                            f"{', '.join(sorted(fields - set(MiniMindConfig.attribute_map)))})")
         try:
             overrides[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
